@@ -1,0 +1,407 @@
+"""Settings: YAML with ``${VAR}`` interpolation, validated into frozen dataclasses.
+
+This is the only module that reads ``os.environ``. Every error names the file, the key path
+and what is wrong, e.g. ``apibox.yaml: models[0].price.input: must be a number ...``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from apibox.errors import ConfigError
+from apibox.money import MoneyError, parse_usd
+from apibox.pricing import Price
+
+PROVIDER_TYPES = ("openai", "echo")
+DEFAULT_CONFIG_NAME = "apibox.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_key: str | None = None
+    max_body_mb: float = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseSettings:
+    url: str = "sqlite:///./apibox.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 10.0
+    first_byte: float = 120.0  # until the upstream's response headers arrive
+    idle: float = 120.0  # the longest silence between two stream chunks
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str
+    type: str
+    base_url: str = ""
+    api_key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    # Ask OpenAI-compatible upstreams for usage in streams (some old servers reject it).
+    stream_usage: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    provider: str
+    model: str  # the upstream's model name
+    weight: int = 1
+    priority: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    name: str
+    routes: tuple[Route, ...]
+    price: Price
+    max_output_tokens: int = 4096
+    aliases: tuple[str, ...] = ()
+    kind: str = "chat"  # chat | embedding
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSet:
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LimitDefaults:
+    key: LimitSet = field(default_factory=LimitSet)
+    user: LimitSet = field(default_factory=LimitSet)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    providers: tuple[ProviderSettings, ...] = ()
+    models: tuple[ModelSettings, ...] = ()
+    limits: LimitDefaults = field(default_factory=LimitDefaults)
+    source: str = "built-in defaults"
+
+    def provider(self, name: str) -> ProviderSettings:
+        return next(p for p in self.providers if p.name == name)
+
+    def model_index(self) -> dict[str, ModelSettings]:
+        """Every name a client may ask for (names and aliases) -> its model."""
+        index: dict[str, ModelSettings] = {}
+        for model in self.models:
+            index[model.name] = model
+            for alias in model.aliases:
+                index[alias] = model
+        return index
+
+
+def default_settings() -> Settings:
+    """What `apibox serve` runs with when there is no config: SQLite and the demo model."""
+    return Settings(
+        providers=(ProviderSettings(name="echo", type="echo"),),
+        models=(
+            ModelSettings(
+                name="demo",
+                routes=(Route(provider="echo", model="echo-1"),),
+                price=Price(input=5_000_000, output=15_000_000),
+                max_output_tokens=1024,
+            ),
+        ),
+    )
+
+
+def resolve_config_path(explicit: str | None, env: Mapping[str, str] | None = None,
+                        cwd: Path | None = None) -> Path | None:
+    """``--config``, else ``$APIBOX_CONFIG``, else ``./apibox.yaml``, else None (defaults)."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get("APIBOX_CONFIG"):
+        return Path(env["APIBOX_CONFIG"])
+    candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_NAME
+    return candidate if candidate.exists() else None
+
+
+def load_settings(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Find, read, interpolate and validate the configuration."""
+    env = os.environ if env is None else env
+    path = resolve_config_path(explicit, env)
+    if path is None:
+        return default_settings()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    return parse_settings(text, source=str(path), env=env)
+
+
+def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    node = _Node(_interpolate(data, env, source, ""), source, "")
+    return _Parser(node).settings()
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _interpolate(value: Any, env: Mapping[str, str], source: str, path: str) -> Any:
+    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; a missing VAR is an error."""
+    if isinstance(value, str):
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{source}: {path or '<root>'}: environment variable {name} is not set")
+        return _VAR.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _interpolate(v, env, source, _join(path, str(k))) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, env, source, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Node:
+    """A value and where it came from, so every check can name its key path."""
+
+    def __init__(self, value: Any, source: str, path: str) -> None:
+        self.value, self.source, self.path = value, source, path
+
+    def fail(self, problem: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.path or '<root>'}: {problem}")
+
+    def mapping(self, allowed: tuple[str, ...]) -> dict[str, _Node]:
+        if self.value is None:
+            return {}
+        if not isinstance(self.value, dict):
+            raise self.fail(f"must be a mapping, got {_kind(self.value)}")
+        unknown = [k for k in self.value if k not in allowed]
+        if unknown:
+            raise self.fail(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
+        return {k: _Node(v, self.source, _join(self.path, k)) for k, v in self.value.items()}
+
+    def items(self) -> list[_Node]:
+        if self.value is None:
+            return []
+        if not isinstance(self.value, list):
+            raise self.fail(f"must be a list, got {_kind(self.value)}")
+        return [_Node(v, self.source, f"{self.path}[{i}]") for i, v in enumerate(self.value)]
+
+    def text(self, *, nonempty: bool = True) -> str:
+        if isinstance(self.value, bool) or not isinstance(self.value, str | int | float):
+            raise self.fail(f"must be a string, got {_kind(self.value)}")
+        text = str(self.value)
+        if nonempty and not text.strip():
+            raise self.fail("must not be empty")
+        return text
+
+    def integer(self, *, minimum: int = 0) -> int:
+        if isinstance(self.value, bool) or not isinstance(self.value, int):
+            raise self.fail(f"must be a whole number, got {_kind(self.value)}")
+        if self.value < minimum:
+            raise self.fail(f"must be at least {minimum}, got {self.value}")
+        return self.value
+
+    def number(self, *, positive: bool = True) -> float:
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
+            raise self.fail(f"must be a number, got {_kind(self.value)}")
+        if positive and self.value <= 0:
+            raise self.fail(f"must be greater than 0, got {self.value}")
+        return float(self.value)
+
+    def boolean(self) -> bool:
+        if not isinstance(self.value, bool):
+            raise self.fail(f"must be true or false, got {_kind(self.value)}")
+        return self.value
+
+    def price_per_million(self) -> int:
+        """USD per 1M tokens -> micro-USD per 1M tokens, exactly."""
+        if isinstance(self.value, bool) or not isinstance(self.value, int | float | str):
+            raise self.fail(f"must be a number of USD per 1M tokens, got {_kind(self.value)}")
+        try:
+            return parse_usd(self.value, allow_zero=True)
+        except MoneyError as exc:
+            raise self.fail(str(exc)) from None
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", str: f"the string {value!r}", bool: f"{value}"}.get(
+        type(value), f"{value!r}")
+
+
+class _Parser:
+    def __init__(self, root: _Node) -> None:
+        self.root = root
+
+    def settings(self) -> Settings:
+        top = self.root.mapping(("server", "database", "providers", "models", "limits"))
+        providers = tuple(self.provider(n) for n in top["providers"].items()) if "providers" in top else ()
+        names = [p.name for p in providers]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise top["providers"].items()[i].fail(f"provider name {name!r} is used twice")
+        models = tuple(self.model(n, set(names)) for n in top["models"].items()) if "models" in top else ()
+        self.check_model_names(models, top.get("models"))
+        return Settings(
+            server=self.server(top["server"]) if "server" in top else ServerSettings(),
+            database=self.database(top["database"]) if "database" in top else DatabaseSettings(),
+            providers=providers,
+            models=models,
+            limits=self.limits(top["limits"]) if "limits" in top else LimitDefaults(),
+            source=self.root.source,
+        )
+
+    def server(self, node: _Node) -> ServerSettings:
+        fields = node.mapping(("host", "port", "admin_key", "max_body_mb"))
+        port = fields["port"].integer(minimum=0) if "port" in fields else 8080
+        if port > 65535:
+            raise fields["port"].fail(f"must be a TCP port (0-65535), got {port}")
+        admin_key = fields["admin_key"].text(nonempty=False) if "admin_key" in fields else None
+        return ServerSettings(
+            host=fields["host"].text() if "host" in fields else "127.0.0.1",
+            port=port,
+            admin_key=admin_key or None,
+            max_body_mb=fields["max_body_mb"].number() if "max_body_mb" in fields else 20.0,
+        )
+
+    def database(self, node: _Node) -> DatabaseSettings:
+        fields = node.mapping(("url",))
+        url = fields["url"].text() if "url" in fields else DatabaseSettings.url
+        if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise fields["url"].fail(f"must start with sqlite:/// or postgresql://, got {url!r}")
+        return DatabaseSettings(url=url)
+
+    def provider(self, node: _Node) -> ProviderSettings:
+        fields = node.mapping(("name", "type", "base_url", "api_key", "headers", "timeouts", "stream_usage"))
+        for required in ("name", "type"):
+            if required not in fields:
+                raise node.fail(f"missing key {required!r}")
+        kind = fields["type"].text()
+        if kind not in PROVIDER_TYPES:
+            raise fields["type"].fail(f"unknown provider type {kind!r} (known: {', '.join(PROVIDER_TYPES)})")
+        base_url = fields["base_url"].text() if "base_url" in fields else ""
+        if kind == "openai" and not base_url:
+            raise node.fail("missing key 'base_url' (an OpenAI-compatible provider needs its URL)")
+        if base_url and not base_url.startswith(("http://", "https://")):
+            raise fields["base_url"].fail(f"must be an http:// or https:// URL, got {base_url!r}")
+        headers = {}
+        if "headers" in fields:
+            raw = fields["headers"].value
+            if not isinstance(raw, dict):
+                raise fields["headers"].fail("must be a mapping of header names to values")
+            headers = {str(k): str(v) for k, v in raw.items()}
+        return ProviderSettings(
+            name=fields["name"].text(),
+            type=kind,
+            base_url=base_url.rstrip("/"),
+            api_key=(fields["api_key"].text(nonempty=False) or None) if "api_key" in fields else None,
+            headers=headers,
+            timeouts=self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts(),
+            stream_usage=fields["stream_usage"].boolean() if "stream_usage" in fields else True,
+        )
+
+    def timeouts(self, node: _Node) -> Timeouts:
+        fields = node.mapping(("connect", "first_byte", "idle"))
+        defaults = Timeouts()
+        return Timeouts(**{name: fields[name].number() if name in fields else getattr(defaults, name)
+                           for name in ("connect", "first_byte", "idle")})
+
+    def model(self, node: _Node, providers: set[str]) -> ModelSettings:
+        fields = node.mapping(("name", "routes", "price", "max_output_tokens", "aliases", "kind"))
+        for required in ("name", "routes", "price"):
+            if required not in fields:
+                raise node.fail(f"missing key {required!r}")
+        name = fields["name"].text()
+        routes = tuple(self.route(r, providers, name) for r in fields["routes"].items())
+        if not routes:
+            raise fields["routes"].fail("must list at least one route")
+        kind = fields["kind"].text() if "kind" in fields else "chat"
+        if kind not in ("chat", "embedding"):
+            raise fields["kind"].fail(f"must be 'chat' or 'embedding', got {kind!r}")
+        aliases = tuple(a.text() for a in fields["aliases"].items()) if "aliases" in fields else ()
+        return ModelSettings(
+            name=name,
+            routes=routes,
+            price=self.price(fields["price"]),
+            max_output_tokens=fields["max_output_tokens"].integer(minimum=1)
+            if "max_output_tokens" in fields else 4096,
+            aliases=aliases,
+            kind=kind,
+        )
+
+    def route(self, node: _Node, providers: set[str], model_name: str) -> Route:
+        fields = node.mapping(("provider", "model", "weight", "priority"))
+        if "provider" not in fields:
+            raise node.fail("missing key 'provider'")
+        provider = fields["provider"].text()
+        if provider not in providers:
+            known = ", ".join(sorted(providers)) or "none defined"
+            raise fields["provider"].fail(f"unknown provider {provider!r} (providers: {known})")
+        return Route(
+            provider=provider,
+            model=fields["model"].text() if "model" in fields else model_name,
+            weight=fields["weight"].integer(minimum=0) if "weight" in fields else 1,
+            priority=fields["priority"].integer(minimum=0) if "priority" in fields else 1,
+        )
+
+    def price(self, node: _Node) -> Price:
+        fields = node.mapping(("input", "output", "cached_input", "cache_write", "reasoning"))
+        for required in ("input", "output"):
+            if required not in fields:
+                raise node.fail(f"missing key {required!r} (USD per 1M tokens)")
+        optional = {k: fields[k].price_per_million() if k in fields else None
+                    for k in ("cached_input", "cache_write", "reasoning")}
+        return Price(input=fields["input"].price_per_million(), output=fields["output"].price_per_million(),
+                     **optional)
+
+    def limits(self, node: _Node) -> LimitDefaults:
+        fields = node.mapping(("key", "user"))
+        return LimitDefaults(**{k: self.limit_set(fields[k]) if k in fields else LimitSet() for k in ("key", "user")})
+
+    def limit_set(self, node: _Node) -> LimitSet:
+        fields = node.mapping(("rpm", "tpm", "concurrency"))
+        return LimitSet(**{k: fields[k].integer(minimum=1) if k in fields else None
+                           for k in ("rpm", "tpm", "concurrency")})
+
+    @staticmethod
+    def check_model_names(models: tuple[ModelSettings, ...], node: _Node | None) -> None:
+        seen: set[str] = set()
+        for i, model in enumerate(models):
+            for name in (model.name, *model.aliases):
+                if name in seen:
+                    assert node is not None
+                    raise node.items()[i].fail(f"model name or alias {name!r} is used twice")
+                seen.add(name)
+
+
+def masked(secret: str | None) -> str | None:
+    """How `config check` shows a secret: whether it is set, never any of its characters."""
+    return "****" if secret else None

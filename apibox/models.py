@@ -1,0 +1,153 @@
+"""Plain dataclasses that the store returns and the use-cases pass around.
+
+Amounts are micro-USD integers; times are UTC ``datetime`` objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+
+
+class UserState(StrEnum):
+    ACTIVE = "active"
+    SUSPENDED = "suspended"
+    BANNED = "banned"
+    CLOSED = "closed"
+
+
+class LedgerKind(StrEnum):
+    TOPUP = "topup"
+    CHARGE = "charge"
+    REFUND = "refund"
+    ADJUSTMENT = "adjustment"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    email: str
+    name: str
+    group: str
+    state: UserState
+    state_reason: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    user_id: int
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    id: int
+    user_id: int
+    name: str
+    prefix: str
+    models: tuple[str, ...] = ()  # empty: every model
+    budget: int | None = None  # micro-USD over the key's life
+    spent: int = 0
+    expires_at: datetime | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    allow_ips: tuple[str, ...] = ()
+    revoked_at: datetime | None = None
+    created_at: datetime | None = None
+    last_used_at: datetime | None = None
+
+    def is_expired(self, now: datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+    @property
+    def status(self) -> str:
+        return "revoked" if self.revoked_at else "active"
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A key as just created: the only object that ever carries the secret."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    id: int
+    user_id: int
+    kind: LedgerKind
+    amount: int  # signed
+    balance_after: int
+    note: str
+    reference: str | None
+    actor: str
+    usage_id: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Money set aside for one request in flight."""
+
+    id: int
+    user_id: int
+    key_id: int
+    amount: int
+    request_id: str
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """One billed (or refused-mid-way) request: metadata only, never prompts or answers."""
+
+    request_id: str
+    user_id: int
+    key_id: int
+    model: str
+    provider: str
+    endpoint: str
+    status: str  # ok | error | cut | client_gone | interrupted
+    http_status: int = 200
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False
+    cost: int = 0  # what the usage costs at the price
+    charged: int = 0  # what was taken from the balance (cost, capped at what was there)
+    latency_ms: int = 0
+    ttft_ms: int | None = None
+    created_at: datetime | None = None
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    group: dict[str, str]
+    requests: int
+    errors: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    cost: int
+    avg_latency_ms: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class UserOverview:
+    """A user with the figures lists show beside them."""
+
+    user: User
+    balance: Balance
+    key_count: int

@@ -1,0 +1,101 @@
+"""Prices and the one rounding rule.
+
+A price is integer micro-USD per 1M tokens for each token class. A request's cost is
+``ceil(sum(tokens_k * price_k) / 1_000_000)`` micro-USD: exact integer math, one rounding per
+request, never in the user's favour by more than 1 micro-USD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apibox.money import ceil_div
+
+PER_MILLION = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Micro-USD per 1M tokens of each class. Optional classes fall back as DESIGN.md says."""
+
+    input: int
+    output: int
+    cached_input: int | None = None  # default: input
+    cache_write: int | None = None  # default: input
+    reasoning: int | None = None  # default: output
+
+    @property
+    def cached_input_rate(self) -> int:
+        return self.input if self.cached_input is None else self.cached_input
+
+    @property
+    def cache_write_rate(self) -> int:
+        return self.input if self.cache_write is None else self.cache_write
+
+    @property
+    def reasoning_rate(self) -> int:
+        return self.output if self.reasoning is None else self.reasoning
+
+    @property
+    def max_input_rate(self) -> int:
+        """The dearest rate an input token can be billed at, for worst-case holds."""
+        return max(self.input, self.cached_input_rate, self.cache_write_rate)
+
+    @property
+    def max_output_rate(self) -> int:
+        return max(self.output, self.reasoning_rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one request, in OpenAI's convention.
+
+    ``prompt_tokens`` includes ``cached_tokens`` and ``cache_write_tokens``;
+    ``completion_tokens`` includes ``reasoning_tokens``.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    estimated: bool = False  # counted by apibox because the upstream reported nothing
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def uncached_prompt_tokens(self) -> int:
+        return max(0, self.prompt_tokens - self.cached_tokens - self.cache_write_tokens)
+
+    @property
+    def plain_output_tokens(self) -> int:
+        return max(0, self.completion_tokens - self.reasoning_tokens)
+
+
+def cost_micro(price: Price, usage: Usage) -> int:
+    """The cost of ``usage`` at ``price`` in micro-USD, rounded up once."""
+    scaled = (
+        usage.uncached_prompt_tokens * price.input
+        + min(usage.cached_tokens, usage.prompt_tokens) * price.cached_input_rate
+        + min(usage.cache_write_tokens, usage.prompt_tokens) * price.cache_write_rate
+        + usage.plain_output_tokens * price.output
+        + min(usage.reasoning_tokens, usage.completion_tokens) * price.reasoning_rate
+    )
+    return ceil_div(scaled, PER_MILLION)
+
+
+def worst_case_micro(price: Price, prompt_tokens: int, output_tokens: int) -> int:
+    """The most a request with this prompt bound and output cap can cost (the hold)."""
+    return ceil_div(prompt_tokens * price.max_input_rate + output_tokens * price.max_output_rate, PER_MILLION)
+
+
+def affordable_output_tokens(price: Price, available_micro: int, prompt_tokens: int) -> int:
+    """How many output tokens ``available_micro`` pays for after the prompt (0 when none)."""
+    left = available_micro * PER_MILLION - prompt_tokens * price.max_input_rate
+    if left <= 0:
+        return 0
+    if price.max_output_rate == 0:
+        return 2**31 - 1
+    return left // price.max_output_rate

@@ -1,0 +1,117 @@
+"""The Store protocol: every database operation apibox needs, at the level of the domain.
+
+Methods take and return dataclasses from ``apibox.models``, never rows. Each money-moving
+method is atomic on its own: callers never compose a balance change out of several calls.
+A PostgreSQL store implements the same protocol; the contract tests in ``tests/`` run
+against every implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from apibox.models import (
+    ApiKey,
+    Balance,
+    Hold,
+    LedgerEntry,
+    LedgerKind,
+    ReportRow,
+    UsageRecord,
+    User,
+    UserOverview,
+    UserState,
+)
+
+REPORT_DIMENSIONS = ("day", "model", "user", "key", "provider")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpec:
+    """Everything `keys create` can set on a key, minus the secret (only its hash is stored)."""
+
+    user_id: int
+    key_hash: str
+    prefix: str
+    name: str = ""
+    models: tuple[str, ...] = ()
+    budget: int | None = None
+    expires_at: datetime | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    allow_ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Credit:
+    """A top-up or an adjustment as the store records it."""
+
+    user_id: int
+    amount: int  # signed micro-USD
+    kind: LedgerKind
+    note: str = ""
+    reference: str | None = None
+    actor: str = "cli"
+
+
+@dataclass(frozen=True, slots=True)
+class CreditResult:
+    entry: LedgerEntry
+    balance: Balance
+    created: bool  # False when the reference had already been credited (idempotent replay)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    user_id: int | None = None
+    key_id: int | None = None
+    model: str | None = None
+
+
+class Store(Protocol):
+    async def close(self) -> None: ...
+    async def migrate(self) -> list[str]: ...
+    async def pending_migrations(self) -> list[str]: ...
+    async def ping(self) -> None: ...
+
+    async def create_user(self, email: str, name: str, group: str) -> User: ...
+    async def get_user(self, user_id: int) -> User | None: ...
+    async def find_user_by_email(self, email: str) -> User | None: ...
+    async def list_users(self) -> list[UserOverview]: ...
+    async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User: ...
+    async def set_user_state(self, user_id: int, state: UserState, reason: str) -> User: ...
+
+    async def create_key(self, spec: KeySpec) -> ApiKey: ...
+    async def get_key(self, key_id: int) -> ApiKey | None: ...
+    async def list_keys(self, user_id: int | None = None) -> list[ApiKey]: ...
+    async def revoke_key(self, key_id: int) -> ApiKey: ...
+    async def revoke_user_keys(self, user_id: int) -> int: ...
+    async def find_key_by_hash(self, key_hash: str) -> tuple[ApiKey, User] | None: ...
+
+    async def get_balance(self, user_id: int) -> Balance: ...
+    async def credit(self, credit: Credit) -> CreditResult: ...
+    async def ledger(self, user_id: int, since: datetime | None = None) -> list[LedgerEntry]: ...
+
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
+        """Set ``amount`` aside if the user's available balance covers it, else return None."""
+        ...
+
+    async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
+        """Release the hold, charge ``usage.cost`` (capped at what the user has), write the
+        usage row and its ledger row, all in one transaction. Returns the record as written."""
+        ...
+
+    async def recover_holds(self) -> list[Hold]:
+        """Release every open hold (left by a crash) and log each as an interrupted request."""
+        ...
+
+    async def usage_report(self, by: Sequence[str], where: UsageFilter) -> list[ReportRow]: ...
+    async def audit(self) -> list[str]:
+        """Every broken money invariant, as sentences; empty when the books are right."""
+        ...

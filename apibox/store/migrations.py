@@ -1,0 +1,123 @@
+"""Numbered schema migrations, applied in order, each in one transaction with its record.
+
+Never edit a migration that has shipped: add the next one. Money columns are INTEGER
+micro-USD; times are INTEGER milliseconds since the Unix epoch (UTC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    name: str
+    sql: str
+
+
+SQLITE_MIGRATIONS: tuple[Migration, ...] = (
+    Migration("0001_initial", """
+CREATE TABLE users (
+    id            INTEGER PRIMARY KEY,
+    email         TEXT NOT NULL UNIQUE,
+    name          TEXT NOT NULL DEFAULT '',
+    grp           TEXT NOT NULL DEFAULT 'default',
+    state         TEXT NOT NULL DEFAULT 'active'
+                  CHECK (state IN ('active', 'suspended', 'banned', 'closed')),
+    state_reason  TEXT NOT NULL DEFAULT '',
+    created_at    INTEGER NOT NULL
+);
+
+-- The cached balance; the ledger is the record. The CHECKs are the last line of defence
+-- behind the conditional statements in the store: they make a negative balance impossible.
+CREATE TABLE balances (
+    user_id  INTEGER PRIMARY KEY REFERENCES users(id),
+    balance  INTEGER NOT NULL DEFAULT 0 CHECK (balance >= 0),
+    held     INTEGER NOT NULL DEFAULT 0 CHECK (held >= 0 AND held <= balance)
+);
+
+CREATE TABLE api_keys (
+    id            INTEGER PRIMARY KEY,
+    user_id       INTEGER NOT NULL REFERENCES users(id),
+    name          TEXT NOT NULL DEFAULT '',
+    key_hash      TEXT NOT NULL UNIQUE,
+    prefix        TEXT NOT NULL,
+    models        TEXT NOT NULL DEFAULT '',
+    budget        INTEGER CHECK (budget IS NULL OR budget > 0),
+    spent         INTEGER NOT NULL DEFAULT 0,
+    expires_at    INTEGER,
+    rpm           INTEGER,
+    tpm           INTEGER,
+    concurrency   INTEGER,
+    allow_ips     TEXT NOT NULL DEFAULT '',
+    revoked_at    INTEGER,
+    created_at    INTEGER NOT NULL,
+    last_used_at  INTEGER
+);
+CREATE INDEX api_keys_user ON api_keys(user_id);
+
+-- Money set aside for requests in flight. balances.held is kept equal to the sum of a
+-- user's holds by these triggers, so a hold is one INSERT and a release one DELETE.
+CREATE TABLE holds (
+    id          INTEGER PRIMARY KEY,
+    user_id     INTEGER NOT NULL REFERENCES users(id),
+    key_id      INTEGER NOT NULL REFERENCES api_keys(id),
+    amount      INTEGER NOT NULL CHECK (amount > 0),
+    request_id  TEXT NOT NULL,
+    model       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE TRIGGER holds_take AFTER INSERT ON holds BEGIN
+    UPDATE balances SET held = held + NEW.amount WHERE user_id = NEW.user_id;
+END;
+CREATE TRIGGER holds_release AFTER DELETE ON holds BEGIN
+    UPDATE balances SET held = held - OLD.amount WHERE user_id = OLD.user_id;
+END;
+
+CREATE TABLE usage (
+    id                  INTEGER PRIMARY KEY,
+    request_id          TEXT NOT NULL,
+    created_at          INTEGER NOT NULL,
+    user_id             INTEGER NOT NULL REFERENCES users(id),
+    key_id              INTEGER NOT NULL REFERENCES api_keys(id),
+    model               TEXT NOT NULL,
+    provider            TEXT NOT NULL,
+    endpoint            TEXT NOT NULL,
+    status              TEXT NOT NULL,
+    http_status         INTEGER NOT NULL,
+    prompt_tokens       INTEGER NOT NULL DEFAULT 0,
+    completion_tokens   INTEGER NOT NULL DEFAULT 0,
+    cached_tokens       INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens  INTEGER NOT NULL DEFAULT 0,
+    reasoning_tokens    INTEGER NOT NULL DEFAULT 0,
+    estimated           INTEGER NOT NULL DEFAULT 0,
+    cost                INTEGER NOT NULL DEFAULT 0 CHECK (cost >= 0),
+    charged             INTEGER NOT NULL DEFAULT 0 CHECK (charged >= 0 AND charged <= cost),
+    latency_ms          INTEGER NOT NULL DEFAULT 0,
+    ttft_ms             INTEGER
+);
+CREATE INDEX usage_created ON usage(created_at);
+CREATE INDEX usage_user_created ON usage(user_id, created_at);
+CREATE INDEX usage_key_created ON usage(key_id, created_at);
+
+CREATE TABLE ledger (
+    id             INTEGER PRIMARY KEY,
+    user_id        INTEGER NOT NULL REFERENCES users(id),
+    created_at     INTEGER NOT NULL,
+    kind           TEXT NOT NULL CHECK (kind IN ('topup', 'charge', 'refund', 'adjustment')),
+    amount         INTEGER NOT NULL CHECK (amount != 0),
+    balance_after  INTEGER NOT NULL CHECK (balance_after >= 0),
+    note           TEXT NOT NULL DEFAULT '',
+    reference      TEXT UNIQUE,
+    actor          TEXT NOT NULL,
+    usage_id       INTEGER UNIQUE REFERENCES usage(id)
+);
+CREATE INDEX ledger_user ON ledger(user_id, id);
+CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only');
+END;
+CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only');
+END;
+"""),
+)

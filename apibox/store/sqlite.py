@@ -1,0 +1,433 @@
+"""The SQLite store (aiosqlite): WAL, foreign keys, a busy timeout, CHECK-guarded money.
+
+One write connection, used under an asyncio lock so a transaction from one coroutine never
+interleaves with statements from another; one read connection for lookups and reports
+(WAL lets it read while the writer writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aiosqlite
+
+from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
+from apibox.models import (
+    ApiKey,
+    Balance,
+    Hold,
+    LedgerEntry,
+    LedgerKind,
+    ReportRow,
+    UsageRecord,
+    User,
+    UserOverview,
+    UserState,
+)
+from apibox.store.base import REPORT_DIMENSIONS, Credit, CreditResult, KeySpec, UsageFilter
+from apibox.store.migrations import SQLITE_MIGRATIONS
+
+PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA foreign_keys=ON",
+           "PRAGMA busy_timeout=10000")
+
+USER_COLUMNS = "u.id, u.email, u.name, u.grp, u.state, u.state_reason, u.created_at"
+KEY_COLUMNS = ("k.id, k.user_id, k.name, k.prefix, k.models, k.budget, k.spent, k.expires_at, k.rpm, k.tpm, "
+               "k.concurrency, k.allow_ips, k.revoked_at, k.created_at, k.last_used_at")
+LEDGER_COLUMNS = "id, user_id, kind, amount, balance_after, note, reference, actor, usage_id, created_at"
+USAGE_FIELDS = ("request_id", "created_at", "user_id", "key_id", "model", "provider", "endpoint", "status",
+                "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+                "reasoning_tokens", "estimated", "cost", "charged", "latency_ms", "ttft_ms")
+
+# How each report dimension is selected and grouped: (key in the row, SQL expression).
+DIMENSION_SQL = {
+    "day": ("day", "strftime('%Y-%m-%d', g.created_at / 1000, 'unixepoch')"),
+    "model": ("model", "g.model"),
+    "user": ("user", "(SELECT email FROM users WHERE id = g.user_id)"),
+    "key": ("key", "g.key_id"),
+    "provider": ("provider", "g.provider"),
+}
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def to_ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def from_ms(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part for part in text.split(",") if part)
+
+
+def _user(row: Sequence[Any]) -> User:
+    return User(id=row[0], email=row[1], name=row[2], group=row[3], state=UserState(row[4]),
+                state_reason=row[5], created_at=from_ms(row[6]))  # type: ignore[arg-type]
+
+
+def _key(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(id=row[0], user_id=row[1], name=row[2], prefix=row[3], models=_split(row[4]), budget=row[5],
+                  spent=row[6], expires_at=from_ms(row[7]), rpm=row[8], tpm=row[9], concurrency=row[10],
+                  allow_ips=_split(row[11]), revoked_at=from_ms(row[12]), created_at=from_ms(row[13]),
+                  last_used_at=from_ms(row[14]))
+
+
+def _entry(row: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(id=row[0], user_id=row[1], kind=LedgerKind(row[2]), amount=row[3], balance_after=row[4],
+                       note=row[5], reference=row[6], actor=row[7], usage_id=row[8],
+                       created_at=from_ms(row[9]))  # type: ignore[arg-type]
+
+
+class SqliteStore:
+    """The Store protocol on one SQLite file."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+        self._writer = writer
+        self._reader = reader
+        self._lock = asyncio.Lock()  # binds to a loop on first contention only
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteStore:
+        writer = await _connect(path)
+        reader = writer if path == ":memory:" else await _connect(path)
+        return cls(writer, reader)
+
+    async def close(self) -> None:
+        await self._writer.close()
+        if self._reader is not self._writer:
+            await self._reader.close()
+
+    # -- transactions ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the write connection, rolled back on any error."""
+        async with self._lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def _write_one(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """One autocommitted statement (atomic on its own), returning any RETURNING rows."""
+        async with self._lock:
+            return list(await self._writer.execute_fetchall(sql, params))
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        return list(await self._reader.execute_fetchall(sql, params))
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def _applied(self) -> set[str]:
+        await self._writer.execute(
+            "CREATE TABLE IF NOT EXISTS _apibox_migrations (name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)")
+        rows = await self._writer.execute_fetchall("SELECT name FROM _apibox_migrations")
+        return {row[0] for row in rows}
+
+    async def pending_migrations(self) -> list[str]:
+        async with self._lock:
+            applied = await self._applied()
+        return [m.name for m in SQLITE_MIGRATIONS if m.name not in applied]
+
+    async def migrate(self) -> list[str]:
+        done: list[str] = []
+        async with self._lock:
+            applied = await self._applied()
+        for migration in SQLITE_MIGRATIONS:
+            if migration.name in applied:
+                continue
+            async with self._transaction() as db:
+                try:
+                    for statement in _statements(migration.sql):
+                        await db.execute(statement)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"migration {migration.name} failed and was rolled back: {exc}") from exc
+                await db.execute("INSERT INTO _apibox_migrations (name, applied_at) VALUES (?, ?)",
+                                 (migration.name, now_ms()))
+            done.append(migration.name)
+        return done
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    # -- users ---------------------------------------------------------------------------
+
+    async def create_user(self, email: str, name: str, group: str) -> User:
+        async with self._transaction() as db:
+            try:
+                cursor = await db.execute(
+                    "INSERT INTO users (email, name, grp, created_at) VALUES (?, ?, ?, ?)",
+                    (email, name, group, now_ms()))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"a user with email {email} already exists") from None
+            user_id = cursor.lastrowid
+            await db.execute("INSERT INTO balances (user_id) VALUES (?)", (user_id,))
+        user = await self.get_user(user_id)  # type: ignore[arg-type]
+        assert user is not None
+        return user
+
+    async def get_user(self, user_id: int) -> User | None:
+        rows = await self._read(f"SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,))
+        return _user(rows[0]) if rows else None
+
+    async def find_user_by_email(self, email: str) -> User | None:
+        rows = await self._read(f"SELECT {USER_COLUMNS} FROM users u WHERE u.email = ?", (email,))
+        return _user(rows[0]) if rows else None
+
+    async def list_users(self) -> list[UserOverview]:
+        rows = await self._read(
+            f"SELECT {USER_COLUMNS}, b.balance, b.held, "
+            "(SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) "
+            "FROM users u JOIN balances b ON b.user_id = u.id ORDER BY u.id")
+        return [UserOverview(_user(r), Balance(r[0], r[7], r[8]), r[9]) for r in rows]
+
+    async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User:
+        await self._write_one("UPDATE users SET name = coalesce(?, name), grp = coalesce(?, grp) WHERE id = ?",
+                              (name, group, user_id))
+        return await self._require_user(user_id)
+
+    async def set_user_state(self, user_id: int, state: UserState, reason: str) -> User:
+        await self._write_one("UPDATE users SET state = ?, state_reason = ? WHERE id = ?",
+                              (state.value, reason, user_id))
+        return await self._require_user(user_id)
+
+    async def _require_user(self, user_id: int) -> User:
+        user = await self.get_user(user_id)
+        if user is None:
+            raise NotFound(f"no user with id {user_id}")
+        return user
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def create_key(self, spec: KeySpec) -> ApiKey:
+        rows = await self._write_one(
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, models, budget, expires_at, rpm, tpm, "
+            "concurrency, allow_ips, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (spec.user_id, spec.name, spec.key_hash, spec.prefix, ",".join(spec.models), spec.budget,
+             to_ms(spec.expires_at), spec.rpm, spec.tpm, spec.concurrency, ",".join(spec.allow_ips), now_ms()))
+        key = await self.get_key(rows[0][0])
+        assert key is not None
+        return key
+
+    async def get_key(self, key_id: int) -> ApiKey | None:
+        rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = ?", (key_id,))
+        return _key(rows[0]) if rows else None
+
+    async def list_keys(self, user_id: int | None = None) -> list[ApiKey]:
+        if user_id is None:
+            rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.id")
+        else:
+            rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.user_id = ? ORDER BY k.id",
+                                    (user_id,))
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: int) -> ApiKey:
+        await self._write_one("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+                              (now_ms(), key_id))
+        key = await self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"no key with id {key_id}")
+        return key
+
+    async def revoke_user_keys(self, user_id: int) -> int:
+        rows = await self._write_one(
+            "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL RETURNING id",
+            (now_ms(), user_id))
+        return len(rows)
+
+    async def find_key_by_hash(self, key_hash: str) -> tuple[ApiKey, User] | None:
+        rows = await self._read(
+            f"SELECT {KEY_COLUMNS}, {USER_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id "
+            "WHERE k.key_hash = ?", (key_hash,))
+        if not rows:
+            return None
+        row = rows[0]
+        return _key(row[:15]), _user(row[15:])
+
+    # -- money ---------------------------------------------------------------------------
+
+    async def get_balance(self, user_id: int) -> Balance:
+        rows = await self._read("SELECT balance, held FROM balances WHERE user_id = ?", (user_id,))
+        if not rows:
+            raise NotFound(f"no user with id {user_id}")
+        return Balance(user_id, rows[0][0], rows[0][1])
+
+    async def credit(self, credit: Credit) -> CreditResult:
+        async with self._transaction() as db:
+            if credit.reference is not None:
+                rows = await db.execute_fetchall(f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE reference = ?",
+                                                 (credit.reference,))
+                if rows:
+                    entry = _entry(rows[0])
+                    if entry.user_id != credit.user_id or entry.amount != credit.amount:
+                        raise Conflict(f"reference {credit.reference!r} was already used for a different "
+                                       "user or amount; nothing was credited")
+                    balance = await self._balance_in(db, credit.user_id)
+                    return CreditResult(entry, balance, created=False)
+            # One conditional statement: a debit can never take the balance below what is held.
+            rows = await db.execute_fetchall(
+                "UPDATE balances SET balance = balance + ? WHERE user_id = ? AND balance + ? >= held "
+                "RETURNING balance, held", (credit.amount, credit.user_id, credit.amount))
+            if not rows:
+                current = await self._balance_in(db, credit.user_id)
+                raise InvalidRequest(
+                    f"the balance cannot go below zero or below the amount held for requests in flight "
+                    f"(balance {current.balance} micro-USD, held {current.held} micro-USD); nothing was changed")
+            balance = Balance(credit.user_id, rows[0][0], rows[0][1])
+            entry_rows = await db.execute_fetchall(
+                f"INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, reference, actor) "
+                f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {LEDGER_COLUMNS}",
+                (credit.user_id, now_ms(), credit.kind.value, credit.amount, balance.balance, credit.note,
+                 credit.reference, credit.actor))
+        return CreditResult(_entry(entry_rows[0]), balance, created=True)
+
+    async def _balance_in(self, db: aiosqlite.Connection, user_id: int) -> Balance:
+        rows = await db.execute_fetchall("SELECT balance, held FROM balances WHERE user_id = ?", (user_id,))
+        if not rows:
+            raise NotFound(f"no user with id {user_id}")
+        return Balance(user_id, rows[0][0], rows[0][1])
+
+    async def ledger(self, user_id: int, since: datetime | None = None) -> list[LedgerEntry]:
+        rows = await self._read(
+            f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE user_id = ? AND created_at >= ? ORDER BY id",
+            (user_id, to_ms(since) or 0))
+        return [_entry(r) for r in rows]
+
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
+        # One statement: the row is inserted only if the available balance covers it, and the
+        # holds_take trigger raises balances.held in the same statement.
+        rows = await self._write_one(
+            "INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at) "
+            "SELECT user_id, ?, ?, ?, ?, ? FROM balances WHERE user_id = ? AND balance - held >= ? RETURNING id",
+            (key_id, amount, request_id, model, now_ms(), user_id, amount))
+        return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
+
+    async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM holds WHERE id = ?", (hold.id,))
+            usage.charged = min(usage.cost, (await self._balance_in(db, hold.user_id)).available)
+            usage.created_at = usage.created_at or datetime.now(UTC)
+            await self._insert_usage(db, usage)
+            if usage.charged > 0:
+                rows = await db.execute_fetchall(
+                    "UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
+                    (usage.charged, hold.user_id))
+                await db.execute(
+                    "INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
+                    "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
+                    (hold.user_id, to_ms(usage.created_at), -usage.charged, rows[0][0],
+                     f"{usage.model} {usage.request_id}", usage.id))
+            await db.execute("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
+                             (usage.charged, to_ms(usage.created_at), hold.key_id))
+        return usage
+
+    async def _insert_usage(self, db: aiosqlite.Connection, usage: UsageRecord) -> None:
+        values = [getattr(usage, f) for f in USAGE_FIELDS]
+        values[1] = to_ms(usage.created_at)
+        values[14] = int(usage.estimated)
+        cursor = await db.execute(
+            f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})", values)
+        usage.id = cursor.lastrowid
+
+    async def recover_holds(self) -> list[Hold]:
+        async with self._transaction() as db:
+            rows = await db.execute_fetchall(
+                "DELETE FROM holds RETURNING id, user_id, key_id, amount, request_id, model")
+            holds = [Hold(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+            for row, hold in zip(rows, holds, strict=True):
+                await self._insert_usage(db, UsageRecord(
+                    request_id=hold.request_id, user_id=hold.user_id, key_id=hold.key_id, model=row[5],
+                    provider="", endpoint="", status="interrupted", http_status=0,
+                    created_at=datetime.now(UTC)))
+        return holds
+
+    # -- reports and audit ---------------------------------------------------------------
+
+    async def usage_report(self, by: Sequence[str], where: UsageFilter) -> list[ReportRow]:
+        unknown = [d for d in by if d not in REPORT_DIMENSIONS]
+        if unknown:
+            raise InvalidRequest(f"cannot group by {unknown[0]!r} (choose from {', '.join(REPORT_DIMENSIONS)})")
+        clauses, params = ["g.status != 'interrupted'"], []
+        for clause, value in (("g.created_at >= ?", to_ms(where.since)), ("g.created_at < ?", to_ms(where.until)),
+                              ("g.user_id = ?", where.user_id), ("g.key_id = ?", where.key_id),
+                              ("g.model = ?", where.model)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        selected = [DIMENSION_SQL[d] for d in by]
+        columns = "".join(f"{expr} AS d{i}, " for i, (_, expr) in enumerate(selected))
+        group = f" GROUP BY {', '.join(f'd{i}' for i in range(len(selected)))}" if selected else ""
+        order = f" ORDER BY {', '.join(f'd{i}' for i in range(len(selected)))}" if selected else ""
+        rows = await self._read(
+            f"SELECT {columns}count(*), sum(g.status != 'ok'), coalesce(sum(g.prompt_tokens), 0), "
+            "coalesce(sum(g.completion_tokens), 0), coalesce(sum(g.cached_tokens), 0), "
+            "coalesce(sum(g.charged), 0), coalesce(avg(g.latency_ms), 0) "
+            f"FROM usage g WHERE {' AND '.join(clauses)}{group}{order}", params)
+        n = len(selected)
+        return [ReportRow(group={name: str(r[i]) for i, (name, _) in enumerate(selected)}, requests=r[n],
+                          errors=r[n + 1] or 0, prompt_tokens=r[n + 2], completion_tokens=r[n + 3],
+                          cached_tokens=r[n + 4], cost=r[n + 5], avg_latency_ms=float(r[n + 6]))
+                for r in rows if r[n]]
+
+    async def audit(self) -> list[str]:
+        problems: list[str] = []
+        checks = (
+            ("SELECT b.user_id, b.balance, coalesce((SELECT sum(amount) FROM ledger l WHERE l.user_id = b.user_id), 0) "
+             "AS total FROM balances b WHERE b.balance != total",
+             "user {0}: balance {1} differs from the ledger's sum {2}"),
+            ("SELECT b.user_id, b.held, coalesce((SELECT sum(amount) FROM holds h WHERE h.user_id = b.user_id), 0) "
+             "AS total FROM balances b WHERE b.held != total",
+             "user {0}: held {1} differs from the open holds' sum {2}"),
+            ("SELECT user_id, balance, held FROM balances WHERE balance < 0 OR held < 0 OR held > balance",
+             "user {0}: balance {1} / held {2} break balance >= held >= 0"),
+            ("SELECT id, user_id, balance_after, running FROM (SELECT id, user_id, balance_after, "
+             "sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running FROM ledger) WHERE balance_after != running",
+             "ledger row {0} (user {1}): balance_after {2} differs from the running sum {3}"),
+            ("SELECT l.id, -l.amount, u.charged FROM ledger l LEFT JOIN usage u ON u.id = l.usage_id "
+             "WHERE l.kind = 'charge' AND (u.id IS NULL OR u.charged != -l.amount OR u.user_id != l.user_id)",
+             "ledger charge {0} of {1} does not match its usage row (charged {2})"),
+            ("SELECT u.id, u.charged FROM usage u LEFT JOIN ledger l ON l.usage_id = u.id "
+             "WHERE u.charged > 0 AND l.id IS NULL",
+             "usage row {0} charged {1} but has no ledger row"),
+            ("SELECT id, cost, charged FROM usage WHERE charged > cost OR charged < 0",
+             "usage row {0}: charged {2} is more than its cost {1}"),
+        )
+        for sql, message in checks:
+            for row in await self._read(sql):
+                problems.append(message.format(*row))
+        return problems
+
+
+async def _connect(path: str) -> aiosqlite.Connection:
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open the SQLite database {path}: {exc}") from None
+    for pragma in PRAGMAS:
+        await db.execute(pragma)
+    return db
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    return statements
