@@ -1,0 +1,203 @@
+"""Use-cases shared by the CLI and (later) the admin API: users, keys, top-ups, adjustments.
+
+Each function validates its input completely before it writes anything, so a bad argument
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from apibox.errors import InvalidRequest, NotFound
+from apibox.keys import display_prefix, generate_key, hash_key
+from apibox.models import ApiKey, Balance, LedgerEntry, LedgerKind, NewKey, User, UserOverview, UserState
+from apibox.money import MoneyError, parse_usd
+from apibox.store.base import Credit, CreditResult, KeySpec, Store
+from apibox.timeparse import TimeParseError, parse_expiry
+
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+MAX_TEXT = 500
+
+
+def normalize_email(email: str) -> str:
+    """Emails are unique case-insensitively: one account per person."""
+    cleaned = email.strip().lower()
+    if not _EMAIL.match(cleaned) or len(cleaned) > 254:
+        raise InvalidRequest(f"{email!r} is not an email address", param="email")
+    return cleaned
+
+
+def _text(value: str | None, field: str) -> str | None:
+    if value is not None and (len(value) > MAX_TEXT or "\x00" in value):
+        raise InvalidRequest(f"{field} is too long (at most {MAX_TEXT} characters) or has a NUL byte", param=field)
+    return value
+
+
+def _group(value: str | None) -> str | None:
+    if value is not None and not _NAME.match(value):
+        raise InvalidRequest(f"group {value!r} must be 1-64 letters, digits, '.', '_' or '-'", param="group")
+    return value
+
+
+async def resolve_user(store: Store, ref: str | int) -> User:
+    """A user from an id (``12``) or an email (``ann@example.com``)."""
+    text = str(ref).strip()
+    user = None
+    if text.isdigit():
+        user = await store.get_user(int(text))
+    elif "@" in text:
+        user = await store.find_user_by_email(text.lower())
+    if user is None:
+        raise NotFound(f"no user {text!r} (give an email or a user id; `apibox users list` shows them)")
+    return user
+
+
+async def create_user(store: Store, email: str, name: str = "", group: str = "default") -> User:
+    return await store.create_user(normalize_email(email), _text(name, "name") or "", _group(group) or "default")
+
+
+async def list_users(store: Store) -> list[UserOverview]:
+    return await store.list_users()
+
+
+@dataclass(frozen=True, slots=True)
+class UserDetail:
+    user: User
+    balance: Balance
+    keys: list[ApiKey]
+
+
+async def show_user(store: Store, ref: str) -> UserDetail:
+    user = await resolve_user(store, ref)
+    return UserDetail(user, await store.get_balance(user.id), await store.list_keys(user.id))
+
+
+async def update_user(store: Store, ref: str, *, name: str | None = None, group: str | None = None) -> User:
+    name, group = _text(name, "name"), _group(group)
+    user = await resolve_user(store, ref)
+    return await store.update_user(user.id, name=name, group=group)
+
+
+async def set_user_state(store: Store, ref: str, state: UserState, reason: str = "") -> User:
+    """Suspend, ban, close or reactivate. Closing also revokes every key; the balance stays
+    for a manual refund."""
+    _text(reason, "reason")
+    user = await resolve_user(store, ref)
+    if user.state == UserState.CLOSED and state != UserState.CLOSED:
+        raise InvalidRequest(f"user {user.email} is closed; a closed account cannot be reopened")
+    if state == UserState.CLOSED:
+        await store.revoke_user_keys(user.id)
+    return await store.set_user_state(user.id, state, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyOptions:
+    name: str = ""
+    models: tuple[str, ...] = ()
+    budget: str | None = None  # USD, as typed
+    expires: str | None = None  # 30d or a date
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    allow_ips: tuple[str, ...] = ()
+
+
+async def create_key(store: Store, ref: str, options: KeyOptions, *, known_models: Iterable[str],
+                     now: datetime | None = None) -> NewKey:
+    """Create a key and return its secret, which is never available again."""
+    now = now or datetime.now(UTC)
+    known = set(known_models)
+    unknown = [m for m in options.models if m not in known]
+    if unknown:
+        raise InvalidRequest(f"unknown model {unknown[0]!r} (configured: {', '.join(sorted(known)) or 'none'})",
+                             param="models")
+    try:
+        budget = parse_usd(options.budget) if options.budget is not None else None
+        expires = parse_expiry(options.expires, now) if options.expires else None
+    except (MoneyError, TimeParseError) as exc:
+        raise InvalidRequest(str(exc)) from None
+    for field in ("rpm", "tpm", "concurrency"):
+        value = getattr(options, field)
+        if value is not None and value < 1:
+            raise InvalidRequest(f"{field} must be at least 1, got {value}", param=field)
+    for cidr in options.allow_ips:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidRequest(f"{cidr!r} is not an IP address or CIDR range", param="allow_ip") from None
+    user = await resolve_user(store, ref)
+    if user.state == UserState.CLOSED:
+        raise InvalidRequest(f"user {user.email} is closed; it cannot get new keys")
+    secret = generate_key()
+    key = await store.create_key(KeySpec(
+        user_id=user.id, key_hash=hash_key(secret), prefix=display_prefix(secret),
+        name=_text(options.name, "name") or "", models=options.models, budget=budget, expires_at=expires,
+        rpm=options.rpm, tpm=options.tpm, concurrency=options.concurrency, allow_ips=options.allow_ips))
+    return NewKey(key=key, secret=secret)
+
+
+async def list_keys(store: Store, user_ref: str | None = None) -> list[ApiKey]:
+    user_id = (await resolve_user(store, user_ref)).id if user_ref else None
+    return await store.list_keys(user_id)
+
+
+def _key_id(ref: str | int) -> int:
+    text = str(ref).strip()
+    if not text.isdigit():
+        raise NotFound(f"no key {text!r} (give the key's id; `apibox keys list` shows them)")
+    return int(text)
+
+
+async def show_key(store: Store, ref: str) -> ApiKey:
+    key = await store.get_key(_key_id(ref))
+    if key is None:
+        raise NotFound(f"no key with id {ref}")
+    return key
+
+
+async def revoke_key(store: Store, ref: str) -> ApiKey:
+    key = await show_key(store, ref)
+    return await store.revoke_key(key.id)
+
+
+def _amount(text: str, *, signed: bool) -> int:
+    try:
+        return parse_usd(text, allow_negative=signed)
+    except MoneyError as exc:
+        raise InvalidRequest(str(exc), param="amount") from None
+
+
+async def topup(store: Store, ref: str, amount: str, *, note: str = "", reference: str | None = None,
+                actor: str = "cli") -> CreditResult:
+    """Credit USD to a user; the same ``reference`` twice credits once."""
+    micro = _amount(amount, signed=False)
+    _text(note, "note")
+    if reference is not None and not reference.strip():
+        raise InvalidRequest("the reference must not be empty", param="reference")
+    user = await resolve_user(store, ref)
+    return await store.credit(Credit(user.id, micro, LedgerKind.TOPUP, note, _text(reference, "reference"), actor))
+
+
+async def adjust(store: Store, ref: str, amount: str, *, note: str, actor: str = "cli") -> CreditResult:
+    """A signed correction with a required note; it cannot take the balance below zero."""
+    micro = _amount(amount, signed=True)
+    if not note or not note.strip():
+        raise InvalidRequest("an adjustment needs a note saying why", param="note")
+    _text(note, "note")
+    user = await resolve_user(store, ref)
+    return await store.credit(Credit(user.id, micro, LedgerKind.ADJUSTMENT, note, None, actor))
+
+
+async def balance(store: Store, ref: str) -> tuple[User, Balance]:
+    user = await resolve_user(store, ref)
+    return user, await store.get_balance(user.id)
+
+
+async def ledger(store: Store, ref: str, since: datetime | None = None) -> tuple[User, list[LedgerEntry]]:
+    user = await resolve_user(store, ref)
+    return user, await store.ledger(user.id, since)

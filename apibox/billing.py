@@ -1,0 +1,82 @@
+"""Holds before a request, one settlement after it, and the ledger audit.
+
+The hold is the worst case the request can cost. When the user can pay for the prompt but
+not for the full answer, the answer is shortened to what they can pay for (the caller then
+lowers the upstream's ``max_tokens``). Settlement charges the cost of the reported usage
+(or of an estimate when none was reported), capped at what the user has.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from apibox.errors import InsufficientQuota
+from apibox.models import ApiKey, Hold, UsageRecord
+from apibox.money import format_usd
+from apibox.pricing import Price, Usage, affordable_output_tokens, cost_micro, worst_case_micro
+from apibox.store.base import Store
+
+MIN_ANSWER_TOKENS = 16  # a request that cannot pay for this much answer is refused
+HOLD_ATTEMPTS = 3  # concurrent requests may take the money between our read and our hold
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    hold: Hold
+    price: Price
+    output_tokens: int  # the most output this hold pays for
+    lowered: bool  # True when output_tokens is below what the request asked for
+
+
+async def reserve(store: Store, key: ApiKey, *, model: str, price: Price, request_id: str, prompt_tokens: int,
+                  output_tokens: int, min_output: int = MIN_ANSWER_TOKENS) -> Reservation:
+    """Hold the worst-case cost of a request, shortening the answer if that is all the user can pay.
+
+    Raises InsufficientQuota when even the prompt and ``min_output`` tokens cannot be paid.
+    """
+    min_output = min(min_output, output_tokens)
+    budget_left = None if key.budget is None else key.budget - key.spent
+    wanted = output_tokens
+    for _ in range(HOLD_ATTEMPTS):
+        amount = worst_case_micro(price, prompt_tokens, wanted)
+        if budget_left is None or amount <= budget_left:
+            hold = await _hold(store, key, amount, request_id, model)
+            if hold is not None:
+                return Reservation(hold, price, wanted, lowered=wanted < output_tokens)
+        available = (await store.get_balance(key.user_id)).available
+        if budget_left is not None:
+            available = min(available, budget_left)
+        wanted = min(output_tokens, affordable_output_tokens(price, available, prompt_tokens))
+        if wanted < min_output:
+            need = worst_case_micro(price, prompt_tokens, min_output)
+            what = "this key's budget" if budget_left is not None and budget_left < need else "your balance"
+            raise InsufficientQuota(
+                f"Insufficient balance: {what} (${format_usd(max(available, 0))} available) cannot pay for this "
+                f"request (at least ${format_usd(need)} for the prompt and a minimal answer). "
+                "Top up your balance and try again.")
+    raise InsufficientQuota("Insufficient balance: other requests in flight are using your balance; "
+                            "try again when they finish or top up.")
+
+
+async def _hold(store: Store, key: ApiKey, amount: int, request_id: str, model: str) -> Hold | None:
+    if amount <= 0:
+        # A free request still takes a token hold, so every request is settled the same way.
+        amount = 1
+    return await store.hold(key.user_id, key.id, amount, request_id, model)
+
+
+async def settle(store: Store, reservation: Reservation, record: UsageRecord, usage: Usage) -> UsageRecord:
+    """Charge ``usage`` at the reservation's price and write the usage row, once."""
+    record.prompt_tokens = usage.prompt_tokens
+    record.completion_tokens = usage.completion_tokens
+    record.cached_tokens = usage.cached_tokens
+    record.cache_write_tokens = usage.cache_write_tokens
+    record.reasoning_tokens = usage.reasoning_tokens
+    record.estimated = usage.estimated
+    record.cost = cost_micro(reservation.price, usage)
+    return await store.settle(reservation.hold, record)
+
+
+async def check(store: Store) -> list[str]:
+    """The ledger audit behind `apibox db check`: every broken money invariant, or nothing."""
+    return await store.audit()

@@ -1,0 +1,81 @@
+"""What every provider offers the gateway: OpenAI-shaped requests in, OpenAI-shaped replies out.
+
+A provider turns a normalized request (an OpenAI body whose ``model`` is already the
+upstream's name) into an upstream call, and the reply or stream back into OpenAI shape.
+Providers know nothing about billing; the gateway reads usage from what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from apibox.errors import ApiboxError
+
+ENDPOINTS = ("chat/completions", "completions", "embeddings")
+REDACTED = "[redacted]"
+
+
+@dataclass(slots=True)
+class ProviderRequest:
+    endpoint: str  # one of ENDPOINTS
+    body: dict[str, Any]
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)  # extra headers for the upstream
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+
+class ChunkStream(Protocol):
+    """An open upstream stream: OpenAI ``chat.completion.chunk`` (or text_completion) dicts."""
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+    async def aclose(self) -> None: ...
+
+
+class Provider(Protocol):
+    name: str
+    # Whether a stream reports usage (so the gateway need not estimate it).
+    reports_stream_usage: bool
+
+    async def complete(self, request: ProviderRequest) -> dict[str, Any]:
+        """A whole (non-streamed) reply in OpenAI shape, including ``usage``."""
+        ...
+
+    async def open_stream(self, request: ProviderRequest) -> ChunkStream:
+        """Start a stream. Errors before the first byte raise UpstreamFailure from here."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class UpstreamFailure(ApiboxError):
+    """The upstream refused or failed; ``retryable`` says whether another route may succeed."""
+
+    status, type, code = 502, "server_error", "upstream_error"
+
+    def __init__(self, message: str, *, status: int = 502, upstream_status: int | None = None,
+                 retryable: bool = True, retry_after: float | None = None, type_: str | None = None,
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        self.upstream_status = upstream_status
+        self.retryable = retryable
+        self.retry_after = retry_after
+        if type_:
+            self.type = type_
+
+
+class StreamBroken(Exception):
+    """The upstream stream failed after it had started (cut, malformed, idle too long)."""
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Remove every secret from ``text`` (upstreams sometimes echo keys in their messages)."""
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text

@@ -1,0 +1,68 @@
+"""Server-sent events: an incremental decoder for upstream streams, and the encoder.
+
+TCP reads do not align with events, a UTF-8 character can straddle two reads, and lines may
+end in LF, CRLF or CR; the decoder buffers bytes and yields only whole events.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r|\r\n\n|\n\r\n")
+_LINE = re.compile(r"\r\n|\n|\r")
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    data: str
+    event: str = ""
+
+
+class SSEDecoder:
+    """Feed bytes as they arrive; get back complete events."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self._buffer += chunk
+        events: list[Event] = []
+        start = 0
+        for match in _EVENT_END.finditer(self._buffer):
+            event = _parse(self._buffer[start:match.start()])
+            if event is not None:
+                events.append(event)
+            start = match.end()
+        self._buffer = self._buffer[start:]
+        return events
+
+    def flush(self) -> list[Event]:
+        """The last event, when the stream ended without a blank line after it."""
+        rest, self._buffer = self._buffer, b""
+        event = _parse(rest) if rest.strip() else None
+        return [event] if event is not None else []
+
+
+def _parse(block: bytes) -> Event | None:
+    data: list[str] = []
+    name = ""
+    for line in _LINE.split(block.decode("utf-8", "replace")):
+        if not line or line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            name = value
+    if not data:
+        return None
+    return Event(data="\n".join(data), event=name)
+
+
+def encode(data: str | bytes, event: str | None = None) -> bytes:
+    """One SSE frame: ``[event: NAME\\n]data: DATA\\n\\n``."""
+    payload = data if isinstance(data, bytes) else data.encode("utf-8")
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + payload + b"\n\n"

@@ -1,0 +1,99 @@
+"""Token counting without a tokenizer: an estimate for settlements, a bound for holds.
+
+apibox never sees the upstream's tokenizer. Two numbers are enough:
+
+* ``count_tokens`` approximates a BPE tokenizer (words, numbers and punctuation, long words in
+  pieces of four characters). The echo provider uses it as its real count, and a stream that
+  ends without usage is charged by it.
+* ``prompt_bound`` is deliberately high (one token per two UTF-8 bytes of text, plus fixed
+  allowances), so the hold taken before a request covers the prompt the upstream will bill.
+  Settlement never charges more than the user has, so a bound that is still too low cannot
+  drive a balance negative.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from apibox.money import ceil_div
+
+_PIECES = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]|[^\W\d_]+", re.UNICODE)
+PER_MESSAGE_TOKENS = 4  # role and separators, as chat formats add
+PER_IMAGE_TOKENS = 1_600  # a high-detail image tile budget
+BOUND_BYTES_PER_TOKEN = 2
+
+
+def count_tokens(text: str) -> int:
+    """An approximate BPE token count of ``text``."""
+    total = 0
+    for match in _PIECES.finditer(text):
+        total += ceil_div(len(match.group()), 4)
+    return total
+
+
+def prompt_parts(body: dict[str, Any]) -> tuple[list[str], int, int]:
+    """The prompt's texts, its message count and its image count, for any OpenAI endpoint."""
+    texts: list[str] = []
+    images = 0
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            images += _collect(message.get("content"), texts)
+            for call in message.get("tool_calls") or ():
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    texts.extend(str(v) for v in call["function"].values())
+        if body.get("tools"):
+            texts.append(str(body["tools"]))
+        return texts, len(messages), images
+    for field in ("prompt", "input"):
+        if field in body:
+            _collect_any(body[field], texts)
+    return texts, 0, 0
+
+
+def _collect(content: Any, texts: list[str]) -> int:
+    if isinstance(content, str):
+        texts.append(content)
+        return 0
+    images = 0
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") in ("image_url", "input_image", "image"):
+                images += 1
+    return images
+
+
+def _collect_any(value: Any, texts: list[str]) -> None:
+    """Prompts may be a string, strings, token ids or lists of token ids."""
+    for item in _flatten(value):
+        texts.append(item if isinstance(item, str) else "0")
+
+
+def _flatten(value: Any) -> Iterator[Any]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _flatten(item)
+    else:
+        yield value
+
+
+def prompt_estimate(body: dict[str, Any]) -> int:
+    """A realistic prompt token count, for charging when the upstream reported none."""
+    texts, messages, images = prompt_parts(body)
+    return sum(count_tokens(t) for t in texts) + messages * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS
+
+
+def prompt_bound(body: dict[str, Any]) -> int:
+    """A high bound on the prompt's token count, for the hold."""
+    texts, messages, images = prompt_parts(body)
+    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    return (ceil_div(text_bytes, BOUND_BYTES_PER_TOKEN) + (messages + 1) * PER_MESSAGE_TOKENS
+            + images * PER_IMAGE_TOKENS)
