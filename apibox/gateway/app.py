@@ -1,0 +1,79 @@
+"""The aiohttp application: ``create_app`` builds it, ``serve`` runs it until a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+
+from apibox.auth import Authenticator
+from apibox.config import Settings
+from apibox.gateway import ops, openai
+from apibox.gateway.appkeys import GATEWAY, SETTINGS
+from apibox.gateway.context import Gateway
+from apibox.gateway.middlewares import request_id_and_errors
+from apibox.providers import build_providers
+from apibox.router import Router
+from apibox.store import open_store
+from apibox.store.base import Store
+
+log = logging.getLogger("apibox.gateway")
+
+
+def create_app(settings: Settings, *, store: Store | None = None,
+               session: aiohttp.ClientSession | None = None) -> web.Application:
+    """The gateway app. Tests may pass their own store or upstream session instead of patching."""
+    app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000),
+                          middlewares=[request_id_and_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_lifecycle(settings, store, session))
+    openai.add_routes(app)
+    ops.add_routes(app)
+    return app
+
+
+def _lifecycle(settings: Settings, store: Store | None,
+               session: aiohttp.ClientSession | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        own_store = store is None
+        db = store if store is not None else await open_store(settings.database.url)
+        recovered = await db.recover_holds()
+        if recovered:
+            log.warning("released %d holds left by an interrupted run; their requests are logged as interrupted",
+                        len(recovered))
+        upstream = session or aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=True)
+        app[GATEWAY] = Gateway(settings=settings, store=db, session=upstream,
+                               providers=build_providers(settings, upstream), router=Router(settings),
+                               auth=Authenticator(db))
+        try:
+            yield
+        finally:
+            if session is None:
+                await upstream.close()
+            if own_store:
+                await db.close()
+    return lifecycle
+
+
+async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[str], None] | None = None) -> None:
+    """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(f"http://{host}:{port}")
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

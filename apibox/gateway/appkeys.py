@@ -1,0 +1,11 @@
+"""Typed keys for the state the gateway keeps on its aiohttp application."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from apibox.config import Settings
+from apibox.gateway.context import Gateway
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY = web.AppKey("gateway", Gateway)

@@ -1,0 +1,146 @@
+"""The OpenAI-compatible surface: chat, legacy completions, embeddings, models, /v1/me."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from apibox.auth import Caller
+from apibox.config import ModelSettings
+from apibox.errors import InvalidRequest, ModelNotFound
+from apibox.gateway.appkeys import GATEWAY
+from apibox.gateway.proxy import forward
+from apibox.money import format_usd
+
+MODEL_CREATED = 1_700_000_000  # a fixed `created` for configured models
+
+
+def bearer_secret(request: web.Request) -> str | None:
+    """The key from ``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.headers.get("x-api-key") or None
+
+
+async def authenticate(request: web.Request) -> Caller:
+    return await request.app[GATEWAY].auth.authenticate(bearer_secret(request))
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 that says what is wrong with it."""
+    raw = await request.read()
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request ({exc}). "
+                             "Send valid JSON with Content-Type: application/json.") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def _require(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: str) -> None:
+    if field not in body:
+        raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field)
+    value = body[field]
+    if not isinstance(value, kinds) or isinstance(value, bool) or (hasattr(value, "__len__") and not len(value)):
+        raise InvalidRequest(f"'{field}' must be {what}.", param=field)
+
+
+def _check_stream(body: dict[str, Any]) -> None:
+    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+        raise InvalidRequest("'stream' must be true or false.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    caller = await authenticate(request)
+    body = await read_json(request)
+    _require(body, "messages", (list,), "a non-empty array of messages")
+    for index, message in enumerate(body["messages"]):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(f"messages[{index}] must be an object with a 'role'.", param=f"messages[{index}]")
+    _check_stream(body)
+    return await forward(request, caller, "chat/completions", body)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    caller = await authenticate(request)
+    body = await read_json(request)
+    _require(body, "prompt", (str, list), "a string or an array of strings or token ids")
+    _check_stream(body)
+    return await forward(request, caller, "completions", body)
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    caller = await authenticate(request)
+    body = await read_json(request)
+    _require(body, "input", (str, list), "a string or an array of strings or token ids")
+    if body.get("stream"):
+        raise InvalidRequest("Embeddings cannot be streamed.", param="stream")
+    return await forward(request, caller, "embeddings", body)
+
+
+def model_object(model: ModelSettings) -> dict[str, Any]:
+    price = model.price
+    pricing: dict[str, Any] = {"unit": "USD per 1M tokens", "input": format_usd(price.input),
+                               "output": format_usd(price.output)}
+    for name, value in (("cached_input", price.cached_input), ("cache_write", price.cache_write),
+                        ("reasoning", price.reasoning)):
+        if value is not None:
+            pricing[name] = format_usd(value)
+    return {"id": model.name, "object": "model", "created": MODEL_CREATED, "owned_by": "apibox",
+            "pricing": pricing}
+
+
+def _visible(caller: Caller, models: list[ModelSettings]) -> list[ModelSettings]:
+    return [m for m in models if not caller.key.models or m.name in caller.key.models]
+
+
+async def list_models(request: web.Request) -> web.Response:
+    caller = await authenticate(request)
+    models = _visible(caller, request.app[GATEWAY].router.models)
+    return web.json_response({"object": "list", "data": [model_object(m) for m in models]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    caller = await authenticate(request)
+    model = request.app[GATEWAY].router.resolve(request.match_info["model"])
+    if model not in _visible(caller, [model]):
+        raise ModelNotFound(f"The model `{request.match_info['model']}` does not exist or you do not have "
+                            "access to it.", param="model")
+    return web.json_response(model_object(model))
+
+
+async def me(request: web.Request) -> web.Response:
+    caller = await authenticate(request)
+    balance = await request.app[GATEWAY].store.get_balance(caller.user.id)
+    key, user = caller.key, caller.user
+    return web.json_response({
+        "user": {"id": user.id, "email": user.email, "name": user.name, "group": user.group,
+                 "state": user.state.value},
+        "key": {"id": key.id, "name": key.name, "prefix": key.prefix, "models": list(key.models) or None,
+                "budget_usd": format_usd(key.budget) if key.budget is not None else None,
+                "spent_usd": format_usd(key.spent),
+                "expires_at": key.expires_at.isoformat() if key.expires_at else None,
+                "limits": {"rpm": key.rpm, "tpm": key.tpm, "concurrency": key.concurrency}},
+        "balance": {"balance_usd": format_usd(balance.balance), "held_usd": format_usd(balance.held),
+                    "available_usd": format_usd(balance.available)},
+    })
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
+    app.router.add_get("/v1/me", me)

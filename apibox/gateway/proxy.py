@@ -1,0 +1,232 @@
+"""One billed request: authenticate, hold, forward (with fallback), settle exactly once.
+
+This is the life of a billed request from DESIGN.md. Handlers for each OpenAI surface call
+``forward`` with the parsed body; everything that touches money happens here or in billing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from apibox import billing, tokens
+from apibox.auth import Caller
+from apibox.config import ModelSettings, Route
+from apibox.errors import InvalidRequest, PermissionDenied
+from apibox.gateway.appkeys import GATEWAY
+from apibox.gateway.context import Gateway
+from apibox.gateway.middlewares import REQUEST_ID
+from apibox.models import UsageRecord
+from apibox.money import usd_number
+from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
+from apibox.pricing import Usage, cost_micro
+from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure
+from apibox.sse import encode
+
+log = logging.getLogger("apibox.gateway")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OVERRUN_SLACK_TOKENS = 16  # tolerance before a stream running past its paid-for length is cut
+
+
+@dataclass(slots=True)
+class Call:
+    """The state of one billed request, from the hold to the settlement."""
+
+    gateway: Gateway
+    caller: Caller
+    model: ModelSettings
+    endpoint: str
+    body: dict[str, Any]
+    request_id: str
+    reservation: billing.Reservation
+    started: float = field(default_factory=time.monotonic)
+    route: Route | None = None
+    first_byte: float | None = None
+    settled: UsageRecord | None = None
+
+    async def settle(self, usage: Usage, status: str, http_status: int) -> UsageRecord:
+        """Charge once; later calls return the first settlement. Shielded from cancellation."""
+        if self.settled is None:
+            now = time.monotonic()
+            record = UsageRecord(
+                request_id=self.request_id, user_id=self.caller.user.id, key_id=self.caller.key.id,
+                model=self.model.name, provider=self.route.provider if self.route else "",
+                endpoint=self.endpoint, status=status, http_status=http_status,
+                latency_ms=int((now - self.started) * 1000),
+                ttft_ms=int((self.first_byte - self.started) * 1000) if self.first_byte else None)
+            task = asyncio.ensure_future(billing.settle(self.gateway.store, self.reservation, record, usage))
+            self.settled = await asyncio.shield(task)
+        return self.settled
+
+    def estimate(self, delivered_tokens: int) -> Usage:
+        """What to charge when the upstream reported no usage: the prompt and what was delivered."""
+        return Usage(prompt_tokens=tokens.prompt_estimate(self.body), completion_tokens=delivered_tokens,
+                     estimated=True)
+
+
+def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:
+    """The most output tokens the request may produce, as the hold must assume."""
+    if endpoint == "embeddings":
+        return 0
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+        raise InvalidRequest("n must be a whole number from 1 to 128", param="n")
+    field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = body.get(field_name)
+    if asked is None:
+        asked = 16 if endpoint == "completions" else model.max_output_tokens
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+        raise InvalidRequest(f"{field_name} must be a positive whole number", param=field_name)
+    return asked * n
+
+
+async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any]) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    model = gateway.router.resolve(body.get("model"))
+    if caller.key.models and model.name not in caller.key.models:
+        raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
+                               code="model_not_allowed")
+    kind_ok = (model.kind == "embedding") == (endpoint == "embeddings")
+    if not kind_ok:
+        raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
+    output = requested_output(endpoint, body, model)
+    reservation = await billing.reserve(
+        gateway.store, caller.key, model=model.name, price=model.price, request_id=request[REQUEST_ID],
+        prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
+    call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation)
+    try:
+        if body.get("stream") is True:
+            return await _stream(request, call)
+        return await _complete(call)
+    finally:
+        if call.settled is None:  # failed before any output: nothing is charged
+            await call.settle(Usage(), "error", 0)
+
+
+def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, Any]:
+    body = dict(call.body)
+    body["model"] = route.model
+    if call.reservation.lowered:
+        field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        body[field_name] = call.reservation.output_tokens // max(1, body.get("n") or 1)
+    if body.get("stream") is True and provider.reports_stream_usage:
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+    return body
+
+
+async def _attempt(call: Call, open_it: Any) -> Any:
+    """Try each route in turn until one answers; only failures before any output are retried."""
+    last: UpstreamFailure | None = None
+    for route in call.gateway.router.plan(call.model):
+        provider = call.gateway.providers[route.provider]
+        call.route = route
+        upstream = ProviderRequest(call.endpoint, _upstream_body(call, route, provider), call.request_id)
+        try:
+            return await open_it(provider, upstream)
+        except UpstreamFailure as exc:
+            log.warning("route %s for %s failed: %s (request %s)", route.provider, call.model.name, exc.message,
+                        call.request_id)
+            last = exc
+            if not exc.retryable:
+                break
+    assert last is not None
+    raise last
+
+
+def _headers(call: Call) -> dict[str, str]:
+    if call.reservation.lowered:
+        return {"x-apibox-max-tokens": str(call.reservation.output_tokens)}
+    return {}
+
+
+async def _complete(call: Call) -> web.Response:
+    reply: dict[str, Any] = await _attempt(call, lambda provider, req: provider.complete(req))
+    call.first_byte = time.monotonic()
+    usage = usage_from_openai(reply.get("usage"))
+    if usage is None:
+        usage = call.estimate(sum(tokens.count_tokens(_reply_text(c)) for c in reply.get("choices") or ()))
+    record = await call.settle(usage, "ok", 200)
+    reply["model"] = call.model.name
+    reply["usage"] = {**(reply.get("usage") or usage_to_openai(usage)), "cost": usd_number(record.cost)}
+    return web.Response(text=json.dumps(reply), content_type="application/json", headers=_headers(call))
+
+
+def _reply_text(choice: Any) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    message = choice.get("message") or {}
+    return str(choice.get("text") or message.get("content") or "") + json.dumps(message.get("tool_calls") or "")
+
+
+async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
+    stream: ChunkStream = await _attempt(call, lambda provider, req: provider.open_stream(req))
+    chunks = aiter(stream)
+    response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(call)})
+    wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
+    usage: Usage | None = None
+    delivered = 0
+    limit = call.reservation.output_tokens + OVERRUN_SLACK_TOKENS
+    status, http_status = "ok", 200
+    try:
+        await response.prepare(request)
+        async for chunk in chunks:
+            call.first_byte = call.first_byte or time.monotonic()
+            if chunk.get("usage"):
+                usage = usage_from_openai(chunk["usage"])
+                if not chunk.get("choices"):  # the usage-only chunk
+                    if wants_usage and usage is not None:
+                        cost = usd_number(cost_micro(call.reservation.price, usage))
+                        chunk["usage"] = {**chunk["usage"], "cost": cost}
+                        chunk["model"] = call.model.name
+                        await response.write(encode(json.dumps(chunk)))
+                    continue
+            if not wants_usage:
+                chunk.pop("usage", None)
+            chunk["model"] = call.model.name
+            delivered += tokens.count_tokens(delta_text(chunk))
+            if delivered > limit:
+                status = "cut"
+                await response.write(encode(json.dumps(_length_chunk(chunk))))
+                break
+            await response.write(encode(json.dumps(chunk)))
+        await response.write(b"data: [DONE]\n\n")
+    except StreamBroken as exc:
+        status, http_status = "cut", 502
+        log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
+        await _write_quietly(response, encode(json.dumps(
+            {"error": {"message": f"{exc} The answer is incomplete.", "type": "server_error",
+                       "param": None, "code": "upstream_stream_broken"}})))
+    except ConnectionResetError:
+        status, http_status = "client_gone", 499
+    except asyncio.CancelledError:
+        status, http_status = "client_gone", 499
+        raise
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
+        charged = usage if status == "ok" and usage is not None else call.estimate(delivered)
+        await call.settle(charged, status, http_status)
+    return response
+
+
+def _length_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
+    """The chunk that ends a stream which ran past what the hold pays for."""
+    choices = [{"index": c.get("index", 0), "delta": {}, "logprobs": None, "finish_reason": "length"}
+               for c in chunk.get("choices") or ({"index": 0},)]
+    return {**chunk, "choices": choices}
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except ConnectionResetError:
+        pass
