@@ -30,6 +30,7 @@ from apibox.models import (
     UserOverview,
     UserState,
 )
+from apibox.money import format_usd
 from apibox.store.base import REPORT_DIMENSIONS, Credit, CreditResult, KeySpec, UsageFilter
 from apibox.store.migrations import SQLITE_MIGRATIONS
 
@@ -285,7 +286,8 @@ class SqliteStore:
                 current = await self._balance_in(db, credit.user_id)
                 raise InvalidRequest(
                     f"the balance cannot go below zero or below the amount held for requests in flight "
-                    f"(balance {current.balance} micro-USD, held {current.held} micro-USD); nothing was changed")
+                    f"(balance {format_usd(current.balance)} USD, held {format_usd(current.held)} USD); "
+                    "nothing was changed")
             balance = Balance(credit.user_id, rows[0][0], rows[0][1])
             entry_rows = await db.execute_fetchall(
                 f"INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, reference, actor) "

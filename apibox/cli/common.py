@@ -1,0 +1,64 @@
+"""What every command shares: the --config and --json options, the store, the one-line error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from apibox.config import Settings, load_settings
+from apibox.errors import ApiboxError
+from apibox.store import open_store
+from apibox.store.base import Store
+
+T = TypeVar("T")
+
+ConfigOption = Annotated[str | None, typer.Option(
+    "--config", "-c", help="Config file (default: $APIBOX_CONFIG, then ./apibox.yaml, then built-in defaults).",
+    show_default=False)]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
+
+# markup is off: user data (notes, names) must print as typed, never as rich markup.
+console = Console(highlight=False, markup=False)
+err_console = Console(stderr=True, highlight=False, markup=False)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    err_console.print("error: ", style="red", end="")
+    err_console.print(message, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handles_errors(command: Callable[..., T]) -> Callable[..., T]:
+    """Turn an ApiboxError into one line on stderr and exit code 1 (no traceback)."""
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return command(*args, **kwargs)
+        except ApiboxError as exc:
+            raise fail(exc.message) from None
+    return wrapper
+
+
+def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable[T]], *,
+               migrate: bool = True) -> T:
+    """Load the settings, open (and migrate) the store, run ``action``, close the store."""
+    settings = load_settings(config)
+
+    async def run() -> T:
+        store = await open_store(settings.database.url, migrate=migrate)
+        try:
+            return await action(store, settings)
+        finally:
+            await store.close()
+    return asyncio.run(run())
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")

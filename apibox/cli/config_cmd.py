@@ -1,0 +1,59 @@
+"""`apibox config check`: validate and print the resolved configuration, secrets masked."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json
+from apibox.config import Settings, load_settings, masked
+from apibox.money import format_usd
+
+app = typer.Typer(help="Configuration.", no_args_is_help=True)
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The resolved settings as plain data, with every secret masked."""
+    def price(p: Any) -> dict[str, str]:
+        return {k: format_usd(v) for k, v in (("input", p.input), ("output", p.output),
+                ("cached_input", p.cached_input), ("cache_write", p.cache_write), ("reasoning", p.reasoning))
+                if v is not None}
+    return {
+        "source": settings.source,
+        "server": {"host": settings.server.host, "port": settings.server.port,
+                   "admin_key": masked(settings.server.admin_key), "max_body_mb": settings.server.max_body_mb},
+        "database": {"url": settings.database.url},
+        "providers": [{"name": p.name, "type": p.type, "base_url": p.base_url, "api_key": masked(p.api_key),
+                       "headers": {k: masked(v) for k, v in p.headers.items()},
+                       "timeouts": {"connect": p.timeouts.connect, "first_byte": p.timeouts.first_byte,
+                                    "idle": p.timeouts.idle}, "stream_usage": p.stream_usage}
+                      for p in settings.providers],
+        "models": [{"name": m.name, "kind": m.kind, "aliases": list(m.aliases),
+                    "max_output_tokens": m.max_output_tokens, "price_usd_per_1m": price(m.price),
+                    "routes": [{"provider": r.provider, "model": r.model, "weight": r.weight, "priority": r.priority}
+                               for r in m.routes]} for m in settings.models],
+        "limits": {"key": vars_of(settings.limits.key), "user": vars_of(settings.limits.user)},
+    }
+
+
+def vars_of(limit: Any) -> dict[str, Any]:
+    return {"rpm": limit.rpm, "tpm": limit.tpm, "concurrency": limit.concurrency}
+
+
+@app.command("check")
+@handles_errors
+def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Validate the configuration and print it as resolved (secrets masked)."""
+    data = describe(load_settings(config))
+    if as_json:
+        print_json(data)
+        return
+    console.print(f"OK: {data['source']}", style="green")
+    console.print(f"server: {data['server']['host']}:{data['server']['port']}   database: {data['database']['url']}")
+    for p in data["providers"]:
+        console.print(f"provider {p['name']} ({p['type']}) {p['base_url']} api_key={p['api_key']}")
+    for m in data["models"]:
+        routes = ", ".join(f"{r['provider']}:{r['model']}" for r in m["routes"])
+        prices = " ".join(f"{k}={v}" for k, v in m["price_usd_per_1m"].items())
+        console.print(f"model {m['name']} -> {routes}  [{prices} USD/1M]")

@@ -1,0 +1,96 @@
+"""`apibox keys ...`: create (the secret is printed once), list, show, revoke."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from apibox import accounts
+from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
+from apibox.cli.render import key_json, keys_table, table, when
+from apibox.models import ApiKey
+from apibox.money import format_usd
+
+app = typer.Typer(help="Create and manage API keys. A key's secret is shown once, at creation.",
+                  no_args_is_help=True)
+
+KeyArg = Annotated[str, typer.Argument(help="The key's id (see `apibox keys list`).", show_default=False)]
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(part.strip() for value in values or () for part in value.split(",") if part.strip())
+
+
+@app.command("create")
+@handles_errors
+def create(
+    user: Annotated[str, typer.Argument(help="The user's email or id.", show_default=False)],
+    name: Annotated[str, typer.Option("--name", help="A label to tell keys apart.")] = "",
+    models: Annotated[list[str] | None, typer.Option("--models", help="Allowed models, comma-separated "
+                                                     "(default: all).")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="Most this key may spend over its life, USD.")] = None,
+    expires: Annotated[str | None, typer.Option("--expires", help="Expiry: a duration like 30d or a date.")] = None,
+    rpm: Annotated[int | None, typer.Option("--rpm", help="Requests per minute.")] = None,
+    tpm: Annotated[int | None, typer.Option("--tpm", help="Tokens per minute.")] = None,
+    concurrency: Annotated[int | None, typer.Option("--concurrency", help="Requests at once.")] = None,
+    allow_ip: Annotated[list[str] | None, typer.Option("--allow-ip", help="Allowed client IP or CIDR "
+                                                       "(repeatable).")] = None,
+    config: ConfigOption = None, as_json: JsonOption = False,
+) -> None:
+    """Create an API key for a user and print its secret (the only time it is shown)."""
+    options = accounts.KeyOptions(name=name, models=_split(models), budget=budget, expires=expires, rpm=rpm,
+                                  tpm=tpm, concurrency=concurrency, allow_ips=_split(allow_ip))
+    new = with_store(config, lambda store, settings: accounts.create_key(
+        store, user, options, known_models=settings.model_index()))
+    if as_json:
+        print_json({**key_json(new.key), "key": new.secret})
+        return
+    console.print(f"Created key {new.key.id} for user {new.key.user_id}.")
+    console.print("Secret (shown only now; store it safely):")
+    console.print(new.secret, soft_wrap=True)
+
+
+@app.command("list")
+@handles_errors
+def list_(user: Annotated[str | None, typer.Option("--user", help="Only this user's keys (email or id).")] = None,
+          config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List keys (never their secrets)."""
+    keys = with_store(config, lambda store, _: accounts.list_keys(store, user))
+    if as_json:
+        print_json([key_json(k) for k in keys])
+    elif not keys:
+        console.print("No keys. Create one with: apibox keys create USER")
+    else:
+        console.print(keys_table(keys))
+
+
+def _print_key(key: ApiKey, as_json: bool) -> None:
+    if as_json:
+        print_json(key_json(key))
+        return
+    console.print(table(None, ["field", "value"], [
+        ("id", key.id), ("user", key.user_id), ("name", key.name), ("prefix", key.prefix), ("status", key.status),
+        ("models", ",".join(key.models) or "all"),
+        ("budget", format_usd(key.budget) if key.budget is not None else "none"), ("spent", format_usd(key.spent)),
+        ("expires", when(key.expires_at)), ("rpm", key.rpm), ("tpm", key.tpm), ("concurrency", key.concurrency),
+        ("allowed IPs", ",".join(key.allow_ips) or "any"), ("created", when(key.created_at)),
+        ("last used", when(key.last_used_at)), ("revoked", when(key.revoked_at))]))
+
+
+@app.command("show")
+@handles_errors
+def show(key: KeyArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Show one key's settings and spend (never its secret)."""
+    _print_key(with_store(config, lambda store, _: accounts.show_key(store, key)), as_json)
+
+
+@app.command("revoke")
+@handles_errors
+def revoke(key: KeyArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Revoke a key: a running gateway refuses it within a second."""
+    revoked = with_store(config, lambda store, _: accounts.revoke_key(store, key))
+    if as_json:
+        print_json(key_json(revoked))
+    else:
+        console.print(f"Revoked key {revoked.id} ({revoked.prefix}).")

@@ -1,0 +1,98 @@
+"""`apibox users ...`: accounts and their states."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from apibox import accounts
+from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
+from apibox.cli.render import balance_json, key_json, keys_table, table, user_json, users_table, when
+from apibox.models import User, UserState
+from apibox.money import format_usd
+
+app = typer.Typer(help="Create, list and manage user accounts.", no_args_is_help=True)
+
+UserArg = Annotated[str, typer.Argument(help="The user's email or id.", show_default=False)]
+COMMAND_NAMES = {UserState.SUSPENDED: "suspend", UserState.ACTIVE: "activate", UserState.BANNED: "ban",
+                 UserState.CLOSED: "close"}
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why (shown to the user in error messages).")]
+
+
+def _print_user(user: User, as_json: bool, verb: str) -> None:
+    if as_json:
+        print_json(user_json(user))
+    else:
+        console.print(f"{verb} user {user.id} <{user.email}> (group {user.group}, {user.state.value})")
+
+
+@app.command("create")
+@handles_errors
+def create(email: Annotated[str, typer.Argument(help="Email address; one account per email.")],
+           name: Annotated[str, typer.Option("--name", help="Display name.")] = "",
+           group: Annotated[str, typer.Option("--group", help="Pricing group.")] = "default",
+           config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Create a user account with a zero balance."""
+    user = with_store(config, lambda store, _: accounts.create_user(store, email, name, group))
+    _print_user(user, as_json, "Created")
+
+
+@app.command("list")
+@handles_errors
+def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """List every user with balance, state and number of active keys."""
+    overviews = with_store(config, lambda store, _: accounts.list_users(store))
+    if as_json:
+        print_json([{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
+                    for o in overviews])
+    elif not overviews:
+        console.print("No users yet. Create one with: apibox users create EMAIL")
+    else:
+        console.print(users_table(overviews))
+
+
+@app.command("show")
+@handles_errors
+def show(user: UserArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Show one user: details, balance and keys."""
+    detail = with_store(config, lambda store, _: accounts.show_user(store, user))
+    if as_json:
+        print_json({**user_json(detail.user), **balance_json(detail.user, detail.balance),
+                    "keys": [key_json(k) for k in detail.keys]})
+        return
+    u, b = detail.user, detail.balance
+    console.print(table(None, ["field", "value"], [
+        ("id", u.id), ("email", u.email), ("name", u.name), ("group", u.group),
+        ("state", u.state.value + (f" ({u.state_reason})" if u.state_reason else "")),
+        ("created", when(u.created_at)), ("balance", format_usd(b.balance)), ("held", format_usd(b.held)),
+        ("available", format_usd(b.available))]))
+    if detail.keys:
+        console.print(keys_table(detail.keys))
+
+
+@app.command("update")
+@handles_errors
+def update(user: UserArg, name: Annotated[str | None, typer.Option("--name", help="New display name.")] = None,
+           group: Annotated[str | None, typer.Option("--group", help="New pricing group.")] = None,
+           config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Change a user's name or group."""
+    updated = with_store(config, lambda store, _: accounts.update_user(store, user, name=name, group=group))
+    _print_user(updated, as_json, "Updated")
+
+
+def _state_command(state: UserState, verb: str, doc: str) -> None:
+    @handles_errors
+    def command(user: UserArg, reason: ReasonOption = "", config: ConfigOption = None,
+                as_json: JsonOption = False) -> None:
+        changed = with_store(config, lambda store, _: accounts.set_user_state(store, user, state, reason))
+        _print_user(changed, as_json, verb)
+    command.__doc__ = doc
+    app.command(COMMAND_NAMES[state])(command)
+
+
+_state_command(UserState.SUSPENDED, "Suspended", "Suspend a user: their requests are refused until activated.")
+_state_command(UserState.ACTIVE, "Activated", "Reactivate a suspended or banned user.")
+_state_command(UserState.BANNED, "Banned", "Ban a user: every request is refused.")
+_state_command(UserState.CLOSED, "Closed",
+               "Close an account for good: revokes all its keys; the balance stays for a manual refund.")
