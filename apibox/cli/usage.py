@@ -46,5 +46,6 @@ def report(
         return
     total = reports.row_json(reports.totals(rows))
     lines = [[row.get(c, "") for c in columns] for row in data]
-    lines.append([("TOTAL" if i == 0 else "") for i in range(len(query.by))] + [total[c] for c in columns[len(query.by):]])
+    width = len(query.by)
+    lines.append([("TOTAL" if i == 0 else "") for i in range(width)] + [total[c] for c in columns[width:]])
     console.print(table(None, columns, lines, right=columns[len(query.by):]))

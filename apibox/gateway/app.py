@@ -12,7 +12,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
-from apibox.gateway import ops, openai
+from apibox.gateway import openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import request_id_and_errors

@@ -17,7 +17,7 @@ from apibox.providers.base import UpstreamFailure
 log = logging.getLogger("apibox.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 HTTP_ERROR_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 

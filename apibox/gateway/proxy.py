@@ -7,6 +7,7 @@ This is the life of a billed request from DESIGN.md. Handlers for each OpenAI su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -226,7 +227,5 @@ def _length_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
-    try:
+    with contextlib.suppress(ConnectionResetError):
         await response.write(data)
-    except ConnectionResetError:
-        pass

@@ -39,8 +39,9 @@ class OpenAIProvider:
                 response = await self._session.post(url, data=json.dumps(request.body), headers=headers,
                                                     timeout=self._timeout)
         except TimeoutError:
-            raise UpstreamFailure(f"upstream {self.name} did not answer within "
-                                  f"{self.settings.timeouts.first_byte:g}s", status=504, code="upstream_timeout") from None
+            wait = self.settings.timeouts.first_byte
+            raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
+                                  code="upstream_timeout") from None
         except aiohttp.ClientError as exc:
             raise UpstreamFailure(f"cannot reach upstream {self.name}: {self._clean(type(exc).__name__)}",
                                   status=503, code="upstream_unavailable") from None

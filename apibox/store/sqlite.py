@@ -396,7 +396,8 @@ class SqliteStore:
             ("SELECT user_id, balance, held FROM balances WHERE balance < 0 OR held < 0 OR held > balance",
              "user {0}: balance {1} / held {2} break balance >= held >= 0"),
             ("SELECT id, user_id, balance_after, running FROM (SELECT id, user_id, balance_after, "
-             "sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running FROM ledger) WHERE balance_after != running",
+             "sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running FROM ledger) "
+             "WHERE balance_after != running",
              "ledger row {0} (user {1}): balance_after {2} differs from the running sum {3}"),
             ("SELECT l.id, -l.amount, u.charged FROM ledger l LEFT JOIN usage u ON u.id = l.usage_id "
              "WHERE l.kind = 'charge' AND (u.id IS NULL OR u.charged != -l.amount OR u.user_id != l.user_id)",

@@ -1,0 +1,144 @@
+"""A fake OpenAI-compatible upstream that speaks the real wire format.
+
+It records every request it receives (headers and JSON body) and answers according to
+``mode``: a normal reply, an error status, a stream cut half-way, malformed events, a stream
+without usage, or a stream that ignores ``max_tokens``. Streamed events are written in
+several TCP writes that split them at awkward places (inside JSON, inside a multi-byte
+UTF-8 character, between ``\\r`` and ``\\n``), so the gateway's SSE parsing is tested for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+UPSTREAM_KEY = "sk-upstream-SECRET-0123456789abcdef"
+WORDS = ["Héllo", " wörld", ",", " 你好", " from", " the", " fake", " upstream", "."]
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeUpstream:
+    mode: str = "ok"  # ok | status | cut | malformed | no_usage | overrun | slow | echo_key
+    status: int = 500
+    error_message: str = "The server had an error"
+    words: list[str] = field(default_factory=lambda: list(WORDS))
+    prompt_tokens: int = 21
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    retry_after: str | None = None
+    delay: float = 0.0
+    requests: list[Recorded] = field(default_factory=list)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.handle)
+        app.router.add_post("/v1/completions", self.handle)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        return app
+
+    def usage(self, completion_tokens: int) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+                "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens, "audio_tokens": 0}}
+
+    async def _record(self, request: web.Request) -> dict[str, Any]:
+        body = await request.json()
+        self.requests.append(Recorded(request.path, dict(request.headers), body))
+        return body
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await self._record(request)
+        if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
+            return web.json_response({"error": {"message": "bad upstream key", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}}, status=401)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.mode in ("status", "echo_key"):
+            message = self.error_message
+            if self.mode == "echo_key":
+                message = f"Incorrect API key provided: {UPSTREAM_KEY}"
+            headers = {"retry-after": self.retry_after} if self.retry_after else {}
+            return web.json_response({"error": {"message": message, "type": "server_error", "param": None,
+                                                "code": None}}, status=self.status, headers=headers)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.words)
+        words = self.words if self.mode == "overrun" else self.words[:limit]
+        finish = "length" if len(words) < len(self.words) else "stop"
+        chat = request.path.endswith("chat/completions")
+        if not body.get("stream"):
+            text = "".join(words)
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                       "logprobs": None, "finish_reason": finish} if chat else
+                      {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            reply = {"id": "chatcmpl-fake", "object": "chat.completion" if chat else "text_completion",
+                     "created": int(time.time()), "model": body["model"], "choices": [choice],
+                     "system_fingerprint": "fp_fake"}
+            if self.mode != "no_usage":
+                reply["usage"] = self.usage(len(words))
+            return web.json_response(reply)
+        return await self.stream(request, body, words, finish, chat)
+
+    async def stream(self, request: web.Request, body: dict[str, Any], words: list[str], finish: str,
+                     chat: bool) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        include_usage = (body.get("stream_options") or {}).get("include_usage") and self.mode != "no_usage"
+        extra = {"usage": None} if include_usage else {}
+        head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": body["model"], "system_fingerprint": "fp_fake"}
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+            if chat:
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                          "finish_reason": finish_reason}
+            return {**head, "choices": [choice], **extra}
+
+        events = [chunk({"role": "assistant", "content": ""}, None)] if chat else []
+        events += [chunk({"content": w}, None) for w in words]
+        await self._write(response, b": keep-alive\r\n\r\n")
+        for index, event in enumerate(events):
+            if self.mode == "cut" and index == len(events) // 2:
+                request.transport.close()  # the connection dies mid-answer
+                return response
+            if self.mode == "malformed" and index == len(events) // 2:
+                await self._write(response, b"data: {this is not json\n\n")
+                continue
+            await self._write(response, b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n")
+        await self._write(response, b"data: " + json.dumps(chunk({}, finish)).encode() + b"\n\n")
+        if include_usage:
+            usage_chunk = {**head, "choices": [], "usage": self.usage(len(words))}
+            await self._write(response, b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
+        await self._write(response, b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    @staticmethod
+    async def _write(response: web.StreamResponse, data: bytes) -> None:
+        """Write in three pieces with a pause between, so reads on the other side split events."""
+        third = max(1, len(data) // 3)
+        for piece in (data[:third], data[third:2 * third], data[2 * third:]):
+            if piece:
+                await response.write(piece)
+                await asyncio.sleep(0)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        body = await self._record(request)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.5, -0.25, 0.125]} for i in range(len(inputs))]
+        tokens = 3 * len(inputs)
+        return web.json_response({"object": "list", "model": body["model"], "data": data,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
