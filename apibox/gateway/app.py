@@ -15,7 +15,7 @@ from apibox.config import Settings
 from apibox.gateway import openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
-from apibox.gateway.middlewares import request_id_and_errors
+from apibox.gateway.middlewares import add_request_id, request_id_and_errors
 from apibox.providers import build_providers
 from apibox.router import Router
 from apibox.store import open_store
@@ -30,6 +30,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000),
                           middlewares=[request_id_and_errors])
     app[SETTINGS] = settings
+    app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_lifecycle(settings, store, session))
     openai.add_routes(app)
     ops.add_routes(app)

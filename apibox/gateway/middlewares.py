@@ -73,6 +73,9 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = error_response(500, error_body(
             f"apibox hit an internal error; the operator can find it in the log under {request_id}.",
             "server_error", "internal_error"))
-    if not response.prepared:
-        response.headers["x-request-id"] = request_id
     return response
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every response, streamed ones included, carries its request id."""
+    response.headers["x-request-id"] = request.get(REQUEST_ID) or new_request_id()

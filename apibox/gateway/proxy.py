@@ -50,11 +50,12 @@ class Call:
     started: float = field(default_factory=time.monotonic)
     route: Route | None = None
     first_byte: float | None = None
-    settled: UsageRecord | None = None
+    settlement: asyncio.Future[UsageRecord] | None = None
 
     async def settle(self, usage: Usage, status: str, http_status: int) -> UsageRecord:
-        """Charge once; later calls return the first settlement. Shielded from cancellation."""
-        if self.settled is None:
+        """Charge once: later calls await the first settlement. Shielded from cancellation, so
+        a client that goes away mid-request is still settled."""
+        if self.settlement is None:
             now = time.monotonic()
             record = UsageRecord(
                 request_id=self.request_id, user_id=self.caller.user.id, key_id=self.caller.key.id,
@@ -62,9 +63,9 @@ class Call:
                 endpoint=self.endpoint, status=status, http_status=http_status,
                 latency_ms=int((now - self.started) * 1000),
                 ttft_ms=int((self.first_byte - self.started) * 1000) if self.first_byte else None)
-            task = asyncio.ensure_future(billing.settle(self.gateway.store, self.reservation, record, usage))
-            self.settled = await asyncio.shield(task)
-        return self.settled
+            self.settlement = asyncio.ensure_future(
+                billing.settle(self.gateway.store, self.reservation, record, usage))
+        return await asyncio.shield(self.settlement)
 
     def estimate(self, delivered_tokens: int) -> Usage:
         """What to charge when the upstream reported no usage: the prompt and what was delivered."""
@@ -109,7 +110,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
             return await _stream(request, call)
         return await _complete(call)
     finally:
-        if call.settled is None:  # failed before any output: nothing is charged
+        if call.settlement is None:  # failed before any output: nothing is charged
             await call.settle(Usage(), "error", 0)
 
 
