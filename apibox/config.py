@@ -151,7 +151,9 @@ def load_settings(explicit: str | None = None, env: Mapping[str, str] | None = N
 def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -162,6 +164,22 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
     return _Parser(node).settings()
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -170,12 +188,19 @@ def _interpolate(value: Any, env: Mapping[str, str], source: str, path: str) -> 
     if isinstance(value, str):
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
+            if default is not None and not env.get(name):
+                return default  # as in the shell: ``:-`` covers unset and empty
             if name in env:
                 return env[name]
-            if default is not None:
-                return default
             raise ConfigError(f"{source}: {path or '<root>'}: environment variable {name} is not set")
-        return _VAR.sub(substitute, value)
+        whole = _VAR.fullmatch(value)
+        result = _VAR.sub(substitute, value)
+        if whole and value != result:
+            # `port: ${PORT:-8080}` should be a number: a value that is one variable alone is
+            # read as a YAML scalar (numbers, booleans), never as a structure.
+            typed = yaml.safe_load(result) if result.strip() else result
+            return typed if isinstance(typed, int | float | bool) else result
+        return result
     if isinstance(value, dict):
         return {k: _interpolate(v, env, source, _join(path, str(k))) for k, v in value.items()}
     if isinstance(value, list):
@@ -317,6 +342,9 @@ class _Parser:
             raw = fields["headers"].value
             if not isinstance(raw, dict):
                 raise fields["headers"].fail("must be a mapping of header names to values")
+            for name, value in raw.items():
+                if not isinstance(value, str | int | float) or isinstance(value, bool):
+                    raise fields["headers"].fail(f"header {name!r} must have a text value, got {_kind(value)}")
             headers = {str(k): str(v) for k, v in raw.items()}
         return ProviderSettings(
             name=fields["name"].text(),
@@ -405,3 +433,11 @@ class _Parser:
 def masked(secret: str | None) -> str | None:
     """How `config check` shows a secret: whether it is set, never any of its characters."""
     return "****" if secret else None
+
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:@/]*):[^@]*@")
+
+
+def masked_url(url: str) -> str:
+    """A URL with any password in it replaced: ``postgresql://u:pw@h/db`` -> ``postgresql://u:****@h/db``."""
+    return _URL_PASSWORD.sub(r"\1:****@", url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 _DURATION = re.compile(r"^(\d{1,6})([smhdw])$")
@@ -31,10 +32,20 @@ def parse_moment(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def _representable(text: str, make: Callable[[], datetime]) -> datetime:
+    """The moment ``make`` builds, refused when it (or it in UTC, as it is stored) leaves years 1-9999."""
+    try:
+        moment = make()
+        moment.astimezone(UTC)
+    except OverflowError:
+        raise TimeParseError(f"{text!r} is too far away") from None
+    return moment
+
+
 def parse_expiry(text: str, now: datetime) -> datetime:
     """When a key expires: a duration from now (``30d``) or a moment; must be in the future."""
     duration = parse_duration(text)
-    moment = now + duration if duration is not None else parse_moment(text)
+    moment = _representable(text, lambda: now + duration if duration is not None else parse_moment(text))
     if moment <= now:
         raise TimeParseError(f"{text!r} is not in the future")
     return moment
@@ -43,4 +54,4 @@ def parse_expiry(text: str, now: datetime) -> datetime:
 def parse_since(text: str, now: datetime) -> datetime:
     """The start of a report window: a duration back from now (``7d``) or a moment."""
     duration = parse_duration(text)
-    return now - duration if duration is not None else parse_moment(text)
+    return _representable(text, lambda: now - duration if duration is not None else parse_moment(text))

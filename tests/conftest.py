@@ -105,7 +105,7 @@ async def store(config_path: Path) -> AsyncIterator[Store]:
     problems = await db.audit()
     await db.close()
     assert problems == []
-    assert_books_balance(config_path)
+    await asyncio.to_thread(assert_books_balance, config_path)
 
 
 async def fund(db: Store, settings: Settings, email: str, usd: str, **key_options: object) -> str:

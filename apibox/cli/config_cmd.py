@@ -7,7 +7,7 @@ from typing import Any
 import typer
 
 from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json
-from apibox.config import Settings, load_settings, masked
+from apibox.config import Settings, load_settings, masked, masked_url
 from apibox.money import format_usd
 
 app = typer.Typer(help="Configuration.", no_args_is_help=True)
@@ -23,8 +23,8 @@ def describe(settings: Settings) -> dict[str, Any]:
         "source": settings.source,
         "server": {"host": settings.server.host, "port": settings.server.port,
                    "admin_key": masked(settings.server.admin_key), "max_body_mb": settings.server.max_body_mb},
-        "database": {"url": settings.database.url},
-        "providers": [{"name": p.name, "type": p.type, "base_url": p.base_url, "api_key": masked(p.api_key),
+        "database": {"url": masked_url(settings.database.url)},
+        "providers": [{"name": p.name, "type": p.type, "base_url": masked_url(p.base_url), "api_key": masked(p.api_key),
                        "headers": {k: masked(v) for k, v in p.headers.items()},
                        "timeouts": {"connect": p.timeouts.connect, "first_byte": p.timeouts.first_byte,
                                     "idle": p.timeouts.idle}, "stream_usage": p.stream_usage}

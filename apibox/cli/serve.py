@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from apibox.cli.common import ConfigOption, err_console, handles_errors
-from apibox.config import load_settings
+from apibox.config import load_settings, masked_url
 from apibox.gateway.app import serve as serve_gateway
 
 
@@ -29,7 +29,7 @@ def serve(
     def ready(url: str) -> None:
         models = ", ".join(m.name for m in settings.models) or "none"
         err_console.print(f"apibox serving on {url}/v1 (config: {settings.source}; database: "
-                          f"{settings.database.url}; models: {models})")
+                          f"{masked_url(settings.database.url)}; models: {models})")
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve_gateway(settings, server.host, server.port, ready=ready))

@@ -1,0 +1,444 @@
+"""The operator CLI for accounts and keys: `--help` everywhere, `apibox users ...`, `apibox keys ...`.
+
+Every test drives the real typer app in-process (the ``cli`` fixture) against a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from apibox.cli.main import app as cli_app
+from apibox.keys import hash_key
+
+
+def ok_json(result: Any) -> Any:
+    """The command succeeded and printed exactly one JSON document on stdout."""
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def assert_one_line_error(result: Any, *fragments: str) -> str:
+    """Exit code 1, nothing on stdout, one `error: ...` line on stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def db_path(config_path: Path) -> Path:
+    return config_path.parent / "apibox.db"
+
+
+def user_id(cli: Any, email: str, *extra: str) -> int:
+    return ok_json(cli("users", "create", email, *extra, "--json"))["id"]
+
+
+def new_key(cli: Any, user: str, *options: str) -> dict[str, Any]:
+    return ok_json(cli("keys", "create", user, *options, "--json"))
+
+
+def leaks(secret: str, text: str) -> bool:
+    """True when any 8 characters of the secret's random part (past the display prefix) appear in ``text``.
+
+    Stronger than ``secret in text``: a table that cut the secret short would still be caught.
+    """
+    tail = secret[12:]
+    return any(tail[i:i + 8] in text for i in range(len(tail) - 7))
+
+
+# -- help ----------------------------------------------------------------------------------
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every command and sub-command in the real CLI tree, found by walking it."""
+    paths: list[tuple[str, ...]] = []
+
+    def walk(command: Any, path: tuple[str, ...]) -> None:
+        paths.append(path)
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            walk(sub, (*path, name))
+
+    walk(typer.main.get_command(cli_app), ())
+    return paths
+
+
+COMMAND_PATHS = _command_paths()
+
+
+def test_the_command_tree_walk_finds_the_documented_commands() -> None:
+    found = {" ".join(p) for p in COMMAND_PATHS}
+    for expected in ("serve", "users create", "users close", "keys create", "keys revoke", "topup", "adjust",
+                     "balance", "ledger", "usage report", "config check", "db migrate", "db check"):
+        assert expected in found
+
+
+@pytest.mark.parametrize("path", COMMAND_PATHS, ids=lambda p: " ".join(p) or "apibox")
+def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(cli_app, [*path, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+    command: Any = typer.main.get_command(cli_app)
+    for name in path:
+        command = command.commands[name]
+    summary = (command.help or command.short_help or "").strip()
+    assert summary, f"`apibox {' '.join(path)}` has no help text"
+    # The first line of the docstring is what the operator reads in --help.
+    first_words = " ".join(summary.split()[:4])
+    assert first_words in " ".join(result.output.split())
+    # Every option and argument explains itself too.
+    for param in command.params:
+        assert (getattr(param, "help", None) or "").strip(), f"`apibox {' '.join(path)}` {param.name} has no help"
+
+
+def test_short_help_flag_works() -> None:
+    result = CliRunner().invoke(cli_app, ["-h"])
+    assert result.exit_code == 0
+    assert "users" in result.output and "topup" in result.output
+
+
+# -- users -----------------------------------------------------------------------------------
+
+
+def test_users_create_prints_the_new_user(cli: Any) -> None:
+    created = ok_json(cli("users", "create", "Ann@Example.COM", "--name", "Ann Lee", "--group", "vip", "--json"))
+    assert created["email"] == "ann@example.com"
+    assert created["name"] == "Ann Lee"
+    assert created["group"] == "vip"
+    assert created["state"] == "active"
+    text = cli("users", "create", "bob@example.com")
+    assert text.exit_code == 0, text.output
+    assert "bob@example.com" in text.stdout
+
+
+def test_users_create_rejects_an_email_that_differs_only_in_case(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("users", "create", "ANN@example.com"), "already exists")
+    assert_one_line_error(cli("users", "create", "  Ann@Example.Com "), "already exists")
+    assert len(ok_json(cli("users", "list", "--json"))) == 1
+
+
+@pytest.mark.parametrize("email", ["not-an-email", "a@b", "two words@x.org", ""])
+def test_users_create_rejects_what_is_not_an_email(cli: Any, email: str) -> None:
+    assert_one_line_error(cli("users", "create", email), "not an email")
+    assert ok_json(cli("users", "list", "--json")) == []
+
+
+def test_users_create_rejects_a_bad_group_name(cli: Any) -> None:
+    assert_one_line_error(cli("users", "create", "ann@example.com", "--group", "v i p"), "group")
+    assert ok_json(cli("users", "list", "--json")) == []
+
+
+def test_users_list_shows_balance_state_and_key_count(cli: Any) -> None:
+    assert "No users yet" in cli("users", "list").stdout
+    ann = user_id(cli, "ann@example.com")
+    user_id(cli, "bob@example.com")
+    new_key(cli, "ann@example.com")
+    new_key(cli, "ann@example.com")
+    assert cli("topup", str(ann), "3.25").exit_code == 0
+    rows = ok_json(cli("users", "list", "--json"))
+    assert [r["email"] for r in rows] == ["ann@example.com", "bob@example.com"]
+    assert rows[0]["keys"] == 2 and rows[1]["keys"] == 0
+    assert rows[0]["balance_usd"] == "3.250000" and rows[1]["balance_usd"] == "0.000000"
+    assert rows[0]["state"] == "active"
+    table = cli("users", "list")
+    assert table.exit_code == 0
+    assert "ann@example.com" in table.stdout and "3.250000" in table.stdout
+
+
+def test_users_show_by_email_any_case_or_by_id(cli: Any) -> None:
+    ann = user_id(cli, "ann@example.com", "--name", "Ann")
+    key = new_key(cli, "ann@example.com")
+    by_email = ok_json(cli("users", "show", "ANN@EXAMPLE.COM", "--json"))
+    by_id = ok_json(cli("users", "show", str(ann), "--json"))
+    assert by_email == by_id
+    assert by_email["id"] == ann and by_email["name"] == "Ann"
+    assert by_email["available_usd"] == "0.000000"
+    assert [k["id"] for k in by_email["keys"]] == [key["id"]]
+    text = cli("users", "show", "ann@example.com")
+    assert text.exit_code == 0 and "ann@example.com" in text.stdout and "Ann" in text.stdout
+
+
+def test_users_update_changes_name_and_group_only(cli: Any) -> None:
+    user_id(cli, "ann@example.com", "--name", "Ann", "--group", "trial")
+    updated = ok_json(cli("users", "update", "ann@example.com", "--name", "Ann B.", "--json"))
+    assert updated["name"] == "Ann B." and updated["group"] == "trial"
+    updated = ok_json(cli("users", "update", "ann@example.com", "--group", "vip", "--json"))
+    assert updated["name"] == "Ann B." and updated["group"] == "vip"
+    assert_one_line_error(cli("users", "update", "ann@example.com", "--group", "bad group!"), "group")
+    assert ok_json(cli("users", "show", "ann@example.com", "--json"))["group"] == "vip"
+
+
+def test_users_state_changes_round_trip(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    suspended = ok_json(cli("users", "suspend", "ann@example.com", "--reason", "unpaid invoice", "--json"))
+    assert suspended["state"] == "suspended" and suspended["state_reason"] == "unpaid invoice"
+    assert ok_json(cli("users", "activate", "ann@example.com", "--json"))["state"] == "active"
+    assert ok_json(cli("users", "ban", "ann@example.com", "--reason", "abuse", "--json"))["state"] == "banned"
+    assert ok_json(cli("users", "show", "ann@example.com", "--json"))["state"] == "banned"
+    assert ok_json(cli("users", "activate", "ann@example.com", "--json"))["state"] == "active"
+
+
+def test_users_close_revokes_keys_and_keeps_the_balance(cli: Any) -> None:
+    ann = user_id(cli, "ann@example.com")
+    first, second = new_key(cli, "ann@example.com"), new_key(cli, "ann@example.com")
+    bob = user_id(cli, "bob@example.com")
+    bobs = new_key(cli, "bob@example.com")
+    assert cli("topup", "ann@example.com", "12.5").exit_code == 0
+    closed = ok_json(cli("users", "close", "ann@example.com", "--reason", "asked to", "--json"))
+    assert closed["state"] == "closed"
+    keys = {k["id"]: k for k in ok_json(cli("keys", "list", "--json"))}
+    assert keys[first["id"]]["status"] == "revoked" and keys[first["id"]]["revoked_at"]
+    assert keys[second["id"]]["status"] == "revoked"
+    assert keys[bobs["id"]]["status"] == "active"  # other users' keys are untouched
+    balance = ok_json(cli("balance", str(ann), "--json"))
+    assert balance["balance_usd"] == "12.500000"
+    assert ok_json(cli("users", "show", str(bob), "--json"))["state"] == "active"
+    # A closed account gets no new keys.
+    assert_one_line_error(cli("keys", "create", "ann@example.com"), "closed")
+    assert len(ok_json(cli("keys", "list", "--user", "ann@example.com", "--json"))) == 2
+
+
+@pytest.mark.parametrize("verb", ["activate", "suspend", "ban"])
+def test_a_closed_user_cannot_be_reopened(cli: Any, verb: str) -> None:
+    user_id(cli, "ann@example.com")
+    assert cli("users", "close", "ann@example.com").exit_code == 0
+    assert_one_line_error(cli("users", verb, "ann@example.com"), "closed")
+    assert ok_json(cli("users", "show", "ann@example.com", "--json"))["state"] == "closed"
+
+
+@pytest.mark.parametrize("args", [
+    ("users", "show", "nobody@example.com"),
+    ("users", "show", "999"),
+    ("users", "update", "nobody@example.com", "--name", "x"),
+    ("users", "suspend", "nobody@example.com"),
+    ("users", "activate", "42"),
+    ("users", "ban", "nobody@example.com"),
+    ("users", "close", "nobody@example.com"),
+    ("keys", "create", "nobody@example.com"),
+    ("keys", "list", "--user", "nobody@example.com"),
+    ("topup", "nobody@example.com", "5"),
+    ("adjust", "nobody@example.com", "5", "--note", "x"),
+    ("balance", "nobody@example.com"),
+    ("ledger", "nobody@example.com"),
+    ("usage", "report", "--user", "nobody@example.com"),
+], ids=lambda a: " ".join(a[:2]))
+def test_an_unknown_user_is_one_line_on_stderr_and_exit_1(cli: Any, args: tuple[str, ...]) -> None:
+    user_id(cli, "someone@example.com")
+    line = assert_one_line_error(cli(*args), "no user")
+    assert "users list" in line  # it says what to do
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def test_keys_create_prints_the_secret_once_and_never_again(cli: Any) -> None:
+    ann = user_id(cli, "ann@example.com")
+    created = new_key(cli, "ann@example.com", "--name", "laptop")
+    secret = created["key"]
+    assert re.fullmatch(r"sk-ab-[A-Za-z0-9_\-]{40,}", secret)
+    assert created["user_id"] == ann and created["name"] == "laptop" and created["status"] == "active"
+    assert secret.startswith(created["prefix"].removesuffix("..."))
+    outputs = {
+        "keys list": cli("keys", "list"), "keys list --json": cli("keys", "list", "--json"),
+        "keys list --user": cli("keys", "list", "--user", "ann@example.com", "--json"),
+        "keys show": cli("keys", "show", str(created["id"])),
+        "keys show --json": cli("keys", "show", str(created["id"]), "--json"),
+        "users show": cli("users", "show", "ann@example.com"),
+        "users show --json": cli("users", "show", "ann@example.com", "--json"),
+        "users list --json": cli("users", "list", "--json"),
+        "keys revoke --json": cli("keys", "revoke", str(created["id"]), "--json"),
+        "keys revoke": cli("keys", "revoke", str(created["id"])),
+        "keys show after revoke": cli("keys", "show", str(created["id"]), "--json"),
+    }
+    for name, result in outputs.items():
+        assert result.exit_code == 0, (name, result.output)
+        assert secret not in result.output, name
+        assert not leaks(secret, result.output), name
+    # The self-check of `leaks`: the creation output does contain it.
+    assert leaks(secret, json.dumps(created))
+    assert "key" not in json.loads(outputs["keys show --json"].stdout)
+
+
+def test_keys_create_text_output_shows_the_secret_once(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    result = cli("keys", "create", "ann@example.com")
+    assert result.exit_code == 0, result.output
+    secrets = re.findall(r"sk-ab-[A-Za-z0-9_\-]{40,}", result.stdout)
+    assert len(secrets) == 1
+    assert "shown only now" in result.stdout
+
+
+def test_keys_revoke_marks_the_key_revoked(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com")
+    other = new_key(cli, "ann@example.com")
+    revoked = ok_json(cli("keys", "revoke", str(key["id"]), "--json"))
+    assert revoked["status"] == "revoked" and revoked["revoked_at"]
+    statuses = {k["id"]: k["status"] for k in ok_json(cli("keys", "list", "--json"))}
+    assert statuses == {key["id"]: "revoked", other["id"]: "active"}
+    # Revoking again is harmless and keeps the first revocation time.
+    again = ok_json(cli("keys", "revoke", str(key["id"]), "--json"))
+    assert again["revoked_at"] == revoked["revoked_at"]
+
+
+@pytest.mark.parametrize("ref", ["999", "abc", "1; DROP TABLE api_keys"])
+def test_keys_show_and_revoke_unknown_key(cli: Any, ref: str) -> None:
+    user_id(cli, "ann@example.com")
+    new_key(cli, "ann@example.com")
+    assert_one_line_error(cli("keys", "show", ref), "no key")
+    assert_one_line_error(cli("keys", "revoke", ref), "no key")
+    assert ok_json(cli("keys", "list", "--json"))[0]["status"] == "active"
+
+
+def test_keys_list_filters_by_user(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    user_id(cli, "bob@example.com")
+    a = new_key(cli, "ann@example.com")
+    b = new_key(cli, "bob@example.com")
+    assert [k["id"] for k in ok_json(cli("keys", "list", "--user", "bob@example.com", "--json"))] == [b["id"]]
+    assert [k["id"] for k in ok_json(cli("keys", "list", "--json"))] == [a["id"], b["id"]]
+    table = cli("keys", "list", "--user", "ann@example.com").stdout
+    assert a["prefix"] in table and b["prefix"] not in table
+
+
+def test_keys_create_models_scope(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    assert new_key(cli, "ann@example.com", "--models", "demo,gpt-fake")["models"] == ["demo", "gpt-fake"]
+    assert new_key(cli, "ann@example.com", "--models", "demo", "--models", "embed-fake")["models"] == [
+        "demo", "embed-fake"]
+    assert new_key(cli, "ann@example.com")["models"] == []  # all models
+
+
+@pytest.mark.parametrize("models", ["gpt-9", "demo,gpt-9", "DEMO"])
+def test_keys_create_rejects_an_unknown_model(cli: Any, models: str) -> None:
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("keys", "create", "ann@example.com", "--models", models), "unknown model")
+    assert ok_json(cli("keys", "list", "--json")) == []
+
+
+def test_keys_create_expires_in_a_duration(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    before = datetime.now(UTC)
+    key = new_key(cli, "ann@example.com", "--expires", "30d")
+    after = datetime.now(UTC)
+    expires = datetime.fromisoformat(key["expires_at"])
+    assert before + timedelta(days=30) - timedelta(seconds=1) <= expires <= after + timedelta(days=30)
+
+
+def test_keys_create_expires_on_a_date(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com", "--expires", "2099-12-31")
+    assert datetime.fromisoformat(key["expires_at"]) == datetime(2099, 12, 31, tzinfo=UTC)
+    key = new_key(cli, "ann@example.com", "--expires", "2099-06-01T12:30:00Z")
+    assert datetime.fromisoformat(key["expires_at"]) == datetime(2099, 6, 1, 12, 30, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("expires", "says"), [
+    ("2001-01-01", "not in the future"), ("0d", "not in the future"), ("someday", "not a date"),
+    ("30x", "not a date"),
+    # Beyond what a datetime holds: once refused with a traceback, or stored and then unreadable.
+    ("999999w", "too far"), ("9999-12-31T23:59:59-05:00", "too far"),
+])
+def test_keys_create_rejects_a_past_or_bad_expiry(cli: Any, expires: str, says: str) -> None:
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("keys", "create", "ann@example.com", "--expires", expires), says)
+    assert ok_json(cli("keys", "list", "--json")) == []
+    assert ok_json(cli("users", "show", "ann@example.com", "--json"))["keys"] == []
+
+
+def test_keys_create_accepts_the_last_representable_moment(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com", "--expires", "9999-12-31T23:59:59Z")
+    assert key["expires_at"].startswith("9999-12-31T23:59:59")
+    assert [k["id"] for k in ok_json(cli("keys", "list", "--json"))] == [key["id"]]
+
+
+def test_keys_create_budget(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com", "--budget", "2.5")
+    assert key["budget_usd"] == "2.500000" and key["spent_usd"] == "0.000000"
+    assert ok_json(cli("keys", "show", str(key["id"]), "--json"))["budget_usd"] == "2.500000"
+    assert new_key(cli, "ann@example.com")["budget_usd"] is None
+
+
+@pytest.mark.parametrize("budget", ["-1", "0", "abc", "0.0000001", "nan", "1e999"])
+def test_keys_create_rejects_a_bad_budget(cli: Any, budget: str) -> None:
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("keys", "create", "ann@example.com", f"--budget={budget}"))
+    assert ok_json(cli("keys", "list", "--json")) == []
+
+
+def test_keys_create_limits_and_allowed_ips(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com", "--rpm", "60", "--tpm", "10000", "--concurrency", "2",
+                  "--allow-ip", "10.0.0.0/8", "--allow-ip", "192.168.1.7", "--allow-ip", "2001:db8::/32")
+    assert (key["rpm"], key["tpm"], key["concurrency"]) == (60, 10000, 2)
+    assert key["allow_ips"] == ["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"]
+    assert ok_json(cli("keys", "show", str(key["id"]), "--json"))["allow_ips"] == key["allow_ips"]
+
+
+@pytest.mark.parametrize("cidr", ["10.0.0.0/33", "300.1.1.1", "not-an-ip", "10.0.0.0/8; DROP TABLE api_keys"])
+def test_keys_create_rejects_a_bad_cidr(cli: Any, cidr: str) -> None:
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("keys", "create", "ann@example.com", "--allow-ip", cidr), "not an IP")
+    assert ok_json(cli("keys", "list", "--json")) == []
+
+
+@pytest.mark.parametrize("option", ["--rpm", "--tpm", "--concurrency"])
+def test_keys_create_rejects_a_zero_limit(cli: Any, option: str) -> None:
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("keys", "create", "ann@example.com", option, "0"), "at least 1")
+    assert ok_json(cli("keys", "list", "--json")) == []
+
+
+def test_the_database_files_never_hold_a_plaintext_secret(cli: Any, config_path: Path) -> None:
+    user_id(cli, "ann@example.com")
+    # A second connection held open keeps the -wal file alive (the last one to close removes it),
+    # so the new keys' rows are still in the WAL when the files are read.
+    keeper = sqlite3.connect(db_path(config_path))
+    try:
+        keeper.execute("SELECT count(*) FROM users").fetchone()
+        secrets = [new_key(cli, "ann@example.com", "--name", f"k{i}")["key"] for i in range(3)]
+        cli("keys", "revoke", "1")
+        cli("keys", "list")
+        wal = db_path(config_path).with_name("apibox.db-wal")
+        assert wal.exists()
+        files = [p for p in config_path.parent.iterdir() if p.name.startswith("apibox.db")]
+        raw = b"".join(p.read_bytes() for p in files)
+        for secret in secrets:
+            # The check can see what is stored: the hash is there ...
+            assert hash_key(secret).encode() in raw
+            # ... and the secret is not, not even its random part.
+            assert secret.encode() not in raw
+            assert secret[12:].encode() not in raw
+            assert secret[12:28].encode() not in raw
+    finally:
+        keeper.close()
+    # Also after the WAL is folded into the main file.
+    with sqlite3.connect(db_path(config_path)) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    raw = db_path(config_path).read_bytes()
+    for secret in secrets:
+        assert hash_key(secret).encode() in raw
+        assert secret[12:28].encode() not in raw
+
+
+def test_a_long_error_stays_on_one_line(cli: Any) -> None:
+    email = "a" * 150 + "@" + "b" * 150 + ".example.com"
+    line = assert_one_line_error(cli("users", "show", email), "no user")
+    assert email in line
