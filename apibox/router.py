@@ -10,7 +10,7 @@ import random
 from collections.abc import Iterable
 
 from apibox.config import ModelSettings, Route, Settings
-from apibox.errors import ModelNotFound
+from apibox.errors import InvalidRequest, ModelNotFound
 
 
 class Router:
@@ -25,8 +25,9 @@ class Router:
 
     def resolve(self, name: object) -> ModelSettings:
         if not isinstance(name, str) or not name:
-            raise ModelNotFound("you must name a model (the `model` field); GET /v1/models lists them",
-                                param="model")
+            # A missing model is a bad request (400, as OpenAI answers), not an unknown model (404).
+            raise InvalidRequest("you must name a model (the `model` field); GET /v1/models lists them",
+                                 param="model")
         model = self._models.get(name)
         if model is None:
             raise ModelNotFound(f"The model `{name[:100]}` does not exist or you do not have access to it.",

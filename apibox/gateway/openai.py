@@ -122,8 +122,10 @@ async def get_model(request: web.Request) -> web.Response:
 
 async def me(request: web.Request) -> web.Response:
     caller = await authenticate(request)
-    balance = await request.app[GATEWAY].store.get_balance(caller.user.id)
-    key, user = caller.key, caller.user
+    store = request.app[GATEWAY].store
+    balance = await store.get_balance(caller.user.id)
+    # The authenticated key may come from the auth cache; read its spend fresh, like the balance.
+    key, user = await store.get_key(caller.key.id) or caller.key, caller.user
     return web.json_response({
         "user": {"id": user.id, "email": user.email, "name": user.name, "group": user.group,
                  "state": user.state.value},

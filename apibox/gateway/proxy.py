@@ -68,9 +68,13 @@ class Call:
         return await asyncio.shield(self.settlement)
 
     def estimate(self, delivered_tokens: int) -> Usage:
-        """What to charge when the upstream reported no usage: the prompt and what was delivered."""
-        return Usage(prompt_tokens=tokens.prompt_estimate(self.body), completion_tokens=delivered_tokens,
-                     estimated=True)
+        """What to charge when the upstream reported no usage: the prompt and what was delivered.
+
+        Never more than the hold was taken for: the upstream was asked for at most
+        ``reservation.output_tokens``, so a longer count is our over-count or its overrun.
+        """
+        return Usage(prompt_tokens=tokens.prompt_estimate(self.body),
+                     completion_tokens=min(delivered_tokens, self.reservation.output_tokens), estimated=True)
 
 
 def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:

@@ -1,0 +1,131 @@
+"""Helpers shared by the live-gateway tests (test_gateway_*.py): DB reads, prices, SSE parsing.
+
+The tests read the gateway's SQLite file directly (read-only) so that what they check is what
+was written, not what the store's own methods report; money is recomputed here with integer
+math, independently of apibox.pricing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+from apibox import accounts
+from apibox.store import sqlite_path
+from apibox.store.base import Store
+from tests.conftest import Live, fund
+
+# Test-config prices in micro-USD per 1M tokens (input, output, cached input).
+GPT_FAKE = (2_500_000, 10_000_000, 1_250_000)
+GPT_FALLBACK = (2_500_000, 10_000_000, 2_500_000)
+DEMO = (5_000_000, 15_000_000, 5_000_000)
+EMBED_FAKE = (20_000, 0, 20_000)
+PRICES = {"gpt-fake": GPT_FAKE, "gpt-fallback": GPT_FALLBACK, "demo": DEMO, "embed-fake": EMBED_FAKE}
+
+
+def expected_cost(model: str, prompt: int, completion: int, cached: int = 0) -> int:
+    """ceil((uncached*in + cached*cached_in + completion*out) / 1e6) micro-USD."""
+    rate_in, rate_out, rate_cached = PRICES[model]
+    scaled = (prompt - cached) * rate_in + cached * rate_cached + completion * rate_out
+    return -(-scaled // 1_000_000)
+
+
+def query(live: Live, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    with closing(sqlite3.connect(sqlite_path(live.settings.database.url), timeout=10)) as db:
+        db.row_factory = sqlite3.Row
+        return list(db.execute(sql, params))
+
+
+def execute(live: Live, sql: str, params: tuple[Any, ...] = ()) -> None:
+    with closing(sqlite3.connect(sqlite_path(live.settings.database.url), timeout=10)) as db:
+        db.execute(sql, params)
+        db.commit()
+
+
+def usage_rows(live: Live, user_id: int | None = None) -> list[dict[str, Any]]:
+    where, params = ("WHERE user_id = ?", (user_id,)) if user_id is not None else ("", ())
+    return [dict(r) for r in query(live, f"SELECT * FROM usage {where} ORDER BY id", params)]
+
+
+def charges(live: Live, user_id: int) -> list[int]:
+    """The user's ledger charges, as positive micro-USD amounts."""
+    return [-r["amount"] for r in query(live, "SELECT amount FROM ledger WHERE user_id = ? AND kind = 'charge' "
+                                               "ORDER BY id", (user_id,))]
+
+
+def balance(live: Live, user_id: int) -> tuple[int, int]:
+    """(balance, held) in micro-USD."""
+    row = query(live, "SELECT balance, held FROM balances WHERE user_id = ?", (user_id,))[0]
+    return row["balance"], row["held"]
+
+
+@dataclass(frozen=True)
+class Books:
+    """Everything a refused request must leave unchanged."""
+
+    balances: tuple[tuple[int, int, int], ...]
+    ledger_rows: int
+    usage_rows: int
+    holds: int
+    key_spent: tuple[tuple[int, int], ...]
+
+
+def books(live: Live) -> Books:
+    return Books(
+        balances=tuple(tuple(r) for r in query(live, "SELECT user_id, balance, held FROM balances ORDER BY user_id")),
+        ledger_rows=query(live, "SELECT count(*) FROM ledger")[0][0],
+        usage_rows=query(live, "SELECT count(*) FROM usage")[0][0],
+        holds=query(live, "SELECT count(*) FROM holds")[0][0],
+        key_spent=tuple(tuple(r) for r in query(live, "SELECT id, spent FROM api_keys ORDER BY id")),
+    )
+
+
+async def wait_for_usage(live: Live, user_id: int, count: int, timeout: float = 3.0) -> list[dict[str, Any]]:
+    """Poll until the user has ``count`` usage rows and no open holds (streams settle after [DONE])."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = usage_rows(live, user_id)
+        if len(rows) >= count and balance(live, user_id)[1] == 0:
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"user {user_id}: {len(rows)} usage rows (wanted {count}), "
+                                 f"held {balance(live, user_id)[1]} after {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class Account:
+    key: str
+    user_id: int
+    email: str
+
+
+async def account(store: Store, live: Live, email: str, usd: str, **key_options: object) -> Account:
+    secret = await fund(store, live.settings, email, usd, **key_options)
+    user = await accounts.resolve_user(store, email)
+    return Account(secret, user.id, email)
+
+
+def sse_events(raw: bytes) -> list[str]:
+    """The ``data:`` payloads of an SSE body, in order (comments dropped)."""
+    text = raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    events = []
+    for block in text.split("\n\n"):
+        data = [line[5:].removeprefix(" ") for line in block.split("\n") if line.startswith("data:")]
+        if data:
+            events.append("\n".join(data))
+    return events
+
+
+def sse_json(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON events of an SSE body, without the final ``[DONE]``."""
+    return [json.loads(e) for e in sse_events(raw) if e != "[DONE]"]
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

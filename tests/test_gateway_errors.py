@@ -1,0 +1,434 @@
+"""Errors: what the client sees, and that refused or failed requests cost nothing.
+
+Refusals (bad input, bad keys, no money) must leave the books exactly as they were. Upstream
+failures before any output charge nothing and leave an ``error`` usage row; the upstream's own
+API key never reaches a client or a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+
+from apibox import accounts, tokens
+from apibox.models import UserState
+from apibox.pricing import Price, worst_case_micro
+from tests.conftest import Live
+from tests.fake_upstream import UPSTREAM_KEY, WORDS, FakeUpstream
+from tests.gateway_helpers import (
+    GPT_FAKE,
+    account,
+    auth,
+    balance,
+    books,
+    charges,
+    execute,
+    expected_cost,
+    sse_json,
+    usage_rows,
+    wait_for_usage,
+)
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+CHAT = {"model": "gpt-fake", "messages": MESSAGES}
+
+
+async def post(live: Live, path: str, *, key: str | None, json_body: Any = None,
+               data: bytes | None = None) -> tuple[int, CIMultiDict[str], bytes]:
+    headers = auth(key) if key else {}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{live.v1}{path}", json=json_body, data=data, headers=headers) as response:
+        return response.status, CIMultiDict(response.headers), await response.read()
+
+
+def openai_error(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw)
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+# -- lowering max_tokens and 402 ----------------------------------------------------------
+
+
+async def test_a_balance_short_of_the_full_answer_lowers_max_tokens(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "0.001")  # 1000 micro-USD: ~97 output tokens
+    price = Price(input=GPT_FAKE[0], output=GPT_FAKE[1], cached_input=GPT_FAKE[2])
+    bound = tokens.prompt_bound({"messages": MESSAGES})
+    assert worst_case_micro(price, bound, 1000) > 1000  # the model's 1000-token default is unaffordable
+
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        raw = await client.chat.completions.with_raw_response.create(**CHAT)
+    completion = raw.parse()
+    lowered = live.fake.requests[-1].body["max_tokens"]
+    assert raw.headers["x-apibox-max-tokens"] == str(lowered)
+    assert 16 <= lowered < 1000
+    assert worst_case_micro(price, bound, lowered) <= 1000 < worst_case_micro(price, bound, lowered + 1)
+    assert completion.choices[0].message.content == "".join(WORDS)
+    cost = expected_cost("gpt-fake", 21, len(WORDS))
+    assert charges(live, who.user_id) == [cost]
+    assert balance(live, who.user_id) == (1000 - cost, 0)
+
+
+async def test_a_stream_with_a_lowered_max_tokens_says_so(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "0.0005")
+    status, headers, raw = await post(live, "/chat/completions", key=who.key,
+                                      json_body={**CHAT, "stream": True, "max_completion_tokens": 500})
+    assert status == 200
+    sent = live.fake.requests[-1].body
+    assert "max_tokens" not in sent  # the field the client used is the one lowered
+    assert 16 <= sent["max_completion_tokens"] < 500
+    assert headers["x-apibox-max-tokens"] == str(sent["max_completion_tokens"])
+    assert sse_json(raw)[-1]["choices"][0]["finish_reason"] == "stop"
+    await wait_for_usage(live, who.user_id, 1)
+    assert charges(live, who.user_id) == [expected_cost("gpt-fake", 21, len(WORDS))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_balance_that_cannot_pay_the_prompt_gets_402(live: Live, live_store, stream: bool) -> None:
+    who = await account(live_store, live, "ann@example.com", "0.00002")  # 20 micro-USD
+    before = books(live)
+    status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "stream": stream})
+    assert status == 402
+    error = openai_error(raw)
+    assert (error["type"], error["code"]) == ("insufficient_quota", "insufficient_quota")
+    assert "balance" in error["message"].lower()
+    assert headers["x-should-retry"] == "false"
+    assert headers["x-request-id"].startswith("req_")
+    assert live.fake.requests == []
+    assert books(live) == before
+
+
+async def test_the_sdk_does_not_retry_a_402(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "0")
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=2) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(**CHAT)
+    assert caught.value.status_code == 402
+    assert caught.value.code == "insufficient_quota"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+# -- upstream failures --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_500_before_output_costs_nothing(live: Live, live_store, stream: bool) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status = "status", 500
+    status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "stream": stream})
+    assert 500 <= status < 600
+    error = openai_error(raw)
+    assert error["type"] == "server_error"
+    assert headers["x-request-id"].startswith("req_")
+    assert balance(live, who.user_id) == (1_000_000, 0)
+    assert charges(live, who.user_id) == []
+    rows = usage_rows(live, who.user_id)
+    assert len(rows) == 1
+    assert (rows[0]["status"], rows[0]["charged"], rows[0]["request_id"]) == ("error", 0, headers["x-request-id"])
+
+
+async def test_the_sdk_sees_an_upstream_500_as_a_server_error(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status = "status", 500
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await client.chat.completions.create(**CHAT)
+    assert caught.value.status_code >= 500
+    assert balance(live, who.user_id) == (1_000_000, 0)
+
+
+@dataclass
+class FailingModels(FakeUpstream):
+    """Fails (HTTP ``status``) only the requests for the upstream models in ``failing``."""
+
+    failing: set[str] = field(default_factory=set)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("model") in self.failing:
+            await self._record(request)
+            return web.json_response({"error": {"message": "primary is down", "type": "server_error",
+                                                "param": None, "code": None}}, status=self.status)
+        return await super().handle(request)
+
+
+class TestFallback:
+    @pytest.fixture
+    def fake(self) -> FailingModels:
+        return FailingModels(failing={"fake-primary"})
+
+    @pytest.mark.parametrize("stream", [False, True])
+    async def test_a_failing_first_route_falls_back_and_charges_once(self, live: Live, live_store,
+                                                                     stream: bool) -> None:
+        who = await account(live_store, live, "ann@example.com", "1")
+        async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+            if stream:
+                async with await client.chat.completions.create(
+                        model="gpt-fallback", messages=MESSAGES, stream=True,
+                        stream_options={"include_usage": True}) as chunks:
+                    got = [c async for c in chunks]
+                text = "".join(c.choices[0].delta.content or "" for c in got if c.choices)
+                models = {c.model for c in got}
+            else:
+                completion = await client.chat.completions.create(model="gpt-fallback", messages=MESSAGES)
+                text, models = completion.choices[0].message.content, {completion.model}
+        assert text == "".join(WORDS)
+        assert models == {"gpt-fallback"}
+        assert [r.body["model"] for r in live.fake.requests] == ["fake-primary", "fake-secondary"]
+        rows = await wait_for_usage(live, who.user_id, 1)
+        assert len(rows) == 1
+        cost = expected_cost("gpt-fallback", 21, len(WORDS))
+        assert (rows[0]["provider"], rows[0]["status"], rows[0]["charged"]) == ("fake-backup", "ok", cost)
+        assert charges(live, who.user_id) == [cost]
+        assert balance(live, who.user_id) == (1_000_000 - cost, 0)
+
+    async def test_when_every_route_fails_nothing_is_charged(self, live: Live, live_store) -> None:
+        who = await account(live_store, live, "ann@example.com", "1")
+        live.fake.failing = {"fake-primary", "fake-secondary"}
+        status, _, raw = await post(live, "/chat/completions", key=who.key,
+                                    json_body={"model": "gpt-fallback", "messages": MESSAGES})
+        assert status >= 500
+        assert openai_error(raw)["type"] == "server_error"
+        assert len(live.fake.requests) == 2
+        assert balance(live, who.user_id) == (1_000_000, 0)
+        assert [r["status"] for r in usage_rows(live, who.user_id)] == ["error"]
+
+    async def test_an_upstream_400_is_not_tried_on_the_next_route(self, live: Live, live_store) -> None:
+        who = await account(live_store, live, "ann@example.com", "1")
+        live.fake.status = 400
+        status, headers, raw = await post(live, "/chat/completions", key=who.key,
+                                          json_body={"model": "gpt-fallback", "messages": MESSAGES})
+        assert status == 400
+        assert headers["x-should-retry"] == "false"
+        assert openai_error(raw)["type"] == "invalid_request_error"
+        assert [r.body["model"] for r in live.fake.requests] == ["fake-primary"]
+        assert balance(live, who.user_id) == (1_000_000, 0)
+
+
+async def test_an_upstream_429_is_passed_on_with_retry_after(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status, live.fake.retry_after = "status", 429, "7"
+    status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body=CHAT)
+    assert status == 429
+    assert headers["Retry-After"] == "7"
+    assert headers.get("x-should-retry") != "false"
+    assert openai_error(raw)["type"] == "rate_limit_exceeded"
+    assert balance(live, who.user_id) == (1_000_000, 0)
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(**CHAT)
+
+
+async def test_an_upstream_400_is_a_400_and_the_sdk_does_not_retry_it(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status = "status", 400
+    live.fake.error_message = "Invalid value for 'temperature'"
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=2) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(**CHAT, temperature=5)
+    assert "temperature" in caught.value.message
+    assert len(live.fake.requests) == 1  # neither apibox nor the SDK retried
+    assert balance(live, who.user_id) == (1_000_000, 0)
+    assert [r["status"] for r in usage_rows(live, who.user_id)] == ["error"]
+
+
+@pytest.mark.parametrize("upstream_status", [401, 400])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_upstream_key_never_reaches_the_client_or_the_log(live: Live, live_store, caplog,
+                                                                    upstream_status: int, stream: bool) -> None:
+    caplog.set_level(logging.DEBUG)
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status = "echo_key", upstream_status
+    status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "stream": stream})
+    assert status >= 400
+    openai_error(raw)
+    assert live.fake.requests, "the upstream was called"
+    assert UPSTREAM_KEY not in raw.decode()
+    assert UPSTREAM_KEY not in json.dumps(list(headers.items()))
+    assert UPSTREAM_KEY[:20] not in raw.decode()
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await client.chat.completions.create(**CHAT)
+    assert UPSTREAM_KEY not in str(caught.value)
+    assert caplog.records, "the failure should be logged"
+    assert UPSTREAM_KEY not in caplog.text
+    assert who.key not in caplog.text
+    assert balance(live, who.user_id) == (1_000_000, 0)
+
+
+# -- bad input: clear errors, no change to the books --------------------------------------
+
+BAD_BODIES = {
+    "malformed json": (b'{"model": "gpt-fake", "messages": [', 400, None),
+    "empty body": (b"", 400, None),
+    "body not an object": (b'["gpt-fake"]', 400, None),
+    "missing model": (json.dumps({"messages": MESSAGES}).encode(), 400, "model"),
+    "model not a string": (json.dumps({"model": 7, "messages": MESSAGES}).encode(), 400, "model"),
+    "unknown model": (json.dumps({"model": "gpt-nope", "messages": MESSAGES}).encode(), 404, "model"),
+    "missing messages": (json.dumps({"model": "gpt-fake"}).encode(), 400, "messages"),
+    "empty messages": (json.dumps({"model": "gpt-fake", "messages": []}).encode(), 400, "messages"),
+    "message without role": (json.dumps({"model": "gpt-fake", "messages": [{"content": "x"}]}).encode(), 400,
+                             "messages[0]"),
+    "negative max_tokens": (json.dumps({**CHAT, "max_tokens": -1}).encode(), 400, "max_tokens"),
+    "zero max_tokens": (json.dumps({**CHAT, "max_tokens": 0}).encode(), 400, "max_tokens"),
+    "string max_tokens": (json.dumps({**CHAT, "max_tokens": "abc"}).encode(), 400, "max_tokens"),
+    "bool max_completion_tokens": (json.dumps({**CHAT, "max_completion_tokens": True}).encode(), 400,
+                                   "max_completion_tokens"),
+    "string stream": (json.dumps({**CHAT, "stream": "yes"}).encode(), 400, "stream"),
+    "bad stream_options": (json.dumps({**CHAT, "stream": True, "stream_options": "all"}).encode(), 400,
+                           "stream_options"),
+    "n out of range": (json.dumps({**CHAT, "n": 0}).encode(), 400, "n"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_BODIES))
+async def test_bad_input_is_refused_clearly_and_changes_nothing(live: Live, live_store, case: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    before = books(live)
+    data, expected_status, param = BAD_BODIES[case]
+    status, headers, raw = await post(live, "/chat/completions", key=who.key, data=data)
+    assert status == expected_status, raw
+    error = openai_error(raw)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    if expected_status == 404:
+        assert error["code"] == "model_not_found"
+        assert "gpt-nope" in error["message"]
+    assert headers["x-request-id"].startswith("req_")
+    assert headers["x-should-retry"] == "false"
+    assert live.fake.requests == []
+    assert books(live) == before
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/completions", {"model": "gpt-fake"}, "prompt"),
+    ("/completions", {"model": "gpt-fake", "prompt": "x", "max_tokens": "many"}, "max_tokens"),
+    ("/embeddings", {"model": "embed-fake"}, "input"),
+    ("/embeddings", {"model": "embed-fake", "input": "x", "stream": True}, "stream"),
+])
+async def test_bad_input_on_the_other_endpoints(live: Live, live_store, path: str, body: dict, param: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    before = books(live)
+    status, headers, raw = await post(live, path, key=who.key, json_body=body)
+    assert status == 400
+    assert openai_error(raw)["param"] == param
+    assert headers["x-request-id"].startswith("req_")
+    assert books(live) == before
+
+
+# -- keys and accounts --------------------------------------------------------------------
+
+
+async def _refused(live: Live, key: str | None, expected_status: int, body: dict | None = None) -> dict[str, Any]:
+    before = books(live)
+    status, headers, raw = await post(live, "/chat/completions", key=key, json_body=body or CHAT)
+    assert status == expected_status, raw
+    error = openai_error(raw)
+    assert headers["x-request-id"].startswith("req_")
+    assert headers["x-should-retry"] == "false"
+    assert books(live) == before
+    assert live.fake.requests == []
+    return error
+
+
+async def test_no_key_is_a_401(live: Live) -> None:
+    error = await _refused(live, None, 401)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+    assert "API key" in error["message"]
+
+
+async def test_an_unknown_key_is_a_401(live: Live, live_store) -> None:
+    await account(live_store, live, "ann@example.com", "1")
+    error = await _refused(live, "sk-ab-" + "x" * 43, 401)
+    assert error["code"] == "invalid_api_key"
+    error = await _refused(live, "not-even-a-key", 401)
+    assert error["code"] == "invalid_api_key"
+
+
+async def test_a_revoked_key_is_a_401(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    key = (await accounts.list_keys(live_store, who.email))[0]
+    await accounts.revoke_key(live_store, str(key.id))
+    error = await _refused(live, who.key, 401)
+    assert error["code"] == "invalid_api_key"
+    assert "revoked" in error["message"]
+
+
+async def test_a_key_revoked_after_use_is_refused_within_a_second(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, _, _ = await post(live, "/chat/completions", key=who.key, json_body=CHAT)
+    assert status == 200
+    key = (await accounts.list_keys(live_store, who.email))[0]
+    await accounts.revoke_key(live_store, str(key.id))
+    await asyncio.sleep(1.1)
+    live.fake.requests.clear()
+    error = await _refused(live, who.key, 401)
+    assert "revoked" in error["message"]
+
+
+async def test_an_expired_key_is_a_401(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1", expires="30d")
+    past = int((datetime.now(UTC) - timedelta(minutes=1)).timestamp() * 1000)
+    execute(live, "UPDATE api_keys SET expires_at = ? WHERE user_id = ?", (past, who.user_id))
+    error = await _refused(live, who.key, 401)
+    assert error["code"] == "invalid_api_key"
+    assert "expired" in error["message"]
+
+
+async def test_a_key_scoped_to_other_models_is_a_403(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1", models=("demo",))
+    error = await _refused(live, who.key, 403)
+    assert error["type"] == "permission_denied"
+    assert error["param"] == "model"
+    assert "gpt-fake" in error["message"]
+    status, _, _ = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "model": "demo"})
+    assert status == 200
+
+
+@pytest.mark.parametrize("state", [UserState.SUSPENDED, UserState.BANNED])
+async def test_a_suspended_or_banned_user_is_a_403(live: Live, live_store, state: UserState) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    await accounts.set_user_state(live_store, who.email, state, reason="unpaid invoice")
+    error = await _refused(live, who.key, 403)
+    assert error["type"] == "permission_denied"
+    assert error["code"] == f"account_{state.value}"
+    assert "unpaid invoice" in error["message"]
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=2) as client:
+        with pytest.raises(openai.PermissionDeniedError):
+            await client.chat.completions.create(**CHAT)
+
+
+async def test_an_unknown_path_is_an_openai_shaped_404_with_a_request_id(live: Live) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{live.v1}/no/such/thing") as response:
+            assert response.status == 404
+            assert response.headers["x-request-id"].startswith("req_")
+            error = openai_error(await response.read())
+            assert error["type"] == "invalid_request_error"
+        async with session.get(f"{live.v1}/chat/completions") as response:
+            assert response.status == 405
+            assert response.headers["x-request-id"].startswith("req_")
+            openai_error(await response.read())
+
+
+async def test_models_and_me_need_a_key(live: Live) -> None:
+    async with aiohttp.ClientSession() as session:
+        for path in ("/models", "/models/gpt-fake", "/me"):
+            async with session.get(f"{live.v1}{path}") as response:
+                assert response.status == 401, path
+                assert response.headers["x-request-id"].startswith("req_")
+                assert openai_error(await response.read())["code"] == "invalid_api_key"

@@ -1,0 +1,275 @@
+"""Streams: usage injection and stripping, alias model names, cut/malformed/usage-less/overrunning
+upstream streams, and a client that goes away mid-stream, each settled exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from apibox import tokens
+from apibox.pricing import Price, worst_case_micro
+from tests.conftest import Live
+from tests.fake_upstream import WORDS, FakeUpstream
+from tests.gateway_helpers import (
+    GPT_FAKE,
+    account,
+    auth,
+    balance,
+    charges,
+    expected_cost,
+    sse_events,
+    sse_json,
+    usage_rows,
+    wait_for_usage,
+)
+
+MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+ASCII_WORDS = [" word"] * 20  # one token each by any count, so estimates are predictable
+
+
+async def raw_stream(live: Live, key: str, body: dict[str, Any]) -> tuple[aiohttp.ClientResponse, bytes]:
+    async with aiohttp.ClientSession() as session, session.post(
+            f"{live.v1}/chat/completions", json={"model": "gpt-fake", "messages": MESSAGES, "stream": True, **body},
+            headers=auth(key)) as response:
+        return response, await response.read()
+
+
+async def test_usage_is_requested_upstream_and_stripped_when_the_client_did_not_ask(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    response, raw = await raw_stream(live, who.key, {})
+
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers.get("x-request-id", "").startswith("req_")
+    assert live.fake.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert live.fake.requests[-1].body["model"] == "fake-model-1"
+    assert sse_events(raw)[-1] == "[DONE]"
+    chunks = sse_json(raw)
+    assert chunks, raw
+    for chunk in chunks:
+        assert len(chunk["choices"]) >= 1, chunk  # no usage-only chunk
+        assert "usage" not in chunk, chunk
+        assert chunk["model"] == "gpt-fake"
+        assert chunk["object"] == "chat.completion.chunk"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(WORDS)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert b"fake-model-1" not in raw
+
+    cost = expected_cost("gpt-fake", 21, len(WORDS))
+    rows = await wait_for_usage(live, who.user_id, 1)
+    assert (rows[0]["status"], rows[0]["estimated"], rows[0]["charged"]) == ("ok", 0, cost)
+    assert charges(live, who.user_id) == [cost]
+
+
+async def test_the_sdk_sees_only_choice_chunks_without_usage(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+
+    def run() -> list[Any]:
+        with openai.OpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client, \
+                client.chat.completions.create(model="gpt-fake", messages=MESSAGES, stream=True) as chunks:
+            return list(chunks)
+    chunks = await asyncio.to_thread(run)
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+    assert {c.model for c in chunks} == {"gpt-fake"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(WORDS)
+    await wait_for_usage(live, who.user_id, 1)
+    assert charges(live, who.user_id) == [expected_cost("gpt-fake", 21, len(WORDS))]
+
+
+async def test_a_client_that_asks_gets_one_usage_chunk_with_the_cost(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    response, raw = await raw_stream(live, who.key, {"stream_options": {"include_usage": True}})
+    assert response.status == 200
+    chunks = sse_json(raw)
+    usage_chunks = [c for c in chunks if c.get("usage")]
+    assert len(usage_chunks) == 1
+    last = usage_chunks[0]
+    assert last is chunks[-1]  # after the finish chunk, before [DONE]
+    assert last["choices"] == []
+    assert last["model"] == "gpt-fake"
+    assert all(c.get("usage", None) is None for c in chunks[:-1])
+    cost = expected_cost("gpt-fake", 21, len(WORDS))
+    assert (last["usage"]["prompt_tokens"], last["usage"]["completion_tokens"]) == (21, len(WORDS))
+    assert Decimal(str(last["usage"]["cost"])) == Decimal(cost) / 1_000_000
+    before = 1_000_000
+    await wait_for_usage(live, who.user_id, 1)
+    assert balance(live, who.user_id) == (before - cost, 0)
+
+
+async def test_a_cut_stream_raises_in_the_sdk_and_is_charged_by_estimate(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words = "cut", list(ASCII_WORDS)
+    received: list[str] = []
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        with pytest.raises(openai.APIError) as caught:
+            async with await client.chat.completions.create(model="gpt-fake", messages=MESSAGES,
+                                                            stream=True) as chunks:
+                async for chunk in chunks:
+                    received.append(chunk.choices[0].delta.content or "")
+    assert "incomplete" in str(caught.value)
+    delivered = "".join(received)
+    assert 0 < len(delivered) < len("".join(ASCII_WORDS))
+
+    rows = await wait_for_usage(live, who.user_id, 1)
+    row = rows[0]
+    assert (row["status"], row["estimated"]) == ("cut", 1)
+    full = expected_cost("gpt-fake", live.fake.prompt_tokens, len(ASCII_WORDS))
+    assert 0 < row["charged"] < full
+    assert row["completion_tokens"] == tokens.count_tokens(delivered)  # only what was delivered
+    assert charges(live, who.user_id) == [row["charged"]]
+    assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)
+
+
+@pytest.mark.parametrize("mode", ["cut", "malformed"])
+async def test_a_broken_stream_ends_with_an_error_event(live: Live, live_store, mode: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words = mode, list(ASCII_WORDS)
+    response, raw = await raw_stream(live, who.key, {})
+    assert response.status == 200  # the error comes in-band, after the headers were sent
+    events = sse_json(raw)
+    assert "error" in events[-1], events[-1]
+    error = events[-1]["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "server_error"
+    assert not any(c.get("choices") and c["choices"][0].get("finish_reason") for c in events[:-1])
+    delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-1])
+    assert 0 < len(delivered) < len("".join(ASCII_WORDS))
+
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["status"], row["estimated"]) == ("cut", 1)
+    assert 0 < row["charged"] < expected_cost("gpt-fake", live.fake.prompt_tokens, len(ASCII_WORDS))
+    assert charges(live, who.user_id) == [row["charged"]]
+
+
+async def test_a_stream_without_usage_is_charged_by_estimate(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words = "no_usage", list(ASCII_WORDS)
+    response, raw = await raw_stream(live, who.key, {"stream_options": {"include_usage": True}})
+    assert response.status == 200
+    chunks = sse_json(raw)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(ASCII_WORDS)
+
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["status"], row["estimated"]) == ("ok", 1)
+    prompt = tokens.prompt_estimate({"messages": MESSAGES})
+    assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, len(ASCII_WORDS))
+    cost = expected_cost("gpt-fake", prompt, len(ASCII_WORDS))
+    assert row["charged"] == cost > 0
+    assert charges(live, who.user_id) == [cost]
+
+
+async def test_a_reply_without_usage_is_charged_by_estimate(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words = "no_usage", list(ASCII_WORDS)
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        completion = await client.chat.completions.create(model="gpt-fake", messages=MESSAGES)
+    assert completion.choices[0].message.content == "".join(ASCII_WORDS)
+    row = usage_rows(live, who.user_id)[0]
+    assert (row["status"], row["estimated"]) == ("ok", 1)
+    assert completion.usage.completion_tokens == row["completion_tokens"] >= len(ASCII_WORDS)
+    cost = expected_cost("gpt-fake", row["prompt_tokens"], row["completion_tokens"])
+    assert row["charged"] == cost > 0
+    assert Decimal(str(completion.usage.model_dump()["cost"])) == Decimal(cost) / 1_000_000
+    assert charges(live, who.user_id) == [cost]
+
+
+async def test_an_upstream_that_ignores_max_tokens_is_cut_at_length(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words = "overrun", [" word"] * 200
+    body = {"model": "gpt-fake", "messages": MESSAGES, "max_tokens": 5}
+    held = worst_case_micro(_price(), tokens.prompt_bound(body), 5)
+    response, raw = await raw_stream(live, who.key, {"max_tokens": 5})
+    assert response.status == 200
+    assert live.fake.requests[-1].body["max_tokens"] == 5
+    chunks = sse_json(raw)
+    assert sse_events(raw)[-1] == "[DONE]"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert 5 <= tokens.count_tokens(delivered) < 200  # stopped long before the upstream's 200 words
+
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["status"], row["estimated"]) == ("cut", 1)  # the upstream's usage never came
+    assert row["completion_tokens"] <= 5
+    assert 0 < row["charged"] <= held
+    assert charges(live, who.user_id) == [row["charged"]]
+    assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)
+
+
+def _price() -> Price:
+    return Price(input=GPT_FAKE[0], output=GPT_FAKE[1], cached_input=GPT_FAKE[2])
+
+
+@dataclass
+class SlowUpstream(FakeUpstream):
+    """Streams its words with a pause before each, so a stream is still running when a client leaves.
+
+    (FakeUpstream lists a ``slow`` mode, but its only delay comes before the response starts.)
+    """
+
+    word_pause: float = 0.05
+    closed: bool = False
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:  # type: ignore[override]
+        if b'"content"' in data:
+            await asyncio.sleep(self.word_pause)
+        await FakeUpstream._write(response, data)
+
+    async def stream(self, request: web.Request, *args: Any) -> web.StreamResponse:
+        try:
+            return await super().stream(request, *args)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.closed = True  # the gateway hung up on us: it cancelled the upstream call
+            raise
+
+
+class TestClientDisconnect:
+    @pytest.fixture
+    def fake(self) -> SlowUpstream:
+        return SlowUpstream(words=[" word"] * 200)
+
+    async def test_a_client_that_leaves_mid_stream_is_settled(self, live: Live, live_store) -> None:
+        who = await account(live_store, live, "ann@example.com", "1")
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(f"{live.v1}/chat/completions", headers=auth(who.key), json={
+                "model": "gpt-fake", "messages": MESSAGES, "stream": True})
+            assert response.status == 200
+            events = 0
+            buffer = b""
+            while events < 2:
+                buffer += await response.content.readany()
+                events = buffer.count(b"\n\n")
+            held = balance(live, who.user_id)[1]
+            assert held > 0  # still streaming: the hold is open
+            response.close()  # hang up mid-answer
+
+        row = (await wait_for_usage(live, who.user_id, 1, timeout=3.0))[0]
+        assert row["status"] == "client_gone"
+        assert row["estimated"] == 1
+        assert row["completion_tokens"] < 200
+        assert 0 < row["charged"] <= held
+        assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)
+        assert charges(live, who.user_id) == [row["charged"]]
+        await asyncio.sleep(0.2)
+        assert live.fake.closed, "the upstream stream should be closed when the client leaves"
+        assert len(live.fake.requests) == 1
+
+
+async def test_streamed_usage_cost_matches_the_charge_with_cached_tokens(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.cached_tokens = 20
+    _, raw = await raw_stream(live, who.key, {"stream_options": {"include_usage": True}})
+    usage = sse_json(raw)[-1]["usage"]
+    cost = expected_cost("gpt-fake", 21, len(WORDS), cached=20)
+    assert Decimal(str(usage["cost"])) == Decimal(cost) / 1_000_000
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["charged"], row["cached_tokens"]) == (cost, 20)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == 20
