@@ -5,7 +5,7 @@ Parsing is exact (Decimal); formatting is for the edges (CLI, JSON, HTTP) only.
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 
 MICRO = 1_000_000
 # The largest amount apibox accepts in one operation or holds in one balance: $1 billion.
@@ -38,8 +38,13 @@ def parse_usd(text: str | int | float | Decimal, *, allow_negative: bool = False
         raise MoneyError(f"{text!r} is negative; the amount must be positive")
     if abs(value) > Decimal(MAX_AMOUNT_MICRO) / MICRO:
         raise MoneyError(f"{text!r} is too large (the most is {format_usd(MAX_AMOUNT_MICRO)} USD)")
-    micro = value * MICRO
-    if micro != micro.to_integral_value():
+    try:
+        # Exact or refused: the default 28-digit context would silently round away a 7th
+        # decimal far enough to the right (and flush a tiny exponent to zero).
+        micro: Decimal | None = Context(traps=[Inexact]).multiply(value, MICRO)
+    except Inexact:
+        micro = None
+    if micro is None or micro != micro.to_integral_value():
         raise MoneyError(f"{text!r} has more than 6 decimals; the smallest unit is 0.000001 USD")
     result = int(micro)
     if result == 0 and not allow_zero:

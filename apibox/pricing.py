@@ -76,10 +76,14 @@ class Usage:
 
 def cost_micro(price: Price, usage: Usage) -> int:
     """The cost of ``usage`` at ``price`` in micro-USD, rounded up once."""
+    # Each prompt token is billed once, even if an upstream reports more cache hits and
+    # writes than its prompt had.
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    cache_write = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
     scaled = (
         usage.uncached_prompt_tokens * price.input
-        + min(usage.cached_tokens, usage.prompt_tokens) * price.cached_input_rate
-        + min(usage.cache_write_tokens, usage.prompt_tokens) * price.cache_write_rate
+        + cached * price.cached_input_rate
+        + cache_write * price.cache_write_rate
         + usage.plain_output_tokens * price.output
         + min(usage.reasoning_tokens, usage.completion_tokens) * price.reasoning_rate
     )

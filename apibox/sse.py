@@ -9,7 +9,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r|\r\n\n|\n\r\n")
+# A blank line: two line endings in a row, each CRLF, LF or CR (mixed ones too). A CR
+# directly before LF is one CRLF ending, never two.
+_EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 _LINE = re.compile(r"\r\n|\n|\r")
 
 

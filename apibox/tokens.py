@@ -19,7 +19,9 @@ from typing import Any
 
 from apibox.money import ceil_div
 
-_PIECES = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]|[^\W\d_]+", re.UNICODE)
+# ASCII words, numbers in groups of three, and every other visible character on its own
+# (punctuation, and non-Latin letters, which BPE tokenizers split finely).
+_PIECES = re.compile(r"[A-Za-z]+|\d{1,3}|[^\sA-Za-z\d]")
 PER_MESSAGE_TOKENS = 4  # role and separators, as chat formats add
 PER_IMAGE_TOKENS = 1_600  # a high-detail image tile budget
 BOUND_BYTES_PER_TOKEN = 2
@@ -95,5 +97,7 @@ def prompt_bound(body: dict[str, Any]) -> int:
     """A high bound on the prompt's token count, for the hold."""
     texts, messages, images = prompt_parts(body)
     text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    return (ceil_div(text_bytes, BOUND_BYTES_PER_TOKEN) + (messages + 1) * PER_MESSAGE_TOKENS
-            + images * PER_IMAGE_TOKENS)
+    # Never below the estimate: punctuation runs and token-id prompts have more than one
+    # token per two bytes.
+    text_tokens = max(ceil_div(text_bytes, BOUND_BYTES_PER_TOKEN), sum(count_tokens(t) for t in texts))
+    return text_tokens + (messages + 1) * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS

@@ -19,7 +19,7 @@ from aiohttp import web
 from apibox import billing, tokens
 from apibox.auth import Caller
 from apibox.config import ModelSettings, Route
-from apibox.errors import InvalidRequest, PermissionDenied
+from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import REQUEST_ID
@@ -109,13 +109,17 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
         gateway.store, caller.key, model=model.name, price=model.price, request_id=request[REQUEST_ID],
         prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
     call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation)
+    failed_with = 500
     try:
         if body.get("stream") is True:
             return await _stream(request, call)
         return await _complete(call)
+    except ApiboxError as exc:
+        failed_with = exc.status
+        raise
     finally:
         if call.settlement is None:  # failed before any output: nothing is charged
-            await call.settle(Usage(), "error", 0)
+            await call.settle(Usage(), "error", failed_with)
 
 
 def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, Any]:
@@ -150,7 +154,7 @@ async def _attempt(call: Call, open_it: Any) -> Any:
 
 def _headers(call: Call) -> dict[str, str]:
     if call.reservation.lowered:
-        return {"x-apibox-max-tokens": str(call.reservation.output_tokens)}
+        return {"x-apibox-max-tokens": str(call.reservation.output_tokens // max(1, call.body.get("n") or 1))}
     return {}
 
 

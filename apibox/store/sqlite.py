@@ -319,7 +319,10 @@ class SqliteStore:
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
         async with self._transaction() as db:
-            await db.execute("DELETE FROM holds WHERE id = ?", (hold.id,))
+            released = await db.execute_fetchall("DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,))
+            if not released:
+                raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
+                                 "nothing was charged again")
             usage.charged = min(usage.cost, (await self._balance_in(db, hold.user_id)).available)
             usage.created_at = usage.created_at or datetime.now(UTC)
             await self._insert_usage(db, usage)

@@ -1,0 +1,273 @@
+"""The SSE decoder under arbitrary TCP splits, and the token estimate and bound."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apibox import tokens
+from apibox.sse import Event, SSEDecoder, encode
+
+ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
+
+# Field values never contain CR or LF (that is what makes them one line).
+values = st.text(st.characters(exclude_characters="\r\n", exclude_categories=("Cs",)), max_size=12)
+names = st.text(st.characters(exclude_characters="\r\n:", exclude_categories=("Cs",)), min_size=1, max_size=8)
+
+
+def decode(stream: bytes, cuts: list[int]) -> list[Event]:
+    """Feed ``stream`` in the pieces ``cuts`` make, then flush."""
+    decoder, events, start = SSEDecoder(), [], 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        events += decoder.feed(stream[start:cut])
+        start = cut
+    return events + decoder.flush()
+
+
+@st.composite
+def event_blocks(draw: st.DrawFn) -> tuple[list[list[str]], list[Event]]:
+    """Blocks of lines (data, event, comments) and the events they must decode to."""
+    blocks, expected = [], []
+    for _ in range(draw(st.integers(min_value=1, max_value=4))):
+        lines: list[str] = []
+        data: list[str] = []
+        name = ""
+        for kind in draw(st.lists(st.sampled_from(["data", "data", "event", "comment", "nospace", "other"]),
+                                  min_size=1, max_size=4)):
+            if kind == "data":
+                value = draw(values)
+                data.append(value)
+                lines.append(f"data: {value}")
+            elif kind == "nospace":
+                value = draw(values.filter(lambda v: not v.startswith(" ")))
+                data.append(value)
+                lines.append(f"data:{value}")
+            elif kind == "event":
+                name = draw(values.filter(lambda v: not v.startswith(" ")))
+                lines.append(f"event: {name}")
+            elif kind == "comment":
+                lines.append(f":{draw(values)}")
+            else:
+                lines.append(f"id: {draw(values)}")
+        blocks.append(lines)
+        if data:
+            expected.append(Event(data="\n".join(data), event=name))
+    return blocks, expected
+
+
+def render(blocks: list[list[str]], endings: list[str], final_blank: bool) -> bytes:
+    """Join the blocks with the given line endings (cycled), a blank line after each block.
+
+    A CR ending followed by an LF ending would be one CRLF ending, so an LF after a CR is
+    written as CRLF instead."""
+    out, i, last = [], 0, ""
+
+    def eol() -> str:
+        nonlocal i, last
+        i += 1
+        ending = endings[(i - 1) % len(endings)]
+        last = "\r\n" if ending == "\n" and last == "\r" else ending
+        return last
+    for n, block in enumerate(blocks):
+        for line in block:
+            out.append(line + eol())
+        if n < len(blocks) - 1 or final_blank:
+            out.append(eol())
+    return "".join(out).encode("utf-8")
+
+
+@settings(max_examples=200, deadline=None)
+@given(event_blocks(), st.sampled_from(sorted(ENDINGS)), st.booleans(), st.data())
+def test_events_survive_any_split(case: tuple[list[list[str]], list[Event]], ending: str, final_blank: bool,
+                                  data: st.DataObject) -> None:
+    blocks, expected = case
+    stream = render(blocks, [ENDINGS[ending]], final_blank)
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=8), label="cuts")
+    assert decode(stream, cuts) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(event_blocks(), st.lists(st.sampled_from(sorted(ENDINGS.values())), min_size=1, max_size=5),
+       st.booleans(), st.data())
+def test_mixed_line_endings_survive_any_split(case: tuple[list[list[str]], list[Event]], endings: list[str],
+                                              final_blank: bool, data: st.DataObject) -> None:
+    """The SSE spec lets every line end in CRLF, LF or CR, independently."""
+    blocks, expected = case
+    stream = render(blocks, endings, final_blank)
+    cuts = data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=8), label="cuts")
+    assert decode(stream, cuts) == expected
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_every_single_split_point(ending: str) -> None:
+    """Each event split at every byte boundary: inside multi-byte UTF-8, between CR and LF."""
+    eol = ENDINGS[ending]
+    text = (f"event: delta{eol}data: {{\"content\": \"Héllo 你好 🌍\"}}{eol}: keep-alive{eol}data: second line"
+            f"{eol}{eol}data: [DONE]{eol}{eol}")
+    stream = text.encode()
+    expected = [Event(data='{"content": "Héllo 你好 🌍"}\nsecond line', event="delta"), Event(data="[DONE]")]
+    for cut in range(len(stream) + 1):
+        assert decode(stream, [cut]) == expected, cut
+    for a in range(0, len(stream) + 1, 3):
+        for b in range(a, len(stream) + 1, 5):
+            assert decode(stream, [a, b]) == expected, (a, b)
+    assert decode(stream, list(range(len(stream)))) == expected  # one byte at a time
+
+
+def test_multibyte_characters_split_across_reads() -> None:
+    stream = "data: 你好🌍\n\n".encode()
+    decoder = SSEDecoder()
+    got = []
+    for i in range(len(stream)):
+        got += decoder.feed(stream[i:i + 1])
+    assert got == [Event(data="你好🌍")]
+    assert "\ufffd" not in got[0].data
+
+
+def test_feed_returns_only_whole_events() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: a") == []
+    assert decoder.feed(b"\n") == []
+    assert decoder.feed(b"\ndata: b") == [Event("a")]
+    assert decoder.feed(b"\r\n") == []
+    assert decoder.feed(b"\r\n") == [Event("b")]
+    assert decoder.flush() == []
+
+
+@pytest.mark.parametrize(("stream", "expected"), [
+    (b"data: last", [Event("last")]),
+    (b"data: last\n", [Event("last")]),
+    (b"data: last\r\n", [Event("last")]),
+    (b"data: last\r", [Event("last")]),
+    (b"event: x\ndata: a\ndata: b", [Event("a\nb", "x")]),
+    (b": only a comment\n", []),
+    (b"\n\n\r\n", []),
+    (b"event: nothing-in-it\n\n", []),
+    (b"data\n\n", [Event("")]),
+    (b"data:\n\n", [Event("")]),
+    (b"data:  two spaces\n\n", [Event(" two spaces")]),
+])
+def test_final_event_and_edge_cases(stream: bytes, expected: list[Event]) -> None:
+    assert decode(stream, []) == expected
+    assert decode(stream, list(range(len(stream)))) == expected
+
+
+def test_flush_empties_the_buffer() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: tail") == []
+    assert decoder.flush() == [Event("tail")]
+    assert decoder.flush() == []
+
+
+@given(st.lists(st.tuples(values, st.none() | names.filter(lambda n: not n.startswith(" "))), max_size=5))
+def test_encode_decode_round_trip(frames: list[tuple[str, str | None]]) -> None:
+    stream = b"".join(encode(data, event) for data, event in frames)
+    assert decode(stream, []) == [Event(data, event or "") for data, event in frames]
+
+
+def test_encode_shape() -> None:
+    assert encode("x") == b"data: x\n\n"
+    assert encode(b"{}", "message_start") == b"event: message_start\ndata: {}\n\n"
+
+
+# -- tokens --------------------------------------------------------------------------------
+
+texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)
+
+
+@pytest.mark.parametrize(("text", "count"), [
+    ("", 0), ("   \n\t", 0), ("hello", 2), ("hi", 1), ("hello world", 4), ("12345", 2), ("a, b.", 4),
+])
+def test_count_tokens_examples(text: str, count: int) -> None:
+    assert tokens.count_tokens(text) == count
+
+
+@given(texts)
+def test_count_tokens_is_between_zero_and_the_visible_characters(text: str) -> None:
+    count = tokens.count_tokens(text)
+    visible = sum(not c.isspace() for c in text)
+    assert 0 <= count <= visible
+    assert (count == 0) == (visible == 0)
+
+
+@given(texts, texts)
+def test_count_tokens_adds_up_across_whitespace(a: str, b: str) -> None:
+    assert tokens.count_tokens(a + " " + b) == tokens.count_tokens(a) + tokens.count_tokens(b)
+
+
+@given(texts, texts)
+def test_count_tokens_grows_with_more_words(a: str, b: str) -> None:
+    assert tokens.count_tokens(a + " " + b) >= tokens.count_tokens(a)
+
+
+def chat(*contents: object, **extra: object) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": c} for c in contents], **extra}
+
+
+bodies = st.one_of(
+    st.lists(texts, min_size=1, max_size=4).map(lambda cs: chat(*cs)),
+    st.lists(st.lists(st.one_of(texts.map(lambda t: {"type": "text", "text": t}),
+                                st.just({"type": "image_url", "image_url": {"url": "data:image/png;base64,AA"}})),
+                      max_size=4), min_size=1, max_size=3).map(lambda cs: chat(*cs)),
+    texts.map(lambda t: {"model": "m", "prompt": t}),
+    st.lists(texts, max_size=4).map(lambda ts: {"model": "m", "prompt": ts}),
+    st.lists(st.integers(min_value=0, max_value=200_000), max_size=300).map(lambda ids: {"model": "m", "prompt": ids}),
+    st.lists(st.lists(st.integers(min_value=0, max_value=200_000), max_size=50), max_size=5).map(
+        lambda ids: {"model": "m", "input": ids}),
+    st.lists(texts, max_size=4).map(lambda ts: {"model": "m", "input": ts}),
+)
+
+
+@given(bodies)
+def test_prompt_bound_is_never_below_the_estimate(body: dict[str, object]) -> None:
+    """The hold covers at least what a stream without usage is charged for its prompt."""
+    assert tokens.prompt_bound(body) >= tokens.prompt_estimate(body) >= 0
+
+
+@pytest.mark.parametrize("text", ["!!!!!!!!!!", "1.2.3.4.5.6.7.8.9", "a,b,c,d,e,f,g,h", "{}" * 50])
+def test_prompt_bound_covers_punctuation_heavy_text(text: str) -> None:
+    assert tokens.prompt_bound(chat(text)) >= tokens.prompt_estimate(chat(text))
+
+
+def test_token_id_prompts_count_one_token_per_id() -> None:
+    body = {"model": "m", "prompt": list(range(1_000))}
+    assert tokens.prompt_estimate(body) == 1_000
+    assert tokens.prompt_bound(body) >= 1_000  # the upstream bills exactly 1,000 prompt tokens
+    batch = {"model": "m", "input": [[1, 2, 3], [4, 5]]}
+    assert tokens.prompt_estimate(batch) == 5
+    assert tokens.prompt_bound(batch) >= 5
+
+
+def test_image_parts_count_a_tile_budget_each() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+    with_images = chat([{"type": "text", "text": "what is this"}, image, image])
+    without = chat([{"type": "text", "text": "what is this"}])
+    assert tokens.prompt_estimate(with_images) - tokens.prompt_estimate(without) == 2 * tokens.PER_IMAGE_TOKENS
+    assert tokens.prompt_bound(with_images) - tokens.prompt_bound(without) == 2 * tokens.PER_IMAGE_TOKENS
+    assert tokens.prompt_parts(with_images) == (["what is this"], 1, 2)
+
+
+def test_chat_estimate_and_bound_examples() -> None:
+    body = chat("hello world", "hi")
+    assert tokens.prompt_estimate(body) == 4 + 1 + 2 * tokens.PER_MESSAGE_TOKENS
+    # 13 bytes -> 7, plus (2 messages + 1) * 4
+    assert tokens.prompt_bound(body) == 7 + 3 * tokens.PER_MESSAGE_TOKENS
+
+
+def test_tool_calls_and_tools_are_counted() -> None:
+    body = {"model": "m", "messages": [
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": '{"q": "x"}'}}]},
+    ], "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}
+    texts_, messages, images = tokens.prompt_parts(body)
+    assert "lookup" in texts_ and '{"q": "x"}' in texts_
+    assert any("parameters" in t for t in texts_)
+    assert (messages, images) == (1, 0)
+    assert tokens.prompt_bound(body) >= tokens.prompt_estimate(body) > tokens.PER_MESSAGE_TOKENS
+
+
+def test_odd_bodies_do_not_crash() -> None:
+    for body in ({}, {"messages": "nope"}, {"messages": [None, 3, {"content": [None, 1, {"type": "image"}]}]},
+                 {"prompt": None}, {"input": [[], [[]]]}):
+        assert tokens.prompt_bound(body) >= tokens.prompt_estimate(body) >= 0

@@ -1,0 +1,625 @@
+"""The Store contract, over the ``store`` fixture (SQLite today; every engine later).
+
+The first part uses only the Store protocol, so it runs unchanged against any engine. The
+last part ("SQLite specifics") reaches under the protocol with raw SQL: the append-only
+ledger, the CHECK constraints, one-transaction settlement, and the audit finding tampering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from apibox import accounts
+from apibox.config import load_settings
+from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
+from apibox.keys import generate_key, hash_key
+from apibox.models import ApiKey, Hold, LedgerKind, UsageRecord, User, UserState
+from apibox.store import open_store
+from apibox.store.base import Credit, KeySpec, Store, UsageFilter
+from apibox.store.migrations import SQLITE_MIGRATIONS
+from tests.conftest import assert_books_balance
+
+TABLES = {"users", "balances", "api_keys", "holds", "usage", "ledger"}
+ENGINES = ["sqlite"]  # add "postgresql" here when apibox/store/postgres.py exists
+
+
+@pytest.fixture(params=ENGINES)
+async def store(request: pytest.FixtureRequest, config_path: Path) -> AsyncIterator[Store]:
+    """The store under contract, one per engine (conftest's ``store``, parametrized); the books
+    must balance after every test."""
+    settings = load_settings(str(config_path))
+    assert request.param == "sqlite" and settings.database.url.startswith("sqlite:")
+    db = await open_store(settings.database.url)
+    yield db
+    problems = await db.audit()
+    await db.close()
+    assert problems == []
+    await asyncio.to_thread(assert_books_balance, config_path)
+
+
+async def new_user(store: Store, email: str = "ann@example.com") -> User:
+    return await store.create_user(email, "Ann", "default")
+
+
+async def new_key(store: Store, user: User, **spec: object) -> ApiKey:
+    secret = generate_key()
+    return await store.create_key(KeySpec(user_id=user.id, key_hash=hash_key(secret), prefix=secret[:12],
+                                          **spec))  # type: ignore[arg-type]
+
+
+async def topup(store: Store, user: User, amount: int, reference: str | None = None) -> None:
+    await store.credit(Credit(user.id, amount, LedgerKind.TOPUP, "test", reference))
+
+
+def record(hold: Hold, cost: int, **fields: object) -> UsageRecord:
+    values: dict[str, object] = {"model": "m", "provider": "p", "endpoint": "chat", "status": "ok", **fields}
+    return UsageRecord(request_id=hold.request_id, user_id=hold.user_id, key_id=hold.key_id, cost=cost,
+                       **values)  # type: ignore[arg-type]
+
+
+async def funded(store: Store, amount: int) -> tuple[User, ApiKey]:
+    user = await new_user(store)
+    key = await new_key(store, user)
+    await topup(store, user, amount)
+    return user, key
+
+
+async def usage_total(store: Store, user: User) -> tuple[int, int]:
+    """(requests, sum of charged) of a user's non-interrupted usage rows."""
+    rows = await store.usage_report([], UsageFilter(user_id=user.id))
+    return (rows[0].requests, rows[0].cost) if rows else (0, 0)
+
+
+# == the contract ==========================================================================
+
+# -- schema --------------------------------------------------------------------------------
+
+async def test_fixture_store_is_fully_migrated(store: Store) -> None:
+    assert await store.pending_migrations() == []
+    assert await store.migrate() == []  # nothing left to apply, nothing applied twice
+    await store.ping()
+
+
+async def test_migrations_apply_once_and_record_themselves(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    db = await open_store(url, migrate=False)
+    try:
+        assert await db.pending_migrations() == [m.name for m in SQLITE_MIGRATIONS]
+        assert await db.migrate() == [m.name for m in SQLITE_MIGRATIONS]
+        assert await db.pending_migrations() == []
+        assert await db.migrate() == []
+    finally:
+        await db.close()
+    again = await open_store(url)  # reopening migrates nothing and loses nothing
+    try:
+        assert await again.pending_migrations() == []
+        assert await again.audit() == []
+    finally:
+        await again.close()
+
+
+# -- users ---------------------------------------------------------------------------------
+
+async def test_create_and_find_user(store: Store) -> None:
+    user = await store.create_user("ann@example.com", "Ann", "vip")
+    assert (user.email, user.name, user.group, user.state) == ("ann@example.com", "Ann", "vip", UserState.ACTIVE)
+    assert await store.get_user(user.id) == user
+    assert await store.find_user_by_email("ann@example.com") == user
+    assert await store.get_user(user.id + 1000) is None
+    assert await store.find_user_by_email("bob@example.com") is None
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held, balance.available) == (0, 0, 0)
+
+
+async def test_duplicate_email_is_a_conflict(store: Store) -> None:
+    first = await new_user(store)
+    with pytest.raises(Conflict):
+        await store.create_user("ann@example.com", "Other", "default")
+    assert [o.user.id for o in await store.list_users()] == [first.id]
+
+
+async def test_emails_are_unique_case_insensitively(store: Store) -> None:
+    await accounts.create_user(store, "Ann@Example.com")
+    with pytest.raises(Conflict):
+        await accounts.create_user(store, "ANN@example.COM")
+
+
+async def test_update_and_state(store: Store) -> None:
+    user = await new_user(store)
+    updated = await store.update_user(user.id, name=None, group="vip")
+    assert (updated.name, updated.group) == ("Ann", "vip")
+    suspended = await store.set_user_state(user.id, UserState.SUSPENDED, "unpaid")
+    assert (suspended.state, suspended.state_reason) == (UserState.SUSPENDED, "unpaid")
+    with pytest.raises(NotFound):
+        await store.update_user(user.id + 99, name="x", group=None)
+
+
+# -- keys ----------------------------------------------------------------------------------
+
+async def test_keys_are_found_by_hash_only(store: Store) -> None:
+    user = await new_user(store)
+    secret = generate_key()
+    key = await store.create_key(KeySpec(user_id=user.id, key_hash=hash_key(secret), prefix=secret[:12],
+                                         name="ci", models=("a", "b"), budget=5_000_000, rpm=10,
+                                         allow_ips=("10.0.0.0/8",)))
+    found = await store.find_key_by_hash(hash_key(secret))
+    assert found is not None
+    found_key, found_user = found
+    assert found_key == key and found_user == user
+    assert (key.models, key.budget, key.rpm, key.allow_ips, key.spent) == (
+        ("a", "b"), 5_000_000, 10, ("10.0.0.0/8",), 0)
+    assert await store.find_key_by_hash(secret) is None  # the secret itself is not a lookup key
+    assert await store.find_key_by_hash(hash_key(generate_key())) is None
+    assert await store.get_key(key.id) == key
+    assert key.prefix == secret[:12] and secret not in repr(key)
+
+
+async def test_list_and_revoke_keys(store: Store) -> None:
+    ann, bob = await new_user(store), await new_user(store, "bob@example.com")
+    k1, k2, k3 = await new_key(store, ann), await new_key(store, ann), await new_key(store, bob)
+    assert [k.id for k in await store.list_keys(ann.id)] == [k1.id, k2.id]
+    assert [k.id for k in await store.list_keys()] == [k1.id, k2.id, k3.id]
+    revoked = await store.revoke_key(k1.id)
+    assert revoked.revoked_at is not None and revoked.status == "revoked"
+    assert (await store.revoke_key(k1.id)).revoked_at == revoked.revoked_at  # revoking again keeps the time
+    assert await store.revoke_user_keys(ann.id) == 1
+    assert (await store.get_key(k3.id)).revoked_at is None  # type: ignore[union-attr]
+    with pytest.raises(NotFound):
+        await store.revoke_key(k3.id + 100)
+
+
+# -- credits and debits ---------------------------------------------------------------------
+
+async def test_topup_writes_a_ledger_row(store: Store) -> None:
+    user = await new_user(store)
+    result = await store.credit(Credit(user.id, 10_000_000, LedgerKind.TOPUP, "first", "ref-1", "admin"))
+    assert result.created
+    assert (result.balance.balance, result.balance.held) == (10_000_000, 0)
+    entry = result.entry
+    assert (entry.kind, entry.amount, entry.balance_after, entry.note, entry.reference, entry.actor) == (
+        LedgerKind.TOPUP, 10_000_000, 10_000_000, "first", "ref-1", "admin")
+    assert await store.ledger(user.id) == [entry]
+
+
+async def test_credit_is_idempotent_by_reference(store: Store) -> None:
+    user = await new_user(store)
+    first = await store.credit(Credit(user.id, 5_000_000, LedgerKind.TOPUP, reference="stripe-42"))
+    again = await store.credit(Credit(user.id, 5_000_000, LedgerKind.TOPUP, reference="stripe-42"))
+    assert first.created and not again.created
+    assert again.entry == first.entry
+    assert (await store.get_balance(user.id)).balance == 5_000_000
+    assert len(await store.ledger(user.id)) == 1
+
+
+async def test_reused_reference_with_another_amount_or_user_is_a_conflict(store: Store) -> None:
+    ann, bob = await new_user(store), await new_user(store, "bob@example.com")
+    await store.credit(Credit(ann.id, 5_000_000, LedgerKind.TOPUP, reference="r"))
+    with pytest.raises(Conflict):
+        await store.credit(Credit(ann.id, 6_000_000, LedgerKind.TOPUP, reference="r"))
+    with pytest.raises(Conflict):
+        await store.credit(Credit(bob.id, 5_000_000, LedgerKind.TOPUP, reference="r"))
+    assert (await store.get_balance(ann.id)).balance == 5_000_000
+    assert (await store.get_balance(bob.id)).balance == 0
+    assert len(await store.ledger(ann.id)) == 1 and await store.ledger(bob.id) == []
+
+
+async def test_debit_cannot_go_below_zero(store: Store) -> None:
+    user = await new_user(store)
+    await topup(store, user, 1_000)
+    with pytest.raises(InvalidRequest):
+        await store.credit(Credit(user.id, -1_001, LedgerKind.ADJUSTMENT, "too much"))
+    assert (await store.get_balance(user.id)).balance == 1_000
+    result = await store.credit(Credit(user.id, -1_000, LedgerKind.ADJUSTMENT, "all of it"))
+    assert result.balance.balance == 0 and result.entry.balance_after == 0
+    assert [e.amount for e in await store.ledger(user.id)] == [1_000, -1_000]
+
+
+async def test_debit_cannot_go_below_what_is_held(store: Store) -> None:
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 600, "r1", "m")
+    assert hold is not None
+    with pytest.raises(InvalidRequest, match="held"):
+        await store.credit(Credit(user.id, -401, LedgerKind.ADJUSTMENT, "eats the hold"))
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (1_000, 600)
+    await store.credit(Credit(user.id, -400, LedgerKind.ADJUSTMENT, "exactly the free part"))
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held, balance.available) == (600, 600, 0)
+    await store.settle(hold, record(hold, 0))
+
+
+async def test_credit_for_a_missing_user(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.credit(Credit(12345, 1_000, LedgerKind.TOPUP))
+    with pytest.raises(NotFound):
+        await store.get_balance(12345)
+
+
+# -- holds ---------------------------------------------------------------------------------
+
+async def test_hold_is_all_or_nothing(store: Store) -> None:
+    user, key = await funded(store, 1_000)
+    assert await store.hold(user.id, key.id, 1_001, "too-big", "m") is None
+    assert (await store.get_balance(user.id)).held == 0
+    first = await store.hold(user.id, key.id, 700, "r1", "m")
+    assert first is not None and (first.amount, first.user_id, first.key_id, first.request_id) == (700, user.id,
+                                                                                                   key.id, "r1")
+    assert await store.hold(user.id, key.id, 301, "r2", "m") is None  # only 300 left
+    second = await store.hold(user.id, key.id, 300, "r3", "m")
+    assert second is not None
+    assert await store.hold(user.id, key.id, 1, "r4", "m") is None
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held, balance.available) == (1_000, 1_000, 0)
+    assert await store.hold(user.id + 99, key.id, 1, "nobody", "m") is None
+    for hold in (first, second):
+        await store.settle(hold, record(hold, 0))
+
+
+# -- settlement ----------------------------------------------------------------------------
+
+async def test_settle_charges_the_cost_and_releases_the_hold(store: Store) -> None:
+    user, key = await funded(store, 10_000)
+    hold = await store.hold(user.id, key.id, 3_000, "req-1", "m")
+    assert hold is not None
+    written = await store.settle(hold, record(hold, 1_234, prompt_tokens=10, completion_tokens=5))
+    assert (written.cost, written.charged) == (1_234, 1_234)
+    assert written.id is not None and written.created_at is not None
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (10_000 - 1_234, 0)
+    charge = (await store.ledger(user.id))[-1]
+    assert (charge.kind, charge.amount, charge.balance_after, charge.usage_id) == (
+        LedgerKind.CHARGE, -1_234, 10_000 - 1_234, written.id)
+    assert "req-1" in charge.note
+    assert await usage_total(store, user) == (1, 1_234)
+    assert (await store.get_key(key.id)).spent == 1_234  # type: ignore[union-attr]
+
+
+async def test_settle_may_charge_more_than_the_hold_when_the_balance_has_it(store: Store) -> None:
+    user, key = await funded(store, 10_000)
+    hold = await store.hold(user.id, key.id, 100, "req", "m")
+    assert hold is not None
+    written = await store.settle(hold, record(hold, 5_000))
+    assert written.charged == 5_000
+    assert (await store.get_balance(user.id)).balance == 5_000
+
+
+async def test_settle_caps_the_charge_at_what_the_user_has(store: Store) -> None:
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 900, "req", "m")
+    assert hold is not None
+    written = await store.settle(hold, record(hold, 5_000))
+    assert (written.cost, written.charged) == (5_000, 1_000)
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (0, 0)
+    assert (await store.ledger(user.id))[-1].amount == -1_000
+
+
+async def test_a_hold_is_settled_at_most_once(store: Store) -> None:
+    user, key = await funded(store, 10_000)
+    hold = await store.hold(user.id, key.id, 3_000, "req-once", "m")
+    assert hold is not None
+    await store.settle(hold, record(hold, 1_000))
+    with pytest.raises(StoreError, match="already settled"):
+        await store.settle(hold, record(hold, 1_000))
+    assert (await store.get_balance(user.id)).balance == 9_000
+    assert await usage_total(store, user) == (1, 1_000)
+
+
+async def test_settle_never_takes_money_held_for_other_requests(store: Store) -> None:
+    user, key = await funded(store, 1_000)
+    a = await store.hold(user.id, key.id, 300, "a", "m")
+    b = await store.hold(user.id, key.id, 500, "b", "m")
+    assert a is not None and b is not None
+    written = await store.settle(a, record(a, 10_000))
+    assert written.charged == 500  # 1,000 minus the 500 still held for b
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (500, 500)
+    assert (await store.settle(b, record(b, 10_000))).charged == 500
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (0, 0)
+
+
+async def test_free_settlement_writes_usage_but_no_ledger_row(store: Store) -> None:
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 10, "failed", "m")
+    assert hold is not None
+    written = await store.settle(hold, record(hold, 0, status="error", http_status=502))
+    assert (written.cost, written.charged) == (0, 0)
+    assert [e.kind for e in await store.ledger(user.id)] == [LedgerKind.TOPUP]
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (1_000, 0)
+    assert await usage_total(store, user) == (1, 0)
+
+
+# -- recovery ------------------------------------------------------------------------------
+
+async def test_recover_holds_releases_everything_and_logs_interrupted(store: Store) -> None:
+    ann, ann_key = await funded(store, 1_000)
+    bob = await new_user(store, "bob@example.com")
+    bob_key = await new_key(store, bob)
+    await topup(store, bob, 500)
+    holds = [await store.hold(ann.id, ann_key.id, 100, "a1", "m"), await store.hold(ann.id, ann_key.id, 200, "a2", "m"),
+             await store.hold(bob.id, bob_key.id, 500, "b1", "m")]
+    assert all(holds)
+    ledger_before = await store.ledger(ann.id) + await store.ledger(bob.id)
+    recovered = await store.recover_holds()
+    assert sorted(h.request_id for h in recovered) == ["a1", "a2", "b1"]
+    assert sorted(h.amount for h in recovered) == [100, 200, 500]
+    for user, balance in ((ann, 1_000), (bob, 500)):
+        state = await store.get_balance(user.id)
+        assert (state.balance, state.held) == (balance, 0)
+    assert await store.ledger(ann.id) + await store.ledger(bob.id) == ledger_before  # nothing charged
+    assert await store.usage_report([], UsageFilter()) == []  # interrupted rows stay out of reports
+    assert await store.recover_holds() == []
+
+
+async def test_recover_holds_with_nothing_open(store: Store) -> None:
+    await funded(store, 1_000)
+    assert await store.recover_holds() == []
+
+
+# -- reports -------------------------------------------------------------------------------
+
+async def test_usage_report_sums_what_was_charged(store: Store) -> None:
+    user, key = await funded(store, 1_000)
+    for cost, model in ((100, "a"), (200, "a"), (5_000, "b")):
+        hold = await store.hold(user.id, key.id, 1, f"r-{cost}", model)
+        assert hold is not None
+        await store.settle(hold, replace(record(hold, cost, prompt_tokens=cost), model=model))
+    rows = {r.group["model"]: r for r in await store.usage_report(["model"], UsageFilter())}
+    assert (rows["a"].requests, rows["a"].cost, rows["a"].prompt_tokens) == (2, 300, 300)
+    assert (rows["b"].requests, rows["b"].cost) == (1, 700)  # capped at what was left
+    with pytest.raises(InvalidRequest):
+        await store.usage_report(["colour"], UsageFilter())
+
+
+async def test_a_thousand_small_charges_sum_exactly(store: Store) -> None:
+    user, key = await funded(store, 1_000_000)
+    for i in range(1_000):
+        hold = await store.hold(user.id, key.id, 450, f"r{i}", "m")
+        assert hold is not None
+        await store.settle(hold, record(hold, 450))
+    assert (await store.get_balance(user.id)).balance == 1_000_000 - 450_000
+    assert await usage_total(store, user) == (1_000, 450_000)
+    assert sum(e.amount for e in await store.ledger(user.id)) == 550_000
+
+
+# == SQLite specifics (raw SQL under the protocol) ==========================================
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    """The file the ``store`` fixture's config points at."""
+    return tmp_path / "apibox.db"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    conn.execute("PRAGMA foreign_keys=ON")
+    return conn
+
+
+@pytest.fixture
+def raw(request: pytest.FixtureRequest, store: Store, db_path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain sqlite3 connection to the ``store`` fixture's file (SQLite engine only)."""
+    if request.node.callspec.params.get("store") != "sqlite":
+        pytest.skip("raw SQLite checks")
+    conn = connect(db_path)
+    yield conn
+    conn.close()
+
+
+def test_schema_tables_exist(raw: sqlite3.Connection) -> None:
+    names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert names >= TABLES | {"_apibox_migrations"}
+    applied = [r[0] for r in raw.execute("SELECT name FROM _apibox_migrations ORDER BY name")]
+    assert applied == [m.name for m in SQLITE_MIGRATIONS]  # each recorded exactly once
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_ledger_is_append_only(store: Store, raw: sqlite3.Connection) -> None:
+    user = await new_user(store)
+    await topup(store, user, 1_000)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("UPDATE ledger SET amount = 1")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("UPDATE ledger SET note = 'rewritten'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("DELETE FROM ledger")
+    assert raw.execute("SELECT amount, note FROM ledger").fetchall() == [(1_000, "test")]
+
+
+async def test_check_constraints_stop_a_negative_balance(store: Store, raw: sqlite3.Connection) -> None:
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 400, "r", "m")
+    assert hold is not None
+    bad = [
+        ("UPDATE balances SET balance = -1 WHERE user_id = ?", (user.id,)),
+        ("UPDATE balances SET balance = balance - 1001 WHERE user_id = ?", (user.id,)),
+        ("UPDATE balances SET balance = 399 WHERE user_id = ?", (user.id,)),  # below held
+        ("UPDATE balances SET held = -1 WHERE user_id = ?", (user.id,)),
+        ("UPDATE balances SET held = 1001 WHERE user_id = ?", (user.id,)),
+        ("INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at) VALUES (?, ?, 601, 'x', 'm', 0)",
+         (user.id, key.id)),  # the trigger would lift held above the balance
+        ("INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at) VALUES (?, ?, 0, 'x', 'm', 0)",
+         (user.id, key.id)),
+        ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
+         "VALUES (?, 0, 'adjustment', -2000, -1000, 'x')", (user.id,)),
+        ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
+         "VALUES (?, 0, 'gift', 1, 1001, 'x')", (user.id,)),
+        ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
+         "VALUES (?, 0, 'topup', 0, 1000, 'x')", (user.id,)),
+        ("INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
+         "http_status, cost, charged) VALUES ('x', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 5, 6)", (user.id, key.id)),
+        ("INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
+         "http_status, cost, charged) VALUES ('x', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 5, -1)", (user.id, key.id)),
+    ]
+    for sql, params in bad:
+        with pytest.raises(sqlite3.IntegrityError):
+            raw.execute(sql, params)
+    assert raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone() == (1_000, 400)
+    await store.settle(hold, record(hold, 0))
+
+
+async def test_settlement_is_one_transaction(store: Store, raw: sqlite3.Connection) -> None:
+    """If the ledger row cannot be written, nothing of the settlement is: the hold stays, no usage row,
+    no balance change, no key spend."""
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 500, "r", "m")
+    assert hold is not None
+    raw.execute("CREATE TRIGGER test_fail_ledger BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    with pytest.raises(sqlite3.IntegrityError, match="boom"):
+        await store.settle(hold, record(hold, 300))
+    raw.execute("DROP TRIGGER test_fail_ledger")
+    assert raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone() == (1_000, 500)
+    assert raw.execute("SELECT count(*) FROM holds").fetchone() == (1,)
+    assert raw.execute("SELECT count(*) FROM usage").fetchone() == (0,)
+    assert raw.execute("SELECT spent FROM api_keys").fetchone() == (0,)
+    assert await store.audit() == []
+    written = await store.settle(hold, record(hold, 300))  # the store is still usable afterwards
+    assert written.charged == 300
+
+
+async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: sqlite3.Connection) -> None:
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 500, "r", "m")
+    assert hold is not None
+    bad = replace(record(hold, 300), key_id=key.id + 999)  # violates the usage row's foreign key
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.settle(hold, bad)
+    assert raw.execute("SELECT balance, held FROM balances").fetchone() == (1_000, 500)
+    assert raw.execute("SELECT count(*) FROM holds").fetchone() == (1,)
+    await store.settle(hold, record(hold, 0))
+
+
+async def test_recovered_holds_are_logged_as_interrupted(store: Store, raw: sqlite3.Connection) -> None:
+    user, key = await funded(store, 1_000)
+    assert await store.hold(user.id, key.id, 300, "crashed-1", "gpt-x") is not None
+    assert await store.hold(user.id, key.id, 200, "crashed-2", "gpt-y") is not None
+    await store.recover_holds()
+    rows = raw.execute("SELECT request_id, model, status, cost, charged, user_id, key_id FROM usage "
+                       "ORDER BY request_id").fetchall()
+    assert rows == [("crashed-1", "gpt-x", "interrupted", 0, 0, user.id, key.id),
+                    ("crashed-2", "gpt-y", "interrupted", 0, 0, user.id, key.id)]
+    assert raw.execute("SELECT count(*) FROM holds").fetchone() == (0,)
+    assert raw.execute("SELECT count(*) FROM ledger WHERE kind = 'charge'").fetchone() == (0,)
+
+
+# -- the audit finds tampering --------------------------------------------------------------
+
+@pytest.fixture
+async def loose(tmp_path: Path) -> AsyncIterator[tuple[Store, sqlite3.Connection, User, ApiKey]]:
+    """A store with one funded user and a settled request, whose books the test will break
+    (so no audit at teardown)."""
+    db = await open_store(f"sqlite:///{tmp_path / 'tampered.db'}")
+    conn = connect(tmp_path / "tampered.db")
+    user, key = await funded(db, 10_000)
+    hold = await db.hold(user.id, key.id, 1_000, "ok-1", "m")
+    assert hold is not None
+    await db.settle(hold, record(hold, 700))
+    assert await db.audit() == []
+    yield db, conn, user, key
+    conn.close()
+    await db.close()
+
+
+Loose = tuple[Store, sqlite3.Connection, User, ApiKey]
+
+
+async def test_audit_finds_a_balance_off_by_one(loose: Loose) -> None:
+    db, conn, user, _ = loose
+    conn.execute("UPDATE balances SET balance = balance + 1 WHERE user_id = ?", (user.id,))
+    problems = await db.audit()
+    assert len(problems) == 1
+    assert f"user {user.id}: balance 9301 differs from the ledger's sum 9300" in problems[0]
+
+
+async def test_audit_finds_held_off(loose: Loose) -> None:
+    db, conn, user, _ = loose
+    conn.execute("UPDATE balances SET held = held + 1 WHERE user_id = ?", (user.id,))
+    problems = await db.audit()
+    assert problems == [f"user {user.id}: held 1 differs from the open holds' sum 0"]
+
+
+async def test_audit_finds_a_hold_row_removed_without_its_trigger(loose: Loose) -> None:
+    db, conn, user, key = loose
+    hold = await db.hold(user.id, key.id, 50, "open", "m")
+    assert hold is not None
+    conn.execute("DROP TRIGGER holds_release")
+    conn.execute("DELETE FROM holds")
+    problems = await db.audit()
+    assert problems == [f"user {user.id}: held 50 differs from the open holds' sum 0"]
+
+
+async def test_audit_finds_a_charge_without_usage(loose: Loose) -> None:
+    db, conn, user, _ = loose
+    conn.execute("UPDATE balances SET balance = balance - 5 WHERE user_id = ?", (user.id,))
+    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
+                 "VALUES (?, 0, 'charge', -5, 9295, 'x')", (user.id,))
+    problems = await db.audit()
+    assert len(problems) == 1
+    assert "does not match its usage row" in problems[0] and "of 5" in problems[0]
+
+
+async def test_audit_finds_usage_charged_without_a_ledger_row(loose: Loose) -> None:
+    db, conn, user, key = loose
+    conn.execute("INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
+                 "http_status, cost, charged) VALUES ('ghost', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 9, 9)",
+                 (user.id, key.id))
+    problems = await db.audit()
+    assert len(problems) == 1 and "charged 9 but has no ledger row" in problems[0]
+
+
+async def test_audit_finds_a_charge_that_differs_from_its_usage(loose: Loose) -> None:
+    db, conn, user, key = loose
+    usage_id = conn.execute(
+        "INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
+        "http_status, cost, charged) VALUES ('r2', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 10, 10) RETURNING id",
+        (user.id, key.id)).fetchone()[0]
+    conn.execute("UPDATE balances SET balance = balance - 4 WHERE user_id = ?", (user.id,))
+    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor, usage_id) "
+                 "VALUES (?, 0, 'charge', -4, 9296, 'x', ?)", (user.id, usage_id))
+    problems = await db.audit()
+    assert len(problems) == 1 and "of 4 does not match its usage row (charged 10)" in problems[0]
+
+
+async def test_audit_finds_a_charge_on_another_users_usage(loose: Loose) -> None:
+    db, conn, user, key = loose
+    other = await new_user(db, "bob@example.com")
+    await topup(db, other, 100)
+    usage_id = conn.execute("SELECT id FROM usage").fetchone()[0]
+    conn.execute("UPDATE balances SET balance = 99 WHERE user_id = ?", (other.id,))
+    # the usage row is already paired with user's charge; a second charge needs a fresh usage row of user's
+    fresh = conn.execute(
+        "INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
+        "http_status, cost, charged) VALUES ('r3', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 1, 1) RETURNING id",
+        (user.id, key.id)).fetchone()[0]
+    assert fresh != usage_id
+    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor, usage_id) "
+                 "VALUES (?, 0, 'charge', -1, 99, 'x', ?)", (other.id, fresh))
+    problems = await db.audit()
+    assert len(problems) == 1 and "does not match its usage row" in problems[0]
+
+
+async def test_audit_finds_a_wrong_balance_after(loose: Loose) -> None:
+    db, conn, user, _ = loose
+    conn.execute("UPDATE balances SET balance = balance + 10 WHERE user_id = ?", (user.id,))
+    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
+                 "VALUES (?, 0, 'adjustment', 10, 9999, 'x')", (user.id,))
+    problems = await db.audit()
+    assert len(problems) == 1
+    assert "balance_after 9999 differs from the running sum 9310" in problems[0]
+
+
+async def test_audit_finds_several_problems_at_once(loose: Loose) -> None:
+    db, conn, user, _ = loose
+    conn.execute("UPDATE balances SET balance = balance + 3, held = held + 2 WHERE user_id = ?", (user.id,))
+    problems = await db.audit()
+    assert len(problems) == 2
+    assert any("differs from the ledger's sum" in p for p in problems)
+    assert any("differs from the open holds' sum" in p for p in problems)
