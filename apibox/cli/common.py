@@ -25,7 +25,8 @@ ConfigOption = Annotated[str | None, typer.Option(
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
 
 # markup is off: user data (notes, names) must print as typed, never as rich markup.
-console = Console(highlight=False, markup=False)
+# Piped output is not cut to 80 columns: tables stay one row per line for grep and less.
+console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False, markup=False)
 
 

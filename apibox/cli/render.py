@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+from rich import box
 from rich.table import Table
 
 from apibox.models import ApiKey, Balance, LedgerEntry, User, UserOverview
@@ -47,9 +48,12 @@ def entry_json(entry: LedgerEntry) -> dict[str, Any]:
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
           right: Iterable[str] = ()) -> Table:
     aligned = set(right)
-    grid = Table(title=title, title_justify="left", header_style="bold")
+    grid = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, pad_edge=False)
     for column in columns:
-        grid.add_column(column, justify="right" if column in aligned else "left")
+        # Numbers never wrap (a folded amount misleads); text folds when the terminal is narrow.
+        numeric = column in aligned
+        grid.add_column(column, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold",
+                        min_width=None if numeric else min(len(column), 10))
     for row in rows:
         grid.add_row(*("-" if cell is None else str(cell) for cell in row))
     return grid

@@ -13,6 +13,8 @@ from apibox.cli.common import ConfigOption, JsonOption, console, fail, handles_e
 from apibox.cli.render import table
 
 app = typer.Typer(help="Usage reports.", no_args_is_help=True)
+# Short headers so the table fits a terminal; csv and json keep the full field names.
+TABLE_HEADERS = ("requests", "errors", "prompt tok", "output tok", "cached tok", "cost USD", "avg ms")
 
 
 @app.command("report")
@@ -44,8 +46,9 @@ def report(
         writer.writerow(columns)
         writer.writerows([row.get(c, "") for c in columns] for row in data)
         return
+    width = len(query.by)
     total = reports.row_json(reports.totals(rows))
     lines = [[row.get(c, "") for c in columns] for row in data]
-    width = len(query.by)
     lines.append([("TOTAL" if i == 0 else "") for i in range(width)] + [total[c] for c in columns[width:]])
-    console.print(table(None, columns, lines, right=columns[len(query.by):]))
+    headers = [*query.by, *TABLE_HEADERS]
+    console.print(table(None, headers, lines, right=TABLE_HEADERS))
