@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,15 +98,22 @@ def assert_books_balance(config: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-@pytest.fixture
-async def store(config_path: Path) -> AsyncIterator[Store]:
-    settings = load_settings(str(config_path))
-    db = await open_store(settings.database.url)
+@asynccontextmanager
+async def opened_store(config_path: Path) -> AsyncIterator[Store]:
+    """The config's database, opened; after the block the store's audit must be empty and the books
+    must balance (`apibox db check`, run off the event loop because the CLI calls asyncio.run)."""
+    db = await open_store(load_settings(str(config_path)).database.url)
     yield db
     problems = await db.audit()
     await db.close()
     assert problems == []
     await asyncio.to_thread(assert_books_balance, config_path)
+
+
+@pytest.fixture
+async def store(config_path: Path) -> AsyncIterator[Store]:
+    async with opened_store(config_path) as db:
+        yield db
 
 
 async def fund(db: Store, settings: Settings, email: str, usd: str, **key_options: object) -> str:
@@ -158,9 +166,13 @@ class ServerThread:
     async def _start(self) -> Live:
         upstream = await self._serve(self.fake.app())
         config = write_config(self.tmp_path, upstream)
-        settings = load_settings(str(config))
+        settings = self.configure(load_settings(str(config)))
         url = await self._serve(create_app(settings))
         return Live(url, self.fake, config, settings)
+
+    def configure(self, settings: Settings) -> Settings:
+        """The settings the gateway runs with; a subclass may change the loaded ones."""
+        return settings
 
     def stop(self) -> None:
         async def cleanup() -> None:
@@ -177,16 +189,22 @@ def fake() -> FakeUpstream:
     return FakeUpstream()
 
 
-@pytest.fixture
-def live(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
-    """A live gateway on a real SQLite file, in front of the fake upstream; books checked after."""
-    server = ServerThread(tmp_path, fake)
+@contextmanager
+def serving(server: ServerThread) -> Iterator[Live]:
+    """Run ``server`` for the block, stop it, then require the books to balance."""
     running = server.start()
     try:
         yield running
     finally:
         server.stop()
     assert_books_balance(running.config_path)
+
+
+@pytest.fixture
+def live(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
+    """A live gateway on a real SQLite file, in front of the fake upstream; books checked after."""
+    with serving(ServerThread(tmp_path, fake)) as running:
+        yield running
 
 
 @pytest.fixture

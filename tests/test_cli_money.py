@@ -6,60 +6,23 @@ idempotent, and the books balance after every test that moves money.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
-import json
 import re
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from apibox.config import load_settings
-from apibox.store import open_store
 from apibox.store.base import Store
+from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run, tables
 from tests.conftest import assert_books_balance, fund
 
 USD = re.compile(r"^\d+\.\d{6}$")
 BALANCE_KEYS = {"user_id", "email", "balance_usd", "held_usd", "available_usd"}
 TABLES = {"users", "balances", "api_keys", "holds", "usage", "ledger", "_apibox_migrations"}
-
-
-def ok_json(result: Any) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def assert_one_line_error(result: Any, *fragments: str) -> str:
-    """Exit code 1, nothing on stdout, one `error: ...` line on stderr, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-async def books(config_path: Path) -> AsyncIterator[Store]:
-    """conftest's ``store``, with the closing `db check` run off the event loop.
-
-    (conftest's ``store`` runs the CLI, which calls asyncio.run, inside its async teardown, where
-    a loop is already running, so every test using it errors at teardown.)
-    """
-    db = await open_store(load_settings(str(config_path)).database.url)
-    yield db
-    problems = await db.audit()
-    await db.close()
-    assert problems == []
-    await asyncio.to_thread(assert_books_balance, config_path)
 
 
 @pytest.fixture
@@ -73,11 +36,6 @@ def state(cli: Any, user: str = "ann@example.com") -> tuple[dict[str, Any], list
     return ok_json(cli("balance", user, "--json")), ok_json(cli("ledger", user, "--json"))
 
 
-def tables(config_path: Path) -> set[str]:
-    with sqlite3.connect(config_path.parent / "apibox.db") as db:
-        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
 # -- topup -----------------------------------------------------------------------------------
 
 
@@ -89,7 +47,7 @@ def test_topup_amounts_are_exact(cli: Any, ann: int, config_path: Path) -> None:
     balance = ok_json(cli("balance", "ann@example.com", "--json"))
     assert balance["balance_usd"] == balance["available_usd"] == "20.500001"
     # Micro-USD integers in the database, no float in sight.
-    with sqlite3.connect(config_path.parent / "apibox.db") as db:
+    with sqlite3.connect(db_file(config_path)) as db:
         assert db.execute("SELECT balance, typeof(balance) FROM balances").fetchone() == (20_500_001, "integer")
         assert [r[0] for r in db.execute("SELECT amount FROM ledger ORDER BY id")] == [10_000_000, 10_500_000, 1]
     assert_books_balance(config_path)
@@ -190,9 +148,8 @@ def test_adjust_rejects_bad_amounts(cli: Any, ann: int, amount: str) -> None:
     assert state(cli) == before
 
 
-async def test_adjust_cannot_take_money_held_for_requests_in_flight(books: Store, cli: Any,
+async def test_adjust_cannot_take_money_held_for_requests_in_flight(store: Store, cli: Any,
                                                                     config_path: Path) -> None:
-    store = books
     settings = load_settings(str(config_path))
     await fund(store, settings, "ann@example.com", "10")
     user = await store.find_user_by_email("ann@example.com")
@@ -200,12 +157,12 @@ async def test_adjust_cannot_take_money_held_for_requests_in_flight(books: Store
     key = (await store.list_keys(user.id))[0]
     hold = await store.hold(user.id, key.id, 4_000_000, "req-1", "demo")
     assert hold is not None
-    shown = ok_json(await asyncio.to_thread(cli, "balance", "ann@example.com", "--json"))
+    shown = ok_json(await run(cli, "balance", "ann@example.com", "--json"))
     assert (shown["balance_usd"], shown["held_usd"], shown["available_usd"]) == ("10.000000", "4.000000",
                                                                                "6.000000")
-    refused = await asyncio.to_thread(cli, "adjust", "ann@example.com", "-6.000001", "--note", "x")
+    refused = await run(cli, "adjust", "ann@example.com", "-6.000001", "--note", "x")
     assert_one_line_error(refused, "held")
-    done = ok_json(await asyncio.to_thread(cli, "adjust", "ann@example.com", "-6", "--note", "x", "--json"))
+    done = ok_json(await run(cli, "adjust", "ann@example.com", "-6", "--note", "x", "--json"))
     assert (done["balance_usd"], done["held_usd"], done["available_usd"]) == ("4.000000", "4.000000", "0.000000")
 
 

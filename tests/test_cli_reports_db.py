@@ -6,12 +6,10 @@ on the test's own connection to the same SQLite file the CLI opens.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,45 +22,11 @@ from apibox.config import Settings, load_settings
 from apibox.models import LedgerKind, UsageRecord
 from apibox.money import format_usd
 from apibox.pricing import Usage
-from apibox.store import open_store
 from apibox.store.base import Store
-from tests.conftest import assert_books_balance, fund
+from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run, tables
+from tests.conftest import fund
 
 NUMBERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
-
-
-def ok_json(result: Any) -> Any:
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def assert_one_line_error(result: Any, *fragments: str) -> str:
-    """Exit code 1, nothing on stdout, one `error: ...` line on stderr, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-@pytest.fixture
-async def books(config_path: Path) -> AsyncIterator[Store]:
-    """conftest's ``store``, with the closing `db check` run off the event loop.
-
-    (conftest's ``store`` runs the CLI, which calls asyncio.run, inside its async teardown, where
-    a loop is already running, so every test using it errors at teardown.)
-    """
-    db = await open_store(load_settings(str(config_path)).database.url)
-    yield db
-    problems = await db.audit()
-    await db.close()
-    assert problems == []
-    await asyncio.to_thread(assert_books_balance, config_path)
 
 
 @dataclass
@@ -96,32 +60,27 @@ async def bill(store: Store, settings: Settings, seeded: Seeded, email: str, key
 
 
 @pytest.fixture
-async def seeded(books: Store, config_path: Path) -> Seeded:
+async def seeded(store: Store, config_path: Path) -> Seeded:
     """Two users, three keys, five billed requests over three days (one an upstream error)."""
     settings = load_settings(str(config_path))
     s = Seeded(now=datetime.now(UTC))
     for email in ("ann@example.com", "bob@example.com"):
-        await fund(books, settings, email, "10")
-        user = await books.find_user_by_email(email)
+        await fund(store, settings, email, "10")
+        user = await store.find_user_by_email(email)
         assert user is not None
         s.users[email] = user.id
-    ann_keys = await books.list_keys(s.users["ann@example.com"])
+    ann_keys = await store.list_keys(s.users["ann@example.com"])
     s.keys["ann-1"] = ann_keys[0].id
-    s.keys["bob-1"] = (await books.list_keys(s.users["bob@example.com"]))[0].id
-    second = await accounts.create_key(books, "ann@example.com", accounts.KeyOptions(name="second"),
+    s.keys["bob-1"] = (await store.list_keys(s.users["bob@example.com"]))[0].id
+    second = await accounts.create_key(store, "ann@example.com", accounts.KeyOptions(name="second"),
                                        known_models=settings.model_index())
     s.keys["ann-2"] = second.key.id
-    await bill(books, settings, s, "ann@example.com", "ann-1", "demo", 1000, 500)
-    await bill(books, settings, s, "ann@example.com", "ann-1", "gpt-fake", 2000, 1000, days_ago=1)
-    await bill(books, settings, s, "ann@example.com", "ann-2", "demo", 10, 3)
-    await bill(books, settings, s, "bob@example.com", "bob-1", "demo", 100, 100, days_ago=10)
-    await bill(books, settings, s, "bob@example.com", "bob-1", "gpt-fake", 0, 0, status="error")
+    await bill(store, settings, s, "ann@example.com", "ann-1", "demo", 1000, 500)
+    await bill(store, settings, s, "ann@example.com", "ann-1", "gpt-fake", 2000, 1000, days_ago=1)
+    await bill(store, settings, s, "ann@example.com", "ann-2", "demo", 10, 3)
+    await bill(store, settings, s, "bob@example.com", "bob-1", "demo", 100, 100, days_ago=10)
+    await bill(store, settings, s, "bob@example.com", "bob-1", "gpt-fake", 0, 0, status="error")
     return s
-
-
-async def run(cli: Any, *args: str) -> Any:
-    """The CLI calls asyncio.run, so async tests run it in a worker thread."""
-    return await asyncio.to_thread(cli, *args)
 
 
 async def report(cli: Any, *args: str) -> list[dict[str, Any]]:
@@ -150,7 +109,7 @@ async def test_seeded_costs_are_the_price_of_the_tokens(seeded: Seeded) -> None:
     assert seeded.records[4].charged == 0  # the upstream error is free
 
 
-async def test_report_by_model_totals_equal_what_was_charged(cli: Any, seeded: Seeded, books: Store) -> None:
+async def test_report_by_model_totals_equal_what_was_charged(cli: Any, seeded: Seeded, store: Store) -> None:
     rows = await report(cli, "--by", "model")
     by_model = {r["model"]: r for r in rows}
     assert set(by_model) == {"demo", "gpt-fake"}
@@ -164,7 +123,7 @@ async def test_report_by_model_totals_equal_what_was_charged(cli: Any, seeded: S
     assert by_model["demo"]["cost_usd"] == "0.014595"  # 12,500 + 95 + 2,000
     assert by_model["gpt-fake"]["errors"] == 1
     total = sum(int(r["cost_usd"].replace(".", "")) for r in rows)
-    assert total == await ledger_charges(books, list(seeded.users.values()))
+    assert total == await ledger_charges(store, list(seeded.users.values()))
 
 
 async def test_report_by_day(cli: Any, seeded: Seeded) -> None:
@@ -274,11 +233,11 @@ async def test_report_filter_values_are_not_sql(cli: Any, seeded: Seeded) -> Non
     assert await report(cli, "--by", "model", "--model", "demo\" OR 1=1 --") == []
 
 
-async def test_interrupted_requests_are_not_reported(cli: Any, seeded: Seeded, books: Store) -> None:
-    key = await books.get_key(seeded.keys["bob-1"])
+async def test_interrupted_requests_are_not_reported(cli: Any, seeded: Seeded, store: Store) -> None:
+    key = await store.get_key(seeded.keys["bob-1"])
     assert key is not None
-    assert await books.hold(key.user_id, key.id, 1000, "req-crashed", "demo") is not None
-    assert len(await books.recover_holds()) == 1
+    assert await store.hold(key.user_id, key.id, 1000, "req-crashed", "demo") is not None
+    assert len(await store.recover_holds()) == 1
     rows = await report(cli, "--by", "user")
     assert sum(r["requests"] for r in rows) == len(seeded.rows())
 
@@ -311,10 +270,6 @@ def test_report_on_an_empty_database(cli: Any) -> None:
 # -- db migrate / check ------------------------------------------------------------------------
 
 
-def db_file(config_path: Path) -> Path:
-    return config_path.parent / "apibox.db"
-
-
 def test_db_migrate_is_idempotent(cli: Any, config_path: Path) -> None:
     assert not db_file(config_path).exists()
     first = cli("db", "migrate")
@@ -325,8 +280,7 @@ def test_db_migrate_is_idempotent(cli: Any, config_path: Path) -> None:
     assert ok_json(cli("db", "migrate", "--json")) == {"applied": []}
     with sqlite3.connect(db_file(config_path)) as db:
         assert db.execute("SELECT name FROM _apibox_migrations").fetchall() == [("0001_initial",)]
-        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"users", "balances", "api_keys", "holds", "usage", "ledger"} <= tables
+    assert {"users", "balances", "api_keys", "holds", "usage", "ledger"} <= tables(config_path)
 
 
 def test_db_migrate_json_on_a_fresh_database(cli: Any) -> None:

@@ -18,30 +18,7 @@ from typer.testing import CliRunner
 
 from apibox.cli.main import app as cli_app
 from apibox.keys import hash_key
-
-
-def ok_json(result: Any) -> Any:
-    """The command succeeded and printed exactly one JSON document on stdout."""
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
-def assert_one_line_error(result: Any, *fragments: str) -> str:
-    """Exit code 1, nothing on stdout, one `error: ...` line on stderr, no traceback."""
-    assert result.exit_code == 1, result.output
-    assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
-def db_path(config_path: Path) -> Path:
-    return config_path.parent / "apibox.db"
+from tests.cli_helpers import assert_one_line_error, db_file, ok_json
 
 
 def user_id(cli: Any, email: str, *extra: str) -> int:
@@ -410,13 +387,13 @@ def test_the_database_files_never_hold_a_plaintext_secret(cli: Any, config_path:
     user_id(cli, "ann@example.com")
     # A second connection held open keeps the -wal file alive (the last one to close removes it),
     # so the new keys' rows are still in the WAL when the files are read.
-    keeper = sqlite3.connect(db_path(config_path))
+    keeper = sqlite3.connect(db_file(config_path))
     try:
         keeper.execute("SELECT count(*) FROM users").fetchone()
         secrets = [new_key(cli, "ann@example.com", "--name", f"k{i}")["key"] for i in range(3)]
         cli("keys", "revoke", "1")
         cli("keys", "list")
-        wal = db_path(config_path).with_name("apibox.db-wal")
+        wal = db_file(config_path).with_name("apibox.db-wal")
         assert wal.exists()
         files = [p for p in config_path.parent.iterdir() if p.name.startswith("apibox.db")]
         raw = b"".join(p.read_bytes() for p in files)
@@ -430,9 +407,9 @@ def test_the_database_files_never_hold_a_plaintext_secret(cli: Any, config_path:
     finally:
         keeper.close()
     # Also after the WAL is folded into the main file.
-    with sqlite3.connect(db_path(config_path)) as db:
+    with sqlite3.connect(db_file(config_path)) as db:
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    raw = db_path(config_path).read_bytes()
+    raw = db_file(config_path).read_bytes()
     for secret in secrets:
         assert hash_key(secret).encode() in raw
         assert secret[12:28].encode() not in raw

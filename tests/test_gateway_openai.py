@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -21,12 +23,11 @@ from typer.testing import CliRunner
 
 from apibox import reports
 from apibox.cli.main import app as cli_app
-from apibox.config import ModelSettings, Route, load_settings
-from apibox.gateway.app import create_app
+from apibox.config import ModelSettings, Route, Settings
 from apibox.money import format_usd
 from apibox.pricing import Price
 from apibox.store import open_store
-from tests.conftest import Live, ServerThread, assert_books_balance, write_config
+from tests.conftest import Live, ServerThread, serving
 from tests.fake_upstream import UPSTREAM_KEY, WORDS, FakeUpstream
 from tests.gateway_helpers import (
     account,
@@ -247,26 +248,17 @@ async def test_embeddings_refuse_a_chat_model(live: Live, live_store) -> None:
 class EchoEmbeddingServer(ServerThread):
     """The standard live gateway plus an ``embed-demo`` model on the offline echo provider."""
 
-    async def _start(self) -> Live:
-        upstream = await self._serve(self.fake.app())
-        config = write_config(self.tmp_path, upstream)
-        settings = load_settings(str(config))
+    def configure(self, settings: Settings) -> Settings:
         embed = ModelSettings(name="embed-demo", routes=(Route(provider="echo", model="echo-embed"),),
                               price=Price(input=100_000_000, output=0), kind="embedding")
-        settings = replace(settings, models=(*settings.models, embed))
-        url = await self._serve(create_app(settings))
-        return Live(url, self.fake, config, settings)
+        return replace(settings, models=(*settings.models, embed))
 
 
 @pytest.fixture
-def echo_live(tmp_path, fake: FakeUpstream):
-    server = EchoEmbeddingServer(tmp_path, fake)
-    running = server.start()
-    try:
+def echo_live(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
+    """conftest's ``live`` with the ``embed-demo`` model added; books checked after."""
+    with serving(EchoEmbeddingServer(tmp_path, fake)) as running:
         yield running
-    finally:
-        server.stop()
-    assert_books_balance(running.config_path)
 
 
 async def test_embeddings_base64_on_the_echo_provider_are_decoded_by_the_sdk(echo_live: Live) -> None:

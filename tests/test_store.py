@@ -7,7 +7,6 @@ ledger, the CHECK constraints, one-transaction settlement, and the audit finding
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -23,7 +22,7 @@ from apibox.models import ApiKey, Hold, LedgerKind, UsageRecord, User, UserState
 from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import SQLITE_MIGRATIONS
-from tests.conftest import assert_books_balance
+from tests.conftest import opened_store
 
 TABLES = {"users", "balances", "api_keys", "holds", "usage", "ledger"}
 ENGINES = ["sqlite"]  # add "postgresql" here when apibox/store/postgres.py exists
@@ -35,12 +34,8 @@ async def store(request: pytest.FixtureRequest, config_path: Path) -> AsyncItera
     must balance after every test."""
     settings = load_settings(str(config_path))
     assert request.param == "sqlite" and settings.database.url.startswith("sqlite:")
-    db = await open_store(settings.database.url)
-    yield db
-    problems = await db.audit()
-    await db.close()
-    assert problems == []
-    await asyncio.to_thread(assert_books_balance, config_path)
+    async with opened_store(config_path) as db:
+        yield db
 
 
 async def new_user(store: Store, email: str = "ann@example.com") -> User:

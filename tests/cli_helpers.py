@@ -1,0 +1,45 @@
+"""Helpers shared by the CLI tests (test_cli_*.py): reading a command's result and its database file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+
+def ok_json(result: Any) -> Any:
+    """The command succeeded and printed exactly one JSON document on stdout."""
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def assert_one_line_error(result: Any, *fragments: str) -> str:
+    """Exit code 1, nothing on stdout, one `error: ...` line on stderr, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+async def run(cli: Any, *args: str) -> Any:
+    """The CLI calls asyncio.run, so async tests run it in a worker thread."""
+    return await asyncio.to_thread(cli, *args)
+
+
+def db_file(config_path: Path) -> Path:
+    """The SQLite file the test config (conftest's ``write_config``) points at."""
+    return config_path.parent / "apibox.db"
+
+
+def tables(config_path: Path) -> set[str]:
+    """The names of the tables in the test config's database."""
+    with sqlite3.connect(db_file(config_path)) as db:
+        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
