@@ -19,7 +19,8 @@ from apibox.errors import ConfigError
 from apibox.money import MoneyError, parse_usd
 from apibox.pricing import Price
 
-PROVIDER_TYPES = ("openai", "echo")
+PROVIDER_TYPES = ("openai", "anthropic", "gemini", "echo")
+DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "gemini": "https://generativelanguage.googleapis.com/v1beta"}
 DEFAULT_CONFIG_NAME = "apibox.yaml"
 
 
@@ -151,7 +152,7 @@ def load_settings(explicit: str | None = None, env: Mapping[str, str] | None = N
 def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     try:
-        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc.message}") from None
     except yaml.YAMLError as exc:
@@ -332,7 +333,7 @@ class _Parser:
         kind = fields["type"].text()
         if kind not in PROVIDER_TYPES:
             raise fields["type"].fail(f"unknown provider type {kind!r} (known: {', '.join(PROVIDER_TYPES)})")
-        base_url = fields["base_url"].text() if "base_url" in fields else ""
+        base_url = fields["base_url"].text() if "base_url" in fields else DEFAULT_BASE_URLS.get(kind, "")
         if kind == "openai" and not base_url:
             raise node.fail("missing key 'base_url' (an OpenAI-compatible provider needs its URL)")
         if base_url and not base_url.startswith(("http://", "https://")):

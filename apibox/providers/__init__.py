@@ -5,8 +5,10 @@ from __future__ import annotations
 import aiohttp
 
 from apibox.config import Settings
+from apibox.providers.anthropic import AnthropicProvider
 from apibox.providers.base import Provider
 from apibox.providers.echo import EchoProvider
+from apibox.providers.gemini import GeminiProvider
 from apibox.providers.openai import OpenAIProvider
 
 
@@ -14,8 +16,11 @@ def build_providers(settings: Settings, session: aiohttp.ClientSession) -> dict[
     """One provider object per configured provider, all sharing the one upstream session."""
     providers: dict[str, Provider] = {}
     for config in settings.providers:
-        if config.type == "openai":
-            providers[config.name] = OpenAIProvider(config, session)
-        elif config.type == "echo":
+        if config.type == "echo":
             providers[config.name] = EchoProvider(config)
+        else:
+            providers[config.name] = HTTP_PROVIDERS[config.type](config, session)
     return providers
+
+
+HTTP_PROVIDERS = {"openai": OpenAIProvider, "anthropic": AnthropicProvider, "gemini": GeminiProvider}

@@ -23,6 +23,7 @@ class ProviderRequest:
     body: dict[str, Any]
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)  # extra headers for the upstream
+    output_limit: int | None = None  # the most output tokens the user's hold pays for
 
     @property
     def stream(self) -> bool:
@@ -38,6 +39,9 @@ class ChunkStream(Protocol):
 
 class Provider(Protocol):
     name: str
+    # The wire format the upstream speaks natively ("openai", "anthropic", "gemini", "echo"):
+    # a door in the same format may pass requests through untranslated.
+    native_format: str
     # Whether a stream reports usage (so the gateway need not estimate it).
     reports_stream_usage: bool
 

@@ -27,6 +27,7 @@ EMBEDDING_DIMENSIONS = 16
 
 class EchoProvider:
     name: str
+    native_format = "echo"
     reports_stream_usage = True
 
     def __init__(self, settings: ProviderSettings) -> None:

@@ -1,0 +1,214 @@
+"""Gemini generateContent <-> OpenAI chat: requests, replies, streams and usage (pure).
+
+PROTOCOLS.md sections 3 and 4.5-4.6. Gemini has no stable tool-call ids and wants its
+thought signatures back with each function call, so callers pass a ``signatures`` mapping
+(tool-call id -> signature) that lives across turns.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import MutableMapping
+from typing import Any
+
+from apibox.errors import InvalidRequest
+from apibox.openai_wire import usage_to_openai
+from apibox.pricing import Usage
+
+SKIP_SIGNATURE = "skip_thought_signature_validator"
+FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
+            "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}
+
+
+def usage_from_gemini(raw: Any) -> Usage | None:
+    if not isinstance(raw, dict):
+        return None
+
+    def n(name: str) -> int:
+        value = raw.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    thoughts = n("thoughtsTokenCount")
+    return Usage(prompt_tokens=n("promptTokenCount") + n("toolUsePromptTokenCount"),
+                 completion_tokens=n("candidatesTokenCount") + thoughts, cached_tokens=n("cachedContentTokenCount"),
+                 reasoning_tokens=thoughts)
+
+
+def finish_reason(reason: str | None, has_calls: bool) -> str | None:
+    if reason is None:
+        return None
+    if reason == "MAX_TOKENS":
+        return "length"
+    if reason in FILTERED:
+        return "content_filter"
+    return "tool_calls" if has_calls else "stop"
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts: list[dict[str, Any]] = []
+    for part in content or ():
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text" and part.get("text"):
+            parts.append({"text": part["text"]})
+        elif part.get("type") == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str) and url.startswith("data:"):
+                header, _, data = url.partition(",")
+                parts.append({"inlineData": {"mimeType": header[5:].split(";")[0], "data": data}})
+            elif isinstance(url, str):
+                parts.append({"fileData": {"fileUri": url}})
+    return parts
+
+
+def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[str, str]) -> dict[str, Any]:
+    """An OpenAI chat request as a generateContent body (the model goes in the URL)."""
+    system: list[dict[str, Any]] = []
+    contents: list[dict[str, Any]] = []
+    call_names: dict[str, str] = {}
+
+    def add(role: str, parts: list[dict[str, Any]]) -> None:
+        if not parts:
+            return
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+
+    for message in body.get("messages") or ():
+        role, content = message.get("role"), message.get("content")
+        if role in ("system", "developer"):
+            system.extend(_parts(content))
+        elif role == "user":
+            add("user", _parts(content))
+        elif role == "assistant":
+            parts = _parts(content)
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                call_names[call.get("id", "")] = function.get("name", "")
+                try:
+                    args = json.loads(function.get("arguments") or "{}")
+                except ValueError:
+                    raise InvalidRequest("a tool call's `arguments` is not valid JSON", param="messages") from None
+                parts.append({"functionCall": {"name": function.get("name", ""), "args": args},
+                              "thoughtSignature": signatures.get(call.get("id", ""), SKIP_SIGNATURE)})
+            add("model", parts)
+        elif role == "tool":
+            text = content if isinstance(content, str) else "".join(
+                p.get("text", "") for p in content or () if isinstance(p, dict))
+            try:
+                output: Any = json.loads(text)
+            except ValueError:
+                output = text
+            name = call_names.get(message.get("tool_call_id", ""), message.get("name", ""))
+            add("user", [{"functionResponse": {"name": name, "response": {"output": output}}}])
+    out: dict[str, Any] = {"contents": contents}
+    if system:
+        out["systemInstruction"] = {"parts": system}
+    config: dict[str, Any] = {}
+    limit = body.get("max_completion_tokens") or body.get("max_tokens")
+    for key, value in (("maxOutputTokens", limit), ("temperature", body.get("temperature")),
+                       ("topP", body.get("top_p")), ("candidateCount", body.get("n")), ("seed", body.get("seed")),
+                       ("presencePenalty", body.get("presence_penalty")),
+                       ("frequencyPenalty", body.get("frequency_penalty"))):
+        if value is not None:
+            config[key] = value
+    stop = body.get("stop")
+    if stop:
+        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
+    response_format = body.get("response_format") or {}
+    if response_format.get("type") in ("json_object", "json_schema"):
+        config["responseMimeType"] = "application/json"
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if schema:
+            config["responseJsonSchema"] = schema
+    if config:
+        out["generationConfig"] = config
+    tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    if tools:
+        out["tools"] = [{"functionDeclarations": [
+            {"name": f.get("name", ""), **({"description": f["description"]} if f.get("description") else {}),
+             **({"parametersJsonSchema": f["parameters"]} if f.get("parameters") else {})} for f in tools]}]
+        choice = body.get("tool_choice")
+        mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}.get(choice) if isinstance(choice, str) else None
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            out["toolConfig"] = {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+        elif mode:
+            out["toolConfig"] = {"functionCallingConfig": {"mode": mode}}
+    return out
+
+
+class GeminiToOpenAI:
+    """Gemini responses (whole or streamed chunks) -> OpenAI replies or chunks."""
+
+    def __init__(self, model: str, signatures: MutableMapping[str, str]) -> None:
+        self.model = model
+        self.signatures = signatures
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.usage: Usage | None = None
+        self.tool_count = 0
+        self.started = False
+        self.finished = False
+
+    def _read(self, response: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
+        self.usage = usage_from_gemini(response.get("usageMetadata")) or self.usage
+        candidates = response.get("candidates") or []
+        if not candidates:
+            blocked = (response.get("promptFeedback") or {}).get("blockReason")
+            return "", [], "content_filter" if blocked else None
+        candidate = candidates[0]
+        text: list[str] = []
+        calls: list[dict[str, Any]] = []
+        for part in (candidate.get("content") or {}).get("parts") or ():
+            if "text" in part and not part.get("thought"):
+                text.append(part["text"])
+            elif "functionCall" in part:
+                call = part["functionCall"]
+                call_id = call.get("id") or "call_" + uuid.uuid4().hex[:24]
+                if part.get("thoughtSignature"):
+                    self.signatures[call_id] = part["thoughtSignature"]
+                calls.append({"index": self.tool_count, "id": call_id, "type": "function",
+                              "function": {"name": call.get("name", ""), "arguments": json.dumps(call.get("args") or {})}})
+                self.tool_count += 1
+        return "".join(text), calls, finish_reason(candidate.get("finishReason"), bool(calls) or self.tool_count > 0)
+
+    def reply(self, response: dict[str, Any]) -> dict[str, Any]:
+        text, calls, finish = self._read(response)
+        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
+        if calls:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}],
+                "usage": usage_to_openai(self.usage or Usage())}
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def chunks(self, response: dict[str, Any]) -> list[dict[str, Any]]:
+        """One streamed Gemini chunk -> the OpenAI chunks it stands for."""
+        text, calls, finish = self._read(response)
+        out: list[dict[str, Any]] = []
+        if not self.started:
+            self.started = True
+            out.append(self._chunk({"role": "assistant", "content": ""}))
+        if text:
+            out.append(self._chunk({"content": text}))
+        if calls:
+            out.append(self._chunk({"tool_calls": calls}))
+        if finish:
+            self.finished = True
+            out.append(self._chunk({}, finish))
+        return out
+
+    def usage_chunk(self) -> dict[str, Any] | None:
+        if self.usage is None:
+            return None
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": [], "usage": usage_to_openai(self.usage)}

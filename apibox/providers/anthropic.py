@@ -1,0 +1,123 @@
+"""Anthropic's Messages API: OpenAI-shaped requests translated both ways, or passed through natively.
+
+The OpenAI door uses ``complete``/``open_stream`` (translation in ``apibox.formats.anthropic``).
+The ``/v1/messages`` door uses ``complete_native``/``open_native_stream``, which send the
+client's Anthropic body as it is and hand back Anthropic's reply or events untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from apibox.config import ProviderSettings
+from apibox.formats.anthropic import AnthropicToOpenAIStream, anthropic_to_openai_reply, openai_to_anthropic_request
+from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
+from apibox.providers.http import HttpUpstream
+
+ANTHROPIC_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+# Client headers a native pass-through forwards (betas change the API's behaviour).
+FORWARDED_HEADERS = ("anthropic-beta", "anthropic-version")
+
+
+class AnthropicProvider:
+    native_format = "anthropic"
+    reports_stream_usage = True
+
+    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession) -> None:
+        self.name = settings.name
+        headers = {"anthropic-version": ANTHROPIC_VERSION}
+        if settings.api_key:
+            headers["x-api-key"] = settings.api_key
+        self._http = HttpUpstream(settings, session, headers)
+        self._url = f"{settings.base_url}/v1/messages"
+
+    async def close(self) -> None:
+        """The session is shared and closed by its owner."""
+
+    def _check(self, request: ProviderRequest) -> None:
+        if request.endpoint != "chat/completions":
+            raise UpstreamFailure(f"/v1/{request.endpoint} is not available on Anthropic models", status=400,
+                                  retryable=False, type_="invalid_request_error", code="unsupported_endpoint")
+
+    def _body(self, request: ProviderRequest) -> dict[str, Any]:
+        return openai_to_anthropic_request(request.body, request.output_limit or DEFAULT_MAX_TOKENS)
+
+    async def complete(self, request: ProviderRequest) -> dict[str, Any]:
+        self._check(request)
+        reply = await self.complete_native(self._body(request), request.request_id, {})
+        return anthropic_to_openai_reply(reply, request.body.get("model", ""))
+
+    async def open_stream(self, request: ProviderRequest) -> _TranslatedStream:
+        self._check(request)
+        native = await self.open_native_stream(self._body(request), request.request_id, {})
+        return _TranslatedStream(native, request.body.get("model", ""))
+
+    async def complete_native(self, body: dict[str, Any], request_id: str,
+                              client_headers: Mapping[str, str]) -> dict[str, Any]:
+        response = await self._http.post(self._url, {**body, "stream": False}, self._headers(request_id, client_headers))
+        return await self._http.read_json(response)
+
+    async def open_native_stream(self, body: dict[str, Any], request_id: str,
+                                 client_headers: Mapping[str, str]) -> NativeStream:
+        response = await self._http.post(self._url, {**body, "stream": True}, self._headers(request_id, client_headers))
+        return NativeStream(response, self._http)
+
+    async def count_tokens(self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]) -> int:
+        response = await self._http.post(f"{self._url}/count_tokens", body, self._headers(request_id, client_headers))
+        reply = await self._http.read_json(response)
+        tokens = reply.get("input_tokens")
+        if not isinstance(tokens, int):
+            raise UpstreamFailure(f"upstream {self.name} sent no token count", status=502)
+        return tokens
+
+    @staticmethod
+    def _headers(request_id: str, client_headers: Mapping[str, str]) -> dict[str, str]:
+        headers = {"X-Request-Id": request_id}
+        for name in FORWARDED_HEADERS:
+            if client_headers.get(name):
+                headers[name] = client_headers[name]
+        return headers
+
+
+class NativeStream:
+    """Anthropic stream events as dicts (``type`` is the event name); ends at ``message_stop``."""
+
+    def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream) -> None:
+        self._response = response
+        self._http = http
+
+    async def aclose(self) -> None:
+        self._response.close()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for event in self._http.events(self._response):
+            data = self._http.parse_event(event)
+            data.setdefault("type", event.event)
+            if data["type"] == "error":
+                raise self._http.broken(data.get("error"))
+            if data["type"] == "ping":
+                continue
+            yield data
+            if data["type"] == "message_stop":
+                return
+        raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
+
+
+class _TranslatedStream:
+    """An Anthropic stream read as OpenAI chunks."""
+
+    def __init__(self, native: NativeStream, model: str) -> None:
+        self._native = native
+        self._translate = AnthropicToOpenAIStream(model)
+
+    async def aclose(self) -> None:
+        await self._native.aclose()
+
+    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        async for event in self._native:
+            for chunk in self._translate.feed(event):
+                yield chunk

@@ -1,0 +1,144 @@
+"""What every HTTP upstream shares: posting with timeouts, mapping error statuses, reading SSE.
+
+Provider modules only say where to post, which headers to send and how to translate bodies.
+Every message built here is cleaned of the provider's secrets first, because upstreams do
+echo keys back in their errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+
+from apibox.config import ProviderSettings
+from apibox.providers.base import StreamBroken, UpstreamFailure, redact
+from apibox.sse import Event, SSEDecoder
+
+
+class HttpUpstream:
+    """One upstream account reached over HTTP through the shared session."""
+
+    def __init__(self, settings: ProviderSettings, session: aiohttp.ClientSession, headers: Mapping[str, str]) -> None:
+        self.name = settings.name
+        self.settings = settings
+        self._session = session
+        self._headers = {"Content-Type": "application/json", **headers, **settings.headers}
+        self._secrets = (settings.api_key, *settings.headers.values(), *headers.values())
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeouts.connect)
+
+    def clean(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    async def post(self, url: str, body: dict[str, Any], headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """POST and wait for the response head; an error status raises UpstreamFailure."""
+        wait = self.settings.timeouts.first_byte
+        try:
+            async with asyncio.timeout(wait):
+                response = await self._session.post(url, data=json.dumps(body), headers={**self._headers, **headers},
+                                                    timeout=self._timeout)
+        except TimeoutError:
+            raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
+                                  code="upstream_timeout") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamFailure(f"cannot reach upstream {self.name}: {self.clean(type(exc).__name__)}",
+                                  status=503, code="upstream_unavailable") from None
+        if response.status >= 400:
+            try:
+                raise await self._failure(response)
+            finally:
+                response.release()
+        return response
+
+    async def read_json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
+        """A whole JSON object reply."""
+        try:
+            async with asyncio.timeout(self.settings.timeouts.idle):
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError):
+            raise UpstreamFailure(f"upstream {self.name} broke off its reply", status=502) from None
+        finally:
+            response.release()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise UpstreamFailure(f"upstream {self.name} sent a reply that is not JSON", status=502) from None
+        if not isinstance(body, dict):
+            raise UpstreamFailure(f"upstream {self.name} sent a reply that is not a JSON object", status=502)
+        return body
+
+    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Event]:
+        """Server-sent events as they arrive; the stream's end is the body's end."""
+        decoder = SSEDecoder()
+        idle = self.settings.timeouts.idle
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    data = await response.content.readany()
+            except TimeoutError:
+                raise StreamBroken(f"upstream {self.name} was silent for {idle:g}s") from None
+            except aiohttp.ClientError:
+                raise StreamBroken(f"upstream {self.name} broke off the stream") from None
+            for event in decoder.feed(data) if data else decoder.flush():
+                yield event
+            if not data:
+                return
+
+    def parse_event(self, event: Event) -> dict[str, Any]:
+        try:
+            value = json.loads(event.data)
+        except ValueError:
+            raise StreamBroken(f"upstream {self.name} sent a malformed event") from None
+        if not isinstance(value, dict):
+            raise StreamBroken(f"upstream {self.name} sent a malformed event")
+        return value
+
+    def broken(self, error: Any) -> StreamBroken:
+        """A mid-stream error event from the upstream, cleaned of secrets."""
+        message = error.get("message") if isinstance(error, dict) else error
+        return StreamBroken(self.clean(f"upstream {self.name}: {message}"))
+
+    async def _failure(self, response: aiohttp.ClientResponse) -> UpstreamFailure:
+        """An upstream error status -> the failure the client sees (never the upstream's secrets)."""
+        status = response.status
+        try:
+            async with asyncio.timeout(5):
+                payload = json.loads(await response.read())
+            detail = payload.get("error", payload) if isinstance(payload, dict) else {}
+            if isinstance(payload, list) and payload and isinstance(payload[0], dict):
+                detail = payload[0].get("error", {})  # Gemini sometimes wraps errors in a list
+            message = str(detail.get("message") or detail) if isinstance(detail, dict) else str(detail)
+            code = detail.get("code") or detail.get("type") if isinstance(detail, dict) else None
+        except (ValueError, TimeoutError, aiohttp.ClientError):
+            message, code = response.reason or "", None
+        message = self.clean(message)[:500]
+        retry_after = _retry_after(response.headers)
+        if status == 429 and code != "insufficient_quota":
+            return UpstreamFailure(f"upstream {self.name} is rate limited: {message}", status=429,
+                                   upstream_status=status, retry_after=retry_after or 1.0,
+                                   type_="rate_limit_exceeded", code="upstream_rate_limited")
+        if status in (401, 402, 403, 429):
+            # The operator's upstream account is at fault, not the client's request.
+            return UpstreamFailure(f"upstream {self.name} refused apibox's account (HTTP {status}); "
+                                   "the operator has been told", status=503, upstream_status=status)
+        if status < 500 and status not in (408, 409):
+            return UpstreamFailure(f"upstream {self.name} rejected the request: {message}", status=400,
+                                   upstream_status=status, retryable=False, type_="invalid_request_error",
+                                   code="upstream_rejected")
+        return UpstreamFailure(f"upstream {self.name} failed (HTTP {status}): {message}",
+                               status=503 if status in (503, 529) else 502, upstream_status=status,
+                               retry_after=retry_after)
+
+
+def _retry_after(headers: Any) -> float | None:
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                continue
+    return None
