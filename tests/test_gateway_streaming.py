@@ -155,13 +155,19 @@ async def test_a_stream_without_usage_is_charged_by_estimate(live: Live, live_st
     response, raw = await raw_stream(live, who.key, {"stream_options": {"include_usage": True}})
     assert response.status == 200
     chunks = sse_json(raw)
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
-    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(ASCII_WORDS)
+    # The client asked for usage and the upstream sent none: it gets the estimate it pays for.
+    *answer, usage_chunk = chunks
+    assert answer[-1]["choices"][0]["finish_reason"] == "stop"
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in answer) == "".join(ASCII_WORDS)
+    assert usage_chunk["choices"] == []
 
     row = (await wait_for_usage(live, who.user_id, 1))[0]
     assert (row["status"], row["estimated"]) == ("ok", 1)
     prompt = tokens.prompt_estimate({"messages": MESSAGES})
     assert (row["prompt_tokens"], row["completion_tokens"]) == (prompt, len(ASCII_WORDS))
+    assert (usage_chunk["usage"]["prompt_tokens"], usage_chunk["usage"]["completion_tokens"]) == (
+        prompt, len(ASCII_WORDS))
+    assert usage_chunk["usage"]["cost"] * 1_000_000 == pytest.approx(row["charged"])
     cost = expected_cost("gpt-fake", prompt, len(ASCII_WORDS))
     assert row["charged"] == cost > 0
     assert charges(live, who.user_id) == [cost]

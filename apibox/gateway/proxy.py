@@ -22,18 +22,17 @@ from apibox.config import ModelSettings, Route
 from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
+from apibox.gateway.doors import Door, OpenAIDoor
 from apibox.gateway.middlewares import REQUEST_ID
 from apibox.models import UsageRecord
-from apibox.money import usd_number
-from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage, cost_micro
 from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure
-from apibox.sse import encode
 
 log = logging.getLogger("apibox.gateway")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-OVERRUN_SLACK_TOKENS = 16  # tolerance before a stream running past its paid-for length is cut
+OVERRUN_SLACK_TOKENS = 16
+OPENAI_DOOR = OpenAIDoor()  # tolerance before a stream running past its paid-for length is cut
 
 
 @dataclass(slots=True)
@@ -47,8 +46,10 @@ class Call:
     body: dict[str, Any]
     request_id: str
     reservation: billing.Reservation
+    door: Door
     started: float = field(default_factory=time.monotonic)
     route: Route | None = None
+    native: bool = False  # the route's upstream speaks the door's format: passed through untranslated
     first_byte: float | None = None
     settlement: asyncio.Future[UsageRecord] | None = None
 
@@ -95,7 +96,9 @@ def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) 
     return asked * n
 
 
-async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any]) -> web.StreamResponse:
+async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any],
+                  door: Door = OPENAI_DOOR) -> web.StreamResponse:
+    """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer."""
     gateway = request.app[GATEWAY]
     model = gateway.router.resolve(body.get("model"))
     if caller.key.models and model.name not in caller.key.models:
@@ -108,7 +111,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     reservation = await billing.reserve(
         gateway.store, caller.key, model=model.name, price=model.price, request_id=request[REQUEST_ID],
         prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
-    call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation)
+    call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door)
     failed_with = 500
     try:
         if body.get("stream") is True:
@@ -133,15 +136,18 @@ def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, An
     return body
 
 
-async def _attempt(call: Call, open_it: Any) -> Any:
+async def _attempt(call: Call, stream: bool) -> Any:
     """Try each route in turn until one answers; only failures before any output are retried."""
     last: UpstreamFailure | None = None
     for route in call.gateway.router.plan(call.model):
         provider = call.gateway.providers[route.provider]
-        call.route = route
-        upstream = ProviderRequest(call.endpoint, _upstream_body(call, route, provider), call.request_id)
+        call.route, call.native = route, call.door.is_native(provider)
+        upstream = ProviderRequest(call.endpoint, _upstream_body(call, route, provider), call.request_id,
+                                   output_limit=call.reservation.output_tokens)
         try:
-            return await open_it(provider, upstream)
+            if stream:
+                return await call.door.open_stream(provider, upstream, call.native)
+            return await call.door.complete(provider, upstream, call.native)
         except UpstreamFailure as exc:
             log.warning("route %s for %s failed: %s (request %s)", route.provider, call.model.name, exc.message,
                         call.request_id)
@@ -159,80 +165,56 @@ def _headers(call: Call) -> dict[str, str]:
 
 
 async def _complete(call: Call) -> web.Response:
-    reply: dict[str, Any] = await _attempt(call, lambda provider, req: provider.complete(req))
+    reply: dict[str, Any] = await _attempt(call, stream=False)
     call.first_byte = time.monotonic()
-    usage = usage_from_openai(reply.get("usage"))
+    usage = call.door.usage(reply, call.native)
     if usage is None:
-        usage = call.estimate(sum(tokens.count_tokens(_reply_text(c)) for c in reply.get("choices") or ()))
+        usage = call.estimate(tokens.count_tokens(call.door.reply_text(reply, call.native)))
     record = await call.settle(usage, "ok", 200)
-    reply["model"] = call.model.name
-    reply["usage"] = {**(reply.get("usage") or usage_to_openai(usage)), "cost": usd_number(record.cost)}
-    return web.Response(text=json.dumps(reply), content_type="application/json", headers=_headers(call))
-
-
-def _reply_text(choice: Any) -> str:
-    if not isinstance(choice, dict):
-        return ""
-    message = choice.get("message") or {}
-    return str(choice.get("text") or message.get("content") or "") + json.dumps(message.get("tool_calls") or "")
+    body = call.door.render_reply(reply, call.native, call.model.name, usage, record.cost)
+    return web.Response(text=json.dumps(body), content_type="application/json", headers=_headers(call))
 
 
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
-    stream: ChunkStream = await _attempt(call, lambda provider, req: provider.open_stream(req))
-    chunks = aiter(stream)
+    stream: ChunkStream = await _attempt(call, stream=True)
+    items = aiter(stream)
     response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(call)})
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
+    renderer = call.door.renderer(call.native, call.model.name, wants_usage, tokens.prompt_estimate(call.body))
     usage: Usage | None = None
     delivered = 0
     limit = call.reservation.output_tokens + OVERRUN_SLACK_TOKENS
     status, http_status = "ok", 200
     try:
         await response.prepare(request)
-        async for chunk in chunks:
+        async for item in items:
             call.first_byte = call.first_byte or time.monotonic()
-            if chunk.get("usage"):
-                usage = usage_from_openai(chunk["usage"])
-                if not chunk.get("choices"):  # the usage-only chunk
-                    if wants_usage and usage is not None:
-                        cost = usd_number(cost_micro(call.reservation.price, usage))
-                        chunk["usage"] = {**chunk["usage"], "cost": cost}
-                        chunk["model"] = call.model.name
-                        await response.write(encode(json.dumps(chunk)))
-                    continue
-            if not wants_usage:
-                chunk.pop("usage", None)
-            chunk["model"] = call.model.name
-            delivered += tokens.count_tokens(delta_text(chunk))
+            piece = renderer.feed(item)
+            usage = piece.usage or usage
+            delivered += tokens.count_tokens(piece.text) if piece.text else 0
             if delivered > limit:
                 status = "cut"
-                await response.write(encode(json.dumps(_length_chunk(chunk))))
+                await response.write(renderer.cut())
                 break
-            await response.write(encode(json.dumps(chunk)))
-        await response.write(b"data: [DONE]\n\n")
+            if piece.data:
+                await response.write(piece.data)
+        final = usage if status == "ok" and usage is not None else call.estimate(delivered)
+        await response.write(renderer.end(final, cost_micro(call.reservation.price, final)))
     except StreamBroken as exc:
         status, http_status = "cut", 502
         log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
-        await _write_quietly(response, encode(json.dumps(
-            {"error": {"message": f"{exc} The answer is incomplete.", "type": "server_error",
-                       "param": None, "code": "upstream_stream_broken"}})))
+        await _write_quietly(response, renderer.error(f"{exc} The answer is incomplete."))
     except ConnectionResetError:
         status, http_status = "client_gone", 499
     except asyncio.CancelledError:
         status, http_status = "client_gone", 499
         raise
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await items.aclose()  # type: ignore[attr-defined]
         await stream.aclose()
         charged = usage if status == "ok" and usage is not None else call.estimate(delivered)
         await call.settle(charged, status, http_status)
     return response
-
-
-def _length_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
-    """The chunk that ends a stream which ran past what the hold pays for."""
-    choices = [{"index": c.get("index", 0), "delta": {}, "logprobs": None, "finish_reason": "length"}
-               for c in chunk.get("choices") or ({"index": 0},)]
-    return {**chunk, "choices": choices}
 
 
 async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:

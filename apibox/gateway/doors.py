@@ -1,0 +1,115 @@
+"""The client-facing formats ("doors"): what a request looks like upstream and how replies return.
+
+The OpenAI door speaks OpenAI both ways. The Anthropic door (``/v1/messages``) hands the
+billing flow an OpenAI-shaped copy of the request for holds and translated routes, and
+passes the original through untouched to routes whose upstream speaks Anthropic natively.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from apibox.formats.anthropic import openai_to_anthropic_reply, usage_from_anthropic
+from apibox.gateway.render import AnthropicPassthrough, AnthropicRenderer, OpenAIRenderer, StreamRenderer
+from apibox.money import usd_number
+from apibox.openai_wire import usage_from_openai, usage_to_openai
+from apibox.pricing import Usage
+from apibox.providers.base import ChunkStream, Provider, ProviderRequest
+
+
+class Door(Protocol):
+    """One client-facing wire format."""
+
+    def is_native(self, provider: Provider) -> bool: ...
+    async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]: ...
+    async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream: ...
+    def usage(self, reply: dict[str, Any], native: bool) -> Usage | None: ...
+    def reply_text(self, reply: dict[str, Any], native: bool) -> str: ...
+    def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
+                     cost: int) -> dict[str, Any]: ...
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt_tokens: int) -> StreamRenderer: ...
+
+
+def openai_reply_text(reply: dict[str, Any]) -> str:
+    text = []
+    for choice in reply.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message") or {}
+            text.append(str(choice.get("text") or message.get("content") or ""))
+            if message.get("tool_calls"):
+                text.append(json.dumps(message["tool_calls"]))
+    return "".join(text)
+
+
+class OpenAIDoor:
+    def is_native(self, provider: Provider) -> bool:
+        return False  # every provider offers the OpenAI shape
+
+    async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]:
+        return await provider.complete(request)
+
+    async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream:
+        return await provider.open_stream(request)
+
+    def usage(self, reply: dict[str, Any], native: bool) -> Usage | None:
+        return usage_from_openai(reply.get("usage"))
+
+    def reply_text(self, reply: dict[str, Any], native: bool) -> str:
+        return openai_reply_text(reply)
+
+    def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
+                     cost: int) -> dict[str, Any]:
+        raw = reply.get("usage") if isinstance(reply.get("usage"), dict) and not usage.estimated else None
+        return {**reply, "model": model, "usage": {**(raw or usage_to_openai(usage)), "cost": usd_number(cost)}}
+
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt_tokens: int) -> StreamRenderer:
+        return OpenAIRenderer(model, wants_usage)
+
+
+class AnthropicDoor:
+    """``/v1/messages``: ``original`` is the client's Anthropic body."""
+
+    def __init__(self, original: dict[str, Any], client_headers: Mapping[str, str]) -> None:
+        self.original = original
+        self.client_headers = dict(client_headers)
+
+    def is_native(self, provider: Provider) -> bool:
+        return provider.native_format == "anthropic"
+
+    def _native_body(self, request: ProviderRequest) -> dict[str, Any]:
+        body = {**self.original, "model": request.body.get("model")}
+        if request.output_limit is not None and request.output_limit < (body.get("max_tokens") or 0):
+            body["max_tokens"] = request.output_limit
+        return body
+
+    async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]:
+        if native:
+            return await provider.complete_native(  # type: ignore[attr-defined]
+                self._native_body(request), request.request_id, self.client_headers)
+        return await provider.complete(request)
+
+    async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream:
+        if native:
+            return await provider.open_native_stream(  # type: ignore[attr-defined]
+                self._native_body(request), request.request_id, self.client_headers)
+        return await provider.open_stream(request)
+
+    def usage(self, reply: dict[str, Any], native: bool) -> Usage | None:
+        return usage_from_anthropic(reply.get("usage")) if native else usage_from_openai(reply.get("usage"))
+
+    def reply_text(self, reply: dict[str, Any], native: bool) -> str:
+        if not native:
+            return openai_reply_text(reply)
+        return "".join(str(b.get("text") or json.dumps(b.get("input") or "")) for b in reply.get("content") or ()
+                       if isinstance(b, dict))
+
+    def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
+                     cost: int) -> dict[str, Any]:
+        if native:
+            return {**reply, "model": model}
+        return openai_to_anthropic_reply(reply, model, usage)
+
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt_tokens: int) -> StreamRenderer:
+        return AnthropicPassthrough(model) if native else AnthropicRenderer(model, prompt_tokens)
