@@ -16,15 +16,27 @@ from apibox.errors import InvalidRequest
 from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage
 
-ANTHROPIC_STOP_TO_OPENAI = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-                            "model_context_window_exceeded": "length", "tool_use": "tool_calls",
-                            "refusal": "content_filter", "pause_turn": "stop"}
-OPENAI_FINISH_TO_ANTHROPIC = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                              "function_call": "tool_use", "content_filter": "refusal"}
+ANTHROPIC_STOP_TO_OPENAI = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+    "pause_turn": "stop",
+}
+OPENAI_FINISH_TO_ANTHROPIC = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 
 # -- usage ---------------------------------------------------------------------------------
+
 
 def usage_from_anthropic(raw: Any) -> Usage | None:
     """Anthropic usage -> Usage in OpenAI's convention (prompt includes cache reads and writes)."""
@@ -34,28 +46,39 @@ def usage_from_anthropic(raw: Any) -> Usage | None:
     def n(name: str) -> int:
         value = raw.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
     details = raw.get("output_tokens_details") or {}
     thinking = details.get("thinking_tokens") if isinstance(details, dict) else 0
     cache_read, cache_write = n("cache_read_input_tokens"), n("cache_creation_input_tokens")
-    return Usage(prompt_tokens=n("input_tokens") + cache_read + cache_write, completion_tokens=n("output_tokens"),
-                 cached_tokens=cache_read, cache_write_tokens=cache_write,
-                 reasoning_tokens=thinking if isinstance(thinking, int) and thinking > 0 else 0)
+    return Usage(
+        prompt_tokens=n("input_tokens") + cache_read + cache_write,
+        completion_tokens=n("output_tokens"),
+        cached_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        reasoning_tokens=thinking if isinstance(thinking, int) and thinking > 0 else 0,
+    )
 
 
 def usage_to_anthropic(usage: Usage) -> dict[str, int]:
-    return {"input_tokens": usage.uncached_prompt_tokens, "cache_creation_input_tokens": usage.cache_write_tokens,
-            "cache_read_input_tokens": usage.cached_tokens, "output_tokens": usage.completion_tokens}
+    return {
+        "input_tokens": usage.uncached_prompt_tokens,
+        "cache_creation_input_tokens": usage.cache_write_tokens,
+        "cache_read_input_tokens": usage.cached_tokens,
+        "output_tokens": usage.completion_tokens,
+    }
 
 
 # -- OpenAI request -> Anthropic request (the Anthropic provider) --------------------------
+
 
 def _image_block(url: str) -> dict[str, Any]:
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         media_type = header[5:].split(";")[0]
         if media_type not in IMAGE_TYPES:
-            raise InvalidRequest(f"image type {media_type!r} is not supported by this model "
-                                 f"(use one of {', '.join(IMAGE_TYPES)})")
+            raise InvalidRequest(
+                f"image type {media_type!r} is not supported by this model (use one of {', '.join(IMAGE_TYPES)})"
+            )
         return {"type": "image", "source": {"type": "base64", "media_type": media_type, "data": data}}
     return {"type": "image", "source": {"type": "url", "url": url}}
 
@@ -128,20 +151,37 @@ def openai_to_anthropic_request(body: dict[str, Any], default_max_tokens: int) -
             blocks = _openai_parts_to_blocks(content)
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
-                blocks.append({"type": "tool_use", "id": call.get("id") or _new_id("toolu_"),
-                               "name": function.get("name", ""), "input": _arguments(function.get("arguments"))})
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id") or _new_id("toolu_"),
+                        "name": function.get("name", ""),
+                        "input": _arguments(function.get("arguments")),
+                    }
+                )
             legacy = message.get("function_call")
             if isinstance(legacy, dict):
-                blocks.append({"type": "tool_use", "id": _new_id("toolu_"), "name": legacy.get("name", ""),
-                               "input": _arguments(legacy.get("arguments"))})
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": _new_id("toolu_"),
+                        "name": legacy.get("name", ""),
+                        "input": _arguments(legacy.get("arguments")),
+                    }
+                )
             add("assistant", blocks)
         elif role in ("tool", "function"):
-            result = {"type": "tool_result", "tool_use_id": message.get("tool_call_id") or message.get("name", ""),
-                      "content": _text_of(content) if not isinstance(content, str) else content}
+            result = {
+                "type": "tool_result",
+                "tool_use_id": message.get("tool_call_id") or message.get("name", ""),
+                "content": _text_of(content) if not isinstance(content, str) else content,
+            }
             add("user", [result])
-    out: dict[str, Any] = {"model": body.get("model"), "messages": messages,
-                           "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
-                           or default_max_tokens}
+    out: dict[str, Any] = {
+        "model": body.get("model"),
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens,
+    }
     if system:
         out["system"] = "\n\n".join(system)
     if body.get("stop"):
@@ -158,10 +198,15 @@ def openai_to_anthropic_request(body: dict[str, Any], default_max_tokens: int) -
         out["metadata"] = {"user_id": user}
     tools = body.get("tools") or [{"type": "function", "function": f} for f in body.get("functions") or ()]
     if tools:
-        out["tools"] = [{"name": t["function"].get("name", ""),
-                         **({"description": t["function"]["description"]} if t["function"].get("description") else {}),
-                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
-                        for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+        out["tools"] = [
+            {
+                "name": t["function"].get("name", ""),
+                **({"description": t["function"]["description"]} if t["function"].get("description") else {}),
+                "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}},
+            }
+            for t in tools
+            if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        ]
     choice = _tool_choice_to_anthropic(body.get("tool_choice", body.get("function_call")))
     if body.get("parallel_tool_calls") is False and tools:
         choice = {**(choice or {"type": "auto"}), "disable_parallel_tool_use": True}
@@ -186,6 +231,7 @@ def _tool_choice_to_anthropic(choice: Any) -> dict[str, Any] | None:
 
 # -- Anthropic reply/stream -> OpenAI ------------------------------------------------------
 
+
 def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, Any]:
     text: list[str] = []
     calls: list[dict[str, Any]] = []
@@ -193,17 +239,36 @@ def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, An
         if block.get("type") == "text":
             text.append(block.get("text", ""))
         elif block.get("type") == "tool_use":
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None,
-                               "refusal": None}
+            calls.append(
+                {
+                    "id": block.get("id"),
+                    "type": "function",
+                    "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})},
+                }
+            )
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(text) if text or not calls else None,
+        "refusal": None,
+    }
     if calls:
         message["tool_calls"] = calls
     usage = usage_from_anthropic(reply.get("usage")) or Usage()
-    return {"id": reply.get("id") or _new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "message": message, "logprobs": None,
-                                         "finish_reason": ANTHROPIC_STOP_TO_OPENAI.get(reply.get("stop_reason"), "stop")}],
-            "usage": usage_to_openai(usage)}
+    return {
+        "id": reply.get("id") or _new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": ANTHROPIC_STOP_TO_OPENAI.get(reply.get("stop_reason"), "stop"),
+            }
+        ],
+        "usage": usage_to_openai(usage),
+    }
 
 
 class AnthropicToOpenAIStream:
@@ -219,8 +284,13 @@ class AnthropicToOpenAIStream:
         self.finished = False
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
 
     @property
     def usage(self) -> Usage | None:
@@ -238,8 +308,20 @@ class AnthropicToOpenAIStream:
             if block.get("type") == "tool_use":
                 index = len(self.tool_index)
                 self.tool_index[event.get("index", 0)] = index
-                return [self._chunk({"tool_calls": [{"index": index, "id": block.get("id"), "type": "function",
-                                                     "function": {"name": block.get("name"), "arguments": ""}}]})]
+                return [
+                    self._chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": index,
+                                    "id": block.get("id"),
+                                    "type": "function",
+                                    "function": {"name": block.get("name"), "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                ]
             if block.get("type") == "text" and block.get("text"):
                 return [self._chunk({"content": block["text"]})]
             return []
@@ -249,8 +331,9 @@ class AnthropicToOpenAIStream:
                 return [self._chunk({"content": delta["text"]})]
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
                 index = self.tool_index.get(event.get("index", 0), 0)
-                return [self._chunk({"tool_calls": [{"index": index,
-                                                     "function": {"arguments": delta["partial_json"]}}]})]
+                return [
+                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})
+                ]
             return []
         if kind == "message_delta":
             stop = (event.get("delta") or {}).get("stop_reason")
@@ -263,20 +346,35 @@ class AnthropicToOpenAIStream:
             chunks = [self._chunk({}, self.finish_reason or "stop")]
             usage = self.usage
             if usage is not None:
-                chunks.append({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                               "model": self.model, "choices": [], "usage": usage_to_openai(usage)})
+                chunks.append(
+                    {
+                        "id": self.id,
+                        "object": "chat.completion.chunk",
+                        "created": self.created,
+                        "model": self.model,
+                        "choices": [],
+                        "usage": usage_to_openai(usage),
+                    }
+                )
             return chunks
         return []
 
 
 # -- Anthropic request -> OpenAI request (the /v1/messages door to other routes) -----------
 
+
 def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
-        messages.append({"role": "system", "content": system if isinstance(system, str) else
-                         "\n\n".join(b.get("text", "") for b in system if isinstance(b, dict))})
+        messages.append(
+            {
+                "role": "system",
+                "content": system
+                if isinstance(system, str)
+                else "\n\n".join(b.get("text", "") for b in system if isinstance(b, dict)),
+            }
+        )
     for message in body.get("messages") or ():
         role, content = message.get("role"), message.get("content")
         if isinstance(content, str):
@@ -296,15 +394,25 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
                 parts.append({"type": "text", "text": block.get("text", "")})
             elif kind == "image":
                 source = block.get("source") or {}
-                url = (f"data:{source.get('media_type')};base64,{source.get('data')}"
-                       if source.get("type") == "base64" else source.get("url"))
+                url = (
+                    f"data:{source.get('media_type')};base64,{source.get('data')}"
+                    if source.get("type") == "base64"
+                    else source.get("url")
+                )
                 parts.append({"type": "image_url", "image_url": {"url": url}})
             elif kind == "tool_use":
-                calls.append({"id": block.get("id"), "type": "function",
-                              "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})}})
+                calls.append(
+                    {
+                        "id": block.get("id"),
+                        "type": "function",
+                        "function": {"name": block.get("name"), "arguments": json.dumps(block.get("input") or {})},
+                    }
+                )
         if role == "assistant":
-            out: dict[str, Any] = {"role": "assistant",
-                                   "content": "".join(p["text"] for p in parts if p["type"] == "text") or None}
+            out: dict[str, Any] = {
+                "role": "assistant",
+                "content": "".join(p["text"] for p in parts if p["type"] == "text") or None,
+            }
             if calls:
                 out["tool_calls"] = calls
             if out["content"] is not None or calls:
@@ -319,9 +427,18 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
     if body.get("stop_sequences"):
         request["stop"] = list(body["stop_sequences"])[:4]
     if body.get("tools"):
-        request["tools"] = [{"type": "function", "function": {"name": t.get("name"), "description": t.get("description", ""),
-                                                              "parameters": t.get("input_schema") or {}}}
-                            for t in body["tools"] if isinstance(t, dict) and t.get("name")]
+        request["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.get("name"),
+                    "description": t.get("description", ""),
+                    "parameters": t.get("input_schema") or {},
+                },
+            }
+            for t in body["tools"]
+            if isinstance(t, dict) and t.get("name")
+        ]
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
@@ -340,6 +457,7 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
 
 # -- OpenAI reply/stream -> Anthropic (the /v1/messages door) ------------------------------
 
+
 def openai_to_anthropic_reply(reply: dict[str, Any], model: str, usage: Usage) -> dict[str, Any]:
     choice = (reply.get("choices") or [{}])[0]
     message = choice.get("message") or {}
@@ -352,11 +470,24 @@ def openai_to_anthropic_reply(reply: dict[str, Any], model: str, usage: Usage) -
             arguments = json.loads(function.get("arguments") or "{}")
         except ValueError:
             arguments = {}
-        content.append({"type": "tool_use", "id": call.get("id") or _new_id("toolu_"), "name": function.get("name"),
-                        "input": arguments})
-    return {"id": _new_id("msg_"), "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": OPENAI_FINISH_TO_ANTHROPIC.get(choice.get("finish_reason"), "end_turn"),
-            "stop_sequence": None, "usage": usage_to_anthropic(usage)}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call.get("id") or _new_id("toolu_"),
+                "name": function.get("name"),
+                "input": arguments,
+            }
+        )
+    return {
+        "id": _new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": OPENAI_FINISH_TO_ANTHROPIC.get(choice.get("finish_reason"), "end_turn"),
+        "stop_sequence": None,
+        "usage": usage_to_anthropic(usage),
+    }
 
 
 class OpenAIToAnthropicStream:
@@ -373,10 +504,24 @@ class OpenAIToAnthropicStream:
 
     def _start(self) -> list[tuple[str, dict[str, Any]]]:
         self.started = True
-        return [("message_start", {"type": "message_start", "message": {
-            "id": _new_id("msg_"), "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": 0}}})]
+        return [
+            (
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": _new_id("msg_"),
+                        "type": "message",
+                        "role": "assistant",
+                        "model": self.model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
+                    },
+                },
+            )
+        ]
 
     def _close_block(self) -> list[tuple[str, dict[str, Any]]]:
         if self.block_kind is None:
@@ -388,8 +533,9 @@ class OpenAIToAnthropicStream:
         events = self._close_block()
         self.block_index += 1
         self.block_kind = kind
-        events.append(("content_block_start", {"type": "content_block_start", "index": self.block_index,
-                                               "content_block": block}))
+        events.append(
+            ("content_block_start", {"type": "content_block_start", "index": self.block_index, "content_block": block})
+        )
         return events
 
     def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -400,19 +546,41 @@ class OpenAIToAnthropicStream:
             if text:
                 if self.block_kind != "text":
                     events += self._open_block("text", {"type": "text", "text": ""})
-                events.append(("content_block_delta", {"type": "content_block_delta", "index": self.block_index,
-                                                       "delta": {"type": "text_delta", "text": text}}))
+                events.append(
+                    (
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": self.block_index,
+                            "delta": {"type": "text_delta", "text": text},
+                        },
+                    )
+                )
             for call in delta.get("tool_calls") or ():
                 position = call.get("index", 0)
                 function = call.get("function") or {}
                 if position not in self.tool_blocks:
-                    events += self._open_block("tool_use", {"type": "tool_use", "id": call.get("id") or _new_id("toolu_"),
-                                                            "name": function.get("name", ""), "input": {}})
+                    events += self._open_block(
+                        "tool_use",
+                        {
+                            "type": "tool_use",
+                            "id": call.get("id") or _new_id("toolu_"),
+                            "name": function.get("name", ""),
+                            "input": {},
+                        },
+                    )
                     self.tool_blocks[position] = self.block_index
                 if function.get("arguments"):
-                    events.append(("content_block_delta", {
-                        "type": "content_block_delta", "index": self.tool_blocks[position],
-                        "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}))
+                    events.append(
+                        (
+                            "content_block_delta",
+                            {
+                                "type": "content_block_delta",
+                                "index": self.tool_blocks[position],
+                                "delta": {"type": "input_json_delta", "partial_json": function["arguments"]},
+                            },
+                        )
+                    )
             if choice.get("finish_reason"):
                 self.stop_reason = OPENAI_FINISH_TO_ANTHROPIC.get(choice["finish_reason"], "end_turn")
         return events
@@ -421,9 +589,16 @@ class OpenAIToAnthropicStream:
         events = [] if self.started else self._start()
         events += self._close_block()
         final = usage_to_anthropic(usage) if usage is not None else {"output_tokens": 0}
-        events.append(("message_delta", {"type": "message_delta",
-                                         "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
-                                         "usage": final}))
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
+                    "usage": final,
+                },
+            )
+        )
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 

@@ -18,8 +18,16 @@ from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
-FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
-            "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION"}
+FILTERED = {
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "IMAGE_SAFETY",
+    "IMAGE_PROHIBITED_CONTENT",
+    "IMAGE_RECITATION",
+}
 
 
 def usage_from_gemini(raw: Any) -> Usage | None:
@@ -29,10 +37,14 @@ def usage_from_gemini(raw: Any) -> Usage | None:
     def n(name: str) -> int:
         value = raw.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
     thoughts = n("thoughtsTokenCount")
-    return Usage(prompt_tokens=n("promptTokenCount") + n("toolUsePromptTokenCount"),
-                 completion_tokens=n("candidatesTokenCount") + thoughts, cached_tokens=n("cachedContentTokenCount"),
-                 reasoning_tokens=thoughts)
+    return Usage(
+        prompt_tokens=n("promptTokenCount") + n("toolUsePromptTokenCount"),
+        completion_tokens=n("candidatesTokenCount") + thoughts,
+        cached_tokens=n("cachedContentTokenCount"),
+        reasoning_tokens=thoughts,
+    )
 
 
 def finish_reason(reason: str | None, has_calls: bool) -> str | None:
@@ -94,12 +106,19 @@ def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[st
                     args = json.loads(function.get("arguments") or "{}")
                 except ValueError:
                     raise InvalidRequest("a tool call's `arguments` is not valid JSON", param="messages") from None
-                parts.append({"functionCall": {"name": function.get("name", ""), "args": args},
-                              "thoughtSignature": signatures.get(call.get("id", ""), SKIP_SIGNATURE)})
+                parts.append(
+                    {
+                        "functionCall": {"name": function.get("name", ""), "args": args},
+                        "thoughtSignature": signatures.get(call.get("id", ""), SKIP_SIGNATURE),
+                    }
+                )
             add("model", parts)
         elif role == "tool":
-            text = content if isinstance(content, str) else "".join(
-                p.get("text", "") for p in content or () if isinstance(p, dict))
+            text = (
+                content
+                if isinstance(content, str)
+                else "".join(p.get("text", "") for p in content or () if isinstance(p, dict))
+            )
             try:
                 output: Any = json.loads(text)
             except ValueError:
@@ -111,10 +130,15 @@ def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[st
         out["systemInstruction"] = {"parts": system}
     config: dict[str, Any] = {}
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    for key, value in (("maxOutputTokens", limit), ("temperature", body.get("temperature")),
-                       ("topP", body.get("top_p")), ("candidateCount", body.get("n")), ("seed", body.get("seed")),
-                       ("presencePenalty", body.get("presence_penalty")),
-                       ("frequencyPenalty", body.get("frequency_penalty"))):
+    for key, value in (
+        ("maxOutputTokens", limit),
+        ("temperature", body.get("temperature")),
+        ("topP", body.get("top_p")),
+        ("candidateCount", body.get("n")),
+        ("seed", body.get("seed")),
+        ("presencePenalty", body.get("presence_penalty")),
+        ("frequencyPenalty", body.get("frequency_penalty")),
+    ):
         if value is not None:
             config[key] = value
     stop = body.get("stop")
@@ -128,11 +152,22 @@ def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[st
             config["responseJsonSchema"] = schema
     if config:
         out["generationConfig"] = config
-    tools = [t["function"] for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    tools = [
+        t["function"] for t in body.get("tools") or () if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    ]
     if tools:
-        out["tools"] = [{"functionDeclarations": [
-            {"name": f.get("name", ""), **({"description": f["description"]} if f.get("description") else {}),
-             **({"parametersJsonSchema": f["parameters"]} if f.get("parameters") else {})} for f in tools]}]
+        out["tools"] = [
+            {
+                "functionDeclarations": [
+                    {
+                        "name": f.get("name", ""),
+                        **({"description": f["description"]} if f.get("description") else {}),
+                        **({"parametersJsonSchema": f["parameters"]} if f.get("parameters") else {}),
+                    }
+                    for f in tools
+                ]
+            }
+        ]
         choice = body.get("tool_choice")
         mode = {"auto": "AUTO", "none": "NONE", "required": "ANY"}.get(choice) if isinstance(choice, str) else None
         if isinstance(choice, dict):
@@ -173,8 +208,14 @@ class GeminiToOpenAI:
                 call_id = call.get("id") or "call_" + uuid.uuid4().hex[:24]
                 if part.get("thoughtSignature"):
                     self.signatures[call_id] = part["thoughtSignature"]
-                calls.append({"index": self.tool_count, "id": call_id, "type": "function",
-                              "function": {"name": call.get("name", ""), "arguments": json.dumps(call.get("args") or {})}})
+                calls.append(
+                    {
+                        "index": self.tool_count,
+                        "id": call_id,
+                        "type": "function",
+                        "function": {"name": call.get("name", ""), "arguments": json.dumps(call.get("args") or {})},
+                    }
+                )
                 self.tool_count += 1
         return "".join(text), calls, finish_reason(candidate.get("finishReason"), bool(calls) or self.tool_count > 0)
 
@@ -183,13 +224,23 @@ class GeminiToOpenAI:
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
         if calls:
             message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
-        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}],
-                "usage": usage_to_openai(self.usage or Usage())}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}],
+            "usage": usage_to_openai(self.usage or Usage()),
+        }
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
 
     def chunks(self, response: dict[str, Any]) -> list[dict[str, Any]]:
         """One streamed Gemini chunk -> the OpenAI chunks it stands for."""
@@ -210,5 +261,11 @@ class GeminiToOpenAI:
     def usage_chunk(self) -> dict[str, Any] | None:
         if self.usage is None:
             return None
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [], "usage": usage_to_openai(self.usage)}
+        return {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage_to_openai(self.usage),
+        }

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
-from apibox.gateway import openai, ops
+from apibox.gateway import anthropic, openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import add_request_id, request_id_and_errors
@@ -33,6 +33,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     app.on_response_prepare.append(add_request_id)
     app.cleanup_ctx.append(_lifecycle(settings, store, session))
     openai.add_routes(app)
+    anthropic.add_routes(app)
     ops.add_routes(app)
     return app
 

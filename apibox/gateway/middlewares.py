@@ -25,8 +25,25 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
-def error_response(status: int, body: dict, *, retryable: bool = True,
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
+
+def speaks_anthropic(request: web.Request) -> bool:
+    """Errors on the Anthropic surface use Anthropic's shape, which its SDK parses."""
+    return request.path.startswith("/v1/messages")
+
+
+def error_response(request: web.Request, status: int, message: str, type_: str, code: str | None = None,
+                   param: str | None = None, *, retryable: bool = True,
                    retry_after: float | None = None) -> web.Response:
+    if speaks_anthropic(request):
+        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+        body: dict = {"type": "error", "error": {"type": kind, "message": message},
+                      "request_id": request.get(REQUEST_ID)}
+    else:
+        body = error_body(message, type_, code, param)
     headers = {}
     if not retryable:
         headers["x-should-retry"] = "false"
@@ -35,9 +52,10 @@ def error_response(status: int, body: dict, *, retryable: bool = True,
     return web.Response(status=status, text=json.dumps(body), content_type="application/json", headers=headers)
 
 
-def render_error(exc: ApiboxError) -> web.Response:
+def render_error(request: web.Request, exc: ApiboxError) -> web.Response:
     retry_after = exc.retry_after if isinstance(exc, RateLimited | UpstreamFailure) else None
-    return error_response(exc.status, exc.to_openai(), retryable=exc.retryable, retry_after=retry_after)
+    return error_response(request, exc.status, exc.message, exc.type, exc.code, exc.param,
+                          retryable=exc.retryable, retry_after=retry_after)
 
 
 def render_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -51,8 +69,8 @@ def render_http_exception(request: web.Request, exc: web.HTTPException) -> web.R
     else:
         message = exc.reason
     code = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-    body = error_body(message, HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error"), code)
-    return error_response(exc.status, body, retryable=exc.status >= 500)
+    return error_response(request, exc.status, message, HTTP_ERROR_TYPES.get(exc.status, "invalid_request_error"),
+                          code, retryable=exc.status >= 500)
 
 
 @web.middleware
@@ -63,16 +81,16 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     try:
         response = await handler(request)
     except ApiboxError as exc:
-        response = render_error(exc)
+        response = render_error(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         response = render_http_exception(request, exc)
     except Exception:
         log.exception("unexpected error in %s %s (request %s)", request.method, request.path, request_id)
-        response = error_response(500, error_body(
-            f"apibox hit an internal error; the operator can find it in the log under {request_id}.",
-            "server_error", "internal_error"))
+        response = error_response(
+            request, 500, f"apibox hit an internal error; the operator can find it in the log under {request_id}.",
+            "server_error", "internal_error")
     return response
 
 

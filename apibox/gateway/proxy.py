@@ -78,6 +78,15 @@ class Call:
                      completion_tokens=min(delivered_tokens, self.reservation.output_tokens), estimated=True)
 
 
+def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSettings:
+    """The model ``name`` refers to, if this caller's key may use it."""
+    model = gateway.router.resolve(name)
+    if caller.key.models and model.name not in caller.key.models:
+        raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
+                               code="model_not_allowed")
+    return model
+
+
 def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:
     """The most output tokens the request may produce, as the hold must assume."""
     if endpoint == "embeddings":
@@ -100,10 +109,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
                   door: Door = OPENAI_DOOR) -> web.StreamResponse:
     """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer."""
     gateway = request.app[GATEWAY]
-    model = gateway.router.resolve(body.get("model"))
-    if caller.key.models and model.name not in caller.key.models:
-        raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
-                               code="model_not_allowed")
+    model = authorized_model(gateway, caller, body.get("model"))
     kind_ok = (model.kind == "embedding") == (endpoint == "embeddings")
     if not kind_ok:
         raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")

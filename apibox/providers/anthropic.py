@@ -40,8 +40,13 @@ class AnthropicProvider:
 
     def _check(self, request: ProviderRequest) -> None:
         if request.endpoint != "chat/completions":
-            raise UpstreamFailure(f"/v1/{request.endpoint} is not available on Anthropic models", status=400,
-                                  retryable=False, type_="invalid_request_error", code="unsupported_endpoint")
+            raise UpstreamFailure(
+                f"/v1/{request.endpoint} is not available on Anthropic models",
+                status=400,
+                retryable=False,
+                type_="invalid_request_error",
+                code="unsupported_endpoint",
+            )
 
     def _body(self, request: ProviderRequest) -> dict[str, Any]:
         return openai_to_anthropic_request(request.body, request.output_limit or DEFAULT_MAX_TOKENS)
@@ -56,13 +61,17 @@ class AnthropicProvider:
         native = await self.open_native_stream(self._body(request), request.request_id, {})
         return _TranslatedStream(native, request.body.get("model", ""))
 
-    async def complete_native(self, body: dict[str, Any], request_id: str,
-                              client_headers: Mapping[str, str]) -> dict[str, Any]:
-        response = await self._http.post(self._url, {**body, "stream": False}, self._headers(request_id, client_headers))
+    async def complete_native(
+        self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
+    ) -> dict[str, Any]:
+        response = await self._http.post(
+            self._url, {**body, "stream": False}, self._headers(request_id, client_headers)
+        )
         return await self._http.read_json(response)
 
-    async def open_native_stream(self, body: dict[str, Any], request_id: str,
-                                 client_headers: Mapping[str, str]) -> NativeStream:
+    async def open_native_stream(
+        self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
+    ) -> NativeStream:
         response = await self._http.post(self._url, {**body, "stream": True}, self._headers(request_id, client_headers))
         return NativeStream(response, self._http)
 

@@ -1,0 +1,78 @@
+"""The Anthropic surface: ``POST /v1/messages`` and ``/v1/messages/count_tokens``.
+
+Anthropic clients (the anthropic SDK, Claude Code) reach any routed model here. Requests
+to routes whose upstream speaks Anthropic pass through as they are; the rest are translated
+both ways. Billing is the same flow as the OpenAI door's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from apibox import tokens
+from apibox.errors import InvalidRequest
+from apibox.formats.anthropic import anthropic_to_openai_request
+from apibox.gateway.appkeys import GATEWAY
+from apibox.gateway.doors import AnthropicDoor
+from apibox.gateway.middlewares import REQUEST_ID
+from apibox.gateway.openai import authenticate, read_json
+from apibox.gateway.proxy import authorized_model, forward
+
+
+def _check(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise InvalidRequest("model: Field required", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages: Field required (a non-empty list)", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise InvalidRequest(f"messages.{index}.role: must be 'user' or 'assistant'", param=f"messages.{index}")
+        content = message.get("content")
+        if not isinstance(content, str | list) or (isinstance(content, list) and
+                                                  not all(isinstance(b, dict) for b in content)):
+            raise InvalidRequest(f"messages.{index}.content: must be a string or a list of content blocks",
+                                 param=f"messages.{index}.content")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str | list):
+        raise InvalidRequest("system: must be a string or a list of text blocks", param="system")
+    if needs_max_tokens:
+        limit = body.get("max_tokens")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequest("max_tokens: Field required (a positive whole number)", param="max_tokens")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InvalidRequest("stream: must be true or false", param="stream")
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    caller = await authenticate(request)
+    body = await read_json(request)
+    _check(body, needs_max_tokens=True)
+    internal = anthropic_to_openai_request(body)
+    if body.get("stream"):
+        internal["stream_options"] = {"include_usage": True}
+    return await forward(request, caller, "chat/completions", internal, AnthropicDoor(body, request.headers))
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    """Free and unbilled: the upstream's count on Anthropic routes, apibox's estimate elsewhere."""
+    caller = await authenticate(request)
+    body = await read_json(request)
+    _check(body, needs_max_tokens=False)
+    gateway = request.app[GATEWAY]
+    model = authorized_model(gateway, caller, body["model"])
+    route = gateway.router.plan(model)[0]
+    provider = gateway.providers[route.provider]
+    if provider.native_format == "anthropic":
+        count = await provider.count_tokens(  # type: ignore[attr-defined]
+            {**body, "model": route.model}, request[REQUEST_ID], request.headers)
+    else:
+        count = tokens.prompt_estimate(anthropic_to_openai_request(body))
+    return web.json_response({"input_tokens": count})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
