@@ -88,12 +88,19 @@ class LimitDefaults:
 
 
 @dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    failures_before_cooldown: int = 3  # failures in a row that cool a route down
+    cooldown_seconds: float = 30.0  # how long a cooled route waits before it is tried again
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     providers: tuple[ProviderSettings, ...] = ()
     models: tuple[ModelSettings, ...] = ()
     limits: LimitDefaults = field(default_factory=LimitDefaults)
+    routing: RoutingSettings = field(default_factory=RoutingSettings)
     source: str = "built-in defaults"
 
     def provider(self, name: str) -> ProviderSettings:
@@ -288,7 +295,7 @@ class _Parser:
         self.root = root
 
     def settings(self) -> Settings:
-        top = self.root.mapping(("server", "database", "providers", "models", "limits"))
+        top = self.root.mapping(("server", "database", "providers", "models", "limits", "routing"))
         providers = tuple(self.provider(n) for n in top["providers"].items()) if "providers" in top else ()
         names = [p.name for p in providers]
         for i, name in enumerate(names):
@@ -302,6 +309,7 @@ class _Parser:
             providers=providers,
             models=models,
             limits=self.limits(top["limits"]) if "limits" in top else LimitDefaults(),
+            routing=self.routing(top["routing"]) if "routing" in top else RoutingSettings(),
             source=self.root.source,
         )
 
@@ -410,6 +418,15 @@ class _Parser:
                     for k in ("cached_input", "cache_write", "reasoning")}
         return Price(input=fields["input"].price_per_million(), output=fields["output"].price_per_million(),
                      **optional)
+
+    def routing(self, node: _Node) -> RoutingSettings:
+        fields = node.mapping(("failures_before_cooldown", "cooldown_seconds"))
+        defaults = RoutingSettings()
+        return RoutingSettings(
+            failures_before_cooldown=fields["failures_before_cooldown"].integer(minimum=1)
+            if "failures_before_cooldown" in fields else defaults.failures_before_cooldown,
+            cooldown_seconds=fields["cooldown_seconds"].number()
+            if "cooldown_seconds" in fields else defaults.cooldown_seconds)
 
     def limits(self, node: _Node) -> LimitDefaults:
         fields = node.mapping(("key", "user"))

@@ -152,14 +152,19 @@ async def _attempt(call: Call, stream: bool) -> Any:
                                    output_limit=call.reservation.output_tokens)
         try:
             if stream:
-                return await call.door.open_stream(provider, upstream, call.native)
-            return await call.door.complete(provider, upstream, call.native)
+                answer = await call.door.open_stream(provider, upstream, call.native)
+            else:
+                answer = await call.door.complete(provider, upstream, call.native)
         except UpstreamFailure as exc:
             log.warning("route %s for %s failed: %s (request %s)", route.provider, call.model.name, exc.message,
                         call.request_id)
             last = exc
             if not exc.retryable:
-                break
+                break  # the request itself is at fault: another route would refuse it too
+            call.gateway.router.failed(route, exc.retry_after)
+            continue
+        call.gateway.router.succeeded(route)
+        return answer
     assert last is not None
     raise last
 
@@ -208,6 +213,8 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         await response.write(renderer.end(final, cost_micro(call.reservation.price, final)))
     except StreamBroken as exc:
         status, http_status = "cut", 502
+        if call.route is not None:
+            call.gateway.router.failed(call.route)
         log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
         await _write_quietly(response, renderer.error(f"{exc} The answer is incomplete."))
     except ConnectionResetError:
