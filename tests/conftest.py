@@ -23,6 +23,8 @@ from apibox.config import Settings, load_settings
 from apibox.gateway.app import create_app
 from apibox.store import open_store
 from apibox.store.base import Store
+from tests.fake_anthropic import ANTHROPIC_KEY, FakeAnthropic
+from tests.fake_gemini import GEMINI_KEY, FakeGemini
 from tests.fake_upstream import UPSTREAM_KEY, FakeUpstream
 
 CONFIG_TEMPLATE = """
@@ -38,6 +40,14 @@ providers:
     type: openai
     base_url: {upstream}/v1
     api_key: ${{FAKE_UPSTREAM_KEY}}
+  - name: claude
+    type: anthropic
+    base_url: {upstream}
+    api_key: ${{FAKE_ANTHROPIC_KEY}}
+  - name: google
+    type: gemini
+    base_url: {upstream}/v1beta
+    api_key: ${{FAKE_GEMINI_KEY}}
 models:
   - name: demo
     routes: [{{provider: echo}}]
@@ -53,6 +63,20 @@ models:
       - {{provider: fake-backup, model: fake-secondary, priority: 2}}
     price: {{input: 2.5, output: 10}}
     max_output_tokens: 1000
+  - name: claude-fake
+    routes: [{{provider: claude, model: claude-upstream-1}}]
+    price: {{input: 3, output: 15, cached_input: 0.3, cache_write: 3.75}}
+    max_output_tokens: 1000
+  - name: gemini-fake
+    routes: [{{provider: google, model: gemini-upstream-1}}]
+    price: {{input: 0.3, output: 2.5, cached_input: 0.075}}
+    max_output_tokens: 1000
+  - name: claude-with-fallback
+    routes:
+      - {{provider: fake, model: fake-primary, priority: 1}}
+      - {{provider: claude, model: claude-upstream-2, priority: 2}}
+    price: {{input: 3, output: 15}}
+    max_output_tokens: 1000
   - name: embed-fake
     kind: embedding
     routes: [{{provider: fake, model: emb-1}}]
@@ -66,6 +90,8 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("APIBOX_CONFIG", raising=False)
     monkeypatch.setenv("FAKE_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("FAKE_ANTHROPIC_KEY", ANTHROPIC_KEY)
+    monkeypatch.setenv("FAKE_GEMINI_KEY", GEMINI_KEY)
     return tmp_path
 
 
@@ -134,6 +160,8 @@ class Live:
     fake: FakeUpstream
     config_path: Path
     settings: Settings
+    anthropic: FakeAnthropic
+    gemini: FakeGemini
 
     @property
     def v1(self) -> str:
@@ -143,8 +171,10 @@ class Live:
 class ServerThread:
     """The gateway and the fake upstream on one event loop in a background thread."""
 
-    def __init__(self, tmp_path: Path, fake: FakeUpstream) -> None:
+    def __init__(self, tmp_path: Path, fake: FakeUpstream, anthropic: FakeAnthropic | None = None,
+                 gemini: FakeGemini | None = None) -> None:
         self.tmp_path, self.fake = tmp_path, fake
+        self.anthropic, self.gemini = anthropic or FakeAnthropic(), gemini or FakeGemini()
         self.loop = asyncio.new_event_loop()
         self.runners: list[web.AppRunner] = []
         self.live: Live | None = None
@@ -164,11 +194,14 @@ class ServerThread:
         return f"http://{host}:{port}"
 
     async def _start(self) -> Live:
-        upstream = await self._serve(self.fake.app())
+        upstream_app = self.fake.app()  # one server speaks all three formats: their paths differ
+        self.anthropic.add_routes(upstream_app)
+        self.gemini.add_routes(upstream_app)
+        upstream = await self._serve(upstream_app)
         config = write_config(self.tmp_path, upstream)
         settings = self.configure(load_settings(str(config)))
         url = await self._serve(create_app(settings))
-        return Live(url, self.fake, config, settings)
+        return Live(url, self.fake, config, settings, self.anthropic, self.gemini)
 
     def configure(self, settings: Settings) -> Settings:
         """The settings the gateway runs with; a subclass may change the loaded ones."""

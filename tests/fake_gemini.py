@@ -1,0 +1,81 @@
+"""A fake Gemini API (``generateContent`` and ``streamGenerateContent?alt=sse``), real wire format.
+
+Modes: ``ok`` (text, or a function call with a thought signature when ``call_name`` is set
+and the request declares tools), ``status`` (a Google RPC error) and ``echo_key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from tests.fake_upstream import Recorded
+
+GEMINI_KEY = "AIza-upstream-SECRET-0123456789gemini"
+WORDS = ["Hola", " desde", " Gemini", "!"]
+SIGNATURE = "c2lnbmF0dXJlLWZha2U="
+
+
+@dataclass
+class FakeGemini:
+    mode: str = "ok"
+    status: int = 500
+    words: list[str] = field(default_factory=lambda: list(WORDS))
+    prompt_tokens: int = 40
+    cached_tokens: int = 0
+    thoughts_tokens: int = 0
+    call_name: str | None = None
+    call_args: dict[str, Any] = field(default_factory=lambda: {"city": "Madrid"})
+    requests: list[Recorded] = field(default_factory=list)
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1beta/models/{target}", self.generate)
+
+    def usage(self, output: int) -> dict[str, Any]:
+        return {"promptTokenCount": self.prompt_tokens, "candidatesTokenCount": output,
+                "thoughtsTokenCount": self.thoughts_tokens, "cachedContentTokenCount": self.cached_tokens,
+                "totalTokenCount": self.prompt_tokens + output + self.thoughts_tokens}
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(Recorded(request.path_qs, dict(request.headers), body))
+        model, _, method = request.match_info["target"].partition(":")
+        if request.headers.get("x-goog-api-key") != GEMINI_KEY:
+            return web.json_response({"error": {"code": 403, "message": "API key not valid",
+                                                "status": "PERMISSION_DENIED"}}, status=403)
+        if self.mode in ("status", "echo_key"):
+            message = f"API key {GEMINI_KEY} is bad" if self.mode == "echo_key" else "Internal error"
+            return web.json_response({"error": {"code": self.status, "message": message, "status": "INTERNAL"}},
+                                     status=self.status)
+        limit = (body.get("generationConfig") or {}).get("maxOutputTokens") or len(self.words)
+        words = self.words[:limit]
+        use_call = bool(self.call_name and body.get("tools"))
+        finish = "STOP" if len(words) == len(self.words) or use_call else "MAX_TOKENS"
+        if method == "generateContent":
+            parts: list[dict[str, Any]] = [{"text": "".join(words)}]
+            if use_call:
+                parts.append({"functionCall": {"name": self.call_name, "args": self.call_args},
+                              "thoughtSignature": SIGNATURE})
+            return web.json_response({"candidates": [{"content": {"role": "model", "parts": parts},
+                                                      "finishReason": finish, "index": 0}],
+                                      "usageMetadata": self.usage(len(words)), "modelVersion": model})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, word in enumerate(words):
+            chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": word}]},
+                                                     "index": 0}], "usageMetadata": {"promptTokenCount": self.prompt_tokens}}
+            last = i == len(words) - 1
+            if last and use_call:
+                chunk["candidates"][0]["content"]["parts"].append(
+                    {"functionCall": {"name": self.call_name, "args": self.call_args}, "thoughtSignature": SIGNATURE})
+            if last:
+                chunk["candidates"][0]["finishReason"] = finish
+                chunk["usageMetadata"] = self.usage(len(words))
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+            await asyncio.sleep(0)
+        await response.write_eof()
+        return response
