@@ -8,9 +8,10 @@ import typer
 
 from apibox import accounts
 from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
-from apibox.cli.render import key_json, keys_table, table, when
+from apibox.cli.render import keys_table, table, when
 from apibox.models import ApiKey
 from apibox.money import format_usd
+from apibox.views import key_json
 
 app = typer.Typer(help="Create and manage API keys. A key's secret is shown once, at creation.",
                   no_args_is_help=True)

@@ -11,11 +11,12 @@ import typer
 
 from apibox import accounts
 from apibox.cli.common import ConfigOption, JsonOption, console, fail, handles_errors, print_json, with_store
-from apibox.cli.render import balance_json, entry_json, ledger_table
+from apibox.cli.render import ledger_table
 from apibox.models import Balance, User
 from apibox.money import format_usd
 from apibox.store.base import CreditResult
 from apibox.timeparse import TimeParseError, parse_since
+from apibox.views import balance_json, entry_json
 
 UserArg = Annotated[str, typer.Argument(help="The user's email or id.", show_default=False)]
 

@@ -1,4 +1,4 @@
-"""Turning domain objects into rich tables and into the JSON shapes scripts rely on."""
+"""Turning domain objects into rich tables (their JSON shapes live in ``apibox.views``)."""
 
 from __future__ import annotations
 
@@ -9,40 +9,12 @@ from typing import Any
 from rich import box
 from rich.table import Table
 
-from apibox.models import ApiKey, Balance, LedgerEntry, User, UserOverview
+from apibox.models import ApiKey, LedgerEntry, UserOverview
 from apibox.money import format_usd
 
 
 def when(moment: datetime | None) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
-
-
-def iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
-
-
-def user_json(user: User) -> dict[str, Any]:
-    return {"id": user.id, "email": user.email, "name": user.name, "group": user.group, "state": user.state.value,
-            "state_reason": user.state_reason, "created_at": iso(user.created_at)}
-
-
-def balance_json(user: User, balance: Balance) -> dict[str, Any]:
-    return {"user_id": user.id, "email": user.email, "balance_usd": format_usd(balance.balance),
-            "held_usd": format_usd(balance.held), "available_usd": format_usd(balance.available)}
-
-
-def key_json(key: ApiKey) -> dict[str, Any]:
-    return {"id": key.id, "user_id": key.user_id, "name": key.name, "prefix": key.prefix, "status": key.status,
-            "models": list(key.models), "budget_usd": format_usd(key.budget) if key.budget is not None else None,
-            "spent_usd": format_usd(key.spent), "expires_at": iso(key.expires_at), "rpm": key.rpm, "tpm": key.tpm,
-            "concurrency": key.concurrency, "allow_ips": list(key.allow_ips), "created_at": iso(key.created_at),
-            "last_used_at": iso(key.last_used_at), "revoked_at": iso(key.revoked_at)}
-
-
-def entry_json(entry: LedgerEntry) -> dict[str, Any]:
-    return {"id": entry.id, "created_at": iso(entry.created_at), "kind": entry.kind.value,
-            "amount_usd": format_usd(entry.amount), "balance_after_usd": format_usd(entry.balance_after),
-            "note": entry.note, "reference": entry.reference, "actor": entry.actor, "usage_id": entry.usage_id}
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],

@@ -8,9 +8,10 @@ import typer
 
 from apibox import accounts
 from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
-from apibox.cli.render import balance_json, key_json, keys_table, table, user_json, users_table, when
+from apibox.cli.render import keys_table, table, users_table, when
 from apibox.models import User, UserState
 from apibox.money import format_usd
+from apibox.views import balance_json, key_json, user_json
 
 app = typer.Typer(help="Create, list and manage user accounts.", no_args_is_help=True)
 
