@@ -35,8 +35,8 @@ async def reserve(store: Store, key: ApiKey, *, model: str, price: Price, reques
     Raises InsufficientQuota when even the prompt and ``min_output`` tokens cannot be paid.
     """
     min_output = min(min_output, output_tokens)
-    budget_left = None if key.budget is None else key.budget - key.spent
     wanted = output_tokens
+    budget_left = None if key.budget is None else key.budget - key.spent  # refreshed below when short
     for _ in range(HOLD_ATTEMPTS):
         amount = worst_case_micro(price, prompt_tokens, wanted)
         if budget_left is None or amount <= budget_left:
@@ -44,8 +44,9 @@ async def reserve(store: Store, key: ApiKey, *, model: str, price: Price, reques
             if hold is not None:
                 return Reservation(hold, price, wanted, lowered=wanted < output_tokens)
         available = (await store.get_balance(key.user_id)).available
-        if budget_left is not None:
-            available = min(available, budget_left)
+        if key.budget is not None:
+            budget_left = await store.key_headroom(key.id)
+            available = min(available, budget_left if budget_left is not None else available)
         wanted = min(output_tokens, affordable_output_tokens(price, available, prompt_tokens))
         if wanted < min_output:
             need = worst_case_micro(price, prompt_tokens, min_output)

@@ -151,3 +151,16 @@ class UserOverview:
     user: User
     balance: Balance
     key_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminAction:
+    """One entry of the admin log: who did what to which record, with its state before and after."""
+
+    id: int
+    created_at: datetime
+    actor: str
+    action: str
+    target: str
+    before: dict[str, object] | None
+    after: dict[str, object] | None

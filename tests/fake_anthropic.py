@@ -3,7 +3,8 @@
 It records what it receives and answers by ``mode``: ``ok`` (text, or a tool call when
 ``tool_name`` is set and the request has tools), ``status`` (an error status in Anthropic's
 shape), ``echo_key`` (an error echoing the upstream key), ``cut`` (the connection dies
-mid-answer) or ``error_event`` (an ``event: error`` mid-stream).
+mid-answer) or ``error_event`` (an ``event: error`` mid-stream, saying ``error_message``).
+``sent`` lists the event names of the last stream, in the order they were written.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ class FakeAnthropic:
     tool_name: str | None = None
     tool_input: dict[str, Any] = field(default_factory=lambda: {"city": "Paris"})
     count: int = 42
+    error_message: str = "Overloaded"
     requests: list[Recorded] = field(default_factory=list)
+    sent: list[str] = field(default_factory=list)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
@@ -76,8 +79,10 @@ class FakeAnthropic:
                                       "stop_sequence": None, "usage": self.usage(len(words) + use_tool * 10)})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        self.sent = []
 
         async def send(name: str, data: dict[str, Any]) -> None:
+            self.sent.append(name)
             await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
             await asyncio.sleep(0)
 
@@ -92,7 +97,8 @@ class FakeAnthropic:
                 request.transport.close()
                 return response
             if self.mode == "error_event" and i == len(words) // 2:
-                await send("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+                await send("error", {"type": "error", "error": {"type": "overloaded_error",
+                                                                "message": self.error_message}})
                 return response
             await send("content_block_delta", {"type": "content_block_delta", "index": 0,
                                                "delta": {"type": "text_delta", "text": word}})

@@ -1,7 +1,13 @@
 """A fake Gemini API (``generateContent`` and ``streamGenerateContent?alt=sse``), real wire format.
 
 Modes: ``ok`` (text, or a function call with a thought signature when ``call_name`` is set
-and the request declares tools), ``status`` (a Google RPC error) and ``echo_key``.
+and the request declares tools), ``status`` (a Google RPC error), ``echo_key`` (an error whose
+message holds the API key) and ``no_finish`` (a stream whose body ends without any
+``finishReason``, as when Google drops the connection mid-answer).
+
+``finish_reason`` overrides the reason the last candidate reports, ``call_id`` gives the
+function call an id (Gemini usually sends none) and ``thought`` adds a thought-summary part
+(``thought: true``) before the answer.
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ class FakeGemini:
     thoughts_tokens: int = 0
     call_name: str | None = None
     call_args: dict[str, Any] = field(default_factory=lambda: {"city": "Madrid"})
+    call_id: str | None = None
+    finish_reason: str | None = None
+    thought: str | None = None
+    rpc_status: str = "INTERNAL"
     requests: list[Recorded] = field(default_factory=list)
 
     def add_routes(self, app: web.Application) -> None:
@@ -49,30 +59,33 @@ class FakeGemini:
                                                 "status": "PERMISSION_DENIED"}}, status=403)
         if self.mode in ("status", "echo_key"):
             message = f"API key {GEMINI_KEY} is bad" if self.mode == "echo_key" else "Internal error"
-            return web.json_response({"error": {"code": self.status, "message": message, "status": "INTERNAL"}},
-                                     status=self.status)
+            return web.json_response({"error": {"code": self.status, "message": message,
+                                                "status": self.rpc_status}}, status=self.status)
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens") or len(self.words)
         words = self.words[:limit]
         use_call = bool(self.call_name and body.get("tools"))
         finish = "STOP" if len(words) == len(self.words) or use_call else "MAX_TOKENS"
+        finish = self.finish_reason or finish
+        call_part = {"functionCall": {"name": self.call_name, "args": self.call_args, **(
+            {"id": self.call_id} if self.call_id else {})}, "thoughtSignature": SIGNATURE}
+        thought = [{"text": self.thought, "thought": True}] if self.thought else []
         if method == "generateContent":
-            parts: list[dict[str, Any]] = [{"text": "".join(words)}]
+            parts: list[dict[str, Any]] = [*thought, {"text": "".join(words)}]
             if use_call:
-                parts.append({"functionCall": {"name": self.call_name, "args": self.call_args},
-                              "thoughtSignature": SIGNATURE})
+                parts.append(call_part)
             return web.json_response({"candidates": [{"content": {"role": "model", "parts": parts},
                                                       "finishReason": finish, "index": 0}],
                                       "usageMetadata": self.usage(len(words)), "modelVersion": model})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i, word in enumerate(words):
-            chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": word}]},
-                                                     "index": 0}], "usageMetadata": {"promptTokenCount": self.prompt_tokens}}
+            parts = [*thought, {"text": word}] if i == 0 else [{"text": word}]
+            chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": parts}, "index": 0}],
+                                     "usageMetadata": {"promptTokenCount": self.prompt_tokens}}
             last = i == len(words) - 1
             if last and use_call:
-                chunk["candidates"][0]["content"]["parts"].append(
-                    {"functionCall": {"name": self.call_name, "args": self.call_args}, "thoughtSignature": SIGNATURE})
-            if last:
+                chunk["candidates"][0]["content"]["parts"].append(call_part)
+            if last and self.mode != "no_finish":
                 chunk["candidates"][0]["finishReason"] = finish
                 chunk["usageMetadata"] = self.usage(len(words))
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")

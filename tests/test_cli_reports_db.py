@@ -23,9 +23,11 @@ from apibox.models import LedgerKind, UsageRecord
 from apibox.money import format_usd
 from apibox.pricing import Usage
 from apibox.store.base import Store
+from apibox.store.migrations import SQLITE_MIGRATIONS
 from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run, tables
 from tests.conftest import fund
 
+MIGRATIONS = [m.name for m in SQLITE_MIGRATIONS]
 NUMBERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
 
 
@@ -274,17 +276,18 @@ def test_db_migrate_is_idempotent(cli: Any, config_path: Path) -> None:
     assert not db_file(config_path).exists()
     first = cli("db", "migrate")
     assert first.exit_code == 0, first.output
-    assert "Applied 0001_initial" in first.stdout
+    assert f"Applied {', '.join(MIGRATIONS)}." in first.stdout
     second = cli("db", "migrate")
     assert second.exit_code == 0 and "up to date" in second.stdout
     assert ok_json(cli("db", "migrate", "--json")) == {"applied": []}
     with sqlite3.connect(db_file(config_path)) as db:
-        assert db.execute("SELECT name FROM _apibox_migrations").fetchall() == [("0001_initial",)]
+        assert db.execute("SELECT name FROM _apibox_migrations ORDER BY name").fetchall() == [
+            (name,) for name in MIGRATIONS]
     assert {"users", "balances", "api_keys", "holds", "usage", "ledger"} <= tables(config_path)
 
 
 def test_db_migrate_json_on_a_fresh_database(cli: Any) -> None:
-    assert ok_json(cli("db", "migrate", "--json")) == {"applied": ["0001_initial"]}
+    assert ok_json(cli("db", "migrate", "--json")) == {"applied": MIGRATIONS}
 
 
 def test_db_migrate_keeps_the_data(cli: Any) -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 from apibox.models import (
+    AdminAction,
     ApiKey,
     Balance,
     Hold,
@@ -110,6 +111,14 @@ class Store(Protocol):
     async def recover_holds(self) -> list[Hold]:
         """Release every open hold (left by a crash) and log each as an interrupted request."""
         ...
+
+    async def key_headroom(self, key_id: int) -> int | None:
+        """What the key's budget still allows after its spend and open holds (None: no budget)."""
+        ...
+
+    async def log_admin_action(self, actor: str, action: str, target: str, before: dict[str, Any] | None,
+                               after: dict[str, Any] | None) -> None: ...
+    async def admin_actions(self, limit: int = 100) -> list[AdminAction]: ...
 
     async def usage_report(self, by: Sequence[str], where: UsageFilter) -> list[ReportRow]: ...
     async def audit(self) -> list[str]:

@@ -120,4 +120,25 @@ CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN
     SELECT RAISE(ABORT, 'the ledger is append-only');
 END;
 """),
+    Migration("0002_admin_log", """
+-- Who changed what, from the CLI or the admin API: append-only like the ledger.
+CREATE TABLE admin_log (
+    id          INTEGER PRIMARY KEY,
+    created_at  INTEGER NOT NULL,
+    actor       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    target      TEXT NOT NULL,
+    before      TEXT,
+    after       TEXT
+);
+CREATE INDEX admin_log_created ON admin_log(created_at);
+CREATE TRIGGER admin_log_no_update BEFORE UPDATE ON admin_log BEGIN
+    SELECT RAISE(ABORT, 'the admin log is append-only');
+END;
+CREATE TRIGGER admin_log_no_delete BEFORE DELETE ON admin_log BEGIN
+    SELECT RAISE(ABORT, 'the admin log is append-only');
+END;
+-- A key's budget is checked against its open holds in the hold statement itself.
+CREATE INDEX holds_key ON holds(key_id);
+"""),
 )

@@ -8,6 +8,7 @@ interleaves with statements from another; one read connection for lookups and re
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +20,7 @@ import aiosqlite
 
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.models import (
+    AdminAction,
     ApiKey,
     Balance,
     Hold,
@@ -65,6 +67,10 @@ def to_ms(moment: datetime | None) -> int | None:
 
 def from_ms(value: int | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value / 1000, tz=UTC)
+
+
+def _json_or_none(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, default=str, sort_keys=True)
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -311,10 +317,14 @@ class SqliteStore:
     async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
         # One statement: the row is inserted only if the available balance covers it, and the
         # holds_take trigger raises balances.held in the same statement.
+        # The key's budget (if any) must also cover it, net of its spend and its other holds.
         rows = await self._write_one(
             "INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at) "
-            "SELECT user_id, ?, ?, ?, ?, ? FROM balances WHERE user_id = ? AND balance - held >= ? RETURNING id",
-            (key_id, amount, request_id, model, now_ms(), user_id, amount))
+            "SELECT b.user_id, k.id, ?, ?, ?, ? FROM balances b JOIN api_keys k ON k.id = ? AND k.user_id = b.user_id "
+            "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
+            "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?) "
+            "RETURNING id",
+            (amount, request_id, model, now_ms(), key_id, user_id, amount, amount))
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
@@ -358,6 +368,24 @@ class SqliteStore:
                     provider="", endpoint="", status="interrupted", http_status=0,
                     created_at=datetime.now(UTC)))
         return holds
+
+    async def key_headroom(self, key_id: int) -> int | None:
+        rows = await self._read(
+            "SELECT k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) "
+            "FROM api_keys k WHERE k.id = ? AND k.budget IS NOT NULL", (key_id,))
+        return max(0, rows[0][0]) if rows else None
+
+    async def log_admin_action(self, actor: str, action: str, target: str, before: dict[str, Any] | None,
+                               after: dict[str, Any] | None) -> None:
+        await self._write_one(
+            "INSERT INTO admin_log (created_at, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)",
+            (now_ms(), actor, action, target, _json_or_none(before), _json_or_none(after)))
+
+    async def admin_actions(self, limit: int = 100) -> list[AdminAction]:
+        rows = await self._read("SELECT id, created_at, actor, action, target, before, after FROM admin_log "
+                                "ORDER BY id DESC LIMIT ?", (limit,))
+        return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
+                            json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
 
     # -- reports and audit ---------------------------------------------------------------
 
