@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from apibox.errors import InvalidRequest, NotFound
 from apibox.keys import display_prefix, generate_key, hash_key
@@ -18,6 +19,7 @@ from apibox.models import ApiKey, Balance, LedgerEntry, LedgerKind, NewKey, User
 from apibox.money import MoneyError, parse_usd
 from apibox.store.base import Credit, CreditResult, KeySpec, Store
 from apibox.timeparse import TimeParseError, parse_expiry
+from apibox.views import entry_json, key_json, user_json
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -57,8 +59,17 @@ async def resolve_user(store: Store, ref: str | int) -> User:
     return user
 
 
-async def create_user(store: Store, email: str, name: str = "", group: str = "default") -> User:
-    return await store.create_user(normalize_email(email), _text(name, "name") or "", _group(group) or "default")
+async def _log(store: Store, actor: str, action: str, target: str, before: dict[str, Any] | None,
+               after: dict[str, Any] | None) -> None:
+    """Every change an operator makes, from the CLI or the admin API, goes to the admin log."""
+    await store.log_admin_action(actor, action, target, before, after)
+
+
+async def create_user(store: Store, email: str, name: str = "", group: str = "default", *,
+                      actor: str = "cli") -> User:
+    user = await store.create_user(normalize_email(email), _text(name, "name") or "", _group(group) or "default")
+    await _log(store, actor, "user.create", f"user:{user.id}", None, user_json(user))
+    return user
 
 
 async def list_users(store: Store) -> list[UserOverview]:
@@ -77,13 +88,17 @@ async def show_user(store: Store, ref: str) -> UserDetail:
     return UserDetail(user, await store.get_balance(user.id), await store.list_keys(user.id))
 
 
-async def update_user(store: Store, ref: str, *, name: str | None = None, group: str | None = None) -> User:
+async def update_user(store: Store, ref: str, *, name: str | None = None, group: str | None = None,
+                      actor: str = "cli") -> User:
     name, group = _text(name, "name"), _group(group)
     user = await resolve_user(store, ref)
-    return await store.update_user(user.id, name=name, group=group)
+    updated = await store.update_user(user.id, name=name, group=group)
+    await _log(store, actor, "user.update", f"user:{user.id}", user_json(user), user_json(updated))
+    return updated
 
 
-async def set_user_state(store: Store, ref: str, state: UserState, reason: str = "") -> User:
+async def set_user_state(store: Store, ref: str, state: UserState, reason: str = "", *,
+                         actor: str = "cli") -> User:
     """Suspend, ban, close or reactivate. Closing also revokes every key; the balance stays
     for a manual refund."""
     _text(reason, "reason")
@@ -92,7 +107,9 @@ async def set_user_state(store: Store, ref: str, state: UserState, reason: str =
         raise InvalidRequest(f"user {user.email} is closed; a closed account cannot be reopened")
     if state == UserState.CLOSED:
         await store.revoke_user_keys(user.id)
-    return await store.set_user_state(user.id, state, reason)
+    changed = await store.set_user_state(user.id, state, reason)
+    await _log(store, actor, f"user.{state.value}", f"user:{user.id}", user_json(user), user_json(changed))
+    return changed
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +125,7 @@ class KeyOptions:
 
 
 async def create_key(store: Store, ref: str, options: KeyOptions, *, known_models: Iterable[str],
-                     now: datetime | None = None) -> NewKey:
+                     now: datetime | None = None, actor: str = "cli") -> NewKey:
     """Create a key and return its secret, which is never available again."""
     now = now or datetime.now(UTC)
     known = set(known_models)
@@ -138,6 +155,7 @@ async def create_key(store: Store, ref: str, options: KeyOptions, *, known_model
         user_id=user.id, key_hash=hash_key(secret), prefix=display_prefix(secret),
         name=_text(options.name, "name") or "", models=options.models, budget=budget, expires_at=expires,
         rpm=options.rpm, tpm=options.tpm, concurrency=options.concurrency, allow_ips=options.allow_ips))
+    await _log(store, actor, "key.create", f"key:{key.id}", None, key_json(key))  # the secret is never logged
     return NewKey(key=key, secret=secret)
 
 
@@ -160,9 +178,11 @@ async def show_key(store: Store, ref: str) -> ApiKey:
     return key
 
 
-async def revoke_key(store: Store, ref: str) -> ApiKey:
+async def revoke_key(store: Store, ref: str, *, actor: str = "cli") -> ApiKey:
     key = await show_key(store, ref)
-    return await store.revoke_key(key.id)
+    revoked = await store.revoke_key(key.id)
+    await _log(store, actor, "key.revoke", f"key:{key.id}", key_json(key), key_json(revoked))
+    return revoked
 
 
 def _amount(text: str, *, signed: bool) -> int:
@@ -180,7 +200,10 @@ async def topup(store: Store, ref: str, amount: str, *, note: str = "", referenc
     if reference is not None and not reference.strip():
         raise InvalidRequest("the reference must not be empty", param="reference")
     user = await resolve_user(store, ref)
-    return await store.credit(Credit(user.id, micro, LedgerKind.TOPUP, note, _text(reference, "reference"), actor))
+    result = await store.credit(Credit(user.id, micro, LedgerKind.TOPUP, note, _text(reference, "reference"), actor))
+    if result.created:
+        await _log(store, actor, "balance.topup", f"user:{user.id}", None, entry_json(result.entry))
+    return result
 
 
 async def adjust(store: Store, ref: str, amount: str, *, note: str, actor: str = "cli") -> CreditResult:
@@ -190,7 +213,9 @@ async def adjust(store: Store, ref: str, amount: str, *, note: str, actor: str =
         raise InvalidRequest("an adjustment needs a note saying why", param="note")
     _text(note, "note")
     user = await resolve_user(store, ref)
-    return await store.credit(Credit(user.id, micro, LedgerKind.ADJUSTMENT, note, None, actor))
+    result = await store.credit(Credit(user.id, micro, LedgerKind.ADJUSTMENT, note, None, actor))
+    await _log(store, actor, "balance.adjust", f"user:{user.id}", None, entry_json(result.entry))
+    return result
 
 
 async def balance(store: Store, ref: str) -> tuple[User, Balance]:
