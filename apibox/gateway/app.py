@@ -12,7 +12,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
-from apibox.gateway import anthropic, openai, ops
+from apibox.gateway import admin, anthropic, openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import add_request_id, request_id_and_errors
@@ -35,6 +35,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     openai.add_routes(app)
     anthropic.add_routes(app)
     ops.add_routes(app)
+    admin.add_routes(app)
     return app
 
 

@@ -1,0 +1,207 @@
+"""The admin HTTP API under ``/admin``: the CLI's use-cases over JSON, for automating the business.
+
+Off (404) when no ``server.admin_key`` is configured; otherwise the admin key is required as
+a bearer token, compared in constant time. Every change is written to the admin log by the
+same core functions the CLI calls.
+"""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from apibox import accounts, reports
+from apibox.errors import InvalidApiKey, InvalidRequest, NotFound
+from apibox.gateway.appkeys import GATEWAY, SETTINGS
+from apibox.gateway.openai import bearer_secret, read_json
+from apibox.models import UserState
+from apibox.money import format_usd
+from apibox.store.base import Store
+from apibox.timeparse import TimeParseError, parse_since
+from apibox.views import balance_json, entry_json, iso, key_json, user_json
+
+STATES = {"active": UserState.ACTIVE, "suspended": UserState.SUSPENDED, "banned": UserState.BANNED,
+          "closed": UserState.CLOSED}
+
+
+def _store(request: web.Request) -> Store:
+    """The store, once the caller has shown the admin key."""
+    admin_key = request.app[SETTINGS].server.admin_key
+    if not admin_key:
+        raise NotFound(f"Unknown request URL: {request.method} {request.path} (the admin API is off: "
+                       "set server.admin_key to turn it on).")
+    given = bearer_secret(request) or ""
+    if not hmac.compare_digest(given.encode(), admin_key.encode()):
+        raise InvalidApiKey("The admin API needs the admin key as 'Authorization: Bearer ADMIN_KEY'.")
+    return request.app[GATEWAY].store
+
+
+def _actor(request: web.Request) -> str:
+    return f"admin-api:{request.remote or 'unknown'}"
+
+
+def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"Missing required field: '{name}'.", param=name)
+        return None
+    is_stray_bool = isinstance(value, bool) and kind is not bool  # JSON true is not a number here
+    if is_stray_bool or not isinstance(value, kind):
+        raise InvalidRequest(f"'{name}' has the wrong type.", param=name)
+    return value
+
+
+def _amount(body: dict[str, Any]) -> str:
+    """Amounts arrive as strings ("10.50") or numbers; parsed exactly by the core."""
+    value = _field(body, "amount", (str, int, float), required=True)
+    return value if isinstance(value, str) else repr(value)
+
+
+async def list_users(request: web.Request) -> web.Response:
+    overviews = await accounts.list_users(_store(request))
+    return web.json_response([{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
+                              for o in overviews])
+
+
+async def create_user(request: web.Request) -> web.Response:
+    store, body = _store(request), await read_json(request)
+    user = await accounts.create_user(store, _field(body, "email", str, required=True), _field(body, "name", str) or "",
+                                      _field(body, "group", str) or "default", actor=_actor(request))
+    return web.json_response(user_json(user), status=201)
+
+
+async def show_user(request: web.Request) -> web.Response:
+    detail = await accounts.show_user(_store(request), request.match_info["user"])
+    return web.json_response({**user_json(detail.user), **balance_json(detail.user, detail.balance),
+                              "keys": [key_json(k) for k in detail.keys]})
+
+
+async def update_user(request: web.Request) -> web.Response:
+    store, body = _store(request), await read_json(request)
+    user = await accounts.update_user(store, request.match_info["user"], name=_field(body, "name", str),
+                                      group=_field(body, "group", str), actor=_actor(request))
+    return web.json_response(user_json(user))
+
+
+async def set_state(request: web.Request) -> web.Response:
+    store, body = _store(request), await read_json(request)
+    state = STATES.get(_field(body, "state", str, required=True))
+    if state is None:
+        raise InvalidRequest(f"'state' must be one of {', '.join(STATES)}.", param="state")
+    user = await accounts.set_user_state(store, request.match_info["user"], state, _field(body, "reason", str) or "",
+                                         actor=_actor(request))
+    return web.json_response(user_json(user))
+
+
+async def balance(request: web.Request) -> web.Response:
+    user, current = await accounts.balance(_store(request), request.match_info["user"])
+    return web.json_response(balance_json(user, current))
+
+
+async def ledger(request: web.Request) -> web.Response:
+    store = _store(request)
+    since = request.query.get("since")
+    try:
+        start = parse_since(since, datetime.now(UTC)) if since else None
+    except TimeParseError as exc:
+        raise InvalidRequest(str(exc), param="since") from None
+    user, entries = await accounts.ledger(store, request.match_info["user"], start)
+    return web.json_response({**balance_json(user, await store.get_balance(user.id)),
+                              "entries": [entry_json(e) for e in entries]})
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    keys = await accounts.list_keys(_store(request), request.query.get("user"))
+    return web.json_response([key_json(k) for k in keys])
+
+
+async def create_key(request: web.Request) -> web.Response:
+    store, body = _store(request), await read_json(request)
+    models = _field(body, "models", list) or []
+    allow_ips = _field(body, "allow_ips", list) or []
+    if not all(isinstance(m, str) for m in [*models, *allow_ips]):
+        raise InvalidRequest("'models' and 'allow_ips' must be lists of strings.")
+    budget = _field(body, "budget", (str, int, float))
+    options = accounts.KeyOptions(
+        name=_field(body, "name", str) or "", models=tuple(models),
+        budget=None if budget is None else budget if isinstance(budget, str) else repr(budget),
+        expires=_field(body, "expires", str), rpm=_field(body, "rpm", int), tpm=_field(body, "tpm", int),
+        concurrency=_field(body, "concurrency", int), allow_ips=tuple(allow_ips))
+    new = await accounts.create_key(store, str(_field(body, "user", (str, int), required=True)), options,
+                                    known_models=request.app[SETTINGS].model_index(), actor=_actor(request))
+    return web.json_response({**key_json(new.key), "key": new.secret}, status=201)
+
+
+async def show_key(request: web.Request) -> web.Response:
+    return web.json_response(key_json(await accounts.show_key(_store(request), request.match_info["key"])))
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    key = await accounts.revoke_key(_store(request), request.match_info["key"], actor=_actor(request))
+    return web.json_response(key_json(key))
+
+
+async def _credit_response(store: Store, ref: str, result: Any) -> web.Response:
+    user = await accounts.resolve_user(store, ref)
+    return web.json_response({**balance_json(user, result.balance), "ledger_id": result.entry.id,
+                              "amount_usd": format_usd(result.entry.amount), "reference": result.entry.reference,
+                              "created": result.created}, status=201 if result.created else 200)
+
+
+async def topup(request: web.Request) -> web.Response:
+    store, body = _store(request), await read_json(request)
+    ref = str(_field(body, "user", (str, int), required=True))
+    result = await accounts.topup(store, ref, _amount(body), note=_field(body, "note", str) or "",
+                                  reference=_field(body, "reference", str), actor=_actor(request))
+    return await _credit_response(store, ref, result)
+
+
+async def adjust(request: web.Request) -> web.Response:
+    store, body = _store(request), await read_json(request)
+    ref = str(_field(body, "user", (str, int), required=True))
+    result = await accounts.adjust(store, ref, _amount(body), note=_field(body, "note", str) or "",
+                                   actor=_actor(request))
+    return await _credit_response(store, ref, result)
+
+
+async def usage(request: web.Request) -> web.Response:
+    store, query = _store(request), request.query
+    report_query = reports.ReportQuery(by=reports.parse_by(query.get("by", "day")), since=query.get("since"),
+                                       until=query.get("until"), user=query.get("user"), key=query.get("key"),
+                                       model=query.get("model"))
+    rows = await reports.usage_report(store, report_query)
+    return web.json_response({"rows": [reports.row_json(r) for r in rows],
+                              "total": reports.row_json(reports.totals(rows))})
+
+
+async def admin_log(request: web.Request) -> web.Response:
+    store = _store(request)
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise InvalidRequest("'limit' must be a whole number.", param="limit") from None
+    return web.json_response([{"id": a.id, "created_at": iso(a.created_at), "actor": a.actor, "action": a.action,
+                               "target": a.target, "before": a.before, "after": a.after}
+                              for a in await store.admin_actions(limit)])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/admin/users", list_users)
+    app.router.add_post("/admin/users", create_user)
+    app.router.add_get("/admin/users/{user}", show_user)
+    app.router.add_patch("/admin/users/{user}", update_user)
+    app.router.add_post("/admin/users/{user}/state", set_state)
+    app.router.add_get("/admin/users/{user}/balance", balance)
+    app.router.add_get("/admin/users/{user}/ledger", ledger)
+    app.router.add_get("/admin/keys", list_keys)
+    app.router.add_post("/admin/keys", create_key)
+    app.router.add_get("/admin/keys/{key}", show_key)
+    app.router.add_post("/admin/keys/{key}/revoke", revoke_key)
+    app.router.add_post("/admin/topups", topup)
+    app.router.add_post("/admin/adjustments", adjust)
+    app.router.add_get("/admin/usage", usage)
+    app.router.add_get("/admin/log", admin_log)
