@@ -6,12 +6,15 @@ suspended user is refused within that time without a database read on every requ
 
 from __future__ import annotations
 
+import ipaddress
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from apibox.errors import InvalidApiKey, PermissionDenied
 from apibox.keys import hash_key, looks_like_key
+from apibox.limits import FailedAuthLimiter
 from apibox.models import ApiKey, User, UserState
 from apibox.store.base import Store
 
@@ -31,14 +34,59 @@ class Caller:
     user: User
 
 
+def client_address(peer: str | None, forwarded_for: str | None, trusted_proxies: Sequence[str]) -> str:
+    """The caller's address: the peer, or the last hop of X-Forwarded-For that is not a trusted proxy
+    (the header is believed only when the peer itself is a trusted proxy)."""
+    address = peer or ""
+    networks = [ipaddress.ip_network(cidr, strict=False) for cidr in trusted_proxies]
+
+    def trusted(candidate: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(candidate)
+        except ValueError:
+            return False
+        return any(ip in network for network in networks)
+
+    if forwarded_for and trusted(address):
+        for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
+            address = hop
+            if not trusted(hop):
+                break
+    return address
+
+
+def address_allowed(address: str, allowed: Sequence[str]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(cidr, strict=False) for cidr in allowed)
+
+
 class Authenticator:
-    def __init__(self, store: Store, ttl: float = CACHE_TTL_SECONDS) -> None:
+    def __init__(self, store: Store, ttl: float = CACHE_TTL_SECONDS,
+                 failures: FailedAuthLimiter | None = None) -> None:
         self._store = store
         self._ttl = ttl
         self._cache: dict[str, tuple[float, tuple[ApiKey, User] | None]] = {}
+        self._failures = failures or FailedAuthLimiter()
 
-    async def authenticate(self, secret: str | None) -> Caller:
-        """The caller behind ``secret``, or the 401/403 that explains why not."""
+    async def authenticate(self, secret: str | None, address: str = "") -> Caller:
+        """The caller behind ``secret`` calling from ``address``, or the 401/403/429 that says why not.
+
+        An address that keeps presenting bad keys is refused with 429 before any lookup."""
+        self._failures.check(address)
+        try:
+            caller = await self._identify(secret)
+        except InvalidApiKey:
+            self._failures.failed(address)
+            raise
+        if caller.key.allow_ips and not address_allowed(address, caller.key.allow_ips):
+            raise PermissionDenied(f"Your address {address or 'unknown'} is not allowed to use this API key.",
+                                   code="ip_not_allowed")
+        return caller
+
+    async def _identify(self, secret: str | None) -> Caller:
         if not secret:
             raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
         if not looks_like_key(secret):

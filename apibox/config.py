@@ -6,6 +6,7 @@ and what is wrong, e.g. ``apibox.yaml: models[0].price.input: must be a number .
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -30,6 +31,9 @@ class ServerSettings:
     port: int = 8080
     admin_key: str | None = None
     max_body_mb: float = 20.0
+    # Proxies whose X-Forwarded-For is believed (CIDRs); other peers are taken at their address.
+    trusted_proxies: tuple[str, ...] = ()
+    failed_auth_per_minute: int = 30  # bad keys from one address before it is refused for a while
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +318,8 @@ class _Parser:
         )
 
     def server(self, node: _Node) -> ServerSettings:
-        fields = node.mapping(("host", "port", "admin_key", "max_body_mb"))
+        fields = node.mapping(("host", "port", "admin_key", "max_body_mb", "trusted_proxies",
+                               "failed_auth_per_minute"))
         port = fields["port"].integer(minimum=0) if "port" in fields else 8080
         if port > 65535:
             raise fields["port"].fail(f"must be a TCP port (0-65535), got {port}")
@@ -324,7 +329,20 @@ class _Parser:
             port=port,
             admin_key=admin_key or None,
             max_body_mb=fields["max_body_mb"].number() if "max_body_mb" in fields else 20.0,
+            trusted_proxies=tuple(self.cidr(n) for n in fields["trusted_proxies"].items())
+            if "trusted_proxies" in fields else (),
+            failed_auth_per_minute=fields["failed_auth_per_minute"].integer(minimum=1)
+            if "failed_auth_per_minute" in fields else 30,
         )
+
+    @staticmethod
+    def cidr(node: _Node) -> str:
+        text = node.text()
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise node.fail(f"{text!r} is not an IP address or CIDR range") from None
+        return text
 
     def database(self, node: _Node) -> DatabaseSettings:
         fields = node.mapping(("url",))

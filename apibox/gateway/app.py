@@ -15,7 +15,8 @@ from apibox.config import Settings
 from apibox.gateway import admin, anthropic, openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
-from apibox.gateway.middlewares import add_request_id, request_id_and_errors
+from apibox.gateway.middlewares import add_rate_limit_headers, add_request_id, request_id_and_errors
+from apibox.limits import FailedAuthLimiter, LocalLimiter
 from apibox.providers import build_providers
 from apibox.router import Router
 from apibox.store import open_store
@@ -31,6 +32,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
                           middlewares=[request_id_and_errors])
     app[SETTINGS] = settings
     app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(add_rate_limit_headers)
     app.cleanup_ctx.append(_lifecycle(settings, store, session))
     openai.add_routes(app)
     anthropic.add_routes(app)
@@ -50,12 +52,15 @@ def _lifecycle(settings: Settings, store: Store | None,
                         len(recovered))
         upstream = session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=True)
-        app[GATEWAY] = Gateway(settings=settings, store=db, session=upstream,
-                               providers=build_providers(settings, upstream), router=Router(settings),
-                               auth=Authenticator(db))
+        failures = FailedAuthLimiter(settings.server.failed_auth_per_minute)
+        gateway = app[GATEWAY] = Gateway(
+            settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
+            router=Router(settings), auth=Authenticator(db, failures=failures), limiter=LocalLimiter())
         try:
             yield
         finally:
+            if gateway.settling:  # requests cut short by shutdown are still settled before the store closes
+                await asyncio.gather(*gateway.settling, return_exceptions=True)
             if session is None:
                 await upstream.close()
             if own_store:

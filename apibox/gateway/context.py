@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import aiohttp
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
+from apibox.limits import RateLimiter
 from apibox.providers.base import Provider
 from apibox.router import Router
 from apibox.store.base import Store
@@ -21,3 +23,6 @@ class Gateway:
     providers: dict[str, Provider]
     router: Router
     auth: Authenticator
+    limiter: RateLimiter
+    # Settlements still being written; shutdown waits for them before it closes the store.
+    settling: set[asyncio.Future[object]] = field(default_factory=set)

@@ -18,6 +18,7 @@ log = logging.getLogger("apibox.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = web.RequestKey("request_id", str)
+RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)
 HTTP_ERROR_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
@@ -97,3 +98,9 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
 async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: every response, streamed ones included, carries its request id."""
     response.headers["x-request-id"] = request.get(REQUEST_ID) or new_request_id()
+
+
+async def add_rate_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: OpenAI's x-ratelimit-* headers on every response to a limited key."""
+    for name, value in (request.get(RATE_LIMIT_HEADERS) or {}).items():
+        response.headers[name] = value

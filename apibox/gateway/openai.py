@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from apibox.auth import Caller
+from apibox.auth import Caller, client_address
 from apibox.config import ModelSettings
 from apibox.errors import InvalidRequest, ModelNotFound
 from apibox.gateway.appkeys import GATEWAY
@@ -27,7 +27,9 @@ def bearer_secret(request: web.Request) -> str | None:
 
 
 async def authenticate(request: web.Request) -> Caller:
-    return await request.app[GATEWAY].auth.authenticate(bearer_secret(request))
+    proxies = request.app[GATEWAY].settings.server.trusted_proxies
+    address = client_address(request.remote, request.headers.get("X-Forwarded-For"), proxies)
+    return await request.app[GATEWAY].auth.authenticate(bearer_secret(request), address)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:

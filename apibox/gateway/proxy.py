@@ -163,7 +163,8 @@ async def _attempt(call: Call, stream: bool) -> Any:
                 break  # the request itself is at fault: another route would refuse it too
             call.gateway.router.failed(route, exc.retry_after)
             continue
-        call.gateway.router.succeeded(route)
+        if not stream:  # a stream has succeeded only once it has ended well (_stream says so)
+            call.gateway.router.succeeded(route)
         return answer
     assert last is not None
     raise last
@@ -209,6 +210,8 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                 break
             if piece.data:
                 await response.write(piece.data)
+        if call.route is not None:
+            call.gateway.router.succeeded(call.route)
         final = usage if status == "ok" and usage is not None else call.estimate(delivered)
         await response.write(renderer.end(final, cost_micro(call.reservation.price, final)))
     except StreamBroken as exc:
