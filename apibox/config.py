@@ -34,6 +34,7 @@ class ServerSettings:
     # Proxies whose X-Forwarded-For is believed (CIDRs); other peers are taken at their address.
     trusted_proxies: tuple[str, ...] = ()
     failed_auth_per_minute: int = 30  # bad keys from one address before it is refused for a while
+    max_in_flight: int = 4096  # requests served at once; more get 503 at once instead of queueing
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +320,7 @@ class _Parser:
 
     def server(self, node: _Node) -> ServerSettings:
         fields = node.mapping(("host", "port", "admin_key", "max_body_mb", "trusted_proxies",
-                               "failed_auth_per_minute"))
+                               "failed_auth_per_minute", "max_in_flight"))
         port = fields["port"].integer(minimum=0) if "port" in fields else 8080
         if port > 65535:
             raise fields["port"].fail(f"must be a TCP port (0-65535), got {port}")
@@ -333,6 +334,7 @@ class _Parser:
             if "trusted_proxies" in fields else (),
             failed_auth_per_minute=fields["failed_auth_per_minute"].integer(minimum=1)
             if "failed_auth_per_minute" in fields else 30,
+            max_in_flight=fields["max_in_flight"].integer(minimum=1) if "max_in_flight" in fields else 4096,
         )
 
     @staticmethod

@@ -15,7 +15,13 @@ from apibox.config import Settings
 from apibox.gateway import admin, anthropic, openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
-from apibox.gateway.middlewares import add_rate_limit_headers, add_request_id, request_id_and_errors
+from apibox.gateway.middlewares import (
+    IN_FLIGHT,
+    InFlight,
+    add_rate_limit_headers,
+    add_request_id,
+    request_id_and_errors,
+)
 from apibox.limits import FailedAuthLimiter, LocalLimiter
 from apibox.providers import build_providers
 from apibox.router import Router
@@ -31,6 +37,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000),
                           middlewares=[request_id_and_errors])
     app[SETTINGS] = settings
+    app[IN_FLIGHT] = InFlight()
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_rate_limit_headers)
     app.cleanup_ctx.append(_lifecycle(settings, store, session))

@@ -74,11 +74,27 @@ def render_http_exception(request: web.Request, exc: web.HTTPException) -> web.R
                           code, retryable=exc.status >= 500)
 
 
+class InFlight:
+    """Counts requests being served, to refuse new ones beyond ``server.max_in_flight``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+IN_FLIGHT = web.AppKey("in_flight", InFlight)
+
+
 @web.middleware
 async def request_id_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give every response an ``x-request-id`` and every error OpenAI's error shape."""
+    """Give every response an ``x-request-id``, every error OpenAI's (or Anthropic's) error shape,
+    and refuse work beyond the in-flight cap with 503 rather than queue it."""
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
+    in_flight = request.app[IN_FLIGHT]
+    if in_flight.count >= request.app[SETTINGS].server.max_in_flight:
+        return error_response(request, 503, "apibox is at its limit of requests in flight; retry shortly.",
+                              "server_error", "overloaded", retry_after=1)
+    in_flight.count += 1
     try:
         response = await handler(request)
     except ApiboxError as exc:
@@ -92,6 +108,8 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
         response = error_response(
             request, 500, f"apibox hit an internal error; the operator can find it in the log under {request_id}.",
             "server_error", "internal_error")
+    finally:
+        in_flight.count -= 1
     return response
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -15,6 +16,7 @@ from apibox.gateway.proxy import forward
 from apibox.money import format_usd
 
 MODEL_CREATED = 1_700_000_000  # a fixed `created` for configured models
+BODY_READ_SECONDS = 30
 
 
 def bearer_secret(request: web.Request) -> str | None:
@@ -34,7 +36,11 @@ async def authenticate(request: web.Request) -> Caller:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_READ_SECONDS):  # a client trickling its body does not hold a slot forever
+            raw = await request.read()
+    except TimeoutError:
+        raise InvalidRequest(f"The request body did not arrive within {BODY_READ_SECONDS}s.") from None
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
