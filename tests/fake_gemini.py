@@ -2,8 +2,11 @@
 
 Modes: ``ok`` (text, or a function call with a thought signature when ``call_name`` is set
 and the request declares tools), ``status`` (a Google RPC error), ``echo_key`` (an error whose
-message holds the API key) and ``no_finish`` (a stream whose body ends without any
-``finishReason``, as when Google drops the connection mid-answer).
+message holds the API key), ``no_finish`` (a stream whose body ends without any
+``finishReason``, as when Google drops the connection mid-answer), ``stream_error`` (a
+stream that sends half the answer, then an in-band error event naming the key, then ends) and
+``raw_error`` (the same, but the error is raw multi-line JSON without ``data:``, as Google
+sometimes sends it).
 
 ``finish_reason`` overrides the reason the last candidate reports, ``call_id`` gives the
 function call an id (Gemini usually sends none) and ``thought`` adds a thought-summary part
@@ -40,6 +43,7 @@ class FakeGemini:
     finish_reason: str | None = None
     thought: str | None = None
     rpc_status: str = "INTERNAL"
+    error_message: str = "Internal error"
     requests: list[Recorded] = field(default_factory=list)
 
     def add_routes(self, app: web.Application) -> None:
@@ -58,7 +62,7 @@ class FakeGemini:
             return web.json_response({"error": {"code": 403, "message": "API key not valid",
                                                 "status": "PERMISSION_DENIED"}}, status=403)
         if self.mode in ("status", "echo_key"):
-            message = f"API key {GEMINI_KEY} is bad" if self.mode == "echo_key" else "Internal error"
+            message = f"API key {GEMINI_KEY} is bad" if self.mode == "echo_key" else self.error_message
             return web.json_response({"error": {"code": self.status, "message": message,
                                                 "status": self.rpc_status}}, status=self.status)
         limit = (body.get("generationConfig") or {}).get("maxOutputTokens") or len(self.words)
@@ -79,6 +83,15 @@ class FakeGemini:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for i, word in enumerate(words):
+            if self.mode == "stream_error" and i == len(words) // 2:
+                error = {"error": {"code": 500, "message": f"Internal error for key {GEMINI_KEY}",
+                                   "status": "INTERNAL"}}
+                await response.write(b"data: " + json.dumps(error).encode() + b"\r\n\r\n")
+                break
+            if self.mode == "raw_error" and i == len(words) // 2:
+                error = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
+                await response.write(json.dumps(error, indent=2).encode() + b"\n")
+                break
             parts = [*thought, {"text": word}] if i == 0 else [{"text": word}]
             chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": parts}, "index": 0}],
                                      "usageMetadata": {"promptTokenCount": self.prompt_tokens}}

@@ -115,7 +115,7 @@ def test_a_tool_result_names_the_function_of_its_call_not_its_own_name_field() -
                      {"functionResponse": {"name": "fallback_name", "response": {"output": [1, 2]}}}]
 
 
-@pytest.mark.parametrize("arguments", ['{"city": "Par', "not json", "{'city': 'Paris'}"])
+@pytest.mark.parametrize("arguments", ['{"city": "Par', "not json", "{'city': 'Paris'}", "[1, 2]", '"Paris"'])
 def test_invalid_tool_arguments_are_an_invalid_request(arguments: str) -> None:
     body = {"messages": [{"role": "user", "content": "hi"},
                          {"role": "assistant", "tool_calls": [call("c1", "get_weather", arguments)]}]}
@@ -128,13 +128,21 @@ def test_invalid_tool_arguments_are_an_invalid_request(arguments: str) -> None:
 
 def test_generation_config_from_the_sampling_fields() -> None:
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "max_completion_tokens": 70,
-            "temperature": 0, "top_p": 0.9, "n": 2, "seed": 7, "presence_penalty": 0.5,
+            "temperature": 0, "top_p": 0.9, "n": 1, "seed": 7, "presence_penalty": 0.5,
             "frequency_penalty": -0.5, "stop": "END"}
     assert openai_to_gemini_request(body, {})["generationConfig"] == {
-        "maxOutputTokens": 70, "temperature": 0, "topP": 0.9, "candidateCount": 2, "seed": 7,
+        "maxOutputTokens": 70, "temperature": 0, "topP": 0.9, "candidateCount": 1, "seed": 7,
         "presencePenalty": 0.5, "frequencyPenalty": -0.5, "stopSequences": ["END"]}
     listed = openai_to_gemini_request({"messages": [], "max_tokens": 5, "stop": ["a", "b"]}, {})
     assert listed["generationConfig"] == {"maxOutputTokens": 5, "stopSequences": ["a", "b"]}
+
+
+def test_more_than_one_choice_is_refused() -> None:
+    # Only the first candidate is translated back, so n > 1 would bill answers the client never sees.
+    with pytest.raises(InvalidRequest) as caught:
+        openai_to_gemini_request({"messages": [{"role": "user", "content": "hi"}], "n": 2}, {})
+    assert (caught.value.status, caught.value.param) == (400, "n")
+    assert "n must be 1" in caught.value.message
 
 
 @pytest.mark.parametrize(("response_format", "expected"), [
@@ -389,7 +397,8 @@ def test_the_signature_map_is_what_translation_fills_and_reads(monkeypatch: pyte
     translate = GeminiToOpenAI("m", kept)
     ids = []
     for i in range(3):
-        reply = translate.reply(gemini_reply([{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": f"s{i}"}]))
+        part = {"functionCall": {"name": "f", "args": {}}, "thoughtSignature": f"s{i}"}
+        reply = translate.reply(gemini_reply([part]))
         ids.append(reply["choices"][0]["message"]["tool_calls"][0]["id"])
     assert list(kept) == ids[1:]
     history = {"messages": [{"role": "assistant", "tool_calls": [call(i, "f", "{}") for i in ids]}]}

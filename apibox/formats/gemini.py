@@ -79,6 +79,8 @@ def _parts(content: Any) -> list[dict[str, Any]]:
 
 def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[str, str]) -> dict[str, Any]:
     """An OpenAI chat request as a generateContent body (the model goes in the URL)."""
+    if (body.get("n") or 1) > 1:  # only the first candidate is translated back; the rest would be billed unseen
+        raise InvalidRequest("this model returns one choice per request; n must be 1", param="n")
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}
@@ -106,6 +108,8 @@ def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[st
                     args = json.loads(function.get("arguments") or "{}")
                 except ValueError:
                     raise InvalidRequest("a tool call's `arguments` is not valid JSON", param="messages") from None
+                if not isinstance(args, dict):  # Gemini's functionCall.args is an object
+                    raise InvalidRequest("a tool call's `arguments` must be a JSON object", param="messages")
                 parts.append(
                     {
                         "functionCall": {"name": function.get("name", ""), "args": args},
