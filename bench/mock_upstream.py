@@ -31,8 +31,8 @@ try:
 except ImportError:  # pragma: no cover - uvloop is optional
     uvloop = None
 
-TEXT = ("Gateways forward tokens from the model to the client and count every one "
-        "of them so that each key pays exactly for what it used").split()
+TEXT = ("Gateways", "forward", "tokens", "from", "the", "model", "to", "the", "client", "and", "count",
+        "every", "one", "of", "them", "so", "that", "each", "key", "pays", "exactly", "for", "what", "it", "used")
 ID_MARK = b"<<rid>>"
 TIME_MARK = b"<<created>>"
 

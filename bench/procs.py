@@ -6,6 +6,7 @@ leads its own process group (pgid == pid); ``stop`` signals exactly that group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,22 +31,15 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> int | None:
     Returns the leader's exit code (None if it had to be killed and did not report one).
     """
     if proc.poll() is None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    # whatever is left in the group (workers, a stuck leader) is killed
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
     return proc.returncode
 
 

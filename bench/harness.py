@@ -1,0 +1,511 @@
+"""The apibox benchmark: mock upstream, bare forwarder, apibox (and LiteLLM on request), loaded by wrk.
+
+For each round: start the mock upstream once, then per target start it pinned to the gateway
+CPU, wait for a first 200, validate one non-stream and one stream answer, run wrk for every
+scenario x connection count (warm-up, then the measured run), record CPU time and RSS, stop
+the target by its process group; for apibox, audit the money afterwards. Then print and
+write the tables (results/<stamp>/report.md) and, with --write-doc, docs/PERFORMANCE.md.
+
+    bench/run.sh                                  # defaults: 2 rounds, 3 s warm-up + 10 s per cell
+    bench/run.sh --rounds 1 --duration 3 --warmup 1
+    python -m bench --report bench/results/<stamp> --write-doc
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from datetime import datetime
+from importlib import metadata
+from pathlib import Path
+
+from bench import apibox_target, procs, report
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CHAT = "/v1/chat/completions"
+LUA = HERE / "chat.lua"
+WORKERS_NOTE = "skipped: `apibox serve` has no --workers option yet"
+
+
+@dataclasses.dataclass
+class Target:
+    name: str
+    url: str  # the chat-completions endpoint
+    cmd: list[str] | None = None  # None: nothing to start (direct)
+    env: dict[str, str] = dataclasses.field(default_factory=dict)
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    ready_timeout: float = 60.0
+    stop_grace: float = 10.0
+    cwd: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# where the reference mock and forwarder come from
+# ---------------------------------------------------------------------------------------------
+
+def reference_dir(override: str | None) -> tuple[Path, str]:
+    """../shared/bench beside the repository when it has both scripts, else our own copies."""
+    candidates = [Path(override)] if override else []
+    candidates.append(REPO.parent / "shared" / "bench")
+    for c in candidates:
+        if (c / "mock_upstream.py").is_file() and (c / "bare_proxy.py").is_file():
+            if c.resolve() == HERE:
+                break
+            return c.resolve(), f"`{c.resolve()}` (the shared reference)"
+    return HERE, "`bench/` (own stand-ins: ../shared/bench missing or not chosen)"
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP helpers
+# ---------------------------------------------------------------------------------------------
+
+def chat_body(stream: bool) -> bytes:
+    body: dict = {"model": apibox_target.MODEL, "max_tokens": 32,
+                  "messages": [{"role": "user", "content": "Say hello in five words."}]}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
+
+
+def post(t: Target, stream: bool, timeout: float = 30) -> tuple[int, bytes]:
+    req = urllib.request.Request(t.url, data=chat_body(stream), method="POST",
+                                 headers={"Content-Type": "application/json", **t.headers})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_http(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s ({last})")
+
+
+def wait_ready(t: Target, proc: subprocess.Popen | None) -> int:
+    """Poll with a real chat request until it answers 200; returns how many 200s that took (1)."""
+    deadline = time.monotonic() + t.ready_timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{t.name} exited with code {proc.returncode} before it was ready")
+        try:
+            status, body = post(t, False, timeout=10)
+            if status == 200:
+                return 1
+            last = f"HTTP {status}: {body[:300]!r}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    raise RuntimeError(f"{t.name} not ready after {t.ready_timeout:.0f} s ({last})")
+
+
+def validate(t: Target, chunks: int) -> tuple[dict, int]:
+    """One non-stream and one stream answer: complete, with usage, [DONE] last. Returns (result, 2xx count)."""
+    v: dict = {}
+    ok_count = 0
+    status, body = post(t, False)
+    ok_count += 200 <= status < 300
+    try:
+        j = json.loads(body)
+        v["json_ok"] = status == 200 and bool(j["choices"][0]["message"]["content"])
+        v["json_usage"] = (j.get("usage") or {}).get("total_tokens")
+    except (ValueError, KeyError, IndexError, TypeError):
+        v["json_ok"], v["json_usage"] = False, None
+    status, body = post(t, True)
+    ok_count += 200 <= status < 300
+    events = [line[6:] for line in body.decode(errors="replace").splitlines() if line.startswith("data: ")]
+    content = 0
+    usage = None
+    for ev in events:
+        try:
+            j = json.loads(ev)
+        except ValueError:
+            continue
+        if j.get("usage"):
+            usage = j["usage"].get("total_tokens")
+        content += sum(1 for c in j.get("choices") or [] if (c.get("delta") or {}).get("content"))
+    v["sse_ok"] = status == 200 and bool(events) and events[-1].strip() == "[DONE]" and content == chunks
+    v["sse_content_chunks"] = content
+    v["sse_usage"] = usage
+    return v, ok_count
+
+
+# ---------------------------------------------------------------------------------------------
+# load
+# ---------------------------------------------------------------------------------------------
+
+def run_wrk(t: Target, stream: bool, conns: int, seconds: float, load_cpus: str | None, out: Path,
+            timeout_s: int) -> dict:
+    env = dict(os.environ, BENCH_STREAM="1" if stream else "0", BENCH_MODEL=apibox_target.MODEL,
+               BENCH_HEADERS="|".join(f"{k}: {v}" for k, v in t.headers.items()), BENCH_JSON_OUT=str(out))
+    cmd = [*(["taskset", "-c", load_cpus] if load_cpus else []), "wrk", "-t1", f"-c{conns}",
+           f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s}s", "-s", str(LUA), t.url]
+    out.unlink(missing_ok=True)
+    subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                   timeout=seconds + timeout_s + 60)
+    try:
+        return json.loads(out.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def two_xx(r: dict) -> int:
+    return max(0, r.get("requests", 0) - r.get("err_status", 0))
+
+
+def socket_errors(r: dict) -> int:
+    return sum(r.get(k, 0) for k in ("err_connect", "err_read", "err_write", "err_timeout"))
+
+
+def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen, stream: bool, conns: int,
+            args: argparse.Namespace, out: Path, tally: dict) -> dict:
+    if args.warmup > 0:
+        w = run_wrk(t, stream, conns, args.warmup, args.load_cpus, out / "warmup.json", args.wrk_timeout)
+        tally["2xx"] += two_xx(w)
+        tally["slack"] += conns + socket_errors(w)
+        tally["status_errors"] += w.get("err_status", 0)
+    up0 = procs.group_cpu_seconds(upstream.pid)
+    tg0 = procs.group_cpu_seconds(proc.pid) if proc else 0.0
+    ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0 = procs.machine_busy_seconds()
+    r = run_wrk(t, stream, conns, args.duration, args.load_cpus, out / "last.json", args.wrk_timeout)
+    busy1 = procs.machine_busy_seconds()
+    ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if not r:
+        raise RuntimeError("wrk wrote no summary (see the target's log)")
+    tally["2xx"] += two_xx(r)
+    tally["slack"] += conns + socket_errors(r)
+    tally["status_errors"] += r.get("err_status", 0)
+    secs = r.get("duration_s") or args.duration
+    tgt_cpu = (procs.group_cpu_seconds(proc.pid) - tg0) if proc else None
+    r["cpu_upstream_pct"] = round(100 * (procs.group_cpu_seconds(upstream.pid) - up0) / secs, 1)
+    r["cpu_target_pct"] = None if tgt_cpu is None else round(100 * tgt_cpu / secs, 1)
+    r["cpu_ms_per_req"] = None if tgt_cpu is None or not r.get("requests") else 1000 * tgt_cpu / r["requests"]
+    r["cpu_wrk_pct"] = round(100 * ((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)) / secs, 1)
+    ours = r["cpu_upstream_pct"] + (r["cpu_target_pct"] or 0) + r["cpu_wrk_pct"]
+    # CPU the machine spent on anything else meanwhile (other tenants, unattributed softirq): a noise gauge
+    r["cpu_other_pct"] = round(100 * (busy1 - busy0) / secs - ours, 1)
+    if proc:
+        r["rss_mb"] = round(procs.group_rss_mb(proc.pid), 1)
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# targets
+# ---------------------------------------------------------------------------------------------
+
+def litellm_target(args: argparse.Namespace, out: Path, upstream_v1: str) -> Target:
+    venv = Path(args.litellm_venv)
+    exe = venv / "bin" / "litellm"
+    if not exe.exists():
+        raise RuntimeError(f"{exe} is missing: run bench/run.sh --with-litellm (it installs LiteLLM there)")
+    cfg = out / "litellm.yaml"
+    cfg.write_text("\n".join([
+        "model_list:",
+        f"  - model_name: {apibox_target.MODEL}",
+        "    litellm_params:",
+        "      model: openai/gpt-4o-mini",
+        f"      api_base: {upstream_v1}",
+        "      api_key: bench-not-a-secret",
+        "litellm_settings:",
+        "  callbacks: []",
+        "  success_callback: []",
+        "  failure_callback: []",
+        "  request_timeout: 600",
+        "general_settings:",
+        "  disable_spend_logs: true",
+        "  disable_error_logs: true",
+        "  dangerously_permit_weak_or_unset_master_key: true",
+        ""]))
+    port = args.port_base + 2
+    return Target("litellm", f"http://127.0.0.1:{port}{CHAT}",
+                  cmd=[str(exe), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
+                       "--num_workers", str(args.litellm_workers)],
+                  env={"LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                       "LITELLM_TELEMETRY_DISABLED": "true", "LITELLM_MODE": "PRODUCTION",
+                       "DISABLE_ADMIN_UI": "True", "NO_DOCS": "True"},
+                  ready_timeout=240)
+
+
+def apibox_supports_workers() -> bool:
+    done = subprocess.run([*apibox_target.cli(), "serve", "--help"], capture_output=True, text=True, check=False)
+    return "--workers" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# machine + meta
+# ---------------------------------------------------------------------------------------------
+
+def version_of(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+    git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                         text=True, check=False).stdout.strip()
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
+    return {"cpu": cpu, "cpus": os.cpu_count(), "mem_gib": round(mem_kb / 1024 / 1024, 1),
+            "kernel": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "aiohttp": version_of("aiohttp"), "uvloop": version_of("uvloop"), "aiosqlite": version_of("aiosqlite"),
+            "sqlite": sqlite3.sqlite_version,
+            "wrk": ((wrk.stdout or wrk.stderr).splitlines() or ["wrk ?"])[0].split(" Copyright")[0],
+            "apibox": f"{version_of('apibox')} ({git or 'no git'})",
+            "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+
+
+def the_command(argv: list[str]) -> str:
+    launcher = os.environ.get("BENCH_LAUNCHER", "python -m bench")
+    return " ".join([launcher, *map(shlex.quote, argv)])
+
+
+def log_summary(path: Path) -> dict:
+    """WARNING/ERROR lines apibox logged during the run (it logs nothing per request otherwise)."""
+    if not path.exists():
+        return {"warnings": 0, "errors": 0, "samples": []}
+    lines = path.read_text(errors="replace").splitlines()
+    bad = [line for line in lines if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+    return {"warnings": sum(" WARNING " in line for line in bad), "errors": sum(" ERROR " in line for line in bad),
+            "samples": bad[:5]}
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench", description="apibox's benchmark (see bench/README.md)")
+    ap.add_argument("--targets", default="direct,bare,apibox", help="comma list of direct, bare, apibox, litellm")
+    ap.add_argument("--with-litellm", action="store_true", help="also measure the LiteLLM proxy (own venv)")
+    ap.add_argument("--scenarios", default="json,sse", help="json (non-stream) and/or sse (stream)")
+    ap.add_argument("--conns", default="1,32,128", help="wrk connection counts")
+    ap.add_argument("--duration", type=float, default=10, help="measured seconds per cell")
+    ap.add_argument("--warmup", type=float, default=3, help="warm-up seconds per cell (discarded)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
+    ap.add_argument("--proxy-cpus", default="0", help="taskset CPU list of the target ('' = unpinned)")
+    ap.add_argument("--load-cpus", default="1", help="taskset CPU list of wrk + upstream ('' = unpinned)")
+    ap.add_argument("--port-base", type=int, default=18100,
+                    help="upstream on it, bare +1, litellm +2, apibox +10")
+    ap.add_argument("--wrk-timeout", type=int, default=30, help="wrk's per-request timeout, seconds")
+    ap.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV", "/tmp/peer-venv"))
+    ap.add_argument("--litellm-workers", type=int, default=1)
+    ap.add_argument("--shared", default=os.environ.get("BENCH_SHARED"),
+                    help="directory with the reference mock_upstream.py and bare_proxy.py "
+                         "(default: ../shared/bench beside the repository)")
+    ap.add_argument("--out", help="results directory (default bench/results/<stamp>)")
+    ap.add_argument("--write-doc", action="store_true", help="regenerate docs/PERFORMANCE.md")
+    ap.add_argument("--doc", default=str(REPO / "docs" / "PERFORMANCE.md"), help="where --write-doc writes")
+    ap.add_argument("--report", metavar="RESULTS_DIR", help="only re-render the tables of a past run")
+    args = ap.parse_args(argv)
+    args.proxy_cpus = args.proxy_cpus or None
+    args.load_cpus = args.load_cpus or None
+    return args
+
+
+def render(out: Path, write_doc: bool, doc: Path) -> str:
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
+    money_path = out / "money.jsonl"
+    money = [json.loads(line) for line in money_path.read_text().splitlines()] if money_path.exists() else []
+    meta = json.loads((out / "meta.json").read_text())
+    text = report.full_text(results, money, meta)
+    (out / "report.md").write_text(text)
+    doc_text = report.performance_doc(results, money, meta)
+    (out / "PERFORMANCE.md").write_text(doc_text)
+    if write_doc:
+        doc.parent.mkdir(parents=True, exist_ok=True)
+        doc.write_text(doc_text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.report:
+        print(render(Path(args.report), args.write_doc, Path(args.doc)))
+        if args.write_doc:
+            print(f"wrote {args.doc}")
+        return 0
+    # SIGTERM (a timeout, a CI cancel) becomes SystemExit, so the finally blocks stop every child
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    names = [n.strip() for n in args.targets.split(",") if n.strip()]
+    if args.with_litellm and "litellm" not in names:
+        names.append("litellm")
+    unknown = set(names) - {"direct", "bare", "apibox", "litellm"}
+    if unknown:
+        print(f"unknown targets: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    conns = [int(c) for c in args.conns.split(",") if c.strip()]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else HERE / "results" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+
+    ports = {"upstream": args.port_base, "bare": args.port_base + 1, "litellm": args.port_base + 2,
+             "apibox": args.port_base + 10}
+    busy = [f"{n}:{p}" for n, p in ports.items() if (n == "upstream" or n in names) and not port_free(p)]
+    if busy:
+        print(f"ports in use: {', '.join(busy)} (another benchmark running?); choose --port-base", file=sys.stderr)
+        return 2
+
+    ref, ref_label = reference_dir(args.shared)
+    up = f"http://127.0.0.1:{ports['upstream']}"
+    notes = [f"apibox with 2 workers: {WORKERS_NOTE}." if not apibox_supports_workers() else
+             "apibox serve has a --workers option now, but this bench does not measure it yet."]
+    workers_note = WORKERS_NOTE if "no --workers" in notes[0] else "not measured by this bench yet"
+    meta = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "command": the_command(argv),
+            "args": vars(args), "machine": machine_info(), "reference": ref_label, "ports": ports,
+            "workers_note": workers_note, "notes": notes, "validation": []}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    print(f"results -> {out}")
+    print(f"reference mock + forwarder: {ref_label}")
+    for n in notes:
+        print(f"note: {n}")
+
+    results_path = out / "results.jsonl"
+    results_path.write_text("")
+    (out / "money.jsonl").unlink(missing_ok=True)
+    py = sys.executable
+    money_ok = True
+    upstream = procs.start([py, str(ref / "mock_upstream.py"), "--port", str(ports["upstream"]),
+                            "--chunks", str(args.chunks)], cpus=args.load_cpus, log=out / "upstream.log")
+    running = [upstream]
+    try:
+        wait_http(f"{up}/health", upstream, 20)
+        for rnd in range(1, args.rounds + 1):
+            for order, name in enumerate(names):
+                setup = None
+                if name == "direct":
+                    t = Target("direct", up + CHAT)
+                elif name == "bare":
+                    t = Target("bare", f"http://127.0.0.1:{ports['bare']}{CHAT}",
+                               cmd=[py, str(ref / "bare_proxy.py"), "--port", str(ports["bare"]), "--upstream", up])
+                elif name == "litellm":
+                    t = litellm_target(args, out, up + "/v1")
+                else:
+                    setup = apibox_target.prepare(out / f"apibox-round{rnd}", up + "/v1", ports["apibox"])
+                    t = Target("apibox", f"http://127.0.0.1:{ports['apibox']}{CHAT}", cmd=setup.serve_cmd(),
+                               headers={"Authorization": f"Bearer {setup.key}"}, ready_timeout=60, stop_grace=45,
+                               cwd=setup.workdir)
+                tally = {"2xx": 0, "slack": 0, "status_errors": 0}
+                proc = None
+                log = out / f"{name}-round{rnd}.log"
+                started = time.monotonic()
+                try:
+                    if t.cmd:
+                        proc = procs.start(t.cmd, cpus=args.proxy_cpus, log=log, env=t.env, cwd=t.cwd)
+                        running.append(proc)
+                    elif args.proxy_cpus:  # direct: the upstream serves from the gateway's CPU
+                        procs.pin_group(upstream.pid, args.proxy_cpus)
+                    tally["2xx"] += wait_ready(t, proc)
+                    v, n2xx = validate(t, args.chunks)
+                    tally["2xx"] += n2xx
+                    meta["validation"].append({"round": rnd, "target": name, **v})
+                    print(f"[round {rnd}] {name}: ready in {time.monotonic() - started:.1f} s; {v}", flush=True)
+                    for sc in scenarios:
+                        for c in conns:
+                            r = measure(t, proc, upstream, sc == "sse", c, args, out, tally)
+                            r.update(round=rnd, order=order, target=name, scenario=sc, conns=c)
+                            with results_path.open("a") as fh:
+                                fh.write(json.dumps(r) + "\n")
+                            print(f"  {name:8s} {sc:4s} c={c:<4d} rps={r.get('rps', 0):9.1f} "
+                                  f"p50={r.get('lat_p50_ms', 0):8.2f} ms p99={r.get('lat_p99_ms', 0):8.2f} ms "
+                                  f">=400={r.get('err_status', 0)} sock={socket_errors(r)} "
+                                  f"cpu tgt/up/wrk/other={r['cpu_target_pct']}/{r['cpu_upstream_pct']}/"
+                                  f"{r['cpu_wrk_pct']}/{r['cpu_other_pct']}%", flush=True)
+                except Exception as exc:  # record it and go on with the next target
+                    print(f"[round {rnd}] {name}: FAILED: {exc}", flush=True)
+                    meta["notes"].append(f"round {rnd}, {name}: FAILED: {exc}")
+                    if setup is not None:
+                        money_ok = False
+                finally:
+                    if proc:
+                        code = procs.stop(proc, t.stop_grace)
+                        running.remove(proc)
+                        if setup is not None and code not in (0, None):
+                            meta["notes"].append(f"round {rnd}: apibox exited with code {code} on SIGTERM")
+                    elif name == "direct" and args.load_cpus:
+                        procs.pin_group(upstream.pid, args.load_cpus)
+                if setup is not None:
+                    money_ok &= audit(setup, rnd, tally, log, out, meta)
+                (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    finally:
+        for p in reversed(running):
+            procs.stop(p)
+
+    print()
+    print(render(out, args.write_doc, Path(args.doc)))
+    print(f"results: {out}/ (report.md, PERFORMANCE.md, results.jsonl, money.jsonl, logs)")
+    if args.write_doc:
+        print(f"wrote {args.doc}")
+    if "apibox" in names:
+        print(f"money check: {'OK' if money_ok else 'FAIL'}")
+    return 0 if money_ok else 1
+
+
+def audit(setup: apibox_target.ApiboxSetup, rnd: int, tally: dict, log: Path, out: Path, meta: dict) -> bool:
+    m = apibox_target.money_check(setup, client_2xx=tally["2xx"], slack=tally["slack"])
+    m["round"] = rnd
+    m["client_status_errors"] = tally["status_errors"]
+    logs = log_summary(log)
+    m["lines"] = apibox_target.money_lines(m)
+    m["log"] = logs
+    if tally["status_errors"]:
+        meta["notes"].append(f"round {rnd}: clients got {tally['status_errors']} answers with status >= 400 "
+                             "from apibox (warm-ups included)")
+    if logs["warnings"] or logs["errors"]:
+        meta["notes"].append(f"round {rnd}: apibox logged {logs['warnings']} warnings and {logs['errors']} errors; "
+                             f"first: {logs['samples'][:2]}")
+    with (out / "money.jsonl").open("a") as fh:
+        fh.write(json.dumps(m) + "\n")
+    print(f"[round {rnd}] apibox money audit:")
+    for line in m["lines"]:
+        print(f"    {line}")
+    return bool(m["ok"])
