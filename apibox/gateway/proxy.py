@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +19,13 @@ from aiohttp import web
 
 from apibox import billing, tokens
 from apibox.auth import Caller
-from apibox.config import ModelSettings, Route
+from apibox.config import LimitSet, ModelSettings, Route
 from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import Door, OpenAIDoor
-from apibox.gateway.middlewares import REQUEST_ID
+from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
+from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
 from apibox.pricing import Usage, cost_micro
 from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure
@@ -66,6 +68,8 @@ class Call:
                 ttft_ms=int((self.first_byte - self.started) * 1000) if self.first_byte else None)
             self.settlement = asyncio.ensure_future(
                 billing.settle(self.gateway.store, self.reservation, record, usage))
+            self.gateway.settling.add(self.settlement)  # shutdown waits for it before closing the store
+            self.settlement.add_done_callback(self.gateway.settling.discard)
         return await asyncio.shield(self.settlement)
 
     def estimate(self, delivered_tokens: int) -> Usage:
@@ -85,6 +89,32 @@ def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSet
         raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
                                code="model_not_allowed")
     return model
+
+
+def limit_subjects(gateway: Gateway, caller: Caller) -> list[Subject]:
+    """What a request counts against: its key (the key's own limits, else the config's key
+    defaults) and its user (the config's user defaults); subjects without limits are left out."""
+    key, defaults = caller.key, gateway.settings.limits
+    key_limits = LimitSet(rpm=key.rpm if key.rpm is not None else defaults.key.rpm,
+                          tpm=key.tpm if key.tpm is not None else defaults.key.tpm,
+                          concurrency=key.concurrency if key.concurrency is not None else defaults.key.concurrency)
+    subjects = []
+    if key_limits != LimitSet():
+        subjects.append(Subject(f"key:{key.id}", key_limits))
+    if defaults.user != LimitSet():
+        subjects.append(Subject(f"user:{caller.user.id}", defaults.user))
+    return subjects
+
+
+def _used_tokens(call: Call | None, admission: Admission) -> int:
+    """The tokens a finished request really used, to correct the limiter's estimate."""
+    if call is None:
+        return 0  # refused before the hold (402): nothing was used
+    settled = call.settlement
+    if settled is None or not settled.done() or settled.cancelled() or settled.exception() is not None:
+        return admission.tokens  # not known (yet): keep the estimate
+    record = settled.result()
+    return record.prompt_tokens + record.completion_tokens
 
 
 def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:
@@ -114,21 +144,27 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     if not kind_ok:
         raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
     output = requested_output(endpoint, body, model)
-    reservation = await billing.reserve(
-        gateway.store, caller.key, model=model.name, price=model.price, request_id=request[REQUEST_ID],
-        prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
-    call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door)
-    failed_with = 500
+    admission = await gateway.limiter.admit(limit_subjects(gateway, caller), tokens.prompt_estimate(body) + output)
+    request[RATE_LIMIT_HEADERS] = admission.headers
+    call: Call | None = None
     try:
-        if body.get("stream") is True:
-            return await _stream(request, call)
-        return await _complete(call)
-    except ApiboxError as exc:
-        failed_with = exc.status
-        raise
-    finally:
-        if call.settlement is None:  # failed before any output: nothing is charged
-            await call.settle(Usage(), "error", failed_with)
+        reservation = await billing.reserve(
+            gateway.store, caller.key, model=model.name, price=model.price, request_id=request[REQUEST_ID],
+            prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
+        call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door)
+        failed_with = 500
+        try:
+            if body.get("stream") is True:
+                return await _stream(request, call)
+            return await _complete(call)
+        except ApiboxError as exc:
+            failed_with = exc.status
+            raise
+        finally:
+            if call.settlement is None:  # failed before any output: nothing is charged
+                await call.settle(Usage(), "error", failed_with)
+    finally:  # the concurrency slot is free again; the token estimate becomes the real count
+        await gateway.limiter.finish(admission, _used_tokens(call, admission))
 
 
 def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, Any]:
@@ -152,7 +188,7 @@ async def _attempt(call: Call, stream: bool) -> Any:
                                    output_limit=call.reservation.output_tokens)
         try:
             if stream:
-                answer = await call.door.open_stream(provider, upstream, call.native)
+                answer = await _started(await call.door.open_stream(provider, upstream, call.native))
             else:
                 answer = await call.door.complete(provider, upstream, call.native)
         except UpstreamFailure as exc:
@@ -168,6 +204,37 @@ async def _attempt(call: Call, stream: bool) -> Any:
         return answer
     assert last is not None
     raise last
+
+
+@dataclass(slots=True)
+class Started:
+    """An upstream stream that has produced its first item, which nothing has sent on yet."""
+
+    stream: ChunkStream
+    items: AsyncIterator[dict[str, Any]]
+    first: dict[str, Any]
+
+    async def all_items(self) -> AsyncIterator[dict[str, Any]]:
+        yield self.first
+        async for item in self.items:
+            yield item
+
+    async def close(self) -> None:
+        await self.items.aclose()  # type: ignore[attr-defined]
+        await self.stream.aclose()
+
+
+async def _started(stream: ChunkStream) -> Started:
+    """Read a stream's first item before anything goes to the client, so that a stream failing
+    at once (an upstream's first event an error) is a failure another route may still answer."""
+    items = aiter(stream)
+    try:
+        first = await anext(items)
+    except (StreamBroken, StopAsyncIteration) as exc:
+        await items.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
+        raise UpstreamFailure(str(exc) or "the upstream's stream ended before any output", status=502) from None
+    return Started(stream, items, first)
 
 
 def _headers(call: Call) -> dict[str, str]:
@@ -188,8 +255,7 @@ async def _complete(call: Call) -> web.Response:
 
 
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
-    stream: ChunkStream = await _attempt(call, stream=True)
-    items = aiter(stream)
+    started: Started = await _attempt(call, stream=True)
     response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(call)})
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
     renderer = call.door.renderer(call.native, call.model.name, wants_usage, tokens.prompt_estimate(call.body))
@@ -199,7 +265,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     status, http_status = "ok", 200
     try:
         await response.prepare(request)
-        async for item in items:
+        async for item in started.all_items():
             call.first_byte = call.first_byte or time.monotonic()
             piece = renderer.feed(item)
             usage = piece.usage or usage
@@ -226,8 +292,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         status, http_status = "client_gone", 499
         raise
     finally:
-        await items.aclose()  # type: ignore[attr-defined]
-        await stream.aclose()
+        await started.close()
         charged = usage if status == "ok" and usage is not None else call.estimate(delivered)
         await call.settle(charged, status, http_status)
     return response
