@@ -7,12 +7,10 @@ interleaves with statements from another; one read connection for lookups and re
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,7 +32,8 @@ from apibox.models import (
 )
 from apibox.money import format_usd
 from apibox.store.base import REPORT_DIMENSIONS, Credit, CreditResult, KeySpec, UsageFilter
-from apibox.store.migrations import SQLITE_MIGRATIONS
+from apibox.store.migrations import SQLITE_MIGRATIONS, Migration
+from apibox.store.sqlite_writer import SqliteWriter
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA foreign_keys=ON",
            "PRAGMA busy_timeout=10000")
@@ -98,40 +97,26 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
 class SqliteStore:
     """The Store protocol on one SQLite file."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    def __init__(self, writer: SqliteWriter, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
-        self._lock = asyncio.Lock()  # binds to a loop on first contention only
 
     @classmethod
     async def open(cls, path: str) -> SqliteStore:
-        writer = await _connect(path)
-        reader = writer if path == ":memory:" else await _connect(path)
-        return cls(writer, reader)
+        if path == ":memory:":
+            raise StoreError("an in-memory SQLite database cannot be shared by the reader and the writer; "
+                             "use a file (sqlite:///./apibox.db)")
+        writer = SqliteWriter(path, PRAGMAS)
+        try:
+            await writer.open()
+        except sqlite3.Error as exc:
+            await writer.close()
+            raise StoreError(f"cannot open the SQLite database {path}: {exc}") from None
+        return cls(writer, await _connect(path))
 
     async def close(self) -> None:
         await self._writer.close()
-        if self._reader is not self._writer:
-            await self._reader.close()
-
-    # -- transactions ------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT on the write connection, rolled back on any error."""
-        async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
-
-    async def _write_one(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        """One autocommitted statement (atomic on its own), returning any RETURNING rows."""
-        async with self._lock:
-            return list(await self._writer.execute_fetchall(sql, params))
+        await self._reader.close()
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return list(await self._reader.execute_fetchall(sql, params))
@@ -141,29 +126,29 @@ class SqliteStore:
     async def _applied(self) -> set[str]:
         await self._writer.execute(
             "CREATE TABLE IF NOT EXISTS _apibox_migrations (name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        rows = await self._writer.execute_fetchall("SELECT name FROM _apibox_migrations")
-        return {row[0] for row in rows}
+        rows = await self._writer.execute("SELECT name FROM _apibox_migrations")
+        return {str(row[0]) for row in rows}
 
     async def pending_migrations(self) -> list[str]:
-        async with self._lock:
-            applied = await self._applied()
+        applied = await self._applied()
         return [m.name for m in SQLITE_MIGRATIONS if m.name not in applied]
 
     async def migrate(self) -> list[str]:
         done: list[str] = []
-        async with self._lock:
-            applied = await self._applied()
+        applied = await self._applied()
         for migration in SQLITE_MIGRATIONS:
             if migration.name in applied:
                 continue
-            async with self._transaction() as db:
+
+            def apply(db: sqlite3.Connection, migration: Migration = migration) -> None:
                 try:
                     for statement in _statements(migration.sql):
-                        await db.execute(statement)
+                        db.execute(statement)
                 except sqlite3.Error as exc:
                     raise StoreError(f"migration {migration.name} failed and was rolled back: {exc}") from exc
-                await db.execute("INSERT INTO _apibox_migrations (name, applied_at) VALUES (?, ?)",
-                                 (migration.name, now_ms()))
+                db.execute("INSERT INTO _apibox_migrations (name, applied_at) VALUES (?, ?)",
+                           (migration.name, now_ms()))
+            await self._writer.transaction(apply)
             done.append(migration.name)
         return done
 
@@ -173,16 +158,15 @@ class SqliteStore:
     # -- users ---------------------------------------------------------------------------
 
     async def create_user(self, email: str, name: str, group: str) -> User:
-        async with self._transaction() as db:
+        def insert(db: sqlite3.Connection) -> int:
             try:
-                cursor = await db.execute(
-                    "INSERT INTO users (email, name, grp, created_at) VALUES (?, ?, ?, ?)",
-                    (email, name, group, now_ms()))
+                cursor = db.execute("INSERT INTO users (email, name, grp, created_at) VALUES (?, ?, ?, ?)",
+                                    (email, name, group, now_ms()))
             except sqlite3.IntegrityError:
                 raise Conflict(f"a user with email {email} already exists") from None
-            user_id = cursor.lastrowid
-            await db.execute("INSERT INTO balances (user_id) VALUES (?)", (user_id,))
-        user = await self.get_user(user_id)  # type: ignore[arg-type]
+            db.execute("INSERT INTO balances (user_id) VALUES (?)", (cursor.lastrowid,))
+            return cursor.lastrowid  # type: ignore[return-value]
+        user = await self.get_user(await self._writer.transaction(insert))
         assert user is not None
         return user
 
@@ -202,12 +186,12 @@ class SqliteStore:
         return [UserOverview(_user(r), Balance(r[0], r[7], r[8]), r[9]) for r in rows]
 
     async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User:
-        await self._write_one("UPDATE users SET name = coalesce(?, name), grp = coalesce(?, grp) WHERE id = ?",
+        await self._writer.execute("UPDATE users SET name = coalesce(?, name), grp = coalesce(?, grp) WHERE id = ?",
                               (name, group, user_id))
         return await self._require_user(user_id)
 
     async def set_user_state(self, user_id: int, state: UserState, reason: str) -> User:
-        await self._write_one("UPDATE users SET state = ?, state_reason = ? WHERE id = ?",
+        await self._writer.execute("UPDATE users SET state = ?, state_reason = ? WHERE id = ?",
                               (state.value, reason, user_id))
         return await self._require_user(user_id)
 
@@ -220,7 +204,7 @@ class SqliteStore:
     # -- keys ----------------------------------------------------------------------------
 
     async def create_key(self, spec: KeySpec) -> ApiKey:
-        rows = await self._write_one(
+        rows = await self._writer.execute(
             "INSERT INTO api_keys (user_id, name, key_hash, prefix, models, budget, expires_at, rpm, tpm, "
             "concurrency, allow_ips, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (spec.user_id, spec.name, spec.key_hash, spec.prefix, ",".join(spec.models), spec.budget,
@@ -242,7 +226,7 @@ class SqliteStore:
         return [_key(r) for r in rows]
 
     async def revoke_key(self, key_id: int) -> ApiKey:
-        await self._write_one("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
+        await self._writer.execute("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?",
                               (now_ms(), key_id))
         key = await self.get_key(key_id)
         if key is None:
@@ -250,7 +234,7 @@ class SqliteStore:
         return key
 
     async def revoke_user_keys(self, user_id: int) -> int:
-        rows = await self._write_one(
+        rows = await self._writer.execute(
             "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL RETURNING id",
             (now_ms(), user_id))
         return len(rows)
@@ -273,40 +257,34 @@ class SqliteStore:
         return Balance(user_id, rows[0][0], rows[0][1])
 
     async def credit(self, credit: Credit) -> CreditResult:
-        async with self._transaction() as db:
+        def apply(db: sqlite3.Connection) -> CreditResult:
             if credit.reference is not None:
-                rows = await db.execute_fetchall(f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE reference = ?",
-                                                 (credit.reference,))
+                rows = db.execute(f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE reference = ?",
+                                  (credit.reference,)).fetchall()
                 if rows:
                     entry = _entry(rows[0])
                     if entry.user_id != credit.user_id or entry.amount != credit.amount:
                         raise Conflict(f"reference {credit.reference!r} was already used for a different "
                                        "user or amount; nothing was credited")
-                    balance = await self._balance_in(db, credit.user_id)
-                    return CreditResult(entry, balance, created=False)
+                    return CreditResult(entry, _balance_in(db, credit.user_id), created=False)
             # One conditional statement: a debit can never take the balance below what is held.
-            rows = await db.execute_fetchall(
+            rows = db.execute(
                 "UPDATE balances SET balance = balance + ? WHERE user_id = ? AND balance + ? >= held "
-                "RETURNING balance, held", (credit.amount, credit.user_id, credit.amount))
+                "RETURNING balance, held", (credit.amount, credit.user_id, credit.amount)).fetchall()
             if not rows:
-                current = await self._balance_in(db, credit.user_id)
+                current = _balance_in(db, credit.user_id)
                 raise InvalidRequest(
                     f"the balance cannot go below zero or below the amount held for requests in flight "
                     f"(balance {format_usd(current.balance)} USD, held {format_usd(current.held)} USD); "
                     "nothing was changed")
             balance = Balance(credit.user_id, rows[0][0], rows[0][1])
-            entry_rows = await db.execute_fetchall(
+            entry_rows = db.execute(
                 f"INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, reference, actor) "
                 f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {LEDGER_COLUMNS}",
                 (credit.user_id, now_ms(), credit.kind.value, credit.amount, balance.balance, credit.note,
-                 credit.reference, credit.actor))
-        return CreditResult(_entry(entry_rows[0]), balance, created=True)
-
-    async def _balance_in(self, db: aiosqlite.Connection, user_id: int) -> Balance:
-        rows = await db.execute_fetchall("SELECT balance, held FROM balances WHERE user_id = ?", (user_id,))
-        if not rows:
-            raise NotFound(f"no user with id {user_id}")
-        return Balance(user_id, rows[0][0], rows[0][1])
+                 credit.reference, credit.actor)).fetchall()
+            return CreditResult(_entry(entry_rows[0]), balance, created=True)
+        return await self._writer.transaction(apply)
 
     async def ledger(self, user_id: int, since: datetime | None = None) -> list[LedgerEntry]:
         rows = await self._read(
@@ -318,7 +296,7 @@ class SqliteStore:
         # One statement: the row is inserted only if the available balance covers it, and the
         # holds_take trigger raises balances.held in the same statement.
         # The key's budget (if any) must also cover it, net of its spend and its other holds.
-        rows = await self._write_one(
+        rows = await self._writer.execute(
             "INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at) "
             "SELECT b.user_id, k.id, ?, ?, ?, ? FROM balances b JOIN api_keys k ON k.id = ? AND k.user_id = b.user_id "
             "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
@@ -328,46 +306,36 @@ class SqliteStore:
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
-        async with self._transaction() as db:
-            released = await db.execute_fetchall("DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,))
-            if not released:
+        usage.created_at = usage.created_at or datetime.now(UTC)
+
+        def apply(db: sqlite3.Connection) -> UsageRecord:
+            if not db.execute("DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,)).fetchall():
                 raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
                                  "nothing was charged again")
-            usage.charged = min(usage.cost, (await self._balance_in(db, hold.user_id)).available)
-            usage.created_at = usage.created_at or datetime.now(UTC)
-            await self._insert_usage(db, usage)
+            usage.charged = min(usage.cost, _balance_in(db, hold.user_id).available)
+            _insert_usage(db, usage)
             if usage.charged > 0:
-                rows = await db.execute_fetchall(
-                    "UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
-                    (usage.charged, hold.user_id))
-                await db.execute(
+                rows = db.execute("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
+                                  (usage.charged, hold.user_id)).fetchall()
+                db.execute(
                     "INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
                     "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
                     (hold.user_id, to_ms(usage.created_at), -usage.charged, rows[0][0],
                      f"{usage.model} {usage.request_id}", usage.id))
-            await db.execute("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
-                             (usage.charged, to_ms(usage.created_at), hold.key_id))
-        return usage
-
-    async def _insert_usage(self, db: aiosqlite.Connection, usage: UsageRecord) -> None:
-        values = [getattr(usage, f) for f in USAGE_FIELDS]
-        values[1] = to_ms(usage.created_at)
-        values[14] = int(usage.estimated)
-        cursor = await db.execute(
-            f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})", values)
-        usage.id = cursor.lastrowid
+            db.execute("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
+                       (usage.charged, to_ms(usage.created_at), hold.key_id))
+            return usage
+        return await self._writer.transaction(apply)
 
     async def recover_holds(self) -> list[Hold]:
-        async with self._transaction() as db:
-            rows = await db.execute_fetchall(
-                "DELETE FROM holds RETURNING id, user_id, key_id, amount, request_id, model")
-            holds = [Hold(r[0], r[1], r[2], r[3], r[4]) for r in rows]
-            for row, hold in zip(rows, holds, strict=True):
-                await self._insert_usage(db, UsageRecord(
-                    request_id=hold.request_id, user_id=hold.user_id, key_id=hold.key_id, model=row[5],
-                    provider="", endpoint="", status="interrupted", http_status=0,
-                    created_at=datetime.now(UTC)))
-        return holds
+        def apply(db: sqlite3.Connection) -> list[Hold]:
+            rows = db.execute("DELETE FROM holds RETURNING id, user_id, key_id, amount, request_id, model").fetchall()
+            for row in rows:
+                _insert_usage(db, UsageRecord(
+                    request_id=row[4], user_id=row[1], key_id=row[2], model=row[5], provider="", endpoint="",
+                    status="interrupted", http_status=0, created_at=datetime.now(UTC)))
+            return [Hold(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return await self._writer.transaction(apply)
 
     async def key_headroom(self, key_id: int) -> int | None:
         rows = await self._read(
@@ -377,7 +345,7 @@ class SqliteStore:
 
     async def log_admin_action(self, actor: str, action: str, target: str, before: dict[str, Any] | None,
                                after: dict[str, Any] | None) -> None:
-        await self._write_one(
+        await self._writer.execute(
             "INSERT INTO admin_log (created_at, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)",
             (now_ms(), actor, action, target, _json_or_none(before), _json_or_none(after)))
 
@@ -443,6 +411,22 @@ class SqliteStore:
             for row in await self._read(sql):
                 problems.append(message.format(*row))
         return problems
+
+
+def _balance_in(db: sqlite3.Connection, user_id: int) -> Balance:
+    rows = db.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user_id,)).fetchall()
+    if not rows:
+        raise NotFound(f"no user with id {user_id}")
+    return Balance(user_id, rows[0][0], rows[0][1])
+
+
+def _insert_usage(db: sqlite3.Connection, usage: UsageRecord) -> None:
+    values = [getattr(usage, f) for f in USAGE_FIELDS]
+    values[1] = to_ms(usage.created_at)
+    values[14] = int(usage.estimated)
+    cursor = db.execute(
+        f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})", values)
+    usage.id = cursor.lastrowid
 
 
 async def _connect(path: str) -> aiosqlite.Connection:
