@@ -3,8 +3,9 @@
 It records what it receives and answers by ``mode``: ``ok`` (text, or a tool call when
 ``tool_name`` is set and the request has tools), ``status`` (an error status in Anthropic's
 shape), ``echo_key`` (an error echoing the upstream key), ``cut`` (the connection dies
-mid-answer) or ``error_event`` (an ``event: error`` mid-stream, saying ``error_message``).
-``sent`` lists the event names of the last stream, in the order they were written.
+mid-answer), ``error_event`` (an ``event: error`` mid-stream, saying ``error_message``) or
+``overrun`` (every word, whatever ``max_tokens`` says).
+``sent`` lists the (event name, data) pairs of the last stream, in the order they were written.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class FakeAnthropic:
     count: int = 42
     error_message: str = "Overloaded"
     requests: list[Recorded] = field(default_factory=list)
-    sent: list[str] = field(default_factory=list)
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
@@ -67,7 +68,7 @@ class FakeAnthropic:
         if refusal is not None:
             return refusal
         use_tool = bool(self.tool_name and body.get("tools"))
-        words = self.words[: body["max_tokens"]]
+        words = self.words if self.mode == "overrun" else self.words[: body["max_tokens"]]
         stop = "tool_use" if use_tool else ("max_tokens" if len(words) < len(self.words) else "end_turn")
         if not body.get("stream"):
             content: list[dict[str, Any]] = [{"type": "text", "text": "".join(words)}]
@@ -82,7 +83,7 @@ class FakeAnthropic:
         self.sent = []
 
         async def send(name: str, data: dict[str, Any]) -> None:
-            self.sent.append(name)
+            self.sent.append((name, data))
             await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
             await asyncio.sleep(0)
 

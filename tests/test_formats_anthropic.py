@@ -83,6 +83,18 @@ def test_consecutive_tool_messages_merge_into_one_user_turn_results_first() -> N
     ]
 
 
+def test_consecutive_same_role_messages_merge_into_one_turn() -> None:
+    out = to_anthropic(messages=[
+        {"role": "user", "content": "one"}, {"role": "user", "content": [{"type": "text", "text": "two"}]},
+        {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"},
+        {"role": "user", "content": ""},  # empty: no block, no turn
+    ])
+    assert out["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "one"}, {"type": "text", "text": "two"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+
+
 def test_assistant_text_and_tool_calls_become_one_turn_and_legacy_function_calls_get_ids() -> None:
     out = to_anthropic(messages=[
         {"role": "user", "content": "go"},
@@ -343,7 +355,8 @@ def test_anthropic_stream_becomes_openai_chunks() -> None:
                                               ("tool_use", "tool_calls"), ("refusal", "content_filter")])
 def test_anthropic_stream_finish_reason(stop: str, finish: str) -> None:
     translate = AnthropicToOpenAIStream("m")
-    events = [SAMPLE_STREAM[0], {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 3}},
+    events = [SAMPLE_STREAM[0],
+              {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 3}},
               {"type": "message_stop"}]
     chunks = [c for e in events for c in translate.feed(e)]
     assert chunks[-2]["choices"][0]["finish_reason"] == finish

@@ -73,7 +73,8 @@ class AnthropicDoor:
 
     def __init__(self, original: dict[str, Any], client_headers: Mapping[str, str]) -> None:
         self.original = original
-        self.client_headers = dict(client_headers)
+        # Header names are case-insensitive; the providers look them up in lower case.
+        self.client_headers = {name.lower(): value for name, value in client_headers.items()}
 
     def is_native(self, provider: Provider) -> bool:
         return provider.native_format == "anthropic"

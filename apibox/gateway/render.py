@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from apibox.formats.anthropic import OpenAIToAnthropicStream, usage_from_anthropic
+from apibox.formats.anthropic import OpenAIToAnthropicStream, usage_from_anthropic, usage_to_anthropic
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
@@ -138,19 +138,20 @@ class AnthropicPassthrough:
         return Piece(encode(json.dumps(event), kind), text, usage)
 
     def cut(self) -> bytes:
+        return b""  # end() closes the message, with the usage that is charged
+
+    def end(self, usage: Usage, cost: int) -> bytes:
+        if self.closed:
+            return b""
         events: list[tuple[str, dict[str, Any]]] = []
         if self.open_block is not None:
             events.append(("content_block_stop", {"type": "content_block_stop", "index": self.open_block}))
-        usage = usage_from_anthropic(self.raw_usage) or Usage()
         events.append(("message_delta", {"type": "message_delta",
                                          "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
-                                         "usage": {"output_tokens": usage.completion_tokens}}))
+                                         "usage": usage_to_anthropic(usage)}))
         events.append(("message_stop", {"type": "message_stop"}))
         self.closed = True
         return _frames(events)
-
-    def end(self, usage: Usage, cost: int) -> bytes:
-        return b"" if self.closed else self.cut()
 
     def error(self, message: str) -> bytes:
         return anthropic_error(message)
