@@ -72,14 +72,20 @@ class Call:
             self.settlement.add_done_callback(self.gateway.settling.discard)
         return await asyncio.shield(self.settlement)
 
-    def estimate(self, delivered_tokens: int) -> Usage:
-        """What to charge when the upstream reported no usage: the prompt and what was delivered.
+    def estimate(self, delivered_tokens: int, reported: Usage | None = None) -> Usage:
+        """What to charge when the upstream's final usage never came: the prompt and what was delivered.
 
-        Never more than the hold was taken for: the upstream was asked for at most
-        ``reservation.output_tokens``, so a longer count is our over-count or its overrun.
+        The prompt as the upstream already reported it (Anthropic and Gemini do so early in a
+        stream), else apibox's estimate. The answer never longer than the hold was taken for:
+        the upstream was asked for at most ``reservation.output_tokens``.
         """
-        return Usage(prompt_tokens=tokens.prompt_estimate(self.body),
-                     completion_tokens=min(delivered_tokens, self.reservation.output_tokens), estimated=True)
+        delivered = min(delivered_tokens, self.reservation.output_tokens)
+        if reported is not None and reported.prompt_tokens:
+            return Usage(prompt_tokens=reported.prompt_tokens, cached_tokens=reported.cached_tokens,
+                         cache_write_tokens=reported.cache_write_tokens,
+                         completion_tokens=delivered,
+                         estimated=True)
+        return Usage(prompt_tokens=tokens.prompt_estimate(self.body), completion_tokens=delivered, estimated=True)
 
 
 def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSettings:
@@ -278,7 +284,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                 await response.write(piece.data)
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
-        final = usage if status == "ok" and usage is not None else call.estimate(delivered)
+        final = usage if status == "ok" and usage is not None else call.estimate(delivered, usage)
         await response.write(renderer.end(final, cost_micro(call.reservation.price, final)))
     except StreamBroken as exc:
         status, http_status = "cut", 502
@@ -293,7 +299,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         raise
     finally:
         await started.close()
-        charged = usage if status == "ok" and usage is not None else call.estimate(delivered)
+        charged = usage if status == "ok" and usage is not None else call.estimate(delivered, usage)
         await call.settle(charged, status, http_status)
     return response
 
