@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from aiohttp import web
 
+from apibox import jsoncodec
 from apibox.auth import Caller, client_address
 from apibox.config import ModelSettings
 from apibox.errors import InvalidRequest, ModelNotFound
@@ -44,7 +44,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
-        body = json.loads(raw)
+        body = jsoncodec.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request ({exc}). "
                              "Send valid JSON with Content-Type: application/json.") from None

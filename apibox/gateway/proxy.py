@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -17,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from apibox import billing, tokens
+from apibox import billing, jsoncodec, tokens
 from apibox.auth import Caller
 from apibox.config import LimitSet, ModelSettings, Route
 from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
@@ -86,6 +85,35 @@ class Call:
                          completion_tokens=delivered,
                          estimated=True)
         return Usage(prompt_tokens=tokens.prompt_estimate(self.body), completion_tokens=delivered, estimated=True)
+
+
+class Delivered:
+    """The text a stream has sent, counted in tokens only when it matters.
+
+    A token is at least one character, so while fewer characters than the paid-for tokens have
+    gone out the stream cannot have overrun; counting (a regex per chunk) waits until the
+    characters pass the limit or an estimate is needed, then covers only the new pieces."""
+
+    __slots__ = ("characters", "counted", "counted_pieces", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.characters = 0
+        self.counted = 0
+        self.counted_pieces = 0
+
+    def add(self, text: str) -> None:
+        self.pieces.append(text)
+        self.characters += len(text)
+
+    def past(self, limit: int) -> bool:
+        return self.characters > limit and self.tokens() > limit
+
+    def tokens(self) -> int:
+        for piece in self.pieces[self.counted_pieces:]:
+            self.counted += tokens.count_tokens(piece)
+        self.counted_pieces = len(self.pieces)
+        return self.counted
 
 
 def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSettings:
@@ -257,7 +285,7 @@ async def _complete(call: Call) -> web.Response:
         usage = call.estimate(tokens.count_tokens(call.door.reply_text(reply, call.native)))
     record = await call.settle(usage, "ok", 200)
     body = call.door.render_reply(reply, call.native, call.model.name, usage, record.cost)
-    return web.Response(text=json.dumps(body), content_type="application/json", headers=_headers(call))
+    return web.Response(body=jsoncodec.dumps(body), content_type="application/json", headers=_headers(call))
 
 
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
@@ -266,7 +294,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
     renderer = call.door.renderer(call.native, call.model.name, wants_usage, tokens.prompt_estimate(call.body))
     usage: Usage | None = None
-    delivered = 0
+    delivered = Delivered()
     limit = call.reservation.output_tokens + OVERRUN_SLACK_TOKENS
     status, http_status = "ok", 200
     try:
@@ -275,8 +303,9 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
             call.first_byte = call.first_byte or time.monotonic()
             piece = renderer.feed(item)
             usage = piece.usage or usage
-            delivered += tokens.count_tokens(piece.text) if piece.text else 0
-            if delivered > limit:
+            if piece.text:
+                delivered.add(piece.text)
+            if delivered.past(limit):
                 status = "cut"
                 await response.write(renderer.cut())
                 break
@@ -284,7 +313,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                 await response.write(piece.data)
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
-        final = usage if status == "ok" and usage is not None else call.estimate(delivered, usage)
+        final = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
         await response.write(renderer.end(final, cost_micro(call.reservation.price, final)))
     except StreamBroken as exc:
         status, http_status = "cut", 502
@@ -299,7 +328,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         raise
     finally:
         await started.close()
-        charged = usage if status == "ok" and usage is not None else call.estimate(delivered, usage)
+        charged = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
         await call.settle(charged, status, http_status)
     return response
 

@@ -8,11 +8,11 @@ the paid-for length, and the in-band error.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from apibox import jsoncodec
 from apibox.formats.anthropic import OpenAIToAnthropicStream, usage_from_anthropic, usage_to_anthropic
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
@@ -57,12 +57,12 @@ class OpenAIRenderer:
             chunk.pop("usage", None)
         chunk["model"] = self.model
         self.head = {k: chunk[k] for k in ("id", "object", "created") if k in chunk}
-        return Piece(encode(json.dumps(chunk)), delta_text(chunk), usage)
+        return Piece(encode(jsoncodec.dumps(chunk)), delta_text(chunk), usage)
 
     def cut(self) -> bytes:
         chunk = {**self.head, "model": self.model,
                  "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
-        return encode(json.dumps(chunk))
+        return encode(jsoncodec.dumps(chunk))
 
     def end(self, usage: Usage, cost: int) -> bytes:
         if not self.wants_usage:
@@ -70,19 +70,19 @@ class OpenAIRenderer:
         chunk = self.usage_chunk or {**self.head, "choices": []}
         raw = chunk.get("usage") if self.usage_chunk and not usage.estimated else usage_to_openai(usage)
         final = {**chunk, "model": self.model, "usage": {**raw, "cost": usd_number(cost)}}
-        return encode(json.dumps(final)) + b"data: [DONE]\n\n"
+        return encode(jsoncodec.dumps(final)) + b"data: [DONE]\n\n"
 
     def error(self, message: str) -> bytes:
-        return encode(json.dumps({"error": {"message": message, "type": "server_error", "param": None,
+        return encode(jsoncodec.dumps({"error": {"message": message, "type": "server_error", "param": None,
                                             "code": "upstream_stream_broken"}}))
 
 
 def anthropic_error(message: str, kind: str = "api_error") -> bytes:
-    return encode(json.dumps({"type": "error", "error": {"type": kind, "message": message}}), "error")
+    return encode(jsoncodec.dumps({"type": "error", "error": {"type": kind, "message": message}}), "error")
 
 
 def _frames(events: list[tuple[str, dict[str, Any]]]) -> bytes:
-    return b"".join(encode(json.dumps(data), name) for name, data in events)
+    return b"".join(encode(jsoncodec.dumps(data), name) for name, data in events)
 
 
 class AnthropicRenderer:
@@ -135,7 +135,7 @@ class AnthropicPassthrough:
             usage = usage_from_anthropic(self.raw_usage)
         elif kind == "message_stop":
             self.closed = True
-        return Piece(encode(json.dumps(event), kind), text, usage)
+        return Piece(encode(jsoncodec.dumps(event), kind), text, usage)
 
     def cut(self) -> bytes:
         return b""  # end() closes the message, with the usage that is charged

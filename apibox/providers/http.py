@@ -8,12 +8,12 @@ echo keys back in their errors.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 
+from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.providers.base import StreamBroken, UpstreamFailure, redact
 from apibox.sse import Event, SSEDecoder
@@ -38,8 +38,8 @@ class HttpUpstream:
         wait = self.settings.timeouts.first_byte
         try:
             async with asyncio.timeout(wait):
-                response = await self._session.post(url, data=json.dumps(body), headers={**self._headers, **headers},
-                                                    timeout=self._timeout)
+                response = await self._session.post(url, data=jsoncodec.dumps(body),
+                                                    headers={**self._headers, **headers}, timeout=self._timeout)
         except TimeoutError:
             raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
                                   code="upstream_timeout") from None
@@ -63,7 +63,7 @@ class HttpUpstream:
         finally:
             response.release()
         try:
-            body = json.loads(raw)
+            body = jsoncodec.loads(raw)
         except ValueError:
             raise UpstreamFailure(f"upstream {self.name} sent a reply that is not JSON", status=502) from None
         if not isinstance(body, dict):
@@ -89,7 +89,7 @@ class HttpUpstream:
 
     def parse_event(self, event: Event) -> dict[str, Any]:
         try:
-            value = json.loads(event.data)
+            value = jsoncodec.loads(event.data)
         except ValueError:
             raise StreamBroken(f"upstream {self.name} sent a malformed event") from None
         if not isinstance(value, dict):
@@ -106,7 +106,7 @@ class HttpUpstream:
         status = response.status
         try:
             async with asyncio.timeout(5):
-                payload = json.loads(await response.read())
+                payload = jsoncodec.loads(await response.read())
             detail = payload.get("error", payload) if isinstance(payload, dict) else {}
             if isinstance(payload, list) and payload and isinstance(payload[0], dict):
                 detail = payload[0].get("error", {})  # Gemini sometimes wraps errors in a list
