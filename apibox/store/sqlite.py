@@ -296,13 +296,13 @@ class SqliteStore:
         # One statement: the row is inserted only if the available balance covers it, and the
         # holds_take trigger raises balances.held in the same statement.
         # The key's budget (if any) must also cover it, net of its spend and its other holds.
-        rows = await self._writer.execute(
+        rows = await self._writer.transaction(lambda db: db.execute(
             "INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at) "
             "SELECT b.user_id, k.id, ?, ?, ?, ? FROM balances b JOIN api_keys k ON k.id = ? AND k.user_id = b.user_id "
             "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
             "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?) "
             "RETURNING id",
-            (amount, request_id, model, now_ms(), key_id, user_id, amount, amount))
+            (amount, request_id, model, now_ms(), key_id, user_id, amount, amount)).fetchall())
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:

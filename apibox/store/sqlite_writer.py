@@ -1,9 +1,12 @@
-"""The SQLite write connection: one thread, one whole transaction per hop.
+"""The SQLite write connection: one thread, whole transactions, committed in groups.
 
 aiosqlite sends each statement to its thread and back, so a settlement of eight statements
 costs eight hops. Here a transaction is a plain function that runs start to end in the
-writer's own thread (``concurrent.futures`` with one worker), so it costs one hop, and the
-single worker also serializes every write. Reads stay on aiosqlite connections.
+writer's own thread (``concurrent.futures`` with one worker), which also serializes every
+write. Transactions that queue up while the writer is busy go together in the next hop as
+one group commit: each runs inside its own SAVEPOINT, so each is still all-or-nothing, and
+each caller is answered only after the COMMIT that made its work durable. There is no
+waiting window: a lone transaction is committed at once. Reads stay on aiosqlite.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -24,6 +27,8 @@ class SqliteWriter:
         self._pragmas = pragmas
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apibox-sqlite-writer")
         self._db: sqlite3.Connection | None = None
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._drainer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self.run(self._connect)
@@ -40,19 +45,50 @@ class SqliteWriter:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
     async def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """``body(db)`` inside BEGIN IMMEDIATE ... COMMIT, rolled back if it raises; one hop."""
-        return await self.run(partial(self._in_transaction, body))
+        """Run ``body(db)`` all-or-nothing and return its result once it is committed."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((body, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.ensure_future(self._drain())
+        return await future
 
-    def _in_transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    async def _drain(self) -> None:
+        while self._queue:
+            group, self._queue = self._queue, []
+            try:
+                outcomes = await self.run(partial(self._commit_group, [body for body, _ in group]))
+            except Exception as exc:  # the COMMIT itself failed: nothing of the group happened
+                outcomes = [(False, exc)] * len(group)
+            for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+                if future.done():
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    def _commit_group(self, bodies: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
         db = self._connection()
+        outcomes: list[tuple[bool, Any]] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            result = body(db)
+            for body in bodies:
+                db.execute("SAVEPOINT one")
+                try:
+                    value = body(db)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one")
+                    db.execute("RELEASE one")
+                    outcomes.append((False, exc))
+                else:
+                    db.execute("RELEASE one")
+                    outcomes.append((True, value))
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
-        return result
+        return outcomes
 
     async def execute(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """One autocommitted statement (atomic on its own), returning any RETURNING rows."""
@@ -63,6 +99,8 @@ class SqliteWriter:
         return self._db
 
     async def close(self) -> None:
+        if self._drainer is not None:
+            await self._drainer
         if self._db is not None:
             await self.run(self._db.close)
             self._db = None
