@@ -14,8 +14,6 @@ import pytest
 
 from apibox.errors import InvalidRequest
 from apibox.formats.anthropic import (
-    AnthropicToOpenAIStream,
-    OpenAIToAnthropicStream,
     anthropic_to_openai_reply,
     anthropic_to_openai_request,
     openai_to_anthropic_reply,
@@ -23,6 +21,7 @@ from apibox.formats.anthropic import (
     usage_from_anthropic,
     usage_to_anthropic,
 )
+from apibox.formats.anthropic_stream import AnthropicToOpenAIStream, OpenAIToAnthropicStream
 from apibox.pricing import Usage
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}

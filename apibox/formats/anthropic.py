@@ -154,7 +154,7 @@ def openai_to_anthropic_request(body: dict[str, Any], default_max_tokens: int) -
                 blocks.append(
                     {
                         "type": "tool_use",
-                        "id": call.get("id") or _new_id("toolu_"),
+                        "id": call.get("id") or new_id("toolu_"),
                         "name": function.get("name", ""),
                         "input": _arguments(function.get("arguments")),
                     }
@@ -164,7 +164,7 @@ def openai_to_anthropic_request(body: dict[str, Any], default_max_tokens: int) -
                 blocks.append(
                     {
                         "type": "tool_use",
-                        "id": _new_id("toolu_"),
+                        "id": new_id("toolu_"),
                         "name": legacy.get("name", ""),
                         "input": _arguments(legacy.get("arguments")),
                     }
@@ -255,7 +255,7 @@ def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, An
         message["tool_calls"] = calls
     usage = usage_from_anthropic(reply.get("usage")) or Usage()
     return {
-        "id": reply.get("id") or _new_id("chatcmpl-"),
+        "id": reply.get("id") or new_id("chatcmpl-"),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
@@ -269,95 +269,6 @@ def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, An
         ],
         "usage": usage_to_openai(usage),
     }
-
-
-class AnthropicToOpenAIStream:
-    """Anthropic stream events in, OpenAI chunks out (PROTOCOLS.md 4.3)."""
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        self.id = _new_id("chatcmpl-")
-        self.created = int(time.time())
-        self.tool_index: dict[int, int] = {}
-        self.raw_usage: dict[str, Any] = {}
-        self.finish_reason: str | None = None
-        self.finished = False
-
-    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-        }
-
-    @property
-    def usage(self) -> Usage | None:
-        return usage_from_anthropic(self.raw_usage) if self.raw_usage else None
-
-    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        kind = event.get("type")
-        if kind == "message_start":
-            message = event.get("message") or {}
-            self.id = message.get("id") or self.id
-            self.raw_usage.update(message.get("usage") or {})
-            return [self._chunk({"role": "assistant", "content": ""})]
-        if kind == "content_block_start":
-            block = event.get("content_block") or {}
-            if block.get("type") == "tool_use":
-                index = len(self.tool_index)
-                self.tool_index[event.get("index", 0)] = index
-                return [
-                    self._chunk(
-                        {
-                            "tool_calls": [
-                                {
-                                    "index": index,
-                                    "id": block.get("id"),
-                                    "type": "function",
-                                    "function": {"name": block.get("name"), "arguments": ""},
-                                }
-                            ]
-                        }
-                    )
-                ]
-            if block.get("type") == "text" and block.get("text"):
-                return [self._chunk({"content": block["text"]})]
-            return []
-        if kind == "content_block_delta":
-            delta = event.get("delta") or {}
-            if delta.get("type") == "text_delta" and delta.get("text"):
-                return [self._chunk({"content": delta["text"]})]
-            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                index = self.tool_index.get(event.get("index", 0), 0)
-                return [
-                    self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})
-                ]
-            return []
-        if kind == "message_delta":
-            stop = (event.get("delta") or {}).get("stop_reason")
-            if stop:
-                self.finish_reason = ANTHROPIC_STOP_TO_OPENAI.get(stop, "stop")
-            self.raw_usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            return []
-        if kind == "message_stop":
-            self.finished = True
-            chunks = [self._chunk({}, self.finish_reason or "stop")]
-            usage = self.usage
-            if usage is not None:
-                chunks.append(
-                    {
-                        "id": self.id,
-                        "object": "chat.completion.chunk",
-                        "created": self.created,
-                        "model": self.model,
-                        "choices": [],
-                        "usage": usage_to_openai(usage),
-                    }
-                )
-            return chunks
-        return []
 
 
 # -- Anthropic request -> OpenAI request (the /v1/messages door to other routes) -----------
@@ -473,13 +384,13 @@ def openai_to_anthropic_reply(reply: dict[str, Any], model: str, usage: Usage) -
         content.append(
             {
                 "type": "tool_use",
-                "id": call.get("id") or _new_id("toolu_"),
+                "id": call.get("id") or new_id("toolu_"),
                 "name": function.get("name"),
                 "input": arguments,
             }
         )
     return {
-        "id": _new_id("msg_"),
+        "id": new_id("msg_"),
         "type": "message",
         "role": "assistant",
         "model": model,
@@ -490,118 +401,5 @@ def openai_to_anthropic_reply(reply: dict[str, Any], model: str, usage: Usage) -
     }
 
 
-class OpenAIToAnthropicStream:
-    """OpenAI chunks in, Anthropic (event name, data) pairs out (PROTOCOLS.md 4.8)."""
-
-    def __init__(self, model: str, input_tokens: int = 0) -> None:
-        self.model = model
-        self.input_tokens = input_tokens
-        self.started = False
-        self.block_index = -1
-        self.block_kind: str | None = None
-        self.tool_blocks: dict[int, int] = {}
-        self.stop_reason: str | None = None
-
-    def _start(self) -> list[tuple[str, dict[str, Any]]]:
-        self.started = True
-        return [
-            (
-                "message_start",
-                {
-                    "type": "message_start",
-                    "message": {
-                        "id": _new_id("msg_"),
-                        "type": "message",
-                        "role": "assistant",
-                        "model": self.model,
-                        "content": [],
-                        "stop_reason": None,
-                        "stop_sequence": None,
-                        "usage": {"input_tokens": self.input_tokens, "output_tokens": 0},
-                    },
-                },
-            )
-        ]
-
-    def _close_block(self) -> list[tuple[str, dict[str, Any]]]:
-        if self.block_kind is None:
-            return []
-        self.block_kind = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.block_index})]
-
-    def _open_block(self, kind: str, block: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        events = self._close_block()
-        self.block_index += 1
-        self.block_kind = kind
-        events.append(
-            ("content_block_start", {"type": "content_block_start", "index": self.block_index, "content_block": block})
-        )
-        return events
-
-    def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-        events = [] if self.started else self._start()
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if text:
-                if self.block_kind != "text":
-                    events += self._open_block("text", {"type": "text", "text": ""})
-                events.append(
-                    (
-                        "content_block_delta",
-                        {
-                            "type": "content_block_delta",
-                            "index": self.block_index,
-                            "delta": {"type": "text_delta", "text": text},
-                        },
-                    )
-                )
-            for call in delta.get("tool_calls") or ():
-                position = call.get("index", 0)
-                function = call.get("function") or {}
-                if position not in self.tool_blocks:
-                    events += self._open_block(
-                        "tool_use",
-                        {
-                            "type": "tool_use",
-                            "id": call.get("id") or _new_id("toolu_"),
-                            "name": function.get("name", ""),
-                            "input": {},
-                        },
-                    )
-                    self.tool_blocks[position] = self.block_index
-                if function.get("arguments"):
-                    events.append(
-                        (
-                            "content_block_delta",
-                            {
-                                "type": "content_block_delta",
-                                "index": self.tool_blocks[position],
-                                "delta": {"type": "input_json_delta", "partial_json": function["arguments"]},
-                            },
-                        )
-                    )
-            if choice.get("finish_reason"):
-                self.stop_reason = OPENAI_FINISH_TO_ANTHROPIC.get(choice["finish_reason"], "end_turn")
-        return events
-
-    def finish(self, usage: Usage | None) -> list[tuple[str, dict[str, Any]]]:
-        events = [] if self.started else self._start()
-        events += self._close_block()
-        final = usage_to_anthropic(usage) if usage is not None else {"output_tokens": 0}
-        events.append(
-            (
-                "message_delta",
-                {
-                    "type": "message_delta",
-                    "delta": {"stop_reason": self.stop_reason or "end_turn", "stop_sequence": None},
-                    "usage": final,
-                },
-            )
-        )
-        events.append(("message_stop", {"type": "message_stop"}))
-        return events
-
-
-def _new_id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex[:24]

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from apibox import jsoncodec
-from apibox.formats.anthropic import OpenAIToAnthropicStream, usage_from_anthropic, usage_to_anthropic
+from apibox.formats.anthropic import usage_from_anthropic, usage_to_anthropic
+from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage

@@ -13,7 +13,8 @@ from typing import Any
 import aiohttp
 
 from apibox.config import ProviderSettings
-from apibox.formats.anthropic import AnthropicToOpenAIStream, anthropic_to_openai_reply, openai_to_anthropic_request
+from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
+from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
 from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
 from apibox.providers.http import HttpUpstream
 
