@@ -24,6 +24,14 @@ from apibox.views import entry_json, key_json, user_json
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 MAX_TEXT = 500
+MAX_ID = 2**63 - 1  # the largest id (and limit) the database can hold
+
+
+def _as_id(text: str) -> int | None:
+    """``text`` as a row id, or None when it is not one (``²`` is a digit to str.isdigit, not to int)."""
+    if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
+        return None
+    return int(text)
 
 
 def normalize_email(email: str) -> str:
@@ -51,7 +59,8 @@ async def resolve_user(store: Store, ref: str | int) -> User:
     text = str(ref).strip()
     user = None
     if text.isdigit():
-        user = await store.get_user(int(text))
+        user_id = _as_id(text)
+        user = await store.get_user(user_id) if user_id is not None else None
     elif "@" in text:
         user = await store.find_user_by_email(text.lower())
     if user is None:
@@ -140,8 +149,8 @@ async def create_key(store: Store, ref: str, options: KeyOptions, *, known_model
         raise InvalidRequest(str(exc)) from None
     for field in ("rpm", "tpm", "concurrency"):
         value = getattr(options, field)
-        if value is not None and value < 1:
-            raise InvalidRequest(f"{field} must be at least 1, got {value}", param=field)
+        if value is not None and not 1 <= value <= MAX_ID:
+            raise InvalidRequest(f"{field} must be at least 1 (and at most {MAX_ID}), got {value}", param=field)
     for cidr in options.allow_ips:
         try:
             ipaddress.ip_network(cidr, strict=False)
@@ -166,9 +175,10 @@ async def list_keys(store: Store, user_ref: str | None = None) -> list[ApiKey]:
 
 def _key_id(ref: str | int) -> int:
     text = str(ref).strip()
-    if not text.isdigit():
+    key_id = _as_id(text)
+    if key_id is None:
         raise NotFound(f"no key {text!r} (give the key's id; `apibox keys list` shows them)")
-    return int(text)
+    return key_id
 
 
 async def show_key(store: Store, ref: str) -> ApiKey:

@@ -95,14 +95,14 @@ class Authenticator:
         if found is None:
             raise InvalidApiKey("Incorrect API key provided. You can get a key from your apibox operator.")
         key, user = found
+        if user.state != UserState.ACTIVE:  # first: closing an account also revokes its keys, and says so
+            reason = f" ({user.state_reason})" if user.state_reason else ""
+            raise PermissionDenied(f"{STATE_MESSAGES[user.state]}{reason}; contact your apibox operator.",
+                                   code=f"account_{user.state.value}")
         if key.revoked_at is not None:
             raise InvalidApiKey("This API key has been revoked. Ask your apibox operator for a new one.")
         if key.is_expired(datetime.now(UTC)):
             raise InvalidApiKey("This API key has expired. Ask your apibox operator for a new one.")
-        if user.state != UserState.ACTIVE:
-            reason = f" ({user.state_reason})" if user.state_reason else ""
-            raise PermissionDenied(f"{STATE_MESSAGES[user.state]}{reason}; contact your apibox operator.",
-                                   code=f"account_{user.state.value}")
         return Caller(key, user)
 
     async def _lookup(self, key_hash: str) -> tuple[ApiKey, User] | None:

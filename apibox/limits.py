@@ -35,6 +35,7 @@ class Admission:
     tokens: int
     headers: dict[str, str] = field(default_factory=dict)
     finished: bool = False
+    second: int = 0  # when it was let in: its token count is corrected in that second's bucket
 
 
 class RateLimiter(Protocol):
@@ -102,7 +103,7 @@ class LocalLimiter:
             state.requests.add(now, 1)
             state.tokens.add(now, tokens)
             state.in_flight += 1
-        admission = Admission(subjects, tokens)
+        admission = Admission(subjects, tokens, second=now)
         if subjects:
             admission.headers = self._headers(subjects[0], now)
         return admission
@@ -116,7 +117,8 @@ class LocalLimiter:
         for subject in admission.subjects:
             state = self._state(subject.name)
             state.in_flight -= 1
-            state.tokens.add(now, actual_tokens - admission.tokens)
+            if now - admission.second < WINDOW_SECONDS:  # else the estimate has already left the window
+                state.tokens.add(admission.second, actual_tokens - admission.tokens)
 
     @staticmethod
     def _check(subject: Subject, state: _State, now: int, tokens: int) -> None:
@@ -148,7 +150,7 @@ class LocalLimiter:
             used = window.total(now)
             headers[f"x-ratelimit-limit-{kind}"] = str(limit)
             headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
-            headers[f"x-ratelimit-reset-{kind}"] = f"{window.wait(now, max(1, used), limit) if used else 0}s"
+            headers[f"x-ratelimit-reset-{kind}"] = f"{window.wait(now, limit, limit) if used else 0}s"
         return headers
 
 

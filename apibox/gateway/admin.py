@@ -34,7 +34,7 @@ def _store(request: web.Request) -> Store:
         raise NotFound(f"Unknown request URL: {request.method} {request.path} (the admin API is off: "
                        "set server.admin_key to turn it on).")
     given = bearer_secret(request) or ""
-    if not hmac.compare_digest(given.encode(), admin_key.encode()):
+    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), admin_key.encode("utf-8", "surrogatepass")):
         raise InvalidApiKey("The admin API needs the admin key as 'Authorization: Bearer ADMIN_KEY'.")
     return request.app[GATEWAY].store
 

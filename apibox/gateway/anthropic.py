@@ -44,13 +44,26 @@ def _check(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
             raise InvalidRequest("max_tokens: Field required (a positive whole number)", param="max_tokens")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidRequest("stream: must be true or false", param="stream")
+    for name, kind, what in (("tools", list, "a list of tools"), ("stop_sequences", list, "a list of strings"),
+                             ("tool_choice", dict, "an object"), ("metadata", dict, "an object")):
+        if body.get(name) is not None and not isinstance(body[name], kind):
+            raise InvalidRequest(f"{name}: must be {what}", param=name)
+
+
+def _translated(body: dict[str, Any]) -> dict[str, Any]:
+    """The request in OpenAI's shape; content the translation cannot read is the client's 400, not a 500."""
+    try:
+        return anthropic_to_openai_request(body)
+    except (TypeError, AttributeError, ValueError):
+        raise InvalidRequest("messages: a content block or the system prompt has the wrong shape (text must be "
+                             "a string, image sources objects)", param="messages") from None
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
     _check(body, needs_max_tokens=True)
-    internal = anthropic_to_openai_request(body)
+    internal = _translated(body)
     if body.get("stream"):
         internal["stream_options"] = {"include_usage": True}
     return await forward(request, caller, "chat/completions", internal, AnthropicDoor(body, request.headers))
@@ -69,7 +82,7 @@ async def count_tokens(request: web.Request) -> web.Response:
         count = await provider.count_tokens(  # type: ignore[attr-defined]
             {**body, "model": route.model}, request[REQUEST_ID], request.headers)
     else:
-        count = tokens.prompt_estimate(anthropic_to_openai_request(body))
+        count = tokens.prompt_estimate(_translated(body))
     return web.json_response({"input_tokens": count})
 
 
