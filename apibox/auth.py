@@ -6,6 +6,7 @@ suspended user is refused within that time without a database read on every requ
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import time
 from collections.abc import Sequence
@@ -85,6 +86,14 @@ class Authenticator:
             raise PermissionDenied(f"Your address {address or 'unknown'} is not allowed to use this API key.",
                                    code="ip_not_allowed")
         return caller
+
+    def check_secret(self, given: str, expected: str, address: str) -> bool:
+        """A constant-time comparison for other secrets (the admin key), under the same guessing lockout."""
+        self._failures.check(address)
+        ok = hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+        if not ok:
+            self._failures.failed(address)
+        return ok
 
     async def _identify(self, secret: str | None) -> Caller:
         if not secret:

@@ -62,9 +62,10 @@ class PayloadTooLarge(ApiboxError):
 class RateLimited(ApiboxError):
     status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.headers = dict(headers or {})  # e.g. the x-ratelimit-* state of the limit that refused
 
 
 class UpstreamError(ApiboxError):

@@ -97,7 +97,11 @@ class LocalLimiter:
     async def admit(self, subjects: Sequence[Subject], tokens: int) -> Admission:
         now = int(self._clock())
         for subject in subjects:  # check everything first, so a refusal counts nowhere
-            self._check(subject, self._state(subject.name), now, tokens)
+            try:
+                self._check(subject, self._state(subject.name), now, tokens)
+            except RateLimited as refused:
+                refused.headers.update(self._headers(subjects[0], now))  # a 429 shows the key's limits too
+                raise
         for subject in subjects:
             state = self._state(subject.name)
             state.requests.add(now, 1)

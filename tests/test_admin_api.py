@@ -425,3 +425,11 @@ async def test_secrets_never_reach_the_log(admin: Live, caplog: pytest.LogCaptur
     assert "failed" in logged  # the upstream failure was logged: the check below is not vacuous
     for secret_text in (secret, guessed, ADMIN_KEY, ADMIN_KEY[:-1] + "Z", UPSTREAM_KEY):
         assert secret_text not in logged
+
+
+async def test_guessing_the_admin_key_locks_the_address_out(admin: Live) -> None:
+    limit = admin.settings.server.failed_auth_per_minute
+    for _ in range(limit):
+        await refused(admin, "GET", "/admin/users", status=401, key="guess")
+    status, _ = await api(admin, "GET", "/admin/users", expect=429)  # even the right key, for now
+    assert status == 429

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 from typer.testing import CliRunner
@@ -442,6 +443,10 @@ async def test_max_in_flight_1_refuses_the_second_concurrent_request_with_503(st
     assert status == 503
     error = openai_error(raw)
     assert error["code"] == "overloaded"
+    async with aiohttp.ClientSession() as session:  # probes still answer while the gateway is full
+        for probe in ("/healthz", "/readyz"):
+            async with session.get(f"{live.url}{probe}") as response:
+                assert response.status == 200
     assert headers["Retry-After"] == "1" and headers["x-request-id"].startswith("req_")
     assert (await first)[0] == 200
     assert len(usage_rows(live, who.user_id)) == 1  # the 503 left no trace

@@ -302,3 +302,16 @@ def test_fewer_failures_than_the_limit_pass(clock: Clock) -> None:
     failures.failed("203.0.113.5")
     with pytest.raises(RateLimited):
         failures.check("203.0.113.5")
+
+
+async def test_a_refusal_carries_the_keys_rate_limit_headers(limiter: LocalLimiter) -> None:
+    subject = key(rpm=2, tpm=1_000)
+    for _ in range(2):
+        await limiter.finish(await limiter.admit([subject], 100), 100)
+    with pytest.raises(RateLimited) as refused:
+        await limiter.admit([subject], 100)
+    headers = refused.value.headers
+    assert headers["x-ratelimit-limit-requests"] == "2"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-limit-tokens"] == "1000"
+    assert headers["x-ratelimit-remaining-tokens"] == "800"

@@ -7,7 +7,6 @@ same core functions the CLI calls.
 
 from __future__ import annotations
 
-import hmac
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +15,7 @@ from aiohttp import web
 from apibox import accounts, reports
 from apibox.errors import InvalidApiKey, InvalidRequest, NotFound
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
-from apibox.gateway.openai import bearer_secret, read_json
+from apibox.gateway.openai import bearer_secret, read_json, request_address
 from apibox.models import UserState
 from apibox.money import format_usd
 from apibox.store.base import Store
@@ -33,8 +32,8 @@ def _store(request: web.Request) -> Store:
     if not admin_key:
         raise NotFound(f"Unknown request URL: {request.method} {request.path} (the admin API is off: "
                        "set server.admin_key to turn it on).")
-    given = bearer_secret(request) or ""
-    if not hmac.compare_digest(given.encode("utf-8", "surrogatepass"), admin_key.encode("utf-8", "surrogatepass")):
+    gateway = request.app[GATEWAY]
+    if not gateway.auth.check_secret(bearer_secret(request) or "", admin_key, request_address(request)):
         raise InvalidApiKey("The admin API needs the admin key as 'Authorization: Bearer ADMIN_KEY'.")
     return request.app[GATEWAY].store
 

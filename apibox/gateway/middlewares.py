@@ -18,6 +18,7 @@ log = logging.getLogger("apibox.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = web.RequestKey("request_id", str)
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)
 HTTP_ERROR_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
@@ -55,8 +56,11 @@ def error_response(request: web.Request, status: int, message: str, type_: str, 
 
 def render_error(request: web.Request, exc: ApiboxError) -> web.Response:
     retry_after = exc.retry_after if isinstance(exc, RateLimited | UpstreamFailure) else None
-    return error_response(request, exc.status, exc.message, exc.type, exc.code, exc.param,
-                          retryable=exc.retryable, retry_after=retry_after)
+    response = error_response(request, exc.status, exc.message, exc.type, exc.code, exc.param,
+                              retryable=exc.retryable, retry_after=retry_after)
+    if isinstance(exc, RateLimited):
+        response.headers.update(exc.headers)
+    return response
 
 
 def render_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
@@ -91,7 +95,8 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
     in_flight = request.app[IN_FLIGHT]
-    if in_flight.count >= request.app[SETTINGS].server.max_in_flight:
+    probe = request.path in PROBE_PATHS  # health checks must answer even when the gateway is saturated
+    if not probe and in_flight.count >= request.app[SETTINGS].server.max_in_flight:
         return error_response(request, 503, "apibox is at its limit of requests in flight; retry shortly.",
                               "server_error", "overloaded", retry_after=1)
     in_flight.count += 1

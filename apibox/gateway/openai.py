@@ -28,10 +28,14 @@ def bearer_secret(request: web.Request) -> str | None:
     return request.headers.get("x-api-key") or None
 
 
-async def authenticate(request: web.Request) -> Caller:
+def request_address(request: web.Request) -> str:
+    """The caller's address, believing X-Forwarded-For only from the configured proxies."""
     proxies = request.app[GATEWAY].settings.server.trusted_proxies
-    address = client_address(request.remote, request.headers.get("X-Forwarded-For"), proxies)
-    return await request.app[GATEWAY].auth.authenticate(bearer_secret(request), address)
+    return client_address(request.remote, request.headers.get("X-Forwarded-For"), proxies)
+
+
+async def authenticate(request: web.Request) -> Caller:
+    return await request.app[GATEWAY].auth.authenticate(bearer_secret(request), request_address(request))
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
