@@ -16,7 +16,7 @@ from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
 from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
-from apibox.providers.http import HttpUpstream
+from apibox.providers.http import HttpUpstream, UpstreamStream
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -93,15 +93,8 @@ class AnthropicProvider:
         return headers
 
 
-class NativeStream:
+class NativeStream(UpstreamStream):
     """Anthropic stream events as dicts (``type`` is the event name); ends at ``message_stop``."""
-
-    def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream) -> None:
-        self._response = response
-        self._http = http
-
-    async def aclose(self) -> None:
-        self._response.close()
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         async for event in self._http.events(self._response):

@@ -18,7 +18,7 @@ import aiohttp
 from apibox.config import ProviderSettings
 from apibox.formats.gemini import GeminiToOpenAI, openai_to_gemini_request
 from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
-from apibox.providers.http import HttpUpstream
+from apibox.providers.http import HttpUpstream, UpstreamStream
 
 SIGNATURES_KEPT = 50_000
 
@@ -66,14 +66,12 @@ class GeminiProvider:
         return _GeminiStream(response, self._http, GeminiToOpenAI(request.body.get("model", ""), self._signatures))
 
 
-class _GeminiStream:
-    def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream, translate: GeminiToOpenAI) -> None:
-        self._response = response
-        self._http = http
-        self._translate = translate
+class _GeminiStream(UpstreamStream):
+    """Gemini's streamed responses read as OpenAI chunks; ends when the body does."""
 
-    async def aclose(self) -> None:
-        self._response.close()
+    def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream, translate: GeminiToOpenAI) -> None:
+        super().__init__(response, http)
+        self._translate = translate
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         async for event in self._http.events(self._response):

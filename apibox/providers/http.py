@@ -133,6 +133,18 @@ class HttpUpstream:
                                retry_after=retry_after)
 
 
+class UpstreamStream:
+    """An open upstream response read as a stream; subclasses turn its events into items."""
+
+    def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream) -> None:
+        self._response = response
+        self._http = http
+
+    async def aclose(self) -> None:
+        """Close the connection, so the upstream stops generating (and billing) at once."""
+        self._response.close()
+
+
 def _retry_after(headers: Any) -> float | None:
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)

@@ -9,7 +9,7 @@ import aiohttp
 
 from apibox.config import ProviderSettings
 from apibox.providers.base import ProviderRequest, StreamBroken
-from apibox.providers.http import HttpUpstream
+from apibox.providers.http import HttpUpstream, UpstreamStream
 
 
 class OpenAIProvider:
@@ -38,15 +38,8 @@ class OpenAIProvider:
         return _OpenAIStream(await self._post(request), self._http)
 
 
-class _OpenAIStream:
+class _OpenAIStream(UpstreamStream):
     """Chunks of an upstream SSE stream, parsed; ends at ``[DONE]``."""
-
-    def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream) -> None:
-        self._response = response
-        self._http = http
-
-    async def aclose(self) -> None:
-        self._response.close()
 
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         finished = False
