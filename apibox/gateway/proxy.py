@@ -245,13 +245,13 @@ class Started:
     """An upstream stream that has produced its first item, which nothing has sent on yet."""
 
     stream: ChunkStream
-    items: AsyncIterator[dict[str, Any]]
-    first: dict[str, Any]
+    items: AsyncIterator[list[dict[str, Any]]]
+    first: list[dict[str, Any]]
 
-    async def all_items(self) -> AsyncIterator[dict[str, Any]]:
+    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
         yield self.first
-        async for item in self.items:
-            yield item
+        async for batch in self.items:
+            yield batch
 
     async def close(self) -> None:
         await self.items.aclose()  # type: ignore[attr-defined]
@@ -299,18 +299,22 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     status, http_status = "ok", 200
     try:
         await response.prepare(request)
-        async for item in started.all_items():
+        async for batch in started.batches():
             call.first_byte = call.first_byte or time.monotonic()
-            piece = renderer.feed(item)
-            usage = piece.usage or usage
-            if piece.text:
-                delivered.add(piece.text)
-            if delivered.past(limit):
-                status = "cut"
-                await response.write(renderer.cut())
+            out: list[bytes] = []
+            for item in batch:
+                piece = renderer.feed(item)
+                usage = piece.usage or usage
+                if piece.text:
+                    delivered.add(piece.text)
+                if delivered.past(limit):
+                    status = "cut"
+                    out.append(renderer.cut())
+                    break
+                out.append(piece.data)
+            await response.write(b"".join(out))  # one write per upstream read
+            if status == "cut":
                 break
-            if piece.data:
-                await response.write(piece.data)
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
         final = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)

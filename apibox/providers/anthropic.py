@@ -94,19 +94,25 @@ class AnthropicProvider:
 
 
 class NativeStream(UpstreamStream):
-    """Anthropic stream events as dicts (``type`` is the event name); ends at ``message_stop``."""
+    """Anthropic stream events as dicts (``type`` is the event name), in batches; ends at ``message_stop``."""
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        async for event in self._http.events(self._response):
-            data = self._http.parse_event(event)
-            data.setdefault("type", event.event)
-            if data["type"] == "error":
-                raise self._http.broken(data.get("error"))
-            if data["type"] == "ping":
-                continue
-            yield data
-            if data["type"] == "message_stop":
-                return
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        async for events in self._http.events(self._response):
+            batch = []
+            for event in events:
+                data = self._http.parse_event(event)
+                data.setdefault("type", event.event)
+                if data["type"] == "error":
+                    if batch:
+                        yield batch
+                    raise self._http.broken(data.get("error"))
+                if data["type"] != "ping":
+                    batch.append(data)
+                if data["type"] == "message_stop":
+                    yield batch
+                    return
+            if batch:
+                yield batch
         raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
 
 
@@ -120,7 +126,8 @@ class _TranslatedStream:
     async def aclose(self) -> None:
         await self._native.aclose()
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        async for event in self._native:
-            for chunk in self._translate.feed(event):
-                yield chunk
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        async for events in self._native:
+            chunks = [chunk for event in events for chunk in self._translate.feed(event)]
+            if chunks:
+                yield chunks

@@ -31,9 +31,10 @@ class ProviderRequest:
 
 
 class ChunkStream(Protocol):
-    """An open upstream stream: OpenAI ``chat.completion.chunk`` (or text_completion) dicts."""
+    """An open upstream stream: batches of OpenAI ``chat.completion.chunk`` (or text_completion)
+    dicts, one batch per network read, so a batch can reach the client in one write."""
 
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+    def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]: ...
     async def aclose(self) -> None: ...
 
 

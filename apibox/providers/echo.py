@@ -90,7 +90,7 @@ class _EchoStream:
     async def aclose(self) -> None:
         """Nothing to cancel."""
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         request = self._request
         chat = request.endpoint == "chat/completions"
         pieces, finish, usage = self._provider._answer(request)
@@ -109,12 +109,12 @@ class _EchoStream:
             return {**head, "choices": [choice], **extra}
 
         if chat:
-            yield chunk(None, None, first=True)
+            yield [chunk(None, None, first=True)]
         for piece in pieces:
-            yield chunk(piece, None)
-        yield chunk(None, finish)
+            yield [chunk(piece, None)]
+        yield [chunk(None, finish)]
         if with_usage:
-            yield {**head, "choices": [], "usage": usage_to_openai(usage)}
+            yield [{**head, "choices": [], "usage": usage_to_openai(usage)}]
 
 
 def _last_user_text(body: dict[str, Any]) -> str:

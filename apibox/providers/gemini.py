@@ -73,15 +73,20 @@ class _GeminiStream(UpstreamStream):
         super().__init__(response, http)
         self._translate = translate
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        async for event in self._http.events(self._response):
-            data = self._http.parse_event(event)
-            if data.get("error"):
-                raise self._http.broken(data["error"])
-            for chunk in self._translate.chunks(data):
-                yield chunk
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        async for events in self._http.events(self._response):
+            chunks: list[dict[str, Any]] = []
+            for event in events:
+                data = self._http.parse_event(event)
+                if data.get("error"):
+                    if chunks:
+                        yield chunks
+                    raise self._http.broken(data["error"])
+                chunks.extend(self._translate.chunks(data))
+            if chunks:
+                yield chunks
         if not self._translate.finished:
             raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
         usage = self._translate.usage_chunk()
         if usage is not None:
-            yield usage
+            yield [usage]

@@ -70,8 +70,9 @@ class HttpUpstream:
             raise UpstreamFailure(f"upstream {self.name} sent a reply that is not a JSON object", status=502)
         return body
 
-    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[Event]:
-        """Server-sent events as they arrive; the stream's end is the body's end."""
+    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[Event]]:
+        """Server-sent events as they arrive, in batches: all the whole events one network read
+        completed (so they can go on to the client in one write); the stream's end is the body's end."""
         decoder = SSEDecoder()
         idle = self.settings.timeouts.idle
         while True:
@@ -82,8 +83,9 @@ class HttpUpstream:
                 raise StreamBroken(f"upstream {self.name} was silent for {idle:g}s") from None
             except aiohttp.ClientError:
                 raise StreamBroken(f"upstream {self.name} broke off the stream") from None
-            for event in decoder.feed(data) if data else decoder.flush():
-                yield event
+            events = decoder.feed(data) if data else decoder.flush()
+            if events:
+                yield events
             if not data:
                 return
 

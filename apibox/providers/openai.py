@@ -39,18 +39,25 @@ class OpenAIProvider:
 
 
 class _OpenAIStream(UpstreamStream):
-    """Chunks of an upstream SSE stream, parsed; ends at ``[DONE]``."""
+    """Chunks of an upstream SSE stream, parsed, in batches; ends at ``[DONE]``."""
 
-    async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         finished = False
-        async for event in self._http.events(self._response):
-            if event.data.startswith("[DONE]"):
-                return
-            chunk = self._http.parse_event(event)
-            if chunk.get("error"):
-                raise self._http.broken(chunk["error"])
-            finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
-                                       for c in chunk.get("choices") or ())
-            yield chunk
+        async for events in self._http.events(self._response):
+            chunks = []
+            for event in events:
+                if event.data.startswith("[DONE]"):
+                    if chunks:
+                        yield chunks
+                    return
+                chunk = self._http.parse_event(event)
+                if chunk.get("error"):
+                    if chunks:
+                        yield chunks  # what came before the error still reaches the client
+                    raise self._http.broken(chunk["error"])
+                finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
+                                           for c in chunk.get("choices") or ())
+                chunks.append(chunk)
+            yield chunks
         if not finished:  # some servers end without [DONE], but never without a finish_reason
             raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
