@@ -48,9 +48,13 @@ def _text(value: str | None, field: str) -> str | None:
     return value
 
 
-def _group(value: str | None) -> str | None:
+def _group(value: str | None, known: Iterable[str] | None = None) -> str | None:
+    """A group name; when the configured groups are given, one of them (or "default")."""
     if value is not None and not _NAME.match(value):
         raise InvalidRequest(f"group {value!r} must be 1-64 letters, digits, '.', '_' or '-'", param="group")
+    if value is not None and known is not None and value != "default" and value not in set(known):
+        names = ", ".join(["default", *sorted(known)])
+        raise InvalidRequest(f"unknown group {value!r} (configured: {names})", param="group")
     return value
 
 
@@ -75,8 +79,9 @@ async def _log(store: Store, actor: str, action: str, target: str, before: dict[
 
 
 async def create_user(store: Store, email: str, name: str = "", group: str = "default", *,
-                      actor: str = "cli") -> User:
-    user = await store.create_user(normalize_email(email), _text(name, "name") or "", _group(group) or "default")
+                      actor: str = "cli", known_groups: Iterable[str] | None = None) -> User:
+    user = await store.create_user(normalize_email(email), _text(name, "name") or "",
+                                   _group(group, known_groups) or "default")
     await _log(store, actor, "user.create", f"user:{user.id}", None, user_json(user))
     return user
 
@@ -98,8 +103,8 @@ async def show_user(store: Store, ref: str) -> UserDetail:
 
 
 async def update_user(store: Store, ref: str, *, name: str | None = None, group: str | None = None,
-                      actor: str = "cli") -> User:
-    name, group = _text(name, "name"), _group(group)
+                      actor: str = "cli", known_groups: Iterable[str] | None = None) -> User:
+    name, group = _text(name, "name"), _group(group, known_groups)
     user = await resolve_user(store, ref)
     updated = await store.update_user(user.id, name=name, group=group)
     await _log(store, actor, "user.update", f"user:{user.id}", user_json(user), user_json(updated))

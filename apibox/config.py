@@ -10,7 +10,8 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ import yaml
 
 from apibox.errors import ConfigError
 from apibox.money import MoneyError, parse_usd
-from apibox.pricing import Price
+from apibox.pricing import MULTIPLIER_ONE, Price
+from apibox.timeparse import TimeParseError, parse_moment
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "echo")
 DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "gemini": "https://generativelanguage.googleapis.com/v1beta"}
@@ -77,6 +79,28 @@ class ModelSettings:
     max_output_tokens: int = 4096
     aliases: tuple[str, ...] = ()
     kind: str = "chat"  # chat | embedding
+    # Announced changes, in time order: each price applies from its moment on.
+    schedule: tuple[tuple[datetime, Price], ...] = ()
+
+    def price_at(self, moment: datetime) -> Price:
+        """The price in force at ``moment`` (a request is priced when it arrives)."""
+        current = self.price
+        for starts, price in self.schedule:
+            if starts > moment:
+                break
+            current = price
+        return current
+
+    def next_change(self, moment: datetime) -> tuple[datetime, Price] | None:
+        return next(((starts, price) for starts, price in self.schedule if starts > moment), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    """A pricing tier: a multiplier on every price (millionths) and optionally the models it may use."""
+
+    multiplier: int = MULTIPLIER_ONE
+    models: tuple[str, ...] = ()  # empty: every model
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +130,12 @@ class Settings:
     models: tuple[ModelSettings, ...] = ()
     limits: LimitDefaults = field(default_factory=LimitDefaults)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
+    groups: Mapping[str, Group] = field(default_factory=dict)
     source: str = "built-in defaults"
+
+    def group(self, name: str) -> Group:
+        """A user's group; one the config does not name (such as "default") has multiplier 1."""
+        return self.groups.get(name) or Group()
 
     def provider(self, name: str) -> ProviderSettings:
         return next(p for p in self.providers if p.name == name)
@@ -300,7 +329,7 @@ class _Parser:
         self.root = root
 
     def settings(self) -> Settings:
-        top = self.root.mapping(("server", "database", "providers", "models", "limits", "routing"))
+        top = self.root.mapping(("server", "database", "providers", "models", "limits", "routing", "groups"))
         providers = tuple(self.provider(n) for n in top["providers"].items()) if "providers" in top else ()
         names = [p.name for p in providers]
         for i, name in enumerate(names):
@@ -315,6 +344,7 @@ class _Parser:
             models=models,
             limits=self.limits(top["limits"]) if "limits" in top else LimitDefaults(),
             routing=self.routing(top["routing"]) if "routing" in top else RoutingSettings(),
+            groups=self.groups(top["groups"], {m.name for m in models}) if "groups" in top else {},
             source=self.root.source,
         )
 
@@ -392,7 +422,7 @@ class _Parser:
                            for name in ("connect", "first_byte", "idle")})
 
     def model(self, node: _Node, providers: set[str]) -> ModelSettings:
-        fields = node.mapping(("name", "routes", "price", "max_output_tokens", "aliases", "kind"))
+        fields = node.mapping(("name", "routes", "price", "max_output_tokens", "aliases", "kind", "price_schedule"))
         for required in ("name", "routes", "price"):
             if required not in fields:
                 raise node.fail(f"missing key {required!r}")
@@ -404,10 +434,12 @@ class _Parser:
         if kind not in ("chat", "embedding"):
             raise fields["kind"].fail(f"must be 'chat' or 'embedding', got {kind!r}")
         aliases = tuple(a.text() for a in fields["aliases"].items()) if "aliases" in fields else ()
+        price = self.price(fields["price"])
         return ModelSettings(
             name=name,
             routes=routes,
-            price=self.price(fields["price"]),
+            price=price,
+            schedule=self.schedule(fields["price_schedule"], price) if "price_schedule" in fields else (),
             max_output_tokens=fields["max_output_tokens"].integer(minimum=1)
             if "max_output_tokens" in fields else 4096,
             aliases=aliases,
@@ -429,15 +461,66 @@ class _Parser:
             priority=fields["priority"].integer(minimum=0) if "priority" in fields else 1,
         )
 
-    def price(self, node: _Node) -> Price:
-        fields = node.mapping(("input", "output", "cached_input", "cache_write", "reasoning"))
-        for required in ("input", "output"):
-            if required not in fields:
-                raise node.fail(f"missing key {required!r} (USD per 1M tokens)")
-        optional = {k: fields[k].price_per_million() if k in fields else None
-                    for k in ("cached_input", "cache_write", "reasoning")}
-        return Price(input=fields["input"].price_per_million(), output=fields["output"].price_per_million(),
-                     **optional)
+    PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "reasoning", "per_request")
+
+    def price(self, node: _Node, previous: Price | None = None) -> Price:
+        """A price; in a schedule entry, keys it leaves out keep the previous price's values."""
+        fields = node.mapping((*self.PRICE_KEYS, "effective_from") if previous else self.PRICE_KEYS)
+        if previous is None:
+            for required in ("input", "output"):
+                if required not in fields:
+                    raise node.fail(f"missing key {required!r} (USD per 1M tokens)")
+        values = {k: fields[k].price_per_million() for k in self.PRICE_KEYS if k in fields}
+        if previous is not None:
+            return replace(previous, **values)
+        return Price(**values)
+
+    def schedule(self, node: _Node, base: Price) -> tuple[tuple[datetime, Price], ...]:
+        entries: list[tuple[datetime, Price]] = []
+        previous = base
+        for item in node.items():
+            fields = item.mapping((*self.PRICE_KEYS, "effective_from"))
+            if "effective_from" not in fields:
+                raise item.fail("missing key 'effective_from' (a UTC date-time like 2026-12-01T00:00:00Z)")
+            starts = self.moment(fields["effective_from"])
+            if entries and starts <= entries[-1][0]:
+                raise fields["effective_from"].fail("entries must be in time order, each later than the one before")
+            previous = self.price(item, previous)
+            entries.append((starts, previous))
+        return tuple(entries)
+
+    @staticmethod
+    def moment(node: _Node) -> datetime:
+        value = node.value
+        if isinstance(value, datetime):  # YAML reads unquoted timestamps and dates itself
+            return value if value.tzinfo else value.replace(tzinfo=UTC)
+        if isinstance(value, date):
+            return datetime(value.year, value.month, value.day, tzinfo=UTC)
+        try:
+            return parse_moment(node.text())
+        except TimeParseError as exc:
+            raise node.fail(str(exc)) from None
+
+    def groups(self, node: _Node, models: set[str]) -> dict[str, Group]:
+        groups: dict[str, Group] = {}
+        raw = node.value or {}
+        if not isinstance(raw, dict):
+            raise node.fail("must be a mapping of group names to {multiplier, models}")
+        for name in raw:
+            item = _Node(raw[name], node.source, _join(node.path, str(name)))
+            fields = item.mapping(("multiplier", "models"))
+            multiplier = MULTIPLIER_ONE
+            if "multiplier" in fields:
+                try:
+                    multiplier = parse_usd(fields["multiplier"].value, allow_zero=True)  # 6 decimals, exact
+                except MoneyError:
+                    raise fields["multiplier"].fail("must be a number like 0.8 (at most 6 decimals)") from None
+            allowed = tuple(m.text() for m in fields["models"].items()) if "models" in fields else ()
+            unknown = [m for m in allowed if m not in models]
+            if unknown:
+                raise fields["models"].fail(f"unknown model {unknown[0]!r}")
+            groups[str(name)] = Group(multiplier=multiplier, models=allowed)
+        return groups
 
     def routing(self, node: _Node) -> RoutingSettings:
         fields = node.mapping(("failures_before_cooldown", "cooldown_seconds"))

@@ -1,17 +1,20 @@
 """Prices and the one rounding rule.
 
-A price is integer micro-USD per 1M tokens for each token class. A request's cost is
-``ceil(sum(tokens_k * price_k) / 1_000_000)`` micro-USD: exact integer math, one rounding per
-request, never in the user's favour by more than 1 micro-USD.
+A price is integer micro-USD per 1M tokens for each token class, an optional fixed fee per
+request, and the user's group multiplier (in millionths). A request's cost is
+``ceil((sum(tokens_k * price_k) + fee * 1e6) * multiplier / 1e12)`` micro-USD: exact integer
+math, one rounding per request, never in the user's favour by more than 1 micro-USD. With
+no fee and multiplier 1 that is ``ceil(sum(tokens_k * price_k) / 1e6)``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from apibox.money import ceil_div
 
 PER_MILLION = 1_000_000
+MULTIPLIER_ONE = 1_000_000  # a group multiplier of 1.0, in millionths
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,12 @@ class Price:
     cached_input: int | None = None  # default: input
     cache_write: int | None = None  # default: input
     reasoning: int | None = None  # default: output
+    per_request: int = 0  # a fixed fee per request, micro-USD
+    multiplier: int = MULTIPLIER_ONE  # the user's group multiplier, in millionths (applies to everything)
+
+    def for_group(self, multiplier: int) -> Price:
+        """This price as a user of a group with ``multiplier`` (millionths) pays it."""
+        return replace(self, multiplier=multiplier)
 
     @property
     def cached_input_rate(self) -> int:
@@ -87,18 +96,27 @@ def cost_micro(price: Price, usage: Usage) -> int:
         + usage.plain_output_tokens * price.output
         + min(usage.reasoning_tokens, usage.completion_tokens) * price.reasoning_rate
     )
-    return ceil_div(scaled, PER_MILLION)
+    return _rounded(price, scaled)
+
+
+def _rounded(price: Price, token_cost: int) -> int:
+    """The one rounding: token cost (micro-USD x 1e6) plus the fee, times the multiplier, up."""
+    return ceil_div((token_cost + price.per_request * PER_MILLION) * price.multiplier, PER_MILLION * MULTIPLIER_ONE)
 
 
 def worst_case_micro(price: Price, prompt_tokens: int, output_tokens: int) -> int:
     """The most a request with this prompt bound and output cap can cost (the hold)."""
-    return ceil_div(prompt_tokens * price.max_input_rate + output_tokens * price.max_output_rate, PER_MILLION)
+    return _rounded(price, prompt_tokens * price.max_input_rate + output_tokens * price.max_output_rate)
 
 
 def affordable_output_tokens(price: Price, available_micro: int, prompt_tokens: int) -> int:
-    """How many output tokens ``available_micro`` pays for after the prompt (0 when none)."""
-    left = available_micro * PER_MILLION - prompt_tokens * price.max_input_rate
-    if left <= 0:
+    """How many output tokens ``available_micro`` pays for after the prompt and fee (0 when none)."""
+    if price.multiplier == 0:
+        return 2**31 - 1
+    # worst_case <= available  <=>  token cost + fee <= floor(available * 1e12 / multiplier)
+    budget = available_micro * PER_MILLION * MULTIPLIER_ONE // price.multiplier
+    left = budget - prompt_tokens * price.max_input_rate - price.per_request * PER_MILLION
+    if left < 0:
         return 0
     if price.max_output_rate == 0:
         return 2**31 - 1

@@ -81,6 +81,9 @@ models:
     kind: embedding
     routes: [{{provider: fake, model: emb-1}}]
     price: {{input: 0.02, output: 0}}
+groups:
+  vip: {{multiplier: 0.8}}
+  trial: {{multiplier: 1, models: [demo, gpt-fake]}}
 """
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from apibox import __version__
-from apibox.cli import config_cmd, db, keys, money, serve, usage, users
+from apibox.cli import config_cmd, db, keys, money, prices, serve, usage, users
 
 app = typer.Typer(
     name="apibox",
@@ -17,6 +17,7 @@ serve.register(app)
 app.add_typer(users.app, name="users")
 app.add_typer(keys.app, name="keys")
 money.register(app)
+app.command("prices")(prices.prices)
 app.add_typer(usage.app, name="usage")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(db.app, name="db")

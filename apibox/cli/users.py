@@ -35,7 +35,8 @@ def create(email: Annotated[str, typer.Argument(help="Email address; one account
            group: Annotated[str, typer.Option("--group", help="Pricing group.")] = "default",
            config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create a user account with a zero balance."""
-    user = with_store(config, lambda store, _: accounts.create_user(store, email, name, group))
+    user = with_store(config, lambda store, settings: accounts.create_user(
+        store, email, name, group, known_groups=settings.groups))
     _print_user(user, as_json, "Created")
 
 
@@ -78,7 +79,8 @@ def update(user: UserArg, name: Annotated[str | None, typer.Option("--name", hel
            group: Annotated[str | None, typer.Option("--group", help="New pricing group.")] = None,
            config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Change a user's name or group."""
-    updated = with_store(config, lambda store, _: accounts.update_user(store, user, name=name, group=group))
+    updated = with_store(config, lambda store, settings: accounts.update_user(
+        store, user, name=name, group=group, known_groups=settings.groups))
     _print_user(updated, as_json, "Updated")
 
 

@@ -69,7 +69,8 @@ async def list_users(request: web.Request) -> web.Response:
 async def create_user(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
     user = await accounts.create_user(store, _field(body, "email", str, required=True), _field(body, "name", str) or "",
-                                      _field(body, "group", str) or "default", actor=_actor(request))
+                                      _field(body, "group", str) or "default", actor=_actor(request),
+                                      known_groups=request.app[SETTINGS].groups)
     return web.json_response(user_json(user), status=201)
 
 
@@ -82,7 +83,8 @@ async def show_user(request: web.Request) -> web.Response:
 async def update_user(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
     user = await accounts.update_user(store, request.match_info["user"], name=_field(body, "name", str),
-                                      group=_field(body, "group", str), actor=_actor(request))
+                                      group=_field(body, "group", str), actor=_actor(request),
+                                      known_groups=request.app[SETTINGS].groups)
     return web.json_response(user_json(user))
 
 

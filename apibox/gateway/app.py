@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
@@ -31,8 +32,8 @@ from apibox.store.base import Store
 log = logging.getLogger("apibox.gateway")
 
 
-def create_app(settings: Settings, *, store: Store | None = None,
-               session: aiohttp.ClientSession | None = None) -> web.Application:
+def create_app(settings: Settings, *, store: Store | None = None, session: aiohttp.ClientSession | None = None,
+               clock: Callable[[], datetime] | None = None) -> web.Application:
     """The gateway app. Tests may pass their own store or upstream session instead of patching."""
     app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000),
                           middlewares=[request_id_and_errors])
@@ -40,7 +41,7 @@ def create_app(settings: Settings, *, store: Store | None = None,
     app[IN_FLIGHT] = InFlight()
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_rate_limit_headers)
-    app.cleanup_ctx.append(_lifecycle(settings, store, session))
+    app.cleanup_ctx.append(_lifecycle(settings, store, session, clock or _now))
     openai.add_routes(app)
     anthropic.add_routes(app)
     ops.add_routes(app)
@@ -48,8 +49,12 @@ def create_app(settings: Settings, *, store: Store | None = None,
     return app
 
 
-def _lifecycle(settings: Settings, store: Store | None,
-               session: aiohttp.ClientSession | None) -> Callable[[web.Application], AsyncIterator[None]]:
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientSession | None,
+               clock: Callable[[], datetime]) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         own_store = store is None
         db = store if store is not None else await open_store(settings.database.url)
@@ -62,7 +67,7 @@ def _lifecycle(settings: Settings, store: Store | None,
         failures = FailedAuthLimiter(settings.server.failed_auth_per_minute)
         gateway = app[GATEWAY] = Gateway(
             settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
-            router=Router(settings), auth=Authenticator(db, failures=failures), limiter=LocalLimiter())
+            router=Router(settings), auth=Authenticator(db, failures=failures), limiter=LocalLimiter(), clock=clock)
         try:
             yield
         finally:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import aiohttp
 
@@ -24,5 +26,6 @@ class Gateway:
     router: Router
     auth: Authenticator
     limiter: RateLimiter
+    clock: Callable[[], datetime]  # when requests arrive, for price schedules (tests set their own)
     # Settlements still being written; shutdown waits for them before it closes the store.
     settling: set[asyncio.Future[object]] = field(default_factory=set)

@@ -14,6 +14,7 @@ from apibox.errors import InvalidRequest, ModelNotFound
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.proxy import forward
 from apibox.money import format_usd
+from apibox.views import model_pricing_json
 
 MODEL_CREATED = 1_700_000_000  # a fixed `created` for configured models
 BODY_READ_SECONDS = 30
@@ -101,35 +102,33 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await forward(request, caller, "embeddings", body)
 
 
-def model_object(model: ModelSettings) -> dict[str, Any]:
-    price = model.price
-    pricing: dict[str, Any] = {"unit": "USD per 1M tokens", "input": format_usd(price.input),
-                               "output": format_usd(price.output)}
-    for name, value in (("cached_input", price.cached_input), ("cache_write", price.cache_write),
-                        ("reasoning", price.reasoning)):
-        if value is not None:
-            pricing[name] = format_usd(value)
+def model_object(request: web.Request, caller: Caller, model: ModelSettings) -> dict[str, Any]:
+    gateway = request.app[GATEWAY]
+    multiplier = gateway.settings.group(caller.user.group).multiplier
     return {"id": model.name, "object": "model", "created": MODEL_CREATED, "owned_by": "apibox",
-            "pricing": pricing}
+            "pricing": model_pricing_json(model, gateway.clock(), multiplier)}
 
 
-def _visible(caller: Caller, models: list[ModelSettings]) -> list[ModelSettings]:
-    return [m for m in models if not caller.key.models or m.name in caller.key.models]
+def _visible(request: web.Request, caller: Caller, models: list[ModelSettings]) -> list[ModelSettings]:
+    """The models this key (and the user's plan) may use."""
+    group = request.app[GATEWAY].settings.group(caller.user.group)
+    return [m for m in models if (not caller.key.models or m.name in caller.key.models)
+            and (not group.models or m.name in group.models)]
 
 
 async def list_models(request: web.Request) -> web.Response:
     caller = await authenticate(request)
-    models = _visible(caller, request.app[GATEWAY].router.models)
-    return web.json_response({"object": "list", "data": [model_object(m) for m in models]})
+    models = _visible(request, caller, request.app[GATEWAY].router.models)
+    return web.json_response({"object": "list", "data": [model_object(request, caller, m) for m in models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     model = request.app[GATEWAY].router.resolve(request.match_info["model"])
-    if model not in _visible(caller, [model]):
+    if model not in _visible(request, caller, [model]):
         raise ModelNotFound(f"The model `{request.match_info['model']}` does not exist or you do not have "
                             "access to it.", param="model")
-    return web.json_response(model_object(model))
+    return web.json_response(model_object(request, caller, model))
 
 
 async def me(request: web.Request) -> web.Response:

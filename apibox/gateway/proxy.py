@@ -26,7 +26,7 @@ from apibox.gateway.doors import Door, OpenAIDoor
 from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
-from apibox.pricing import Usage, cost_micro
+from apibox.pricing import Price, Usage, cost_micro
 from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure
 
 log = logging.getLogger("apibox.gateway")
@@ -122,7 +122,16 @@ def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSet
     if caller.key.models and model.name not in caller.key.models:
         raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
                                code="model_not_allowed")
+    group = gateway.settings.group(caller.user.group)
+    if group.models and model.name not in group.models:
+        raise PermissionDenied(f"Your plan ({caller.user.group}) does not include the model `{model.name}`.",
+                               param="model", code="model_not_in_plan")
     return model
+
+
+def price_for(gateway: Gateway, caller: Caller, model: ModelSettings) -> Price:
+    """The price in force as the request arrives, as the caller's group pays it."""
+    return model.price_at(gateway.clock()).for_group(gateway.settings.group(caller.user.group).multiplier)
 
 
 def limit_subjects(gateway: Gateway, caller: Caller) -> list[Subject]:
@@ -183,7 +192,8 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     call: Call | None = None
     try:
         reservation = await billing.reserve(
-            gateway.store, caller.key, model=model.name, price=model.price, request_id=request[REQUEST_ID],
+            gateway.store, caller.key, model=model.name, price=price_for(gateway, caller, model),
+            request_id=request[REQUEST_ID],
             prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
         call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door)
         failed_with = 500
