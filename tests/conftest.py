@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,7 @@ class ServerThread:
                  gemini: FakeGemini | None = None) -> None:
         self.tmp_path, self.fake = tmp_path, fake
         self.anthropic, self.gemini = anthropic or FakeAnthropic(), gemini or FakeGemini()
+        self.clock: Callable[[], datetime] | None = None  # the gateway's clock, for price schedules
         self.loop = asyncio.new_event_loop()
         self.runners: list[web.AppRunner] = []
         self.live: Live | None = None
@@ -203,7 +205,7 @@ class ServerThread:
         upstream = await self._serve(upstream_app)
         config = write_config(self.tmp_path, upstream)
         settings = self.configure(load_settings(str(config)))
-        url = await self._serve(create_app(settings))
+        url = await self._serve(create_app(settings, clock=self.clock))
         return Live(url, self.fake, config, settings, self.anthropic, self.gemini)
 
     def configure(self, settings: Settings) -> Settings:
