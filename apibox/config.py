@@ -23,6 +23,7 @@ from apibox.pricing import MULTIPLIER_ONE, Price
 from apibox.timeparse import TimeParseError, parse_moment
 
 PROVIDER_TYPES = ("openai", "anthropic", "gemini", "echo")
+ACCESS_LOG_FORMATS = ("json", "none")
 DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "gemini": "https://generativelanguage.googleapis.com/v1beta"}
 DEFAULT_CONFIG_NAME = "apibox.yaml"
 
@@ -37,6 +38,7 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ()
     failed_auth_per_minute: int = 30  # bad keys from one address before it is refused for a while
     max_in_flight: int = 4096  # requests served at once; more get 503 at once instead of queueing
+    access_log: str = "none"  # json: one JSON line per request on the apibox.access logger
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,7 +352,7 @@ class _Parser:
 
     def server(self, node: _Node) -> ServerSettings:
         fields = node.mapping(("host", "port", "admin_key", "max_body_mb", "trusted_proxies",
-                               "failed_auth_per_minute", "max_in_flight"))
+                               "failed_auth_per_minute", "max_in_flight", "access_log"))
         port = fields["port"].integer(minimum=0) if "port" in fields else 8080
         if port > 65535:
             raise fields["port"].fail(f"must be a TCP port (0-65535), got {port}")
@@ -365,7 +367,15 @@ class _Parser:
             failed_auth_per_minute=fields["failed_auth_per_minute"].integer(minimum=1)
             if "failed_auth_per_minute" in fields else 30,
             max_in_flight=fields["max_in_flight"].integer(minimum=1) if "max_in_flight" in fields else 4096,
+            access_log=self.access_log(fields["access_log"]) if "access_log" in fields else "none",
         )
+
+    @staticmethod
+    def access_log(node: _Node) -> str:
+        value = "none" if node.value is None or node.value is False else node.text()
+        if value not in ACCESS_LOG_FORMATS:
+            raise node.fail(f"must be one of {', '.join(ACCESS_LOG_FORMATS)}, got {value!r}")
+        return value
 
     @staticmethod
     def cidr(node: _Node) -> str:

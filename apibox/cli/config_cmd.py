@@ -22,7 +22,8 @@ def describe(settings: Settings) -> dict[str, Any]:
     return {
         "source": settings.source,
         "server": {"host": settings.server.host, "port": settings.server.port,
-                   "admin_key": masked(settings.server.admin_key), "max_body_mb": settings.server.max_body_mb},
+                   "admin_key": masked(settings.server.admin_key), "max_body_mb": settings.server.max_body_mb,
+                   "access_log": settings.server.access_log},
         "database": {"url": masked_url(settings.database.url)},
         "providers": [{"name": p.name, "type": p.type, "base_url": masked_url(p.base_url), "api_key": masked(p.api_key),
                        "headers": {k: masked(v) for k, v in p.headers.items()},
@@ -50,7 +51,8 @@ def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         print_json(data)
         return
     console.print(f"OK: {data['source']}", style="green")
-    console.print(f"server: {data['server']['host']}:{data['server']['port']}   database: {data['database']['url']}")
+    console.print(f"server: {data['server']['host']}:{data['server']['port']}   database: {data['database']['url']}"
+                  f"   access log: {data['server']['access_log']}")
     for p in data["providers"]:
         console.print(f"provider {p['name']} ({p['type']}) {p['base_url']} api_key={p['api_key']}")
     for m in data["models"]:

@@ -12,6 +12,7 @@ import typer
 from apibox.cli.common import ConfigOption, err_console, handles_errors
 from apibox.config import load_settings, masked_url
 from apibox.gateway.app import serve as serve_gateway
+from apibox.gateway.metrics import configure_access_log
 
 
 def serve(
@@ -25,6 +26,7 @@ def serve(
                      port=port if port is not None else settings.server.port)
     settings = replace(settings, server=server)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_access_log(settings.server.access_log == "json")
 
     def ready(url: str) -> None:
         models = ", ".join(m.name for m in settings.models) or "none"

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
-from apibox.gateway import admin, anthropic, openai, ops
+from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import (
@@ -35,16 +35,20 @@ log = logging.getLogger("apibox.gateway")
 def create_app(settings: Settings, *, store: Store | None = None, session: aiohttp.ClientSession | None = None,
                clock: Callable[[], datetime] | None = None) -> web.Application:
     """The gateway app. Tests may pass their own store or upstream session instead of patching."""
-    app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000),
-                          middlewares=[request_id_and_errors])
+    observed = metrics.Metrics()  # its own registry: two apps in one process never share counts
+    app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000), middlewares=[
+        metrics.observer(observed, access_log_json=settings.server.access_log == "json"), request_id_and_errors])
     app[SETTINGS] = settings
+    app[metrics.METRICS] = observed
     app[IN_FLIGHT] = InFlight()
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_rate_limit_headers)
     app.cleanup_ctx.append(_lifecycle(settings, store, session, clock or _now))
     openai.add_routes(app)
+    billing_api.add_routes(app)
     anthropic.add_routes(app)
     ops.add_routes(app)
+    metrics.add_routes(app)
     admin.add_routes(app)
     return app
 
@@ -67,7 +71,8 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
         failures = FailedAuthLimiter(settings.server.failed_auth_per_minute)
         gateway = app[GATEWAY] = Gateway(
             settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
-            router=Router(settings), auth=Authenticator(db, failures=failures), limiter=LocalLimiter(), clock=clock)
+            router=Router(settings), auth=Authenticator(db, failures=failures), limiter=LocalLimiter(), clock=clock,
+            metrics=app[metrics.METRICS])
         try:
             yield
         finally:

@@ -12,6 +12,7 @@ import aiohttp
 from apibox.auth import Authenticator
 from apibox.config import Settings
 from apibox.limits import RateLimiter
+from apibox.metrics import Metrics
 from apibox.providers.base import Provider
 from apibox.router import Router
 from apibox.store.base import Store
@@ -29,3 +30,4 @@ class Gateway:
     clock: Callable[[], datetime]  # when requests arrive, for price schedules (tests set their own)
     # Settlements still being written; shutdown waits for them before it closes the store.
     settling: set[asyncio.Future[object]] = field(default_factory=set)
+    metrics: Metrics = field(default_factory=Metrics)  # the app's, from create_app

@@ -18,8 +18,9 @@ log = logging.getLogger("apibox.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = web.RequestKey("request_id", str)
-PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)
+ERROR_CODE = web.RequestKey("error_code", str)  # the code of the error answered, for metrics and the access log
 HTTP_ERROR_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
@@ -40,6 +41,7 @@ def speaks_anthropic(request: web.Request) -> bool:
 def error_response(request: web.Request, status: int, message: str, type_: str, code: str | None = None,
                    param: str | None = None, *, retryable: bool = True,
                    retry_after: float | None = None) -> web.Response:
+    request[ERROR_CODE] = code or type_
     if speaks_anthropic(request):
         kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         body: dict = {"type": "error", "error": {"type": kind, "message": message},
@@ -95,7 +97,7 @@ async def request_id_and_errors(request: web.Request, handler: Handler) -> web.S
     request_id = new_request_id()
     request[REQUEST_ID] = request_id
     in_flight = request.app[IN_FLIGHT]
-    probe = request.path in PROBE_PATHS  # health checks must answer even when the gateway is saturated
+    probe = request.path in PROBE_PATHS  # health checks and metrics must answer even when the gateway is saturated
     if not probe and in_flight.count >= request.app[SETTINGS].server.max_in_flight:
         return error_response(request, 503, "apibox is at its limit of requests in flight; retry shortly.",
                               "server_error", "overloaded", retry_after=1)

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible surface: chat, legacy completions, embeddings, models, /v1/me."""
+"""The OpenAI-compatible surface: chat, legacy completions, embeddings, models."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from apibox.auth import Caller, client_address
 from apibox.config import ModelSettings
 from apibox.errors import InvalidRequest, ModelNotFound
 from apibox.gateway.appkeys import GATEWAY
+from apibox.gateway.metrics import EXCHANGE
 from apibox.gateway.proxy import forward
-from apibox.money import format_usd
 from apibox.views import model_pricing_json
 
 MODEL_CREATED = 1_700_000_000  # a fixed `created` for configured models
@@ -36,7 +36,9 @@ def request_address(request: web.Request) -> str:
 
 
 async def authenticate(request: web.Request) -> Caller:
-    return await request.app[GATEWAY].auth.authenticate(bearer_secret(request), request_address(request))
+    caller = await request.app[GATEWAY].auth.authenticate(bearer_secret(request), request_address(request))
+    request[EXCHANGE].identified(caller)  # the user and key ids, for the access log
+    return caller
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -131,29 +133,9 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(model_object(request, caller, model))
 
 
-async def me(request: web.Request) -> web.Response:
-    caller = await authenticate(request)
-    store = request.app[GATEWAY].store
-    balance = await store.get_balance(caller.user.id)
-    # The authenticated key may come from the auth cache; read its spend fresh, like the balance.
-    key, user = await store.get_key(caller.key.id) or caller.key, caller.user
-    return web.json_response({
-        "user": {"id": user.id, "email": user.email, "name": user.name, "group": user.group,
-                 "state": user.state.value},
-        "key": {"id": key.id, "name": key.name, "prefix": key.prefix, "models": list(key.models) or None,
-                "budget_usd": format_usd(key.budget) if key.budget is not None else None,
-                "spent_usd": format_usd(key.spent),
-                "expires_at": key.expires_at.isoformat() if key.expires_at else None,
-                "limits": {"rpm": key.rpm, "tpm": key.tpm, "concurrency": key.concurrency}},
-        "balance": {"balance_usd": format_usd(balance.balance), "held_usd": format_usd(balance.held),
-                    "available_usd": format_usd(balance.available)},
-    })
-
-
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model}", get_model)
-    app.router.add_get("/v1/me", me)

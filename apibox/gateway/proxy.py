@@ -23,6 +23,7 @@ from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import Door, OpenAIDoor
+from apibox.gateway.metrics import EXCHANGE
 from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
@@ -183,6 +184,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer."""
     gateway = request.app[GATEWAY]
     model = authorized_model(gateway, caller, body.get("model"))
+    request[EXCHANGE].model = model.name
     kind_ok = (model.kind == "embedding") == (endpoint == "embeddings")
     if not kind_ok:
         raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
@@ -196,6 +198,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
             request_id=request[REQUEST_ID],
             prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
         call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door)
+        request[EXCHANGE].holding(call)  # counted as an open hold until its settlement is written
         failed_with = 500
         try:
             if body.get("stream") is True:
@@ -230,12 +233,18 @@ async def _attempt(call: Call, stream: bool) -> Any:
         call.route, call.native = route, call.door.is_native(provider)
         upstream = ProviderRequest(call.endpoint, _upstream_body(call, route, provider), call.request_id,
                                    output_limit=call.reservation.output_tokens)
+        asked = time.monotonic()  # until the upstream's response head: apibox_upstream_response_seconds
         try:
             if stream:
-                answer = await _started(await call.door.open_stream(provider, upstream, call.native))
+                opened = await call.door.open_stream(provider, upstream, call.native)
+                call.gateway.metrics.upstream_answered(route.provider, time.monotonic() - asked)
+                answer = await _started(opened)
             else:
                 answer = await call.door.complete(provider, upstream, call.native)
+                call.gateway.metrics.upstream_answered(route.provider, time.monotonic() - asked)
         except UpstreamFailure as exc:
+            call.gateway.metrics.upstream_failed(route.provider, exc.code,
+                                                 time.monotonic() - asked if exc.upstream_status else None)
             log.warning("route %s for %s failed: %s (request %s)", route.provider, call.model.name, exc.message,
                         call.request_id)
             last = exc

@@ -1,0 +1,139 @@
+"""Prometheus metrics: the instruments, and what each request adds to them.
+
+One ``Metrics`` per gateway, on its own ``CollectorRegistry`` (not prometheus-client's global
+one), so two gateways in one process never share counts. Labels come only from the config
+(model and provider names) and from fixed sets (HTTP statuses, error codes, token classes):
+nothing a client sends, and nothing about users or keys, becomes a label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from apibox.models import UsageRecord
+
+# Seconds. LLM requests run from milliseconds (refusals, embeddings) to minutes (long answers).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+REJECTED_STATUSES = frozenset({400, 401, 402, 403})
+RATE_LIMITED_STATUS = 429
+
+
+def _children(metric: Any) -> Callable[..., Any]:
+    """``metric.labels``, remembered: prometheus-client validates and locks on every ``labels()`` call,
+    a good part of what metrics cost a request. Label values come from small fixed sets, so this stays small."""
+    cache: dict[tuple[str, ...], Any] = {}
+
+    def child(*values: str) -> Any:
+        found = cache.get(values)
+        if found is None:
+            found = cache[values] = metric.labels(*values)
+        return found
+    return child
+
+
+class Metrics:
+    """The gateway's instruments on one registry; ``exposition()`` is the /metrics page."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter(
+            "apibox_requests", "API requests answered, by model, route (provider) and HTTP status. A billed "
+            "request counts with the status of its usage row: 499 when the client went away, 502 when the "
+            "upstream broke a stream that had started. Empty model or provider: not known (yet) when answered.",
+            ("model", "provider", "status"), registry=registry)
+        self.duration = Histogram(
+            "apibox_request_duration_seconds", "Time from a request's arrival to the end of its answer "
+            "(the last byte written, for streams).", ("model",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            "apibox_time_to_first_token_seconds", "Time from a billed request's arrival to the first output "
+            "from the upstream (for answers not streamed: the whole reply).", ("model", "provider"),
+            buckets=TTFT_BUCKETS, registry=registry)
+        self.upstream = Histogram(
+            "apibox_upstream_response_seconds", "Time from sending a request to an upstream to its response "
+            "head, errors included (for answers not streamed, the reply's body is read in this time too).",
+            ("provider",), buckets=LATENCY_BUCKETS, registry=registry)
+        self.upstream_failures = Counter(
+            "apibox_upstream_failures", "Upstream attempts that failed before any output (a later route may "
+            "still have answered the request), by provider and error code.", ("provider", "code"),
+            registry=registry)
+        self.tokens = Counter(
+            "apibox_tokens", "Tokens of settled requests by model and class: prompt and completion; cached "
+            "and cache_write are parts of prompt, reasoning a part of completion.", ("model", "class"),
+            registry=registry)
+        self.cost = Counter(
+            "apibox_cost_micro_usd", "What settled requests cost at their price, in micro-USD (1 USD = 1e6).",
+            ("model",), registry=registry)
+        self.charged = Counter(
+            "apibox_charged_micro_usd", "What settled requests took from balances, in micro-USD (their cost, "
+            "capped at what the user had).", ("model",), registry=registry)
+        self.open_holds = Gauge(
+            "apibox_open_holds", "Requests in flight holding money (a hold taken, not yet settled).",
+            registry=registry)
+        self.held = Gauge(
+            "apibox_held_micro_usd", "The money those holds set aside, in micro-USD.", registry=registry)
+        self.rate_limited = Counter(
+            "apibox_rate_limited", "Requests refused with 429, by error code (rate_limit_exceeded: apibox's "
+            "own limits; upstream_rate_limited: every route's upstream asked to wait).", ("code",),
+            registry=registry)
+        self.rejected = Counter(
+            "apibox_rejected", "Requests refused with 400, 401, 402 or 403, by status and error code.",
+            ("status", "code"), registry=registry)
+        self.in_flight = Gauge(
+            "apibox_requests_in_flight", "API requests being served now (not /metrics or health probes).",
+            registry=registry)
+        self._requests = _children(self.requests)
+        self._duration = _children(self.duration)
+        self._ttft = _children(self.ttft)
+        self._upstream = _children(self.upstream)
+        self._tokens = _children(self.tokens)
+        self._cost = _children(self.cost)
+        self._charged = _children(self.charged)
+
+    def exposition(self) -> bytes:
+        """The metrics in Prometheus's text format."""
+        return generate_latest(self.registry)
+
+    def answered(self, model: str, provider: str, status: int, seconds: float, code: str | None) -> None:
+        """One API request done: counted by its labels, timed, and counted again if it was refused."""
+        self._requests(model, provider, str(status)).inc()
+        self._duration(model).observe(seconds)
+        if status == RATE_LIMITED_STATUS:
+            self.rate_limited.labels(code or "").inc()
+        elif status in REJECTED_STATUSES:
+            self.rejected.labels(str(status), code or "").inc()
+
+    def holding(self, amount: int) -> None:
+        self.open_holds.inc()
+        self.held.inc(amount)
+
+    def released(self, amount: int) -> None:
+        self.open_holds.dec()
+        self.held.dec(amount)
+
+    def settled(self, record: UsageRecord) -> None:
+        """A billed request's usage row: its tokens, cost and time to first token."""
+        model = record.model
+        for token_class, count in (("prompt", record.prompt_tokens), ("completion", record.completion_tokens),
+                                   ("cached", record.cached_tokens), ("cache_write", record.cache_write_tokens),
+                                   ("reasoning", record.reasoning_tokens)):
+            if count:
+                self._tokens(model, token_class).inc(count)
+        if record.cost:
+            self._cost(model).inc(record.cost)
+        if record.charged:
+            self._charged(model).inc(record.charged)
+        if record.ttft_ms is not None:
+            self._ttft(model, record.provider).observe(record.ttft_ms / 1000)
+
+    def upstream_answered(self, provider: str, seconds: float) -> None:
+        self._upstream(provider).observe(seconds)
+
+    def upstream_failed(self, provider: str, code: str | None, seconds: float | None) -> None:
+        """An attempt that failed; ``seconds`` is None when no response head came (connect error, timeout)."""
+        self.upstream_failures.labels(provider, code or "").inc()
+        if seconds is not None:
+            self._upstream(provider).observe(seconds)
