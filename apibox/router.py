@@ -2,8 +2,9 @@
 
 Routes with a lower ``priority`` are tried first; within one priority, the order is a
 weighted shuffle, so ``weight`` is each route's share of first attempts. A route that keeps
-failing is cooled down: it goes to the back of the order until its cooldown ends, then is
-tried again (half-open): one more failure cools it again at once, a success clears it.
+failing is cooled down: it goes to the back of the order until its cooldown ends, then one
+request tries it again (half-open) while the others keep away: one more failure cools it
+again at once, a success clears it.
 """
 
 from __future__ import annotations
@@ -57,7 +58,13 @@ class Router:
         for priority in sorted({r.priority for r in model.routes}):
             ordered.extend(self._weighted_order(r for r in model.routes if r.priority == priority))
         now = self._clock()
-        return sorted(ordered, key=lambda route: self.cooling(route, now))
+        plan = sorted(ordered, key=lambda route: self.cooling(route, now))
+        for route in plan:
+            health = self._health.get((route.provider, route.model))
+            if health is not None and 0 < health.cooled_until <= now:
+                # Half-open: this request is the one trial; the others keep away until it reports.
+                health.cooled_until = now + self._cooldown
+        return plan
 
     def cooling(self, route: Route, now: float | None = None) -> bool:
         health = self._health.get((route.provider, route.model))

@@ -183,8 +183,24 @@ def test_a_cooled_route_comes_back_when_its_cooldown_has_passed() -> None:
     clock.advance(29.999)
     assert r.plan(served) == [B, A]
     clock.advance(0.001)
-    assert r.plan(served) == [A, B]  # half-open: tried first again
     assert not r.cooling(A)
+    assert r.plan(served) == [A, B]  # half-open: tried first again, by this one request
+    assert r.plan(served) == [B, A]  # the others keep away until the trial reports
+    r.succeeded(A)
+    assert r.plan(served) == [A, B]
+
+
+def test_a_failed_half_open_trial_cools_the_route_for_another_period() -> None:
+    served = model(A, B)
+    clock = Clock()
+    r = router(served, clock=clock, cooldown=30.0)
+    for _ in range(3):
+        r.failed(A)
+    clock.advance(30)
+    assert r.plan(served)[0] == A  # the trial
+    r.failed(A)
+    clock.advance(29)
+    assert r.plan(served) == [B, A]
 
 
 def test_one_failure_when_half_open_cools_the_route_again_at_once() -> None:
