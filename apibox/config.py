@@ -1,4 +1,5 @@
-"""Settings: YAML with ``${VAR}`` interpolation, validated into frozen dataclasses.
+"""Reading the configuration: YAML with ``${VAR}`` interpolation, validated into the
+dataclasses of ``apibox.settings`` (re-exported here, so callers import from one place).
 
 This is the only module that reads ``os.environ``. Every error names the file, the key path
 and what is wrong, e.g. ``apibox.yaml: models[0].price.input: must be a number ...``.
@@ -10,7 +11,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
@@ -20,151 +21,49 @@ import yaml
 from apibox.errors import ConfigError
 from apibox.money import MoneyError, parse_usd
 from apibox.pricing import MULTIPLIER_ONE, Price
+from apibox.settings import (
+    ACCESS_LOG_FORMATS,
+    DEFAULT_BASE_URLS,
+    DEFAULT_CONFIG_NAME,
+    PROVIDER_TYPES,
+    DatabaseSettings,
+    Group,
+    LimitDefaults,
+    LimitSet,
+    ModelSettings,
+    ProviderSettings,
+    Route,
+    RoutingSettings,
+    ServerSettings,
+    Settings,
+    Timeouts,
+    default_settings,
+)
 from apibox.timeparse import TimeParseError, parse_moment
 
-PROVIDER_TYPES = ("openai", "anthropic", "gemini", "echo")
-ACCESS_LOG_FORMATS = ("json", "none")
-DEFAULT_BASE_URLS = {"anthropic": "https://api.anthropic.com", "gemini": "https://generativelanguage.googleapis.com/v1beta"}
-DEFAULT_CONFIG_NAME = "apibox.yaml"
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    admin_key: str | None = None
-    max_body_mb: float = 20.0
-    # Proxies whose X-Forwarded-For is believed (CIDRs); other peers are taken at their address.
-    trusted_proxies: tuple[str, ...] = ()
-    failed_auth_per_minute: int = 30  # bad keys from one address before it is refused for a while
-    max_in_flight: int = 4096  # requests served at once; more get 503 at once instead of queueing
-    access_log: str = "none"  # json: one JSON line per request on the apibox.access logger
-
-
-@dataclass(frozen=True, slots=True)
-class DatabaseSettings:
-    url: str = "sqlite:///./apibox.db"
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect: float = 10.0
-    first_byte: float = 120.0  # until the upstream's response headers arrive
-    idle: float = 120.0  # the longest silence between two stream chunks
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderSettings:
-    name: str
-    type: str
-    base_url: str = ""
-    api_key: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    # Ask OpenAI-compatible upstreams for usage in streams (some old servers reject it).
-    stream_usage: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    provider: str
-    model: str  # the upstream's model name
-    weight: int = 1
-    priority: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class ModelSettings:
-    name: str
-    routes: tuple[Route, ...]
-    price: Price
-    max_output_tokens: int = 4096
-    aliases: tuple[str, ...] = ()
-    kind: str = "chat"  # chat | embedding
-    # Announced changes, in time order: each price applies from its moment on.
-    schedule: tuple[tuple[datetime, Price], ...] = ()
-
-    def price_at(self, moment: datetime) -> Price:
-        """The price in force at ``moment`` (a request is priced when it arrives)."""
-        current = self.price
-        for starts, price in self.schedule:
-            if starts > moment:
-                break
-            current = price
-        return current
-
-    def next_change(self, moment: datetime) -> tuple[datetime, Price] | None:
-        return next(((starts, price) for starts, price in self.schedule if starts > moment), None)
-
-
-@dataclass(frozen=True, slots=True)
-class Group:
-    """A pricing tier: a multiplier on every price (millionths) and optionally the models it may use."""
-
-    multiplier: int = MULTIPLIER_ONE
-    models: tuple[str, ...] = ()  # empty: every model
-
-
-@dataclass(frozen=True, slots=True)
-class LimitSet:
-    rpm: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class LimitDefaults:
-    key: LimitSet = field(default_factory=LimitSet)
-    user: LimitSet = field(default_factory=LimitSet)
-
-
-@dataclass(frozen=True, slots=True)
-class RoutingSettings:
-    failures_before_cooldown: int = 3  # failures in a row that cool a route down
-    cooldown_seconds: float = 30.0  # how long a cooled route waits before it is tried again
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    server: ServerSettings = field(default_factory=ServerSettings)
-    database: DatabaseSettings = field(default_factory=DatabaseSettings)
-    providers: tuple[ProviderSettings, ...] = ()
-    models: tuple[ModelSettings, ...] = ()
-    limits: LimitDefaults = field(default_factory=LimitDefaults)
-    routing: RoutingSettings = field(default_factory=RoutingSettings)
-    groups: Mapping[str, Group] = field(default_factory=dict)
-    source: str = "built-in defaults"
-
-    def group(self, name: str) -> Group:
-        """A user's group; one the config does not name (such as "default") has multiplier 1."""
-        return self.groups.get(name) or Group()
-
-    def provider(self, name: str) -> ProviderSettings:
-        return next(p for p in self.providers if p.name == name)
-
-    def model_index(self) -> dict[str, ModelSettings]:
-        """Every name a client may ask for (names and aliases) -> its model."""
-        index: dict[str, ModelSettings] = {}
-        for model in self.models:
-            index[model.name] = model
-            for alias in model.aliases:
-                index[alias] = model
-        return index
-
-
-def default_settings() -> Settings:
-    """What `apibox serve` runs with when there is no config: SQLite and the demo model."""
-    return Settings(
-        providers=(ProviderSettings(name="echo", type="echo"),),
-        models=(
-            ModelSettings(
-                name="demo",
-                routes=(Route(provider="echo", model="echo-1"),),
-                price=Price(input=5_000_000, output=15_000_000),
-                max_output_tokens=1024,
-            ),
-        ),
-    )
+__all__ = [
+    "ACCESS_LOG_FORMATS",
+    "DEFAULT_BASE_URLS",
+    "DEFAULT_CONFIG_NAME",
+    "PROVIDER_TYPES",
+    "DatabaseSettings",
+    "Group",
+    "LimitDefaults",
+    "LimitSet",
+    "ModelSettings",
+    "ProviderSettings",
+    "Route",
+    "RoutingSettings",
+    "ServerSettings",
+    "Settings",
+    "Timeouts",
+    "default_settings",
+    "load_settings",
+    "masked",
+    "masked_url",
+    "parse_settings",
+    "resolve_config_path",
+]
 
 
 def resolve_config_path(explicit: str | None, env: Mapping[str, str] | None = None,
