@@ -133,6 +133,11 @@ class UsageRecord:
 
 @dataclass(frozen=True, slots=True)
 class ReportRow:
+    """One group of a usage report. ``cost`` is what was charged (the ledger's charges).
+
+    Percentiles are nearest-rank (always an observed value) over the group's live usage rows;
+    None when it has none (no rows kept, or for time to first token, no stream)."""
+
     group: dict[str, str]
     requests: int
     errors: int
@@ -142,6 +147,15 @@ class ReportRow:
     cost: int
     avg_latency_ms: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    p50_latency_ms: int | None = None
+    p95_latency_ms: int | None = None
+    p50_ttft_ms: int | None = None
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -328,12 +328,18 @@ async def test_balance_ledger_and_usage_report_after_a_request(admin: Live) -> N
     assert [e["kind"] for e in statement["entries"]] == ["topup", "charge"]
     assert statement["entries"][1]["amount_usd"] == f"-0.{row['cost']:06d}"
     report = await api(admin, "GET", "/admin/usage?by=model,user")
+    timing = {k: report["rows"][0][k] for k in ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p50_ttft_ms")}
     assert report["rows"] == [{"model": "gpt-fake", "user": "ann@example.com", "requests": 1, "errors": 0,
-                               "prompt_tokens": row["prompt_tokens"],
+                               "error_rate": 0.0, "prompt_tokens": row["prompt_tokens"],
                                "completion_tokens": row["completion_tokens"], "cached_tokens": 0,
-                               "cost_usd": f"0.{row['cost']:06d}",
-                               "avg_latency_ms": report["rows"][0]["avg_latency_ms"]}]
-    assert report["total"]["requests"] == 1
+                               "cache_write_tokens": 0, "reasoning_tokens": 0,
+                               "cost_usd": f"0.{row['cost']:06d}", **timing}]
+    assert timing["p50_latency_ms"] == timing["p95_latency_ms"] == row["latency_ms"]
+    assert {k: v for k, v in report["total"].items() if k not in ("model", "user")} == {
+        k: v for k, v in report["rows"][0].items() if k not in ("model", "user")}
+    by_hour = await api(admin, "GET", "/admin/usage?by=hour,provider")
+    assert [(r["provider"], r["requests"]) for r in by_hour["rows"]] == [("fake", 1)]
+    assert by_hour["rows"][0]["hour"].endswith(":00")
     by_key = await api(admin, "GET", f"/admin/usage?by=key&key={new['id']}&model=gpt-fake&user=ann@example.com")
     assert [r["requests"] for r in by_key["rows"]] == [1]
     assert (await api(admin, "GET", "/admin/usage?model=demo"))["rows"] == []

@@ -179,14 +179,19 @@ async def test_report_csv_matches_json(cli: Any, seeded: Seeded) -> None:
     result = await run(cli, "usage", "report", "--by", "model,user", "--format", "csv")
     assert result.exit_code == 0, result.output
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
-    assert list(rows[0]) == ["model", "user", "requests", "errors", "prompt_tokens", "completion_tokens",
-                             "cached_tokens", "cost_usd", "avg_latency_ms"]
+    assert list(rows[0]) == ["model", "user", "requests", "errors", "error_rate", "prompt_tokens",
+                             "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+                             "cost_usd", "avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p50_ttft_ms"]
     as_json = await report(cli, "--by", "model,user")
+    *rows, total = rows  # csv ends with the TOTAL row
     assert len(rows) == len(as_json)
     for row, data in zip(rows, as_json, strict=True):
         assert row["model"] == data["model"] and row["user"] == data["user"]
         for column in NUMBERS:
             assert row[column] == str(data[column])
+    assert (total["model"], total["user"]) == ("TOTAL", "")
+    assert total["cost_usd"] == charged(seeded.rows())
+    assert int(total["requests"]) == len(seeded.rows())
 
 
 async def test_report_json_flag_equals_format_json(cli: Any, seeded: Seeded) -> None:
@@ -266,7 +271,9 @@ def test_report_on_an_empty_database(cli: Any) -> None:
     assert table.exit_code == 0 and "TOTAL" in table.stdout
     result = cli("usage", "report", "--format", "csv")
     assert result.stdout.strip().splitlines() == [
-        "day,requests,errors,prompt_tokens,completion_tokens,cached_tokens,cost_usd,avg_latency_ms"]
+        "day,requests,errors,error_rate,prompt_tokens,completion_tokens,cached_tokens,cache_write_tokens,"
+        "reasoning_tokens,cost_usd,avg_latency_ms,p50_latency_ms,p95_latency_ms,p50_ttft_ms",
+        "TOTAL,0,0,0.0,0,0,0,0,0,0.000000,0.0,,,"]
 
 
 # -- db migrate / check ------------------------------------------------------------------------

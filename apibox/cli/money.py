@@ -9,14 +9,13 @@ from typing import Annotated
 
 import typer
 
-from apibox import accounts
+from apibox import accounts, reports
 from apibox.cli.common import ConfigOption, JsonOption, console, fail, handles_errors, print_json, with_store
 from apibox.cli.render import ledger_table
 from apibox.models import Balance, User
 from apibox.money import format_usd
 from apibox.store.base import CreditResult
-from apibox.timeparse import TimeParseError, parse_since
-from apibox.views import balance_json, entry_json
+from apibox.views import balance_json, entry_json, iso
 
 UserArg = Annotated[str, typer.Argument(help="The user's email or id.", show_default=False)]
 
@@ -76,27 +75,56 @@ def balance(user: UserArg, config: ConfigOption = None, as_json: JsonOption = Fa
 
 def ledger(user: UserArg,
            since: Annotated[str | None, typer.Option("--since", help="From a date or a duration ago (7d).")] = None,
-           output: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+           until: Annotated[str | None, typer.Option("--until", help="Up to (not including) a date or a duration "
+                                                     "ago.")] = None,
+           output: Annotated[str, typer.Option("--format", help="table, csv or json. For a period (--since/"
+                                               "--until), table and csv add the opening and the closing "
+                                               "balance; json stays the list of entries.")] = "table",
            config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """A user's statement: every top-up, charge and adjustment with the balance after it."""
     if output not in ("table", "csv", "json"):
         raise fail(f"--format must be table, csv or json, not {output!r}")
-    try:
-        start = parse_since(since, datetime.now(UTC)) if since else None
-    except TimeParseError as exc:
-        raise fail(str(exc)) from None
-    found, entries = with_store(config, lambda store, _: accounts.ledger(store, user, start))
+    found = with_store(config, lambda store, _: reports.statement(store, user, since, until))
+    entries = found.entries
     if as_json or output == "json":
         print_json([entry_json(e) for e in entries])
     elif output == "csv":
         writer = csv.writer(sys.stdout)
         rows = [entry_json(e) for e in entries]
-        writer.writerow(rows[0].keys() if rows else ["id"])
-        writer.writerows(r.values() for r in rows)
-    elif not entries:
-        console.print(f"No ledger entries for {found.email}.")
+        columns = list(rows[0]) if rows else LEDGER_CSV_COLUMNS
+        writer.writerow(columns)
+        if found.is_period:
+            writer.writerow(_balance_line(columns, "opening", found.since, found.opening))
+        writer.writerows([r[c] for c in columns] for r in rows)
+        if found.is_period:
+            writer.writerow(_balance_line(columns, "closing", found.until or datetime.now(UTC), found.closing))
     else:
-        console.print(ledger_table(entries))
+        if found.is_period:
+            console.print(f"{found.user.email}: opening balance {format_usd(found.opening or 0)} USD "
+                          f"at {_when(found.since)}")
+        if entries:
+            console.print(ledger_table(entries))
+        else:
+            console.print(f"No ledger entries for {found.user.email}" + (" in the period." if found.is_period
+                                                                        else "."))
+        if found.is_period:
+            console.print(f"{found.user.email}: closing balance {format_usd(found.closing or 0)} USD "
+                          f"at {_when(found.until or datetime.now(UTC))}")
+
+
+LEDGER_CSV_COLUMNS = ["id", "created_at", "kind", "amount_usd", "balance_after_usd", "note", "reference", "actor",
+                      "usage_id"]
+
+
+def _when(moment: datetime | None) -> str:
+    return "the beginning" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _balance_line(columns: list[str], kind: str, moment: datetime | None, amount: int | None) -> list[str]:
+    """A statement's opening or closing line in the csv's own columns."""
+    values = {"created_at": iso(moment) or "", "kind": kind, "balance_after_usd": format_usd(amount or 0),
+              "note": f"{kind} balance"}
+    return [values.get(c, "") for c in columns]
 
 
 def register(app: typer.Typer) -> None:

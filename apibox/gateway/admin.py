@@ -174,9 +174,9 @@ async def usage(request: web.Request) -> web.Response:
     report_query = reports.ReportQuery(by=reports.parse_by(query.get("by", "day")), since=query.get("since"),
                                        until=query.get("until"), user=query.get("user"), key=query.get("key"),
                                        model=query.get("model"))
-    rows = await reports.usage_report(store, report_query)
-    return web.json_response({"rows": [reports.row_json(r) for r in rows],
-                              "total": reports.row_json(reports.totals(rows))})
+    report = await reports.build_report(store, report_query)
+    return web.json_response({"rows": [reports.row_json(r) for r in report.rows],
+                              "total": reports.row_json(report.total)})
 
 
 async def admin_log(request: web.Request) -> web.Response:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Protocol
 
 from apibox.models import (
@@ -27,7 +27,7 @@ from apibox.models import (
     UserState,
 )
 
-REPORT_DIMENSIONS = ("day", "model", "user", "key", "provider")
+REPORT_DIMENSIONS = ("day", "hour", "model", "user", "key", "provider")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +75,21 @@ class UsageFilter:
     model: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    """What `usage prune` folded into the daily aggregates (and deleted from the usage rows)."""
+
+    before: datetime
+    rows: int = 0  # usage rows folded and deleted
+    requests: int = 0  # of which reports count (interrupted requests are not reported)
+    cost: int = 0
+    charged: int = 0
+    first_day: date | None = None
+    last_day: date | None = None
+    batches: int = 0  # transactions it took
+    daily_rows: int = 0  # rows in the aggregate table afterwards
+
+
 class Store(Protocol):
     async def close(self) -> None: ...
     async def migrate(self) -> list[str]: ...
@@ -97,7 +112,11 @@ class Store(Protocol):
 
     async def get_balance(self, user_id: int) -> Balance: ...
     async def credit(self, credit: Credit) -> CreditResult: ...
-    async def ledger(self, user_id: int, since: datetime | None = None) -> list[LedgerEntry]: ...
+    async def ledger(self, user_id: int, since: datetime | None = None,
+                     until: datetime | None = None) -> list[LedgerEntry]: ...
+    async def ledger_sum(self, user_id: int, before: datetime) -> int:
+        """The sum of a user's ledger entries made before ``before``: the balance at that moment."""
+        ...
 
     async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
         """Set ``amount`` aside if the user's available balance covers it, else return None."""
@@ -120,7 +139,24 @@ class Store(Protocol):
                                after: dict[str, Any] | None) -> None: ...
     async def admin_actions(self, limit: int = 100) -> list[AdminAction]: ...
 
-    async def usage_report(self, by: Sequence[str], where: UsageFilter) -> list[ReportRow]: ...
+    async def usage_report(self, by: Sequence[str], where: UsageFilter, *,
+                           percentiles: bool = False) -> list[ReportRow]:
+        """Usage grouped by ``by`` (REPORT_DIMENSIONS), over the live rows and the daily aggregates
+        that `prune` folded them into, interrupted requests left out. A folded row counts at the
+        start (UTC midnight) of its day for ``where.since/until``; grouped by hour, a folded day is
+        one group labelled with the date alone. Percentiles only when asked (they cost a pass)."""
+        ...
+
+    async def usage_summary(self, by: Sequence[str], where: UsageFilter) -> tuple[list[ReportRow], ReportRow]:
+        """``usage_report`` with percentiles, and the total of every group (its percentiles exact too)."""
+        ...
+
+    async def prune_usage(self, before: datetime) -> PruneResult:
+        """Fold the usage rows made before ``before`` into the daily aggregates and delete them,
+        a batch at a time, each batch in one transaction (so no report ever sees a row twice or not
+        at all). Refuses rows whose ledger charge does not match them."""
+        ...
+
     async def audit(self) -> list[str]:
         """Every broken money invariant, as sentences; empty when the books are right."""
         ...

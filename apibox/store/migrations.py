@@ -141,4 +141,65 @@ END;
 -- A key's budget is checked against its open holds in the hold statement itself.
 CREATE INDEX holds_key ON holds(key_id);
 """),
+    Migration("0003_usage_daily", """
+-- Retention: `apibox usage prune` folds old usage rows into one row per UTC day, user, key,
+-- model, provider and outcome (usage.status), then deletes them. Reports read both tables.
+-- day is the UTC midnight that starts the day, in ms. Sums are exact; latencies keep their
+-- sum and count (percentiles need the rows, so they cover live rows only).
+CREATE TABLE usage_daily (
+    day                 INTEGER NOT NULL,
+    user_id             INTEGER NOT NULL REFERENCES users(id),
+    key_id              INTEGER NOT NULL REFERENCES api_keys(id),
+    model               TEXT NOT NULL,
+    provider            TEXT NOT NULL,
+    status              TEXT NOT NULL,
+    requests            INTEGER NOT NULL CHECK (requests > 0),
+    errors              INTEGER NOT NULL,
+    estimated           INTEGER NOT NULL,
+    prompt_tokens       INTEGER NOT NULL,
+    completion_tokens   INTEGER NOT NULL,
+    cached_tokens       INTEGER NOT NULL,
+    cache_write_tokens  INTEGER NOT NULL,
+    reasoning_tokens    INTEGER NOT NULL,
+    cost                INTEGER NOT NULL CHECK (cost >= 0),
+    charged             INTEGER NOT NULL CHECK (charged >= 0 AND charged <= cost),
+    charges             INTEGER NOT NULL,  -- rows with a ledger charge (charged > 0)
+    latency_ms_sum      INTEGER NOT NULL,
+    latency_count       INTEGER NOT NULL,
+    ttft_ms_sum         INTEGER NOT NULL,
+    ttft_count          INTEGER NOT NULL,
+    PRIMARY KEY (day, user_id, key_id, model, provider, status)
+) WITHOUT ROWID;
+CREATE INDEX usage_daily_user ON usage_daily(user_id, day);
+
+-- A folded usage row is deleted while its ledger charge stays (the ledger is append-only), so
+-- ledger.usage_id can no longer be a foreign key: the ledger is rebuilt without it, row for row
+-- and id for id. `apibox db check` matches a charge to its usage row while the row lives, and
+-- each user's folded charges (their count and sum) to the user's aggregates once it is folded.
+CREATE TABLE ledger_new (
+    id             INTEGER PRIMARY KEY,
+    user_id        INTEGER NOT NULL REFERENCES users(id),
+    created_at     INTEGER NOT NULL,
+    kind           TEXT NOT NULL CHECK (kind IN ('topup', 'charge', 'refund', 'adjustment')),
+    amount         INTEGER NOT NULL CHECK (amount != 0),
+    balance_after  INTEGER NOT NULL CHECK (balance_after >= 0),
+    note           TEXT NOT NULL DEFAULT '',
+    reference      TEXT UNIQUE,
+    actor          TEXT NOT NULL,
+    usage_id       INTEGER UNIQUE
+);
+INSERT INTO ledger_new (id, user_id, created_at, kind, amount, balance_after, note, reference, actor, usage_id)
+    SELECT id, user_id, created_at, kind, amount, balance_after, note, reference, actor, usage_id FROM ledger;
+DROP TRIGGER ledger_no_update;
+DROP TRIGGER ledger_no_delete;
+DROP TABLE ledger;
+ALTER TABLE ledger_new RENAME TO ledger;
+CREATE INDEX ledger_user ON ledger(user_id, id);
+CREATE TRIGGER ledger_no_update BEFORE UPDATE ON ledger BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only');
+END;
+CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN
+    SELECT RAISE(ABORT, 'the ledger is append-only');
+END;
+"""),
 )
