@@ -21,7 +21,7 @@ from apibox import reports
 from apibox.models import LedgerKind
 from apibox.money import format_usd
 from apibox.store.base import Credit, Store, UsageFilter
-from apibox.store.sqlite import SORTED_TEXT_MAX, _nearest_rank, _percentiles
+from apibox.store.sqlite_reports import SORTED_TEXT_MAX, _nearest_rank, _percentiles
 from tests.cli_helpers import assert_one_line_error, ok_json, run
 from tests.report_helpers import (
     SINGLE_DIMENSIONS,

@@ -10,13 +10,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import time
-from bisect import bisect_left
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
-from itertools import accumulate
+from datetime import UTC, datetime
 from typing import Any
 
 import aiosqlite
@@ -29,16 +24,17 @@ from apibox.models import (
     Hold,
     LedgerEntry,
     LedgerKind,
-    ReportRow,
     UsageRecord,
     User,
     UserOverview,
     UserState,
 )
 from apibox.money import format_usd
-from apibox.store.base import REPORT_DIMENSIONS, Credit, CreditResult, KeySpec, PruneResult, UsageFilter
+from apibox.store.base import Credit, CreditResult, KeySpec
 from apibox.store.migrations import SQLITE_MIGRATIONS, Migration
+from apibox.store.sqlite_reports import SqliteReports
 from apibox.store.sqlite_writer import SqliteWriter
+from apibox.store.sqltime import from_ms, now_ms, to_ms
 
 PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA foreign_keys=ON",
            "PRAGMA busy_timeout=10000")
@@ -50,67 +46,6 @@ LEDGER_COLUMNS = "id, user_id, kind, amount, balance_after, note, reference, act
 USAGE_FIELDS = ("request_id", "created_at", "user_id", "key_id", "model", "provider", "endpoint", "status",
                 "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
                 "reasoning_tokens", "estimated", "cost", "charged", "latency_ms", "ttft_ms")
-
-DAY_MS = 86_400_000
-HOUR_MS = 3_600_000
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-# How each report dimension is grouped in the live rows (g) and in the daily aggregates (a): raw
-# values (day and hour numbers since the epoch, ids), labelled in Python after grouping. The unary
-# + keeps SQLite from walking an index in group order, which reads the whole table at random
-# (at 1M rows, 2.5x slower than a scan and a sort).
-DIMENSION_SQL = {
-    "day": (f"g.created_at / {DAY_MS}", f"a.day / {DAY_MS}"),
-    "hour": (f"g.created_at / {HOUR_MS}", f"a.day / {HOUR_MS}"),
-    "model": ("g.model", "a.model"),
-    "user": ("+g.user_id", "+a.user_id"),
-    "key": ("+g.key_id", "+a.key_id"),
-    "provider": ("g.provider", "a.provider"),
-}
-# requests, errors, five token classes, charged, latency sum and count: the same ten in both sources.
-LIVE_SUMS = ("count(*), sum(g.status != 'ok'), sum(g.prompt_tokens), sum(g.completion_tokens), "
-             "sum(g.cached_tokens), sum(g.cache_write_tokens), sum(g.reasoning_tokens), sum(g.charged), "
-             "sum(g.latency_ms), count(*)")
-DAILY_SUMS = ("sum(a.requests), sum(a.errors), sum(a.prompt_tokens), sum(a.completion_tokens), "
-              "sum(a.cached_tokens), sum(a.cache_write_tokens), sum(a.reasoning_tokens), sum(a.charged), "
-              "sum(a.latency_ms_sum), sum(a.latency_count)")
-# Percentiles: each group's latencies come back as one string, counted in Python; memory is one
-# group's values at a time, not a million rows.
-LIVE_SAMPLES = ", group_concat(g.latency_ms), group_concat(g.ttft_ms)"
-
-# A usage row may be folded only if its ledger charge matches it (user and amount): the audit then
-# matches each user's folded charges, their count and sum, to the user's daily aggregates.
-FOLD_MISMATCH_SQL = (
-    "SELECT u.id FROM usage u LEFT JOIN ledger l ON l.usage_id = u.id WHERE u.created_at < ? AND "
-    "CASE WHEN l.id IS NULL THEN u.charged != 0 ELSE l.kind != 'charge' OR -l.amount != u.charged "
-    "OR l.user_id != u.user_id END LIMIT 1")
-FOLD_SUMS = ("requests", "errors", "estimated", "prompt_tokens", "completion_tokens", "cached_tokens",
-             "cache_write_tokens", "reasoning_tokens", "cost", "charged", "charges", "latency_ms_sum", "latency_count",
-             "ttft_ms_sum", "ttft_count")
-FOLD_SQL = (
-    "INSERT INTO usage_daily (day, user_id, key_id, model, provider, status, " + ", ".join(FOLD_SUMS) + ") "
-    f"SELECT created_at / {DAY_MS} * {DAY_MS}, user_id, key_id, model, provider, status, count(*), "
-    "sum(status != 'ok'), sum(estimated), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), "
-    "sum(cache_write_tokens), sum(reasoning_tokens), sum(cost), sum(charged), sum(charged > 0), sum(latency_ms), "
-    "count(*), "
-    "coalesce(sum(ttft_ms), 0), count(ttft_ms) FROM usage WHERE created_at < ? GROUP BY 1, 2, 3, 4, 5, 6 "
-    "ON CONFLICT (day, user_id, key_id, model, provider, status) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in FOLD_SUMS))
-PRUNE_BATCH_ROWS = 50_000
-SORTED_TEXT_MAX = 16_384  # about 3,500 values: below, sorting a list is faster; above, counting
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
-def to_ms(moment: datetime | None) -> int | None:
-    return None if moment is None else int(moment.timestamp() * 1000)
-
-
-def from_ms(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value / 1000, tz=UTC)
-
 
 def _json_or_none(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, default=str, sort_keys=True)
@@ -138,7 +73,7 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
                        created_at=from_ms(row[9]))  # type: ignore[arg-type]
 
 
-class SqliteStore:
+class SqliteStore(SqliteReports):
     """The Store protocol on one SQLite file."""
 
     def __init__(self, writer: SqliteWriter, reader: aiosqlite.Connection) -> None:
@@ -161,9 +96,6 @@ class SqliteStore:
     async def close(self) -> None:
         await self._writer.close()
         await self._reader.close()
-
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return list(await self._reader.execute_fetchall(sql, params))
 
     # -- schema --------------------------------------------------------------------------
 
@@ -406,226 +338,6 @@ class SqliteStore:
                                 "ORDER BY id DESC LIMIT ?", (limit,))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
-
-    # -- reports and audit ---------------------------------------------------------------
-
-    async def usage_report(self, by: Sequence[str], where: UsageFilter, *,
-                           percentiles: bool = False) -> list[ReportRow]:
-        return (await self._usage(by, where, percentiles))[0]
-
-    async def usage_summary(self, by: Sequence[str], where: UsageFilter) -> tuple[list[ReportRow], ReportRow]:
-        return await self._usage(by, where, True)
-
-    async def _usage(self, by: Sequence[str], where: UsageFilter,
-                     percentiles: bool) -> tuple[list[ReportRow], ReportRow]:
-        unknown = [d for d in by if d not in REPORT_DIMENSIONS]
-        if unknown:
-            raise InvalidRequest(f"cannot group by {unknown[0]!r} (choose from {', '.join(REPORT_DIMENSIONS)})")
-        n = len(by)
-        groups: dict[tuple[Any, ...], _Group] = {}
-        total = _Group()
-        # the total's percentiles are over every live row: its values are counted (memory: distinct values)
-        latencies: Counter[int] = Counter()
-        ttfts: Counter[int] = Counter()
-        for folded, table, sums in ((False, "usage g", LIVE_SUMS), (True, "usage_daily a", DAILY_SUMS)):
-            alias = table[-1]
-            clauses, params = _usage_where(alias, "a.day" if folded else "g.created_at", where)
-            columns = "".join(f"{DIMENSION_SQL[d][folded]} AS d{i}, " for i, d in enumerate(by))
-            samples = LIVE_SAMPLES if percentiles and not folded else ""
-            group = f" GROUP BY {', '.join(f'd{i}' for i in range(n))}" if n else ""
-            for r in await self._read(f"SELECT {columns}{sums}{samples} FROM {table} WHERE {clauses}{group}",
-                                      params):
-                if not r[n]:
-                    continue
-                key = tuple((v, not folded) if d == "hour" else v for d, v in zip(by, r[:n], strict=True))
-                acc = groups.setdefault(key, _Group())
-                acc.add(r[n:n + 10])
-                if samples:  # a group's live rows come in one result row: its percentiles are final
-                    acc.percentiles = (*_percentiles(r[n + 10], (50, 95), latencies),
-                                       *_percentiles(r[n + 11], (50,), ttfts))
-        emails = {}
-        if "user" in by:
-            emails = {r[0]: r[1] for r in await self._read("SELECT id, email FROM users")}
-        out: list[tuple[tuple[Any, ...], ReportRow]] = []
-        for key, acc in groups.items():
-            total.add(acc.sums)
-            labels = [_label(d, v, emails) for d, v in zip(by, key, strict=True)]
-            out.append((tuple(sort for sort, _ in labels),
-                        acc.row({d: text for d, (_, text) in zip(by, labels, strict=True)}, percentiles)))
-        out.sort(key=lambda item: item[0])
-        total.percentiles = (*_nearest_rank(latencies, (50, 95)), *_nearest_rank(ttfts, (50,)))
-        return [row for _, row in out], total.row({}, percentiles)
-
-    async def prune_usage(self, before: datetime, *, batch_rows: int = PRUNE_BATCH_ROWS) -> PruneResult:
-        before_ms = to_ms(before)
-        assert before_ms is not None
-        rows = requests = cost = charged = batches = 0
-        first: int | None = None
-        last: int | None = None
-        while True:
-            folded = await self._writer.transaction(lambda db: _fold_batch(db, before_ms, batch_rows))
-            if folded is None:
-                break
-            stats, finished = folded
-            batches += 1
-            rows, requests, cost, charged = (rows + stats[0], requests + stats[1], cost + stats[2],
-                                             charged + stats[3])
-            first = stats[4] if first is None else min(first, stats[4])
-            last = stats[5] if last is None else max(last, stats[5])
-            if finished:
-                break
-        daily_rows = (await self._read("SELECT count(*) FROM usage_daily"))[0][0]
-        return PruneResult(before=before, rows=rows, requests=requests, cost=cost, charged=charged,
-                           first_day=_utc_date(first), last_day=_utc_date(last), batches=batches,
-                           daily_rows=daily_rows)
-
-    async def audit(self) -> list[str]:
-        problems: list[str] = []
-        checks = (
-            ("SELECT b.user_id, b.balance, coalesce((SELECT sum(amount) FROM ledger l WHERE l.user_id = b.user_id), 0) "
-             "AS total FROM balances b WHERE b.balance != total",
-             "user {0}: balance {1} differs from the ledger's sum {2}"),
-            ("SELECT b.user_id, b.held, coalesce((SELECT sum(amount) FROM holds h WHERE h.user_id = b.user_id), 0) "
-             "AS total FROM balances b WHERE b.held != total",
-             "user {0}: held {1} differs from the open holds' sum {2}"),
-            ("SELECT user_id, balance, held FROM balances WHERE balance < 0 OR held < 0 OR held > balance",
-             "user {0}: balance {1} / held {2} break balance >= held >= 0"),
-            ("SELECT id, user_id, balance_after, running FROM (SELECT id, user_id, balance_after, "
-             "sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running FROM ledger) "
-             "WHERE balance_after != running",
-             "ledger row {0} (user {1}): balance_after {2} differs from the running sum {3}"),
-            # A charge whose usage row is gone was folded by `usage prune`: the next check covers it.
-            ("SELECT l.id, -l.amount, u.charged FROM ledger l LEFT JOIN usage u ON u.id = l.usage_id "
-             "WHERE l.kind = 'charge' AND (l.usage_id IS NULL OR u.charged != -l.amount OR u.user_id != l.user_id)",
-             "ledger charge {0} of {1} does not match its usage row (charged {2})"),
-            ("SELECT user_id, sum(charges), sum(in_ledger), sum(folded_charges), sum(folded) FROM ("
-             "SELECT l.user_id, 1 AS charges, -l.amount AS in_ledger, 0 AS folded_charges, 0 AS folded FROM ledger l "
-             "WHERE l.kind = 'charge' AND l.usage_id IS NOT NULL "
-             "AND NOT EXISTS (SELECT 1 FROM usage u WHERE u.id = l.usage_id) "
-             "UNION ALL SELECT user_id, 0, 0, charges, charged FROM usage_daily) "
-             "GROUP BY user_id HAVING sum(charges) != sum(folded_charges) OR sum(in_ledger) != sum(folded)",
-             "user {0}: the ledger has {1} charges of {2} for usage rows no longer kept, the daily aggregates "
-             "{3} of {4}"),
-            ("SELECT u.id, u.charged FROM usage u LEFT JOIN ledger l ON l.usage_id = u.id "
-             "WHERE u.charged > 0 AND l.id IS NULL",
-             "usage row {0} charged {1} but has no ledger row"),
-            ("SELECT id, cost, charged FROM usage WHERE charged > cost OR charged < 0",
-             "usage row {0}: charged {2} is more than its cost {1}"),
-        )
-        for sql, message in checks:
-            for row in await self._read(sql):
-                problems.append(message.format(*row))
-        return problems
-
-
-@dataclass(slots=True)
-class _Group:
-    """One report group being summed: the ten sums, and p50, p95 latency and p50 ttft of its live rows."""
-
-    sums: list[int] = field(default_factory=lambda: [0] * 10)
-    percentiles: tuple[int | None, ...] = (None, None, None)
-
-    def add(self, sums: Sequence[Any]) -> None:
-        for i, value in enumerate(sums):
-            self.sums[i] += value or 0
-
-    def row(self, group: dict[str, str], percentiles: bool) -> ReportRow:
-        s = self.sums
-        p50, p95, ttft = self.percentiles if percentiles else (None, None, None)
-        return ReportRow(group=group, requests=s[0], errors=s[1], prompt_tokens=s[2], completion_tokens=s[3],
-                         cached_tokens=s[4], cache_write_tokens=s[5], reasoning_tokens=s[6], cost=s[7],
-                         avg_latency_ms=s[8] / s[9] if s[9] else 0.0, p50_latency_ms=p50, p95_latency_ms=p95,
-                         p50_ttft_ms=ttft)
-
-
-def _utc_date(ms: int | None) -> date | None:
-    return None if ms is None else (EPOCH + timedelta(milliseconds=ms)).date()
-
-
-def _percentiles(text: str | None, percents: Sequence[int], total: Counter[int]) -> list[int | None]:
-    """Nearest-rank percentiles of one group's values (a group_concat list), also counted into
-    ``total``. Up to SORTED_TEXT_MAX characters the values are sorted as a list (fastest); a larger
-    group is counted 64 kB at a time, so memory stays near the text (about 5 bytes a value), never a
-    million Python objects."""
-    if not text:
-        return [None] * len(percents)
-    if len(text) <= SORTED_TEXT_MAX:
-        values = list(map(int, text.split(",")))
-        total.update(values)
-        values.sort()
-        return [values[(len(values) * p + 99) // 100 - 1] for p in percents]
-    counts: Counter[int] = Counter()
-    start, size = 0, len(text)
-    while start < size:
-        end = text.find(",", min(start + 65_536, size))
-        end = size if end < 0 else end
-        values = list(map(int, text[start:end].split(",")))
-        counts.update(values)
-        total.update(values)
-        start = end + 1
-    return _nearest_rank(counts, percents)
-
-
-def _nearest_rank(counts: Counter[int], percents: Sequence[int]) -> list[int | None]:
-    """The p-th percentiles of the counted values: the smallest value with at least ceil(p% of n)
-    values at or below it (nearest rank: always an observed value, no interpolation)."""
-    values = sorted(counts)
-    cumulative = list(accumulate(counts[v] for v in values))
-    if not cumulative:
-        return [None] * len(percents)
-    n = cumulative[-1]
-    return [values[bisect_left(cumulative, (n * p + 99) // 100)] for p in percents]
-
-
-def _label(dimension: str, value: Any, emails: dict[int, str]) -> tuple[Any, str]:
-    """(sort key, label) of one group value: days and hours in UTC; a folded day under `hour`
-    is labelled with its date alone and sorts before that day's live hours."""
-    if dimension == "day":
-        return value, (EPOCH + timedelta(days=value)).date().isoformat()
-    if dimension == "hour":
-        hour, live = value
-        moment = EPOCH + timedelta(hours=hour)
-        return value, moment.strftime("%Y-%m-%d %H:00") if live else moment.date().isoformat()
-    if dimension == "user":
-        email = emails.get(value, str(value))
-        return email, email
-    if dimension == "key":
-        return value, str(value)
-    return str(value), str(value)
-
-
-def _usage_where(alias: str, time_column: str, where: UsageFilter) -> tuple[str, list[Any]]:
-    clauses, params = [f"{alias}.status != 'interrupted'"], []
-    for clause, value in ((f"{time_column} >= ?", to_ms(where.since)), (f"{time_column} < ?", to_ms(where.until)),
-                          (f"{alias}.user_id = ?", where.user_id), (f"{alias}.key_id = ?", where.key_id),
-                          (f"{alias}.model = ?", where.model)):
-        if value is not None:
-            clauses.append(clause)
-            params.append(value)
-    return " AND ".join(clauses), params
-
-
-def _fold_batch(db: sqlite3.Connection, before_ms: int,
-                limit: int) -> tuple[tuple[int, int, int, int, int, int], bool] | None:
-    """Fold (and delete) the oldest ``limit`` or so usage rows made before ``before_ms``: all rows
-    of one millisecond go together. Returns (rows, reported requests, cost, charged, first and
-    last created_at) and whether nothing older is left, or None when there was nothing to fold."""
-    first = db.execute("SELECT min(created_at) FROM usage WHERE created_at < ?", (before_ms,)).fetchone()[0]
-    if first is None:
-        return None
-    row = db.execute("SELECT created_at FROM usage WHERE created_at < ? ORDER BY created_at LIMIT 1 OFFSET ?",
-                     (before_ms, limit)).fetchone()
-    cut = before_ms if row is None else max(row[0], first + 1)
-    bad = db.execute(FOLD_MISMATCH_SQL, (cut,)).fetchone()
-    if bad is not None:
-        raise StoreError(f"usage row {bad[0]} does not match its ledger charge, so it was not folded (rows before "
-                         "it were); `apibox db check` lists what is wrong")
-    stats = db.execute("SELECT count(*), sum(status != 'interrupted'), sum(cost), sum(charged), min(created_at), "
-                       "max(created_at) FROM usage WHERE created_at < ?", (cut,)).fetchone()
-    db.execute(FOLD_SQL, (cut,))
-    db.execute("DELETE FROM usage WHERE created_at < ?", (cut,))
-    return tuple(stats), cut == before_ms  # type: ignore[return-value]
-
 
 def _balance_in(db: sqlite3.Connection, user_id: int) -> Balance:
     rows = db.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user_id,)).fetchall()
