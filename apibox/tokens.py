@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from apibox.money import ceil_div
@@ -87,17 +88,31 @@ def _flatten(value: Any) -> Iterator[Any]:
         yield value
 
 
+@dataclass(frozen=True, slots=True)
+class PromptSize:
+    """A prompt measured once per request: the realistic estimate and the high bound."""
+
+    estimate: int  # for charging when the upstream reported none, and for token limits
+    bound: int  # for the hold
+
+
+def measure_prompt(body: dict[str, Any]) -> PromptSize:
+    """Walk and count the prompt once; every other use reads the result."""
+    texts, messages, images = prompt_parts(body)
+    counted = sum(count_tokens(t) for t in texts)
+    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+    # The bound is never below the estimate: punctuation runs and token-id prompts have more
+    # than one token per two bytes.
+    bound_text = max(ceil_div(text_bytes, BOUND_BYTES_PER_TOKEN), counted)
+    return PromptSize(estimate=counted + messages * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS,
+                      bound=bound_text + (messages + 1) * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS)
+
+
 def prompt_estimate(body: dict[str, Any]) -> int:
     """A realistic prompt token count, for charging when the upstream reported none."""
-    texts, messages, images = prompt_parts(body)
-    return sum(count_tokens(t) for t in texts) + messages * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS
+    return measure_prompt(body).estimate
 
 
 def prompt_bound(body: dict[str, Any]) -> int:
     """A high bound on the prompt's token count, for the hold."""
-    texts, messages, images = prompt_parts(body)
-    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    # Never below the estimate: punctuation runs and token-id prompts have more than one
-    # token per two bytes.
-    text_tokens = max(ceil_div(text_bytes, BOUND_BYTES_PER_TOKEN), sum(count_tokens(t) for t in texts))
-    return text_tokens + (messages + 1) * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS
+    return measure_prompt(body).bound

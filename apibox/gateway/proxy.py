@@ -49,6 +49,7 @@ class Call:
     request_id: str
     reservation: billing.Reservation
     door: Door
+    prompt: tokens.PromptSize
     started: float = field(default_factory=time.monotonic)
     route: Route | None = None
     native: bool = False  # the route's upstream speaks the door's format: passed through untranslated
@@ -85,7 +86,7 @@ class Call:
                          cache_write_tokens=reported.cache_write_tokens,
                          completion_tokens=delivered,
                          estimated=True)
-        return Usage(prompt_tokens=tokens.prompt_estimate(self.body), completion_tokens=delivered, estimated=True)
+        return Usage(prompt_tokens=self.prompt.estimate, completion_tokens=delivered, estimated=True)
 
 
 class Delivered:
@@ -189,15 +190,16 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     if not kind_ok:
         raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
     output = requested_output(endpoint, body, model)
-    admission = await gateway.limiter.admit(limit_subjects(gateway, caller), tokens.prompt_estimate(body) + output)
+    prompt = tokens.measure_prompt(body)  # once: the limits, the hold and any estimate share it
+    admission = await gateway.limiter.admit(limit_subjects(gateway, caller), prompt.estimate + output)
     request[RATE_LIMIT_HEADERS] = admission.headers
     call: Call | None = None
     try:
         reservation = await billing.reserve(
             gateway.store, caller.key, model=model.name, price=price_for(gateway, caller, model),
             request_id=request[REQUEST_ID],
-            prompt_tokens=tokens.prompt_bound(body), output_tokens=output)
-        call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door)
+            prompt_tokens=prompt.bound, output_tokens=output)
+        call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door, prompt)
         request[EXCHANGE].holding(call)  # counted as an open hold until its settlement is written
         failed_with = 500
         try:
@@ -311,7 +313,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     started: Started = await _attempt(call, stream=True)
     response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(call)})
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
-    renderer = call.door.renderer(call.native, call.model.name, wants_usage, tokens.prompt_estimate(call.body))
+    renderer = call.door.renderer(call.native, call.model.name, wants_usage, call.prompt.estimate)
     usage: Usage | None = None
     delivered = Delivered()
     limit = call.reservation.output_tokens + OVERRUN_SLACK_TOKENS
