@@ -38,6 +38,7 @@ from tests.gateway_helpers import (
     usage_rows,
     wait_for_usage,
 )
+from tests.live_variants import openai_error
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 CHAT = {"model": "gpt-fake", "messages": MESSAGES}
@@ -51,14 +52,6 @@ async def post(live: Live, path: str, *, key: str | None, json_body: Any = None,
     async with aiohttp.ClientSession() as session, session.post(
             f"{live.v1}{path}", json=json_body, data=data, headers=headers) as response:
         return response.status, CIMultiDict(response.headers), await response.read()
-
-
-def openai_error(raw: bytes) -> dict[str, Any]:
-    body = json.loads(raw)
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 # -- lowering max_tokens and 402 ----------------------------------------------------------

@@ -26,6 +26,7 @@ from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
 from tests.fake_gemini import GEMINI_KEY, SIGNATURE, WORDS
 from tests.gateway_helpers import Account, account, auth, balance, books, charges, sse_json, usage_rows, wait_for_usage
+from tests.live_variants import openai_error
 
 MODEL = "gemini-fake"
 UPSTREAM_MODEL = "gemini-upstream-1"
@@ -408,13 +409,6 @@ async def post(live: Live, path: str, key: str, body: dict[str, Any]) -> tuple[i
     async with aiohttp.ClientSession() as session, session.post(f"{live.v1}{path}", json=body,
                                                                 headers=auth(key)) as response:
         return response.status, CIMultiDict(response.headers), await response.read()
-
-
-def openai_error(raw: bytes) -> dict[str, Any]:
-    body = json.loads(raw)
-    assert set(body) == {"error"}, body
-    assert set(body["error"]) == {"message", "type", "param", "code"}, body
-    return body["error"]
 
 
 def assert_free_error(live: Live, who: Account, request_id: str) -> None:
