@@ -15,6 +15,7 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -32,6 +33,7 @@ from apibox.settings import (
     LimitSet,
     ModelSettings,
     ProviderSettings,
+    RedisSettings,
     Route,
     RoutingSettings,
     ServerSettings,
@@ -52,6 +54,7 @@ __all__ = [
     "LimitSet",
     "ModelSettings",
     "ProviderSettings",
+    "RedisSettings",
     "Route",
     "RoutingSettings",
     "ServerSettings",
@@ -230,7 +233,8 @@ class _Parser:
         self.root = root
 
     def settings(self) -> Settings:
-        top = self.root.mapping(("server", "database", "providers", "models", "limits", "routing", "groups"))
+        top = self.root.mapping(("server", "database", "providers", "models", "limits", "routing", "groups",
+                                 "redis"))
         providers = tuple(self.provider(n) for n in top["providers"].items()) if "providers" in top else ()
         names = [p.name for p in providers]
         for i, name in enumerate(names):
@@ -246,6 +250,7 @@ class _Parser:
             limits=self.limits(top["limits"]) if "limits" in top else LimitDefaults(),
             routing=self.routing(top["routing"]) if "routing" in top else RoutingSettings(),
             groups=self.groups(top["groups"], {m.name for m in models}) if "groups" in top else {},
+            redis=self.redis(top["redis"]) if "redis" in top else None,
             source=self.root.source,
         )
 
@@ -286,11 +291,39 @@ class _Parser:
         return text
 
     def database(self, node: _Node) -> DatabaseSettings:
-        fields = node.mapping(("url",))
+        fields = node.mapping(("url", "pool_size"))
         url = fields["url"].text() if "url" in fields else DatabaseSettings.url
         if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise fields["url"].fail(f"must start with sqlite:/// or postgresql://, got {url!r}")
-        return DatabaseSettings(url=url)
+        pool_size = fields["pool_size"].integer(minimum=1) if "pool_size" in fields else DatabaseSettings.pool_size
+        return DatabaseSettings(url=url, pool_size=pool_size)
+
+    REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+    REDIS_PREFIX = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+
+    def redis(self, node: _Node) -> RedisSettings | None:
+        """The ``redis:`` section; empty, or with an empty url, it is off (as when absent)."""
+        fields = node.mapping(("url", "prefix", "timeout"))
+        if not fields:
+            return None
+        if "url" not in fields:
+            raise node.fail("missing key 'url' (e.g. redis://127.0.0.1:6379/0)")
+        url = fields["url"].text(nonempty=False).strip()
+        if not url:
+            return None
+        if not url.startswith(self.REDIS_SCHEMES):
+            raise fields["url"].fail(f"must start with redis://, rediss:// or unix://, got {masked_url(url)!r}")
+        problem = _redis_url_problem(url)
+        if problem:
+            raise fields["url"].fail(f"{problem}, got {masked_url(url)!r}")
+        defaults = RedisSettings(url=url)
+        prefix = fields["prefix"].text() if "prefix" in fields else defaults.prefix
+        if not self.REDIS_PREFIX.match(prefix):
+            raise fields["prefix"].fail(f"must be 1-64 letters, digits, '.', '_', ':' or '-', got {prefix!r}")
+        timeout = fields["timeout"].number() if "timeout" in fields else defaults.timeout
+        if timeout > 10:
+            raise fields["timeout"].fail(f"must be at most 10 seconds (a request may wait that long), got {timeout}")
+        return RedisSettings(url=url, prefix=prefix, timeout=timeout)
 
     def provider(self, node: _Node) -> ProviderSettings:
         fields = node.mapping(("name", "type", "base_url", "api_key", "headers", "timeouts", "stream_usage"))
@@ -458,6 +491,23 @@ class _Parser:
                     assert node is not None
                     raise node.items()[i].fail(f"model name or alias {name!r} is used twice")
                 seen.add(name)
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, said before anything tries to connect (None: nothing)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock"
+    try:
+        parts.port  # noqa: B018 (it raises for a port that is not one)
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    if not parts.hostname:
+        return "needs a host, e.g. redis://127.0.0.1:6379/0"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return "the database after the host must be a number, e.g. /0"
+    return None
 
 
 def masked(secret: str | None) -> str | None:

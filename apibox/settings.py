@@ -33,6 +33,7 @@ class ServerSettings:
 @dataclass(frozen=True, slots=True)
 class DatabaseSettings:
     url: str = "sqlite:///./apibox.db"
+    pool_size: int = 10  # PostgreSQL connections per gateway process (SQLite: unused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +115,15 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """One Redis shared by every gateway process: rate and concurrency limits, cache invalidations."""
+
+    url: str  # redis://[:password@]host:port/db, rediss:// (TLS) or unix:///path/redis.sock
+    prefix: str = "apibox"  # every key and channel starts with it, so several deployments can share one Redis
+    timeout: float = 0.25  # seconds one Redis call may take; slower counts as Redis being away
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -122,6 +132,7 @@ class Settings:
     limits: LimitDefaults = field(default_factory=LimitDefaults)
     routing: RoutingSettings = field(default_factory=RoutingSettings)
     groups: Mapping[str, Group] = field(default_factory=dict)
+    redis: RedisSettings | None = None  # None: limits in each process, no invalidations to publish
     source: str = "built-in defaults"
 
     def group(self, name: str) -> Group:

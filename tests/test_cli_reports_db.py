@@ -23,11 +23,11 @@ from apibox.models import LedgerKind, UsageRecord
 from apibox.money import format_usd
 from apibox.pricing import Usage
 from apibox.store.base import Store
-from apibox.store.migrations import SQLITE_MIGRATIONS
+from apibox.store.migrations import MIGRATIONS as SCHEMA
 from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run, tables
 from tests.conftest import fund
 
-MIGRATIONS = [m.name for m in SQLITE_MIGRATIONS]
+MIGRATIONS = [m.name for m in SCHEMA]
 NUMBERS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_usd")
 
 

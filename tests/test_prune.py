@@ -19,7 +19,7 @@ from apibox import reports
 from apibox.errors import StoreError
 from apibox.store import open_store
 from apibox.store.base import Store, UsageFilter
-from apibox.store.migrations import SQLITE_MIGRATIONS
+from apibox.store.migrations import MIGRATIONS
 from apibox.store.sqlite import _statements
 from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run
 from tests.report_helpers import (
@@ -325,8 +325,8 @@ async def test_the_migration_keeps_the_ledger_row_for_row(tmp_path: Path) -> Non
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:  # a database as 0002 left it, with money in it
         db.execute("CREATE TABLE _apibox_migrations (name TEXT PRIMARY KEY, applied_at INTEGER NOT NULL)")
-        for migration in SQLITE_MIGRATIONS[:2]:
-            for statement in _statements(migration.sql):
+        for migration in MIGRATIONS[:2]:
+            for statement in _statements(migration.sqlite):
                 db.execute(statement)
             db.execute("INSERT INTO _apibox_migrations VALUES (?, 0)", (migration.name,))
         db.execute("INSERT INTO users (id, email, created_at) VALUES (1, 'ann@example.com', 0)")

@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 
-import apibox.store.sqlite as sqlite_store
+import apibox.store.sql_store as sql_store
 from apibox import reports
 from apibox.models import LedgerKind
 from apibox.money import format_usd
 from apibox.store.base import Credit, Store, UsageFilter
-from apibox.store.sqlite_reports import SORTED_TEXT_MAX, _nearest_rank, _percentiles
+from apibox.store.sql_reports import SORTED_TEXT_MAX, _nearest_rank, _percentiles
 from tests.cli_helpers import assert_one_line_error, ok_json, run
 from tests.report_helpers import (
     SINGLE_DIMENSIONS,
@@ -280,11 +280,11 @@ async def test_ledger_statement_opens_and_closes_the_period(cli: Any, store: Sto
     ms = lambda moment: int(moment.timestamp() * 1000)  # noqa: E731
     book = Book(now=now)
     with monkeypatch.context() as clock:  # top-ups are stamped with the store's clock
-        clock.setattr(sqlite_store, "now_ms", lambda: ms(now - timedelta(days=10)))
+        clock.setattr(sql_store, "now_ms", lambda: ms(now - timedelta(days=10)))
         (key,) = await open_account(store, book, "ann@example.com", usd="5")
         await record(store, book, key, now - timedelta(days=5), cost=1_000_000)
         await record(store, book, key, now - timedelta(days=2), cost=250_000)
-        clock.setattr(sqlite_store, "now_ms", lambda: ms(now - timedelta(days=1)))
+        clock.setattr(sql_store, "now_ms", lambda: ms(now - timedelta(days=1)))
         await store.credit(Credit(key.user_id, 2_000_000, LedgerKind.TOPUP))
     since = (now - timedelta(days=3)).strftime("%Y-%m-%d")
     # opening: 5 - 1 = 4; in the period: -0.25 and +2; closing 5.75

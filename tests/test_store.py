@@ -21,7 +21,8 @@ from apibox.keys import generate_key, hash_key
 from apibox.models import ApiKey, Hold, LedgerKind, UsageRecord, User, UserState
 from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
-from apibox.store.migrations import SQLITE_MIGRATIONS
+from apibox.store.migrations import MIGRATIONS
+from apibox.store.script import IntegrityViolation
 from tests.conftest import opened_store
 
 TABLES = {"users", "balances", "api_keys", "holds", "usage", "ledger"}
@@ -85,8 +86,8 @@ async def test_migrations_apply_once_and_record_themselves(tmp_path: Path) -> No
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
     db = await open_store(url, migrate=False)
     try:
-        assert await db.pending_migrations() == [m.name for m in SQLITE_MIGRATIONS]
-        assert await db.migrate() == [m.name for m in SQLITE_MIGRATIONS]
+        assert await db.pending_migrations() == [m.name for m in MIGRATIONS]
+        assert await db.migrate() == [m.name for m in MIGRATIONS]
         assert await db.pending_migrations() == []
         assert await db.migrate() == []
     finally:
@@ -413,7 +414,7 @@ def test_schema_tables_exist(raw: sqlite3.Connection) -> None:
     names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert names >= TABLES | {"_apibox_migrations"}
     applied = [r[0] for r in raw.execute("SELECT name FROM _apibox_migrations ORDER BY name")]
-    assert applied == [m.name for m in SQLITE_MIGRATIONS]  # each recorded exactly once
+    assert applied == [m.name for m in MIGRATIONS]  # each recorded exactly once
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -468,7 +469,7 @@ async def test_settlement_is_one_transaction(store: Store, raw: sqlite3.Connecti
     hold = await store.hold(user.id, key.id, 500, "r", "m")
     assert hold is not None
     raw.execute("CREATE TRIGGER test_fail_ledger BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'boom'); END")
-    with pytest.raises(sqlite3.IntegrityError, match="boom"):
+    with pytest.raises(IntegrityViolation, match="boom"):
         await store.settle(hold, record(hold, 300))
     raw.execute("DROP TRIGGER test_fail_ledger")
     assert raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone() == (1_000, 500)
@@ -485,7 +486,7 @@ async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: sqlite3.Con
     hold = await store.hold(user.id, key.id, 500, "r", "m")
     assert hold is not None
     bad = replace(record(hold, 300), key_id=key.id + 999)  # violates the usage row's foreign key
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(IntegrityViolation):
         await store.settle(hold, bad)
     assert raw.execute("SELECT balance, held FROM balances").fetchone() == (1_000, 500)
     assert raw.execute("SELECT count(*) FROM holds").fetchone() == (1,)

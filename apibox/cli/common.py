@@ -53,7 +53,7 @@ def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable
     settings = load_settings(config)
 
     async def run() -> T:
-        store = await open_store(settings.database.url, migrate=migrate)
+        store = await open_store(settings.database.url, migrate=migrate, pool_size=settings.database.pool_size)
         try:
             return await action(store, settings)
         finally:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 import signal
+import socket
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
@@ -23,13 +26,16 @@ from apibox.gateway.middlewares import (
     add_request_id,
     request_id_and_errors,
 )
-from apibox.limits import FailedAuthLimiter, LocalLimiter
+from apibox.gateway.sharing import open_sharing
+from apibox.limits import FailedAuthLimiter
 from apibox.providers import build_providers
 from apibox.router import Router
 from apibox.store import open_store
 from apibox.store.base import Store
 
 log = logging.getLogger("apibox.gateway")
+HEARTBEAT_SECONDS = 10.0  # instances seen for longer than INSTANCE_STALE_MS (120 s) are taken for dead
+REAP_EVERY_BEATS = 6  # look for dead instances' holds once a minute
 
 
 def create_app(settings: Settings, *, store: Store | None = None, session: aiohttp.ClientSession | None = None,
@@ -61,23 +67,29 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
                clock: Callable[[], datetime]) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         own_store = store is None
-        db = store if store is not None else await open_store(settings.database.url)
-        recovered = await db.recover_holds()
-        if recovered:
-            log.warning("released %d holds left by an interrupted run; their requests are logged as interrupted",
-                        len(recovered))
+        db = store if store is not None else await open_store(settings.database.url,
+                                                                 pool_size=settings.database.pool_size)
+        await db.register_instance(f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}",
+                                   socket.gethostname(), os.getpid())
+        await _release_orphaned_holds(db)
+        beating = asyncio.create_task(_heartbeat(db))
         upstream = session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=True)
         failures = FailedAuthLimiter(settings.server.failed_auth_per_minute)
+        auth = Authenticator(db, failures=failures)
+        sharing = await open_sharing(settings, auth, app[metrics.METRICS])  # limits: in Redis or in this process
         gateway = app[GATEWAY] = Gateway(
             settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
-            router=Router(settings), auth=Authenticator(db, failures=failures), limiter=LocalLimiter(), clock=clock,
-            metrics=app[metrics.METRICS])
+            router=Router(settings), auth=auth, limiter=sharing.limiter, clock=clock,
+            metrics=app[metrics.METRICS], notifier=sharing.notifier)
         try:
             yield
         finally:
             if gateway.settling:  # requests cut short by shutdown are still settled before the store closes
                 await asyncio.gather(*gateway.settling, return_exceptions=True)
+            await sharing.close()
+            beating.cancel()
+            await db.retire_instance()
             if session is None:
                 await upstream.close()
             if own_store:
@@ -85,12 +97,38 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
     return lifecycle
 
 
-async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[str], None] | None = None) -> None:
-    """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop."""
+async def _release_orphaned_holds(db: Store) -> None:
+    """Release the holds of gateways that stopped without settling (crashed, killed)."""
+    recovered = await db.recover_holds()
+    if recovered:
+        log.warning("released %d holds left by a gateway that stopped without settling them; their requests "
+                    "are logged as interrupted", len(recovered))
+
+
+async def _heartbeat(db: Store) -> None:
+    """Keep this instance's holds its own; now and then reap those of instances that died."""
+    beats = 0
+    while True:
+        await asyncio.sleep(HEARTBEAT_SECONDS)
+        beats += 1
+        try:
+            await db.heartbeat()
+            if beats % REAP_EVERY_BEATS == 0:
+                await _release_orphaned_holds(db)
+        except Exception:  # a database blip must not end the heartbeat for good
+            log.exception("heartbeat failed; retrying in %s s", HEARTBEAT_SECONDS)
+
+
+async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[str], None] | None = None,
+                reuse_port: bool = False) -> None:
+    """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop.
+
+    ``reuse_port`` binds with SO_REUSEPORT, so several worker processes can share the port.
+    """
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, reuse_port=True if reuse_port else None)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

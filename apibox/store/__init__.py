@@ -6,14 +6,21 @@ from apibox.errors import ConfigError
 from apibox.store.base import Store
 
 
-async def open_store(url: str, *, migrate: bool = True) -> Store:
-    """Open the database at ``url`` (``sqlite:///path``) and bring its schema up to date."""
+async def open_store(url: str, *, migrate: bool = True, pool_size: int = 10) -> Store:
+    """Open the database at ``url`` (``sqlite:///path`` or ``postgresql://...``) and bring its
+    schema up to date. ``pool_size``: PostgreSQL connections this process may open."""
+    store: Store
     if url.startswith("sqlite://"):
         from apibox.store.sqlite import SqliteStore
 
         store = await SqliteStore.open(sqlite_path(url))
+    elif url.startswith(("postgresql://", "postgres://")):
+        from apibox.store.postgres import PostgresStore
+
+        store = await PostgresStore.open(url, pool_size)
     else:
-        raise ConfigError(f"database.url: unsupported database {url.split(':', 1)[0]!r} (use sqlite:///PATH)")
+        raise ConfigError(f"database.url: unsupported database {url.split(':', 1)[0]!r} "
+                          "(use sqlite:///PATH or postgresql://USER@HOST/DB)")
     if migrate:
         await store.migrate()
     return store

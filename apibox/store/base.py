@@ -2,8 +2,8 @@
 
 Methods take and return dataclasses from ``apibox.models``, never rows. Each money-moving
 method is atomic on its own: callers never compose a balance change out of several calls.
-A PostgreSQL store implements the same protocol; the contract tests in ``tests/`` run
-against every implementation.
+``SqlStore`` implements it once in SQL both engines speak; ``SqliteStore`` and
+``PostgresStore`` run it, and the whole test suite runs against both.
 """
 
 from __future__ import annotations
@@ -127,8 +127,21 @@ class Store(Protocol):
         usage row and its ledger row, all in one transaction. Returns the record as written."""
         ...
 
+    async def register_instance(self, instance: str, host: str, pid: int) -> None:
+        """Record a running gateway; the holds this store takes from now on belong to it."""
+        ...
+
+    async def heartbeat(self) -> None:
+        """Mark this store's gateway instance alive, so no other instance reaps its holds."""
+        ...
+
+    async def retire_instance(self) -> None:
+        """A clean stop (every request settled): forget this instance."""
+        ...
+
     async def recover_holds(self) -> list[Hold]:
-        """Release every open hold (left by a crash) and log each as an interrupted request."""
+        """Release the open holds of gateways that are gone (no heartbeat for two minutes, or never
+        registered) and log each as an interrupted request; live gateways' holds stay."""
         ...
 
     async def key_headroom(self, key_id: int) -> int | None:

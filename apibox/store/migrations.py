@@ -1,22 +1,28 @@
-"""Numbered schema migrations, applied in order, each in one transaction with its record.
+"""Numbered schema migrations for both engines, applied in order, each in one transaction
+with its record.
 
-Never edit a migration that has shipped: add the next one. Money columns are INTEGER
-micro-USD; times are INTEGER milliseconds since the Unix epoch (UTC).
+One list: each migration carries its SQLite and its PostgreSQL text, which build the same
+tables, constraints and triggers (the PostgreSQL texts live in ``migrations_postgres``). Never
+edit a migration that has shipped: add the next one. Money columns are integer micro-USD;
+times are integer milliseconds since the Unix epoch (UTC).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from apibox.store.migrations_postgres import POSTGRESQL
+
 
 @dataclass(frozen=True, slots=True)
 class Migration:
     name: str
-    sql: str
+    sqlite: str
+    postgresql: str
 
 
-SQLITE_MIGRATIONS: tuple[Migration, ...] = (
-    Migration("0001_initial", """
+SQLITE: dict[str, str] = {
+    "0001_initial": """
 CREATE TABLE users (
     id            INTEGER PRIMARY KEY,
     email         TEXT NOT NULL UNIQUE,
@@ -119,8 +125,8 @@ END;
 CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN
     SELECT RAISE(ABORT, 'the ledger is append-only');
 END;
-"""),
-    Migration("0002_admin_log", """
+""",
+    "0002_admin_log": """
 -- Who changed what, from the CLI or the admin API: append-only like the ledger.
 CREATE TABLE admin_log (
     id          INTEGER PRIMARY KEY,
@@ -140,8 +146,8 @@ CREATE TRIGGER admin_log_no_delete BEFORE DELETE ON admin_log BEGIN
 END;
 -- A key's budget is checked against its open holds in the hold statement itself.
 CREATE INDEX holds_key ON holds(key_id);
-"""),
-    Migration("0003_usage_daily", """
+""",
+    "0003_usage_daily": """
 -- Retention: `apibox usage prune` folds old usage rows into one row per UTC day, user, key,
 -- model, provider and outcome (usage.status), then deletes them. Reports read both tables.
 -- day is the UTC midnight that starts the day, in ms. Sums are exact; latencies keep their
@@ -201,5 +207,21 @@ END;
 CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN
     SELECT RAISE(ABORT, 'the ledger is append-only');
 END;
-"""),
-)
+""",
+    "0004_instances": """
+-- Every running gateway (each `serve` worker, on every host) records itself and beats a
+-- heartbeat; a hold belongs to the instance that took it. An instance that starts releases
+-- only the holds of instances whose heartbeat stopped, never those of its live neighbours.
+CREATE TABLE instances (
+    id          TEXT PRIMARY KEY,
+    host        TEXT NOT NULL,
+    pid         INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    seen_at     INTEGER NOT NULL
+);
+ALTER TABLE holds ADD COLUMN instance TEXT NOT NULL DEFAULT '';
+CREATE INDEX holds_instance ON holds(instance);
+""",
+}
+
+MIGRATIONS: tuple[Migration, ...] = tuple(Migration(name, sql, POSTGRESQL[name]) for name, sql in SQLITE.items())

@@ -1,9 +1,8 @@
-"""Usage reports, retention (folding old usage rows into daily totals) and the ledger audit for
-the SQLite store, as a mixin of ``SqliteStore`` (reads through its reader, writes through its writer)."""
+"""Usage reports, retention (folding old usage rows into daily totals) and the ledger audit, in
+SQL both engines speak, as a mixin of ``SqlStore`` (reads through ``_read``, writes as scripts)."""
 
 from __future__ import annotations
 
-import sqlite3
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
@@ -12,12 +11,10 @@ from datetime import UTC, date, datetime, timedelta
 from itertools import accumulate
 from typing import Any
 
-import aiosqlite
-
 from apibox.errors import InvalidRequest, StoreError
 from apibox.models import ReportRow
 from apibox.store.base import REPORT_DIMENSIONS, PruneResult, UsageFilter
-from apibox.store.sqlite_writer import SqliteWriter
+from apibox.store.script import Row, Script
 from apibox.store.sqltime import to_ms
 
 DAY_MS = 86_400_000
@@ -37,15 +34,13 @@ DIMENSION_SQL = {
     "provider": ("g.provider", "a.provider"),
 }
 # requests, errors, five token classes, charged, latency sum and count: the same ten in both sources.
-LIVE_SUMS = ("count(*), sum(g.status != 'ok'), sum(g.prompt_tokens), sum(g.completion_tokens), "
+LIVE_SUMS = ("count(*), sum(CASE WHEN g.status != 'ok' THEN 1 ELSE 0 END), sum(g.prompt_tokens), "
+             "sum(g.completion_tokens), "
              "sum(g.cached_tokens), sum(g.cache_write_tokens), sum(g.reasoning_tokens), sum(g.charged), "
              "sum(g.latency_ms), count(*)")
 DAILY_SUMS = ("sum(a.requests), sum(a.errors), sum(a.prompt_tokens), sum(a.completion_tokens), "
               "sum(a.cached_tokens), sum(a.cache_write_tokens), sum(a.reasoning_tokens), sum(a.charged), "
               "sum(a.latency_ms_sum), sum(a.latency_count)")
-# Percentiles: each group's latencies come back as one string, counted in Python; memory is one
-# group's values at a time, not a million rows.
-LIVE_SAMPLES = ", group_concat(g.latency_ms), group_concat(g.ttft_ms)"
 
 # A usage row may be folded only if its ledger charge matches it (user and amount): the audit then
 # matches each user's folded charges, their count and sum, to the user's daily aggregates.
@@ -59,24 +54,31 @@ FOLD_SUMS = ("requests", "errors", "estimated", "prompt_tokens", "completion_tok
 FOLD_SQL = (
     "INSERT INTO usage_daily (day, user_id, key_id, model, provider, status, " + ", ".join(FOLD_SUMS) + ") "
     f"SELECT created_at / {DAY_MS} * {DAY_MS}, user_id, key_id, model, provider, status, count(*), "
-    "sum(status != 'ok'), sum(estimated), sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens), "
-    "sum(cache_write_tokens), sum(reasoning_tokens), sum(cost), sum(charged), sum(charged > 0), sum(latency_ms), "
+    "sum(CASE WHEN status != 'ok' THEN 1 ELSE 0 END), sum(estimated), sum(prompt_tokens), sum(completion_tokens), "
+    "sum(cached_tokens), sum(cache_write_tokens), sum(reasoning_tokens), sum(cost), sum(charged), "
+    "sum(CASE WHEN charged > 0 THEN 1 ELSE 0 END), sum(latency_ms), "
     "count(*), "
     "coalesce(sum(ttft_ms), 0), count(ttft_ms) FROM usage WHERE created_at < ? GROUP BY 1, 2, 3, 4, 5, 6 "
     "ON CONFLICT (day, user_id, key_id, model, provider, status) DO UPDATE SET "
-    + ", ".join(f"{c} = {c} + excluded.{c}" for c in FOLD_SUMS))
+    + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in FOLD_SUMS))
 PRUNE_BATCH_ROWS = 50_000
 SORTED_TEXT_MAX = 16_384  # about 3,500 values: below, sorting a list is faster; above, counting
 
 
-class SqliteReports:
-    """Reports, pruning and the audit; needs the store's reader and writer."""
+class SqlReports:
+    """Reports, pruning and the audit; the engine supplies ``_read``, ``_run`` and ``_concat``."""
 
-    _reader: aiosqlite.Connection
-    _writer: SqliteWriter
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        """Run a read-only statement and return its rows (integers as int, never Decimal)."""
+        raise NotImplementedError
 
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        return list(await self._reader.execute_fetchall(sql, params))
+    async def _run(self, script: Any) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _concat(column: str) -> str:
+        """SQL joining a group's values with commas (the engine's group_concat / string_agg)."""
+        raise NotImplementedError
 
     async def usage_report(self, by: Sequence[str], where: UsageFilter, *,
                            percentiles: bool = False) -> list[ReportRow]:
@@ -100,7 +102,10 @@ class SqliteReports:
             alias = table[-1]
             clauses, params = _usage_where(alias, "a.day" if folded else "g.created_at", where)
             columns = "".join(f"{DIMENSION_SQL[d][folded]} AS d{i}, " for i, d in enumerate(by))
-            samples = LIVE_SAMPLES if percentiles and not folded else ""
+            # Percentiles: each group's latencies come back as one string, counted in Python; memory
+            # is one group's values at a time, not a million rows.
+            samples = (f", {self._concat('g.latency_ms')}, {self._concat('g.ttft_ms')}"
+                       if percentiles and not folded else "")
             group = f" GROUP BY {', '.join(f'd{i}' for i in range(n))}" if n else ""
             for r in await self._read(f"SELECT {columns}{sums}{samples} FROM {table} WHERE {clauses}{group}",
                                       params):
@@ -132,7 +137,7 @@ class SqliteReports:
         first: int | None = None
         last: int | None = None
         while True:
-            folded = await self._writer.transaction(lambda db: _fold_batch(db, before_ms, batch_rows))
+            folded = await self._run(lambda: _fold_batch(before_ms, batch_rows))
             if folded is None:
                 break
             stats, finished = folded
@@ -151,16 +156,16 @@ class SqliteReports:
     async def audit(self) -> list[str]:
         problems: list[str] = []
         checks = (
-            ("SELECT b.user_id, b.balance, coalesce((SELECT sum(amount) FROM ledger l WHERE l.user_id = b.user_id), 0) "
-             "AS total FROM balances b WHERE b.balance != total",
+            ("SELECT * FROM (SELECT b.user_id, b.balance, coalesce((SELECT sum(amount) FROM ledger l "
+             "WHERE l.user_id = b.user_id), 0) AS total FROM balances b) t WHERE balance != total",
              "user {0}: balance {1} differs from the ledger's sum {2}"),
-            ("SELECT b.user_id, b.held, coalesce((SELECT sum(amount) FROM holds h WHERE h.user_id = b.user_id), 0) "
-             "AS total FROM balances b WHERE b.held != total",
+            ("SELECT * FROM (SELECT b.user_id, b.held, coalesce((SELECT sum(amount) FROM holds h "
+             "WHERE h.user_id = b.user_id), 0) AS total FROM balances b) t WHERE held != total",
              "user {0}: held {1} differs from the open holds' sum {2}"),
             ("SELECT user_id, balance, held FROM balances WHERE balance < 0 OR held < 0 OR held > balance",
              "user {0}: balance {1} / held {2} break balance >= held >= 0"),
             ("SELECT id, user_id, balance_after, running FROM (SELECT id, user_id, balance_after, "
-             "sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running FROM ledger) "
+             "sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running FROM ledger) t "
              "WHERE balance_after != running",
              "ledger row {0} (user {1}): balance_after {2} differs from the running sum {3}"),
             # A charge whose usage row is gone was folded by `usage prune`: the next check covers it.
@@ -171,7 +176,7 @@ class SqliteReports:
              "SELECT l.user_id, 1 AS charges, -l.amount AS in_ledger, 0 AS folded_charges, 0 AS folded FROM ledger l "
              "WHERE l.kind = 'charge' AND l.usage_id IS NOT NULL "
              "AND NOT EXISTS (SELECT 1 FROM usage u WHERE u.id = l.usage_id) "
-             "UNION ALL SELECT user_id, 0, 0, charges, charged FROM usage_daily) "
+             "UNION ALL SELECT user_id, 0, 0, charges, charged FROM usage_daily) t "
              "GROUP BY user_id HAVING sum(charges) != sum(folded_charges) OR sum(in_ledger) != sum(folded)",
              "user {0}: the ledger has {1} charges of {2} for usage rows no longer kept, the daily aggregates "
              "{3} of {4}"),
@@ -274,23 +279,22 @@ def _usage_where(alias: str, time_column: str, where: UsageFilter) -> tuple[str,
     return " AND ".join(clauses), params
 
 
-def _fold_batch(db: sqlite3.Connection, before_ms: int,
-                limit: int) -> tuple[tuple[int, int, int, int, int, int], bool] | None:
+def _fold_batch(before_ms: int, limit: int) -> Script[tuple[tuple[int, int, int, int, int, int], bool] | None]:
     """Fold (and delete) the oldest ``limit`` or so usage rows made before ``before_ms``: all rows
     of one millisecond go together. Returns (rows, reported requests, cost, charged, first and
     last created_at) and whether nothing older is left, or None when there was nothing to fold."""
-    first = db.execute("SELECT min(created_at) FROM usage WHERE created_at < ?", (before_ms,)).fetchone()[0]
+    first = (yield "SELECT min(created_at) FROM usage WHERE created_at < ?", (before_ms,))[0][0]
     if first is None:
         return None
-    row = db.execute("SELECT created_at FROM usage WHERE created_at < ? ORDER BY created_at LIMIT 1 OFFSET ?",
-                     (before_ms, limit)).fetchone()
-    cut = before_ms if row is None else max(row[0], first + 1)
-    bad = db.execute(FOLD_MISMATCH_SQL, (cut,)).fetchone()
-    if bad is not None:
-        raise StoreError(f"usage row {bad[0]} does not match its ledger charge, so it was not folded (rows before "
+    rows = yield ("SELECT created_at FROM usage WHERE created_at < ? ORDER BY created_at LIMIT 1 OFFSET ?",
+                  (before_ms, limit))
+    cut = before_ms if not rows else max(rows[0][0], first + 1)
+    bad = yield FOLD_MISMATCH_SQL, (cut,)
+    if bad:
+        raise StoreError(f"usage row {bad[0][0]} does not match its ledger charge, so it was not folded (rows before "
                          "it were); `apibox db check` lists what is wrong")
-    stats = db.execute("SELECT count(*), sum(status != 'interrupted'), sum(cost), sum(charged), min(created_at), "
-                       "max(created_at) FROM usage WHERE created_at < ?", (cut,)).fetchone()
-    db.execute(FOLD_SQL, (cut,))
-    db.execute("DELETE FROM usage WHERE created_at < ?", (cut,))
+    stats = (yield ("SELECT count(*), sum(CASE WHEN status != 'interrupted' THEN 1 ELSE 0 END), sum(cost), "
+                    "sum(charged), min(created_at), max(created_at) FROM usage WHERE created_at < ?", (cut,)))[0]
+    yield FOLD_SQL, (cut,)
+    yield "DELETE FROM usage WHERE created_at < ?", (cut,)
     return tuple(stats), cut == before_ms  # type: ignore[return-value]

@@ -1,0 +1,129 @@
+"""The PostgreSQL engine (asyncpg): one database shared by every gateway on every host.
+
+Transaction scripts run on one pooled connection inside one transaction; scripts that read
+a balance before changing it lock the row first (``row_locks``), so concurrent gateways
+queue on a user's balance row and never both spend the same money. A script that loses a
+deadlock or serialization race is run again from the top (it changed nothing). Migrations
+run under an advisory lock, so hosts starting together apply each one once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import asyncpg
+
+from apibox.errors import StoreError
+from apibox.store.migrations import MIGRATIONS
+from apibox.store.script import IntegrityViolation, Row, Script
+from apibox.store.sql_store import SqlStore
+from apibox.store.sqltime import now_ms
+
+T = TypeVar("T")
+RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
+MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
+RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+@lru_cache(maxsize=1024)
+def numbered(sql: str) -> str:
+    """``?`` placeholders -> ``$1, $2, ...`` (apibox's SQL has no ``?`` inside literals)."""
+    parts = sql.split("?")
+    return "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]
+
+
+def _plain(rows: Sequence[asyncpg.Record]) -> list[Row]:
+    """Rows as tuples; ``sum`` over BIGINT is NUMERIC in PostgreSQL: money and counts stay int."""
+    return [tuple(int(v) if isinstance(v, Decimal) else v for v in row) for row in rows]
+
+
+class PostgresStore(SqlStore):
+    """The Store protocol on a PostgreSQL database."""
+
+    row_locks = True
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, pool_size: int = 10) -> PostgresStore:
+        try:
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, command_timeout=60)
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return _plain(await self._pool.fetch(numbered(sql), *params))
+
+    async def _run(self, script: Callable[[], Script[T]]) -> T:
+        for attempt in range(RETRIES):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return await _drive(conn, script())
+            except RETRYABLE:
+                if attempt == RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _concat(column: str) -> str:
+        return f"string_agg({column}::text, ',')"
+
+    # -- schema --------------------------------------------------------------------------
+
+    async def pending_migrations(self) -> list[str]:
+        async with self._pool.acquire() as conn:
+            applied = await _applied(conn)
+        return [m.name for m in MIGRATIONS if m.name not in applied]
+
+    async def migrate(self) -> list[str]:
+        done: list[str] = []
+        async with self._pool.acquire() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+            try:
+                applied = await _applied(conn)
+                for migration in MIGRATIONS:
+                    if migration.name in applied:
+                        continue
+                    try:
+                        async with conn.transaction():
+                            await conn.execute(migration.postgresql)
+                            await conn.execute("INSERT INTO _apibox_migrations (name, applied_at) VALUES ($1, $2)",
+                                               migration.name, now_ms())
+                    except asyncpg.PostgresError as exc:
+                        raise StoreError(f"migration {migration.name} failed and was rolled back: {exc}") from exc
+                    done.append(migration.name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        return done
+
+
+async def _applied(conn: asyncpg.Connection) -> set[str]:
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS _apibox_migrations (name TEXT PRIMARY KEY, applied_at BIGINT NOT NULL)")
+    return {row[0] for row in await conn.fetch("SELECT name FROM _apibox_migrations")}
+
+
+async def _drive(conn: asyncpg.Connection, script: Script[T]) -> T:
+    """``script.drive`` for asyncpg: each statement awaited on the transaction's connection."""
+    try:
+        query = next(script)
+        while True:
+            sql, params = query
+            try:
+                rows = _plain(await conn.fetch(numbered(sql), *params))
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                query = script.throw(IntegrityViolation(str(exc)))
+            else:
+                query = script.send(rows)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]

@@ -1,0 +1,350 @@
+"""The Store protocol in SQL both engines speak: users, keys, money, the admin log, instances.
+
+Every write is a transaction script (``apibox.store.script``), so SQLite and PostgreSQL run
+the same statements in the same order. The engines differ only in how a script is run, how
+rows are read, and in ``row_locks``: PostgreSQL runs transactions side by side, so a script
+that reads a balance before changing it first locks the row (``FOR UPDATE``); SQLite runs one
+write transaction at a time, so the lock is a no-op there and is left out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
+from apibox.models import (
+    AdminAction,
+    ApiKey,
+    Balance,
+    Hold,
+    LedgerEntry,
+    LedgerKind,
+    UsageRecord,
+    User,
+    UserOverview,
+    UserState,
+)
+from apibox.money import format_usd
+from apibox.store.base import Credit, CreditResult, KeySpec
+from apibox.store.script import IntegrityViolation, Row, Script, single
+from apibox.store.sql_reports import SqlReports
+from apibox.store.sqltime import from_ms, now_ms, to_ms
+
+USER_COLUMNS = "u.id, u.email, u.name, u.grp, u.state, u.state_reason, u.created_at"
+KEY_COLUMNS = ("k.id, k.user_id, k.name, k.prefix, k.models, k.budget, k.spent, k.expires_at, k.rpm, k.tpm, "
+               "k.concurrency, k.allow_ips, k.revoked_at, k.created_at, k.last_used_at")
+LEDGER_COLUMNS = "id, user_id, kind, amount, balance_after, note, reference, actor, usage_id, created_at"
+USAGE_FIELDS = ("request_id", "created_at", "user_id", "key_id", "model", "provider", "endpoint", "status",
+                "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+                "reasoning_tokens", "estimated", "cost", "charged", "latency_ms", "ttft_ms")
+INSERT_USAGE_SQL = (f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) "
+                    f"VALUES ({', '.join('?' * len(USAGE_FIELDS))}) RETURNING id")
+# The hold: inserted only if the available balance covers it and the key's budget (if any) does,
+# net of the key's spend and its other holds; the holds_take trigger raises balances.held.
+HOLD_SQL = (
+    "INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at, instance) "
+    "SELECT b.user_id, k.id, CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), "
+    "CAST(? AS TEXT) FROM balances b JOIN api_keys k ON k.id = ? AND k.user_id = b.user_id "
+    "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
+    "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?) "
+    "RETURNING id")
+# A gateway whose heartbeat is older than this is taken for dead: its holds are released.
+INSTANCE_STALE_MS = 120_000
+T = TypeVar("T")
+
+
+def _json_or_none(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, default=str, sort_keys=True)
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(part for part in text.split(",") if part)
+
+
+def _user(row: Row) -> User:
+    return User(id=row[0], email=row[1], name=row[2], group=row[3], state=UserState(row[4]),
+                state_reason=row[5], created_at=from_ms(row[6]))  # type: ignore[arg-type]
+
+
+def _key(row: Row) -> ApiKey:
+    return ApiKey(id=row[0], user_id=row[1], name=row[2], prefix=row[3], models=_split(row[4]), budget=row[5],
+                  spent=row[6], expires_at=from_ms(row[7]), rpm=row[8], tpm=row[9], concurrency=row[10],
+                  allow_ips=_split(row[11]), revoked_at=from_ms(row[12]), created_at=from_ms(row[13]),
+                  last_used_at=from_ms(row[14]))
+
+
+def _entry(row: Row) -> LedgerEntry:
+    return LedgerEntry(id=row[0], user_id=row[1], kind=LedgerKind(row[2]), amount=row[3], balance_after=row[4],
+                       note=row[5], reference=row[6], actor=row[7], usage_id=row[8],
+                       created_at=from_ms(row[9]))  # type: ignore[arg-type]
+
+
+class SqlStore(SqlReports):
+    """Everything but connections: an engine subclass supplies ``_read``, ``_run`` and ``row_locks``."""
+
+    row_locks = False  # True where write transactions run concurrently (PostgreSQL)
+    _instance = ""  # the gateway instance that owns the holds this store takes ("" for the CLI)
+
+    async def _run(self, script: Callable[[], Script[T]]) -> T:
+        """Run ``script()`` all-or-nothing and return its result once committed. An engine may
+        start it again from the top after a deadlock or serialization failure."""
+        raise NotImplementedError
+
+    async def _write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await self._run(lambda: single(sql, params))
+
+    @property
+    def _lock(self) -> str:
+        # Nothing references balances or api_keys by a changing key, so the weaker lock is enough.
+        return " FOR NO KEY UPDATE" if self.row_locks else ""
+
+    async def ping(self) -> None:
+        await self._read("SELECT 1")
+
+    # -- users ---------------------------------------------------------------------------
+
+    async def create_user(self, email: str, name: str, group: str) -> User:
+        def insert() -> Script[int]:
+            try:
+                rows = yield ("INSERT INTO users (email, name, grp, created_at) VALUES (?, ?, ?, ?) RETURNING id",
+                              (email, name, group, now_ms()))
+            except IntegrityViolation:
+                raise Conflict(f"a user with email {email} already exists") from None
+            yield "INSERT INTO balances (user_id) VALUES (?)", (rows[0][0],)
+            return int(rows[0][0])
+        return await self._require_user(await self._run(insert))
+
+    async def get_user(self, user_id: int) -> User | None:
+        rows = await self._read(f"SELECT {USER_COLUMNS} FROM users u WHERE u.id = ?", (user_id,))
+        return _user(rows[0]) if rows else None
+
+    async def find_user_by_email(self, email: str) -> User | None:
+        rows = await self._read(f"SELECT {USER_COLUMNS} FROM users u WHERE u.email = ?", (email,))
+        return _user(rows[0]) if rows else None
+
+    async def list_users(self) -> list[UserOverview]:
+        rows = await self._read(
+            f"SELECT {USER_COLUMNS}, b.balance, b.held, "
+            "(SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) "
+            "FROM users u JOIN balances b ON b.user_id = u.id ORDER BY u.id")
+        return [UserOverview(_user(r), Balance(r[0], r[7], r[8]), r[9]) for r in rows]
+
+    async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User:
+        await self._write("UPDATE users SET name = coalesce(?, name), grp = coalesce(?, grp) WHERE id = ?",
+                          (name, group, user_id))
+        return await self._require_user(user_id)
+
+    async def set_user_state(self, user_id: int, state: UserState, reason: str) -> User:
+        await self._write("UPDATE users SET state = ?, state_reason = ? WHERE id = ?", (state.value, reason, user_id))
+        return await self._require_user(user_id)
+
+    async def _require_user(self, user_id: int) -> User:
+        user = await self.get_user(user_id)
+        if user is None:
+            raise NotFound(f"no user with id {user_id}")
+        return user
+
+    # -- keys ----------------------------------------------------------------------------
+
+    async def create_key(self, spec: KeySpec) -> ApiKey:
+        rows = await self._write(
+            "INSERT INTO api_keys (user_id, name, key_hash, prefix, models, budget, expires_at, rpm, tpm, "
+            "concurrency, allow_ips, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (spec.user_id, spec.name, spec.key_hash, spec.prefix, ",".join(spec.models), spec.budget,
+             to_ms(spec.expires_at), spec.rpm, spec.tpm, spec.concurrency, ",".join(spec.allow_ips), now_ms()))
+        key = await self.get_key(rows[0][0])
+        assert key is not None
+        return key
+
+    async def get_key(self, key_id: int) -> ApiKey | None:
+        rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = ?", (key_id,))
+        return _key(rows[0]) if rows else None
+
+    async def list_keys(self, user_id: int | None = None) -> list[ApiKey]:
+        if user_id is None:
+            rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.id")
+        else:
+            rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.user_id = ? ORDER BY k.id",
+                                    (user_id,))
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, key_id: int) -> ApiKey:
+        await self._write("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (now_ms(), key_id))
+        key = await self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"no key with id {key_id}")
+        return key
+
+    async def revoke_user_keys(self, user_id: int) -> int:
+        rows = await self._write(
+            "UPDATE api_keys SET revoked_at = ? WHERE user_id = ? AND revoked_at IS NULL RETURNING id",
+            (now_ms(), user_id))
+        return len(rows)
+
+    async def find_key_by_hash(self, key_hash: str) -> tuple[ApiKey, User] | None:
+        rows = await self._read(
+            f"SELECT {KEY_COLUMNS}, {USER_COLUMNS} FROM api_keys k JOIN users u ON u.id = k.user_id "
+            "WHERE k.key_hash = ?", (key_hash,))
+        if not rows:
+            return None
+        row = rows[0]
+        return _key(row[:15]), _user(row[15:])
+
+    # -- money ---------------------------------------------------------------------------
+
+    async def get_balance(self, user_id: int) -> Balance:
+        rows = await self._read("SELECT balance, held FROM balances WHERE user_id = ?", (user_id,))
+        if not rows:
+            raise NotFound(f"no user with id {user_id}")
+        return Balance(user_id, rows[0][0], rows[0][1])
+
+    def _balance(self, user_id: int) -> Script[Balance]:
+        rows = yield f"SELECT balance, held FROM balances WHERE user_id = ?{self._lock}", (user_id,)
+        if not rows:
+            raise NotFound(f"no user with id {user_id}")
+        return Balance(user_id, rows[0][0], rows[0][1])
+
+    async def credit(self, credit: Credit) -> CreditResult:
+        def apply() -> Script[CreditResult]:
+            if credit.reference is not None:
+                rows = yield f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE reference = ?", (credit.reference,)
+                if rows:
+                    entry = _entry(rows[0])
+                    if entry.user_id != credit.user_id or entry.amount != credit.amount:
+                        raise Conflict(f"reference {credit.reference!r} was already used for a different "
+                                       "user or amount; nothing was credited")
+                    return CreditResult(entry, (yield from self._balance(credit.user_id)), created=False)
+            # One conditional statement: a debit can never take the balance below what is held.
+            rows = yield ("UPDATE balances SET balance = balance + ? WHERE user_id = ? AND balance + ? >= held "
+                          "RETURNING balance, held", (credit.amount, credit.user_id, credit.amount))
+            if not rows:
+                current = yield from self._balance(credit.user_id)
+                raise InvalidRequest(
+                    f"the balance cannot go below zero or below the amount held for requests in flight "
+                    f"(balance {format_usd(current.balance)} USD, held {format_usd(current.held)} USD); "
+                    "nothing was changed")
+            balance = Balance(credit.user_id, rows[0][0], rows[0][1])
+            try:
+                entry_rows = yield (
+                    f"INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, reference, actor) "
+                    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING {LEDGER_COLUMNS}",
+                    (credit.user_id, now_ms(), credit.kind.value, credit.amount, balance.balance, credit.note,
+                     credit.reference, credit.actor))
+            except IntegrityViolation:  # the same reference, credited at this very moment by another process
+                raise Conflict(f"reference {credit.reference!r} is being credited by another request; "
+                               "nothing was credited twice") from None
+            return CreditResult(_entry(entry_rows[0]), balance, created=True)
+        return await self._run(apply)
+
+    async def ledger(self, user_id: int, since: datetime | None = None,
+                     until: datetime | None = None) -> list[LedgerEntry]:
+        sql = f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE user_id = ? AND created_at >= ?"
+        params: list[Any] = [user_id, to_ms(since) or 0]
+        if until is not None:
+            sql += " AND created_at < ?"
+            params.append(to_ms(until))
+        return [_entry(r) for r in await self._read(sql + " ORDER BY id", params)]
+
+    async def ledger_sum(self, user_id: int, before: datetime) -> int:
+        rows = await self._read("SELECT coalesce(sum(amount), 0) FROM ledger WHERE user_id = ? AND created_at < ?",
+                                (user_id, to_ms(before)))
+        return int(rows[0][0])
+
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
+        def take() -> Script[list[Row]]:
+            if self.row_locks:  # the checks below then read the latest balance and key (balance first, as
+                # settle's trigger locks it, so the two never wait on each other in opposite orders)
+                yield f"SELECT user_id FROM balances WHERE user_id = ?{self._lock}", (user_id,)
+                yield f"SELECT id FROM api_keys WHERE id = ?{self._lock}", (key_id,)
+            return (yield HOLD_SQL, (amount, request_id, model, now_ms(), self._instance, key_id, user_id, amount,
+                                     amount))
+        rows = await self._run(take)
+        return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
+
+    async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
+        usage.created_at = usage.created_at or datetime.now(UTC)
+
+        def apply() -> Script[UsageRecord]:
+            # The DELETE's trigger lowers balances.held, which also locks the user's balance row.
+            if not (yield "DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,)):
+                raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
+                                 "nothing was charged again")
+            usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
+            yield from _insert_usage(usage)
+            if usage.charged > 0:
+                rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
+                              (usage.charged, hold.user_id))
+                yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
+                       "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
+                       (hold.user_id, to_ms(usage.created_at), -usage.charged, rows[0][0],
+                        f"{usage.model} {usage.request_id}", usage.id))
+            yield ("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
+                   (usage.charged, to_ms(usage.created_at), hold.key_id))
+            return usage
+        return await self._run(apply)
+
+    async def key_headroom(self, key_id: int) -> int | None:
+        rows = await self._read(
+            "SELECT k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) "
+            "FROM api_keys k WHERE k.id = ? AND k.budget IS NOT NULL", (key_id,))
+        return max(0, int(rows[0][0])) if rows else None
+
+    # -- gateway instances and their holds --------------------------------------------------
+
+    async def register_instance(self, instance: str, host: str, pid: int) -> None:
+        """Record a running gateway; the holds this store takes from now on belong to it."""
+        now = now_ms()
+        await self._write("INSERT INTO instances (id, host, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?)",
+                          (instance, host, pid, now, now))
+        self._instance = instance
+
+    async def heartbeat(self) -> None:
+        """Tell other instances this one is alive (and so are its holds)."""
+        if self._instance:
+            await self._write("UPDATE instances SET seen_at = ? WHERE id = ?", (now_ms(), self._instance))
+
+    async def retire_instance(self) -> None:
+        """A clean stop, after every request was settled: the instance leaves no holds behind."""
+        if self._instance:
+            await self._write("DELETE FROM instances WHERE id = ?", (self._instance,))
+            self._instance = ""
+
+    async def recover_holds(self, stale_ms: int = INSTANCE_STALE_MS) -> list[Hold]:
+        """Release the holds of gateways that are gone (no heartbeat for ``stale_ms``, or never
+        registered, as the CLI's) and log each as an interrupted request. Live instances' holds stay."""
+        def apply() -> Script[list[Hold]]:
+            cutoff = now_ms() - stale_ms
+            yield "DELETE FROM instances WHERE seen_at < ? AND id != ?", (cutoff, self._instance)
+            rows = yield ("DELETE FROM holds WHERE instance NOT IN (SELECT id FROM instances) "
+                          "RETURNING id, user_id, key_id, amount, request_id, model", ())
+            for row in rows:
+                yield from _insert_usage(UsageRecord(
+                    request_id=row[4], user_id=row[1], key_id=row[2], model=row[5], provider="", endpoint="",
+                    status="interrupted", http_status=0, created_at=datetime.now(UTC)))
+            return [Hold(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+        return await self._run(apply)
+
+    # -- admin log -------------------------------------------------------------------------
+
+    async def log_admin_action(self, actor: str, action: str, target: str, before: dict[str, Any] | None,
+                               after: dict[str, Any] | None) -> None:
+        await self._write(
+            "INSERT INTO admin_log (created_at, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)",
+            (now_ms(), actor, action, target, _json_or_none(before), _json_or_none(after)))
+
+    async def admin_actions(self, limit: int = 100) -> list[AdminAction]:
+        rows = await self._read("SELECT id, created_at, actor, action, target, before, after FROM admin_log "
+                                "ORDER BY id DESC LIMIT ?", (limit,))
+        return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
+                            json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
+
+
+def _insert_usage(usage: UsageRecord) -> Script[None]:
+    values = [getattr(usage, f) for f in USAGE_FIELDS]
+    values[1] = to_ms(usage.created_at)
+    values[14] = int(usage.estimated)
+    rows = yield INSERT_USAGE_SQL, values
+    usage.id = rows[0][0]
