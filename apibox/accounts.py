@@ -1,7 +1,8 @@
 """Use-cases shared by the CLI and (later) the admin API: users, keys, top-ups, adjustments.
 
 Each function validates its input completely before it writes anything, so a bad argument
-changes nothing.
+changes nothing. Those that change what a running gateway caches about a key or a user
+announce it through ``notify`` once written (``apibox.bus``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from apibox.bus import NO_NOTIFIER, Change, Notifier
 from apibox.errors import InvalidRequest, NotFound
 from apibox.keys import display_prefix, generate_key, hash_key
 from apibox.models import ApiKey, Balance, LedgerEntry, LedgerKind, NewKey, User, UserOverview, UserState
@@ -103,16 +105,18 @@ async def show_user(store: Store, ref: str) -> UserDetail:
 
 
 async def update_user(store: Store, ref: str, *, name: str | None = None, group: str | None = None,
-                      actor: str = "cli", known_groups: Iterable[str] | None = None) -> User:
+                      actor: str = "cli", known_groups: Iterable[str] | None = None,
+                      notify: Notifier = NO_NOTIFIER) -> User:
     name, group = _text(name, "name"), _group(group, known_groups)
     user = await resolve_user(store, ref)
     updated = await store.update_user(user.id, name=name, group=group)
     await _log(store, actor, "user.update", f"user:{user.id}", user_json(user), user_json(updated))
+    await notify.changed(Change(user_id=user.id))  # the group sets prices and models
     return updated
 
 
 async def set_user_state(store: Store, ref: str, state: UserState, reason: str = "", *,
-                         actor: str = "cli") -> User:
+                         actor: str = "cli", notify: Notifier = NO_NOTIFIER) -> User:
     """Suspend, ban, close or reactivate. Closing also revokes every key; the balance stays
     for a manual refund."""
     _text(reason, "reason")
@@ -123,6 +127,7 @@ async def set_user_state(store: Store, ref: str, state: UserState, reason: str =
         await store.revoke_user_keys(user.id)
     changed = await store.set_user_state(user.id, state, reason)
     await _log(store, actor, f"user.{state.value}", f"user:{user.id}", user_json(user), user_json(changed))
+    await notify.changed(Change(user_id=user.id))
     return changed
 
 
@@ -193,10 +198,11 @@ async def show_key(store: Store, ref: str) -> ApiKey:
     return key
 
 
-async def revoke_key(store: Store, ref: str, *, actor: str = "cli") -> ApiKey:
+async def revoke_key(store: Store, ref: str, *, actor: str = "cli", notify: Notifier = NO_NOTIFIER) -> ApiKey:
     key = await show_key(store, ref)
     revoked = await store.revoke_key(key.id)
     await _log(store, actor, "key.revoke", f"key:{key.id}", key_json(key), key_json(revoked))
+    await notify.changed(Change(key_id=key.id))
     return revoked
 
 

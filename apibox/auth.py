@@ -2,6 +2,7 @@
 
 A key lookup is served from memory for at most ``ttl`` seconds, so a revoked key or a
 suspended user is refused within that time without a database read on every request.
+``invalidate`` forgets entries sooner, when a change is announced (``apibox.bus``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Authenticator:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, tuple[ApiKey, User] | None]] = {}
         self._failures = failures or FailedAuthLimiter()
+        self._generation = 0  # moves on every invalidation: a lookup read before one is not kept
 
     async def authenticate(self, secret: str | None, address: str = "") -> Caller:
         """The caller behind ``secret`` calling from ``address``, or the 401/403/429 that says why not.
@@ -119,8 +121,22 @@ class Authenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
+        generation = self._generation
         found = await self._store.find_key_by_hash(key_hash)
+        if generation != self._generation:
+            return found  # a change was announced while it was read: use it once, keep nothing that may be stale
         if len(self._cache) >= CACHE_MAX_ENTRIES:
             self._cache.clear()
         self._cache[key_hash] = (now + self._ttl, found)
         return found
+
+    def invalidate(self, *, key_id: int | None = None, user_id: int | None = None) -> None:
+        """Forget the cached lookups of one key, of every key of one user, or (neither given) all of them."""
+        self._generation += 1
+        if key_id is None and user_id is None:
+            self._cache.clear()
+            return
+        stale = [key_hash for key_hash, (_, found) in self._cache.items()
+                 if found is not None and (found[0].id == key_id or found[1].id == user_id)]
+        for key_hash in stale:
+            del self._cache[key_hash]

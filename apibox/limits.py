@@ -52,6 +52,14 @@ class _Window:
         self.counts = [0] * WINDOW_SECONDS
         self.seconds = [-1] * WINDOW_SECONDS
 
+    @classmethod
+    def of(cls, buckets: Sequence[tuple[int, int]]) -> _Window:
+        """A window holding these (second, count) buckets, e.g. as read back from Redis."""
+        window = cls()
+        for second, count in buckets:
+            window.add(second, count)
+        return window
+
     def total(self, now: int) -> int:
         return sum(c for c, s in zip(self.counts, self.seconds, strict=True) if s > now - WINDOW_SECONDS)
 
@@ -126,36 +134,54 @@ class LocalLimiter:
 
     @staticmethod
     def _check(subject: Subject, state: _State, now: int, tokens: int) -> None:
-        limits, who = subject.limits, subject.name.replace(":", " ")
+        limits = subject.limits
         if limits.concurrency is not None and state.in_flight >= limits.concurrency:
-            raise RateLimited(f"Too many requests at once for {who}: the limit is {limits.concurrency} "
-                              "concurrent requests. Wait for one to finish.", retry_after=1.0)
+            raise refusal(subject, "concurrency", 1)
         if limits.rpm is not None:
             wait = state.requests.wait(now, 1, limits.rpm)
             if wait:
-                raise RateLimited(f"Rate limit reached for {who} on requests per min: limit {limits.rpm}. "
-                                  f"Try again in {wait}s.", retry_after=float(wait))
+                raise refusal(subject, "requests", wait)
         if limits.tpm is not None:
             if tokens > limits.tpm:
-                raise RateLimited(f"This request ({tokens} tokens with its max_tokens) is larger than the "
-                                  f"{limits.tpm} tokens per min limit for {who}; lower max_tokens.",
-                                  retry_after=float(WINDOW_SECONDS))
+                raise refusal(subject, "too_large", WINDOW_SECONDS, tokens)
             wait = state.tokens.wait(now, tokens, limits.tpm)
             if wait:
-                raise RateLimited(f"Rate limit reached for {who} on tokens per min: limit {limits.tpm}. "
-                                  f"Try again in {wait}s.", retry_after=float(wait))
+                raise refusal(subject, "tokens", wait)
 
     def _headers(self, subject: Subject, now: int) -> dict[str, str]:
-        """OpenAI's ``x-ratelimit-*`` headers, describing the key's own limits."""
-        state, limits, headers = self._state(subject.name), subject.limits, {}
-        for kind, limit, window in (("requests", limits.rpm, state.requests), ("tokens", limits.tpm, state.tokens)):
-            if limit is None:
-                continue
-            used = window.total(now)
-            headers[f"x-ratelimit-limit-{kind}"] = str(limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
-            headers[f"x-ratelimit-reset-{kind}"] = f"{window.wait(now, limit, limit) if used else 0}s"
-        return headers
+        state = self._state(subject.name)
+        return rate_headers(subject.limits, state.requests, state.tokens, now)
+
+
+def refusal(subject: Subject, kind: str, wait: int, tokens: int = 0) -> RateLimited:
+    """The 429 for ``subject`` over one of its limits (``kind``: concurrency, requests, tokens or
+    too_large), to be tried again in ``wait`` seconds. Every limiter words its refusals this way."""
+    limits, who = subject.limits, subject.name.replace(":", " ")
+    if kind == "concurrency":
+        return RateLimited(f"Too many requests at once for {who}: the limit is {limits.concurrency} "
+                           "concurrent requests. Wait for one to finish.", retry_after=1.0)
+    if kind == "requests":
+        return RateLimited(f"Rate limit reached for {who} on requests per min: limit {limits.rpm}. "
+                           f"Try again in {wait}s.", retry_after=float(wait))
+    if kind == "too_large":
+        return RateLimited(f"This request ({tokens} tokens with its max_tokens) is larger than the "
+                           f"{limits.tpm} tokens per min limit for {who}; lower max_tokens.",
+                           retry_after=float(WINDOW_SECONDS))
+    return RateLimited(f"Rate limit reached for {who} on tokens per min: limit {limits.tpm}. "
+                       f"Try again in {wait}s.", retry_after=float(wait))
+
+
+def rate_headers(limits: LimitSet, requests: _Window, tokens: _Window, now: int) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers, describing one subject's (the key's) limits."""
+    headers = {}
+    for kind, limit, window in (("requests", limits.rpm, requests), ("tokens", limits.tpm, tokens)):
+        if limit is None:
+            continue
+        used = window.total(now)
+        headers[f"x-ratelimit-limit-{kind}"] = str(limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, limit - used))
+        headers[f"x-ratelimit-reset-{kind}"] = f"{window.wait(now, limit, limit) if used else 0}s"
+    return headers
 
 
 class FailedAuthLimiter:

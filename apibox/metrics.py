@@ -137,3 +137,16 @@ class Metrics:
         self.upstream_failures.labels(provider, code or "").inc()
         if seconds is not None:
             self._upstream(provider).observe(seconds)
+
+
+class RedisInstruments:
+    """Whether the shared Redis answers, on the gateway's registry; only gateways configured with Redis have them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.up = Gauge(
+            "apibox_redis_up", "1 while Redis answers; 0 while it does not and this process keeps its limits "
+            "alone (each process then allows a subject its full limits).", registry=registry)
+        self.fallbacks = Counter(
+            "apibox_redis_fallbacks", "Requests whose limits were checked in this process alone because Redis "
+            "did not answer in time.", registry=registry)
+        self.up.set(1)

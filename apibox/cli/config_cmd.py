@@ -35,6 +35,8 @@ def describe(settings: Settings) -> dict[str, Any]:
                     "routes": [{"provider": r.provider, "model": r.model, "weight": r.weight, "priority": r.priority}
                                for r in m.routes]} for m in settings.models],
         "limits": {"key": vars_of(settings.limits.key), "user": vars_of(settings.limits.user)},
+        "redis": {"url": masked_url(settings.redis.url), "prefix": settings.redis.prefix,
+                  "timeout": settings.redis.timeout} if settings.redis else None,
     }
 
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from apibox import accounts
+from apibox import accounts, bus
 from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
 from apibox.cli.render import keys_table, table, when
 from apibox.models import ApiKey
@@ -90,7 +90,8 @@ def show(key: KeyArg, config: ConfigOption = None, as_json: JsonOption = False) 
 @handles_errors
 def revoke(key: KeyArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Revoke a key: a running gateway refuses it within a second."""
-    revoked = with_store(config, lambda store, _: accounts.revoke_key(store, key))
+    revoked = with_store(config, lambda store, settings: accounts.revoke_key(
+        store, key, notify=bus.publisher(settings)))
     if as_json:
         print_json(key_json(revoked))
     else:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from apibox import accounts
+from apibox import accounts, bus
 from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
 from apibox.cli.render import keys_table, table, users_table, when
 from apibox.models import User, UserState
@@ -80,7 +80,7 @@ def update(user: UserArg, name: Annotated[str | None, typer.Option("--name", hel
            config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Change a user's name or group."""
     updated = with_store(config, lambda store, settings: accounts.update_user(
-        store, user, name=name, group=group, known_groups=settings.groups))
+        store, user, name=name, group=group, known_groups=settings.groups, notify=bus.publisher(settings)))
     _print_user(updated, as_json, "Updated")
 
 
@@ -88,7 +88,8 @@ def _state_command(state: UserState, verb: str, doc: str) -> None:
     @handles_errors
     def command(user: UserArg, reason: ReasonOption = "", config: ConfigOption = None,
                 as_json: JsonOption = False) -> None:
-        changed = with_store(config, lambda store, _: accounts.set_user_state(store, user, state, reason))
+        changed = with_store(config, lambda store, settings: accounts.set_user_state(
+            store, user, state, reason, notify=bus.publisher(settings)))
         _print_user(changed, as_json, verb)
     command.__doc__ = doc
     app.command(COMMAND_NAMES[state])(command)

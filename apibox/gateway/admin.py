@@ -84,7 +84,8 @@ async def update_user(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
     user = await accounts.update_user(store, request.match_info["user"], name=_field(body, "name", str),
                                       group=_field(body, "group", str), actor=_actor(request),
-                                      known_groups=request.app[SETTINGS].groups)
+                                      known_groups=request.app[SETTINGS].groups,
+                                      notify=request.app[GATEWAY].notifier)
     return web.json_response(user_json(user))
 
 
@@ -94,7 +95,7 @@ async def set_state(request: web.Request) -> web.Response:
     if state is None:
         raise InvalidRequest(f"'state' must be one of {', '.join(STATES)}.", param="state")
     user = await accounts.set_user_state(store, request.match_info["user"], state, _field(body, "reason", str) or "",
-                                         actor=_actor(request))
+                                         actor=_actor(request), notify=request.app[GATEWAY].notifier)
     return web.json_response(user_json(user))
 
 
@@ -142,7 +143,8 @@ async def show_key(request: web.Request) -> web.Response:
 
 
 async def revoke_key(request: web.Request) -> web.Response:
-    key = await accounts.revoke_key(_store(request), request.match_info["key"], actor=_actor(request))
+    key = await accounts.revoke_key(_store(request), request.match_info["key"], actor=_actor(request),
+                                    notify=request.app[GATEWAY].notifier)
     return web.json_response(key_json(key))
 
 

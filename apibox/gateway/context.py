@@ -10,6 +10,7 @@ from datetime import datetime
 import aiohttp
 
 from apibox.auth import Authenticator
+from apibox.bus import NO_NOTIFIER, Notifier
 from apibox.config import Settings
 from apibox.limits import RateLimiter
 from apibox.metrics import Metrics
@@ -31,3 +32,4 @@ class Gateway:
     # Settlements still being written; shutdown waits for them before it closes the store.
     settling: set[asyncio.Future[object]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)  # the app's, from create_app
+    notifier: Notifier = NO_NOTIFIER  # announces key and user changes made through the admin API

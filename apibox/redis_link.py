@@ -1,0 +1,142 @@
+"""A gateway's connection to the shared Redis, and whether Redis answers right now.
+
+Every Redis call goes through ``RedisLink.call`` with a short timeout. The first failure marks
+Redis as away: a WARNING in the log (once per outage), ``apibox_redis_up`` 0, and the callers
+fall back to what they can do alone (local limits; the 1 s key cache). While away, nothing
+waits on Redis: a background task pings it every ``retry_seconds`` and, when it answers, says
+so (INFO, gauge 1). While up, the same task runs the heartbeats (the limiter's leases).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from apibox.config import masked_url
+from apibox.metrics import RedisInstruments
+from apibox.settings import RedisSettings
+
+log = logging.getLogger("apibox.redis")
+
+# What a failing Redis raises: its own errors, socket errors, and our timeout.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+POOL_SIZE = 64  # connections per process; a script takes well under a millisecond, so few are busy at once
+T = TypeVar("T")
+
+
+def connect(settings: RedisSettings, *, timeout: float | None = None) -> Redis:
+    """A client that fails fast: short socket timeouts, no retries (the caller decides what a failure means)."""
+    seconds = timeout if timeout is not None else settings.timeout
+    pool = BlockingConnectionPool.from_url(
+        settings.url, max_connections=POOL_SIZE, timeout=seconds, socket_timeout=seconds,
+        socket_connect_timeout=seconds, retry=Retry(NoBackoff(), 0), decode_responses=True)
+    return Redis.from_pool(pool)
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class RedisLink:
+    def __init__(self, settings: RedisSettings, *, instruments: RedisInstruments | None = None,
+                 heartbeat_seconds: float = 10.0, retry_seconds: float = 1.0) -> None:
+        self.settings = settings
+        self.client = connect(settings)
+        self.heartbeat_seconds = heartbeat_seconds
+        self.retry_seconds = retry_seconds
+        self.up = True
+        self._instruments = instruments
+        self._heartbeats: list[Callable[[], Awaitable[None]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def key(self, *parts: str) -> str:
+        """A Redis key (or channel) under the configured prefix: ``apibox:rate:key:12``."""
+        return ":".join((self.settings.prefix, *parts))
+
+    async def call(self, awaitable: Awaitable[T]) -> T:
+        """One Redis round trip, given up after the configured timeout (twice it, with a wait for a connection)."""
+        async with asyncio.timeout(self.settings.timeout * 2):
+            return await awaitable
+
+    def failed(self, exc: BaseException) -> None:
+        """A call failed: Redis is away until the background ping gets an answer."""
+        if self.up:
+            self.up = False
+            log.warning("redis unavailable, using local limits (%s at %s); retrying every %g s", describe(exc),
+                        masked_url(self.settings.url), self.retry_seconds)
+            if self._instruments is not None:
+                self._instruments.up.set(0)
+
+    def recovered(self) -> None:
+        if not self.up:
+            self.up = True
+            log.info("redis available again at %s: limits are shared again", masked_url(self.settings.url))
+            if self._instruments is not None:
+                self._instruments.up.set(1)
+
+    def fell_back(self) -> None:
+        """One request's limits were checked in this process alone."""
+        if self._instruments is not None:
+            self._instruments.fallbacks.inc()
+
+    def on_heartbeat(self, beat: Callable[[], Awaitable[None]]) -> None:
+        """Run ``beat`` every ``heartbeat_seconds`` while Redis is up (a failure marks it away)."""
+        self._heartbeats.append(beat)
+
+    async def start(self) -> None:
+        """Check that Redis answers (serving goes on either way) and start the background task."""
+        try:
+            await self.call(self.client.ping())
+        except REDIS_ERRORS as exc:
+            self.failed(exc)
+        self._task = asyncio.create_task(self._watch(), name="apibox-redis-watch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.client.aclose()
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds if self.up else self.retry_seconds)
+            if self.up:
+                await self._beat()
+            else:
+                await self._probe()
+
+    async def _beat(self) -> None:
+        for beat in self._heartbeats:
+            try:
+                await beat()
+            except REDIS_ERRORS as exc:
+                self.failed(exc)
+                return
+            except Exception:  # a bug in one heartbeat must not end the watch (and with it the recovery)
+                log.exception("redis heartbeat failed")
+
+    async def _probe(self) -> None:
+        try:
+            await self.call(self.client.ping())
+        except REDIS_ERRORS:
+            return
+        self.recovered()
+
+
+async def run_quietly(link: RedisLink, awaitable: Awaitable[Any]) -> bool:
+    """Run one call; on failure mark Redis away and say False (the caller carries on without it)."""
+    try:
+        await link.call(awaitable)
+    except REDIS_ERRORS as exc:
+        link.failed(exc)
+        return False
+    return True
