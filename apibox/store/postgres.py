@@ -10,7 +10,7 @@ run under an advisory lock, so hosts starting together apply each one once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from apibox.errors import StoreError
+from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation, Row, Script
 from apibox.store.sql_store import SqlStore
@@ -77,6 +78,17 @@ class PostgresStore(SqlStore):
     @staticmethod
     def _concat(column: str) -> str:
         return f"string_agg({column}::text, ',')"
+
+    async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            copied: list[Table] = []
+            async for table, rows in batches:
+                await conn.copy_records_to_table(table.name, records=rows, columns=list(table.columns))
+                if table.order == "id" and table not in copied:
+                    copied.append(table)
+            for table in copied:  # new rows continue after the copied ids
+                await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), max(id)) "
+                                   f"FROM {table.name} HAVING max(id) IS NOT NULL")
 
     # -- schema --------------------------------------------------------------------------
 

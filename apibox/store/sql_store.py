@@ -93,6 +93,10 @@ class SqlStore(SqlReports):
         start it again from the top after a deadlock or serialization failure."""
         raise NotImplementedError
 
+    async def _import_rows(self, batches: Any) -> None:
+        """Insert ``(table, rows)`` batches (``db copy``) in one transaction, ids as given."""
+        raise NotImplementedError
+
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return await self._run(lambda: single(sql, params))
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import aiosqlite
 
 from apibox.errors import StoreError
+from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS, Migration
 from apibox.store.script import Row, Script, drive
 from apibox.store.sql_store import SqlStore
@@ -65,6 +66,13 @@ class SqliteStore(SqlStore):
     @staticmethod
     def _concat(column: str) -> str:
         return f"group_concat({column})"
+
+    async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
+        async def inserts() -> AsyncIterator[tuple[str, list[Row]]]:
+            async for table, rows in batches:
+                yield (f"INSERT INTO {table.name} ({', '.join(table.columns)}) "
+                       f"VALUES ({', '.join('?' * len(table.columns))})", rows)
+        await self._writer.bulk(inserts())
 
     # -- schema --------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -93,6 +93,19 @@ class SqliteWriter:
     async def execute(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
         """One autocommitted statement (atomic on its own), returning any RETURNING rows."""
         return await self.run(lambda: self._connection().execute(sql, params).fetchall())
+
+    async def bulk(self, batches: AsyncIterator[tuple[str, list[Sequence[Any]]]]) -> None:
+        """Many ``executemany`` batches in one transaction, all or nothing (``db copy``). Nothing
+        else may write meanwhile: the batches come from the event loop between hops."""
+        db = self._connection()
+        await self.run(lambda: db.execute("BEGIN IMMEDIATE"))
+        try:
+            async for sql, rows in batches:
+                await self.run(partial(db.executemany, sql, rows))
+            await self.run(lambda: db.execute("COMMIT"))
+        except BaseException:
+            await self.run(lambda: db.execute("ROLLBACK"))
+            raise
 
     def _connection(self) -> sqlite3.Connection:
         assert self._db is not None, "the writer is not open"
