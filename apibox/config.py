@@ -292,10 +292,11 @@ class _Parser:
 
     def database(self, node: _Node) -> DatabaseSettings:
         fields = node.mapping(("url", "pool_size"))
-        url = fields["url"].text() if "url" in fields else DatabaseSettings.url
+        defaults = DatabaseSettings()
+        url = fields["url"].text() if "url" in fields else defaults.url
         if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise fields["url"].fail(f"must start with sqlite:/// or postgresql://, got {url!r}")
-        pool_size = fields["pool_size"].integer(minimum=1) if "pool_size" in fields else DatabaseSettings.pool_size
+        pool_size = fields["pool_size"].integer(minimum=1) if "pool_size" in fields else defaults.pool_size
         return DatabaseSettings(url=url, pool_size=pool_size)
 
     REDIS_SCHEMES = ("redis://", "rediss://", "unix://")

@@ -80,15 +80,18 @@ class PostgresStore(SqlStore):
         return f"string_agg({column}::text, ',')"
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            copied: list[Table] = []
-            async for table, rows in batches:
-                await conn.copy_records_to_table(table.name, records=rows, columns=list(table.columns))
-                if table.order == "id" and table not in copied:
-                    copied.append(table)
-            for table in copied:  # new rows continue after the copied ids
-                await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), max(id)) "
-                                   f"FROM {table.name} HAVING max(id) IS NOT NULL")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                copied: list[Table] = []
+                async for table, rows in batches:
+                    await conn.copy_records_to_table(table.name, records=rows, columns=list(table.columns))
+                    if table.order == "id" and table not in copied:
+                        copied.append(table)
+                for table in copied:  # new rows continue after the copied ids
+                    await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table.name}', 'id'), max(id)) "
+                                       f"FROM {table.name} HAVING max(id) IS NOT NULL")
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"the copy failed and the target was rolled back (it is empty again): {exc}") from exc
 
     # -- schema --------------------------------------------------------------------------
 

@@ -72,7 +72,10 @@ class SqliteStore(SqlStore):
             async for table, rows in batches:
                 yield (f"INSERT INTO {table.name} ({', '.join(table.columns)}) "
                        f"VALUES ({', '.join('?' * len(table.columns))})", rows)
-        await self._writer.bulk(inserts())
+        try:
+            await self._writer.bulk(inserts())
+        except sqlite3.Error as exc:
+            raise StoreError(f"the copy failed and the target was rolled back (it is empty again): {exc}") from exc
 
     # -- schema --------------------------------------------------------------------------
 
