@@ -37,7 +37,7 @@ from tests.fake_gemini import GEMINI_KEY
 from tests.fake_upstream import UPSTREAM_KEY, WORDS, FakeUpstream
 from tests.gateway_helpers import account, usage_rows
 from tests.live_variants import ADMIN_KEY, Variant, request, server, store_of
-from tests.test_shutdown import free_port, wait_until_serving
+from tests.serve_helpers import free_port, wait_until_serving
 
 FIELDS = {"time", "request_id", "method", "path", "status", "duration_ms", "model", "provider", "user_id",
           "key_id", "error", "outcome", "prompt_tokens", "completion_tokens", "cached_tokens", "cost_micro_usd",

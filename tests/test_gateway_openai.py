@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -426,7 +427,8 @@ async def test_me_shows_the_balance_as_strings(live: Live, live_store) -> None:
 
 async def test_health_and_readiness(live: Live) -> None:
     async with aiohttp.ClientSession() as session:
-        for path, expected in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ok", "database": "ok"})):
+        for path, expected in (("/healthz", {"status": "ok", "pid": os.getpid()}),
+                               ("/readyz", {"status": "ok", "database": "ok"})):
             async with session.get(live.url + path) as response:
                 assert response.status == 200
                 assert await response.json() == expected

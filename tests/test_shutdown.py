@@ -8,81 +8,35 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from apibox import accounts
 from apibox.config import load_settings
 from apibox.store import open_store
 from tests.conftest import write_config
-from tests.fake_upstream import FakeUpstream
-from tests.gateway_helpers import sse_json
+from tests.serve_helpers import (
+    MidStreams,
+    Outcome,
+    free_port,
+    refused_connection,
+    slow_upstream,
+    stream_chat,
+    wait_until_serving,
+)
 
 STREAMS = 50
 
 
-@dataclass
-class SlowWords(FakeUpstream):
-    """The fake upstream, pausing before each event it writes: a stream takes ~1.4 s."""
-
-    word_delay: float = 0.1
-
-    async def _write(self, response: web.StreamResponse, data: bytes) -> None:  # type: ignore[override]
-        await asyncio.sleep(self.word_delay)
-        await FakeUpstream._write(response, data)
-
-
-class UpstreamThread:
-    """The slow fake upstream on its own event loop, outside the gateway's process."""
-
-    def __init__(self, fake: FakeUpstream) -> None:
-        self.fake = fake
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.runner: web.AppRunner | None = None
-
-    def start(self) -> str:
-        self.thread.start()
-        return asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
-
-    async def _start(self) -> str:
-        self.runner = web.AppRunner(self.fake.app(), access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        host, port = self.runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        if self.runner is not None:
-            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
-
-
 @pytest.fixture
 def upstream() -> Iterator[str]:
-    running = UpstreamThread(SlowWords())
-    try:
-        yield running.start()
-    finally:
-        running.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    with slow_upstream() as url:
+        yield url
 
 
 async def _setup(config: Path) -> list[str]:
@@ -100,71 +54,13 @@ async def _setup(config: Path) -> list[str]:
         await db.close()
 
 
-def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        try:
-            with socket.create_connection((url.split(":")[1].strip("/"), int(url.rsplit(":", 1)[1])), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"apibox serve did not start:\n{log.read_text()}")
-
-
-@dataclass
-class Outcome:
-    request_id: str
-    status: int
-    events: list[dict]
-    done: bool
-
-
-async def _stream(session: aiohttp.ClientSession, url: str, key: str, started: asyncio.Event,
-                  counter: list[int]) -> Outcome:
-    body = {"model": "gpt-fake", "messages": [{"role": "user", "content": "tell me"}], "stream": True,
-            "max_tokens": 50}
-    async with session.post(f"{url}/v1/chat/completions", json=body,
-                            headers={"Authorization": f"Bearer {key}"}) as response:
-        raw = b""
-        seen_content = cut = False
-        try:
-            async for chunk in response.content.iter_any():
-                raw += chunk
-                if not seen_content and raw.count(b"data:") >= 2:  # the role and the first word: mid-stream
-                    seen_content = True
-                    counter[0] += 1
-                    if counter[0] == STREAMS:
-                        started.set()
-        except aiohttp.ClientPayloadError:
-            cut = True  # the server closed the stream before its end
-        events = sse_json(raw.rsplit(b"\n\n", 1)[0] + b"\n\n") if cut else sse_json(raw)
-        return Outcome(response.headers["x-request-id"], response.status, events,
-                       not cut and raw.rstrip().endswith(b"data: [DONE]"))
-
-
-async def _refused_connection(url: str) -> bool:
-    """True once a new connection to the gateway is refused (it has stopped accepting)."""
-    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.open_connection(host, port)
-        except OSError:
-            return True
-        writer.close()
-        await writer.wait_closed()
-        await asyncio.sleep(0.02)
-    return False
-
-
 async def _run(url: str, keys: list[str], process: subprocess.Popen[bytes]) -> tuple[list[Outcome], bool, int]:
-    started, counter = asyncio.Event(), [0]
+    started = MidStreams(STREAMS)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        tasks = [asyncio.ensure_future(_stream(session, url, keys[n % 2], started, counter)) for n in range(STREAMS)]
-        await asyncio.wait_for(started.wait(), timeout=20)
+        tasks = [asyncio.ensure_future(stream_chat(session, url, keys[n % 2], started)) for n in range(STREAMS)]
+        await asyncio.wait_for(started.all.wait(), timeout=20)
         process.send_signal(signal.SIGTERM)
-        refused = await _refused_connection(url)
+        refused = await refused_connection(url)
         in_flight = sum(not t.done() for t in tasks)  # still streaming after the listener closed
         outcomes = await asyncio.gather(*tasks)
     return outcomes, refused, in_flight

@@ -1,40 +1,89 @@
-"""`apibox serve`: run the gateway."""
+"""`apibox serve`: run the gateway, in this process or as several worker processes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import sys
 from dataclasses import replace
 from typing import Annotated
 
 import typer
 
-from apibox.cli.common import ConfigOption, err_console, handles_errors
-from apibox.config import load_settings, masked_url
+from apibox.cli.common import ConfigOption, err_console, fail, handles_errors
+from apibox.config import Settings, load_settings, masked_url
 from apibox.gateway.app import serve as serve_gateway
 from apibox.gateway.metrics import configure_access_log
+from apibox.gateway.workers import check_port_free, supervise, worker_ready
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+log = logging.getLogger("apibox.workers")
 
 
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default: from config).")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default: from config, 8080).")] = None,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Processes sharing the port (SO_REUSEPORT, Linux); 1 serves in this process.")] = 1,
     config: ConfigOption = None,
+    worker_fd: Annotated[int | None, typer.Option(
+        "--worker-fd", hidden=True, help="Internal: run as one worker of `serve --workers N`.")] = None,
 ) -> None:
     """Run the gateway (applies pending migrations first)."""
+    if workers < 1:
+        raise fail(f"--workers must be 1 or more, got {workers}")
     settings = load_settings(config)
     server = replace(settings.server, host=host or settings.server.host,
                      port=port if port is not None else settings.server.port)
     settings = replace(settings, server=server)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=WORKER_LOG_FORMAT if worker_fd is not None else LOG_FORMAT)
     configure_access_log(settings.server.access_log == "json")
 
+    if worker_fd is not None:  # one of several workers, started by `serve --workers N`
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve_gateway(settings, server.host, server.port, ready=worker_ready(worker_fd),
+                                     reuse_port=True))
+        return
+    if workers > 1:
+        raise typer.Exit(_supervise(settings, workers, config))
+
     def ready(url: str) -> None:
-        models = ", ".join(m.name for m in settings.models) or "none"
-        err_console.print(f"apibox serving on {url}/v1 (config: {settings.source}; database: "
-                          f"{masked_url(settings.database.url)}; models: {models})")
+        err_console.print(f"apibox serving on {url}/v1 ({_describe(settings)})")
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve_gateway(settings, server.host, server.port, ready=ready))
+
+
+def _supervise(settings: Settings, workers: int, config: str | None) -> int:
+    """Start ``workers`` copies of this command on one port and watch them; the exit code."""
+    server = settings.server
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise fail("--workers needs SO_REUSEPORT, which this platform lacks; run with --workers 1")
+    if server.port == 0:
+        raise fail("--workers needs a fixed port: with port 0 each worker would listen on a port of its own")
+    check_port_free(server.host, server.port)
+    if not getattr(settings, "redis", None):
+        log.warning("no redis: section, so each of the %d workers keeps its own rate and concurrency limits "
+                    "(a key's limits are enforced per worker, not in total)", workers)
+
+    def command(fd: int) -> list[str]:
+        return [sys.executable, "-m", "apibox", "serve", "--host", server.host, "--port", str(server.port),
+                *(["--config", config] if config is not None else []), "--worker-fd", str(fd)]
+
+    def ready() -> None:
+        err_console.print(f"apibox serving on http://{server.host}:{server.port}/v1 with {workers} workers "
+                          f"({_describe(settings)})", soft_wrap=True)
+
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(supervise(command, workers, database_url=settings.database.url, ready=ready))
+
+
+def _describe(settings: Settings) -> str:
+    models = ", ".join(m.name for m in settings.models) or "none"
+    return f"config: {settings.source}; database: {masked_url(settings.database.url)}; models: {models}"
 
 
 def _loop_factory():  # type: ignore[no-untyped-def]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from aiohttp import web
 
@@ -12,8 +13,8 @@ log = logging.getLogger("apibox.gateway")
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """The process is up and serving."""
-    return web.json_response({"status": "ok"})
+    """The process is up and serving; ``pid`` tells the workers of `serve --workers N` apart."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:

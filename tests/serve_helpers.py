@@ -1,0 +1,149 @@
+"""Helpers for the tests that run a real `apibox serve` process (test_shutdown, test_workers,
+test_access_log): a slow fake upstream in its own thread, a free port, waiting for the server,
+and streaming through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from tests.fake_upstream import FakeUpstream
+from tests.gateway_helpers import sse_json
+
+
+@dataclass
+class SlowWords(FakeUpstream):
+    """The fake upstream, pausing before each event it writes: a stream takes ~1.4 s."""
+
+    word_delay: float = 0.1
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:  # type: ignore[override]
+        await asyncio.sleep(self.word_delay)
+        await FakeUpstream._write(response, data)
+
+
+class UpstreamThread:
+    """A fake upstream on its own event loop, outside the gateway's process."""
+
+    def __init__(self, fake: FakeUpstream) -> None:
+        self.fake = fake
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.runner: web.AppRunner | None = None
+
+    def start(self) -> str:
+        self.thread.start()
+        return asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(timeout=10)
+
+    async def _start(self) -> str:
+        self.runner = web.AppRunner(self.fake.app(), access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        host, port = self.runner.addresses[0][:2]
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@contextmanager
+def slow_upstream(fake: FakeUpstream | None = None) -> Iterator[str]:
+    """The fake upstream (by default ``SlowWords``) running for the block; yields its URL."""
+    running = UpstreamThread(fake or SlowWords())
+    try:
+        yield running.start()
+    finally:
+        running.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until the gateway at ``url`` accepts a connection (the process must not exit meanwhile)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            with socket.create_connection((url.split(":")[1].strip("/"), int(url.rsplit(":", 1)[1])), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"apibox serve did not start:\n{log.read_text()}")
+
+
+@dataclass
+class Outcome:
+    """One streamed chat completion as the client saw it."""
+
+    request_id: str
+    status: int
+    events: list[dict]
+    done: bool  # it ended with data: [DONE], not cut
+
+
+class MidStreams:
+    """Counts the streams that have got past their first word; ``all`` is set when ``expected`` have."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected, self.count, self.all = expected, 0, asyncio.Event()
+
+    def __call__(self) -> None:
+        self.count += 1
+        if self.count == self.expected:
+            self.all.set()
+
+
+async def stream_chat(session: aiohttp.ClientSession, url: str, key: str, mid_stream: Callable[[], None],
+                      model: str = "gpt-fake") -> Outcome:
+    """Stream one chat completion to its end (or its cut); ``mid_stream()`` once the first word arrived."""
+    body = {"model": model, "messages": [{"role": "user", "content": "tell me"}], "stream": True,
+            "max_tokens": 50}
+    async with session.post(f"{url}/v1/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {key}"}) as response:
+        raw = b""
+        seen_content = cut = False
+        try:
+            async for chunk in response.content.iter_any():
+                raw += chunk
+                if not seen_content and raw.count(b"data:") >= 2:  # the role and the first word: mid-stream
+                    seen_content = True
+                    mid_stream()
+        except aiohttp.ClientPayloadError:
+            cut = True  # the server closed the stream before its end
+        events = sse_json(raw.rsplit(b"\n\n", 1)[0] + b"\n\n") if cut else sse_json(raw)
+        return Outcome(response.headers["x-request-id"], response.status, events,
+                       not cut and raw.rstrip().endswith(b"data: [DONE]"))
+
+
+async def refused_connection(url: str) -> bool:
+    """True once a new connection to the gateway is refused (it has stopped accepting)."""
+    host, port = "127.0.0.1", int(url.rsplit(":", 1)[1])
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            return True
+        writer.close()
+        await writer.wait_closed()
+        await asyncio.sleep(0.02)
+    return False
