@@ -1,12 +1,14 @@
-"""Helpers shared by the CLI tests (test_cli_*.py): reading a command's result and its database file."""
+"""Helpers shared by the CLI tests (test_cli_*.py): reading a command's result and its database."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from pathlib import Path
 from typing import Any
+
+from apibox.config import load_settings
+from tests import dbquery
 
 
 def ok_json(result: Any) -> Any:
@@ -34,12 +36,17 @@ async def run(cli: Any, *args: str) -> Any:
     return await asyncio.to_thread(cli, *args)
 
 
+def database(config_path: Path) -> str:
+    """The URL of the database the test config points at (for tests/dbquery.py)."""
+    return load_settings(str(config_path)).database.url
+
+
 def db_file(config_path: Path) -> Path:
-    """The SQLite file the test config (conftest's ``write_config``) points at."""
+    """The SQLite file the test config (conftest's ``write_config``) points at, on the sqlite engine."""
+    assert dbquery.engine(database(config_path)) == "sqlite", "a SQLite file, on the sqlite engine only"
     return config_path.parent / "apibox.db"
 
 
 def tables(config_path: Path) -> set[str]:
     """The names of the tables in the test config's database."""
-    with sqlite3.connect(db_file(config_path)) as db:
-        return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return dbquery.tables(database(config_path))

@@ -1,4 +1,12 @@
-"""Shared fixtures: an isolated working directory, a real SQLite file, a live gateway.
+"""Shared fixtures: an isolated working directory, a real database on each engine, a live gateway.
+
+Every test that touches a database runs twice, on SQLite and on PostgreSQL: it asks (directly or
+through ``config_path``, ``store``, ``live``...) for ``database_url``, which is parametrized by the
+session-scoped ``engine`` (ids ``sqlite`` and ``postgresql``; ``-k sqlite`` runs one engine). A
+SQLite database is a fresh file in the test's ``tmp_path``; a PostgreSQL one a fresh schema in one
+database shared by the session, dropped after the test. Tests marked ``sqlite_only`` (they are about
+SQLite's files or its upgrade path) run on SQLite alone. Pure unit tests ask for no database and
+run once. The PostgreSQL and Redis servers come from tests/services.py.
 
 The live gateway runs in its own thread and event loop (beside the fake upstream), so the
 official SDKs, sync and async, can call it over real TCP exactly as users do.
@@ -7,13 +15,17 @@ official SDKs, sync and async, can call it over real TCP exactly as users do.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 from aiohttp import web
 from typer.testing import CliRunner
@@ -24,13 +36,17 @@ from apibox.config import Settings, load_settings
 from apibox.gateway.app import create_app
 from apibox.store import open_store
 from apibox.store.base import Store
+from tests import dbquery, services
 from tests.fake_anthropic import ANTHROPIC_KEY, FakeAnthropic
 from tests.fake_gemini import GEMINI_KEY, FakeGemini
 from tests.fake_upstream import UPSTREAM_KEY, FakeUpstream
 
+ENGINES = ("sqlite", "postgresql")
+TEST_DATABASE = "apibox_test"  # on the PostgreSQL server: one database, a schema per test
+
 CONFIG_TEMPLATE = """
 database:
-  url: sqlite:///{db}
+  url: {db}
 providers:
   - {{name: echo, type: echo}}
   - name: fake
@@ -88,6 +104,147 @@ groups:
 """
 
 
+# -- the engines ---------------------------------------------------------------------------------
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run every test that needs a database once per engine (``sqlite_only`` ones on SQLite alone).
+    Session-scoped, so pytest runs all the SQLite cases, then all the PostgreSQL ones."""
+    if "engine" in metafunc.fixturenames:
+        engines = ["sqlite"] if metafunc.definition.get_closest_marker("sqlite_only") else list(ENGINES)
+        metafunc.parametrize("engine", engines, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def engine(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` or ``postgresql``: the engine this test case runs on."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """The URL of a PostgreSQL server for the session: ``$APIBOX_TEST_POSTGRES_URL``, else one started
+    here (tests/services.py) and stopped at the end."""
+    yield from _server(services.POSTGRES_ENV, services.start_postgres)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The URL of a Redis server for the session: ``$APIBOX_TEST_REDIS_URL``, else one started here."""
+    yield from _server(services.REDIS_ENV, services.start_redis)
+
+
+def _server(env: str, start: Callable[[], services.Started]) -> Iterator[str]:
+    if os.environ.get(env):
+        yield os.environ[env]
+        return
+    try:
+        started = start()
+    except services.ServiceUnavailable as error:
+        pytest.fail(str(error), pytrace=False)
+    try:
+        yield started.url
+    finally:
+        started.stop()
+
+
+class PostgresDatabase:
+    """The session's test database on the PostgreSQL server; hands out fresh schemas."""
+
+    def __init__(self, server_url: str) -> None:
+        parts = urlsplit(server_url)
+        self.query = parse_qsl(parts.query)
+        self.url = urlunsplit(parts._replace(path=f"/{TEST_DATABASE}"))
+        # schema drops give up rather than hang behind a connection a test left in a transaction
+        self.admin_url = self._with(lock_timeout="10000")
+        if not dbquery.query(server_url, "SELECT 1 FROM pg_database WHERE datname = ?", (TEST_DATABASE,)):
+            with suppress(asyncpg.DuplicateDatabaseError):  # another session may be quicker
+                dbquery.execute(server_url, f"CREATE DATABASE {TEST_DATABASE}")
+        self.left: set[str] = set()
+
+    def _with(self, **settings: str) -> str:
+        parts = urlsplit(self.url)
+        return urlunsplit(parts._replace(query=urlencode([*self.query, *settings.items()])))
+
+    def create(self) -> tuple[str, str]:
+        """A new empty schema: (name, URL whose search_path is it)."""
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        dbquery.execute(self.admin_url, f"CREATE SCHEMA {name}")
+        self.left.add(name)
+        return name, self._with(search_path=name)
+
+    def drop(self, name: str) -> None:
+        try:
+            dbquery.execute(self.admin_url, f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        except asyncpg.LockNotAvailableError:
+            return  # still in use: tried again at the end of the session
+        self.left.discard(name)
+
+    def close(self) -> None:
+        for name in sorted(self.left):
+            with suppress(asyncpg.PostgresError):
+                self.drop(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server: str) -> Iterator[PostgresDatabase]:
+    database = PostgresDatabase(postgres_server)
+    yield database
+    database.close()
+
+
+class Databases:
+    """Fresh, empty databases of one engine: SQLite files in ``directory`` or PostgreSQL schemas.
+    ``close()`` removes the schemas (the files go with the directory)."""
+
+    def __init__(self, engine: str, directory: Path, postgres: PostgresDatabase | None) -> None:
+        self.engine, self.directory, self.postgres = engine, directory, postgres
+        self.schemas: dict[str, str] = {}  # URL -> schema name
+        self.count = 0
+
+    def new(self, name: str | None = None) -> str:
+        """The URL of a new empty database (``name``: the SQLite file's stem)."""
+        self.count += 1
+        if self.engine == "sqlite":
+            return f"sqlite:///{self.directory / (name or f'db-{self.count}')}.db"
+        assert self.postgres is not None
+        schema, url = self.postgres.create()
+        self.schemas[url] = schema
+        return url
+
+    def drop(self, url: str) -> None:
+        """Remove a database now (a schema; a SQLite file is left to the directory's cleanup)."""
+        if url in self.schemas and self.postgres is not None:
+            self.postgres.drop(self.schemas.pop(url))
+
+    def close(self) -> None:
+        for url in list(self.schemas):
+            self.drop(url)
+
+
+def databases_for(engine: str, directory: Path, request: pytest.FixtureRequest) -> Databases:
+    """A ``Databases`` for any fixture scope (PostgreSQL's server is only started when needed)."""
+    return Databases(engine, directory, request.getfixturevalue("postgres_database") if engine == "postgresql"
+                     else None)
+
+
+@pytest.fixture
+def databases(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Databases]:
+    """Make more fresh databases of this test's engine (``databases.new()``); all dropped after it."""
+    made = databases_for(engine, tmp_path, request)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def database_url(databases: Databases) -> str:
+    """The test's database: ``sqlite:///{tmp_path}/apibox.db`` or a fresh PostgreSQL schema."""
+    return databases.new("apibox")
+
+
+# -- the working directory, the config, the store ---------------------------------------------------
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test runs in its own empty directory with no apibox config from the environment."""
@@ -99,16 +256,16 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def write_config(tmp_path: Path, upstream: str = "http://127.0.0.1:9") -> Path:
+def write_config(tmp_path: Path, database_url: str, upstream: str = "http://127.0.0.1:9") -> Path:
     path = tmp_path / "apibox-test.yaml"
-    path.write_text(CONFIG_TEMPLATE.format(db=tmp_path / "apibox.db", upstream=upstream))
+    path.write_text(CONFIG_TEMPLATE.format(db=database_url, upstream=upstream))
     return path
 
 
 @pytest.fixture
-def config_path(tmp_path: Path) -> Path:
+def config_path(tmp_path: Path, database_url: str) -> Path:
     """A config file (fake upstream address unused) for CLI and store tests."""
-    return write_config(tmp_path)
+    return write_config(tmp_path, database_url)
 
 
 @pytest.fixture
@@ -175,9 +332,9 @@ class Live:
 class ServerThread:
     """The gateway and the fake upstream on one event loop in a background thread."""
 
-    def __init__(self, tmp_path: Path, fake: FakeUpstream, anthropic: FakeAnthropic | None = None,
+    def __init__(self, tmp_path: Path, database_url: str, fake: FakeUpstream, anthropic: FakeAnthropic | None = None,
                  gemini: FakeGemini | None = None) -> None:
-        self.tmp_path, self.fake = tmp_path, fake
+        self.tmp_path, self.database_url, self.fake = tmp_path, database_url, fake
         self.anthropic, self.gemini = anthropic or FakeAnthropic(), gemini or FakeGemini()
         self.clock: Callable[[], datetime] | None = None  # the gateway's clock, for price schedules
         self.loop = asyncio.new_event_loop()
@@ -203,7 +360,7 @@ class ServerThread:
         self.anthropic.add_routes(upstream_app)
         self.gemini.add_routes(upstream_app)
         upstream = await self._serve(upstream_app)
-        config = write_config(self.tmp_path, upstream)
+        config = write_config(self.tmp_path, self.database_url, upstream)
         settings = self.configure(load_settings(str(config)))
         url = await self._serve(create_app(settings, clock=self.clock))
         return Live(url, self.fake, config, settings, self.anthropic, self.gemini)
@@ -239,9 +396,9 @@ def serving(server: ServerThread) -> Iterator[Live]:
 
 
 @pytest.fixture
-def live(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
-    """A live gateway on a real SQLite file, in front of the fake upstream; books checked after."""
-    with serving(ServerThread(tmp_path, fake)) as running:
+def live(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Live]:
+    """A live gateway on the test's database, in front of the fake upstream; books checked after."""
+    with serving(ServerThread(tmp_path, database_url, fake)) as running:
         yield running
 
 

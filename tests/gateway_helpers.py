@@ -1,7 +1,7 @@
 """Helpers shared by the live-gateway tests (test_gateway_*.py): DB reads, prices, SSE parsing.
 
-The tests read the gateway's SQLite file directly (read-only) so that what they check is what
-was written, not what the store's own methods report; money is recomputed here with integer
+The tests read the gateway's database directly (tests/dbquery.py, either engine) so that what they
+check is what was written, not what the store's own methods report; money is recomputed here with integer
 math, independently of apibox.pricing.
 """
 
@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
 from apibox import accounts
-from apibox.store import sqlite_path
 from apibox.store.base import Store
+from tests import dbquery
 from tests.conftest import Live, fund
 
 # Test-config prices in micro-USD per 1M tokens (input, output, cached input).
@@ -35,16 +33,12 @@ def expected_cost(model: str, prompt: int, completion: int, cached: int = 0) -> 
     return -(-scaled // 1_000_000)
 
 
-def query(live: Live, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-    with closing(sqlite3.connect(sqlite_path(live.settings.database.url), timeout=10)) as db:
-        db.row_factory = sqlite3.Row
-        return list(db.execute(sql, params))
+def query(live: Live, sql: str, params: tuple[Any, ...] = ()) -> list[dbquery.Row]:
+    return dbquery.query(live.settings.database.url, sql, params)
 
 
 def execute(live: Live, sql: str, params: tuple[Any, ...] = ()) -> None:
-    with closing(sqlite3.connect(sqlite_path(live.settings.database.url), timeout=10)) as db:
-        db.execute(sql, params)
-        db.commit()
+    dbquery.execute(live.settings.database.url, sql, params)
 
 
 def usage_rows(live: Live, user_id: int | None = None) -> list[dict[str, Any]]:

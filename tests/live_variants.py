@@ -28,8 +28,8 @@ CHAT = {"model": "gpt-fake", "messages": MESSAGES}
 class Variant(ServerThread):
     """A live gateway whose loaded settings are changed by ``changes`` before it starts."""
 
-    def __init__(self, tmp_path: Path, fake: FakeUpstream, *changes: Change) -> None:
-        super().__init__(tmp_path, fake)
+    def __init__(self, tmp_path: Path, database_url: str, fake: FakeUpstream, *changes: Change) -> None:
+        super().__init__(tmp_path, database_url, fake)
         self.changes = changes
 
     def configure(self, settings: Settings) -> Settings:

@@ -48,9 +48,9 @@ CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": PROMPT}]}
 
 
 @pytest.fixture
-def start(tmp_path: Path, fake: FakeUpstream) -> Iterator[Callable[..., Live]]:
+def start(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Callable[..., Live]]:
     with ExitStack() as stack:
-        yield lambda *changes: stack.enter_context(serving(Variant(tmp_path, fake, *changes)))
+        yield lambda *changes: stack.enter_context(serving(Variant(tmp_path, database_url, fake, *changes)))
 
 
 @pytest.fixture
@@ -207,8 +207,9 @@ async def test_the_request_id_reaches_an_anthropic_upstream_through_the_messages
     assert sent["x-request-id"] == headers["x-request-id"]
 
 
-async def test_apibox_serve_writes_the_access_log_to_stdout_as_bare_json_lines(tmp_path: Path) -> None:
-    config = write_config(tmp_path)
+async def test_apibox_serve_writes_the_access_log_to_stdout_as_bare_json_lines(tmp_path: Path,
+                                                                                database_url: str) -> None:
+    config = write_config(tmp_path, database_url)
     config.write_text("server: {access_log: json}\n" + config.read_text())
     db = await open_store(load_settings(str(config)).database.url)
     await accounts.create_user(db, "ann@example.com")

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from apibox.cli.main import app as cli_app
-from tests.cli_helpers import assert_one_line_error, db_file
+from tests import dbquery
+from tests.cli_helpers import assert_one_line_error, database
 from tests.conftest import Live, serving
 from tests.fake_upstream import UPSTREAM_KEY, FakeUpstream
 from tests.gateway_helpers import books, query, wait_for_usage
@@ -38,9 +37,9 @@ ROUTES = [("GET", "/admin/users"), ("POST", "/admin/users"), ("GET", "/admin/use
 
 
 @pytest.fixture
-def admin(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
+def admin(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Live]:
     """A live gateway with the admin API on."""
-    with serving(Variant(tmp_path, fake, server(admin_key=ADMIN_KEY))) as running:
+    with serving(Variant(tmp_path, database_url, fake, server(admin_key=ADMIN_KEY))) as running:
         yield running
 
 
@@ -393,9 +392,8 @@ def test_ids_beyond_the_database_are_not_found_in_the_cli_too(cli, config_path: 
     assert cli("users", "create", "ann@example.com").exit_code == 0
 
     def everything() -> list[tuple[Any, ...]]:
-        with closing(sqlite3.connect(db_file(config_path))) as db:
-            return [tuple(r) for table in ("users", "api_keys", "ledger", "balances", "admin_log")
-                    for r in db.execute(f"SELECT * FROM {table}")]
+        return [tuple(r) for table in ("users", "api_keys", "ledger", "balances", "admin_log")
+                for r in dbquery.query(database(config_path), f"SELECT * FROM {table} ORDER BY 1")]
     before = everything()
     assert_one_line_error(cli(*args), "no ")
     assert everything() == before

@@ -407,9 +407,10 @@ async def test_the_endpoints_need_a_valid_key(live: Live, live_store, path: str)
 
 
 @pytest.fixture
-def limited(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
+def limited(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Live]:
     """A live gateway with default limits: key rpm 600 and concurrency 32, user rpm 1200."""
-    server = Variant(tmp_path, fake, limits(key=LimitSet(rpm=600, concurrency=32), user=LimitSet(rpm=1200)))
+    server = Variant(tmp_path, database_url, fake,
+                     limits(key=LimitSet(rpm=600, concurrency=32), user=LimitSet(rpm=1200)))
     with serving(server) as running:
         yield running
 
@@ -467,9 +468,9 @@ MOMENT = datetime(2031, 3, 15, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-def march_2031(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
+def march_2031(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Live]:
     """A live gateway whose clock says 15 March 2031, so "this month" is March 2031."""
-    server = ServerThread(tmp_path, fake)
+    server = ServerThread(tmp_path, database_url, fake)
     server.clock = lambda: MOMENT
     with serving(server) as running:
         yield running

@@ -1,16 +1,14 @@
 """Billing: holds and settlements keep every money invariant, whatever happens in between.
 
 The properties run random histories of top-ups, adjustments, requests, upstream failures and
-disconnects against a real SQLite file (a fresh one per example), and check the invariants
+disconnects against a real database (a fresh one per example, on each engine), and check the invariants
 after every step; a concurrency property fires hundreds of holds at once at a small balance.
 """
 
 from __future__ import annotations
 
 import asyncio
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +22,7 @@ from apibox.models import ApiKey, LedgerKind, UsageRecord, User
 from apibox.pricing import Price, Usage, affordable_output_tokens, cost_micro, worst_case_micro
 from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
+from tests.conftest import Databases
 
 DB_PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                              HealthCheck.too_slow])
@@ -60,16 +59,19 @@ def usage_record(key: ApiKey, request_id: str, status: str = "ok") -> UsageRecor
                        endpoint="chat/completions", status=status)
 
 
-def run_in_fresh_store(body):  # type: ignore[no-untyped-def]
-    """Run ``body(store)`` on a brand-new SQLite file in a new event loop; always close it."""
+def run_in_fresh_store(databases: Databases, body):  # type: ignore[no-untyped-def]
+    """Run ``body(store)`` on a brand-new database in a new event loop; always close and drop it."""
     async def main() -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            store = await open_store(f"sqlite:///{Path(tmp) / 'billing.db'}")
-            try:
-                await body(store)
-            finally:
-                await store.close()
-    asyncio.run(main())
+        store = await open_store(url)
+        try:
+            await body(store)
+        finally:
+            await store.close()
+    url = databases.new()
+    try:
+        asyncio.run(main())
+    finally:
+        databases.drop(url)
 
 
 async def check_invariants(store: Store, user: User) -> None:
@@ -147,7 +149,7 @@ class Model:
 
 @DB_PROPERTY
 @given(prices, st.data())
-def test_random_histories_keep_every_invariant(price: Price, data: st.DataObject) -> None:
+def test_random_histories_keep_every_invariant(databases: Databases, price: Price, data: st.DataObject) -> None:
     async def body(store: Store) -> None:
         user, key = await add_user(store, "ann@example.com")
         bystander, _ = await add_user(store, "bob@example.com")
@@ -197,7 +199,7 @@ def test_random_histories_keep_every_invariant(price: Price, data: st.DataObject
             await check_invariants(store, user)
         await check_books(store, user, model.written)
         assert (await store.get_balance(bystander.id)).balance == 777  # nobody else's money moved
-    run_in_fresh_store(body)
+    run_in_fresh_store(databases, body)
 
 
 async def finish(store: Store, key: ApiKey, price: Price, model: Model, index: int, data: st.DataObject) -> None:
@@ -232,7 +234,7 @@ CONCURRENT = 200
 @given(paid_prices, st.integers(min_value=0, max_value=3_000),
        st.integers(min_value=MIN_ANSWER_TOKENS, max_value=3_000), st.integers(min_value=0, max_value=10**6),
        st.data())
-def test_concurrent_holds_never_overspend(price: Price, prompt: int, output: int, spare: int,
+def test_concurrent_holds_never_overspend(databases: Databases, price: Price, prompt: int, output: int, spare: int,
                                           data: st.DataObject) -> None:
     full = max(1, worst_case_micro(price, prompt, output))
     starting = 20 * full + spare % full  # covers about 20 full requests
@@ -261,13 +263,13 @@ def test_concurrent_holds_never_overspend(price: Price, prompt: int, output: int
             written.append(await billing.settle(store, r, usage_record(key, r.hold.request_id), usage))
             await check_invariants(store, user)
         await check_books(store, user, written)
-    run_in_fresh_store(body)
+    run_in_fresh_store(databases, body)
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                 HealthCheck.too_slow])
 @given(paid_prices, st.data())
-def test_concurrent_request_lifecycles_keep_the_books(price: Price, data: st.DataObject) -> None:
+def test_concurrent_request_lifecycles_keep_the_books(databases: Databases, price: Price, data: st.DataObject) -> None:
     """Requests hold, yield to each other, then settle (many over their hold) while others hold."""
     prompt = data.draw(st.integers(min_value=0, max_value=2_000), label="prompt")
     output = data.draw(st.integers(min_value=MIN_ANSWER_TOKENS, max_value=2_000), label="output")
@@ -313,7 +315,7 @@ def test_concurrent_request_lifecycles_keep_the_books(price: Price, data: st.Dat
         assert written  # at least the first requests were served
         assert sum(r.charged for r in written) <= starting
         await check_books(store, user, written)
-    run_in_fresh_store(body)
+    run_in_fresh_store(databases, body)
 
 
 # -- reserve, example by example -------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import re
-import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,8 @@ import pytest
 
 from apibox.config import load_settings
 from apibox.store.base import Store
-from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run, tables
+from tests import dbquery
+from tests.cli_helpers import assert_one_line_error, database, ok_json, run, tables
 from tests.conftest import assert_books_balance, fund
 
 USD = re.compile(r"^\d+\.\d{6}$")
@@ -47,9 +47,11 @@ def test_topup_amounts_are_exact(cli: Any, ann: int, config_path: Path) -> None:
     balance = ok_json(cli("balance", "ann@example.com", "--json"))
     assert balance["balance_usd"] == balance["available_usd"] == "20.500001"
     # Micro-USD integers in the database, no float in sight.
-    with sqlite3.connect(db_file(config_path)) as db:
-        assert db.execute("SELECT balance, typeof(balance) FROM balances").fetchone() == (20_500_001, "integer")
-        assert [r[0] for r in db.execute("SELECT amount FROM ledger ORDER BY id")] == [10_000_000, 10_500_000, 1]
+    url = database(config_path)
+    typeof, integer = {"sqlite": ("typeof(balance)", "integer"),
+                       "postgresql": ("pg_typeof(balance)::text", "bigint")}[dbquery.engine(url)]
+    assert dbquery.query(url, f"SELECT balance, {typeof} FROM balances")[0] == (20_500_001, integer)
+    assert [r[0] for r in dbquery.query(url, "SELECT amount FROM ledger ORDER BY id")] == [10_000_000, 10_500_000, 1]
     assert_books_balance(config_path)
 
 

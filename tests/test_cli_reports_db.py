@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,7 +23,8 @@ from apibox.money import format_usd
 from apibox.pricing import Usage
 from apibox.store.base import Store
 from apibox.store.migrations import MIGRATIONS as SCHEMA
-from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run, tables
+from tests import dbquery
+from tests.cli_helpers import assert_one_line_error, database, db_file, ok_json, run, tables
 from tests.conftest import fund
 
 MIGRATIONS = [m.name for m in SCHEMA]
@@ -279,17 +279,17 @@ def test_report_on_an_empty_database(cli: Any) -> None:
 # -- db migrate / check ------------------------------------------------------------------------
 
 
-def test_db_migrate_is_idempotent(cli: Any, config_path: Path) -> None:
-    assert not db_file(config_path).exists()
+def test_db_migrate_is_idempotent(cli: Any, config_path: Path, engine: str) -> None:
+    assert tables(config_path) == set()  # nothing made before the first command (on SQLite, not even the file)
+    assert engine != "sqlite" or not db_file(config_path).exists()
     first = cli("db", "migrate")
     assert first.exit_code == 0, first.output
     assert f"Applied {', '.join(MIGRATIONS)}." in first.stdout
     second = cli("db", "migrate")
     assert second.exit_code == 0 and "up to date" in second.stdout
     assert ok_json(cli("db", "migrate", "--json")) == {"applied": []}
-    with sqlite3.connect(db_file(config_path)) as db:
-        assert db.execute("SELECT name FROM _apibox_migrations ORDER BY name").fetchall() == [
-            (name,) for name in MIGRATIONS]
+    assert dbquery.query(database(config_path), "SELECT name FROM _apibox_migrations ORDER BY name") == [
+        (name,) for name in MIGRATIONS]
     assert {"users", "balances", "api_keys", "holds", "usage", "ledger"} <= tables(config_path)
 
 
@@ -323,8 +323,7 @@ def _good_books(cli: Any) -> None:
 
 
 def tamper(config_path: Path, sql: str) -> None:
-    with sqlite3.connect(db_file(config_path)) as db:
-        db.execute(sql)
+    dbquery.execute(database(config_path), sql)
 
 
 def test_db_check_fails_when_a_balance_differs_from_the_ledger(cli: Any, config_path: Path) -> None:

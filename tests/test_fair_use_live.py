@@ -58,10 +58,10 @@ def rate_limited(error: dict[str, Any], headers: Any) -> int:
 
 
 @pytest.fixture
-def start(tmp_path: Path, fake: FakeUpstream) -> Iterator[Callable[..., Live]]:
+def start(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Callable[..., Live]]:
     """start(change, ...) -> a live gateway with changed settings, stopped and audited after the test."""
     with ExitStack() as stack:
-        yield lambda *changes: stack.enter_context(serving(Variant(tmp_path, fake, *changes)))
+        yield lambda *changes: stack.enter_context(serving(Variant(tmp_path, database_url, fake, *changes)))
 
 
 # -- requests per minute ------------------------------------------------------------------

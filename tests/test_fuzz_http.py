@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from apibox import accounts
 from apibox.store import open_store
-from tests.conftest import Live, assert_books_balance
+from tests.conftest import Live, assert_books_balance, databases_for
 from tests.fake_anthropic import ANTHROPIC_KEY
 from tests.fake_gemini import GEMINI_KEY
 from tests.fake_upstream import UPSTREAM_KEY, FakeUpstream
@@ -43,9 +43,11 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+def target(engine: str, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Target]:
     tmp = Path(tmp_path_factory.mktemp("fuzz"))
-    gateway = Variant(tmp, FakeUpstream(), server(admin_key=ADMIN_KEY, failed_auth_per_minute=10**9))
+    databases = databases_for(engine, tmp, request)
+    gateway = Variant(tmp, databases.new("apibox"), FakeUpstream(),
+                      server(admin_key=ADMIN_KEY, failed_auth_per_minute=10**9))
     with pytest.MonkeyPatch.context() as env:
         env.setenv("FAKE_UPSTREAM_KEY", UPSTREAM_KEY)
         env.setenv("FAKE_ANTHROPIC_KEY", ANTHROPIC_KEY)
@@ -57,6 +59,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         finally:
             gateway.stop()
         assert_books_balance(live.config_path)
+    databases.close()
 
 
 async def _accounts(live: Live) -> tuple[str, str, int]:

@@ -256,9 +256,9 @@ class EchoEmbeddingServer(ServerThread):
 
 
 @pytest.fixture
-def echo_live(tmp_path: Path, fake: FakeUpstream) -> Iterator[Live]:
+def echo_live(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[Live]:
     """conftest's ``live`` with the ``embed-demo`` model added; books checked after."""
-    with serving(EchoEmbeddingServer(tmp_path, fake)) as running:
+    with serving(EchoEmbeddingServer(tmp_path, database_url, fake)) as running:
         yield running
 
 

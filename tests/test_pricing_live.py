@@ -47,8 +47,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def live(tmp_path: Path, fake: FakeUpstream, clock: Clock) -> Iterator[Live]:
-    server = Scheduled(tmp_path, fake)
+def live(tmp_path: Path, database_url: str, fake: FakeUpstream, clock: Clock) -> Iterator[Live]:
+    server = Scheduled(tmp_path, database_url, fake)
     server.clock = clock
     with serving(server) as running:
         yield running

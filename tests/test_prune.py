@@ -21,7 +21,8 @@ from apibox.store import open_store
 from apibox.store.base import Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.sqlite import _statements
-from tests.cli_helpers import assert_one_line_error, db_file, ok_json, run
+from tests.cli_helpers import assert_one_line_error, database, ok_json, run
+from tests.dbquery import connect
 from tests.report_helpers import (
     SINGLE_DIMENSIONS,
     Book,
@@ -63,12 +64,12 @@ async def prune(cli: Any, before: str) -> dict[str, Any]:
 
 
 def counts(config_path: Path) -> dict[str, int]:
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         return {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("usage", "usage_daily", "ledger")}
 
 
 def ledger_rows(config_path: Path) -> list[tuple[Any, ...]]:
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         return db.execute("SELECT * FROM ledger ORDER BY id").fetchall()
 
 
@@ -227,11 +228,11 @@ async def test_interrupted_requests_are_folded_but_never_reported(cli: Any, book
     assert len(await store.recover_holds()) == 1
     totals = await snapshot(cli)
     # date the interrupted row into a day that will be folded: it is folded, and still not reported
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         db.execute("UPDATE usage SET created_at = created_at - ? WHERE status = 'interrupted'", (5 * 86_400_000,))
     result = await prune(cli, boundary(book, 3).isoformat())
     assert result["rows_folded"] == result["requests"] + 1
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         assert db.execute("SELECT requests FROM usage_daily WHERE status = 'interrupted'").fetchall() == [(1,)]
     assert {by: additive(r) for by, r in (await snapshot(cli)).items()} == {
         by: additive(r) for by, r in totals.items()}
@@ -277,20 +278,20 @@ async def test_prune_is_in_the_admin_log(cli: Any, book: Book, store: Store) -> 
 
 async def test_prune_refuses_rows_whose_charge_does_not_match(cli: Any, book: Book, config_path: Path) -> None:
     victim = next(r for r in book.records if r.charged > 1 and r.created_at.date() < boundary(book, 3))  # type: ignore
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         db.execute("UPDATE usage SET charged = charged - 1 WHERE id = ?", (victim.id,))
     state = counts(config_path)
     assert_one_line_error(await run(cli, "usage", "prune", "--before", boundary(book, 3).isoformat()),
                           f"usage row {victim.id} does not match its ledger charge")
     assert counts(config_path) == state
-    with sqlite3.connect(db_file(config_path)) as db:  # put it back: the books balance again
+    with connect(database(config_path)) as db:  # put it back: the books balance again
         db.execute("UPDATE usage SET charged = charged + 1 WHERE id = ?", (victim.id,))
 
 
 async def test_the_audit_catches_tampering_with_folded_rows(cli: Any, book: Book, config_path: Path) -> None:
     await prune(cli, boundary(book, 3).isoformat())
     ann = next(uid for uid, email in book.emails.items() if email == "ann@example.com")
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         row = db.execute("SELECT day, key_id, model, provider, status FROM usage_daily WHERE user_id = ? "
                          "AND charged > 1 LIMIT 1", (ann,)).fetchone()
         db.execute("UPDATE usage_daily SET charged = charged - 1 WHERE user_id = ? AND day = ? AND key_id = ? "
@@ -298,7 +299,7 @@ async def test_the_audit_catches_tampering_with_folded_rows(cli: Any, book: Book
     result = await run(cli, "db", "check")
     assert result.exit_code == 1
     assert f"user {ann}: the ledger has" in result.stderr and "daily aggregates" in result.stderr
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         db.execute("UPDATE usage_daily SET charged = charged + 1 WHERE user_id = ? AND day = ? AND key_id = ? "
                    "AND model = ? AND provider = ? AND status = ?", (ann, *row))
     assert (await run(cli, "db", "check")).exit_code == 0
@@ -307,20 +308,21 @@ async def test_the_audit_catches_tampering_with_folded_rows(cli: Any, book: Book
 async def test_the_audit_catches_a_usage_row_deleted_without_a_fold(cli: Any, book: Book,
                                                                       config_path: Path) -> None:
     victim = next(r for r in book.records if r.charged > 0)
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         saved = db.execute("SELECT * FROM usage WHERE id = ?", (victim.id,)).fetchone()
         db.execute("DELETE FROM usage WHERE id = ?", (victim.id,))
     result = await run(cli, "db", "check")
     assert result.exit_code == 1
     assert f"user {victim.user_id}: the ledger has 1 charges of {victim.charged} for usage rows no longer kept, " \
            "the daily aggregates 0 of 0" in result.stderr
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         db.execute(f"INSERT INTO usage VALUES ({', '.join('?' * len(saved))})", saved)
 
 
 # -- the migration -------------------------------------------------------------------------------
 
 
+@pytest.mark.sqlite_only  # upgrades a SQLite file as 0002 left it; no PostgreSQL database is that old
 async def test_the_migration_keeps_the_ledger_row_for_row(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     with sqlite3.connect(path) as db:  # a database as 0002 left it, with money in it
@@ -372,11 +374,11 @@ async def test_store_prune_raises_store_error_on_a_mismatch(store: Store, config
     (key,) = await open_account(store, book, "ann@example.com")
     good = await record(store, book, key, book.now - timedelta(days=5), cost=3)
     bad = await record(store, book, key, book.now - timedelta(days=4), cost=9)
-    with sqlite3.connect(db_file(config_path)) as db:
+    with connect(database(config_path)) as db:
         db.execute("UPDATE usage SET charged = 8 WHERE id = ?", (bad.id,))
     with pytest.raises(StoreError, match=f"usage row {bad.id}"):
         await store.prune_usage(book.now - timedelta(days=2), batch_rows=1)
-    with sqlite3.connect(db_file(config_path)) as db:  # the batch before it was folded, this one not
+    with connect(database(config_path)) as db:  # the batch before it was folded, this one not
         assert db.execute("SELECT id FROM usage ORDER BY id").fetchall() == [(bad.id,)]
         db.execute("UPDATE usage SET charged = 9 WHERE id = ?", (bad.id,))
     assert good.id != bad.id

@@ -137,9 +137,9 @@ class Scripted(FakeUpstream):
 
 
 class Tweaked(ServerThread):
-    def __init__(self, tmp_path: Path, fake: FakeUpstream, routing: RoutingSettings | None,
+    def __init__(self, tmp_path: Path, database_url: str, fake: FakeUpstream, routing: RoutingSettings | None,
                  primary_url: str | None, primary_first_byte: float | None) -> None:
-        super().__init__(tmp_path, fake)
+        super().__init__(tmp_path, database_url, fake)
         self.routing, self.primary_url, self.primary_first_byte = routing, primary_url, primary_first_byte
 
     def configure(self, settings: Settings) -> Settings:
@@ -182,10 +182,10 @@ FIRST_BYTE = 0.15  # the primary's first-byte timeout in the "timeout" case; the
 
 
 @pytest.fixture
-def live(tmp_path: Path, fake: Scripted, failure: str, routing: RoutingSettings | None,
+def live(tmp_path: Path, database_url: str, fake: Scripted, failure: str, routing: RoutingSettings | None,
          request: pytest.FixtureRequest) -> Iterator[Live]:
     primary_url = request.getfixturevalue("dead_url") if failure == "refused" else None
-    server = Tweaked(tmp_path, fake, routing, primary_url, FIRST_BYTE if failure == "timeout" else None)
+    server = Tweaked(tmp_path, database_url, fake, routing, primary_url, FIRST_BYTE if failure == "timeout" else None)
     with serving(server) as running:
         yield running
 

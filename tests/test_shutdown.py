@@ -20,6 +20,7 @@ from apibox import accounts
 from apibox.config import load_settings
 from apibox.store import open_store
 from tests.conftest import write_config
+from tests.dbquery import query
 from tests.serve_helpers import (
     MidStreams,
     Outcome,
@@ -66,15 +67,8 @@ async def _run(url: str, keys: list[str], process: subprocess.Popen[bytes]) -> t
     return outcomes, refused, in_flight
 
 
-def _query(db_path: Path, sql: str) -> list[tuple]:
-    import sqlite3
-    from contextlib import closing
-    with closing(sqlite3.connect(db_path)) as db:
-        return list(db.execute(sql))
-
-
-def test_sigterm_during_50_streams_settles_every_one(tmp_path: Path, upstream: str) -> None:
-    config = write_config(tmp_path, upstream)
+def test_sigterm_during_50_streams_settles_every_one(tmp_path: Path, database_url: str, upstream: str) -> None:
+    config = write_config(tmp_path, database_url, upstream)
     keys = asyncio.run(_setup(config))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -94,16 +88,15 @@ def test_sigterm_during_50_streams_settles_every_one(tmp_path: Path, upstream: s
     text = log.read_text()
 
     # every request has exactly one usage row, charged once; nothing is left held
-    db = tmp_path / "apibox.db"
-    rows = _query(db, "SELECT request_id, status, cost FROM usage")
+    rows = query(database_url, "SELECT request_id, status, cost FROM usage")
     assert sorted(r[0] for r in rows) == sorted(o.request_id for o in outcomes)
     assert {r[1] for r in rows} <= {"ok", "cut", "client_gone"}
-    assert _query(db, "SELECT count(*) FROM holds") == [(0,)]
-    assert _query(db, "SELECT sum(held) FROM balances") == [(0,)]
-    charged = _query(db, "SELECT -sum(amount), count(*) FROM ledger WHERE kind = 'charge'")[0]
+    assert query(database_url, "SELECT count(*) FROM holds") == [(0,)]
+    assert query(database_url, "SELECT sum(held) FROM balances") == [(0,)]
+    charged = query(database_url, "SELECT -sum(amount), count(*) FROM ledger WHERE kind = 'charge'")[0]
     assert charged == (sum(r[2] for r in rows), STREAMS)
     assert all(r[2] > 0 for r in rows)
-    assert _query(db, "SELECT sum(balance) FROM balances") == [(10_000_000 - charged[0],)]
+    assert query(database_url, "SELECT sum(balance) FROM balances") == [(10_000_000 - charged[0],)]
     check = subprocess.run([sys.executable, "-m", "apibox", "db", "check", "--config", str(config)],
                            capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr

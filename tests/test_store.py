@@ -1,21 +1,18 @@
-"""The Store contract, over the ``store`` fixture (SQLite today; every engine later).
+"""The Store contract, over the ``store`` fixture, on every engine (conftest's ``engine``).
 
-The first part uses only the Store protocol, so it runs unchanged against any engine. The
-last part ("SQLite specifics") reaches under the protocol with raw SQL: the append-only
-ledger, the CHECK constraints, one-transaction settlement, and the audit finding tampering.
+The first part uses only the Store protocol. The last part ("under the protocol") reaches
+under it with raw SQL (tests/dbquery.py, either engine): the append-only ledger, the CHECK
+constraints, one-transaction settlement, and the audit finding tampering.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
 from apibox import accounts
-from apibox.config import load_settings
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.keys import generate_key, hash_key
 from apibox.models import ApiKey, Hold, LedgerKind, UsageRecord, User, UserState
@@ -23,20 +20,10 @@ from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation
-from tests.conftest import opened_store
+from tests.conftest import Databases
+from tests.dbquery import INTEGRITY_ERRORS, Connection, connect, tables
 
 TABLES = {"users", "balances", "api_keys", "holds", "usage", "ledger"}
-ENGINES = ["sqlite"]  # add "postgresql" here when apibox/store/postgres.py exists
-
-
-@pytest.fixture(params=ENGINES)
-async def store(request: pytest.FixtureRequest, config_path: Path) -> AsyncIterator[Store]:
-    """The store under contract, one per engine (conftest's ``store``, parametrized); the books
-    must balance after every test."""
-    settings = load_settings(str(config_path))
-    assert request.param == "sqlite" and settings.database.url.startswith("sqlite:")
-    async with opened_store(config_path) as db:
-        yield db
 
 
 async def new_user(store: Store, email: str = "ann@example.com") -> User:
@@ -82,8 +69,8 @@ async def test_fixture_store_is_fully_migrated(store: Store) -> None:
     await store.ping()
 
 
-async def test_migrations_apply_once_and_record_themselves(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+async def test_migrations_apply_once_and_record_themselves(databases: Databases) -> None:
+    url = databases.new()
     db = await open_store(url, migrate=False)
     try:
         assert await db.pending_migrations() == [m.name for m in MIGRATIONS]
@@ -386,51 +373,54 @@ async def test_a_thousand_small_charges_sum_exactly(store: Store) -> None:
     assert sum(e.amount for e in await store.ledger(user.id)) == 550_000
 
 
-# == SQLite specifics (raw SQL under the protocol) ==========================================
+# == under the protocol (raw SQL, either engine) ===============================================
+
+# SQL that is not the same on both engines: a trigger that fails every ledger insert, and
+# removing holds without the trigger that keeps balances.held equal to their sum.
+FAIL_LEDGER = {
+    "sqlite": ("CREATE TRIGGER test_fail_ledger BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'boom'); END",
+               "DROP TRIGGER test_fail_ledger"),
+    "postgresql": ("CREATE FUNCTION test_fail_ledger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                   "RAISE EXCEPTION 'boom' USING ERRCODE = 'integrity_constraint_violation'; END $$; "
+                   "CREATE TRIGGER test_fail_ledger BEFORE INSERT ON ledger "
+                   "FOR EACH ROW EXECUTE FUNCTION test_fail_ledger()",
+                   "DROP TRIGGER test_fail_ledger ON ledger; DROP FUNCTION test_fail_ledger()"),
+}
+DROP_HOLDS_RELEASE = {"sqlite": "DROP TRIGGER holds_release", "postgresql": "DROP TRIGGER holds_release ON holds"}
+
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    """The file the ``store`` fixture's config points at."""
-    return tmp_path / "apibox.db"
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
-    conn.execute("PRAGMA foreign_keys=ON")
-    return conn
-
-
-@pytest.fixture
-def raw(request: pytest.FixtureRequest, store: Store, db_path: Path) -> Iterator[sqlite3.Connection]:
-    """A plain sqlite3 connection to the ``store`` fixture's file (SQLite engine only)."""
-    if request.node.callspec.params.get("store") != "sqlite":
-        pytest.skip("raw SQLite checks")
-    conn = connect(db_path)
+def raw(store: Store, database_url: str) -> Iterator[Connection]:
+    """A plain connection to the ``store`` fixture's database (foreign keys enforced on both engines)."""
+    conn = connect(database_url)
     yield conn
     conn.close()
 
 
-def test_schema_tables_exist(raw: sqlite3.Connection) -> None:
-    names = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert names >= TABLES | {"_apibox_migrations"}
+def test_schema_tables_exist(raw: Connection, database_url: str) -> None:
+    assert tables(database_url) >= TABLES | {"_apibox_migrations"}
     applied = [r[0] for r in raw.execute("SELECT name FROM _apibox_migrations ORDER BY name")]
     assert applied == [m.name for m in MIGRATIONS]  # each recorded exactly once
+
+
+@pytest.mark.sqlite_only  # WAL is SQLite's journal mode
+def test_sqlite_runs_in_wal_mode(raw: Connection) -> None:
     assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_ledger_is_append_only(store: Store, raw: sqlite3.Connection) -> None:
+async def test_ledger_is_append_only(store: Store, raw: Connection) -> None:
     user = await new_user(store)
     await topup(store, user, 1_000)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
         raw.execute("UPDATE ledger SET amount = 1")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
         raw.execute("UPDATE ledger SET note = 'rewritten'")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+    with pytest.raises(INTEGRITY_ERRORS, match="append-only"):
         raw.execute("DELETE FROM ledger")
     assert raw.execute("SELECT amount, note FROM ledger").fetchall() == [(1_000, "test")]
 
 
-async def test_check_constraints_stop_a_negative_balance(store: Store, raw: sqlite3.Connection) -> None:
+async def test_check_constraints_stop_a_negative_balance(store: Store, raw: Connection) -> None:
     user, key = await funded(store, 1_000)
     hold = await store.hold(user.id, key.id, 400, "r", "m")
     assert hold is not None
@@ -456,22 +446,23 @@ async def test_check_constraints_stop_a_negative_balance(store: Store, raw: sqli
          "http_status, cost, charged) VALUES ('x', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 5, -1)", (user.id, key.id)),
     ]
     for sql, params in bad:
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(INTEGRITY_ERRORS):
             raw.execute(sql, params)
     assert raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone() == (1_000, 400)
     await store.settle(hold, record(hold, 0))
 
 
-async def test_settlement_is_one_transaction(store: Store, raw: sqlite3.Connection) -> None:
+async def test_settlement_is_one_transaction(store: Store, raw: Connection, engine: str) -> None:
     """If the ledger row cannot be written, nothing of the settlement is: the hold stays, no usage row,
     no balance change, no key spend."""
     user, key = await funded(store, 1_000)
     hold = await store.hold(user.id, key.id, 500, "r", "m")
     assert hold is not None
-    raw.execute("CREATE TRIGGER test_fail_ledger BEFORE INSERT ON ledger BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    create_trigger, drop_trigger = FAIL_LEDGER[engine]
+    raw.execute(create_trigger)
     with pytest.raises(IntegrityViolation, match="boom"):
         await store.settle(hold, record(hold, 300))
-    raw.execute("DROP TRIGGER test_fail_ledger")
+    raw.execute(drop_trigger)
     assert raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone() == (1_000, 500)
     assert raw.execute("SELECT count(*) FROM holds").fetchone() == (1,)
     assert raw.execute("SELECT count(*) FROM usage").fetchone() == (0,)
@@ -481,7 +472,7 @@ async def test_settlement_is_one_transaction(store: Store, raw: sqlite3.Connecti
     assert written.charged == 300
 
 
-async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: sqlite3.Connection) -> None:
+async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: Connection) -> None:
     user, key = await funded(store, 1_000)
     hold = await store.hold(user.id, key.id, 500, "r", "m")
     assert hold is not None
@@ -493,7 +484,7 @@ async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: sqlite3.Con
     await store.settle(hold, record(hold, 0))
 
 
-async def test_recovered_holds_are_logged_as_interrupted(store: Store, raw: sqlite3.Connection) -> None:
+async def test_recovered_holds_are_logged_as_interrupted(store: Store, raw: Connection) -> None:
     user, key = await funded(store, 1_000)
     assert await store.hold(user.id, key.id, 300, "crashed-1", "gpt-x") is not None
     assert await store.hold(user.id, key.id, 200, "crashed-2", "gpt-y") is not None
@@ -509,11 +500,12 @@ async def test_recovered_holds_are_logged_as_interrupted(store: Store, raw: sqli
 # -- the audit finds tampering --------------------------------------------------------------
 
 @pytest.fixture
-async def loose(tmp_path: Path) -> AsyncIterator[tuple[Store, sqlite3.Connection, User, ApiKey]]:
+async def loose(databases: Databases) -> AsyncIterator[tuple[Store, Connection, User, ApiKey]]:
     """A store with one funded user and a settled request, whose books the test will break
     (so no audit at teardown)."""
-    db = await open_store(f"sqlite:///{tmp_path / 'tampered.db'}")
-    conn = connect(tmp_path / "tampered.db")
+    url = databases.new("tampered")
+    db = await open_store(url)
+    conn = connect(url)
     user, key = await funded(db, 10_000)
     hold = await db.hold(user.id, key.id, 1_000, "ok-1", "m")
     assert hold is not None
@@ -524,7 +516,7 @@ async def loose(tmp_path: Path) -> AsyncIterator[tuple[Store, sqlite3.Connection
     await db.close()
 
 
-Loose = tuple[Store, sqlite3.Connection, User, ApiKey]
+Loose = tuple[Store, Connection, User, ApiKey]
 
 
 async def test_audit_finds_a_balance_off_by_one(loose: Loose) -> None:
@@ -542,11 +534,11 @@ async def test_audit_finds_held_off(loose: Loose) -> None:
     assert problems == [f"user {user.id}: held 1 differs from the open holds' sum 0"]
 
 
-async def test_audit_finds_a_hold_row_removed_without_its_trigger(loose: Loose) -> None:
+async def test_audit_finds_a_hold_row_removed_without_its_trigger(loose: Loose, engine: str) -> None:
     db, conn, user, key = loose
     hold = await db.hold(user.id, key.id, 50, "open", "m")
     assert hold is not None
-    conn.execute("DROP TRIGGER holds_release")
+    conn.execute(DROP_HOLDS_RELEASE[engine])
     conn.execute("DELETE FROM holds")
     problems = await db.audit()
     assert problems == [f"user {user.id}: held 50 differs from the open holds' sum 0"]
