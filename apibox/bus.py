@@ -114,7 +114,7 @@ class GatewayNotifier:
     async def changed(self, change: Change) -> None:
         change.apply(self._auth)
         link = self._link
-        if link is None:
+        if link is None or not link.up:  # away: the others' 1 s cache has to do
             return
         from apibox.redis_link import REDIS_ERRORS, describe
 
@@ -167,6 +167,10 @@ class Subscriber:
                         self._apply(message["data"])
             except REDIS_ERRORS as exc:
                 self._link.failed(exc)
+                missed = True
+                self._listening.clear()
+            except Exception:  # a bug here must not stop the listening for good
+                log.exception("the invalidation subscriber failed; subscribing again")
                 missed = True
                 self._listening.clear()
             finally:

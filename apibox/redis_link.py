@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -56,6 +56,7 @@ class RedisLink:
         self._instruments = instruments
         self._heartbeats: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._away = asyncio.Event()  # set while Redis is away: wakes the watch to start probing at once
 
     def key(self, *parts: str) -> str:
         """A Redis key (or channel) under the configured prefix: ``apibox:rate:key:12``."""
@@ -70,6 +71,7 @@ class RedisLink:
         """A call failed: Redis is away until the background ping gets an answer."""
         if self.up:
             self.up = False
+            self._away.set()
             log.warning("redis unavailable, using local limits (%s at %s); retrying every %g s", describe(exc),
                         masked_url(self.settings.url), self.retry_seconds)
             if self._instruments is not None:
@@ -78,6 +80,7 @@ class RedisLink:
     def recovered(self) -> None:
         if not self.up:
             self.up = True
+            self._away.clear()
             log.info("redis available again at %s: limits are shared again", masked_url(self.settings.url))
             if self._instruments is not None:
                 self._instruments.up.set(1)
@@ -108,10 +111,14 @@ class RedisLink:
 
     async def _watch(self) -> None:
         while True:
-            await asyncio.sleep(self.heartbeat_seconds if self.up else self.retry_seconds)
             if self.up:
-                await self._beat()
+                try:
+                    async with asyncio.timeout(self.heartbeat_seconds):
+                        await self._away.wait()
+                except TimeoutError:
+                    await self._beat()
             else:
+                await asyncio.sleep(self.retry_seconds)
                 await self._probe()
 
     async def _beat(self) -> None:
@@ -131,12 +138,3 @@ class RedisLink:
             return
         self.recovered()
 
-
-async def run_quietly(link: RedisLink, awaitable: Awaitable[Any]) -> bool:
-    """Run one call; on failure mark Redis away and say False (the caller carries on without it)."""
-    try:
-        await link.call(awaitable)
-    except REDIS_ERRORS as exc:
-        link.failed(exc)
-        return False
-    return True

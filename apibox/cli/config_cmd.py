@@ -55,6 +55,9 @@ def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     console.print(f"OK: {data['source']}", style="green")
     console.print(f"server: {data['server']['host']}:{data['server']['port']}   database: {data['database']['url']}"
                   f"   access log: {data['server']['access_log']}")
+    redis = data["redis"]
+    console.print(f"redis: {redis['url']} (prefix {redis['prefix']}, timeout {redis['timeout']} s): shared limits"
+                  if redis else "redis: none (limits kept in each process)")
     for p in data["providers"]:
         console.print(f"provider {p['name']} ({p['type']}) {p['base_url']} api_key={p['api_key']}")
     for m in data["models"]:
