@@ -19,10 +19,12 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -155,12 +157,14 @@ class PostgresDatabase:
         parts = urlsplit(server_url)
         self.query = parse_qsl(parts.query)
         self.url = urlunsplit(parts._replace(path=f"/{TEST_DATABASE}"))
-        # schema drops give up rather than hang behind a connection a test left in a transaction
-        self.admin_url = self._with(lock_timeout="10000")
+        self.admin_url = self._with(application_name="apibox-tests")
+        # Schemas are dropped on a connection of their own, in the background while the next test
+        # runs; a drop gives up rather than hang behind a connection a test left in a transaction.
+        self.drop_url = self._with(application_name="apibox-tests-drop", lock_timeout="10000")
         if not dbquery.query(server_url, "SELECT 1 FROM pg_database WHERE datname = ?", (TEST_DATABASE,)):
             with suppress(asyncpg.DuplicateDatabaseError):  # another session may be quicker
                 dbquery.execute(server_url, f"CREATE DATABASE {TEST_DATABASE}")
-        self.left: set[str] = set()
+        self.dropping: dict[str, Future[Any]] = {}
 
     def _with(self, **settings: str) -> str:
         parts = urlsplit(self.url)
@@ -170,20 +174,23 @@ class PostgresDatabase:
         """A new empty schema: (name, URL whose search_path is it)."""
         name = f"t_{uuid.uuid4().hex[:16]}"
         dbquery.execute(self.admin_url, f"CREATE SCHEMA {name}")
-        self.left.add(name)
         return name, self._with(search_path=name)
 
     def drop(self, name: str) -> None:
-        try:
-            dbquery.execute(self.admin_url, f"DROP SCHEMA IF EXISTS {name} CASCADE")
-        except asyncpg.LockNotAvailableError:
-            return  # still in use: tried again at the end of the session
-        self.left.discard(name)
+        """Drop the schema soon (the test's cached dbquery connection to it is closed now)."""
+        dbquery.forget(self._with(search_path=name))
+        self.dropping[name] = dbquery.execute_soon(self.drop_url, f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        for done in [n for n, future in self.dropping.items() if future.done() and not future.exception()]:
+            del self.dropping[done]
 
     def close(self) -> None:
-        for name in sorted(self.left):
+        """Wait for the drops; the ones that timed out waiting for a lock are tried once more."""
+        for name, future in list(self.dropping.items()):
             with suppress(asyncpg.PostgresError):
-                self.drop(name)
+                if future.exception(timeout=60) is not None:
+                    dbquery.execute(self.drop_url, f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        for url in (self.admin_url, self.drop_url):
+            dbquery.forget(url)
 
 
 @pytest.fixture(scope="session")

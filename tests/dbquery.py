@@ -7,8 +7,9 @@ loop in a worker thread (so they also work from inside an async test), with ``?`
 ``$1..$n``. Rows are tuples that can also be read by column name (``row["amount"]``, ``dict(row)``);
 ``sum()`` and other numerics PostgreSQL returns as Decimal come back as int, as SQLite returns them.
 
-Each call autocommits. ``connect(url)`` keeps one connection for a series of statements.
-Constraint and trigger violations raise the engine's own exception: catch ``INTEGRITY_ERRORS``.
+Each call autocommits; on PostgreSQL they share one cached connection per URL (``forget(url)``
+closes it, before its schema is dropped). ``connect(url)`` opens a connection of its own for a
+series of statements. Constraint and trigger violations raise the engine's own exception: catch ``INTEGRITY_ERRORS``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
+from concurrent.futures import Future
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -110,13 +112,16 @@ class _Loop:
         self.lock = threading.Lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> Future[T]:
         with self.lock:
             if self.loop is None:
                 self.loop = asyncio.new_event_loop()
                 threading.Thread(target=self.loop.run_forever, name="dbquery", daemon=True).start()
             loop = self.loop
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coroutine, loop)
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return self.submit(coroutine).result(timeout)
 
 
 _LOOP = _Loop()
@@ -136,12 +141,28 @@ async def _pg_run(connection: asyncpg.Connection, sql: str, params: Sequence[Any
     return [_row(tuple(r.values()), tuple(r.keys())) for r in records]
 
 
-async def _pg_once(url: str, sql: str, params: Sequence[Any]) -> list[Row]:
-    connection = await _pg_connect(url)
-    try:
-        return await _pg_run(connection, sql, params)
-    finally:
-        await connection.close()
+class _Cached:
+    """A connection per URL for ``query`` and ``execute``, one statement at a time (used on the private loop)."""
+
+    def __init__(self) -> None:
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.connections: dict[str, asyncpg.Connection] = {}
+
+    async def run(self, url: str, sql: str, params: Sequence[Any]) -> list[Row]:
+        async with self.locks.setdefault(url, asyncio.Lock()):
+            if url not in self.connections or self.connections[url].is_closed():
+                self.connections[url] = await _pg_connect(url)
+            return await _pg_run(self.connections[url], sql, params)
+
+    async def forget(self, url: str) -> None:
+        async with self.locks.setdefault(url, asyncio.Lock()):
+            connection = self.connections.pop(url, None)
+            if connection is not None:
+                await connection.close()
+        self.locks.pop(url, None)
+
+
+_CACHED = _Cached()
 
 
 # -- SQLite ------------------------------------------------------------------------------------------
@@ -171,7 +192,19 @@ def query(url: str, sql: str, params: Sequence[Any] = ()) -> list[Row]:
             return _sqlite_run(connection, sql, params)
         finally:
             connection.close()
-    return _LOOP.run(_pg_once(url, sql, params))
+    return _LOOP.run(_CACHED.run(url, sql, params))
+
+
+def execute_soon(url: str, sql: str) -> Future[list[Row]]:
+    """Start a PostgreSQL statement and return at once (its future has the outcome)."""
+    assert engine(url) == "postgresql"
+    return _LOOP.submit(_CACHED.run(url, sql, ()))
+
+
+def forget(url: str) -> None:
+    """Close the cached PostgreSQL connection to ``url``, if any."""
+    if engine(url) == "postgresql" and url in _CACHED.connections:
+        _LOOP.run(_CACHED.forget(url))
 
 
 def execute(url: str, sql: str, params: Sequence[Any] = ()) -> None:
