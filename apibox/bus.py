@@ -22,8 +22,11 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
+
+from apibox.errors import ConfigError
 
 if TYPE_CHECKING:
     from apibox.auth import Authenticator
@@ -38,12 +41,16 @@ CLI_TIMEOUT_SECONDS = 2.0  # a command may wait a little longer than a request f
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """What changed: one key, every key of one user, or (neither given) everything."""
+    """What changed: one key, every key of one user, or (neither given) everything; or, with
+    ``config``, the config files (every gateway reloads its own)."""
 
     key_id: int | None = None
     user_id: int | None = None
+    config: bool = False
 
     def encode(self) -> str:
+        if self.config:
+            return json.dumps({"config": True})
         return json.dumps({"key_id": self.key_id, "user_id": self.user_id})
 
     @classmethod
@@ -52,6 +59,8 @@ class Change:
         try:
             data = json.loads(text)
             key_id, user_id = data.get("key_id"), data.get("user_id")
+            if data.get("config") is True:
+                return cls(config=True)
         except (ValueError, TypeError, AttributeError):
             return cls()
         if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in (key_id, user_id)):
@@ -59,7 +68,8 @@ class Change:
         return cls(key_id, user_id)
 
     def apply(self, auth: Authenticator) -> None:
-        auth.invalidate(key_id=self.key_id, user_id=self.user_id)
+        if not self.config:
+            auth.invalidate(key_id=self.key_id, user_id=self.user_id)
 
 
 class Notifier(Protocol):
@@ -93,7 +103,11 @@ class RedisPublisher:
         try:
             async with asyncio.timeout(CLI_TIMEOUT_SECONDS * 2):
                 await client.publish(channel(self._settings.prefix), change.encode())
-        except REDIS_ERRORS as exc:  # the change itself is written: gateways see it within a second anyway
+        except REDIS_ERRORS as exc:
+            if change.config:  # nothing else would tell the gateways: say so
+                raise ConfigError(f"could not reach redis ({describe(exc)}), so no gateway was told to reload; "
+                                  "try again, or send each gateway SIGHUP") from None
+            # a key or user change is written: gateways see it within a second anyway
             log.warning("could not tell running gateways through redis (%s); they will notice within a second",
                         describe(exc))
         finally:
@@ -127,10 +141,13 @@ class GatewayNotifier:
 
 
 class Subscriber:
-    """Listens on the invalidation channel and applies every change to this gateway's ``Authenticator``."""
+    """Listens on the invalidation channel and applies every change to this gateway's ``Authenticator``
+    (and a config change by calling ``on_config``)."""
 
-    def __init__(self, link: RedisLink, auth: Authenticator, *, poll_seconds: float = 1.0) -> None:
+    def __init__(self, link: RedisLink, auth: Authenticator, *, poll_seconds: float = 1.0,
+                 on_config: Callable[[], None] | None = None) -> None:
         self._link, self._auth = link, auth
+        self._on_config = on_config
         self._poll = poll_seconds
         self._task: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
@@ -178,7 +195,10 @@ class Subscriber:
             await asyncio.sleep(self._link.retry_seconds)
 
     def _apply(self, data: Any) -> None:
-        Change.decode(data).apply(self._auth)
+        change = Change.decode(data)
+        change.apply(self._auth)
+        if change.config and self._on_config is not None:
+            self._on_config()
         self.received += 1
 
 

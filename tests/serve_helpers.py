@@ -6,8 +6,10 @@ and streaming through it.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +77,50 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@dataclass
+class Running:
+    """A real `apibox serve` process and where it listens and logs."""
+
+    process: subprocess.Popen[bytes]
+    url: str
+    log: Path
+    config: Path
+
+
+@contextmanager
+def serve_process(config: Path, directory: Path, *options: str, ready_text: str | None = None) -> Iterator[Running]:
+    """`apibox serve --config CONFIG --port FREE [options]` until the block ends (killed then if it is
+    still running); stdout and stderr go to a log file in ``directory``; waits until it accepts
+    connections (and, given ``ready_text``, until its log says so: ``with 2 workers``)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = directory / f"serve-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "apibox", "serve", "--config", str(config), "--port",
+                                    str(port), *options], stdout=out, stderr=subprocess.STDOUT, cwd=directory,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            wait_until_serving(url, process, log)
+            if ready_text is not None:
+                wait_for_line(log, ready_text, process)
+            yield Running(process, url, log, config)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 20) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text()
+        if text in content:
+            return content
+        assert process.poll() is None, content
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in the log:\n{log.read_text()}")
 
 
 def wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:

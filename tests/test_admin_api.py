@@ -33,7 +33,7 @@ ROUTES = [("GET", "/admin/users"), ("POST", "/admin/users"), ("GET", "/admin/use
           ("PATCH", "/admin/users/1"), ("POST", "/admin/users/1/state"), ("GET", "/admin/users/1/balance"),
           ("GET", "/admin/users/1/ledger"), ("GET", "/admin/keys"), ("POST", "/admin/keys"),
           ("GET", "/admin/keys/1"), ("POST", "/admin/keys/1/revoke"), ("POST", "/admin/topups"),
-          ("POST", "/admin/adjustments"), ("GET", "/admin/usage"), ("GET", "/admin/log")]
+          ("POST", "/admin/adjustments"), ("GET", "/admin/usage"), ("GET", "/admin/log"), ("POST", "/admin/reload")]
 
 
 @pytest.fixture

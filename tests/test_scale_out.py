@@ -3,15 +3,12 @@ its own port) on one PostgreSQL database and one Redis.
 
 Loaded together against one small balance they never overdraw it and the books balance; a key
 revoked through one gateway's admin API is refused by the other within a second; one user's
-rate limit holds across both.
+rate limit holds across both; a config reload announced by the CLI reaches both.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,10 +17,13 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from typer.testing import CliRunner
 
+from apibox.cli.main import app as cli_app
 from tests.conftest import PostgresDatabase, write_config
 from tests.fake_upstream import FakeUpstream
-from tests.serve_helpers import free_port, slow_upstream, wait_until_serving
+from tests.serve_helpers import serve_process, slow_upstream
+from tests.test_reload import add_model
 from tests.test_workers import assert_books, db_check, make_keys
 
 ADMIN_KEY = "admin-secret-for-scale-out-tests"
@@ -47,20 +47,11 @@ def shared(tmp_path: Path, postgres_database: PostgresDatabase, redis_url: str) 
 
 @contextmanager
 def gateway(config: Path, directory: Path) -> Iterator[str]:
-    """One `apibox serve` process on its own port until the block ends; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = directory / f"serve-{port}.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "apibox", "serve", "--config", str(config), "--port",
-                                    str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=directory,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            wait_until_serving(url, process, log)
-            yield url
-        finally:
-            process.terminate()
-            assert process.wait(timeout=30) == 0, log.read_text()
+    """One `apibox serve` process on its own port until the block ends (then it must stop cleanly)."""
+    with serve_process(config, directory) as running:
+        yield running.url
+        running.process.terminate()
+        assert running.process.wait(timeout=30) == 0, running.log.read_text()
 
 
 @contextmanager
@@ -69,8 +60,8 @@ def two_gateways(config: Path, directory: Path) -> Iterator[tuple[str, str]]:
         yield stack.enter_context(gateway(config, directory)), stack.enter_context(gateway(config, directory))
 
 
-async def chat(session: aiohttp.ClientSession, url: str, key: str) -> int:
-    body = {"model": "gpt-fake", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
+async def chat(session: aiohttp.ClientSession, url: str, key: str, model: str = "gpt-fake") -> int:
+    body = {"model": model, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 40}
     async with session.post(f"{url}/v1/chat/completions", json=body,
                             headers={"Authorization": f"Bearer {key}"}) as response:
         await response.read()
@@ -125,3 +116,19 @@ def test_one_users_rate_limit_holds_across_both_gateways(shared: tuple[Path, str
         statuses = asyncio.run(burst())
     assert statuses.count(200) == USER_RPM, statuses  # not USER_RPM on each gateway
     assert statuses.count(429) == USER_RPM
+
+
+def test_config_reload_through_redis_reaches_both_gateways(shared: tuple[Path, str], tmp_path: Path) -> None:
+    config, _ = shared
+    (key,) = asyncio.run(make_keys(config, {"ann@example.com": "5"}))
+    with two_gateways(config, tmp_path) as urls:
+        async def statuses() -> list[int]:
+            async with aiohttp.ClientSession() as session:
+                return [await chat(session, url, key, model="gpt-new") for url in urls]
+        assert asyncio.run(statuses()) == [404, 404]
+        add_model(config)
+        result = CliRunner().invoke(cli_app, ["config", "reload", "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        told = time.monotonic()
+        while asyncio.run(statuses()) != [200, 200]:
+            assert time.monotonic() - told < 1.0, "a gateway did not reload within a second"

@@ -6,7 +6,6 @@ check` accepts.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -24,11 +23,10 @@ from tests.dbquery import query
 from tests.serve_helpers import (
     MidStreams,
     Outcome,
-    free_port,
     refused_connection,
+    serve_process,
     slow_upstream,
     stream_chat,
-    wait_until_serving,
 )
 
 STREAMS = 50
@@ -70,22 +68,10 @@ async def _run(url: str, keys: list[str], process: subprocess.Popen[bytes]) -> t
 def test_sigterm_during_50_streams_settles_every_one(tmp_path: Path, database_url: str, upstream: str) -> None:
     config = write_config(tmp_path, database_url, upstream)
     keys = asyncio.run(_setup(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "apibox", "serve", "--config", str(config),
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            wait_until_serving(url, process, log)
-            outcomes, refused, in_flight = asyncio.run(_run(url, keys, process))
-            assert process.wait(timeout=30) == 0, log.read_text()
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    text = log.read_text()
+    with serve_process(config, tmp_path) as running:
+        outcomes, refused, in_flight = asyncio.run(_run(running.url, keys, running.process))
+        assert running.process.wait(timeout=30) == 0, running.log.read_text()
+    text = running.log.read_text()
 
     # every request has exactly one usage row, charged once; nothing is left held
     rows = query(database_url, "SELECT request_id, status, cost FROM usage")

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -37,11 +36,12 @@ from tests.conftest import fund, write_config
 from tests.fake_upstream import FakeUpstream
 from tests.serve_helpers import (
     MidStreams,
-    free_port,
+    Running,
     refused_connection,
+    serve_process,
     slow_upstream,
     stream_chat,
-    wait_until_serving,
+    wait_for_line,
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT spreads load on Linux")
@@ -49,44 +49,11 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO
 WORKERS = 2
 
 
-@dataclass
-class Running:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
-    config: Path
-
-
 @contextmanager
 def serving(tmp_path: Path, config: Path, workers: int = WORKERS) -> Iterator[Running]:
     """`apibox serve --workers N` until the block ends; waits for its one "serving on" line."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "apibox", "serve", "--workers", str(workers),
-                                    "--config", str(config), "--port", str(port)],
-                                   stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            wait_until_serving(url, process, log)
-            wait_for_line(log, f"with {workers} workers", process)
-            yield Running(process, url, log, config)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-
-
-def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float = 20) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        content = log.read_text()
-        if text in content:
-            return content
-        assert process.poll() is None, content
-        time.sleep(0.05)
-    raise AssertionError(f"no {text!r} in the log:\n{log.read_text()}")
+    with serve_process(config, tmp_path, "--workers", str(workers), ready_text=f"with {workers} workers") as running:
+        yield running
 
 
 async def worker_pids(url: str, expected: int = WORKERS, tries: int = 200) -> set[int]:

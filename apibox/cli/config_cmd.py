@@ -1,12 +1,15 @@
-"""`apibox config check`: validate and print the resolved configuration, secrets masked."""
+"""`apibox config check / reload`: validate and print the resolved configuration (secrets masked);
+ask running gateways to reload it."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import typer
 
-from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json
+from apibox.bus import Change, publisher
+from apibox.cli.common import ConfigOption, JsonOption, console, fail, handles_errors, print_json
 from apibox.config import Settings, load_settings, masked, masked_url
 from apibox.money import format_usd
 
@@ -64,3 +67,17 @@ def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         routes = ", ".join(f"{r['provider']}:{r['model']}" for r in m["routes"])
         prices = " ".join(f"{k}={v}" for k, v in m["price_usd_per_1m"].items())
         console.print(f"model {m['name']} -> {routes}  [{prices} USD/1M]")
+
+
+@app.command("reload")
+@handles_errors
+def reload(config: ConfigOption = None) -> None:
+    """Tell every running gateway to reload its config file (models, prices, providers, groups, limits).
+    Needs redis: in the config; without it, send SIGHUP to the gateway (systemctl reload apibox)."""
+    settings = load_settings(config)  # a file that does not validate is refused here, before any gateway sees it
+    if settings.redis is None:
+        raise fail("no redis: section in the config, so running gateways cannot be told from here; send the "
+                   "gateway SIGHUP instead (systemctl reload apibox, or kill -HUP <pid of apibox serve>)")
+    asyncio.run(publisher(settings).changed(Change(config=True)))
+    console.print(f"Asked every gateway listening on {masked_url(settings.redis.url)} to reload its config file "
+                  f"({settings.source} validates).")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import sys
 from dataclasses import replace
@@ -32,7 +33,10 @@ def serve(
     worker_fd: Annotated[int | None, typer.Option(
         "--worker-fd", hidden=True, help="Internal: run as one worker of `serve --workers N`.")] = None,
 ) -> None:
-    """Run the gateway (applies pending migrations first)."""
+    """Run the gateway (applies pending migrations first). SIGHUP reloads the config file."""
+    # A reload signal that arrives before the gateway is listening must not kill it (SIGHUP's default):
+    # the gateway installs its own handler once it serves, and reads the file then anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if workers < 1:
         raise fail(f"--workers must be 1 or more, got {workers}")
     settings = load_settings(config)

@@ -13,9 +13,11 @@ from typing import Any
 from aiohttp import web
 
 from apibox import accounts, reports
-from apibox.errors import InvalidApiKey, InvalidRequest, NotFound
+from apibox.bus import Change
+from apibox.errors import ConfigError, InvalidApiKey, InvalidRequest, NotFound
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.openai import bearer_secret, read_json, request_address
+from apibox.gateway.reload import reload_config
 from apibox.models import UserState
 from apibox.money import format_usd
 from apibox.store.base import Store
@@ -70,7 +72,7 @@ async def create_user(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
     user = await accounts.create_user(store, _field(body, "email", str, required=True), _field(body, "name", str) or "",
                                       _field(body, "group", str) or "default", actor=_actor(request),
-                                      known_groups=request.app[SETTINGS].groups)
+                                      known_groups=request.app[GATEWAY].settings.groups)
     return web.json_response(user_json(user), status=201)
 
 
@@ -84,7 +86,7 @@ async def update_user(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
     user = await accounts.update_user(store, request.match_info["user"], name=_field(body, "name", str),
                                       group=_field(body, "group", str), actor=_actor(request),
-                                      known_groups=request.app[SETTINGS].groups,
+                                      known_groups=request.app[GATEWAY].settings.groups,
                                       notify=request.app[GATEWAY].notifier)
     return web.json_response(user_json(user))
 
@@ -134,7 +136,7 @@ async def create_key(request: web.Request) -> web.Response:
         expires=_field(body, "expires", str), rpm=_field(body, "rpm", int), tpm=_field(body, "tpm", int),
         concurrency=_field(body, "concurrency", int), allow_ips=tuple(allow_ips))
     new = await accounts.create_key(store, str(_field(body, "user", (str, int), required=True)), options,
-                                    known_models=request.app[SETTINGS].model_index(), actor=_actor(request))
+                                    known_models=request.app[GATEWAY].settings.model_index(), actor=_actor(request))
     return web.json_response({**key_json(new.key), "key": new.secret}, status=201)
 
 
@@ -181,6 +183,21 @@ async def usage(request: web.Request) -> web.Response:
                               "total": reports.row_json(report.total)})
 
 
+async def reload(request: web.Request) -> web.Response:
+    """Reload this gateway's config file now, and with Redis every other gateway's too."""
+    store, gateway = _store(request), request.app[GATEWAY]
+    try:
+        done = reload_config(gateway)
+    except ConfigError as exc:
+        raise InvalidRequest(f"The config was not reloaded (the gateway keeps the previous one): {exc.message}") \
+            from None
+    await gateway.notifier.changed(Change(config=True))
+    summary = {"source": done.source, "models": done.models, "providers": done.providers,
+               "needs_restart": list(done.needs_restart)}
+    await store.log_admin_action(_actor(request), "config.reload", done.source, None, summary)
+    return web.json_response(summary)
+
+
 async def admin_log(request: web.Request) -> web.Response:
     store = _store(request)
     try:
@@ -208,3 +225,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/adjustments", adjust)
     app.router.add_get("/admin/usage", usage)
     app.router.add_get("/admin/log", admin_log)
+    app.router.add_post("/admin/reload", reload)

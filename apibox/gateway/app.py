@@ -26,6 +26,7 @@ from apibox.gateway.middlewares import (
     add_request_id,
     request_id_and_errors,
 )
+from apibox.gateway.reload import reload_or_log
 from apibox.gateway.sharing import open_sharing
 from apibox.limits import FailedAuthLimiter
 from apibox.providers import build_providers
@@ -77,7 +78,8 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=True)
         failures = FailedAuthLimiter(settings.server.failed_auth_per_minute)
         auth = Authenticator(db, failures=failures)
-        sharing = await open_sharing(settings, auth, app[metrics.METRICS])  # limits: in Redis or in this process
+        sharing = await open_sharing(settings, auth, app[metrics.METRICS],  # limits: in Redis or in this process
+                                     on_config=lambda: reload_or_log(app[GATEWAY]))
         gateway = app[GATEWAY] = Gateway(
             settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
             router=Router(settings), auth=auth, limiter=sharing.limiter, clock=clock,
@@ -121,7 +123,8 @@ async def _heartbeat(db: Store) -> None:
 
 async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[str], None] | None = None,
                 reuse_port: bool = False) -> None:
-    """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop.
+    """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop. SIGHUP
+    reloads the config file (``gateway/reload.py``).
 
     ``reuse_port`` binds with SO_REUSEPORT, so several worker processes can share the port.
     """
@@ -134,6 +137,7 @@ async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[st
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: reload_or_log(app[GATEWAY]))
     if ready is not None:
         ready(f"http://{host}:{port}")
     try:

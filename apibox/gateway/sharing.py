@@ -28,9 +28,11 @@ class Sharing:
     close: Callable[[], Awaitable[None]] = _nothing
 
 
-async def open_sharing(settings: Settings, auth: Authenticator, metrics: Metrics) -> Sharing:
+async def open_sharing(settings: Settings, auth: Authenticator, metrics: Metrics,
+                       on_config: Callable[[], None] | None = None) -> Sharing:
     """The limiter and notifier for this gateway; with Redis, connected and listening (or, if Redis does
-    not answer yet, serving with local limits and retrying in the background)."""
+    not answer yet, serving with local limits and retrying in the background). ``on_config`` is called
+    when another instance or the CLI announces a config reload."""
     if settings.redis is None:
         return Sharing(LocalLimiter(), GatewayNotifier(auth))
     from apibox.bus import Subscriber
@@ -39,7 +41,7 @@ async def open_sharing(settings: Settings, auth: Authenticator, metrics: Metrics
 
     link = RedisLink(settings.redis, instruments=RedisInstruments(metrics.registry))
     limiter = RedisLimiter(link)
-    subscriber = Subscriber(link, auth)
+    subscriber = Subscriber(link, auth, on_config=on_config)
     await link.start()
     await subscriber.start(wait_seconds=2.0 if link.up else 0.0)
 

@@ -13,7 +13,8 @@ listens, and if the supervisor disappears (even by SIGKILL) it reads end-of-file
 gracefully, so no worker outlives its supervisor.
 
 SIGINT and SIGTERM are passed on to every worker, and the supervisor waits while each one
-finishes and settles its requests in flight. A worker that exits on its own is restarted
+finishes and settles its requests in flight. SIGHUP is passed on too: each worker reloads
+its config file. A worker that exits on its own is restarted
 after a short delay that doubles while it keeps dying within seconds of its start; after
 ``MAX_INSTANT_CRASHES`` such deaths in a row the supervisor stops everything and exits 1
 (a process manager can then restart the whole service).
@@ -113,6 +114,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop, sig)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
         slots = [asyncio.ensure_future(self._slot(slot)) for slot in range(self.count)]
         try:
             waiting = asyncio.ensure_future(self.all_ready.wait())
@@ -130,7 +132,7 @@ class Supervisor:
                 self._kill_all()
                 await asyncio.wait(pending, timeout=5)
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             for task in slots:
                 task.cancel()
@@ -145,6 +147,12 @@ class Supervisor:
         self.stopping.set()
         for worker in list(self.running.values()):
             self._send(worker, sig)
+
+    def reload(self) -> None:
+        """SIGHUP: every worker reloads the config file (``gateway/reload.py``)."""
+        log.info("asking %d workers to reload the config", len(self.running))
+        for worker in list(self.running.values()):
+            self._send(worker, signal.SIGHUP)
 
     def _give_up(self, message: str, *args: object) -> None:
         log.error(message, *args)
