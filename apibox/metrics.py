@@ -85,6 +85,14 @@ class Metrics:
         self.in_flight = Gauge(
             "apibox_requests_in_flight", "API requests being served now (not /metrics or health probes).",
             registry=registry)
+        # The gauges that move on every request read plain numbers when scraped: an inc() or dec()
+        # takes a lock and two calls, and these moved four times per request.
+        self.in_flight_count = 0  # the middleware counts here
+        self.open_hold_count = 0
+        self.held_micro = 0
+        self.in_flight.set_function(lambda: self.in_flight_count)
+        self.open_holds.set_function(lambda: self.open_hold_count)
+        self.held.set_function(lambda: self.held_micro)
         self._requests = _children(self.requests)
         self._duration = _children(self.duration)
         self._ttft = _children(self.ttft)
@@ -107,12 +115,12 @@ class Metrics:
             self.rejected.labels(str(status), code or "").inc()
 
     def holding(self, amount: int) -> None:
-        self.open_holds.inc()
-        self.held.inc(amount)
+        self.open_hold_count += 1
+        self.held_micro += amount
 
     def released(self, amount: int) -> None:
-        self.open_holds.dec()
-        self.held.dec(amount)
+        self.open_hold_count -= 1
+        self.held_micro -= amount
 
     def settled(self, record: UsageRecord) -> None:
         """A billed request's usage row: its tokens, cost and time to first token."""

@@ -31,6 +31,8 @@ class Price:
 
     def for_group(self, multiplier: int) -> Price:
         """This price as a user of a group with ``multiplier`` (millionths) pays it."""
+        if multiplier == self.multiplier:
+            return self  # the usual case, on every request: dataclasses.replace is slow
         return replace(self, multiplier=multiplier)
 
     @property

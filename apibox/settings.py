@@ -95,6 +95,9 @@ class Group:
     models: tuple[str, ...] = ()  # empty: every model
 
 
+DEFAULT_GROUP = Group()
+
+
 @dataclass(frozen=True, slots=True)
 class LimitSet:
     rpm: int | None = None
@@ -137,7 +140,7 @@ class Settings:
 
     def group(self, name: str) -> Group:
         """A user's group; one the config does not name (such as "default") has multiplier 1."""
-        return self.groups.get(name) or Group()
+        return self.groups.get(name) or DEFAULT_GROUP
 
     def provider(self, name: str) -> ProviderSettings:
         return next(p for p in self.providers if p.name == name)

@@ -19,13 +19,7 @@ from apibox.config import Settings
 from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
-from apibox.gateway.middlewares import (
-    IN_FLIGHT,
-    InFlight,
-    add_rate_limit_headers,
-    add_request_id,
-    request_id_and_errors,
-)
+from apibox.gateway.middlewares import IN_FLIGHT, InFlight, add_response_headers
 from apibox.gateway.reload import reload_or_log
 from apibox.gateway.sharing import open_sharing
 from apibox.limits import FailedAuthLimiter
@@ -44,12 +38,11 @@ def create_app(settings: Settings, *, store: Store | None = None, session: aioht
     """The gateway app. Tests may pass their own store or upstream session instead of patching."""
     observed = metrics.Metrics()  # its own registry: two apps in one process never share counts
     app = web.Application(client_max_size=int(settings.server.max_body_mb * 1_000_000), middlewares=[
-        metrics.observer(observed, access_log_json=settings.server.access_log == "json"), request_id_and_errors])
+        metrics.observer(observed, access_log_json=settings.server.access_log == "json")])
     app[SETTINGS] = settings
     app[metrics.METRICS] = observed
     app[IN_FLIGHT] = InFlight()
-    app.on_response_prepare.append(add_request_id)
-    app.on_response_prepare.append(add_rate_limit_headers)
+    app.on_response_prepare.append(add_response_headers)
     app.cleanup_ctx.append(_lifecycle(settings, store, session, clock or _now))
     openai.add_routes(app)
     billing_api.add_routes(app)

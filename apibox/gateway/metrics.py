@@ -1,6 +1,6 @@
 """Observability on the request path: the ``/metrics`` page, request metrics and the JSON access log.
 
-The ``observer`` middleware wraps every request (it is the outermost one). Handlers tell the
+The ``observer`` middleware wraps every request (it is the only one). Handlers tell the
 request's ``Exchange`` what they learn: who called (``authenticate``), which model
 (``forward``), the billed call with its hold and settlement. When the answer is done, and
 the settlement written, the request is counted once and, with ``server.access_log: json``,
@@ -24,7 +24,20 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from apibox import jsoncodec
 from apibox.auth import Caller
-from apibox.gateway.middlewares import ERROR_CODE, PROBE_PATHS, REQUEST_ID, Handler
+from apibox.errors import ApiboxError
+from apibox.gateway.appkeys import SETTINGS
+from apibox.gateway.middlewares import (
+    ERROR_CODE,
+    IN_FLIGHT,
+    PROBE_PATHS,
+    REQUEST_ID,
+    Handler,
+    internal_error,
+    new_request_id,
+    overloaded,
+    render_error,
+    render_http_exception,
+)
 from apibox.keys import KEY_PREFIX
 from apibox.metrics import Metrics
 from apibox.models import UsageRecord
@@ -126,20 +139,40 @@ def logged_path(path: str) -> str:
 
 
 def observer(metrics: Metrics, *, access_log_json: bool) -> Any:
-    """The outermost middleware: starts each request's Exchange, and finishes it when the answer is done."""
+    """The gateway's one middleware. Each request gets its id and its Exchange; work beyond
+    ``server.max_in_flight`` is refused with 503 rather than queued; every error gets OpenAI's (or
+    Anthropic's) shape; the request is counted and logged when its answer is done. One middleware
+    rather than two: each layer costs a coroutine and a call on every request."""
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         exchange = request[EXCHANGE] = Exchange(metrics)
-        counted = request.path not in UNCOUNTED_PATHS
+        request_id = request[REQUEST_ID] = new_request_id()
+        counted = request.path not in UNCOUNTED_PATHS  # probes and /metrics answer even when saturated
         if counted:
-            metrics.in_flight.inc()
+            metrics.in_flight_count += 1
         status = 500
         try:
-            response = await handler(request)
+            in_flight = request.app[IN_FLIGHT]
+            if counted and in_flight.count >= request.app[SETTINGS].server.max_in_flight:
+                response = overloaded(request)
+            else:
+                in_flight.count += 1
+                try:
+                    response = await handler(request)
+                except ApiboxError as exc:
+                    response = render_error(request, exc)
+                except web.HTTPException as exc:
+                    if exc.status < 400:
+                        raise
+                    response = render_http_exception(request, exc)
+                except Exception:
+                    response = internal_error(request, request_id)
+                finally:
+                    in_flight.count -= 1
             status = response.status
             return response
-        except web.HTTPException as exc:  # only redirects get past the error middleware
+        except web.HTTPException as exc:  # redirects
             status = exc.status
             raise
         except asyncio.CancelledError:
@@ -147,7 +180,7 @@ def observer(metrics: Metrics, *, access_log_json: bool) -> Any:
             raise
         finally:
             if counted:
-                metrics.in_flight.dec()
+                metrics.in_flight_count -= 1
             exchange.finish(request, status, counted, access_log_json)
 
     return observe

@@ -33,8 +33,9 @@ from apibox.providers.base import ChunkStream, Provider, ProviderRequest, Stream
 log = logging.getLogger("apibox.gateway")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-OVERRUN_SLACK_TOKENS = 16
-OPENAI_DOOR = OpenAIDoor()  # tolerance before a stream running past its paid-for length is cut
+OVERRUN_SLACK_TOKENS = 16  # tolerance before a stream running past its paid-for length is cut
+NO_LIMITS = LimitSet()
+OPENAI_DOOR = OpenAIDoor()
 
 
 @dataclass(slots=True)
@@ -140,13 +141,13 @@ def limit_subjects(gateway: Gateway, caller: Caller) -> list[Subject]:
     """What a request counts against: its key (the key's own limits, else the config's key
     defaults) and its user (the config's user defaults); subjects without limits are left out."""
     key, defaults = caller.key, gateway.settings.limits
-    key_limits = LimitSet(rpm=key.rpm if key.rpm is not None else defaults.key.rpm,
-                          tpm=key.tpm if key.tpm is not None else defaults.key.tpm,
-                          concurrency=key.concurrency if key.concurrency is not None else defaults.key.concurrency)
+    rpm = key.rpm if key.rpm is not None else defaults.key.rpm
+    tpm = key.tpm if key.tpm is not None else defaults.key.tpm
+    concurrency = key.concurrency if key.concurrency is not None else defaults.key.concurrency
     subjects = []
-    if key_limits != LimitSet():
-        subjects.append(Subject(f"key:{key.id}", key_limits))
-    if defaults.user != LimitSet():
+    if rpm is not None or tpm is not None or concurrency is not None:
+        subjects.append(Subject(f"key:{key.id}", LimitSet(rpm=rpm, tpm=tpm, concurrency=concurrency)))
+    if defaults.user != NO_LIMITS:
         subjects.append(Subject(f"user:{caller.user.id}", defaults.user))
     return subjects
 
@@ -191,8 +192,11 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
         raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
     output = requested_output(endpoint, body, model)
     prompt = tokens.measure_prompt(body)  # once: the limits, the hold and any estimate share it
-    admission = await gateway.limiter.admit(limit_subjects(gateway, caller), prompt.estimate + output)
-    request[RATE_LIMIT_HEADERS] = admission.headers
+    subjects = limit_subjects(gateway, caller)
+    admission = None  # no limits apply: the limiter would count nothing, so it is not asked
+    if subjects:
+        admission = await gateway.limiter.admit(subjects, prompt.estimate + output)
+        request[RATE_LIMIT_HEADERS] = admission.headers
     call: Call | None = None
     try:
         reservation = await billing.reserve(
@@ -213,7 +217,8 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
             if call.settlement is None:  # failed before any output: nothing is charged
                 await call.settle(Usage(), "error", failed_with)
     finally:  # the concurrency slot is free again; the token estimate becomes the real count
-        await gateway.limiter.finish(admission, _used_tokens(call, admission))
+        if admission is not None:
+            await gateway.limiter.finish(admission, _used_tokens(call, admission))
 
 
 def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, Any]:

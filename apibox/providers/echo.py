@@ -19,7 +19,7 @@ from apibox.config import ProviderSettings
 from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage
 from apibox.providers.base import ProviderRequest, UpstreamFailure
-from apibox.tokens import _PIECES, PER_MESSAGE_TOKENS, count_tokens, prompt_parts
+from apibox.tokens import PER_MESSAGE_TOKENS, TOKEN_PIECES, count_tokens, prompt_parts
 
 DEFAULT_MAX_TOKENS = 256
 EMBEDDING_DIMENSIONS = 16
@@ -70,11 +70,8 @@ class EchoProvider:
         source = "Echo: " + _last_user_text(body)
         pieces: list[str] = []
         position = 0
-        for match in _PIECES.finditer(source):
-            word = match.group()
-            parts = [word[i:i + 4] for i in range(0, len(word), 4)]
-            parts[0] = source[position:match.start()] + parts[0]  # keep the spaces before a word
-            pieces.extend(parts)
+        for match in TOKEN_PIECES.finditer(source):
+            pieces.append(source[position:match.start()] + match.group())  # with the spaces before it
             position = match.end()
         finish = "stop"
         if len(pieces) > limit:
