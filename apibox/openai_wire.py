@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from apibox.pricing import Usage
@@ -69,3 +70,78 @@ def delta_text(chunk: dict[str, Any]) -> str:
             if isinstance(function, dict):
                 pieces.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
     return "".join(pieces)
+
+
+# Bytes that end a JSON string or start an escape in it; a text without them is its own JSON encoding.
+_NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
+_CONTENT_KEYS = (b'"content":"', b'"content": "')
+_PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
+
+
+class ChunkShape:
+    """The bytes a stream's plain content chunks share: everything around the text.
+
+    Most chunks of a stream differ from each other only in the text they add (same id, model,
+    created, one choice adding content, no finish_reason, no usage). One such chunk, parsed, is
+    the shape; a later chunk whose bytes are ``prefix + TEXT + suffix`` with TEXT free of quotes,
+    backslashes and control characters is the same JSON document with another content string,
+    so it needs no parsing: ``text`` reads it. ``learn`` returns None for a chunk that is not plain.
+    """
+
+    __slots__ = ("chunk", "prefix", "suffix", "text")
+
+    def __init__(self, chunk: dict[str, Any], prefix: bytes, text: str, suffix: bytes) -> None:
+        self.chunk, self.prefix, self.text, self.suffix = chunk, prefix, text, suffix
+
+    @classmethod
+    def learn(cls, chunk: dict[str, Any], raw: bytes) -> ChunkShape | None:
+        text = _plain_text(chunk)
+        if text is None:
+            return None
+        encoded = text.encode()
+        if _NOT_PLAIN.search(encoded) or raw.count(b'"content"') != 1:
+            return None
+        for key in _CONTENT_KEYS:
+            if raw.count(key) == 1:
+                start = raw.index(key) + len(key)
+                end = start + len(encoded)
+                if raw[start:end] == encoded and raw[end:end + 1] == b'"':
+                    return cls(chunk, raw[:start], text, raw[end:])
+                return None
+        return None
+
+    def text_of(self, raw: bytes) -> str | None:
+        """The content ``raw`` adds when it is a chunk of this shape, else None."""
+        prefix, suffix = self.prefix, self.suffix
+        if len(raw) < len(prefix) + len(suffix) or not raw.startswith(prefix) or not raw.endswith(suffix):
+            return None
+        middle = raw[len(prefix):len(raw) - len(suffix)]
+        if _NOT_PLAIN.search(middle):
+            return None
+        try:
+            return middle.decode()
+        except UnicodeDecodeError:
+            return None
+
+    def chunk_with(self, text: str) -> dict[str, Any]:
+        """The chunk of this shape that adds ``text``, parsed (for renderers that translate)."""
+        choice = self.chunk["choices"][0]
+        return {**self.chunk, "choices": [{**choice, "delta": {**choice["delta"], "content": text}}]}
+
+
+def _plain_text(chunk: dict[str, Any]) -> str | None:
+    """The text of a chunk that does nothing but add content to its one choice, else None."""
+    if "error" in chunk or chunk.get("usage") is not None:
+        return None
+    choices = chunk.get("choices")
+    if type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or not choice.keys() <= _PLAIN_CHOICE_KEYS:
+        return None
+    if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is not dict or delta.keys() != {"content"} or type(delta["content"]) is not str:
+        return None
+    return delta["content"]  # type: ignore[no-any-return]

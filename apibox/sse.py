@@ -22,7 +22,7 @@ class Event:
 
 
 class SSEDecoder:
-    """Feed bytes as they arrive; get back complete events."""
+    """Feed bytes as they arrive; get back complete events (``feed``) or only their data (``feed_data``)."""
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -39,11 +39,42 @@ class SSEDecoder:
         self._buffer = self._buffer[start:]
         return events
 
+    def feed_data(self, chunk: bytes) -> list[bytes]:
+        """The data of each whole event, as bytes on one line (so ``encode`` frames it again as it came).
+
+        The usual frame, ``data: ...`` and a blank line with LF endings, is sliced out as the bytes
+        that came, neither decoded nor parsed; anything else (CR endings, other fields, comments,
+        data over several lines) goes through ``feed``, its lines joined with spaces: to a JSON
+        text, whitespace like the line breaks were.
+        """
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            self._buffer = b""
+            return [_one_line(event) for event in self.feed(buffer)]
+        blocks = buffer.split(b"\n\n")
+        self._buffer = blocks.pop()
+        payloads = []
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                payloads.append(block[6:])
+            else:
+                event = _parse(block)
+                if event is not None:
+                    payloads.append(_one_line(event))
+        return payloads
+
+    def flush_data(self) -> list[bytes]:
+        return [_one_line(event) for event in self.flush()]
+
     def flush(self) -> list[Event]:
         """The last event, when the stream ended without a blank line after it."""
         rest, self._buffer = self._buffer, b""
         event = _parse(rest) if rest.strip() else None
         return [event] if event is not None else []
+
+
+def _one_line(event: Event) -> bytes:
+    return event.data.replace("\n", " ").encode()
 
 
 def _parse(block: bytes) -> Event | None:

@@ -99,6 +99,22 @@ def test_mixed_line_endings_survive_any_split(case: tuple[list[list[str]], list[
     assert decode(stream, cuts) == expected
 
 
+@settings(max_examples=200, deadline=None)
+@given(event_blocks(), st.lists(st.sampled_from(sorted(ENDINGS.values())), min_size=1, max_size=3),
+       st.booleans(), st.data())
+def test_feed_data_is_each_events_data_on_one_line(case: tuple[list[list[str]], list[Event]], endings: list[str],
+                                                   final_blank: bool, data: st.DataObject) -> None:
+    """The fast path (``data: ...`` frames with LF endings, sliced as they came) and the general one agree."""
+    blocks, expected = case
+    stream = render(blocks, endings, final_blank)
+    cuts = sorted(set(data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=8))))
+    decoder, got = SSEDecoder(), []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got += decoder.feed_data(stream[start:end])
+    got += decoder.flush_data()
+    assert got == [event.data.replace("\n", " ").encode() for event in expected]
+
+
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
 def test_every_single_split_point(ending: str) -> None:
     """Each event split at every byte boundary: inside multi-byte UTF-8, between CR and LF."""

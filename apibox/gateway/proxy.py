@@ -28,7 +28,7 @@ from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
 from apibox.pricing import Price, Usage, cost_micro
-from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure
+from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure, WireBatch
 
 log = logging.getLogger("apibox.gateway")
 
@@ -328,15 +328,16 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         async for batch in started.batches():
             call.first_byte = call.first_byte or time.monotonic()
             out: list[bytes] = []
-            for item in batch:
-                piece = renderer.feed(item)
+            raws = batch.raw if type(batch) is WireBatch else None
+            for index, item in enumerate(batch):
+                piece = renderer.feed(item, raws[index] if raws is not None else None)
                 usage = piece.usage or usage
                 if piece.text:
                     delivered.add(piece.text)
-                if delivered.past(limit):
-                    status = "cut"
-                    out.append(renderer.cut())
-                    break
+                    if delivered.past(limit):
+                        status = "cut"
+                        out.append(renderer.cut())
+                        break
                 out.append(piece.data)
             await response.write(b"".join(out))  # one write per upstream read
             if status == "cut":

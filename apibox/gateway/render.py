@@ -16,12 +16,13 @@ from apibox import jsoncodec
 from apibox.formats.anthropic import usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
-from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
+from apibox.openai_wire import ChunkShape, delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
+from apibox.providers.base import PlainChunk
 from apibox.sse import encode
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass is three times slower to make, and one is made per chunk
 class Piece:
     data: bytes
     text: str = ""
@@ -29,7 +30,9 @@ class Piece:
 
 
 class StreamRenderer(Protocol):
-    def feed(self, item: dict[str, Any]) -> Piece: ...
+    def feed(self, item: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
+        """One upstream item; ``raw``: its bytes as they came (``WireBatch``), when known."""
+        ...
     def cut(self) -> bytes:
         """End the answer where the hold's paid-for length ran out."""
         ...
@@ -40,35 +43,108 @@ class StreamRenderer(Protocol):
 
 
 class OpenAIRenderer:
-    """OpenAI chunks to OpenAI clients: the client's model name, usage only when asked for."""
+    """OpenAI chunks to OpenAI clients: the client's model name, usage only when asked for.
+
+    A chunk that came as OpenAI SSE is passed on as the bytes that came, with the model's name
+    replaced in them; it is serialized again only when that cannot be done safely (``_only_key``).
+    A ``PlainChunk`` (only text, not parsed) is written as the text between the bytes its shape
+    shares with the other plain chunks, edited once per stream.
+    """
 
     def __init__(self, model: str, wants_usage: bool) -> None:
         self.model = model
         self.wants_usage = wants_usage
-        self.head: dict[str, Any] = {"id": "chatcmpl-apibox", "object": "chat.completion.chunk",
+        self.last: dict[str, Any] = {"id": "chatcmpl-apibox", "object": "chat.completion.chunk",
                                      "created": int(time.time())}
         self.usage_chunk: dict[str, Any] | None = None
+        self.upstream_model = self.model
+        self.upstream_forms = self.client_forms = model_field(model)
+        self.shape: ChunkShape | None = None
+        self.around: tuple[bytes, bytes] | None = None  # the frame before and after a plain chunk's text
 
-    def feed(self, chunk: dict[str, Any]) -> Piece:
-        usage = usage_from_openai(chunk.get("usage")) if chunk.get("usage") else None
+    def feed(self, chunk: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
+        if type(chunk) is PlainChunk:
+            return self._plain(chunk, raw)
+        usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
         if usage is not None and not chunk.get("choices"):
             self.usage_chunk = chunk  # sent at the end, with the cost
             return Piece(b"", usage=usage)
-        if not self.wants_usage:
-            chunk.pop("usage", None)
-        chunk["model"] = self.model
-        self.head = {k: chunk[k] for k in ("id", "object", "created") if k in chunk}
-        return Piece(encode(jsoncodec.dumps(chunk)), delta_text(chunk), usage)
+        self.last = chunk
+        data = self._as_came(chunk, raw) if raw is not None else None
+        if data is None:
+            if not self.wants_usage:
+                chunk.pop("usage", None)
+            chunk["model"] = self.model
+            data = encode(jsoncodec.dumps(chunk))
+        return Piece(data, delta_text(chunk), usage)
+
+    def _plain(self, chunk: PlainChunk, raw: bytes | None) -> Piece:
+        shape = chunk.shape
+        if shape is not self.shape:
+            self.shape, self.around = shape, self._around(shape)
+        if self.around is None or raw is None:
+            return self.feed(chunk.parsed(), None)
+        self.last = shape.chunk
+        before, after = self.around
+        return Piece(before + raw[len(shape.prefix):len(raw) - len(shape.suffix)] + after, chunk.text)
+
+    def _around(self, shape: ChunkShape) -> tuple[bytes, bytes] | None:
+        """The frame of a chunk of ``shape`` around its text, as ``_as_came`` writes it; None when it would not."""
+        text = shape.text.encode()
+        edits = self._edits(shape.chunk, shape.prefix + text + shape.suffix)
+        if edits is None:
+            return None
+        before, after = b"data: " + shape.prefix, shape.suffix + b"\n\n"
+        whole = before + text + after
+        for old, new in edits:  # each occurs once, outside the text (which has no quotes)
+            before, after, whole = before.replace(old, new), after.replace(old, new), whole.replace(old, new)
+        return (before, after) if before + text + after == whole else None
+
+    def _as_came(self, chunk: dict[str, Any], raw: bytes) -> bytes | None:
+        """The frame of ``raw`` with the client's model name (and without ``"usage": null`` unless the
+        client asked for usage), or None when bytes cannot be replaced safely."""
+        edits = self._edits(chunk, raw)
+        if edits is None:
+            return None
+        for old, new in edits:
+            raw = raw.replace(old, new)
+        return b"data: " + raw + b"\n\n"
+
+    def _edits(self, chunk: dict[str, Any], raw: bytes) -> list[tuple[bytes, bytes]] | None:
+        """The byte replacements that turn ``raw`` into what the client gets; None when there are none
+        that are safe."""
+        edits = []
+        if "usage" in chunk and not self.wants_usage:
+            if chunk["usage"] is not None:
+                return None
+            edit = _only_key(raw, b'"usage"', NULL_USAGE, (b"", b""))
+            if edit is None:
+                return None
+            edits.append(edit)
+        upstream_model = chunk.get("model")
+        if type(upstream_model) is not str:
+            return None
+        if upstream_model != self.upstream_model:
+            self.upstream_model, self.upstream_forms = upstream_model, model_field(upstream_model)
+        if upstream_model != self.model:
+            edit = _only_key(raw, b'"model"', self.upstream_forms, self.client_forms)
+            if edit is None:
+                return None
+            edits.append(edit)
+        return edits
+
+    def _head(self) -> dict[str, Any]:
+        return {k: self.last[k] for k in ("id", "object", "created") if k in self.last}
 
     def cut(self) -> bytes:
-        chunk = {**self.head, "model": self.model,
+        chunk = {**self._head(), "model": self.model,
                  "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
         return encode(jsoncodec.dumps(chunk))
 
     def end(self, usage: Usage, cost: int) -> bytes:
         if not self.wants_usage:
             return b"data: [DONE]\n\n"
-        chunk = self.usage_chunk or {**self.head, "choices": []}
+        chunk = self.usage_chunk or {**self._head(), "choices": []}
         raw = chunk.get("usage") if self.usage_chunk and not usage.estimated else usage_to_openai(usage)
         final = {**chunk, "model": self.model, "usage": {**raw, "cost": usd_number(cost)}}
         return encode(jsoncodec.dumps(final)) + b"data: [DONE]\n\n"
@@ -76,6 +152,34 @@ class OpenAIRenderer:
     def error(self, message: str) -> bytes:
         return encode(jsoncodec.dumps({"error": {"message": message, "type": "server_error", "param": None,
                                             "code": "upstream_stream_broken"}}))
+
+
+# A chunk's ``"usage": null`` as JSON encoders write it: compact (orjson, OpenAI) or with spaces (json.dumps).
+NULL_USAGE = (b',"usage":null', b', "usage": null')
+
+
+def model_field(name: str) -> tuple[bytes, bytes]:
+    """``"model": NAME`` as encoders write it: compact and with a space."""
+    encoded = jsoncodec.dumps(name)
+    return b'"model":' + encoded, b'"model": ' + encoded
+
+
+def _only_key(raw: bytes, key: bytes, forms: tuple[bytes, ...],
+              replacements: tuple[bytes, ...]) -> tuple[bytes, bytes] | None:
+    """The edit (``forms[i]``, ``replacements[i]``) of ``raw``'s one ``key: value`` pair; None when
+    ``key`` does not occur exactly once or in none of the forms.
+
+    The caller has parsed ``raw`` and knows its top level has ``key`` with that value. Occurring once,
+    the key's bytes are that top-level key (an encoder does not escape plain letters, and inside a
+    JSON string every quote is escaped, so a string that holds ``"key"`` adds an occurrence and
+    the chunk is serialized again instead).
+    """
+    if raw.count(key) != 1:
+        return None
+    for form, replacement in zip(forms, replacements, strict=True):
+        if form in raw:
+            return form, replacement
+    return None
 
 
 def anthropic_error(message: str, kind: str = "api_error") -> bytes:
@@ -92,7 +196,9 @@ class AnthropicRenderer:
     def __init__(self, model: str, input_tokens: int) -> None:
         self.translate = OpenAIToAnthropicStream(model, input_tokens)
 
-    def feed(self, chunk: dict[str, Any]) -> Piece:
+    def feed(self, chunk: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
+        if type(chunk) is PlainChunk:
+            chunk = chunk.parsed()
         usage = usage_from_openai(chunk.get("usage")) if chunk.get("usage") else None
         return Piece(_frames(self.translate.feed(chunk)), delta_text(chunk), usage)
 
@@ -116,7 +222,8 @@ class AnthropicPassthrough:
         self.open_block: int | None = None
         self.closed = False
 
-    def feed(self, event: dict[str, Any]) -> Piece:
+    def feed(self, event: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
+        assert type(event) is dict  # Anthropic streams have no plain chunks
         kind = event.get("type", "")
         text, usage = "", None
         if kind == "message_start":

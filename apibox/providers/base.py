@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from apibox.errors import ApiboxError
+from apibox.openai_wire import ChunkShape
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 REDACTED = "[redacted]"
@@ -36,6 +37,34 @@ class ChunkStream(Protocol):
 
     def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]: ...
     async def aclose(self) -> None: ...
+
+
+class WireBatch(list):  # type: ignore[type-arg]
+    """A batch from an OpenAI-format stream, kept close to the bytes that came.
+
+    Items are parsed chunks, or ``PlainChunk`` for the chunks that only add text (not parsed at
+    all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None when it
+    must not be passed on as it came). A renderer may send those bytes instead of serializing
+    the chunk again; one that needs dicts calls ``PlainChunk.parsed``.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raw: list[bytes | None] = []
+
+
+class PlainChunk:
+    """A chunk of ``shape`` that adds ``text`` to the answer, left unparsed (its bytes are in ``WireBatch.raw``)."""
+
+    __slots__ = ("shape", "text")
+
+    def __init__(self, text: str, shape: ChunkShape) -> None:
+        self.text, self.shape = text, shape
+
+    def parsed(self) -> dict[str, Any]:
+        return self.shape.chunk_with(self.text)
 
 
 class Provider(Protocol):

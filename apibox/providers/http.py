@@ -8,8 +8,8 @@ echo keys back in their errors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -17,6 +17,8 @@ from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.providers.base import StreamBroken, UpstreamFailure, redact
 from apibox.sse import Event, SSEDecoder
+
+T = TypeVar("T")
 
 
 class HttpUpstream:
@@ -70,24 +72,39 @@ class HttpUpstream:
             raise UpstreamFailure(f"upstream {self.name} sent a reply that is not a JSON object", status=502)
         return body
 
-    async def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[Event]]:
+    def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[Event]]:
         """Server-sent events as they arrive, in batches: all the whole events one network read
         completed (so they can go on to the client in one write); the stream's end is the body's end."""
         decoder = SSEDecoder()
+        return self._reads(response, decoder.feed, decoder.flush)
+
+    def payloads(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+        """The same batches, but only each event's data, as it came (``SSEDecoder.feed_data``)."""
+        decoder = SSEDecoder()
+        return self._reads(response, decoder.feed_data, decoder.flush_data)
+
+    async def _reads(self, response: aiohttp.ClientResponse, feed: Callable[[bytes], list[T]],
+                     flush: Callable[[], list[T]]) -> AsyncIterator[list[T]]:
         idle = self.settings.timeouts.idle
-        while True:
-            try:
-                async with asyncio.timeout(idle):
-                    data = await response.content.readany()
-            except TimeoutError:
-                raise StreamBroken(f"upstream {self.name} was silent for {idle:g}s") from None
-            except aiohttp.ClientError:
-                raise StreamBroken(f"upstream {self.name} broke off the stream") from None
-            events = decoder.feed(data) if data else decoder.flush()
-            if events:
-                yield events
-            if not data:
-                return
+        content = response.content
+        watchdog = IdleWatchdog(content, idle)
+        try:
+            while True:
+                watchdog.waiting = True
+                try:
+                    data = await content.readany()
+                except TimeoutError:
+                    raise StreamBroken(f"upstream {self.name} was silent for {idle:g}s") from None
+                except aiohttp.ClientError:
+                    raise StreamBroken(f"upstream {self.name} broke off the stream") from None
+                watchdog.waiting = False
+                events = feed(data) if data else flush()
+                if events:
+                    yield events
+                if not data:
+                    return
+        finally:
+            watchdog.stop()
 
     def parse_event(self, event: Event) -> dict[str, Any]:
         try:
@@ -133,6 +150,51 @@ class HttpUpstream:
         return UpstreamFailure(f"upstream {self.name} failed (HTTP {status}): {message}",
                                status=503 if status in (503, 529) else 502, upstream_status=status,
                                retry_after=retry_after)
+
+
+class IdleWatchdog:
+    """Fails a stream's pending read once the upstream has been silent for ``idle`` seconds.
+
+    One timer for the whole stream (an ``asyncio.timeout`` around every read cost a timer and a
+    context manager per read). A reader sets ``waiting`` before each read and clears it after;
+    each ``waiting = True`` restarts the silence from that moment, so time spent elsewhere (writing
+    to a slow client) never counts. When the timer fires it re-arms for the silence left, or fails
+    the read with TimeoutError (as aiohttp's own ``sock_read`` timeout fails it).
+    """
+
+    __slots__ = ("_content", "_handle", "_idle", "_loop", "_since", "_waiting")
+
+    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
+        self._content = content
+        self._idle = idle
+        self._loop = asyncio.get_running_loop()
+        self._waiting = False
+        self._since = self._loop.time()
+        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._since + idle, self._check)
+
+    @property
+    def waiting(self) -> bool:
+        return self._waiting
+
+    @waiting.setter
+    def waiting(self, value: bool) -> None:
+        if value:
+            self._since = self._loop.time()
+        self._waiting = value
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        due = self._since + self._idle
+        if self._waiting and now >= due:
+            self._handle = None
+            self._content.set_exception(TimeoutError())
+            return
+        self._handle = self._loop.call_at(due if self._waiting else now + self._idle, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 
 
 class UpstreamStream:

@@ -7,9 +7,12 @@ from typing import Any
 
 import aiohttp
 
+from apibox import jsoncodec
 from apibox.config import ProviderSettings
-from apibox.providers.base import ProviderRequest, StreamBroken
+from apibox.openai_wire import ChunkShape
+from apibox.providers.base import PlainChunk, ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
+from apibox.sse import Event
 
 
 class OpenAIProvider:
@@ -39,25 +42,59 @@ class OpenAIProvider:
 
 
 class _OpenAIStream(UpstreamStream):
-    """Chunks of an upstream SSE stream, parsed, in batches; ends at ``[DONE]``."""
+    """Chunks of an upstream SSE stream in batches that keep each chunk's bytes as they came
+    (``WireBatch``): chunks that only add text are recognized by their shape and not parsed,
+    the others are; ends at ``[DONE]``."""
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         finished = False
-        async for events in self._http.events(self._response):
-            chunks = []
-            for event in events:
-                if event.data.startswith("[DONE]"):
-                    if chunks:
-                        yield chunks
-                    return
-                chunk = self._http.parse_event(event)
-                if chunk.get("error"):
-                    if chunks:
-                        yield chunks  # what came before the error still reaches the client
-                    raise self._http.broken(chunk["error"])
-                finished = finished or any(isinstance(c, dict) and c.get("finish_reason")
-                                           for c in chunk.get("choices") or ())
-                chunks.append(chunk)
-            yield chunks
+        shape: ChunkShape | None = None
+        reads = self._http.payloads(self._response)
+        try:
+            async for payloads in reads:
+                batch = WireBatch()
+                for payload in payloads:
+                    text = shape.text_of(payload) if shape is not None else None
+                    if text is not None:
+                        batch.append(PlainChunk(text, shape))  # type: ignore[arg-type]
+                        batch.raw.append(payload)
+                        continue
+                    if payload.startswith(b"[DONE]"):
+                        if batch:
+                            yield batch
+                        return
+                    chunk, raw = self._parse(payload)
+                    if chunk.get("error"):
+                        if batch:
+                            yield batch  # what came before the error still reaches the client
+                        raise self._http.broken(chunk["error"])
+                    if not finished:
+                        finished = _finishes(chunk)
+                    if shape is None and raw is not None:
+                        shape = ChunkShape.learn(chunk, raw)
+                    batch.append(chunk)
+                    batch.raw.append(raw)
+                yield batch
+        finally:
+            await reads.aclose()  # type: ignore[attr-defined]
         if not finished:  # some servers end without [DONE], but never without a finish_reason
             raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
+
+    def _parse(self, payload: bytes) -> tuple[dict[str, Any], bytes | None]:
+        """The chunk, and its bytes when they may be passed on (not when they are not UTF-8)."""
+        try:
+            chunk = jsoncodec.loads(payload)
+        except ValueError:
+            return self._http.parse_event(Event(payload.decode("utf-8", "replace"))), None
+        if type(chunk) is not dict:
+            raise StreamBroken(f"upstream {self._http.name} sent a malformed event")
+        return chunk, payload
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    if choices:
+        for choice in choices:
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                return True
+    return False

@@ -1,0 +1,249 @@
+"""OpenAI-format streams passed through as bytes: what the client receives is exactly what parsing
+and serializing every chunk again would have sent, for any encoder, text, split and line ending;
+chunks that only add text are read by their shape without being parsed; and the upstream's
+idle timeout (one watchdog per stream) fails a silent upstream but never a slow client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apibox.gateway.render import OpenAIRenderer
+from apibox.openai_wire import ChunkShape
+from apibox.providers.base import PlainChunk, ProviderRequest, StreamBroken, WireBatch
+from apibox.providers.http import HttpUpstream
+from apibox.providers.openai import OpenAIProvider, _OpenAIStream
+from apibox.settings import ProviderSettings, Timeouts
+from apibox.sse import SSEDecoder
+
+UPSTREAM, CLIENT = "gpt-up-2024", "my-model"
+ENCODERS = {
+    "orjson": lambda value: orjson.dumps(value),
+    "spaced": lambda value: json.dumps(value, ensure_ascii=False).encode(),
+    "ascii": lambda value: json.dumps(value).encode(),  # escapes every non-ASCII character
+}
+texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, *, usage: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
+                            "model": UPSTREAM, "system_fingerprint": "fp_1",
+                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if usage:
+        body["usage"] = None
+    return body
+
+
+def upstream_chunks(words: list[str], *, usage: bool = True) -> list[dict[str, Any]]:
+    chunks = [chunk({"role": "assistant", "content": ""}, usage=usage)]
+    chunks += [chunk({"content": word}, usage=usage) for word in words]
+    chunks.append(chunk({}, "stop", usage=usage))
+    if usage:
+        chunks.append({**chunk({}), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(words),
+                                                           "total_tokens": 5 + len(words)}})
+    return chunks
+
+
+def sse(chunks: list[dict[str, Any]], encoder: str, ending: str = "\n") -> bytes:
+    frames = [b"data: " + ENCODERS[encoder](c) for c in chunks] + [b"data: [DONE]"]
+    eol = ending.encode()
+    return b"".join(frame + eol + eol for frame in frames)
+
+
+class Content:
+    """A response body that arrives in the given reads (then ends), or stalls after them."""
+
+    def __init__(self, reads: list[bytes], stall: bool = False) -> None:
+        self.reads, self.stall, self.failed = list(reads), stall, asyncio.get_running_loop().create_future()
+
+    async def readany(self) -> bytes:
+        if self.reads:
+            return self.reads.pop(0)
+        if self.stall:
+            await self.failed  # what set_exception sets
+        return b""
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self.failed.done():
+            self.failed.set_exception(exc)
+
+
+class Response:
+    def __init__(self, content: Content) -> None:
+        self.content = content
+
+    def close(self) -> None:
+        pass
+
+
+def upstream(idle: float = 120.0) -> HttpUpstream:
+    return HttpUpstream(ProviderSettings(name="up", type="openai", timeouts=Timeouts(idle=idle)),
+                        None, {})  # type: ignore[arg-type]  # streams never post
+
+
+async def batches(reads: list[bytes]) -> list[WireBatch]:
+    stream = _OpenAIStream(Response(Content(reads)), upstream())  # type: ignore[arg-type]
+    return [batch async for batch in stream]  # type: ignore[misc]
+
+
+def rendered(found: list[WireBatch], wants_usage: bool) -> bytes:
+    renderer = OpenAIRenderer(CLIENT, wants_usage)
+    out = b""
+    for batch in found:
+        for item, raw in zip(batch, batch.raw, strict=True):
+            out += renderer.feed(item, raw).data
+    return out
+
+
+def reserialized(chunks: list[dict[str, Any]], wants_usage: bool) -> list[dict[str, Any]]:
+    """What the client gets when every chunk is parsed and written again (the usage chunk is held back)."""
+    out = []
+    for c in chunks:
+        if c.get("usage") and not c.get("choices"):
+            continue
+        c = {**c, "model": CLIENT}
+        if not wants_usage:
+            c.pop("usage", None)
+        out.append(c)
+    return out
+
+
+def frames(data: bytes) -> list[bytes]:
+    assert data.endswith(b"\n\n") or not data
+    parts = data.split(b"\n\n")[:-1]
+    assert all(p.startswith(b"data: ") and b"\n" not in p and b"\r" not in p for p in parts), data
+    return [p[6:] for p in parts]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(texts, max_size=6), st.sampled_from(sorted(ENCODERS)), st.sampled_from(["\n", "\r\n"]),
+       st.booleans(), st.booleans(), st.data())
+async def test_the_client_gets_what_reserializing_would_send(words: list[str], encoder: str, ending: str,
+                                                             wants_usage: bool, usage: bool,
+                                                             data: st.DataObject) -> None:
+    chunks = upstream_chunks(words, usage=usage)
+    body = sse(chunks, encoder, ending)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6), label="cuts"))
+    reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]  # b"" is the end
+    out = rendered(await batches(reads), wants_usage)
+    assert [orjson.loads(f) for f in frames(out)] == reserialized(chunks, wants_usage)
+    assert UPSTREAM.encode() not in out
+
+
+async def test_chunks_that_only_add_text_are_not_parsed_and_keep_their_bytes() -> None:
+    words = ["The ", "quick ", "brown ", 'say "hi"', "fox"]
+    chunks = upstream_chunks(words)
+    found = await batches([sse(chunks, "orjson")])
+    items = [item for batch in found for item in batch]
+    assert [type(i).__name__ for i in items] == ["dict", "dict", "PlainChunk", "PlainChunk", "dict", "PlainChunk",
+                                                  "dict", "dict"]  # a quote in the text: parsed
+    plain = [i for i in items if isinstance(i, PlainChunk)]
+    assert [p.text for p in plain] == ["quick ", "brown ", "fox"]
+    assert [p.parsed() for p in plain] == [chunks[2], chunks[3], chunks[5]]
+    out = rendered(found, wants_usage=True)
+    assert frames(out)[2] == orjson.dumps({**chunks[2], "model": CLIENT})  # the upstream's bytes, renamed
+
+
+@pytest.mark.parametrize("raw", [
+    chunk({"content": "a", "role": "assistant"}),  # more than text in the delta
+    chunk({"content": "a"}, "stop"),  # a finish reason
+    {**chunk({"content": "a"}), "usage": {"prompt_tokens": 1}},
+    {**chunk({"content": "a"}), "choices": [chunk({"content": "a"})["choices"][0]] * 2},  # two choices
+    chunk({"content": 'quote "'}),
+    chunk({"content": "back\\slash"}),
+    chunk({"content": "tab\t"}),
+    chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+    {**chunk({"content": "a"}), "error": None},
+    {**chunk({"content": "a"}), "content": "a"},  # "content" twice in the bytes
+])
+def test_only_plain_text_chunks_give_a_shape(raw: dict[str, Any]) -> None:
+    assert ChunkShape.learn(raw, orjson.dumps(raw)) is None
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
+    encode = ENCODERS[encoder]
+    shape = ChunkShape.learn(chunk({"content": "The "}), encode(chunk({"content": "The "})))
+    assert shape is not None
+    assert shape.text_of(encode(chunk({"content": "fox"}))) == "fox"
+    assert shape.text_of(encode(chunk({"content": ""}))) == ""
+    assert shape.text_of(encode(chunk({"content": "fox"}, "stop"))) is None
+    assert shape.text_of(encode(chunk({"content": 'a "quote"'}))) is None  # escaped: parsed instead
+    assert shape.text_of(encode({**chunk({"content": "fox"}), "created": 1700000001})) is None
+    assert shape.text_of(shape.prefix + b"\xff" + shape.suffix) is None  # not UTF-8: parsed (and refused)
+    assert shape.text_of(shape.prefix[:-3] + shape.suffix) is None
+    unicode = encode(chunk({"content": "Héllo 你好 🌍"}))
+    assert shape.text_of(unicode) == ("Héllo 你好 🌍" if encoder != "ascii" else None)
+
+
+async def test_a_chunk_that_is_not_utf8_is_serialized_again() -> None:
+    body = sse(upstream_chunks(["ok"]), "orjson").replace(b'"ok"', b'"o\xffk"')
+    out = rendered(await batches([body]), wants_usage=True)
+    assert "o\ufffdk" in [c["choices"][0]["delta"].get("content") for c in map(orjson.loads, frames(out))]
+
+
+def test_feed_data_keeps_the_usual_frame_as_it_came_and_joins_the_rest_on_one_line() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_data(b'data: {"a": 1}\n\ndata: {"b"') == [b'{"a": 1}']
+    assert decoder.feed_data(b': 2}\n\n: comment\n\nevent: x\ndata: [1,\ndata: 2]\n\n') == [b'{"b": 2}', b"[1, 2]"]
+    assert decoder.feed_data(b"data: tail") == []
+    assert decoder.flush_data() == [b"tail"]
+
+
+async def test_a_silent_upstream_fails_the_stream_after_its_idle_time() -> None:
+    body = sse(upstream_chunks(["one", "two"]), "orjson")
+    first = body[:body.index(b"\n\n") + 2]
+    stream = _OpenAIStream(Response(Content([first], stall=True)), upstream(idle=0.2))  # type: ignore[arg-type]
+    started = asyncio.get_running_loop().time()
+    got = []
+    with pytest.raises(StreamBroken, match=r"was silent for 0\.2s"):
+        async for batch in stream:  # type: ignore[attr-defined]
+            got.append(batch)
+    assert 0.19 <= asyncio.get_running_loop().time() - started < 1.0
+    assert len(got) == 1
+
+
+async def test_time_spent_writing_to_a_slow_client_is_not_silence() -> None:
+    body = sse(upstream_chunks(["one", "two", "three"]), "orjson")
+    reads = [body[i:i + 120] for i in range(0, len(body), 120)]
+    stream = _OpenAIStream(Response(Content(reads)), upstream(idle=0.1))  # type: ignore[arg-type]
+    items = 0
+    async for batch in stream:  # type: ignore[attr-defined]
+        items += len(batch)
+        await asyncio.sleep(0.15)  # longer than the idle time, between reads
+    assert items == len(upstream_chunks(["one", "two", "three"]))
+
+
+async def test_a_live_upstream_stream_through_the_provider(aiohttp_server: Any) -> None:
+    """Over a real connection: a compact LF stream, as OpenAI sends it, read and renamed."""
+    chunks = upstream_chunks(["Hello", " world"])
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for part in sse(chunks, "orjson").split(b"\n\n")[:-1]:
+            await response.write(part + b"\n\n")
+        return response
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handle)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        provider = OpenAIProvider(ProviderSettings(name="up", type="openai", base_url=str(server.make_url("/v1"))),
+                                  session)
+        stream = await provider.open_stream(ProviderRequest("chat/completions", {"model": UPSTREAM, "stream": True},
+                                                            "req_1"))
+        try:
+            found = [batch async for batch in stream]  # type: ignore[attr-defined]
+        finally:
+            await stream.aclose()
+    out = rendered(found, wants_usage=False)
+    assert [orjson.loads(f) for f in frames(out)] == reserialized(chunks, wants_usage=False)
