@@ -2,7 +2,7 @@
 
 Every test that touches a database runs twice, on SQLite and on PostgreSQL: it asks (directly or
 through ``config_path``, ``store``, ``live``...) for ``database_url``, which is parametrized by the
-session-scoped ``engine`` (ids ``sqlite`` and ``postgresql``; ``-k sqlite`` runs one engine). A
+session-scoped ``engine`` (ids ``sqlite`` and ``postgresql``: ``-k "not postgresql"`` leaves one out). A
 SQLite database is a fresh file in the test's ``tmp_path``; a PostgreSQL one a fresh schema in one
 database shared by the session, dropped after the test. Tests marked ``sqlite_only`` (they are about
 SQLite's files or its upgrade path) run on SQLite alone. Pure unit tests ask for no database and
@@ -143,7 +143,11 @@ def _server(env: str, start: Callable[[], services.Started]) -> Iterator[str]:
     try:
         started = start()
     except services.ServiceUnavailable as error:
-        pytest.fail(str(error), pytrace=False)
+        problem = str(error)  # failed below, outside this handler: one message, no chained traceback
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(problem, pytrace=False)
     try:
         yield started.url
     finally:
