@@ -39,6 +39,7 @@ REPO = HERE.parent
 CHAT = "/v1/chat/completions"
 LUA = HERE / "chat.lua"
 WORKERS_NOTE = "skipped: `apibox serve` has no --workers option yet"
+PROFILE_SECONDS = 8.0
 
 
 @dataclasses.dataclass
@@ -195,7 +196,7 @@ def socket_errors(r: dict) -> int:
 
 
 def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen, stream: bool, conns: int,
-            args: argparse.Namespace, out: Path, tally: dict) -> dict:
+            args: argparse.Namespace, out: Path, tally: dict, db_pid: int | None = None) -> dict:
     if args.warmup > 0:
         w = run_wrk(t, stream, conns, args.warmup, args.load_cpus, out / "warmup.json", args.wrk_timeout)
         tally["2xx"] += two_xx(w)
@@ -204,9 +205,11 @@ def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen
     up0 = procs.group_cpu_seconds(upstream.pid)
     tg0 = procs.group_cpu_seconds(proc.pid) if proc else 0.0
     ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    db0 = procs.tree_cpu_seconds(db_pid) if db_pid else 0.0
     busy0 = procs.machine_busy_seconds()
     r = run_wrk(t, stream, conns, args.duration, args.load_cpus, out / "last.json", args.wrk_timeout)
     busy1 = procs.machine_busy_seconds()
+    db_cpu = procs.tree_cpu_seconds(db_pid) - db0 if db_pid else None
     ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not r:
         raise RuntimeError("wrk wrote no summary (see the target's log)")
@@ -219,7 +222,10 @@ def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen
     r["cpu_target_pct"] = None if tgt_cpu is None else round(100 * tgt_cpu / secs, 1)
     r["cpu_ms_per_req"] = None if tgt_cpu is None or not r.get("requests") else 1000 * tgt_cpu / r["requests"]
     r["cpu_wrk_pct"] = round(100 * ((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)) / secs, 1)
-    ours = r["cpu_upstream_pct"] + (r["cpu_target_pct"] or 0) + r["cpu_wrk_pct"]
+    if db_cpu is not None and r.get("requests"):
+        r["cpu_db_pct"] = round(100 * db_cpu / secs, 1)
+        r["cpu_db_ms_per_req"] = 1000 * db_cpu / r["requests"]
+    ours = r["cpu_upstream_pct"] + (r["cpu_target_pct"] or 0) + r["cpu_wrk_pct"] + (r.get("cpu_db_pct") or 0)
     # CPU the machine spent on anything else meanwhile (other tenants, unattributed softirq): a noise gauge
     r["cpu_other_pct"] = round(100 * (busy1 - busy0) / secs - ours, 1)
     if proc:
@@ -336,6 +342,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--wrk-timeout", type=int, default=30, help="wrk's per-request timeout, seconds")
     ap.add_argument("--litellm-venv", default=os.environ.get("LITELLM_VENV", "/tmp/peer-venv"))
     ap.add_argument("--litellm-workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2,
+                    help="also measure `apibox serve --workers N` (target apibox-wN); 0 or 1: not")
+    ap.add_argument("--workers-cpus", default="0,1",
+                    help="taskset CPU list of apibox-wN (all its processes; wrk and the mock stay on --load-cpus)")
+    ap.add_argument("--postgres", metavar="URL",
+                    help="also measure apibox on PostgreSQL (target apibox-pg): a server URL such as "
+                         "postgresql://postgres@127.0.0.1:5432/postgres; each round gets a fresh database on it, "
+                         "dropped after its money check")
+    ap.add_argument("--profile", action="store_true",
+                    help="after apibox's measured cells, profile it with py-spy under the same load at 32 "
+                         "connections (not measured) and put its top functions in the report")
     ap.add_argument("--shared", default=os.environ.get("BENCH_SHARED"),
                     help="directory with the reference mock_upstream.py and bare_proxy.py "
                          "(default: ../shared/bench beside the repository)")
@@ -346,6 +363,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = ap.parse_args(argv)
     args.proxy_cpus = args.proxy_cpus or None
     args.load_cpus = args.load_cpus or None
+    args.workers_cpus = args.workers_cpus or None
     return args
 
 
@@ -353,7 +371,7 @@ def render(out: Path, write_doc: bool, doc: Path) -> str:
     results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     money_path = out / "money.jsonl"
     money = [json.loads(line) for line in money_path.read_text().splitlines()] if money_path.exists() else []
-    meta = json.loads((out / "meta.json").read_text())
+    meta = {**json.loads((out / "meta.json").read_text()), "out": str(out)}
     text = report.full_text(results, money, meta)
     (out / "report.md").write_text(text)
     doc_text = report.performance_doc(results, money, meta)
@@ -382,6 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown targets: {sorted(unknown)}", file=sys.stderr)
         return 2
+    notes: list[str] = []
+    workers_target = f"apibox-w{args.workers}" if args.workers > 1 and "apibox" in names else None
+    if workers_target and not apibox_supports_workers():
+        notes.append(f"apibox with {args.workers} workers: {WORKERS_NOTE}.")
+        workers_target = None
+    if workers_target:
+        names.append(workers_target)
+    if args.postgres and "apibox" in names:
+        names.append("apibox-pg")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     conns = [int(c) for c in args.conns.split(",") if c.strip()]
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -389,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     ports = {"upstream": args.port_base, "bare": args.port_base + 1, "litellm": args.port_base + 2,
-             "apibox": args.port_base + 10}
+             "apibox": args.port_base + 10, "apibox-pg": args.port_base + 11,
+             **({workers_target: args.port_base + 12} if workers_target else {})}
     busy = [f"{n}:{p}" for n, p in ports.items() if (n == "upstream" or n in names) and not port_free(p)]
     if busy:
         print(f"ports in use: {', '.join(busy)} (another benchmark running?); choose --port-base", file=sys.stderr)
@@ -397,12 +425,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ref, ref_label = reference_dir(args.shared)
     up = f"http://127.0.0.1:{ports['upstream']}"
-    notes = [f"apibox with 2 workers: {WORKERS_NOTE}." if not apibox_supports_workers() else
-             "apibox serve has a --workers option now, but this bench does not measure it yet."]
-    workers_note = WORKERS_NOTE if "no --workers" in notes[0] else "not measured by this bench yet"
+    workers_note = WORKERS_NOTE if notes else ("not measured (--workers 0)" if not workers_target else "")
     meta = {"date": datetime.now().astimezone().isoformat(timespec="seconds"), "command": the_command(argv),
             "args": vars(args), "machine": machine_info(), "reference": ref_label, "ports": ports,
-            "workers_note": workers_note, "notes": notes, "validation": []}
+            "workers_note": workers_note, "workers_target": workers_target, "notes": notes, "validation": []}
+    if "apibox-pg" in names:
+        meta["postgres"] = apibox_target.postgres_settings(args.postgres)
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(f"results -> {out}")
     print(f"reference mock + forwarder: {ref_label}")
@@ -430,17 +458,22 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "litellm":
                     t = litellm_target(args, out, up + "/v1")
                 else:
-                    setup = apibox_target.prepare(out / f"apibox-round{rnd}", up + "/v1", ports["apibox"])
-                    t = Target("apibox", f"http://127.0.0.1:{ports['apibox']}{CHAT}", cmd=setup.serve_cmd(),
+                    setup = apibox_target.prepare(
+                        out / f"{name}-round{rnd}", up + "/v1", ports[name],
+                        postgres=args.postgres if name == "apibox-pg" else None,
+                        workers=args.workers if name == workers_target else 1)
+                    t = Target(name, f"http://127.0.0.1:{ports[name]}{CHAT}", cmd=setup.serve_cmd(),
                                headers={"Authorization": f"Bearer {setup.key}"}, ready_timeout=60, stop_grace=45,
                                cwd=setup.workdir)
                 tally = {"2xx": 0, "slack": 0, "status_errors": 0}
+                db_pid = apibox_target.postgres_server_pid(args.postgres) if name == "apibox-pg" else None
                 proc = None
                 log = out / f"{name}-round{rnd}.log"
                 started = time.monotonic()
                 try:
                     if t.cmd:
-                        proc = procs.start(t.cmd, cpus=args.proxy_cpus, log=log, env=t.env, cwd=t.cwd)
+                        cpus = args.workers_cpus if name == workers_target else args.proxy_cpus
+                        proc = procs.start(t.cmd, cpus=cpus, log=log, env=t.env, cwd=t.cwd)
                         running.append(proc)
                     elif args.proxy_cpus:  # direct: the upstream serves from the gateway's CPU
                         procs.pin_group(upstream.pid, args.proxy_cpus)
@@ -451,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[round {rnd}] {name}: ready in {time.monotonic() - started:.1f} s; {v}", flush=True)
                     for sc in scenarios:
                         for c in conns:
-                            r = measure(t, proc, upstream, sc == "sse", c, args, out, tally)
+                            r = measure(t, proc, upstream, sc == "sse", c, args, out, tally, db_pid)
                             r.update(round=rnd, order=order, target=name, scenario=sc, conns=c)
                             with results_path.open("a") as fh:
                                 fh.write(json.dumps(r) + "\n")
@@ -460,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                                   f">=400={r.get('err_status', 0)} sock={socket_errors(r)} "
                                   f"cpu tgt/up/wrk/other={r['cpu_target_pct']}/{r['cpu_upstream_pct']}/"
                                   f"{r['cpu_wrk_pct']}/{r['cpu_other_pct']}%", flush=True)
+                    if args.profile and name == "apibox" and rnd == 1 and proc is not None:
+                        profile(t, proc, scenarios, args, out, tally)
                 except Exception as exc:  # record it and go on with the next target
                     print(f"[round {rnd}] {name}: FAILED: {exc}", flush=True)
                     meta["notes"].append(f"round {rnd}, {name}: FAILED: {exc}")
@@ -475,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                         procs.pin_group(upstream.pid, args.load_cpus)
                 if setup is not None:
                     money_ok &= audit(setup, rnd, tally, log, out, meta)
+                    if name == "apibox-pg":
+                        apibox_target.drop_postgres_database(args.postgres, setup.database_url)
                 (out / "meta.json").write_text(json.dumps(meta, indent=2))
     finally:
         for p in reversed(running):
@@ -488,6 +525,28 @@ def main(argv: list[str] | None = None) -> int:
     if "apibox" in names:
         print(f"money check: {'OK' if money_ok else 'FAIL'}")
     return 0 if money_ok else 1
+
+
+def profile(t: Target, proc: subprocess.Popen, scenarios: list[str], args: argparse.Namespace, out: Path,
+            tally: dict) -> None:
+    """py-spy on the gateway while wrk loads it at 32 connections, per scenario; not measured (py-spy
+    samples 200 times a second from its own process, on the load CPU)."""
+    for sc in scenarios:
+        raw = out / f"profile-{sc}.txt"
+        spy = subprocess.Popen([*(["taskset", "-c", args.load_cpus] if args.load_cpus else []), "py-spy", "record",
+                                "--pid", str(proc.pid), "--rate", "200", "--duration", str(round(PROFILE_SECONDS)),
+                                "--nonblocking", "--format", "raw", "--output", str(raw)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        r = run_wrk(t, sc == "sse", 32, PROFILE_SECONDS - 1, args.load_cpus, out / "profile.json", args.wrk_timeout)
+        tally["2xx"] += two_xx(r)
+        tally["slack"] += 32 + socket_errors(r)
+        tally["status_errors"] += r.get("err_status", 0)
+        try:
+            spy.wait(PROFILE_SECONDS + 30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+        print(f"  profiled apibox {sc}: {raw}" if raw.exists() else f"  py-spy wrote no profile for {sc}", flush=True)
 
 
 def audit(setup: apibox_target.ApiboxSetup, rnd: int, tally: dict, log: Path, out: Path, meta: dict) -> bool:

@@ -71,6 +71,24 @@ def group_cpu_seconds(pgid: int) -> float:
     return ticks / CLK_TCK
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU time of ``root`` and every live descendant (a database server's backends)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    ticks, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        fields = _stat_fields(pid)
+        if fields is not None:
+            ticks += int(fields[11]) + int(fields[12])
+        todo += children.get(pid, [])
+    return ticks / CLK_TCK
+
+
 def group_rss_mb(pgid: int) -> float:
     kb = 0
     for pid in group_pids(pgid):

@@ -6,10 +6,12 @@ connection count), never figures of different runs.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
+from pathlib import Path
 from statistics import mean
 
 BASELINES = ("direct", "bare", "litellm")
+PROFILE_ROWS = 25
 
 
 def _fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
@@ -49,9 +51,10 @@ def errors_of(r: dict) -> tuple[int, int]:
 def per_round(results: list[dict]) -> str:
     ok = add_ratios(results)
     has_litellm = any(r["target"] == "litellm" for r in ok)
+    has_db = any(r.get("cpu_db_ms_per_req") is not None for r in ok)
     header = ["round", "target", "scenario", "conns", "RPS", "p50 ms", "p99 ms", "+p50 vs direct", "+p50 vs bare",
               "RPS/bare", *(["RPS/litellm"] if has_litellm else []), ">=400", "sock err", "cpu tgt %",
-              "cpu ms/req", "cpu other %", "RSS MB"]
+              "cpu ms/req", *(["db cpu ms/req"] if has_db else []), "cpu other %", "RSS MB"]
     rows = []
     for r in sorted(ok, key=lambda r: (r["round"], r["scenario"], r["conns"], r["order"])):
         status, sock = errors_of(r)
@@ -60,6 +63,7 @@ def per_round(results: list[dict]) -> str:
                      _fmt(r["add_p50_bare_ms"], 2, True), _fmt(r["x_bare"], 3),
                      *([_fmt(r["x_litellm"], 1)] if has_litellm else []), status, sock,
                      _fmt(r.get("cpu_target_pct"), 0), _fmt(r.get("cpu_ms_per_req"), 3),
+                     *([_fmt(r.get("cpu_db_ms_per_req"), 3)] if has_db else []),
                      _fmt(r.get("cpu_other_pct"), 0), _fmt(r.get("rss_mb"), 0)])
     return table(header, rows)
 
@@ -104,7 +108,7 @@ def summary(results: list[dict]) -> str:
     return table(header, lines)
 
 
-def goals(results: list[dict], money_ok: bool | None, workers_note: str) -> str:
+def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers_target: str | None = None) -> str:
     """Issue 7's 'must hold' lines, judged on the means above."""
     by = {(s["target"], s["scenario"], s["conns"]): s for s in summary_rows(results)}
 
@@ -126,7 +130,19 @@ def goals(results: list[dict], money_ok: bool | None, workers_note: str) -> str:
     for scenario, label in (("json", "non-stream"), ("sse", "stream")):
         v = get(scenario, 32, "x_litellm")
         rows.append([f">= 20x LiteLLM RPS, {label}, 32 conns", _fmt(v, 1), judge(v, v is not None and v >= 20)])
-    rows.append(["--workers 2: CPU per request within 10% of 1 worker", "-", workers_note])
+    if workers_target:
+        for scenario, label in (("json", "non-stream"), ("sse", "stream")):
+            one, many = by.get(("apibox", scenario, 32)), by.get((workers_target, scenario, 32))
+            if one is None or many is None or not one["cpu_ms"] or many["cpu_ms"] is None:
+                rows.append([f"{workers_target}: CPU/request within 10% of 1 worker, {label}, 32 conns", "-",
+                             "not measured"])
+                continue
+            change = many["cpu_ms"] / one["cpu_ms"] - 1
+            rows.append([f"{workers_target}: CPU/request within 10% of 1 worker, {label}, 32 conns",
+                         f"{many['cpu_ms']:.3f} vs {one['cpu_ms']:.3f} ms ({change:+.0%}); "
+                         f"RPS {many['rps']:,.0f} vs {one['rps']:,.0f}", judge(change, abs(change) <= 0.10)])
+    else:
+        rows.append(["--workers 2: CPU per request within 10% of 1 worker", "-", workers_note])
     rows.append(["money rules hold after the load (db check, charged == usage)", "-",
                  "not measured" if money_ok is None else ("met" if money_ok else "NOT met")])
     return table(["goal (issue 7)", "measured", "verdict"], rows)
@@ -147,7 +163,8 @@ def full_text(results: list[dict], money: list[dict], meta: dict) -> str:
     money_ok = None if not money else all(m.get("ok") for m in money)
     meta = {**meta, "notes": [*meta.get("notes", []), *noise_notes(results)]}
     parts = ["## Mean over rounds", "", summary(results), "", "## Goals", "",
-             goals(results, money_ok, meta.get("workers_note", "")), "", "## Per round", "", per_round(results), ""]
+             goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target")), "",
+             *profile_section(meta), "## Per round", "", per_round(results), ""]
     if money:
         parts += ["## Money check (after each apibox run)", ""]
         for m in money:
@@ -190,7 +207,7 @@ def performance_doc(results: list[dict], money: list[dict], meta: dict) -> str:
         f"stream = {a['chunks']} content chunks + a usage chunk + `[DONE]`; "
         f"reference mock and forwarder from {meta['reference']}.",
         "- **apibox:** 1 worker, SQLite (WAL), billing fully on: key check, hold, settlement, usage and ledger "
-        "rows on every request.",
+        "rows on every request." + _variants(meta),
         "",
         "## Results (mean over rounds)",
         "",
@@ -202,8 +219,9 @@ def performance_doc(results: list[dict], money: list[dict], meta: dict) -> str:
         "",
         "## Goals (issue 7)",
         "",
-        goals(results, money_ok, meta.get("workers_note", "")),
+        goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target")),
         "",
+        *profile_section(meta),
         "## Money under load",
         "",
     ]
@@ -215,3 +233,85 @@ def performance_doc(results: list[dict], money: list[dict], meta: dict) -> str:
     if meta.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in meta["notes"]], ""]
     return "\n".join(lines)
+
+
+def _variants(meta: dict) -> str:
+    a, text = meta["args"], ""
+    if meta.get("workers_target"):
+        text += (f" `{meta['workers_target']}`: `apibox serve --workers {a['workers']}` (a supervisor and "
+                 f"{a['workers']} worker processes on one port, one SQLite file), every process allowed on CPUs "
+                 f"{a['workers_cpus'] or '(unpinned)'} while wrk and the mock stay on CPU {a['load_cpus']}: with 2 "
+                 "cores the workers share them with the load, so compare its CPU per request (user + system of "
+                 "the supervisor and every worker, over the requests served), not its RPS/bare.")
+    if meta.get("postgres"):
+        text += (" `apibox-pg`: 1 worker (on CPU " + str(a["proxy_cpus"]) + ") on PostgreSQL, a fresh database "
+                 f"per round on the server given with `--postgres` ({meta['postgres']}). The server is not the "
+                 "bench's: it is not pinned by it, and its CPU (the postmaster and its backends, when on this "
+                 "machine) is not in cpu ms/req but in the per-round table's db cpu ms/req.")
+    return text
+
+
+def profile_top(path: Path, rows: int = PROFILE_ROWS) -> tuple[int, list[tuple[float, str]], list[tuple[float, str]]]:
+    """From py-spy's raw (collapsed) stacks of the event-loop thread: the share of samples whose innermost
+    apibox frame is each apibox function (``~`` + the leaf when no apibox frame is on the stack), and the
+    share of samples in each function itself. Other threads (the SQLite writer) are left out."""
+    own: Counter[str] = Counter()
+    leaf: Counter[str] = Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        if frames[0].startswith("Thread._bootstrap"):
+            continue
+        n = int(count)
+        total += n
+        names = [_frame(f) for f in frames]
+        leaf[names[-1][0]] += n
+        mine = next((name for name, ours in reversed(names) if ours), None)
+        own[mine or "~ " + names[-1][0]] += n
+    if not total:
+        return 0, [], []
+    return (total, [(100 * v / total, k) for k, v in own.most_common(rows)],
+            [(100 * v / total, k) for k, v in leaf.most_common(rows)])
+
+
+_GATEWAY_FILES = {p.name for p in (Path(__file__).resolve().parent.parent / "apibox" / "gateway").glob("*.py")}
+
+
+def _frame(frame: str) -> tuple[str, bool]:
+    """``name (file)`` and whether it is apibox's. py-spy names the gateway's files without their
+    directory (``proxy.py``); the process's root frame (``apibox/__main__.py``) is not apibox's work."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0]
+    if "/" not in file and file in _GATEWAY_FILES:
+        file = "apibox/gateway/" + file
+    ours = ("/apibox/" in file or file.startswith("apibox/")) and not file.endswith("__main__.py")
+    short = file.split("apibox/", 1)[-1] if ours else file.rsplit("/", 1)[-1]
+    return f"{name} ({short})", ours
+
+
+def profile_section(meta: dict) -> list[str]:
+    out = Path(meta.get("out", ""))
+    found = [(sc, out / f"profile-{sc}.txt") for sc in ("json", "sse") if (out / f"profile-{sc}.txt").exists()]
+    baseline = Path(__file__).resolve().parent / "profile-baseline.md"
+    if not found and not baseline.exists():
+        return []
+    lines = ["## Where the time goes (py-spy)", ""]
+    if found:
+        lines += ["apibox's event-loop thread sampled by py-spy (200 Hz, raw stacks) while wrk loaded it at 32 "
+                  "connections, after the measured cells of round 1 (not measured). *Own*: samples whose innermost "
+                  "apibox frame is that function (everything it calls outside apibox counted with it; `~` marks "
+                  "samples with no apibox frame: the event loop, aiohttp's protocol callbacks). *Self*: samples "
+                  "in the function itself (`Runner.run`: the event loop's own C code, uvloop's). The SQLite writer "
+                  "thread is not included.", ""]
+        for sc, path in found:
+            total, own, leaf = profile_top(path)
+            label = "stream" if sc == "sse" else "non-stream"
+            lines += [f"{label}, {total:,} samples:", "",
+                      table(["own %", "function (innermost apibox frame)", "self %", "function"],
+                            [[f"{a:.1f}", b, f"{c:.1f}", d] for (a, b), (c, d) in zip(own, leaf, strict=False)]), ""]
+    if baseline.exists():
+        lines += [baseline.read_text().strip(), ""]
+    return lines

@@ -6,8 +6,9 @@
 #   bench/run.sh --with-litellm                     # also LiteLLM (installed in its own venv)
 #   bench/run.sh --write-doc                        # and regenerate docs/PERFORMANCE.md
 #
-# Installs what it needs first (idempotent): wrk from Debian's packages, and only with
-# --with-litellm a venv ($LITELLM_VENV, default /tmp/peer-venv) with litellm[proxy].
+# Installs what it needs first (idempotent): wrk from Debian's packages, only with --profile
+# py-spy from PyPI, and only with --with-litellm a venv ($LITELLM_VENV, default /tmp/peer-venv)
+# with litellm[proxy].
 # Every other argument goes to `python -m bench` (see `bench/run.sh --help`).
 set -euo pipefail
 
@@ -35,6 +36,14 @@ if ! "$PYTHON" -c 'import apibox, aiohttp' 2>/dev/null; then
 fi
 "$PYTHON" -c 'import uvloop' 2>/dev/null ||
   echo "warning: uvloop is missing, so every target runs on asyncio's own loop (pip install -e '.[fast]')" >&2
+
+# py-spy only when asked to profile (PyPI, into the same interpreter)
+for a in "$@"; do
+  if [ "$a" = "--profile" ] && ! command -v py-spy >/dev/null; then
+    echo "installing py-spy..." >&2
+    "$PYTHON" -m pip install -q py-spy
+  fi
+done
 
 # LiteLLM only when asked: its own venv, never the one apibox runs in
 for a in "$@"; do
