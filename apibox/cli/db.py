@@ -40,7 +40,7 @@ def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         print_json({"ok": not problems, "problems": problems})
     elif problems:
         for problem in problems:
-            err_console.print(f"problem: {problem}", style="red")
+            err_console.print(f"problem: {problem}", style="red", soft_wrap=True)
     else:
         console.print("OK: balances, holds, ledger and usage agree.")
     if problems:
