@@ -26,8 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 POSTGRES_ENV = "APIBOX_TEST_POSTGRES_URL"
 REDIS_ENV = "APIBOX_TEST_REDIS_URL"
@@ -248,22 +250,22 @@ class Started:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_postgres() -> Started:
-    base = Path(tempfile.mkdtemp(prefix="apibox-pg-"))
+def _start(prefix: str, make: Callable[[Path], Any]) -> Started:
+    """A server made by ``make(folder)`` in a new temporary folder (removed if it fails to start)."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        return Started(postgres(base), base)
+        return Started(make(base), base)
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
         raise
+
+
+def start_postgres() -> Started:
+    return _start("apibox-pg-", postgres)
 
 
 def start_redis() -> Started:
-    base = Path(tempfile.mkdtemp(prefix="apibox-redis-"))
-    try:
-        return Started(Redis(base), base)
-    except BaseException:
-        shutil.rmtree(base, ignore_errors=True)
-        raise
+    return _start("apibox-redis-", Redis)
 
 
 # -- for .ci/run -----------------------------------------------------------------------------------

@@ -12,15 +12,7 @@ from typer.testing import CliRunner
 from apibox.cli.main import app as cli_app
 from apibox.config import RedisSettings, load_settings, parse_settings
 from apibox.errors import ConfigError
-
-BASE = """
-providers:
-  - {name: echo, type: echo}
-models:
-  - name: demo
-    routes: [{provider: echo}]
-    price: {input: 5, output: 15}
-"""
+from tests.test_config import BASE
 
 
 def settings_with(section: str, env: dict[str, str] | None = None) -> RedisSettings | None:
