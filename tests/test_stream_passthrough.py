@@ -143,6 +143,7 @@ async def test_chunks_that_only_add_text_are_not_parsed_and_keep_their_bytes() -
     words = ["The ", "quick ", "brown ", 'say "hi"', "fox"]
     chunks = upstream_chunks(words)
     found = await batches([sse(chunks, "orjson")])
+    assert len(found) == 1 and found[0].last  # [DONE] came in the same read: it may go out with the ending
     items = [item for batch in found for item in batch]
     assert [type(i).__name__ for i in items] == ["dict", "dict", "PlainChunk", "PlainChunk", "dict", "PlainChunk",
                                                   "dict", "dict"]  # a quote in the text: parsed
@@ -183,6 +184,14 @@ def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     assert shape.text_of(shape.prefix[:-3] + shape.suffix) is None
     unicode = encode(chunk({"content": "Héllo 你好 🌍"}))
     assert shape.text_of(unicode) == ("Héllo 你好 🌍" if encoder != "ascii" else None)
+
+
+async def test_only_a_batch_that_ends_the_stream_is_last() -> None:
+    body = sse(upstream_chunks(["one", "two"]), "orjson")
+    done = body.index(b"data: [DONE]")
+    assert [b.last for b in await batches([body[:done], body[done:]])] == [False]
+    first = body.index(b"\n\n") + 2
+    assert [b.last for b in await batches([body[:first], body[first:]])] == [False, True]
 
 
 async def test_a_chunk_that_is_not_utf8_is_serialized_again() -> None:

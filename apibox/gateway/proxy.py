@@ -325,10 +325,12 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     status, http_status = "ok", 200
     try:
         await response.prepare(request)
+        last = b""  # the last batch's frames: they go out with the ending, in one write
         async for batch in started.batches():
             call.first_byte = call.first_byte or time.monotonic()
             out: list[bytes] = []
-            raws = batch.raw if type(batch) is WireBatch else None
+            wire = type(batch) is WireBatch
+            raws = batch.raw if wire else None
             for index, item in enumerate(batch):
                 piece = renderer.feed(item, raws[index] if raws is not None else None)
                 usage = piece.usage or usage
@@ -339,13 +341,14 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                         out.append(renderer.cut())
                         break
                 out.append(piece.data)
-            await response.write(b"".join(out))  # one write per upstream read
-            if status == "cut":
+            if status == "cut" or (wire and batch.last):
+                last = b"".join(out)
                 break
+            await response.write(b"".join(out))  # one write per upstream read
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
         final = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
-        await response.write(renderer.end(final, cost_micro(call.reservation.price, final)))
+        await response.write_eof(last + renderer.end(final, cost_micro(call.reservation.price, final)))
     except StreamBroken as exc:
         status, http_status = "cut", 502
         if call.route is not None:

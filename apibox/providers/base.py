@@ -45,14 +45,16 @@ class WireBatch(list):  # type: ignore[type-arg]
     Items are parsed chunks, or ``PlainChunk`` for the chunks that only add text (not parsed at
     all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None when it
     must not be passed on as it came). A renderer may send those bytes instead of serializing
-    the chunk again; one that needs dicts calls ``PlainChunk.parsed``.
+    the chunk again; one that needs dicts calls ``PlainChunk.parsed``. ``last``: the stream ended
+    in the same read (``[DONE]``), so the batch may go out together with the answer's ending.
     """
 
-    __slots__ = ("raw",)
+    __slots__ = ("last", "raw")
 
     def __init__(self) -> None:
         super().__init__()
         self.raw: list[bytes | None] = []
+        self.last = False
 
 
 class PlainChunk:

@@ -58,8 +58,11 @@ class HttpUpstream:
     async def read_json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
         """A whole JSON object reply."""
         try:
-            async with asyncio.timeout(self.settings.timeouts.idle):
+            if response.content.is_eof():  # it came with the head (small replies do): nothing to wait for
                 raw = await response.read()
+            else:
+                async with asyncio.timeout(self.settings.timeouts.idle):
+                    raw = await response.read()
         except (TimeoutError, aiohttp.ClientError):
             raise UpstreamFailure(f"upstream {self.name} broke off its reply", status=502) from None
         finally:

@@ -61,6 +61,7 @@ class _OpenAIStream(UpstreamStream):
                         continue
                     if payload.startswith(b"[DONE]"):
                         if batch:
+                            batch.last = True
                             yield batch
                         return
                     chunk, raw = self._parse(payload)
