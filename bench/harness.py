@@ -378,7 +378,7 @@ def render(out: Path, write_doc: bool, doc: Path) -> str:
     (out / "PERFORMANCE.md").write_text(doc_text)
     if write_doc:
         doc.parent.mkdir(parents=True, exist_ok=True)
-        doc.write_text(doc_text)
+        doc.write_text(report.with_kept_sections(doc_text, doc.read_text() if doc.exists() else ""))
     return text
 
 

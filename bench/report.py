@@ -6,6 +6,7 @@ connection count), never figures of different runs.
 
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from statistics import mean
@@ -315,3 +316,13 @@ def profile_section(meta: dict) -> list[str]:
     if baseline.exists():
         lines += [baseline.read_text().strip(), ""]
     return lines
+
+
+_KEPT = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", re.S)
+
+
+def with_kept_sections(new: str, old: str) -> str:
+    """``new``, followed by the sections other scripts keep in the old doc between
+    ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` (bench/soak.py's), which a run does not measure."""
+    kept = [m.group(0) for m in _KEPT.finditer(old) if m.group(0) not in new]
+    return new.rstrip("\n") + "".join("\n\n" + k for k in kept) + "\n"
