@@ -63,7 +63,7 @@ async def _hold(store: Store, key: ApiKey, amount: int, request_id: str, model: 
     if amount <= 0:
         # A free request still takes a token hold, so every request is settled the same way.
         amount = 1
-    return await store.hold(key.user_id, key.id, amount, request_id, model)
+    return await store.hold(key.user_id, key.id, amount, request_id, model, budgeted=key.budget is not None)
 
 
 async def settle(store: Store, reservation: Reservation, record: UsageRecord, usage: Usage) -> UsageRecord:

@@ -7,6 +7,7 @@ constraints, one-transaction settlement, and the audit finding tampering.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
@@ -225,6 +226,23 @@ async def test_credit_for_a_missing_user(store: Store) -> None:
 
 
 # -- holds ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budgeted", [False, True])
+async def test_concurrent_holds_take_exactly_what_is_there(store: Store, budgeted: bool) -> None:
+    """Sixty holds at once against a balance for twenty: exactly twenty succeed, the rest are refused
+    (never an error), and held never passes the balance. On PostgreSQL the holds of a key without a
+    budget take no lock; a hold that read the balance before another committed is refused by the
+    balance's CHECK and reported as refused."""
+    user, key = await funded(store, 2_000)
+    holds = await asyncio.gather(*(store.hold(user.id, key.id, 100, f"r{i}", "m", budgeted=budgeted)
+                                   for i in range(60)))
+    taken = [h for h in holds if h is not None]
+    assert len(taken) == 20
+    assert (await store.get_balance(user.id)).held == 2_000
+    for hold in taken:
+        await store.settle(hold, record(hold, 100))
+    assert (await store.get_balance(user.id)).balance == 0
+
 
 async def test_hold_is_all_or_nothing(store: Store) -> None:
     user, key = await funded(store, 1_000)

@@ -118,8 +118,10 @@ class Store(Protocol):
         """The sum of a user's ledger entries made before ``before``: the balance at that moment."""
         ...
 
-    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
-        """Set ``amount`` aside if the user's available balance covers it, else return None."""
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
+                   budgeted: bool = True) -> Hold | None:
+        """Set ``amount`` aside if the user's available balance (and the key's budget) covers it, else
+        return None. ``budgeted=False`` (the key has no budget) lets an engine skip locking the key."""
         ...
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:

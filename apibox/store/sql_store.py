@@ -88,9 +88,11 @@ class SqlStore(SqlReports):
     row_locks = False  # True where write transactions run concurrently (PostgreSQL)
     _instance = ""  # the gateway instance that owns the holds this store takes ("" for the CLI)
 
-    async def _run(self, script: Callable[[], Script[T]]) -> T:
+    async def _run(self, script: Callable[[], Script[T]], *, durable: bool = True) -> T:
         """Run ``script()`` all-or-nothing and return its result once committed. An engine may
-        start it again from the top after a deadlock or serialization failure."""
+        start it again from the top after a deadlock or serialization failure. ``durable=False``
+        (holds and settlements): the engine may answer before the commit reaches the disk, so the
+        user's balance row is locked for the transaction's work only (see docs/BILLING.md)."""
         raise NotImplementedError
 
     async def _import_rows(self, batches: Any) -> None:
@@ -257,15 +259,26 @@ class SqlStore(SqlReports):
                                 (user_id, to_ms(before)))
         return int(rows[0][0])
 
-    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str) -> Hold | None:
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
+                   budgeted: bool = True) -> Hold | None:
         def take() -> Script[list[Row]]:
-            if self.row_locks:  # the checks below then read the latest balance and key (balance first, as
-                # settle's trigger locks it, so the two never wait on each other in opposite orders)
+            if self.row_locks and budgeted:
+                # Concurrent holds on one key must see each other for its budget: lock the balance (first,
+                # as settle's trigger does, so the two never wait on each other in opposite orders), then
+                # the key. Without a budget no lock is needed: see below.
                 yield f"SELECT user_id FROM balances WHERE user_id = ?{self._lock}", (user_id,)
                 yield f"SELECT id FROM api_keys WHERE id = ?{self._lock}", (key_id,)
-            return (yield HOLD_SQL, (amount, request_id, model, now_ms(), self._instance, key_id, user_id, amount,
-                                     amount))
-        rows = await self._run(take)
+            try:
+                return (yield HOLD_SQL, (amount, request_id, model, now_ms(), self._instance, key_id, user_id,
+                                         amount, amount))
+            except IntegrityViolation:
+                # PostgreSQL, concurrent holds: this one read the balance before another's hold committed,
+                # and the holds_take trigger found held > balance (the CHECK). The money is not there.
+                raise _Refused from None
+        try:
+            rows = await self._run(take, durable=False)
+        except _Refused:
+            return None
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
@@ -288,7 +301,7 @@ class SqlStore(SqlReports):
             yield ("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
                    (usage.charged, to_ms(usage.created_at), hold.key_id))
             return usage
-        return await self._run(apply)
+        return await self._run(apply, durable=False)
 
     async def key_headroom(self, key_id: int) -> int | None:
         rows = await self._read(
@@ -344,6 +357,10 @@ class SqlStore(SqlReports):
                                 "ORDER BY id DESC LIMIT ?", (limit,))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
+
+
+class _Refused(Exception):
+    """A hold the balance could not cover after all (found by the constraint, not the WHERE)."""
 
 
 def _insert_usage(usage: UsageRecord) -> Script[None]:

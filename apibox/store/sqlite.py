@@ -60,7 +60,9 @@ class SqliteStore(SqlStore):
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return list(await self._reader.execute_fetchall(sql, params))
 
-    async def _run(self, script: Callable[[], Script[T]]) -> T:
+    async def _run(self, script: Callable[[], Script[T]], *, durable: bool = True) -> T:
+        # every commit is as durable as synchronous=NORMAL in WAL mode makes it: safe from a crash of
+        # the process, not from a power cut, whatever ``durable`` says
         return await self._writer.transaction(lambda db: run_script(db, script()))
 
     @staticmethod
