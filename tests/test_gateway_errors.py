@@ -18,9 +18,14 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict
 
 from apibox import accounts, tokens
+from apibox.config import default_settings
+from apibox.gateway.app import create_app
+from apibox.gateway.metrics import observer
+from apibox.metrics import Metrics
 from apibox.models import UserState
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
@@ -425,3 +430,18 @@ async def test_models_and_me_need_a_key(live: Live) -> None:
                 assert response.status == 401, path
                 assert response.headers["x-request-id"].startswith("req_")
                 assert openai_error(await response.read())["code"] == "invalid_api_key"
+
+
+async def test_a_client_gone_before_its_request_is_read_is_counted_499_not_logged_as_an_error(caplog) -> None:
+    """wrk ending a run with requests still queued: reading their bodies raises ConnectionResetError."""
+    metrics = Metrics()
+    observe = observer(metrics, access_log_json=False)
+
+    async def gone(request: web.Request) -> web.StreamResponse:
+        raise ConnectionResetError("Connection lost")
+    request = make_mocked_request("POST", "/v1/chat/completions", app=create_app(default_settings()))
+    with caplog.at_level(logging.ERROR, logger="apibox.gateway"):
+        response = await observe(request, gone)
+    assert response.status == 499
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert metrics.requests.labels("", "", "499")._value.get() == 1

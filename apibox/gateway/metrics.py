@@ -50,6 +50,7 @@ access_log = logging.getLogger("apibox.access")
 # Paths that are not API requests: not counted, not in flight (they are still access-logged).
 UNCOUNTED_PATHS = PROBE_PATHS
 MAX_LOGGED_PATH = 200
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection; usage rows use it too
 _KEY_IN_PATH = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_\-]*")
 
 
@@ -166,6 +167,8 @@ def observer(metrics: Metrics, *, access_log_json: bool) -> Any:
                     if exc.status < 400:
                         raise
                     response = render_http_exception(request, exc)
+                except ConnectionResetError:  # the client left before its request was read: nobody to answer
+                    response = web.Response(status=CLIENT_GONE)
                 except Exception:
                     response = internal_error(request, request_id)
                 finally:
