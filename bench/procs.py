@@ -72,7 +72,9 @@ def group_cpu_seconds(pgid: int) -> float:
 
 
 def tree_cpu_seconds(root: int) -> float:
-    """User + system CPU time of ``root`` and every live descendant (a database server's backends)."""
+    """User + system CPU time of ``root`` and its descendants (a database server's backends): of the
+    live ones, and of those that ended (their parents reaped them, which adds their time to the
+    parent's cutime and cstime), so backends coming and going do not make the figure jump."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -84,7 +86,7 @@ def tree_cpu_seconds(root: int) -> float:
         pid = todo.pop()
         fields = _stat_fields(pid)
         if fields is not None:
-            ticks += int(fields[11]) + int(fields[12])
+            ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
         todo += children.get(pid, [])
     return ticks / CLK_TCK
 
