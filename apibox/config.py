@@ -15,7 +15,6 @@ from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -42,6 +41,7 @@ from apibox.settings import (
     default_settings,
 )
 from apibox.timeparse import TimeParseError, parse_moment
+from apibox.urls import masked, masked_url, redis_url_problem
 
 __all__ = [
     "ACCESS_LOG_FORMATS",
@@ -314,7 +314,7 @@ class _Parser:
             return None
         if not url.startswith(self.REDIS_SCHEMES):
             raise fields["url"].fail(f"must start with redis://, rediss:// or unix://, got {masked_url(url)!r}")
-        problem = _redis_url_problem(url)
+        problem = redis_url_problem(url)
         if problem:
             raise fields["url"].fail(f"{problem}, got {masked_url(url)!r}")
         defaults = RedisSettings(url=url)
@@ -492,33 +492,3 @@ class _Parser:
                     assert node is not None
                     raise node.items()[i].fail(f"model name or alias {name!r} is used twice")
                 seen.add(name)
-
-
-def _redis_url_problem(url: str) -> str | None:
-    """What is wrong with a Redis URL, said before anything tries to connect (None: nothing)."""
-    parts = urlsplit(url)
-    if parts.scheme == "unix":
-        return None if parts.path else "a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock"
-    try:
-        parts.port  # noqa: B018 (it raises for a port that is not one)
-    except ValueError:
-        return "the port must be a number from 0 to 65535"
-    if not parts.hostname:
-        return "needs a host, e.g. redis://127.0.0.1:6379/0"
-    database = parts.path.strip("/")
-    if database and not database.isdigit():
-        return "the database after the host must be a number, e.g. /0"
-    return None
-
-
-def masked(secret: str | None) -> str | None:
-    """How `config check` shows a secret: whether it is set, never any of its characters."""
-    return "****" if secret else None
-
-
-_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:@/]*):[^@]*@")
-
-
-def masked_url(url: str) -> str:
-    """A URL with any password in it replaced: ``postgresql://u:pw@h/db`` -> ``postgresql://u:****@h/db``."""
-    return _URL_PASSWORD.sub(r"\1:****@", url)

@@ -20,9 +20,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from apibox.config import masked_url
 from apibox.metrics import RedisInstruments
 from apibox.settings import RedisSettings
+from apibox.urls import masked_url
 
 log = logging.getLogger("apibox.redis")
 

@@ -12,10 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from apibox import billing
 from apibox.cli.common import ConfigOption, JsonOption, console, err_console, handles_errors, print_json, with_store
-from apibox.config import masked_url
 from apibox.errors import InvalidRequest
 from apibox.store import open_store, sqlite_path
 from apibox.store.copying import CopyResult, copy_database
+from apibox.urls import masked_url
 
 app = typer.Typer(help="Database schema and audit.", no_args_is_help=True)
 

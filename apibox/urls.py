@@ -1,0 +1,38 @@
+"""What may be shown of a URL or a secret, and what is wrong with a Redis URL, said before
+anything connects. Pure: used by the config parser, `config check` and every log line that
+names a database or a Redis."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL, said before anything tries to connect (None: nothing)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return None if parts.path else "a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock"
+    try:
+        parts.port  # noqa: B018 (it raises for a port that is not one)
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    if not parts.hostname:
+        return "needs a host, e.g. redis://127.0.0.1:6379/0"
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        return "the database after the host must be a number, e.g. /0"
+    return None
+
+
+def masked(secret: str | None) -> str | None:
+    """How `config check` shows a secret: whether it is set, never any of its characters."""
+    return "****" if secret else None
+
+
+_URL_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://[^:@/]*):[^@]*@")
+
+
+def masked_url(url: str) -> str:
+    """A URL with any password in it replaced: ``postgresql://u:pw@h/db`` -> ``postgresql://u:****@h/db``."""
+    return _URL_PASSWORD.sub(r"\1:****@", url)
