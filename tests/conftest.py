@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future
@@ -165,10 +166,21 @@ class PostgresDatabase:
         # Schemas are dropped on a connection of their own, in the background while the next test
         # runs; a drop gives up rather than hang behind a connection a test left in a transaction.
         self.drop_url = self._with(application_name="apibox-tests-drop", lock_timeout="10000")
-        if not dbquery.query(server_url, "SELECT 1 FROM pg_database WHERE datname = ?", (TEST_DATABASE,)):
-            with suppress(asyncpg.DuplicateDatabaseError):  # another session may be quicker
-                dbquery.execute(server_url, f"CREATE DATABASE {TEST_DATABASE}")
+        self._create_database(server_url)
         self.dropping: dict[str, Future[Any]] = {}
+
+    @staticmethod
+    def _create_database(server_url: str) -> None:
+        """Create the test database once, whichever pytest-xdist worker gets there first: the others
+        see it exist, lose the race on its name, or find template1 busy with the winner's copy."""
+        for _ in range(100):
+            if dbquery.query(server_url, "SELECT 1 FROM pg_database WHERE datname = ?", (TEST_DATABASE,)):
+                return
+            with suppress(asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError, asyncpg.ObjectInUseError):
+                dbquery.execute(server_url, f"CREATE DATABASE {TEST_DATABASE}")
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"could not create the test database {TEST_DATABASE}")
 
     def _with(self, **settings: str) -> str:
         parts = urlsplit(self.url)

@@ -360,6 +360,37 @@ async def test_recover_holds_releases_everything_and_logs_interrupted(store: Sto
     assert await store.recover_holds() == []
 
 
+async def test_gateways_sharing_a_database_release_only_the_holds_of_dead_ones(store: Store,
+                                                                                database_url: str) -> None:
+    """Two gateway instances on one database: one starting does not release the other's holds while it
+    beats; once it stops beating they are released (and logged interrupted); an instance taken for
+    dead after a stall is alive again at its next heartbeat, and its new holds are its own."""
+    user, key = await funded(store, 1_000)
+    await store.register_instance("gateway-a", "host-a", 1)
+    mine = await store.hold(user.id, key.id, 300, "a1", "m")
+    assert mine is not None
+    other = await open_store(database_url)
+    try:
+        await other.register_instance("gateway-b", "host-b", 2)
+        assert await other.recover_holds() == []  # a is alive: its hold stays
+        assert (await store.get_balance(user.id)).held == 300
+        # a falls silent (a cutoff in the future makes every other instance stale): b reaps it
+        assert [h.request_id for h in await other.recover_holds(stale_ms=-60_000)] == ["a1"]
+        assert (await store.get_balance(user.id)).held == 0
+        with pytest.raises(StoreError, match="already settled or released"):
+            await store.settle(mine, record(mine, 100))  # nothing is charged for a released hold
+        await store.heartbeat()  # a was only stalled: it is back
+        again = await store.hold(user.id, key.id, 200, "a2", "m")
+        assert again is not None
+        assert await other.recover_holds() == []
+        await store.settle(again, record(again, 150))
+        await other.retire_instance()
+        await store.retire_instance()
+    finally:
+        await other.close()
+    assert (await store.get_balance(user.id)).balance == 850
+
+
 async def test_recover_holds_with_nothing_open(store: Store) -> None:
     await funded(store, 1_000)
     assert await store.recover_holds() == []

@@ -87,6 +87,7 @@ class SqlStore(SqlReports):
 
     row_locks = False  # True where write transactions run concurrently (PostgreSQL)
     _instance = ""  # the gateway instance that owns the holds this store takes ("" for the CLI)
+    _instance_started: tuple[str, int, int] = ("", 0, 0)  # its host, pid and start (ms)
 
     async def _run(self, script: Callable[[], Script[T]], *, durable: bool = True) -> T:
         """Run ``script()`` all-or-nothing and return its result once committed. An engine may
@@ -313,15 +314,17 @@ class SqlStore(SqlReports):
 
     async def register_instance(self, instance: str, host: str, pid: int) -> None:
         """Record a running gateway; the holds this store takes from now on belong to it."""
-        now = now_ms()
-        await self._write("INSERT INTO instances (id, host, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?)",
-                          (instance, host, pid, now, now))
-        self._instance = instance
+        self._instance, self._instance_started = instance, (host, pid, now_ms())
+        await self.heartbeat()
 
     async def heartbeat(self) -> None:
-        """Tell other instances this one is alive (and so are its holds)."""
+        """Tell other instances this one is alive (and so are its holds). An upsert: an instance taken
+        for dead after a long stall (its row reaped, its holds released) is alive again from here on."""
         if self._instance:
-            await self._write("UPDATE instances SET seen_at = ? WHERE id = ?", (now_ms(), self._instance))
+            host, pid, started = self._instance_started
+            await self._write("INSERT INTO instances (id, host, pid, started_at, seen_at) VALUES (?, ?, ?, ?, ?) "
+                              "ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+                              (self._instance, host, pid, started, now_ms()))
 
     async def retire_instance(self) -> None:
         """A clean stop, after every request was settled: the instance leaves no holds behind."""
