@@ -21,7 +21,8 @@ from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation
-from tests.conftest import Databases
+from tests import dbquery
+from tests.conftest import Databases, PostgresDatabase
 from tests.dbquery import INTEGRITY_ERRORS, Connection, connect, tables
 
 TABLES = {"users", "balances", "api_keys", "holds", "usage", "ledger"}
@@ -660,3 +661,33 @@ async def test_audit_finds_several_problems_at_once(loose: Loose) -> None:
     assert len(problems) == 2
     assert any("differs from the ledger's sum" in p for p in problems)
     assert any("differs from the open holds' sum" in p for p in problems)
+
+
+async def test_postgresql_commits_top_ups_durably_and_holds_and_settlements_fast(
+        postgres_database: PostgresDatabase) -> None:
+    """docs/BILLING.md's promise, seen from inside PostgreSQL: each transaction's synchronous_commit,
+    recorded by triggers as its rows are written."""
+    schema, url = postgres_database.create()
+    try:
+        db = await open_store(url)
+        try:
+            dbquery.execute(url, "CREATE TABLE seen (what TEXT, setting TEXT)")
+            dbquery.execute(url, "CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                                 "INSERT INTO seen VALUES (TG_TABLE_NAME || ' ' || TG_OP, "
+                                 "current_setting('synchronous_commit')); RETURN NULL; END $$")
+            for table in ("ledger", "holds", "usage", "api_keys", "users"):
+                dbquery.execute(url, f"CREATE TRIGGER note AFTER INSERT OR DELETE ON {table} "
+                                     "FOR EACH ROW EXECUTE FUNCTION note()")
+            user, key = await funded(db, 1_000)
+            hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
+            assert hold is not None
+            await db.settle(hold, record(hold, 40))
+            seen = {(what, setting) for what, setting in dbquery.query(url, "SELECT what, setting FROM seen")}
+            assert seen == {("users INSERT", "on"), ("api_keys INSERT", "on"), ("ledger INSERT", "on"),  # top-up
+                            ("holds INSERT", "off"), ("holds DELETE", "off"), ("usage INSERT", "off"),
+                            ("ledger INSERT", "off")}  # the settlement's charge
+            assert await db.audit() == []
+        finally:
+            await db.close()
+    finally:
+        postgres_database.drop(schema)

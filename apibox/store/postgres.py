@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -53,7 +54,10 @@ class PostgresStore(SqlStore):
     @classmethod
     async def open(cls, url: str, pool_size: int = 10) -> PostgresStore:
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, command_timeout=60)
+            # Holds and settlements, the hot path, commit without waiting for the WAL flush (see
+            # _transaction); asking for that per connection costs no round trip per request.
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, command_timeout=60,
+                                             server_settings={"synchronous_commit": "off"})
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from None
         return cls(pool)
@@ -67,9 +71,7 @@ class PostgresStore(SqlStore):
     async def _run(self, script: Callable[[], Script[T]], *, durable: bool = True) -> T:
         for attempt in range(RETRIES):
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
-                    if not durable:  # the commit returns before its WAL flush (at most 3 x wal_writer_delay)
-                        await conn.execute("SET LOCAL synchronous_commit TO off")
+                async with self._pool.acquire() as conn, _transaction(conn, durable=durable):
                     return await _drive(conn, script())
             except RETRYABLE:
                 if attempt == RETRIES - 1:
@@ -83,7 +85,7 @@ class PostgresStore(SqlStore):
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._pool.acquire() as conn, _transaction(conn, durable=True):
                 copied: list[Table] = []
                 async for table, rows in batches:
                     await conn.copy_records_to_table(table.name, records=rows, columns=list(table.columns))
@@ -112,7 +114,7 @@ class PostgresStore(SqlStore):
                     if migration.name in applied:
                         continue
                     try:
-                        async with conn.transaction():
+                        async with _transaction(conn, durable=True):
                             await conn.execute(migration.postgresql)
                             await conn.execute("INSERT INTO _apibox_migrations (name, applied_at) VALUES ($1, $2)",
                                                migration.name, now_ms())
@@ -122,6 +124,17 @@ class PostgresStore(SqlStore):
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         return done
+
+
+@asynccontextmanager
+async def _transaction(conn: asyncpg.Connection, *, durable: bool) -> AsyncIterator[None]:
+    """A transaction on one of the pool's connections. They commit with synchronous_commit off (the
+    commit returns before its WAL flush, which follows within 3 x wal_writer_delay): right for holds
+    and settlements (docs/BILLING.md). A durable one (top-ups, users, keys, migrations, copies) waits."""
+    async with conn.transaction():
+        if durable:
+            await conn.execute("SET LOCAL synchronous_commit TO on")
+        yield
 
 
 async def _applied(conn: asyncpg.Connection) -> set[str]:
