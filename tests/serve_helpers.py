@@ -20,6 +20,10 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from apibox.config import load_settings
+from apibox.store import open_store
+from tests import dbquery
+from tests.conftest import fund
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import sse_json
 
@@ -193,3 +197,49 @@ async def refused_connection(url: str) -> bool:
         await writer.wait_closed()
         await asyncio.sleep(0.02)
     return False
+
+
+# -- accounts and books of a database a real process serves ------------------------------------
+
+
+def db_check(config: Path, cwd: Path) -> None:
+    check = subprocess.run([sys.executable, "-m", "apibox", "db", "check", "--config", str(config)],
+                           capture_output=True, text=True, cwd=cwd, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def make_keys(config: Path, funds: dict[str, str]) -> list[str]:
+    settings = load_settings(str(config))
+    db = await open_store(settings.database.url)
+    try:
+        return [await fund(db, settings, email, usd) for email, usd in funds.items()]
+    finally:
+        await db.close()
+
+
+def query(url: str, sql: str) -> list[tuple]:
+    return [tuple(row) for row in dbquery.query(url, sql)]
+
+
+def assert_books(url: str, topped_up: int) -> None:
+    """Nothing held, never below zero, the charges in the ledger are the usage rows' charges."""
+    assert query(url, "SELECT count(*) FROM holds") == [(0,)]
+    assert query(url, "SELECT min(balance) FROM balances")[0][0] >= 0
+    assert query(url, "SELECT sum(held) FROM balances") == [(0,)]
+    charged = query(url, "SELECT coalesce(-sum(amount), 0) FROM ledger WHERE kind = 'charge'")[0][0]
+    assert charged == query(url, "SELECT coalesce(sum(charged), 0) FROM usage")[0][0]
+    assert query(url, "SELECT sum(balance) FROM balances") == [(topped_up - charged,)]
+
+
+NEW_MODEL = """
+  - name: gpt-new
+    routes: [{provider: fake, model: fake-new-1}]
+    price: {input: 100, output: 200}
+    max_output_tokens: 1000
+"""
+
+
+def add_model(config: Path) -> None:
+    """The config file with one more model, ``gpt-new`` (inserted into the ``models:`` list)."""
+    text = config.read_text()
+    config.write_text(text.replace("\nmodels:\n", "\nmodels:" + NEW_MODEL, 1))

@@ -17,7 +17,7 @@ from apibox.cli.main import app as cli_app
 from apibox.store import open_store
 from tests import dbquery
 from tests.cli_helpers import assert_one_line_error, ok_json
-from tests.conftest import PostgresDatabase, ServerThread, serving
+from tests.conftest import ServerThread, databases_for, serving
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import account
 
@@ -36,16 +36,11 @@ def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
 
 
 @pytest.fixture
-def pg(postgres_database: PostgresDatabase) -> Any:
-    made: list[str] = []
-
-    def new() -> str:
-        name, url = postgres_database.create()
-        made.append(name)
-        return url
-    yield new
-    for name in made:
-        postgres_database.drop(name)
+def pg(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    """``pg()``: the URL of a new, empty PostgreSQL database (a schema), dropped after the test."""
+    made = databases_for("postgresql", tmp_path, request)
+    yield made.new
+    made.close()
 
 
 async def _people(url: str, live: Any) -> dict[str, str]:

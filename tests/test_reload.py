@@ -18,26 +18,12 @@ from typer.testing import CliRunner
 
 from apibox.cli.main import app as cli_app
 from apibox.config import Settings, load_settings
-from apibox.store import open_store
 from tests.cli_helpers import assert_one_line_error
 from tests.conftest import Live, ServerThread, assert_books_balance, fund, serving, write_config
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import query, wait_for_usage
 from tests.live_variants import ADMIN_KEY, openai_error, request, store_of
-from tests.serve_helpers import serve_process, slow_upstream
-
-NEW_MODEL = """
-  - name: gpt-new
-    routes: [{provider: fake, model: fake-new-1}]
-    price: {input: 100, output: 200}
-    max_output_tokens: 1000
-"""
-
-
-def add_model(config: Path) -> None:
-    """The config file with one more model, ``gpt-new`` (inserted into the ``models:`` list)."""
-    text = config.read_text()
-    config.write_text(text.replace("\nmodels:\n", "\nmodels:" + NEW_MODEL, 1))
+from tests.serve_helpers import add_model, make_keys, serve_process, slow_upstream
 
 
 class AdminInFile(ServerThread):
@@ -125,14 +111,7 @@ def test_sighup_reloads_every_worker(tmp_path: Path, database_url: str, workers:
     with slow_upstream(FakeUpstream()) as upstream:
         config = write_config(tmp_path, database_url, upstream)
 
-        async def make_key() -> str:
-            settings = load_settings(str(config))
-            db = await open_store(settings.database.url)
-            try:
-                return await fund(db, settings, "ann@example.com", "5")
-            finally:
-                await db.close()
-        key = asyncio.run(make_key())
+        (key,) = asyncio.run(make_keys(config, {"ann@example.com": "5"}))
         with serve_process(config, tmp_path, "--workers", str(workers),
                            ready_text=f"with {workers} workers" if workers > 1 else None) as running:
             assert asyncio.run(chat(running.url, key, "gpt-new"))[0] == 404

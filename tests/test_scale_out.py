@@ -22,9 +22,7 @@ from typer.testing import CliRunner
 from apibox.cli.main import app as cli_app
 from tests.conftest import PostgresDatabase, write_config
 from tests.fake_upstream import FakeUpstream
-from tests.serve_helpers import serve_process, slow_upstream
-from tests.test_reload import add_model
-from tests.test_workers import assert_books, db_check, make_keys
+from tests.serve_helpers import add_model, assert_books, db_check, make_keys, serve_process, slow_upstream
 
 ADMIN_KEY = "admin-secret-for-scale-out-tests"
 USER_RPM = 6

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tests.dbquery import query
 from tests.serve_helpers import (
     MidStreams,
     Outcome,
+    db_check,
     refused_connection,
     serve_process,
     slow_upstream,
@@ -83,9 +83,7 @@ def test_sigterm_during_50_streams_settles_every_one(tmp_path: Path, database_ur
     assert charged == (sum(r[2] for r in rows), STREAMS)
     assert all(r[2] > 0 for r in rows)
     assert query(database_url, "SELECT sum(balance) FROM balances") == [(10_000_000 - charged[0],)]
-    check = subprocess.run([sys.executable, "-m", "apibox", "db", "check", "--config", str(config)],
-                           capture_output=True, text=True, cwd=tmp_path, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
+    db_check(config, tmp_path)
 
     # it stopped accepting while the streams were still running, and finished every one of them
     assert refused, "a new connection was still accepted after SIGTERM"

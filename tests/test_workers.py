@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -27,16 +26,17 @@ import pytest
 from typer.testing import CliRunner
 
 from apibox.cli.main import app as cli_app
-from apibox.config import load_settings
 from apibox.gateway.workers import supervise
-from apibox.store import open_store
-from tests import dbquery
 from tests.cli_helpers import assert_one_line_error
-from tests.conftest import fund, write_config
+from tests.conftest import write_config
 from tests.fake_upstream import FakeUpstream
 from tests.serve_helpers import (
     MidStreams,
     Running,
+    assert_books,
+    db_check,
+    make_keys,
+    query,
     refused_connection,
     serve_process,
     slow_upstream,
@@ -88,35 +88,6 @@ async def on_one_connection(url: str, work) -> tuple[int, object]:  # type: igno
         async with session.get(f"{url}/healthz") as response:
             pid = (await response.json())["pid"]
         return pid, await work(session)
-
-
-def db_check(config: Path, cwd: Path) -> None:
-    check = subprocess.run([sys.executable, "-m", "apibox", "db", "check", "--config", str(config)],
-                           capture_output=True, text=True, cwd=cwd, timeout=60)
-    assert check.returncode == 0, check.stdout + check.stderr
-
-
-async def make_keys(config: Path, funds: dict[str, str]) -> list[str]:
-    settings = load_settings(str(config))
-    db = await open_store(settings.database.url)
-    try:
-        return [await fund(db, settings, email, usd) for email, usd in funds.items()]
-    finally:
-        await db.close()
-
-
-def query(url: str, sql: str) -> list[tuple]:
-    return [tuple(row) for row in dbquery.query(url, sql)]
-
-
-def assert_books(url: str, topped_up: int) -> None:
-    """Nothing held, never below zero, the charges in the ledger are the usage rows' charges."""
-    assert query(url, "SELECT count(*) FROM holds") == [(0,)]
-    assert query(url, "SELECT min(balance) FROM balances")[0][0] >= 0
-    assert query(url, "SELECT sum(held) FROM balances") == [(0,)]
-    charged = query(url, "SELECT coalesce(-sum(amount), 0) FROM ledger WHERE kind = 'charge'")[0][0]
-    assert charged == query(url, "SELECT coalesce(sum(charged), 0) FROM usage")[0][0]
-    assert query(url, "SELECT sum(balance) FROM balances") == [(topped_up - charged,)]
 
 
 # -- the real thing --------------------------------------------------------------------------
