@@ -66,7 +66,6 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
         await db.register_instance(f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}",
                                    socket.gethostname(), os.getpid())
         await _release_orphaned_holds(db)
-        beating = asyncio.create_task(_heartbeat(db))
         upstream = session or aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=True)
         failures = FailedAuthLimiter(settings.server.failed_auth_per_minute)
@@ -77,6 +76,7 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
             settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
             router=Router(settings), auth=auth, limiter=sharing.limiter, clock=clock,
             metrics=app[metrics.METRICS], notifier=sharing.notifier)
+        beating = asyncio.create_task(_heartbeat(db))  # started last: nothing above can leave it running
         try:
             yield
         finally:
