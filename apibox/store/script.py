@@ -1,8 +1,8 @@
 """Transaction scripts: one piece of code for a transaction, whichever engine runs it.
 
 A script is a generator that yields ``(sql, params)`` and is sent back the rows each
-statement returned. SQLite runs it start to end on its writer thread (no hop back to the
-event loop between statements); PostgreSQL runs it on one pooled connection inside one
+statement returned. SQLite runs it start to end in one go on the event loop's thread
+(``SqliteWriter``); PostgreSQL runs it on one pooled connection inside one
 transaction, awaiting each statement. SQL is written once, with ``?`` placeholders, in the
 subset both engines speak.
 

@@ -1,9 +1,10 @@
 """The SQLite engine (the default): WAL, foreign keys, a busy timeout, CHECK-guarded money.
 
-Writes run as transaction scripts on one writer thread (``SqliteWriter``: whole transactions,
-group commits); reads go through one aiosqlite connection, which WAL lets read while the
-writer writes. Several processes (``serve --workers``) may share the file: SQLite's own
-locking serializes their write transactions, and the busy timeout makes them wait their turn.
+Writes run as transaction scripts on the event loop's thread (``SqliteWriter``: whole
+transactions, group commits, never a wait for a lock or a disk sync); reads go through one
+aiosqlite connection, which WAL lets read while the writer writes. Several processes
+(``serve --workers``) may share the file: SQLite's own locking serializes their write
+transactions, and the writer retries a refused lock on a timer until it is its turn.
 """
 
 from __future__ import annotations

@@ -1,77 +1,151 @@
-"""The SQLite write connection: one thread, whole transactions, committed in groups.
+"""The SQLite write connection: whole transactions on the event loop's thread, committed in groups.
 
-aiosqlite sends each statement to its thread and back, so a settlement of eight statements
-costs eight hops. Here a transaction is a plain function that runs start to end in the
-writer's own thread (``concurrent.futures`` with one worker), which also serializes every
-write. Transactions that queue up while the writer is busy go together in the next hop as
-one group commit: each runs inside its own SAVEPOINT, so each is still all-or-nothing, and
-each caller is answered only after the COMMIT that made its work durable. There is no
-waiting window: a lone transaction is committed at once. Reads stay on aiosqlite.
+A hold or a settlement is a few dozen microseconds of SQLite work. Sending it to a thread and
+back cost more than the work itself (two thread wake-ups and the GIL passed back and forth for
+every statement) and was most of the latency a request added. So a transaction runs on the
+loop's own thread, and the two ways SQLite could block a thread are taken away:
+
+- **Lock waits.** The connection's busy timeout is 0: when another process (a second worker,
+  the CLI) holds the write lock, ``BEGIN IMMEDIATE`` fails at once and the group is tried again
+  from a timer a little later, up to ``LOCK_WAIT_SECONDS``; the loop serves meanwhile.
+- **Disk syncs.** In WAL mode with ``synchronous=NORMAL`` a commit appends to the WAL without
+  fsync; only a checkpoint syncs. The connection's automatic checkpoints are off and a
+  checkpointer thread with its own connection copies the WAL back (``PASSIVE``, never blocking
+  the writer) once it has grown past ``CHECKPOINT_BYTES``.
+
+A transaction is queued, and the group commit comes a pass of the loop later; while each pass
+adds transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
+Each transaction of a group runs inside its own SAVEPOINT, so each is still all-or-nothing, and
+each caller is answered only after the COMMIT that made its work durable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+Body = Callable[[sqlite3.Connection], Any]
+
+LOCK_WAIT_SECONDS = 10.0  # as long as a busy timeout would have waited for another process's lock
+FIRST_RETRY_SECONDS = 0.0005
+LAST_RETRY_SECONDS = 0.02
+CHECKPOINT_BYTES = 4 * 1024 * 1024  # about SQLite's own automatic checkpoint (1,000 pages of 4 KiB)
+CHECKPOINT_EVERY_GROUPS = 64  # how often the WAL's size is looked at
+GROUP_MAX = 64  # transactions in one group commit, at most
+
+
+class Locked(Exception):
+    """Another connection holds the write lock: try the group again later."""
 
 
 class SqliteWriter:
+    """The one write connection of a process, used only from the event loop's thread."""
+
     def __init__(self, path: str, pragmas: tuple[str, ...]) -> None:
         self._path = path
         self._pragmas = pragmas
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apibox-sqlite-writer")
         self._db: sqlite3.Connection | None = None
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._drainer: asyncio.Task[None] | None = None
+        self._queue: list[tuple[Body, asyncio.Future[Any]]] = []
+        self._scheduled = False  # a group commit is on its way (a pass, a lock retry or a checkpoint away)
+        self._waiting_since: float | None = None  # the current group's first refusal of the lock
+        self._retry = FIRST_RETRY_SECONDS
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._gathered = 0  # the queue's length at the last pass
+        self._groups = 0
+        self._checkpointer = Checkpointer(path, pragmas)
 
     async def open(self) -> None:
-        await self.run(self._connect)
-
-    def _connect(self) -> None:
-        # check_same_thread=False only because close() may run on another thread; every use
-        # of the connection happens on the single writer thread.
-        self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        for pragma in self._pragmas:
-            self._db.execute(pragma)
-
-    async def run(self, work: Callable[[], T]) -> T:
-        """Run ``work`` on the writer thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        # The pragmas (WAL among them) may wait for other processes at start-up, with their busy timeout.
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            for pragma in self._pragmas:
+                db.execute(pragma)
+            db.execute("PRAGMA busy_timeout=0")
+            db.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            db.close()
+            raise
+        self._db = db
 
     async def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``body(db)`` all-or-nothing and return its result once it is committed."""
+        """Run ``body(db)`` all-or-nothing and return its result once it is committed. A caller
+        cancelled before its group runs leaves nothing behind: the body is not run."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((body, future))
-        if self._drainer is None or self._drainer.done():
-            self._drainer = asyncio.ensure_future(self._drain())
+        if not self._scheduled:
+            self._scheduled = True
+            self._idle.clear()
+            self._gathered = 0
+            asyncio.get_running_loop().call_soon(self._gather)
         return await future
 
-    async def _drain(self) -> None:
-        while self._queue:
-            group, self._queue = self._queue, []
-            try:
-                outcomes = await self.run(partial(self._commit_group, [body for body, _ in group]))
-            except Exception as exc:  # the COMMIT itself failed: nothing of the group happened
-                outcomes = [(False, exc)] * len(group)
-            for (_, future), (ok, value) in zip(group, outcomes, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+    def _gather(self) -> None:
+        """One pass of the loop later: commit, unless the pass brought more transactions."""
+        queued = len(self._queue)
+        if self._gathered < queued < GROUP_MAX:
+            self._gathered = queued
+            asyncio.get_running_loop().call_soon(self._gather)
+        else:
+            self._flush()
 
-    def _commit_group(self, bodies: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
-        db = self._connection()
-        outcomes: list[tuple[bool, Any]] = []
-        db.execute("BEGIN IMMEDIATE")
+    def _flush(self) -> None:
+        """Commit every queued transaction in one group, or come back when the lock is free."""
+        loop = asyncio.get_running_loop()
+        if self._checkpointer.busy():  # new frames would keep the WAL from being wound back: wait
+            self._checkpointer.when_done(lambda: loop.call_soon_threadsafe(self._flush))
+            return
+        self._scheduled = False
+        group = [(body, future) for body, future in self._queue if not future.done()]
+        self._queue = []
+        if not group:
+            self._idle.set()
+            return
         try:
+            outcomes = self._commit_group([body for body, _ in group])
+        except Locked:
+            now = loop.time()
+            self._waiting_since = self._waiting_since or now
+            if now - self._waiting_since < LOCK_WAIT_SECONDS:
+                self._queue = group + self._queue
+                self._scheduled = True
+                loop.call_later(self._retry, self._flush)
+                self._retry = min(self._retry * 2, LAST_RETRY_SECONDS)
+                return
+            error = sqlite3.OperationalError("database is locked")
+            outcomes = [(False, error)] * len(group)
+        except Exception as exc:  # the COMMIT itself failed: nothing of the group happened
+            outcomes = [(False, exc)] * len(group)
+        self._waiting_since, self._retry = None, FIRST_RETRY_SECONDS
+        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._idle.set()
+        self._groups += 1
+        if self._groups % CHECKPOINT_EVERY_GROUPS == 0:
+            self._maybe_checkpoint()
+
+    def _commit_group(self, bodies: list[Body]) -> list[tuple[bool, Any]]:
+        db = self._connection()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if _is_locked(exc):
+                raise Locked from None
+            raise
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            if len(bodies) == 1:  # alone in its group: the transaction itself is all-or-nothing
+                return self._commit_alone(db, bodies[0])
             for body in bodies:
                 db.execute("SAVEPOINT one")
                 try:
@@ -84,37 +158,112 @@ class SqliteWriter:
                     db.execute("RELEASE one")
                     outcomes.append((True, value))
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError) and _is_locked(exc):
+                raise Locked from None  # the bodies are scripts that can run again from the top
             raise
         return outcomes
 
+    @staticmethod
+    def _commit_alone(db: sqlite3.Connection, body: Body) -> list[tuple[bool, Any]]:
+        try:
+            value = body(db)
+        except Exception as exc:
+            db.execute("ROLLBACK")
+            return [(False, exc)]
+        db.execute("COMMIT")
+        return [(True, value)]
+
+    def _maybe_checkpoint(self) -> None:
+        try:
+            size = os.stat(self._path + "-wal").st_size
+        except OSError:
+            return
+        if size >= CHECKPOINT_BYTES:
+            self._checkpointer.start()
+
     async def execute(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        """One autocommitted statement (atomic on its own), returning any RETURNING rows."""
-        return await self.run(lambda: self._connection().execute(sql, params).fetchall())
+        """One statement in a transaction of its own, returning any RETURNING rows."""
+        return await self.transaction(lambda db: db.execute(sql, params).fetchall())
 
     async def bulk(self, batches: AsyncIterator[tuple[str, list[Sequence[Any]]]]) -> None:
-        """Many ``executemany`` batches in one transaction, all or nothing (``db copy``). Nothing
-        else may write meanwhile: the batches come from the event loop between hops."""
+        """Many ``executemany`` batches in one transaction, all or nothing (``db copy``, a CLI
+        command: the batches may keep the loop for as long as they take)."""
+        await self._idle.wait()
         db = self._connection()
-        await self.run(lambda: db.execute("BEGIN IMMEDIATE"))
+        db.execute("PRAGMA busy_timeout=10000")  # nothing else runs on this loop meanwhile
         try:
-            async for sql, rows in batches:
-                await self.run(partial(db.executemany, sql, rows))
-            await self.run(lambda: db.execute("COMMIT"))
-        except BaseException:
-            await self.run(lambda: db.execute("ROLLBACK"))
-            raise
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                async for sql, rows in batches:
+                    db.executemany(sql, rows)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        finally:
+            db.execute("PRAGMA busy_timeout=0")
 
     def _connection(self) -> sqlite3.Connection:
         assert self._db is not None, "the writer is not open"
         return self._db
 
     async def close(self) -> None:
-        if self._drainer is not None:
-            await self._drainer
+        while not self._idle.is_set():
+            await self._idle.wait()
+        await self._checkpointer.close()
         if self._db is not None:
-            await self.run(self._db.close)
+            self._db.close()  # the last connection to close checkpoints and removes the WAL
             self._db = None
-        self._executor.shutdown(wait=True)
+
+
+def _is_locked(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or \
+        "locked" in str(exc)
+
+
+class Checkpointer:
+    """Copies the WAL back into the database on a thread and connection of its own (PASSIVE: it
+    copies what it can and waits for no one), one checkpoint at a time."""
+
+    def __init__(self, path: str, pragmas: tuple[str, ...]) -> None:
+        self._path = path
+        self._pragmas = pragmas
+        self._thread: ThreadPoolExecutor | None = None
+        self._db: sqlite3.Connection | None = None
+        self._running: Future[None] | None = None
+
+    def busy(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    def when_done(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` (on the checkpointer's thread) once the running checkpoint is over."""
+        assert self._running is not None
+        self._running.add_done_callback(lambda _: callback())
+
+    def start(self) -> None:
+        if self.busy():
+            return
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apibox-sqlite-checkpoint")
+        self._running = self._thread.submit(self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        if self._db is None:
+            self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            for pragma in self._pragmas:
+                self._db.execute(pragma)
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def _close_connection(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def close(self) -> None:
+        if self._thread is not None:
+            await asyncio.wrap_future(self._thread.submit(self._close_connection))
+            self._thread.shutdown(wait=True)
+            self._thread = None
