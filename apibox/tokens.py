@@ -5,21 +5,22 @@ apibox never sees the upstream's tokenizer. Two numbers are enough:
 * ``count_tokens`` approximates a BPE tokenizer (words, numbers and punctuation, long words in
   pieces of four characters). The echo provider uses it as its real count, and a stream that
   ends without usage is charged by it.
-* ``prompt_bound`` is deliberately high (one token per two UTF-8 bytes of text, plus fixed
-  allowances), so the hold taken before a request covers the prompt the upstream will bill.
-  Settlement never charges more than the user has, so a bound that is still too low cannot
-  drive a balance negative.
+* ``prompt_bound`` is one token per UTF-8 byte of text, plus fixed allowances for messages and
+  images: no tokenizer makes a token of less than a byte, so the hold taken before a request
+  covers the prompt the upstream will bill, and it costs no counting. (Settlement never charges
+  more than the user has in any case, so no bound can drive a balance negative.)
+
+A request's prompt is measured once (``PromptSize``): its bound at once, for the hold; its
+estimate only if something asks for it (a token limit, a stream that ends without usage, an
+Anthropic stream's ``message_start``), because counting is the dearer of the two.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
-
-from apibox.money import ceil_div
 
 # ASCII words in pieces of four letters, numbers in groups of three, and every other visible
 # character on its own (punctuation, and non-Latin letters, which BPE tokenizers split finely):
@@ -27,7 +28,6 @@ from apibox.money import ceil_div
 TOKEN_PIECES = re.compile(r"[A-Za-z]{1,4}|\d{1,3}|[^\sA-Za-z\d]")
 PER_MESSAGE_TOKENS = 4  # role and separators, as chat formats add
 PER_IMAGE_TOKENS = 1_600  # a high-detail image tile budget
-BOUND_BYTES_PER_TOKEN = 2
 
 
 def count_tokens(text: str) -> int:
@@ -99,24 +99,30 @@ def _flatten(value: Any) -> Iterator[Any]:
         yield value
 
 
-@dataclass(frozen=True, slots=True)
 class PromptSize:
-    """A prompt measured once per request: the realistic estimate and the high bound."""
+    """A prompt measured once per request: the high bound at once, the realistic estimate when asked."""
 
-    estimate: int  # for charging when the upstream reported none, and for token limits
-    bound: int  # for the hold
+    __slots__ = ("_estimate", "_texts", "allowance", "bound")
+
+    def __init__(self, texts: list[str], messages: int, images: int) -> None:
+        self._texts = texts
+        self._estimate: int | None = None
+        self.allowance = messages * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS
+        text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        self.bound = text_bytes + PER_MESSAGE_TOKENS + self.allowance  # for the hold
+
+    @property
+    def estimate(self) -> int:
+        """For charging when the upstream reported none, and for token limits."""
+        if self._estimate is None:
+            self._estimate = sum(count_tokens(t) for t in self._texts) + self.allowance
+            self._texts = []
+        return self._estimate
 
 
 def measure_prompt(body: dict[str, Any]) -> PromptSize:
-    """Walk and count the prompt once; every other use reads the result."""
-    texts, messages, images = prompt_parts(body)
-    counted = sum(count_tokens(t) for t in texts)
-    text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    # The bound is never below the estimate: punctuation runs and token-id prompts have more
-    # than one token per two bytes.
-    bound_text = max(ceil_div(text_bytes, BOUND_BYTES_PER_TOKEN), counted)
-    return PromptSize(estimate=counted + messages * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS,
-                      bound=bound_text + (messages + 1) * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS)
+    """Walk the prompt once; every other use reads the result."""
+    return PromptSize(*prompt_parts(body))
 
 
 def prompt_estimate(body: dict[str, Any]) -> int:

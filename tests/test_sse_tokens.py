@@ -267,8 +267,25 @@ def test_image_parts_count_a_tile_budget_each() -> None:
 def test_chat_estimate_and_bound_examples() -> None:
     body = chat("hello world", "hi")
     assert tokens.prompt_estimate(body) == 4 + 1 + 2 * tokens.PER_MESSAGE_TOKENS
-    # 13 bytes -> 7, plus (2 messages + 1) * 4
-    assert tokens.prompt_bound(body) == 7 + 3 * tokens.PER_MESSAGE_TOKENS
+    # one token per byte: 13, plus (2 messages + 1) * 4
+    assert tokens.prompt_bound(body) == 13 + 3 * tokens.PER_MESSAGE_TOKENS
+
+
+@given(st.text())
+def test_prompt_bound_gives_every_utf8_byte_a_token(text: str) -> None:
+    """No tokenizer makes a token of less than a byte, so this bound holds for any upstream."""
+    assert tokens.prompt_bound(chat(text)) == len(text.encode("utf-8", "surrogatepass")) + 2 * tokens.PER_MESSAGE_TOKENS
+
+
+def test_the_estimate_is_counted_only_when_asked_for_and_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    counted: list[str] = []
+    real = tokens.count_tokens
+    monkeypatch.setattr(tokens, "count_tokens", lambda text: counted.append(text) or real(text))
+    prompt = tokens.measure_prompt(chat("hello world", "hi"))
+    assert prompt.bound == 13 + 3 * tokens.PER_MESSAGE_TOKENS
+    assert counted == []  # the hold needs no counting
+    assert prompt.estimate == prompt.estimate == 4 + 1 + 2 * tokens.PER_MESSAGE_TOKENS
+    assert counted == ["hello world", "hi"]
 
 
 def test_tool_calls_and_tools_are_counted() -> None:

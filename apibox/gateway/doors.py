@@ -17,6 +17,7 @@ from apibox.money import usd_number
 from apibox.openai_wire import usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
 from apibox.providers.base import ChunkStream, Provider, ProviderRequest
+from apibox.tokens import PromptSize
 
 
 class Door(Protocol):
@@ -29,7 +30,7 @@ class Door(Protocol):
     def reply_text(self, reply: dict[str, Any], native: bool) -> str: ...
     def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
                      cost: int) -> dict[str, Any]: ...
-    def renderer(self, native: bool, model: str, wants_usage: bool, prompt_tokens: int) -> StreamRenderer: ...
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer: ...
 
 
 def openai_reply_text(reply: dict[str, Any]) -> str:
@@ -64,7 +65,7 @@ class OpenAIDoor:
         raw = reply.get("usage") if isinstance(reply.get("usage"), dict) and not usage.estimated else None
         return {**reply, "model": model, "usage": {**(raw or usage_to_openai(usage)), "cost": usd_number(cost)}}
 
-    def renderer(self, native: bool, model: str, wants_usage: bool, prompt_tokens: int) -> StreamRenderer:
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer:
         return OpenAIRenderer(model, wants_usage)
 
 
@@ -112,5 +113,5 @@ class AnthropicDoor:
             return {**reply, "model": model}
         return openai_to_anthropic_reply(reply, model, usage)
 
-    def renderer(self, native: bool, model: str, wants_usage: bool, prompt_tokens: int) -> StreamRenderer:
-        return AnthropicPassthrough(model) if native else AnthropicRenderer(model, prompt_tokens)
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer:
+        return AnthropicPassthrough(model) if native else AnthropicRenderer(model, prompt.estimate)

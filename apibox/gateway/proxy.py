@@ -318,7 +318,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     started: Started = await _attempt(call, stream=True)
     response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(call)})
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
-    renderer = call.door.renderer(call.native, call.model.name, wants_usage, call.prompt.estimate)
+    renderer = call.door.renderer(call.native, call.model.name, wants_usage, call.prompt)
     usage: Usage | None = None
     delivered = Delivered()
     limit = call.reservation.output_tokens + OVERRUN_SLACK_TOKENS
