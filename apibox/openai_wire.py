@@ -112,6 +112,11 @@ class ChunkShape:
 
     def text_of(self, raw: bytes) -> str | None:
         """The content ``raw`` adds when it is a chunk of this shape, else None."""
+        read = self.read(raw)
+        return read[0] if read is not None else None
+
+    def read(self, raw: bytes) -> tuple[str, bytes] | None:
+        """The content ``raw`` adds and its bytes as they came, when it is a chunk of this shape."""
         prefix, suffix = self.prefix, self.suffix
         if len(raw) < len(prefix) + len(suffix) or not raw.startswith(prefix) or not raw.endswith(suffix):
             return None
@@ -119,7 +124,7 @@ class ChunkShape:
         if _NOT_PLAIN.search(middle):
             return None
         try:
-            return middle.decode()
+            return middle.decode(), middle
         except UnicodeDecodeError:
             return None
 

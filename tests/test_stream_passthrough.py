@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from apibox.gateway.render import OpenAIRenderer
 from apibox.openai_wire import ChunkShape
-from apibox.providers.base import PlainChunk, ProviderRequest, StreamBroken, WireBatch
+from apibox.providers.base import PlainRun, ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream
 from apibox.providers.openai import OpenAIProvider, _OpenAIStream
 from apibox.settings import ProviderSettings, Timeouts
@@ -145,11 +145,13 @@ async def test_chunks_that_only_add_text_are_not_parsed_and_keep_their_bytes() -
     found = await batches([sse(chunks, "orjson")])
     assert len(found) == 1 and found[0].last  # [DONE] came in the same read: it may go out with the ending
     items = [item for batch in found for item in batch]
-    assert [type(i).__name__ for i in items] == ["dict", "dict", "PlainChunk", "PlainChunk", "dict", "PlainChunk",
+    assert [type(i).__name__ for i in items] == ["dict", "dict", "PlainRun", "dict", "PlainRun",
                                                   "dict", "dict"]  # a quote in the text: parsed
-    plain = [i for i in items if isinstance(i, PlainChunk)]
-    assert [p.text for p in plain] == ["quick ", "brown ", "fox"]
-    assert [p.parsed() for p in plain] == [chunks[2], chunks[3], chunks[5]]
+    runs = [i for i in items if isinstance(i, PlainRun)]
+    assert [r.texts for r in runs] == [["quick ", "brown "], ["fox"]]  # consecutive plain chunks: one run
+    assert [r.middles for r in runs] == [[b"quick ", b"brown "], [b"fox"]]
+    assert [r.parsed() for r in runs] == [[chunks[2], chunks[3]], [chunks[5]]]
+    assert runs[0].head(1).texts == ["quick "]
     out = rendered(found, wants_usage=True)
     assert frames(out)[2] == orjson.dumps({**chunks[2], "model": CLIENT})  # the upstream's bytes, renamed
 

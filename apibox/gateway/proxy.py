@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,15 @@ from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
 from apibox.pricing import Price, Usage, cost_micro
-from apibox.providers.base import ChunkStream, Provider, ProviderRequest, StreamBroken, UpstreamFailure, WireBatch
+from apibox.providers.base import (
+    ChunkStream,
+    PlainRun,
+    Provider,
+    ProviderRequest,
+    StreamBroken,
+    UpstreamFailure,
+    WireBatch,
+)
 
 log = logging.getLogger("apibox.gateway")
 
@@ -105,12 +113,20 @@ class Delivered:
         self.counted = 0
         self.counted_pieces = 0
 
-    def add(self, text: str) -> None:
-        self.pieces.append(text)
-        self.characters += len(text)
-
-    def past(self, limit: int) -> bool:
-        return self.characters > limit and self.tokens() > limit
+    def add_all(self, texts: Sequence[str], limit: int) -> int | None:
+        """Add ``texts`` in turn until one takes the answer past ``limit`` tokens: its index (the
+        texts after it are not added), or None when all fit."""
+        size = sum(map(len, texts))
+        if self.characters + size <= limit:  # cannot be past: the usual case, without counting
+            self.pieces.extend(texts)
+            self.characters += size
+            return None
+        for index, text in enumerate(texts):
+            self.pieces.append(text)
+            self.characters += len(text)
+            if self.characters > limit and self.tokens() > limit:
+                return index
+        return None
 
     def tokens(self) -> int:
         for piece in self.pieces[self.counted_pieces:]:
@@ -332,15 +348,22 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
             wire = type(batch) is WireBatch
             raws = batch.raw if wire else None
             for index, item in enumerate(batch):
-                piece = renderer.feed(item, raws[index] if raws is not None else None)
-                usage = piece.usage or usage
-                if piece.text:
-                    delivered.add(piece.text)
-                    if delivered.past(limit):
-                        status = "cut"
-                        out.append(renderer.cut())
-                        break
-                out.append(piece.data)
+                if type(item) is PlainRun:
+                    passed = delivered.add_all(item.texts, limit)
+                    if passed is None:
+                        out.append(renderer.feed(item, None).data)
+                        continue
+                    if passed:  # the run's chunks before the one that went past the paid-for length
+                        out.append(renderer.feed(item.head(passed), None).data)
+                else:
+                    piece = renderer.feed(item, raws[index] if raws is not None else None)
+                    usage = piece.usage or usage
+                    if not piece.text or delivered.add_all((piece.text,), limit) is None:
+                        out.append(piece.data)
+                        continue
+                status = "cut"
+                out.append(renderer.cut())
+                break
             if status == "cut" or (wire and batch.last):
                 last = b"".join(out)
                 break

@@ -18,7 +18,7 @@ from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
 from apibox.openai_wire import ChunkShape, delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
-from apibox.providers.base import PlainChunk
+from apibox.providers.base import PlainRun
 from apibox.sse import encode
 
 
@@ -30,8 +30,9 @@ class Piece:
 
 
 class StreamRenderer(Protocol):
-    def feed(self, item: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
-        """One upstream item; ``raw``: its bytes as they came (``WireBatch``), when known."""
+    def feed(self, item: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
+        """One upstream item; ``raw``: its bytes as they came (``WireBatch``), when known. A
+        ``PlainRun``'s texts are not in the Piece: the caller counts them (and may cut inside it)."""
         ...
     def cut(self) -> bytes:
         """End the answer where the hold's paid-for length ran out."""
@@ -47,8 +48,8 @@ class OpenAIRenderer:
 
     A chunk that came as OpenAI SSE is passed on as the bytes that came, with the model's name
     replaced in them; it is serialized again only when that cannot be done safely (``_only_key``).
-    A ``PlainChunk`` (only text, not parsed) is written as the text between the bytes its shape
-    shares with the other plain chunks, edited once per stream.
+    A ``PlainRun`` (chunks of only text, not parsed) is written as each text between the bytes
+    its shape shares with the other plain chunks, edited once per stream, in one join.
     """
 
     def __init__(self, model: str, wants_usage: bool) -> None:
@@ -62,9 +63,9 @@ class OpenAIRenderer:
         self.shape: ChunkShape | None = None
         self.around: tuple[bytes, bytes] | None = None  # the frame before and after a plain chunk's text
 
-    def feed(self, chunk: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
-        if type(chunk) is PlainChunk:
-            return self._plain(chunk, raw)
+    def feed(self, chunk: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
+        if type(chunk) is PlainRun:
+            return Piece(self._plain(chunk))
         usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
         if usage is not None and not chunk.get("choices"):
             self.usage_chunk = chunk  # sent at the end, with the cost
@@ -78,15 +79,15 @@ class OpenAIRenderer:
             data = encode(jsoncodec.dumps(chunk))
         return Piece(data, delta_text(chunk), usage)
 
-    def _plain(self, chunk: PlainChunk, raw: bytes | None) -> Piece:
-        shape = chunk.shape
+    def _plain(self, run: PlainRun) -> bytes:
+        shape = run.shape
         if shape is not self.shape:
             self.shape, self.around = shape, self._around(shape)
-        if self.around is None or raw is None:
-            return self.feed(chunk.parsed(), None)
+        if self.around is None:
+            return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
         self.last = shape.chunk
         before, after = self.around
-        return Piece(before + raw[len(shape.prefix):len(raw) - len(shape.suffix)] + after, chunk.text)
+        return before + (after + before).join(run.middles) + after
 
     def _around(self, shape: ChunkShape) -> tuple[bytes, bytes] | None:
         """The frame of a chunk of ``shape`` around its text, as ``_as_came`` writes it; None when it would not."""
@@ -196,9 +197,9 @@ class AnthropicRenderer:
     def __init__(self, model: str, input_tokens: int) -> None:
         self.translate = OpenAIToAnthropicStream(model, input_tokens)
 
-    def feed(self, chunk: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
-        if type(chunk) is PlainChunk:
-            chunk = chunk.parsed()
+    def feed(self, chunk: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
+        if type(chunk) is PlainRun:
+            return Piece(b"".join(_frames(self.translate.feed(c)) for c in chunk.parsed()))
         usage = usage_from_openai(chunk.get("usage")) if chunk.get("usage") else None
         return Piece(_frames(self.translate.feed(chunk)), delta_text(chunk), usage)
 
@@ -222,8 +223,8 @@ class AnthropicPassthrough:
         self.open_block: int | None = None
         self.closed = False
 
-    def feed(self, event: dict[str, Any] | PlainChunk, raw: bytes | None) -> Piece:
-        assert type(event) is dict  # Anthropic streams have no plain chunks
+    def feed(self, event: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
+        assert type(event) is dict  # Anthropic streams have no plain runs
         kind = event.get("type", "")
         text, usage = "", None
         if kind == "message_start":

@@ -42,10 +42,11 @@ class ChunkStream(Protocol):
 class WireBatch(list):  # type: ignore[type-arg]
     """A batch from an OpenAI-format stream, kept close to the bytes that came.
 
-    Items are parsed chunks, or ``PlainChunk`` for the chunks that only add text (not parsed at
-    all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None when it
-    must not be passed on as it came). A renderer may send those bytes instead of serializing
-    the chunk again; one that needs dicts calls ``PlainChunk.parsed``. ``last``: the stream ended
+    Items are parsed chunks, or a ``PlainRun`` for each run of chunks that only add text (not
+    parsed at all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None
+    when it must not be passed on as it came, and for runs, which keep their own bytes). A
+    renderer may send those bytes instead of serializing the chunk again; one that needs dicts
+    calls ``PlainRun.parsed``. ``last``: the stream ended
     in the same read (``[DONE]``), so the batch may go out together with the answer's ending.
     """
 
@@ -57,16 +58,29 @@ class WireBatch(list):  # type: ignore[type-arg]
         self.last = False
 
 
-class PlainChunk:
-    """A chunk of ``shape`` that adds ``text`` to the answer, left unparsed (its bytes are in ``WireBatch.raw``)."""
+class PlainRun:
+    """Consecutive chunks of ``shape`` that only add text, left unparsed: their ``texts`` and, for
+    each, its text's bytes as they came (``middles``), so a renderer can frame them all at once."""
 
-    __slots__ = ("shape", "text")
+    __slots__ = ("middles", "shape", "texts")
 
-    def __init__(self, text: str, shape: ChunkShape) -> None:
-        self.text, self.shape = text, shape
+    def __init__(self, shape: ChunkShape) -> None:
+        self.shape = shape
+        self.texts: list[str] = []
+        self.middles: list[bytes] = []
 
-    def parsed(self) -> dict[str, Any]:
-        return self.shape.chunk_with(self.text)
+    def add(self, text: str, middle: bytes) -> None:
+        self.texts.append(text)
+        self.middles.append(middle)
+
+    def head(self, count: int) -> PlainRun:
+        """The run's first ``count`` chunks."""
+        run = PlainRun(self.shape)
+        run.texts, run.middles = self.texts[:count], self.middles[:count]
+        return run
+
+    def parsed(self) -> list[dict[str, Any]]:
+        return [self.shape.chunk_with(text) for text in self.texts]
 
 
 class Provider(Protocol):

@@ -10,7 +10,7 @@ import aiohttp
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.openai_wire import ChunkShape
-from apibox.providers.base import PlainChunk, ProviderRequest, StreamBroken, WireBatch
+from apibox.providers.base import PlainRun, ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
 from apibox.sse import Event
 
@@ -43,8 +43,8 @@ class OpenAIProvider:
 
 class _OpenAIStream(UpstreamStream):
     """Chunks of an upstream SSE stream in batches that keep each chunk's bytes as they came
-    (``WireBatch``): chunks that only add text are recognized by their shape and not parsed,
-    the others are; ends at ``[DONE]``."""
+    (``WireBatch``): chunks that only add text are recognized by their shape and not parsed
+    (consecutive ones go together as one ``PlainRun``), the others are; ends at ``[DONE]``."""
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         finished = False
@@ -53,12 +53,17 @@ class _OpenAIStream(UpstreamStream):
         try:
             async for payloads in reads:
                 batch = WireBatch()
+                run: PlainRun | None = None
                 for payload in payloads:
-                    text = shape.text_of(payload) if shape is not None else None
-                    if text is not None:
-                        batch.append(PlainChunk(text, shape))  # type: ignore[arg-type]
-                        batch.raw.append(payload)
+                    read = shape.read(payload) if shape is not None else None
+                    if read is not None:
+                        if run is None:
+                            run = PlainRun(shape)  # type: ignore[arg-type]
+                            batch.append(run)
+                            batch.raw.append(None)
+                        run.add(*read)
                         continue
+                    run = None
                     if payload.startswith(b"[DONE]"):
                         if batch:
                             batch.last = True
