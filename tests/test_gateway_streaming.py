@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from apibox import tokens
+from apibox.gateway.proxy import OVERRUN_SLACK_TOKENS
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
 from tests.fake_upstream import WORDS, FakeUpstream
@@ -200,7 +201,9 @@ async def test_an_upstream_that_ignores_max_tokens_is_cut_at_length(live: Live, 
     assert sse_events(raw)[-1] == "[DONE]"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    assert 5 <= tokens.count_tokens(delivered) < 200  # stopped long before the upstream's 200 words
+    # Every word is one token: exactly the paid-for 5 and the slack go out, cut at the chunk that
+    # would go past them, wherever the reads split the stream (one run of plain chunks or several).
+    assert delivered == " word" * (5 + OVERRUN_SLACK_TOKENS)
 
     row = (await wait_for_usage(live, who.user_id, 1))[0]
     assert (row["status"], row["estimated"]) == ("cut", 1)  # the upstream's usage never came
