@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import secrets
@@ -31,6 +32,7 @@ from apibox.store.base import Store
 log = logging.getLogger("apibox.gateway")
 HEARTBEAT_SECONDS = 10.0  # instances seen for longer than INSTANCE_STALE_MS (120 s) are taken for dead
 REAP_EVERY_BEATS = 6  # look for dead instances' holds once a minute
+GC_YOUNG_ALLOCATIONS = 7_000  # Python's default is 700 (settle_garbage_collector)
 
 
 def create_app(settings: Settings, *, store: Store | None = None, session: aiohttp.ClientSession | None = None,
@@ -114,6 +116,21 @@ async def _heartbeat(db: Store) -> None:
             log.exception("heartbeat failed; retrying in %s s", HEARTBEAT_SECONDS)
 
 
+def settle_garbage_collector() -> None:
+    """Once started: keep the collector off what lives as long as the process, and run it less often.
+
+    Python's cyclic collector runs every 700 allocations and, in its older generations, walks
+    every object there is: the modules, the config, the app. A request allocates hundreds of
+    short-lived objects, so that was a collection every few requests, a few percent of the
+    CPU. Everything alive once the gateway has started is frozen out of collections (it is
+    still freed by reference counting), and the youngest generation is collected every 7,000
+    allocations: a few milliseconds of requests' garbage at most waits for it.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_ALLOCATIONS, *gc.get_threshold()[1:])
+
+
 async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[str], None] | None = None,
                 reuse_port: bool = False) -> None:
     """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop. SIGHUP
@@ -126,6 +143,7 @@ async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[st
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=True if reuse_port else None)
     await site.start()
+    settle_garbage_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
