@@ -8,10 +8,14 @@ nothing a client sends, and nothing about users or keys, becomes a label.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Iterable
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from apibox.models import UsageRecord
 
@@ -22,17 +26,60 @@ REJECTED_STATUSES = frozenset({400, 401, 402, 403})
 RATE_LIMITED_STATUS = 429
 
 
-def _children(metric: Any) -> Callable[..., Any]:
-    """``metric.labels``, remembered: prometheus-client validates and locks on every ``labels()`` call,
-    a good part of what metrics cost a request. Label values come from small fixed sets, so this stays small."""
-    cache: dict[tuple[str, ...], Any] = {}
+class PlainCounter:
+    """A labelled counter kept as plain numbers and turned into a Prometheus family when scraped.
 
-    def child(*values: str) -> Any:
-        found = cache.get(values)
-        if found is None:
-            found = cache[values] = metric.labels(*values)
-        return found
-    return child
+    prometheus-client's own instruments take a lock and a few calls on every increment; a request
+    made a dozen of them. The gateway's counts change only on the event loop's thread, so a dict
+    is enough, and the work moves to the scrape."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class PlainHistogram:
+    """A labelled histogram kept as plain numbers (a count per bucket and the sum), as PlainCounter."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...],
+                 buckets: tuple[float, ...]) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.buckets = buckets
+        self.series: dict[tuple[str, ...], list[float]] = {}  # per bucket then +Inf: its count; last: the sum
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = [0] * (len(self.buckets) + 2)
+        series[bisect_left(self.buckets, value)] += 1
+        series[-1] += value
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        bounds = [floatToGoString(b) for b in self.buckets] + ["+Inf"]
+        for labels, series in self.series.items():
+            family.add_metric(labels, list(zip(bounds, accumulate(series[:-1]), strict=True)), series[-1])
+        return family
+
+
+class PlainInstruments(Collector):
+    """Hands a registry the families of the plain instruments when it is scraped."""
+
+    def __init__(self, instruments: list[PlainCounter | PlainHistogram]) -> None:
+        self.instruments = instruments
+
+    def collect(self) -> Iterable[Metric]:
+        return [instrument.family() for instrument in self.instruments]
 
 
 class Metrics:
@@ -40,36 +87,37 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
-        self.requests = Counter(
+        self.requests = PlainCounter(
             "apibox_requests", "API requests answered, by model, route (provider) and HTTP status. A billed "
             "request counts with the status of its usage row: 499 when the client went away, 502 when the "
             "upstream broke a stream that had started. Empty model or provider: not known (yet) when answered.",
-            ("model", "provider", "status"), registry=registry)
-        self.duration = Histogram(
+            ("model", "provider", "status"))
+        self.duration = PlainHistogram(
             "apibox_request_duration_seconds", "Time from a request's arrival to the end of its answer "
-            "(the last byte written, for streams).", ("model",), buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram(
+            "(the last byte written, for streams).", ("model",), LATENCY_BUCKETS)
+        self.ttft = PlainHistogram(
             "apibox_time_to_first_token_seconds", "Time from a billed request's arrival to the first output "
             "from the upstream (for answers not streamed: the whole reply).", ("model", "provider"),
-            buckets=TTFT_BUCKETS, registry=registry)
-        self.upstream = Histogram(
+            TTFT_BUCKETS)
+        self.upstream = PlainHistogram(
             "apibox_upstream_response_seconds", "Time from sending a request to an upstream to its response "
             "head, errors included (for answers not streamed, the reply's body is read in this time too).",
-            ("provider",), buckets=LATENCY_BUCKETS, registry=registry)
+            ("provider",), LATENCY_BUCKETS)
         self.upstream_failures = Counter(
             "apibox_upstream_failures", "Upstream attempts that failed before any output (a later route may "
             "still have answered the request), by provider and error code.", ("provider", "code"),
             registry=registry)
-        self.tokens = Counter(
+        self.tokens = PlainCounter(
             "apibox_tokens", "Tokens of settled requests by model and class: prompt and completion; cached "
-            "and cache_write are parts of prompt, reasoning a part of completion.", ("model", "class"),
-            registry=registry)
-        self.cost = Counter(
+            "and cache_write are parts of prompt, reasoning a part of completion.", ("model", "class"))
+        self.cost = PlainCounter(
             "apibox_cost_micro_usd", "What settled requests cost at their price, in micro-USD (1 USD = 1e6).",
-            ("model",), registry=registry)
-        self.charged = Counter(
+            ("model",))
+        self.charged = PlainCounter(
             "apibox_charged_micro_usd", "What settled requests took from balances, in micro-USD (their cost, "
-            "capped at what the user had).", ("model",), registry=registry)
+            "capped at what the user had).", ("model",))
+        registry.register(PlainInstruments([self.requests, self.duration, self.ttft, self.upstream, self.tokens,
+                                            self.cost, self.charged]))
         self.open_holds = Gauge(
             "apibox_open_holds", "Requests in flight holding money (a hold taken, not yet settled).",
             registry=registry)
@@ -93,13 +141,6 @@ class Metrics:
         self.in_flight.set_function(lambda: self.in_flight_count)
         self.open_holds.set_function(lambda: self.open_hold_count)
         self.held.set_function(lambda: self.held_micro)
-        self._requests = _children(self.requests)
-        self._duration = _children(self.duration)
-        self._ttft = _children(self.ttft)
-        self._upstream = _children(self.upstream)
-        self._tokens = _children(self.tokens)
-        self._cost = _children(self.cost)
-        self._charged = _children(self.charged)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus's text format."""
@@ -107,8 +148,8 @@ class Metrics:
 
     def answered(self, model: str, provider: str, status: int, seconds: float, code: str | None) -> None:
         """One API request done: counted by its labels, timed, and counted again if it was refused."""
-        self._requests(model, provider, str(status)).inc()
-        self._duration(model).observe(seconds)
+        self.requests.inc((model, provider, str(status)))
+        self.duration.observe((model,), seconds)
         if status == RATE_LIMITED_STATUS:
             self.rate_limited.labels(code or "").inc()
         elif status in REJECTED_STATUSES:
@@ -129,22 +170,22 @@ class Metrics:
                                    ("cached", record.cached_tokens), ("cache_write", record.cache_write_tokens),
                                    ("reasoning", record.reasoning_tokens)):
             if count:
-                self._tokens(model, token_class).inc(count)
+                self.tokens.inc((model, token_class), count)
         if record.cost:
-            self._cost(model).inc(record.cost)
+            self.cost.inc((model,), record.cost)
         if record.charged:
-            self._charged(model).inc(record.charged)
+            self.charged.inc((model,), record.charged)
         if record.ttft_ms is not None:
-            self._ttft(model, record.provider).observe(record.ttft_ms / 1000)
+            self.ttft.observe((model, record.provider), record.ttft_ms / 1000)
 
     def upstream_answered(self, provider: str, seconds: float) -> None:
-        self._upstream(provider).observe(seconds)
+        self.upstream.observe((provider,), seconds)
 
     def upstream_failed(self, provider: str, code: str | None, seconds: float | None) -> None:
         """An attempt that failed; ``seconds`` is None when no response head came (connect error, timeout)."""
         self.upstream_failures.labels(provider, code or "").inc()
         if seconds is not None:
-            self._upstream(provider).observe(seconds)
+            self.upstream.observe((provider,), seconds)
 
 
 class RedisInstruments:

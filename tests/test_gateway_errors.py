@@ -444,4 +444,4 @@ async def test_a_client_gone_before_its_request_is_read_is_counted_499_not_logge
         response = await observe(request, gone)
     assert response.status == 499
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert metrics.requests.labels("", "", "499")._value.get() == 1
+    assert metrics.requests.values[("", "", "499")] == 1

@@ -19,13 +19,16 @@ from typing import Any
 
 import prometheus_client
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from apibox.config import LimitSet, Route, default_settings
 from apibox.gateway.app import create_app
 from apibox.gateway.metrics import METRICS, Exchange
 from apibox.gateway.middlewares import REQUEST_ID
-from apibox.metrics import Metrics
+from apibox.metrics import LATENCY_BUCKETS, Metrics, PlainCounter, PlainHistogram, PlainInstruments
 from apibox.models import UsageRecord
 from tests.conftest import Live, serving
 from tests.fake_upstream import WORDS, FakeUpstream
@@ -313,3 +316,27 @@ async def test_a_request_whose_settlement_is_still_being_written_is_counted_once
     del expected[key("apibox_upstream_response_seconds_count", provider="fake")]  # no upstream call here
     assert moved(before, parse(metrics.exposition().decode())) == {
         **expected, key("apibox_open_holds"): -1, key("apibox_held_micro_usd"): -70}
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.floats(min_value=0, max_value=500, allow_nan=False)),
+                max_size=40))
+def test_the_plain_instruments_expose_what_prometheus_clients_own_would(observations: list[tuple[str, float]]) -> None:
+    """Same families, names, labels, buckets, counts and sums as prometheus-client's Counter and Histogram."""
+    plain_registry, reference_registry = CollectorRegistry(), CollectorRegistry()
+    counter = PlainCounter("x_requests", "Requests.", ("model",))
+    histogram = PlainHistogram("x_seconds", "Seconds.", ("model",), LATENCY_BUCKETS)
+    plain_registry.register(PlainInstruments([counter, histogram]))
+    reference_counter = Counter("x_requests", "Requests.", ("model",), registry=reference_registry)
+    reference_histogram = Histogram("x_seconds", "Seconds.", ("model",), buckets=LATENCY_BUCKETS,
+                                    registry=reference_registry)
+    for model, value in observations:
+        counter.inc((model,), value)
+        histogram.observe((model,), value)
+        reference_counter.labels(model).inc(value)
+        reference_histogram.labels(model).observe(value)
+
+    def samples(registry: CollectorRegistry) -> dict[tuple[str, Labels], float]:
+        return {k: pytest.approx(v) for k, v in parse(generate_latest(registry).decode()).items()
+                if not k[0].endswith("_created")}
+    assert samples(plain_registry) == samples(reference_registry)
