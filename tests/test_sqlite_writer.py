@@ -122,3 +122,25 @@ async def test_checkpoints_keep_the_wal_from_growing_without_end(writer, tmp_pat
     wal = os.stat(str(tmp_path / "w.db") + "-wal").st_size
     assert written == 1_500
     assert wal < 4 * 1024 * 1024, f"the WAL grew to {wal} bytes: it was never checkpointed"
+
+
+async def test_a_caller_cancelled_before_its_group_runs_leaves_nothing_behind(writer, tmp_path) -> None:
+    """A request cancelled while its hold waits for the commit must not leave a hold nobody settles."""
+    cancelled = asyncio.ensure_future(writer.transaction(insert("cancelled")))
+    kept = asyncio.ensure_future(writer.transaction(insert("kept")))
+    await asyncio.sleep(0)  # both queued, the group not yet run
+    cancelled.cancel()
+    assert await kept == 1
+    assert cancelled.cancelled()
+    assert values(str(tmp_path / "w.db")) == ["kept"]
+
+
+async def test_a_failing_checkpoint_is_logged_and_writes_go_on(writer, tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 0)
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 1)
+    writer._checkpointer._pragmas = ("PRAGMA no_such_thing_is_an_error = (",)
+    for i in range(3):
+        await writer.transaction(insert(f"v{i}"))
+    await asyncio.sleep(0.2)
+    assert values(str(tmp_path / "w.db")) == ["v0", "v1", "v2"]
+    assert any("checkpoint" in r.getMessage() for r in caplog.records)

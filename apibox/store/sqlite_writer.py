@@ -10,11 +10,12 @@ loop's own thread, and the two ways SQLite could block a thread are taken away:
   from a timer a little later, up to ``LOCK_WAIT_SECONDS``; the loop serves meanwhile.
 - **Disk syncs.** In WAL mode with ``synchronous=NORMAL`` a commit appends to the WAL without
   fsync; only a checkpoint syncs. The connection's automatic checkpoints are off and a
-  checkpointer thread with its own connection copies the WAL back (``PASSIVE``, never blocking
-  the writer) once it has grown past ``CHECKPOINT_BYTES``.
+  checkpointer thread with its own connection copies the WAL back once it has grown past
+  ``CHECKPOINT_BYTES``. Commits wait for a running checkpoint (the loop does not), as they
+  would for SQLite's own: frames added meanwhile would keep the WAL from winding back.
 
 A transaction is queued, and the group commit comes a pass of the loop later; while each pass
-adds transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
+brings more transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
 Each transaction of a group runs inside its own SAVEPOINT, so each is still all-or-nothing, and
 each caller is answered only after the COMMIT that made its work durable.
 """
@@ -22,12 +23,14 @@ each caller is answered only after the COMMIT that made its work durable.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
+log = logging.getLogger("apibox.store")
 T = TypeVar("T")
 Body = Callable[[sqlite3.Connection], Any]
 
@@ -81,7 +84,7 @@ class SqliteWriter:
         if not self._scheduled:
             self._scheduled = True
             self._idle.clear()
-            self._gathered = 0
+            self._gathered = len(self._queue)
             asyncio.get_running_loop().call_soon(self._gather)
         return await future
 
@@ -142,10 +145,10 @@ class SqliteWriter:
             if _is_locked(exc):
                 raise Locked from None
             raise
-        outcomes: list[tuple[bool, Any]] = []
         try:
             if len(bodies) == 1:  # alone in its group: the transaction itself is all-or-nothing
                 return self._commit_alone(db, bodies[0])
+            outcomes: list[tuple[bool, Any]] = []
             for body in bodies:
                 db.execute("SAVEPOINT one")
                 try:
@@ -220,8 +223,8 @@ class SqliteWriter:
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or \
-        "locked" in str(exc)
+    code = getattr(exc, "sqlite_errorcode", 0)  # absent on errors not raised by SQLite itself
+    return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)  # its extended codes too
 
 
 class Checkpointer:
@@ -251,11 +254,14 @@ class Checkpointer:
         self._running = self._thread.submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
-        if self._db is None:
-            self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            for pragma in self._pragmas:
-                self._db.execute(pragma)
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        try:
+            if self._db is None:
+                self._db = sqlite3.connect(self._path, isolation_level=None)
+                for pragma in self._pragmas:
+                    self._db.execute(pragma)
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:  # the WAL keeps growing until one succeeds: say so, and try again later
+            log.warning("SQLite checkpoint of %s failed: %s", self._path, exc)
 
     def _close_connection(self) -> None:
         if self._db is not None:
