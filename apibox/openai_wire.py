@@ -85,7 +85,7 @@ class ChunkShape:
     created, one choice adding content, no finish_reason, no usage). One such chunk, parsed, is
     the shape; a later chunk whose bytes are ``prefix + TEXT + suffix`` with TEXT free of quotes,
     backslashes and control characters is the same JSON document with another content string,
-    so it needs no parsing: ``text`` reads it. ``learn`` returns None for a chunk that is not plain.
+    so it needs no parsing: ``read`` reads it. ``learn`` returns None for a chunk that is not plain.
     """
 
     __slots__ = ("chunk", "prefix", "suffix", "text")
@@ -109,11 +109,6 @@ class ChunkShape:
                     return cls(chunk, raw[:start], text, raw[end:])
                 return None
         return None
-
-    def text_of(self, raw: bytes) -> str | None:
-        """The content ``raw`` adds when it is a chunk of this shape, else None."""
-        read = self.read(raw)
-        return read[0] if read is not None else None
 
     def read(self, raw: bytes) -> tuple[str, bytes] | None:
         """The content ``raw`` adds and its bytes as they came, when it is a chunk of this shape."""

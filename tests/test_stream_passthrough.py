@@ -177,15 +177,22 @@ def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     encode = ENCODERS[encoder]
     shape = ChunkShape.learn(chunk({"content": "The "}), encode(chunk({"content": "The "})))
     assert shape is not None
-    assert shape.text_of(encode(chunk({"content": "fox"}))) == "fox"
-    assert shape.text_of(encode(chunk({"content": ""}))) == ""
-    assert shape.text_of(encode(chunk({"content": "fox"}, "stop"))) is None
-    assert shape.text_of(encode(chunk({"content": 'a "quote"'}))) is None  # escaped: parsed instead
-    assert shape.text_of(encode({**chunk({"content": "fox"}), "created": 1700000001})) is None
-    assert shape.text_of(shape.prefix + b"\xff" + shape.suffix) is None  # not UTF-8: parsed (and refused)
-    assert shape.text_of(shape.prefix[:-3] + shape.suffix) is None
+
+    def text_of(raw: bytes) -> str | None:
+        read = shape.read(raw)
+        if read is None:
+            return None
+        assert read[1] == read[0].encode()  # the text's bytes, as they came
+        return read[0]
+    assert text_of(encode(chunk({"content": "fox"}))) == "fox"
+    assert text_of(encode(chunk({"content": ""}))) == ""
+    assert text_of(encode(chunk({"content": "fox"}, "stop"))) is None
+    assert text_of(encode(chunk({"content": 'a "quote"'}))) is None  # escaped: parsed instead
+    assert text_of(encode({**chunk({"content": "fox"}), "created": 1700000001})) is None
+    assert text_of(shape.prefix + b"\xff" + shape.suffix) is None  # not UTF-8: parsed (and refused)
+    assert text_of(shape.prefix[:-3] + shape.suffix) is None
     unicode = encode(chunk({"content": "Héllo 你好 🌍"}))
-    assert shape.text_of(unicode) == ("Héllo 你好 🌍" if encoder != "ascii" else None)
+    assert text_of(unicode) == ("Héllo 你好 🌍" if encoder != "ascii" else None)
 
 
 async def test_only_a_batch_that_ends_the_stream_is_last() -> None:

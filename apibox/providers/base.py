@@ -46,8 +46,8 @@ class WireBatch(list):  # type: ignore[type-arg]
     parsed at all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None
     when it must not be passed on as it came, and for runs, which keep their own bytes). A
     renderer may send those bytes instead of serializing the chunk again; one that needs dicts
-    calls ``PlainRun.parsed``. ``last``: the stream ended
-    in the same read (``[DONE]``), so the batch may go out together with the answer's ending.
+    calls ``PlainRun.parsed``. ``last``: the stream ended in the same read (``[DONE]``), so the
+    batch may go out together with the answer's ending.
     """
 
     __slots__ = ("last", "raw")
