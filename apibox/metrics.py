@@ -103,10 +103,9 @@ class Metrics:
             "apibox_upstream_response_seconds", "Time from sending a request to an upstream to its response "
             "head, errors included (for answers not streamed, the reply's body is read in this time too).",
             ("provider",), LATENCY_BUCKETS)
-        self.upstream_failures = Counter(
+        self.upstream_failures = PlainCounter(
             "apibox_upstream_failures", "Upstream attempts that failed before any output (a later route may "
-            "still have answered the request), by provider and error code.", ("provider", "code"),
-            registry=registry)
+            "still have answered the request), by provider and error code.", ("provider", "code"))
         self.tokens = PlainCounter(
             "apibox_tokens", "Tokens of settled requests by model and class: prompt and completion; cached "
             "and cache_write are parts of prompt, reasoning a part of completion.", ("model", "class"))
@@ -116,20 +115,20 @@ class Metrics:
         self.charged = PlainCounter(
             "apibox_charged_micro_usd", "What settled requests took from balances, in micro-USD (their cost, "
             "capped at what the user had).", ("model",))
-        registry.register(PlainInstruments([self.requests, self.duration, self.ttft, self.upstream, self.tokens,
-                                            self.cost, self.charged]))
+        self.rate_limited = PlainCounter(
+            "apibox_rate_limited", "Requests refused with 429, by error code (rate_limit_exceeded: apibox's "
+            "own limits; upstream_rate_limited: every route's upstream asked to wait).", ("code",))
+        self.rejected = PlainCounter(
+            "apibox_rejected", "Requests refused with 400, 401, 402 or 403, by status and error code.",
+            ("status", "code"))
+        registry.register(PlainInstruments([self.requests, self.duration, self.ttft, self.upstream,
+                                            self.upstream_failures, self.tokens, self.cost, self.charged,
+                                            self.rate_limited, self.rejected]))
         self.open_holds = Gauge(
             "apibox_open_holds", "Requests in flight holding money (a hold taken, not yet settled).",
             registry=registry)
         self.held = Gauge(
             "apibox_held_micro_usd", "The money those holds set aside, in micro-USD.", registry=registry)
-        self.rate_limited = Counter(
-            "apibox_rate_limited", "Requests refused with 429, by error code (rate_limit_exceeded: apibox's "
-            "own limits; upstream_rate_limited: every route's upstream asked to wait).", ("code",),
-            registry=registry)
-        self.rejected = Counter(
-            "apibox_rejected", "Requests refused with 400, 401, 402 or 403, by status and error code.",
-            ("status", "code"), registry=registry)
         self.in_flight = Gauge(
             "apibox_requests_in_flight", "API requests being served now (not /metrics or health probes).",
             registry=registry)
@@ -151,9 +150,9 @@ class Metrics:
         self.requests.inc((model, provider, str(status)))
         self.duration.observe((model,), seconds)
         if status == RATE_LIMITED_STATUS:
-            self.rate_limited.labels(code or "").inc()
+            self.rate_limited.inc((code or "",))
         elif status in REJECTED_STATUSES:
-            self.rejected.labels(str(status), code or "").inc()
+            self.rejected.inc((str(status), code or ""))
 
     def holding(self, amount: int) -> None:
         self.open_hold_count += 1
@@ -183,7 +182,7 @@ class Metrics:
 
     def upstream_failed(self, provider: str, code: str | None, seconds: float | None) -> None:
         """An attempt that failed; ``seconds`` is None when no response head came (connect error, timeout)."""
-        self.upstream_failures.labels(provider, code or "").inc()
+        self.upstream_failures.inc((provider, code or ""))
         if seconds is not None:
             self.upstream.observe((provider,), seconds)
 
