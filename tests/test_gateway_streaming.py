@@ -69,6 +69,19 @@ async def test_usage_is_requested_upstream_and_stripped_when_the_client_did_not_
     assert charges(live, who.user_id) == [cost]
 
 
+async def test_a_client_that_has_read_the_end_of_a_stream_finds_it_in_the_books(live: Live, live_store) -> None:
+    """The settlement is written before the stream's last event goes out, as before a reply."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    for n in range(5):
+        _, raw = await raw_stream(live, who.key, {"stream_options": {"include_usage": True}})
+        assert sse_events(raw)[-1] == "[DONE]"
+        rows = usage_rows(live, who.user_id)  # at once: no waiting for the books
+        assert len(rows) == n + 1 and rows[-1]["status"] == "ok"
+        assert balance(live, who.user_id)[1] == 0  # nothing held any more
+        assert sum(charges(live, who.user_id)) == sum(r["charged"] for r in rows)
+        assert sse_json(raw)[-1]["usage"]["cost"] == rows[-1]["cost"] / 1_000_000
+
+
 async def test_the_sdk_sees_only_choice_chunks_without_usage(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
 

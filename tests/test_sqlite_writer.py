@@ -135,6 +135,18 @@ async def test_a_caller_cancelled_before_its_group_runs_leaves_nothing_behind(wr
     assert values(str(tmp_path / "w.db")) == ["kept"]
 
 
+async def test_a_kept_transaction_is_committed_though_its_caller_was_cancelled(writer, tmp_path) -> None:
+    """A settlement (``keep``) records money already spent: a caller gone meanwhile does not undo it."""
+    settling = asyncio.ensure_future(writer.transaction(insert("settled"), keep=True))
+    dropped = asyncio.ensure_future(writer.transaction(insert("dropped")))
+    await asyncio.sleep(0)  # both queued, the group not yet run
+    settling.cancel()
+    dropped.cancel()
+    await writer.close()  # closing waits for the kept transaction
+    assert settling.cancelled() and dropped.cancelled()
+    assert values(str(tmp_path / "w.db")) == ["settled"]
+
+
 async def test_a_failing_checkpoint_is_logged_and_writes_go_on(writer, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 0)
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 1)

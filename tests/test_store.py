@@ -313,6 +313,25 @@ async def test_a_hold_is_settled_at_most_once(store: Store) -> None:
     assert await usage_total(store, user) == (1, 1_000)
 
 
+async def test_a_settlement_whose_caller_is_cancelled_is_still_written(store: Store) -> None:
+    """A request cut short (a shutdown's last resort) while its settlement is on its way is still charged."""
+    user, key = await funded(store, 10_000)
+    hold = await store.hold(user.id, key.id, 3_000, "req-cut", "m")
+    assert hold is not None
+    settling = asyncio.ensure_future(store.settle(hold, record(hold, 1_234)))
+    await asyncio.sleep(0)  # on its way to the database
+    settling.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await settling
+    for _ in range(200):  # written in the background, without its caller
+        balance = await store.get_balance(user.id)
+        if balance.held == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (balance.balance, balance.held) == (10_000 - 1_234, 0)
+    assert await usage_total(store, user) == (1, 1_234)
+
+
 async def test_settle_never_takes_money_held_for_other_requests(store: Store) -> None:
     user, key = await funded(store, 1_000)
     a = await store.hold(user.id, key.id, 300, "a", "m")

@@ -74,7 +74,7 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
         auth = Authenticator(db, failures=failures)
         sharing = await open_sharing(settings, auth, app[metrics.METRICS],  # limits: in Redis or in this process
                                      on_config=lambda: reload_or_log(app[GATEWAY]))
-        gateway = app[GATEWAY] = Gateway(
+        app[GATEWAY] = Gateway(
             settings=settings, store=db, session=upstream, providers=build_providers(settings, upstream),
             router=Router(settings), auth=auth, limiter=sharing.limiter, clock=clock,
             metrics=app[metrics.METRICS], notifier=sharing.notifier)
@@ -82,8 +82,6 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
         try:
             yield
         finally:
-            if gateway.settling:  # requests cut short by shutdown are still settled before the store closes
-                await asyncio.gather(*gateway.settling, return_exceptions=True)
             await sharing.close()
             beating.cancel()
             await db.retire_instance()

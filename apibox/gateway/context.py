@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -29,7 +28,5 @@ class Gateway:
     auth: Authenticator
     limiter: RateLimiter
     clock: Callable[[], datetime]  # when requests arrive, for price schedules (tests set their own)
-    # Settlements still being written; shutdown waits for them before it closes the store.
-    settling: set[asyncio.Future[object]] = field(default_factory=set)
     metrics: Metrics = field(default_factory=Metrics)  # the app's, from create_app
     notifier: Notifier = NO_NOTIFIER  # announces key and user changes made through the admin API

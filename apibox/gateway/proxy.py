@@ -27,7 +27,7 @@ from apibox.gateway.metrics import EXCHANGE
 from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
-from apibox.pricing import Price, Usage, cost_micro
+from apibox.pricing import Price, Usage
 from apibox.providers.base import (
     ChunkStream,
     PlainRun,
@@ -66,21 +66,31 @@ class Call:
     settlement: asyncio.Future[UsageRecord] | None = None
 
     async def settle(self, usage: Usage, status: str, http_status: int) -> UsageRecord:
-        """Charge once: later calls await the first settlement. Shielded from cancellation, so
-        a client that goes away mid-request is still settled."""
-        if self.settlement is None:
-            now = time.monotonic()
-            record = UsageRecord(
-                request_id=self.request_id, user_id=self.caller.user.id, key_id=self.caller.key.id,
-                model=self.model.name, provider=self.route.provider if self.route else "",
-                endpoint=self.endpoint, status=status, http_status=http_status,
-                latency_ms=int((now - self.started) * 1000),
-                ttft_ms=int((self.first_byte - self.started) * 1000) if self.first_byte else None)
-            self.settlement = asyncio.ensure_future(
-                billing.settle(self.gateway.store, self.reservation, record, usage))
-            self.gateway.settling.add(self.settlement)  # shutdown waits for it before closing the store
-            self.settlement.add_done_callback(self.gateway.settling.discard)
-        return await asyncio.shield(self.settlement)
+        """Charge once: later calls await the first settlement. The store finishes a settlement
+        even if this task is cancelled meanwhile (a shutdown's last resort), so a request cut
+        short is still charged. Run in the request's own task: a task of its own and a shield
+        cost a few percent of the gateway's CPU."""
+        if self.settlement is not None:
+            return await asyncio.shield(self.settlement)
+        settlement = self.settlement = asyncio.get_running_loop().create_future()
+        now = time.monotonic()
+        record = UsageRecord(
+            request_id=self.request_id, user_id=self.caller.user.id, key_id=self.caller.key.id,
+            model=self.model.name, provider=self.route.provider if self.route else "",
+            endpoint=self.endpoint, status=status, http_status=http_status,
+            latency_ms=int((now - self.started) * 1000),
+            ttft_ms=int((self.first_byte - self.started) * 1000) if self.first_byte else None)
+        try:
+            settled = await billing.settle(self.gateway.store, self.reservation, record, usage)
+        except asyncio.CancelledError:
+            settlement.cancel()
+            raise
+        except BaseException as exc:
+            settlement.set_exception(exc)
+            settlement.exception()  # seen here: nobody else need retrieve it
+            raise
+        settlement.set_result(settled)
+        return settled
 
     def estimate(self, delivered_tokens: int, reported: Usage | None = None) -> Usage:
         """What to charge when the upstream's final usage never came: the prompt and what was delivered.
@@ -371,7 +381,10 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
         final = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
-        await response.write_eof(last + renderer.end(final, cost_micro(call.reservation.price, final)))
+        # settled before the stream's end goes out, as an answer is: a client that has read the
+        # end reads the books with this request in them
+        record = await call.settle(final, status, http_status)
+        await response.write_eof(last + renderer.end(final, record.cost))
     except StreamBroken as exc:
         status, http_status = "cut", 502
         if call.route is not None:
@@ -385,8 +398,9 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         raise
     finally:
         await started.close()
-        charged = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
-        await call.settle(charged, status, http_status)
+        if call.settlement is None:  # the stream broke, or the client left, before its end
+            charged = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
+            await call.settle(charged, status, http_status)
     return response
 
 

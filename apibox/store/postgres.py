@@ -50,6 +50,7 @@ class PostgresStore(SqlStore):
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._finishing: set[asyncio.Task[Any]] = set()  # settlements whose callers may have gone
 
     @classmethod
     async def open(cls, url: str, pool_size: int = 10) -> PostgresStore:
@@ -63,7 +64,16 @@ class PostgresStore(SqlStore):
         return cls(pool)
 
     async def close(self) -> None:
+        await self._finished()
         await self._pool.close()
+
+    async def retire_instance(self) -> None:
+        await self._finished()  # a settlement still being written needs its hold, which retiring gives up
+        await super().retire_instance()
+
+    async def _finished(self) -> None:
+        if self._finishing:
+            await asyncio.gather(*self._finishing, return_exceptions=True)
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return _plain(await self._pool.fetch(numbered(sql), *params))
@@ -78,6 +88,13 @@ class PostgresStore(SqlStore):
                     raise
                 await asyncio.sleep(0.005 * (attempt + 1))
         raise AssertionError("unreachable")
+
+    async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
+        # a task of its own, which a cancelled caller does not take down with it
+        task = asyncio.ensure_future(self._run(script, durable=False))
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+        return await asyncio.shield(task)
 
     @staticmethod
     def _concat(column: str) -> str:

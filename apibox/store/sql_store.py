@@ -96,6 +96,11 @@ class SqlStore(SqlReports):
         user's balance row is locked for the transaction's work only (see docs/BILLING.md)."""
         raise NotImplementedError
 
+    async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
+        """``_run(script, durable=False)``, finished even if the awaiting task is cancelled meanwhile
+        (a settlement records money already spent); ``close`` waits for it."""
+        raise NotImplementedError
+
     async def _import_rows(self, batches: Any) -> None:
         """Insert ``(table, rows)`` batches (``db copy``) in one transaction, ids as given."""
         raise NotImplementedError
@@ -302,7 +307,7 @@ class SqlStore(SqlReports):
             yield ("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
                    (usage.charged, to_ms(usage.created_at), hold.key_id))
             return usage
-        return await self._run(apply, durable=False)
+        return await self._run_to_the_end(apply)
 
     async def key_headroom(self, key_id: int) -> int | None:
         rows = await self._read(

@@ -66,6 +66,11 @@ class SqliteStore(SqlStore):
         # the process, not from a power cut, whatever ``durable`` says
         return await self._writer.transaction(lambda db: run_script(db, script()))
 
+    async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
+        # the writer commits a kept transaction whether or not its caller still waits, and closes
+        # only once it has
+        return await self._writer.transaction(lambda db: run_script(db, script()), keep=True)
+
     @staticmethod
     def _concat(column: str) -> str:
         return f"group_concat({column})"

@@ -53,7 +53,7 @@ class SqliteWriter:
         self._path = path
         self._pragmas = pragmas
         self._db: sqlite3.Connection | None = None
-        self._queue: list[tuple[Body, asyncio.Future[Any]]] = []
+        self._queue: list[tuple[Body, asyncio.Future[Any], bool]] = []  # (body, its caller's future, keep)
         self._scheduled = False  # a group commit is on its way (a pass, a lock retry or a checkpoint away)
         self._waiting_since: float | None = None  # the current group's first refusal of the lock
         self._retry = FIRST_RETRY_SECONDS
@@ -71,21 +71,24 @@ class SqliteWriter:
                 db.execute(pragma)
             db.execute("PRAGMA busy_timeout=0")
             db.execute("PRAGMA wal_autocheckpoint=0")
+            db.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
             db.close()
             raise
         self._db = db
 
-    async def transaction(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    async def transaction(self, body: Callable[[sqlite3.Connection], T], *, keep: bool = False) -> T:
         """Run ``body(db)`` all-or-nothing and return its result once it is committed. A caller
-        cancelled before its group runs leaves nothing behind: the body is not run."""
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((body, future))
+        cancelled before its group runs leaves nothing behind: the body is not run, unless
+        ``keep`` (a settlement, money already spent): then it is committed all the same."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.append((body, future, keep))
         if not self._scheduled:
             self._scheduled = True
             self._idle.clear()
             self._gathered = len(self._queue)
-            asyncio.get_running_loop().call_soon(self._gather)
+            loop.call_soon(self._gather)
         return await future
 
     def _gather(self) -> None:
@@ -104,13 +107,13 @@ class SqliteWriter:
             self._checkpointer.when_done(lambda: loop.call_soon_threadsafe(self._flush))
             return
         self._scheduled = False
-        group = [(body, future) for body, future in self._queue if not future.done()]
+        group = [queued for queued in self._queue if queued[2] or not queued[1].done()]
         self._queue = []
         if not group:
             self._idle.set()
             return
         try:
-            outcomes = self._commit_group([body for body, _ in group])
+            outcomes = self._commit_group([body for body, _, _ in group])
         except Locked:
             now = loop.time()
             self._waiting_since = self._waiting_since or now
@@ -125,7 +128,7 @@ class SqliteWriter:
         except Exception as exc:  # the COMMIT itself failed: nothing of the group happened
             outcomes = [(False, exc)] * len(group)
         self._waiting_since, self._retry = None, FIRST_RETRY_SECONDS
-        for (_, future), (ok, value) in zip(group, outcomes, strict=True):
+        for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
             if future.done():
                 continue
             if ok:
