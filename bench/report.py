@@ -305,8 +305,9 @@ def profile_section(meta: dict) -> list[str]:
                   "connections, after the measured cells of round 1 (not measured). *Own*: samples whose innermost "
                   "apibox frame is that function (everything it calls outside apibox counted with it; `~` marks "
                   "samples with no apibox frame: the event loop, aiohttp's protocol callbacks). *Self*: samples "
-                  "in the function itself (`Runner.run`: the event loop's own C code, uvloop's). The SQLite writer "
-                  "thread is not included.", ""]
+                  "in the function itself (`Runner.run`: the event loop's own C code, uvloop's). SQLite's writes run "
+                  "on this thread too (`run_script`: the statements, `_commit_group`: BEGIN and COMMIT); only the "
+                  "checkpointer's thread is left out.", ""]
         for sc, path in found:
             total, own, leaf = profile_top(path)
             label = "stream" if sc == "sse" else "non-stream"
