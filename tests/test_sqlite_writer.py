@@ -147,6 +147,17 @@ async def test_a_kept_transaction_is_committed_though_its_caller_was_cancelled(w
     assert values(str(tmp_path / "w.db")) == ["settled"]
 
 
+async def test_a_kept_transaction_that_fails_after_its_caller_left_is_logged(writer, tmp_path, caplog) -> None:
+    await writer.transaction(insert("first"))
+    failing = asyncio.ensure_future(writer.transaction(insert("first"), keep=True))  # v is UNIQUE
+    await asyncio.sleep(0)
+    failing.cancel()
+    await writer.close()
+    assert values(str(tmp_path / "w.db")) == ["first"]
+    assert any("caller had gone failed" in r.getMessage() and "UNIQUE" in r.getMessage()
+               for r in caplog.records if r.levelname == "ERROR")
+
+
 async def test_a_failing_checkpoint_is_logged_and_writes_go_on(writer, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 0)
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 1)

@@ -28,7 +28,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 log = logging.getLogger("apibox.store")
 T = TypeVar("T")
@@ -42,6 +42,12 @@ CHECKPOINT_EVERY_GROUPS = 64  # how often the WAL's size is looked at
 GROUP_MAX = 64  # transactions in one group commit, at most
 
 
+class Queued(NamedTuple):
+    body: Body
+    future: asyncio.Future[Any]  # its caller's
+    keep: bool  # commit it even if the caller has gone
+
+
 class Locked(Exception):
     """Another connection holds the write lock: try the group again later."""
 
@@ -53,7 +59,7 @@ class SqliteWriter:
         self._path = path
         self._pragmas = pragmas
         self._db: sqlite3.Connection | None = None
-        self._queue: list[tuple[Body, asyncio.Future[Any], bool]] = []  # (body, its caller's future, keep)
+        self._queue: list[Queued] = []
         self._scheduled = False  # a group commit is on its way (a pass, a lock retry or a checkpoint away)
         self._waiting_since: float | None = None  # the current group's first refusal of the lock
         self._retry = FIRST_RETRY_SECONDS
@@ -83,7 +89,7 @@ class SqliteWriter:
         ``keep`` (a settlement, money already spent): then it is committed all the same."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.append((body, future, keep))
+        self._queue.append(Queued(body, future, keep))
         if not self._scheduled:
             self._scheduled = True
             self._idle.clear()
@@ -107,13 +113,13 @@ class SqliteWriter:
             self._checkpointer.when_done(lambda: loop.call_soon_threadsafe(self._flush))
             return
         self._scheduled = False
-        group = [queued for queued in self._queue if queued[2] or not queued[1].done()]
+        group = [queued for queued in self._queue if queued.keep or not queued.future.done()]
         self._queue = []
         if not group:
             self._idle.set()
             return
         try:
-            outcomes = self._commit_group([body for body, _, _ in group])
+            outcomes = self._commit_group([queued.body for queued in group])
         except Locked:
             now = loop.time()
             self._waiting_since = self._waiting_since or now
@@ -129,7 +135,9 @@ class SqliteWriter:
             outcomes = [(False, exc)] * len(group)
         self._waiting_since, self._retry = None, FIRST_RETRY_SECONDS
         for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
-            if future.done():
+            if future.done():  # a kept transaction whose caller has gone: only the log can tell of a failure
+                if not ok:
+                    log.error("a transaction whose caller had gone failed and was rolled back: %s", value)
                 continue
             if ok:
                 future.set_result(value)
