@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                     elif name == "direct" and args.load_cpus:
                         procs.pin_group(upstream.pid, args.load_cpus)
                 if setup is not None:
-                    money_ok &= audit(setup, rnd, tally, log, out, meta)
+                    money_ok &= audit(setup, name, rnd, tally, log, out, meta)
                     if name == "apibox-pg":
                         apibox_target.drop_postgres_database(args.postgres, setup.database_url)
                 (out / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -549,22 +549,23 @@ def profile(t: Target, proc: subprocess.Popen, scenarios: list[str], args: argpa
         print(f"  profiled apibox {sc}: {raw}" if raw.exists() else f"  py-spy wrote no profile for {sc}", flush=True)
 
 
-def audit(setup: apibox_target.ApiboxSetup, rnd: int, tally: dict, log: Path, out: Path, meta: dict) -> bool:
+def audit(setup: apibox_target.ApiboxSetup, target: str, rnd: int, tally: dict, log: Path, out: Path,
+          meta: dict) -> bool:
     m = apibox_target.money_check(setup, client_2xx=tally["2xx"], slack=tally["slack"])
-    m["round"] = rnd
+    m["round"], m["target"] = rnd, target
     m["client_status_errors"] = tally["status_errors"]
     logs = log_summary(log)
     m["lines"] = apibox_target.money_lines(m)
     m["log"] = logs
     if tally["status_errors"]:
         meta["notes"].append(f"round {rnd}: clients got {tally['status_errors']} answers with status >= 400 "
-                             "from apibox (warm-ups included)")
+                             f"from {target} (warm-ups included)")
     if logs["warnings"] or logs["errors"]:
-        meta["notes"].append(f"round {rnd}: apibox logged {logs['warnings']} warnings and {logs['errors']} errors; "
+        meta["notes"].append(f"round {rnd}: {target} logged {logs['warnings']} warnings and {logs['errors']} errors; "
                              f"first: {logs['samples'][:2]}")
     with (out / "money.jsonl").open("a") as fh:
         fh.write(json.dumps(m) + "\n")
-    print(f"[round {rnd}] apibox money audit:")
+    print(f"[round {rnd}] {target} money audit:")
     for line in m["lines"]:
         print(f"    {line}")
     return bool(m["ok"])

@@ -227,7 +227,7 @@ def performance_doc(results: list[dict], money: list[dict], meta: dict) -> str:
         "",
     ]
     for x in money:
-        lines += [f"Round {x['round']}:", "", *[f"    {line}" for line in x["lines"]], ""]
+        lines += [f"{x.get('target', 'apibox')}, round {x['round']}:", "", *[f"    {line}" for line in x["lines"]], ""]
     if not money:
         lines += ["apibox was not measured in this run.", ""]
     lines += ["## Per round", "", per_round(results), ""]
