@@ -109,6 +109,15 @@ def summary(results: list[dict]) -> str:
     return table(header, lines)
 
 
+def _cpu_compared(many: dict | None, one: dict | None) -> tuple[float, str] | None:
+    """CPU per request of several workers against one: the change, and the figures as the goals show them."""
+    if one is None or many is None or not one["cpu_ms"] or many["cpu_ms"] is None:
+        return None
+    change = many["cpu_ms"] / one["cpu_ms"] - 1
+    return change, (f"{many['cpu_ms']:.3f} vs {one['cpu_ms']:.3f} ms ({change:+.0%}); "
+                    f"RPS {many['rps']:,.0f} vs {one['rps']:,.0f}")
+
+
 def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers_target: str | None = None) -> str:
     """Issue 7's 'must hold' lines, judged on the means above."""
     by = {(s["target"], s["scenario"], s["conns"]): s for s in summary_rows(results)}
@@ -132,16 +141,23 @@ def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers
         v = get(scenario, 32, "x_litellm")
         rows.append([f">= 20x LiteLLM RPS, {label}, 32 conns", _fmt(v, 1), judge(v, v is not None and v >= 20)])
     if workers_target:
+        workers = int(workers_target.rsplit("w", 1)[1])
         cells = [(conns, kind) for conns in (32, 128) for kind in (("json", "non-stream"), ("sse", "stream"))]
         for conns, (scenario, label) in cells:
             one, many = by.get(("apibox", scenario, conns)), by.get((workers_target, scenario, conns))
             goal = f"{workers_target}: CPU/request within 10% of 1 worker, {label}, {conns} conns"
-            if one is None or many is None or not one["cpu_ms"] or many["cpu_ms"] is None:
+            compared = _cpu_compared(many, one)
+            if compared is None:
                 rows.append([goal, "-", "not measured"])
                 continue
-            change = many["cpu_ms"] / one["cpu_ms"] - 1
-            rows.append([goal, f"{many['cpu_ms']:.3f} vs {one['cpu_ms']:.3f} ms ({change:+.0%}); "
-                               f"RPS {many['rps']:,.0f} vs {one['rps']:,.0f}", judge(change, abs(change) <= 0.10)])
+            change, text = compared
+            rows.append([goal, text, judge(change, abs(change) <= 0.10)])
+        for conns, (scenario, label) in cells:  # when the run has the cells: the same load on every worker
+            compared = _cpu_compared(by.get((workers_target, scenario, conns)),
+                                     by.get(("apibox", scenario, conns // workers)))
+            if compared is not None:
+                rows.append([f"(context) {workers_target} at {conns} conns vs 1 worker at {conns // workers}, "
+                             f"{label}: the same load per worker", compared[1], "-"])
     else:
         rows.append(["--workers 2: CPU per request within 10% of 1 worker", "-", workers_note])
     rows.append(["money rules hold after the load (db check, charged == usage)", "-",
