@@ -11,8 +11,11 @@ loop's own thread, and the two ways SQLite could block a thread are taken away:
 - **Disk syncs.** In WAL mode with ``synchronous=NORMAL`` a commit appends to the WAL without
   fsync; only a checkpoint syncs. The connection's automatic checkpoints are off and a
   checkpointer thread with its own connection copies the WAL back once it has grown past
-  ``CHECKPOINT_BYTES``. Commits wait for a running checkpoint (the loop does not), as they
-  would for SQLite's own: frames added meanwhile would keep the WAL from winding back.
+  ``CHECKPOINT_BYTES``; a wound-back WAL file keeps its size, so from then on that is every
+  ``CHECKPOINT_EVERY_GROUPS`` group commits (truncating the file at each wind-back, for fewer
+  and bigger checkpoints, made the slowest requests slower: measured at one connection).
+  Commits wait for a running checkpoint (the loop does not), as they would for SQLite's own:
+  frames added meanwhile would keep the WAL from winding back.
 
 A transaction is queued, and the group commit comes a pass of the loop later; while each pass
 brings more transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
@@ -38,7 +41,7 @@ LOCK_WAIT_SECONDS = 10.0  # as long as a busy timeout would have waited for anot
 FIRST_RETRY_SECONDS = 0.0005
 LAST_RETRY_SECONDS = 0.02
 CHECKPOINT_BYTES = 4 * 1024 * 1024  # about SQLite's own automatic checkpoint (1,000 pages of 4 KiB)
-CHECKPOINT_EVERY_GROUPS = 64  # how often the WAL's size is looked at
+CHECKPOINT_EVERY_GROUPS = 64  # how often the WAL's size is looked at (and, once it is big, checkpointed)
 GROUP_MAX = 64  # transactions in one group commit, at most
 
 
