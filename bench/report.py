@@ -118,7 +118,8 @@ def _cpu_compared(many: dict | None, one: dict | None) -> tuple[float, str] | No
                     f"RPS {many['rps']:,.0f} vs {one['rps']:,.0f}")
 
 
-def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers_target: str | None = None) -> str:
+def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers_target: str | None = None,
+          workers: int = 2) -> str:
     """Issue 7's 'must hold' lines, judged on the means above."""
     by = {(s["target"], s["scenario"], s["conns"]): s for s in summary_rows(results)}
 
@@ -141,7 +142,6 @@ def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers
         v = get(scenario, 32, "x_litellm")
         rows.append([f">= 20x LiteLLM RPS, {label}, 32 conns", _fmt(v, 1), judge(v, v is not None and v >= 20)])
     if workers_target:
-        workers = int(workers_target.rsplit("w", 1)[1])
         cells = [(conns, kind) for conns in (32, 128) for kind in (("json", "non-stream"), ("sse", "stream"))]
         for conns, (scenario, label) in cells:
             one, many = by.get(("apibox", scenario, conns)), by.get((workers_target, scenario, conns))
@@ -180,7 +180,8 @@ def full_text(results: list[dict], money: list[dict], meta: dict) -> str:
     money_ok = None if not money else all(m.get("ok") for m in money)
     meta = {**meta, "notes": [*meta.get("notes", []), *noise_notes(results)]}
     parts = ["## Mean over rounds", "", summary(results), "", "## Goals", "",
-             goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target")), "",
+             goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target"),
+              meta.get("args", {}).get("workers", 2)), "",
              *profile_section(meta), "## Per round", "", per_round(results), ""]
     if money:
         parts += ["## Money check (after each apibox run)", ""]
@@ -236,7 +237,8 @@ def performance_doc(results: list[dict], money: list[dict], meta: dict) -> str:
         "",
         "## Goals (issue 7)",
         "",
-        goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target")),
+        goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target"),
+              meta.get("args", {}).get("workers", 2)),
         "",
         *profile_section(meta),
         "## Money under load",

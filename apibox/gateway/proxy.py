@@ -349,6 +349,11 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     delivered = Delivered()
     limit = call.reservation.output_tokens + OVERRUN_SLACK_TOKENS
     status, http_status = "ok", 200
+
+    def owed() -> Usage:
+        """The upstream's usage when the stream ended well with one, else an estimate of it."""
+        return usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
+
     try:
         await response.prepare(request)
         last = b""  # the last batch's frames: they go out with the ending, in one write
@@ -380,7 +385,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
             await response.write(b"".join(out))  # one write per upstream read
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
-        final = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
+        final = owed()
         # settled before the stream's end goes out, as an answer is: a client that has read the
         # end reads the books with this request in them
         record = await call.settle(final, status, http_status)
@@ -399,8 +404,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     finally:
         await started.close()
         if call.settlement is None:  # the stream broke, or the client left, before its end
-            charged = usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
-            await call.settle(charged, status, http_status)
+            await call.settle(owed(), status, http_status)
     return response
 
 
