@@ -64,6 +64,30 @@ async def test_transactions_arriving_together_commit_in_one_group_each_all_or_no
     assert values(str(tmp_path / "w.db")) == [f"a{i}" for i in range(20)]  # nothing of 'half'
 
 
+async def test_a_group_in_which_nothing_fails_runs_without_savepoints(writer, tmp_path) -> None:
+    statements: list[str] = []
+    writer._connection().set_trace_callback(statements.append)
+    await asyncio.gather(*(writer.transaction(insert(f"b{i}")) for i in range(5)))
+    assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
+    assert not [sql for sql in statements if "SAVEPOINT" in sql or "RELEASE" in sql]
+    assert values(str(tmp_path / "w.db")) == [f"b{i}" for i in range(5)]
+
+
+async def test_a_failing_transaction_is_undone_alone_whatever_its_place_in_the_group(writer, tmp_path) -> None:
+    def fail_after_insert(db: sqlite3.Connection) -> None:
+        db.execute("INSERT INTO t (v) VALUES ('undone')")
+        raise ValueError("refused")
+
+    first = asyncio.ensure_future(writer.transaction(fail_after_insert))
+    rest = [asyncio.ensure_future(writer.transaction(insert(f"c{i}"))) for i in range(3)]
+    last = asyncio.ensure_future(writer.transaction(fail_after_insert))
+    assert await asyncio.gather(*rest) == [1, 2, 3]
+    for failed in (first, last):
+        with pytest.raises(ValueError, match="refused"):
+            await failed
+    assert values(str(tmp_path / "w.db")) == ["c0", "c1", "c2"]
+
+
 async def test_a_lone_transaction_is_committed_without_waiting_for_company(writer, tmp_path) -> None:
     assert await asyncio.wait_for(writer.transaction(insert("alone")), 1) == 1
     assert values(str(tmp_path / "w.db")) == ["alone"]
