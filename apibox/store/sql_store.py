@@ -295,7 +295,10 @@ class SqlStore(SqlReports):
             if not (yield "DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,)):
                 raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
                                  "nothing was charged again")
-            usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
+            # Releasing the hold freed at least its amount (held <= balance before), so a cost
+            # within it is paid in full without reading the balance: the usual case.
+            usage.charged = usage.cost if usage.cost <= hold.amount else min(
+                usage.cost, (yield from self._balance(hold.user_id)).available)
             yield from _insert_usage(usage)
             if usage.charged > 0:
                 rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
