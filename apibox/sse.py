@@ -13,6 +13,9 @@ from dataclasses import dataclass
 # directly before LF is one CRLF ending, never two.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r)")
 _LINE = re.compile(r"\r\n|\n|\r")
+# The usual frame: ``data: ...`` on one line and a blank line, LF endings; and a run of them.
+_DATA_FRAME = re.compile(rb"data: ([^\n]*)\n\n")
+_DATA_FRAMES = re.compile(rb"(?:data: [^\n]*\n\n)+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +54,21 @@ class SSEDecoder:
         if b"\r" in buffer:
             self._buffer = b""
             return [_one_line(event) for event in self.feed(buffer)]
-        blocks = buffer.split(b"\n\n")
-        self._buffer = blocks.pop()
-        payloads = []
-        for block in blocks:
-            if block.startswith(b"data: ") and b"\n" not in block:
-                payloads.append(block[6:])
-            else:
-                event = _parse(block)
-                if event is not None:
-                    payloads.append(_one_line(event))
+        payloads: list[bytes] = []
+        position = 0
+        while True:
+            run = _DATA_FRAMES.match(buffer, position)  # usual frames, sliced out in C: two scans of the run
+            if run is not None:
+                payloads += _DATA_FRAME.findall(buffer, position, run.end())
+                position = run.end()
+            end = buffer.find(b"\n\n", position)
+            if end < 0:
+                break
+            event = _parse(buffer[position:end])  # any other block (a comment, fields, several lines)
+            if event is not None:
+                payloads.append(_one_line(event))
+            position = end + 2
+        self._buffer = buffer[position:]
         return payloads
 
     def flush_data(self) -> list[bytes]:

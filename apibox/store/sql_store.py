@@ -289,6 +289,7 @@ class SqlStore(SqlReports):
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
         usage.created_at = usage.created_at or datetime.now(UTC)
+        created = to_ms(usage.created_at)  # once: three statements use it
 
         def apply() -> Script[UsageRecord]:
             # The DELETE's trigger lowers balances.held, which also locks the user's balance row.
@@ -299,16 +300,16 @@ class SqlStore(SqlReports):
             # within it is paid in full without reading the balance: the usual case.
             usage.charged = usage.cost if usage.cost <= hold.amount else min(
                 usage.cost, (yield from self._balance(hold.user_id)).available)
-            yield from _insert_usage(usage)
+            yield from _insert_usage(usage, created)
             if usage.charged > 0:
                 rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
                               (usage.charged, hold.user_id))
                 yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
                        "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
-                       (hold.user_id, to_ms(usage.created_at), -usage.charged, rows[0][0],
+                       (hold.user_id, created, -usage.charged, rows[0][0],
                         f"{usage.model} {usage.request_id}", usage.id))
             yield ("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
-                   (usage.charged, to_ms(usage.created_at), hold.key_id))
+                   (usage.charged, created, hold.key_id))
             return usage
         return await self._run_to_the_end(apply)
 
@@ -374,9 +375,9 @@ class _Refused(Exception):
     """A hold the balance could not cover after all (found by the constraint, not the WHERE)."""
 
 
-def _insert_usage(usage: UsageRecord) -> Script[None]:
+def _insert_usage(usage: UsageRecord, created: int | None = None) -> Script[None]:
     values = [getattr(usage, f) for f in USAGE_FIELDS]
-    values[1] = to_ms(usage.created_at)
+    values[1] = to_ms(usage.created_at) if created is None else created
     values[14] = int(usage.estimated)
     rows = yield INSERT_USAGE_SQL, values
     usage.id = rows[0][0]
