@@ -1,9 +1,11 @@
 """The apibox benchmark: mock upstream, bare forwarder, apibox (and LiteLLM on request), loaded by wrk.
 
-For each round: start the mock upstream once, then per target start it pinned to the gateway
-CPU, wait for a first 200, validate one non-stream and one stream answer, run wrk for every
-scenario x connection count (warm-up, then the measured run), record CPU time and RSS, stop
-the target by its process group; for apibox, audit the money afterwards. Then print and
+The mock upstream starts once. Each round starts every target (pinned to the gateway CPU),
+waits for a first 200 and validates one non-stream and one stream answer; then, cell by cell
+(a scenario at a connection count), loads each target in turn with wrk (warm-up, then the
+measured run), recording CPU time and RSS, so that the figures a ratio compares are taken
+seconds apart; then stops them by process group and, for apibox, audits the money. LiteLLM
+has its cells after the others, started on its own. Then print and
 write the tables (results/<stamp>/report.md) and, with --write-doc, docs/PERFORMANCE.md.
 
     bench/run.sh                                  # defaults: 2 rounds, 3 s warm-up + 10 s per cell
@@ -440,82 +442,22 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.jsonl"
     results_path.write_text("")
     (out / "money.jsonl").unlink(missing_ok=True)
-    py = sys.executable
-    money_ok = True
-    upstream = procs.start([py, str(ref / "mock_upstream.py"), "--port", str(ports["upstream"]),
+    bench = Bench(args, out, meta, ref, up, ports, workers_target)
+    upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(ports["upstream"]),
                             "--chunks", str(args.chunks)], cpus=args.load_cpus, log=out / "upstream.log")
-    running = [upstream]
+    bench.upstream = upstream
+    money_ok = True
     try:
         wait_http(f"{up}/health", upstream, 20)
+        # LiteLLM on its own, after the others: its background work never lands in their cells
+        together = [n for n in names if n != "litellm"]
+        alone = [[n] for n in names if n == "litellm"]
         for rnd in range(1, args.rounds + 1):
-            for order, name in enumerate(names):
-                setup = None
-                if name == "direct":
-                    t = Target("direct", up + CHAT)
-                elif name == "bare":
-                    t = Target("bare", f"http://127.0.0.1:{ports['bare']}{CHAT}",
-                               cmd=[py, str(ref / "bare_proxy.py"), "--port", str(ports["bare"]), "--upstream", up])
-                elif name == "litellm":
-                    t = litellm_target(args, out, up + "/v1")
-                else:
-                    setup = apibox_target.prepare(
-                        out / f"{name}-round{rnd}", up + "/v1", ports[name],
-                        postgres=args.postgres if name == "apibox-pg" else None,
-                        workers=args.workers if name == workers_target else 1)
-                    t = Target(name, f"http://127.0.0.1:{ports[name]}{CHAT}", cmd=setup.serve_cmd(),
-                               headers={"Authorization": f"Bearer {setup.key}"}, ready_timeout=60, stop_grace=45,
-                               cwd=setup.workdir)
-                tally = {"2xx": 0, "slack": 0, "status_errors": 0}
-                db_pid = apibox_target.postgres_server_pid(args.postgres) if name == "apibox-pg" else None
-                proc = None
-                log = out / f"{name}-round{rnd}.log"
-                started = time.monotonic()
-                try:
-                    if t.cmd:
-                        cpus = args.workers_cpus if name == workers_target else args.proxy_cpus
-                        proc = procs.start(t.cmd, cpus=cpus, log=log, env=t.env, cwd=t.cwd)
-                        running.append(proc)
-                    elif args.proxy_cpus:  # direct: the upstream serves from the gateway's CPU
-                        procs.pin_group(upstream.pid, args.proxy_cpus)
-                    tally["2xx"] += wait_ready(t, proc)
-                    v, n2xx = validate(t, args.chunks)
-                    tally["2xx"] += n2xx
-                    meta["validation"].append({"round": rnd, "target": name, **v})
-                    print(f"[round {rnd}] {name}: ready in {time.monotonic() - started:.1f} s; {v}", flush=True)
-                    for sc in scenarios:
-                        for c in conns:
-                            r = measure(t, proc, upstream, sc == "sse", c, args, out, tally, db_pid)
-                            r.update(round=rnd, order=order, target=name, scenario=sc, conns=c)
-                            with results_path.open("a") as fh:
-                                fh.write(json.dumps(r) + "\n")
-                            print(f"  {name:8s} {sc:4s} c={c:<4d} rps={r.get('rps', 0):9.1f} "
-                                  f"p50={r.get('lat_p50_ms', 0):8.2f} ms p99={r.get('lat_p99_ms', 0):8.2f} ms "
-                                  f">=400={r.get('err_status', 0)} sock={socket_errors(r)} "
-                                  f"cpu tgt/up/wrk/other={r['cpu_target_pct']}/{r['cpu_upstream_pct']}/"
-                                  f"{r['cpu_wrk_pct']}/{r['cpu_other_pct']}%", flush=True)
-                    if args.profile and name == "apibox" and rnd == 1 and proc is not None:
-                        profile(t, proc, scenarios, args, out, tally)
-                except Exception as exc:  # record it and go on with the next target
-                    print(f"[round {rnd}] {name}: FAILED: {exc}", flush=True)
-                    meta["notes"].append(f"round {rnd}, {name}: FAILED: {exc}")
-                    if setup is not None:
-                        money_ok = False
-                finally:
-                    if proc:
-                        code = procs.stop(proc, t.stop_grace)
-                        running.remove(proc)
-                        if setup is not None and code not in (0, None):
-                            meta["notes"].append(f"round {rnd}: apibox exited with code {code} on SIGTERM")
-                    elif name == "direct" and args.load_cpus:
-                        procs.pin_group(upstream.pid, args.load_cpus)
-                if setup is not None:
-                    money_ok &= audit(setup, name, rnd, tally, log, out, meta)
-                    if name == "apibox-pg":
-                        apibox_target.drop_postgres_database(args.postgres, setup.database_url)
-                (out / "meta.json").write_text(json.dumps(meta, indent=2))
+            for group in [together, *alone]:
+                money_ok &= bench.round_of(group, names, rnd, scenarios, conns, results_path)
     finally:
-        for p in reversed(running):
-            procs.stop(p)
+        bench.stop_all()
+        procs.stop(upstream)
 
     print()
     print(render(out, args.write_doc, Path(args.doc)))
@@ -525,6 +467,141 @@ def main(argv: list[str] | None = None) -> int:
     if "apibox" in names:
         print(f"money check: {'OK' if money_ok else 'FAIL'}")
     return 0 if money_ok else 1
+
+
+@dataclasses.dataclass
+class Live:
+    """A target started for a round, with what its money check needs."""
+
+    name: str
+    order: int
+    target: Target
+    proc: subprocess.Popen | None
+    setup: apibox_target.ApiboxSetup | None
+    log: Path
+    db_pid: int | None
+    tally: dict = dataclasses.field(default_factory=lambda: {"2xx": 0, "slack": 0, "status_errors": 0})
+    failed: bool = False
+
+
+class Bench:
+    """One run's targets, started together for a round and measured cell by cell: in each cell
+    (a scenario at a connection count) every target is loaded in turn, back to back, so a ratio
+    compares runs a few seconds apart, not minutes (this machine's speed drifts by 10-20% over
+    a quarter of an hour)."""
+
+    def __init__(self, args: argparse.Namespace, out: Path, meta: dict, ref: Path, up: str, ports: dict,
+                 workers_target: str | None) -> None:
+        self.args, self.out, self.meta, self.ref, self.up, self.ports = args, out, meta, ref, up, ports
+        self.workers_target = workers_target
+        self.upstream: subprocess.Popen | None = None
+        self.live: list[Live] = []
+
+    def round_of(self, names: list[str], order_of: list[str], rnd: int, scenarios: list[str], conns: list[int],
+                 results_path: Path) -> bool:
+        """Start ``names``, measure every cell, profile apibox (round 1), stop them and audit the
+        money; False when an apibox target failed or its money check did."""
+        money_ok = True
+        for name in names:
+            money_ok &= self._start(name, order_of.index(name), rnd)
+        for sc in scenarios:
+            for c in conns:
+                for live in self.live:
+                    if not live.failed:
+                        money_ok &= self._measure(live, rnd, sc, c, results_path)
+        if self.args.profile and rnd == 1:
+            for live in self.live:
+                if live.name == "apibox" and not live.failed and live.proc is not None:
+                    profile(live.target, live.proc, scenarios, self.args, self.out, live.tally)
+        for live in list(self.live):
+            money_ok &= self._finish(live, rnd)
+        (self.out / "meta.json").write_text(json.dumps(self.meta, indent=2))
+        return money_ok
+
+    def _start(self, name: str, order: int, rnd: int) -> bool:
+        args, py, up = self.args, sys.executable, self.up
+        setup = None
+        if name == "direct":
+            t = Target("direct", up + CHAT)
+        elif name == "bare":
+            t = Target("bare", f"http://127.0.0.1:{self.ports['bare']}{CHAT}",
+                       cmd=[py, str(self.ref / "bare_proxy.py"), "--port", str(self.ports["bare"]), "--upstream", up])
+        elif name == "litellm":
+            t = litellm_target(args, self.out, up + "/v1")
+        else:
+            setup = apibox_target.prepare(
+                self.out / f"{name}-round{rnd}", up + "/v1", self.ports[name],
+                postgres=args.postgres if name == "apibox-pg" else None,
+                workers=args.workers if name == self.workers_target else 1)
+            t = Target(name, f"http://127.0.0.1:{self.ports[name]}{CHAT}", cmd=setup.serve_cmd(),
+                       headers={"Authorization": f"Bearer {setup.key}"}, ready_timeout=60, stop_grace=45,
+                       cwd=setup.workdir)
+        db_pid = apibox_target.postgres_server_pid(args.postgres) if name == "apibox-pg" else None
+        live = Live(name, order, t, None, setup, self.out / f"{name}-round{rnd}.log", db_pid)
+        self.live.append(live)
+        started = time.monotonic()
+        try:
+            if t.cmd:
+                cpus = args.workers_cpus if name == self.workers_target else args.proxy_cpus
+                live.proc = procs.start(t.cmd, cpus=cpus, log=live.log, env=t.env, cwd=t.cwd)
+            live.tally["2xx"] += wait_ready(t, live.proc)
+            v, n2xx = validate(t, args.chunks)
+            live.tally["2xx"] += n2xx
+            self.meta["validation"].append({"round": rnd, "target": name, **v})
+            print(f"[round {rnd}] {name}: ready in {time.monotonic() - started:.1f} s; {v}", flush=True)
+        except Exception as exc:  # record it and go on with the other targets
+            return self._failed(live, rnd, exc)
+        return True
+
+    def _measure(self, live: Live, rnd: int, sc: str, c: int, results_path: Path) -> bool:
+        args, upstream = self.args, self.upstream
+        assert upstream is not None
+        direct = live.target.cmd is None
+        if direct and args.proxy_cpus:  # direct: the upstream serves from the gateway's CPU
+            procs.pin_group(upstream.pid, args.proxy_cpus)
+        try:
+            r = measure(live.target, live.proc, upstream, sc == "sse", c, args, self.out, live.tally, live.db_pid)
+        except Exception as exc:
+            return self._failed(live, rnd, exc)
+        finally:
+            if direct and args.load_cpus:
+                procs.pin_group(upstream.pid, args.load_cpus)
+        r.update(round=rnd, order=live.order, target=live.name, scenario=sc, conns=c)
+        with results_path.open("a") as fh:
+            fh.write(json.dumps(r) + "\n")
+        print(f"  {live.name:9s} {sc:4s} c={c:<4d} rps={r.get('rps', 0):9.1f} "
+              f"p50={r.get('lat_p50_ms', 0):8.2f} ms p99={r.get('lat_p99_ms', 0):8.2f} ms "
+              f">=400={r.get('err_status', 0)} sock={socket_errors(r)} "
+              f"cpu tgt/up/wrk/other={r['cpu_target_pct']}/{r['cpu_upstream_pct']}/"
+              f"{r['cpu_wrk_pct']}/{r['cpu_other_pct']}%", flush=True)
+        return True
+
+    def _failed(self, live: Live, rnd: int, exc: Exception) -> bool:
+        print(f"[round {rnd}] {live.name}: FAILED: {exc}", flush=True)
+        self.meta["notes"].append(f"round {rnd}, {live.name}: FAILED: {exc}")
+        live.failed = True
+        return live.setup is None
+
+    def _finish(self, live: Live, rnd: int) -> bool:
+        """Stop the target; for apibox, audit the money it moved."""
+        self.live.remove(live)
+        if live.proc is not None:
+            code = procs.stop(live.proc, live.target.stop_grace)
+            if live.setup is not None and code not in (0, None):
+                self.meta["notes"].append(f"round {rnd}: {live.name} exited with code {code} on SIGTERM")
+        if live.setup is None:
+            return True
+        ok = audit(live.setup, live.name, rnd, live.tally, live.log, self.out, self.meta)
+        if live.name == "apibox-pg":
+            apibox_target.drop_postgres_database(self.args.postgres, live.setup.database_url)
+        return ok
+
+    def stop_all(self) -> None:
+        """After an interruption: stop whatever is still running."""
+        for live in reversed(self.live):
+            if live.proc is not None:
+                procs.stop(live.proc)
+        self.live.clear()
 
 
 def profile(t: Target, proc: subprocess.Popen, scenarios: list[str], args: argparse.Namespace, out: Path,
