@@ -313,6 +313,22 @@ async def test_a_hold_is_settled_at_most_once(store: Store) -> None:
     assert await usage_total(store, user) == (1, 1_000)
 
 
+async def test_a_settlement_refused_among_others_at_once_charges_only_the_others(store: Store) -> None:
+    """Settled together (one group commit on SQLite), a repeated settlement fails alone: the others
+    are charged once each, and the failing one undoes nothing of theirs."""
+    user, key = await funded(store, 10_000)
+    holds = [await store.hold(user.id, key.id, 1_000, f"req-{i}", "m") for i in range(4)]
+    assert all(h is not None for h in holds)
+    await store.settle(holds[0], record(holds[0], 100))  # holds[0] settled: its repeat below must fail
+    outcomes = await asyncio.gather(*(store.settle(h, record(h, 100 * (i + 1))) for i, h in enumerate(holds)),
+                                    return_exceptions=True)
+    assert isinstance(outcomes[0], StoreError)
+    assert [o.charged for o in outcomes[1:]] == [200, 300, 400]
+    balance = await store.get_balance(user.id)
+    assert (balance.balance, balance.held) == (10_000 - 1_000, 0)
+    assert await usage_total(store, user) == (4, 1_000)
+
+
 async def test_a_settlement_whose_caller_is_cancelled_is_still_written(store: Store) -> None:
     """A request cut short (a shutdown's last resort) while its settlement is on its way is still charged."""
     user, key = await funded(store, 10_000)
