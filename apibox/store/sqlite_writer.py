@@ -14,8 +14,11 @@ loop's own thread, and the two ways SQLite could block a thread are taken away:
   ``CHECKPOINT_BYTES``; a wound-back WAL file keeps its size, so from then on that is every
   ``CHECKPOINT_EVERY_GROUPS`` group commits (truncating the file at each wind-back, for fewer
   and bigger checkpoints, made the slowest requests slower: measured at one connection).
-  Commits wait for a running checkpoint (the loop does not), as they would for SQLite's own:
-  frames added meanwhile would keep the WAL from winding back.
+  Commits go on while a checkpoint runs, although the frames they add keep the WAL from
+  winding back after it (it grows until a checkpoint runs with no commit meanwhile); once a
+  checkpoint has left ``CHECKPOINT_WAIT_FACTOR`` times ``CHECKPOINT_BYTES`` in the WAL, the next
+  group waits for one (the loop does not), which copies it all. Waiting for every checkpoint,
+  with its two disk syncs, stalled one request in thirty at one connection.
 
 A transaction is queued, and the group commit comes a pass of the loop later; while each pass
 brings more transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
@@ -44,6 +47,7 @@ FIRST_RETRY_SECONDS = 0.0005
 LAST_RETRY_SECONDS = 0.02
 CHECKPOINT_BYTES = 4 * 1024 * 1024  # about SQLite's own automatic checkpoint (1,000 pages of 4 KiB)
 CHECKPOINT_EVERY_GROUPS = 64  # how often the WAL's size is looked at (and, once it is big, checkpointed)
+CHECKPOINT_WAIT_FACTOR = 4  # commits wait for a checkpoint once one left this many CHECKPOINT_BYTES in the WAL
 GROUP_MAX = 64  # transactions in one group commit, at most
 
 
@@ -111,11 +115,13 @@ class SqliteWriter:
         else:
             self._flush()
 
-    def _flush(self) -> None:
-        """Commit every queued transaction in one group, or come back when the lock is free."""
+    def _flush(self, after_checkpoint: bool = False) -> None:
+        """Commit every queued transaction in one group, or come back when the lock is free (or
+        once a checkpoint has wound the WAL back, when it has not been for too long)."""
         loop = asyncio.get_running_loop()
-        if self._checkpointer.busy():  # new frames would keep the WAL from being wound back: wait
-            self._checkpointer.when_done(lambda: loop.call_soon_threadsafe(self._flush))
+        if not after_checkpoint and self._checkpointer.overdue():  # one wait, even if a reader holds it back
+            self._checkpointer.start(alone=True)
+            self._checkpointer.when_done(lambda: loop.call_soon_threadsafe(self._flush, True))
             return
         self._scheduled = False
         group = [queued for queued in self._queue if queued.keep or not queued.future.done()]
@@ -258,29 +264,41 @@ class Checkpointer:
         self._thread: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._running: Future[None] | None = None
+        self._left_bytes = 0  # in the WAL at the last checkpoint, unless it was all copied with no commit meanwhile
+        self._page_bytes = 0
 
     def busy(self) -> bool:
         return self._running is not None and not self._running.done()
+
+    def overdue(self) -> bool:
+        """The WAL has not been wound back for a while (commits added frames while each checkpoint
+        ran) and held ``CHECKPOINT_WAIT_FACTOR`` times ``CHECKPOINT_BYTES`` at the last one:
+        commits should wait for one that runs alone and copies it all."""
+        return self._left_bytes >= CHECKPOINT_WAIT_FACTOR * CHECKPOINT_BYTES
 
     def when_done(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` (on the checkpointer's thread) once the running checkpoint is over."""
         assert self._running is not None
         self._running.add_done_callback(lambda _: callback())
 
-    def start(self) -> None:
+    def start(self, *, alone: bool = False) -> None:
+        """Start a checkpoint unless one is running; ``alone``: the writer commits nothing until it ends."""
         if self.busy():
             return
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apibox-sqlite-checkpoint")
-        self._running = self._thread.submit(self._checkpoint)
+        self._running = self._thread.submit(self._checkpoint, alone)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, alone: bool = False) -> None:
         try:
             if self._db is None:
                 self._db = sqlite3.connect(self._path, isolation_level=None)
                 for pragma in self._pragmas:
                     self._db.execute(pragma)
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self._page_bytes = self._db.execute("PRAGMA page_size").fetchone()[0]
+            _, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            # all copied with no commit meanwhile: the next commit winds the WAL back to its start
+            self._left_bytes = 0 if alone and copied == frames else frames * self._page_bytes
         except sqlite3.Error as exc:  # the WAL keeps growing until one succeeds: say so, and try again later
             log.warning("SQLite checkpoint of %s failed: %s", self._path, exc)
 
