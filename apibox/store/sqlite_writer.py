@@ -300,6 +300,7 @@ class Checkpointer:
             # all copied with no commit meanwhile: the next commit winds the WAL back to its start
             self._left_bytes = 0 if alone and copied == frames else frames * self._page_bytes
         except sqlite3.Error as exc:  # the WAL keeps growing until one succeeds: say so, and try again later
+            self._left_bytes = 0  # (at the usual pace, not before every group)
             log.warning("SQLite checkpoint of %s failed: %s", self._path, exc)
 
     def _close_connection(self) -> None:
