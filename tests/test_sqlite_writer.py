@@ -137,10 +137,10 @@ async def test_a_lock_never_released_fails_the_group_and_writes_nothing(writer, 
 
 
 async def test_checkpoints_keep_the_wal_from_growing_without_end(writer, tmp_path, monkeypatch) -> None:
-    """Commits go on during checkpoints, so the WAL winds back only when one runs alone; once it has
-    not for CHECKPOINT_WAIT_FACTOR x CHECKPOINT_BYTES, commits wait for one. Without checkpoints
-    these writes make a WAL of about 40 MB; with them it stays within a few limits (how far past
-    one limit it gets depends on how fast the disk syncs while the writes go on)."""
+    """Commits go on during checkpoints, so the WAL winds back only after one that ran with no commit
+    meanwhile; once a checkpoint has left CHECKPOINT_WAIT_FACTOR x CHECKPOINT_BYTES in it, commits
+    wait for one. Without checkpoints these writes make a WAL of about 40 MB; with them it stays
+    within a few limits (how far past one it gets depends on how fast the disk syncs meanwhile)."""
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 256 * 1024)
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 8)
     alone = 0
