@@ -442,10 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.jsonl"
     results_path.write_text("")
     (out / "money.jsonl").unlink(missing_ok=True)
-    bench = Bench(args, out, meta, ref, up, ports, workers_target)
     upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(ports["upstream"]),
                             "--chunks", str(args.chunks)], cpus=args.load_cpus, log=out / "upstream.log")
-    bench.upstream = upstream
+    bench = Bench(args, out, meta, ref, upstream, up, ports, workers_target)
     money_ok = True
     try:
         wait_http(f"{up}/health", upstream, 20)
@@ -490,11 +489,11 @@ class Bench:
     compares runs a few seconds apart, not minutes (this machine's speed drifts by 10-20% over
     a quarter of an hour)."""
 
-    def __init__(self, args: argparse.Namespace, out: Path, meta: dict, ref: Path, up: str, ports: dict,
-                 workers_target: str | None) -> None:
+    def __init__(self, args: argparse.Namespace, out: Path, meta: dict, ref: Path, upstream: subprocess.Popen,
+                 up: str, ports: dict, workers_target: str | None) -> None:
         self.args, self.out, self.meta, self.ref, self.up, self.ports = args, out, meta, ref, up, ports
+        self.upstream = upstream
         self.workers_target = workers_target
-        self.upstream: subprocess.Popen | None = None
         self.live: list[Live] = []
 
     def round_of(self, names: list[str], order_of: list[str], rnd: int, scenarios: list[str], conns: list[int],
@@ -555,7 +554,6 @@ class Bench:
 
     def _measure(self, live: Live, rnd: int, sc: str, c: int, results_path: Path) -> bool:
         args, upstream = self.args, self.upstream
-        assert upstream is not None
         direct = live.target.cmd is None
         if direct and args.proxy_cpus:  # direct: the upstream serves from the gateway's CPU
             procs.pin_group(upstream.pid, args.proxy_cpus)

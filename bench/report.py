@@ -176,12 +176,17 @@ def noise_notes(results: list[dict]) -> list[str]:
             "Rerun on a quiet machine before comparing."]
 
 
+def run_goals(results: list[dict], money_ok: bool | None, meta: dict) -> str:
+    """The goals table for a run, with the workers settings its meta recorded."""
+    return goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target"),
+                 meta.get("args", {}).get("workers", 2))
+
+
 def full_text(results: list[dict], money: list[dict], meta: dict) -> str:
     money_ok = None if not money else all(m.get("ok") for m in money)
     meta = {**meta, "notes": [*meta.get("notes", []), *noise_notes(results)]}
     parts = ["## Mean over rounds", "", summary(results), "", "## Goals", "",
-             goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target"),
-              meta.get("args", {}).get("workers", 2)), "",
+             run_goals(results, money_ok, meta), "",
              *profile_section(meta), "## Per round", "", per_round(results), ""]
     if money:
         parts += ["## Money check (after each apibox run)", ""]
@@ -237,8 +242,7 @@ def performance_doc(results: list[dict], money: list[dict], meta: dict) -> str:
         "",
         "## Goals (issue 7)",
         "",
-        goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target"),
-              meta.get("args", {}).get("workers", 2)),
+        run_goals(results, money_ok, meta),
         "",
         *profile_section(meta),
         "## Money under load",

@@ -349,10 +349,11 @@ class SqlStore(SqlReports):
             yield "DELETE FROM instances WHERE seen_at < ? AND id != ?", (cutoff, self._instance)
             rows = yield ("DELETE FROM holds WHERE instance NOT IN (SELECT id FROM instances) "
                           "RETURNING id, user_id, key_id, amount, request_id, model", ())
+            now = datetime.now(UTC)
             for row in rows:
                 yield from _insert_usage(UsageRecord(
                     request_id=row[4], user_id=row[1], key_id=row[2], model=row[5], provider="", endpoint="",
-                    status="interrupted", http_status=0, created_at=datetime.now(UTC)))
+                    status="interrupted", http_status=0, created_at=now), to_ms(now))
             return [Hold(r[0], r[1], r[2], r[3], r[4]) for r in rows]
         return await self._run(apply)
 
@@ -375,9 +376,10 @@ class _Refused(Exception):
     """A hold the balance could not cover after all (found by the constraint, not the WHERE)."""
 
 
-def _insert_usage(usage: UsageRecord, created: int | None = None) -> Script[None]:
+def _insert_usage(usage: UsageRecord, created: int) -> Script[None]:
+    """The usage row; ``created``: its ``created_at`` in ms, which the caller's other rows share."""
     values = [getattr(usage, f) for f in USAGE_FIELDS]
-    values[1] = to_ms(usage.created_at) if created is None else created
+    values[1] = created
     values[14] = int(usage.estimated)
     rows = yield INSERT_USAGE_SQL, values
     usage.id = rows[0][0]
