@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import sys
 import threading
 from pathlib import Path
 
@@ -234,3 +235,92 @@ async def test_a_checkpoint_that_copies_everything_clears_the_wait(writer, tmp_p
     writer._checkpointer._left_bytes = 1 << 30  # overdue: the next group waits for a checkpoint
     assert await asyncio.wait_for(writer.transaction(insert("after")), 5) == 1
     assert not writer._checkpointer.overdue()  # nothing else was writing: it copied the whole WAL
+
+
+# Another `serve` worker on the same file: no automatic checkpoints, a commit every fifth of a
+# millisecond, and a refused lock tried again soon (as SqliteWriter does), not after a busy timeout's sleeps.
+OTHER_WORKER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None)
+con.execute("PRAGMA busy_timeout=0")
+con.execute("PRAGMA wal_autocheckpoint=0")
+print("writing", flush=True)
+row = 0
+while True:
+    try:
+        con.execute("INSERT INTO t (v) VALUES (?)", (f"other{row:06d}" + "y" * 4096,))
+        row += 1
+    except sqlite3.OperationalError:
+        pass
+    time.sleep(0.0002)
+"""
+
+
+def wal_frames(path: str) -> int:
+    """The frames the WAL holds since it last wound back, as a PASSIVE checkpoint reports them."""
+    con = sqlite3.connect(path)
+    try:
+        return con.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    finally:
+        con.close()
+
+
+async def test_another_process_committing_all_the_time_cannot_keep_the_wal_from_winding_back(
+        writer, tmp_path, monkeypatch) -> None:
+    """A second worker commits whenever it likes. A checkpoint that only kept this process's
+    commits waiting could then seldom copy everything: here the WAL grew to about 100 MB (and
+    past 100 MB under `serve --workers 2`). The checkpoint commits wait for holds the other writers off too."""
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 256 * 1024)
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 8)
+    path = str(tmp_path / "w.db")
+    other = await asyncio.create_subprocess_exec(sys.executable, "-c", OTHER_WORKER, path,
+                                                 stdout=asyncio.subprocess.PIPE)
+    assert await other.stdout.readline() == b"writing\n"
+    try:
+        largest = 0
+        for i in range(1_500):
+            await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
+            if i % 4 == 0:
+                await asyncio.sleep(0.001)  # requests come and go between the group commits
+            if i % 100 == 0:
+                largest = max(largest, os.stat(path + "-wal").st_size)
+    finally:
+        other.terminate()
+        await other.wait()
+    other_rows = len([v for v in values(path) if v.startswith("other")])
+    assert other_rows > 200  # it really was committing alongside
+    assert largest < 8 * 1024 * 1024, f"the WAL grew to {largest} bytes: it was never wound back"
+    assert len(values(path)) == 1_500 + other_rows
+
+
+async def test_a_reader_that_holds_the_wal_back_makes_commits_wait_only_now_and_then(
+        writer, tmp_path, monkeypatch) -> None:
+    """While a reader keeps an old snapshot (a long report), no checkpoint can wind the WAL back.
+    Commits then wait for one only each time the WAL has grown by another CHECKPOINT_WAIT_FACTOR x
+    CHECKPOINT_BYTES, not before every group; once the reader is done it winds back again."""
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 64 * 1024)
+    monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 4)
+    path = str(tmp_path / "w.db")
+    waits = 0
+    start = writer._checkpointer.start
+
+    def counting(**kwargs: bool) -> None:
+        nonlocal waits
+        waits += kwargs.get("alone", False)
+        start(**kwargs)
+    monkeypatch.setattr(writer._checkpointer, "start", counting)
+    await writer.transaction(insert("before the reader"))
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM t").fetchone() == (1,)  # its snapshot, kept from here on
+    for i in range(400):  # one group each
+        await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
+    reader.execute("COMMIT")
+    reader.close()
+    held_back = wal_frames(path)
+    grown_by = held_back * 4096 // (sqlite_writer.CHECKPOINT_WAIT_FACTOR * sqlite_writer.CHECKPOINT_BYTES)
+    assert 0 < waits <= grown_by + 2, f"commits waited for a checkpoint {waits} times in 400 groups"
+    for i in range(400, 800):
+        await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
+    assert wal_frames(path) < held_back / 2  # the reader gone, the WAL wound back
+    assert len(values(path)) == 801

@@ -17,8 +17,10 @@ loop's own thread, and the two ways SQLite could block a thread are taken away:
   Commits go on while a checkpoint runs, although the frames they add keep the WAL from
   winding back after it (it grows until a checkpoint runs with no commit meanwhile); once a
   checkpoint has left ``CHECKPOINT_WAIT_FACTOR`` times ``CHECKPOINT_BYTES`` in the WAL, the next
-  group waits for one (the loop does not), which copies it all. Waiting for every checkpoint,
-  with its two disk syncs, stalled one request in thirty at one connection.
+  group waits for one (the loop does not) in RESTART mode, which holds other processes' writers
+  off too (``serve --workers``: another worker's commits kept a WAL from ever winding back, to
+  over 100 MB) and copies it all. Waiting for every checkpoint, with its two disk syncs, stalled
+  one request in thirty at one connection.
 
 A transaction is queued, and the group commit comes a pass of the loop later; while each pass
 brings more transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
@@ -48,6 +50,7 @@ LAST_RETRY_SECONDS = 0.02
 CHECKPOINT_BYTES = 4 * 1024 * 1024  # about SQLite's own automatic checkpoint (1,000 pages of 4 KiB)
 CHECKPOINT_EVERY_GROUPS = 64  # how often the WAL's size is looked at (and, once it is big, checkpointed)
 CHECKPOINT_WAIT_FACTOR = 4  # commits wait for a checkpoint once one left this many CHECKPOINT_BYTES in the WAL
+RESTART_WAIT_MS = 10  # how long that checkpoint waits for other processes' writers and for readers
 GROUP_MAX = 64  # transactions in one group commit, at most
 
 
@@ -255,8 +258,15 @@ def _is_locked(exc: sqlite3.OperationalError) -> bool:
 
 
 class Checkpointer:
-    """Copies the WAL back into the database on a thread and connection of its own (PASSIVE: it
-    copies what it can and waits for no one), one checkpoint at a time."""
+    """Copies the WAL back into the database on a thread and connection of its own, one checkpoint
+    at a time: PASSIVE (it copies what it can and waits for no one) or, run alone, RESTART.
+
+    RESTART waits up to ``RESTART_WAIT_MS`` for other processes' writers and for readers, then
+    keeps new writers out while it copies everything, so the next commit winds the WAL back. When
+    it could not (a reader on an old snapshot, say a long report), it is held back: commits wait
+    for the next one only once the WAL has grown by another ``CHECKPOINT_WAIT_FACTOR`` times
+    ``CHECKPOINT_BYTES``, not before every group while that reader reads.
+    """
 
     def __init__(self, path: str, pragmas: tuple[str, ...]) -> None:
         self._path = path
@@ -265,6 +275,7 @@ class Checkpointer:
         self._db: sqlite3.Connection | None = None
         self._running: Future[None] | None = None
         self._left_bytes = 0  # in the WAL at the last checkpoint, unless it was all copied with no commit meanwhile
+        self._held_back_bytes = 0  # in the WAL when a RESTART last could not wind it back (0: it did)
         self._page_bytes = 0
 
     def busy(self) -> bool:
@@ -272,9 +283,10 @@ class Checkpointer:
 
     def overdue(self) -> bool:
         """The WAL has not been wound back for a while (commits added frames while each checkpoint
-        ran) and held ``CHECKPOINT_WAIT_FACTOR`` times ``CHECKPOINT_BYTES`` at the last one:
-        commits should wait for one that runs alone and copies it all."""
-        return self._left_bytes >= CHECKPOINT_WAIT_FACTOR * CHECKPOINT_BYTES
+        ran) and held ``CHECKPOINT_WAIT_FACTOR`` times ``CHECKPOINT_BYTES`` at the last one (over
+        what it held when a RESTART was last held back): commits should wait for one that runs
+        alone and copies it all."""
+        return self._left_bytes >= self._held_back_bytes + CHECKPOINT_WAIT_FACTOR * CHECKPOINT_BYTES
 
     def when_done(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` (on the checkpointer's thread) once the running checkpoint is over."""
@@ -282,7 +294,8 @@ class Checkpointer:
         self._running.add_done_callback(lambda _: callback())
 
     def start(self, *, alone: bool = False) -> None:
-        """Start a checkpoint unless one is running; ``alone``: the writer commits nothing until it ends."""
+        """Start a checkpoint unless one is running; ``alone``: the writer commits nothing until it
+        ends, and it is a RESTART."""
         if self.busy():
             return
         if self._thread is None:
@@ -296,9 +309,16 @@ class Checkpointer:
                 for pragma in self._pragmas:
                     self._db.execute(pragma)
                 self._page_bytes = self._db.execute("PRAGMA page_size").fetchone()[0]
-            _, frames, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            # all copied with no commit meanwhile: the next commit winds the WAL back to its start
-            self._left_bytes = 0 if alone and copied == frames else frames * self._page_bytes
+                self._db.execute(f"PRAGMA busy_timeout={RESTART_WAIT_MS}")  # PASSIVE never waits
+            mode = "RESTART" if alone else "PASSIVE"
+            busy, frames, copied = self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            left = frames * self._page_bytes
+            if alone:  # all copied, writers held off: the next commit winds the WAL back to its start
+                self._left_bytes = self._held_back_bytes = left if busy or copied != frames else 0
+            else:
+                self._left_bytes = left
+                if left < self._held_back_bytes:  # wound back since (the reader is gone)
+                    self._held_back_bytes = 0
         except sqlite3.Error as exc:  # the WAL keeps growing until one succeeds: say so, and try again later
             self._left_bytes = 0  # (at the usual pace, not before every group)
             log.warning("SQLite checkpoint of %s failed: %s", self._path, exc)
