@@ -313,7 +313,8 @@ class Checkpointer:
             mode = "RESTART" if alone else "PASSIVE"
             busy, frames, copied = self._db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
             left = frames * self._page_bytes
-            if alone:  # all copied, writers held off: the next commit winds the WAL back to its start
+            if alone:  # unless held back (busy), it copied all with every writer waiting: the next
+                # commit winds the WAL back to its start
                 self._left_bytes = self._held_back_bytes = left if busy or copied != frames else 0
             else:
                 self._left_bytes = left
