@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
+import asyncpg
 import pytest
 
 from apibox import accounts
@@ -721,6 +722,44 @@ async def test_postgresql_commits_top_ups_durably_and_holds_and_settlements_fast
             assert seen == {("users INSERT", "on"), ("api_keys INSERT", "on"), ("ledger INSERT", "on"),  # top-up
                             ("holds INSERT", "off"), ("holds DELETE", "off"), ("usage INSERT", "off"),
                             ("ledger INSERT", "off")}  # the settlement's charge
+            assert await db.audit() == []
+        finally:
+            await db.close()
+    finally:
+        postgres_database.drop(schema)
+
+
+async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
+        postgres_database: PostgresDatabase, monkeypatch) -> None:
+    """Every hold and settlement of a user locks the user's balance row until its COMMIT, so on
+    PostgreSQL one user's requests queue on it. A hold of a key without a budget is one statement,
+    run as a transaction of its own (no BEGIN before it, no COMMIT round trip after it); a
+    settlement writes its usage row before its DELETE locks the balance row."""
+    schema, url = postgres_database.create()
+    try:
+        db = await open_store(url)
+        try:
+            dbquery.execute(url, "CREATE TABLE seen (n SERIAL, what TEXT)")
+            dbquery.execute(url, "CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                                 "INSERT INTO seen (what) VALUES (TG_TABLE_NAME || ' ' || TG_OP); RETURN NULL; END $$")
+            for table in ("holds", "usage", "ledger"):
+                dbquery.execute(url, f"CREATE TRIGGER note AFTER INSERT OR DELETE ON {table} "
+                                     "FOR EACH ROW EXECUTE FUNCTION note()")
+            user, key = await funded(db, 1_000)
+            dbquery.execute(url, "DELETE FROM seen")  # the top-up's ledger row
+            begun: list[str] = []
+            execute = asyncpg.Connection.execute
+
+            async def counting(self, query: str, *args, **kwargs):  # a transaction starts with a BEGIN
+                begun.extend(["BEGIN"] if query.lstrip().upper().startswith("BEGIN") else [])
+                return await execute(self, query, *args, **kwargs)
+            monkeypatch.setattr(asyncpg.Connection, "execute", counting)
+            hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
+            assert hold is not None and begun == []
+            await db.settle(hold, record(hold, 40))
+            assert begun == ["BEGIN"]
+            seen = [row[0] for row in dbquery.query(url, "SELECT what FROM seen ORDER BY n")]
+            assert seen == ["holds INSERT", "usage INSERT", "holds DELETE", "ledger INSERT"]
             assert await db.audit() == []
         finally:
             await db.close()

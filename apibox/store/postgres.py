@@ -10,7 +10,7 @@ run under an advisory lock, so hosts starting together apply each one once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from functools import lru_cache
@@ -79,15 +79,23 @@ class PostgresStore(SqlStore):
         return _plain(await self._pool.fetch(numbered(sql), *params))
 
     async def _run(self, script: Callable[[], Script[T]], *, durable: bool = True) -> T:
-        for attempt in range(RETRIES):
+        async def attempt() -> T:
+            async with self._pool.acquire() as conn, _transaction(conn, durable=durable):
+                return await _drive(conn, script())
+        return await _retried(attempt)
+
+    async def _run_statement(self, sql: str, params: Sequence[Any], *, durable: bool = True) -> list[Row]:
+        if durable:  # SET LOCAL needs the transaction around it
+            return await super()._run_statement(sql, params, durable=durable)
+
+        # On its own, a statement is its own transaction: no BEGIN and no COMMIT to wait for, and the
+        # rows it locks (a hold's on the balance) are held only while it runs.
+        async def attempt() -> list[Row]:
             try:
-                async with self._pool.acquire() as conn, _transaction(conn, durable=durable):
-                    return await _drive(conn, script())
-            except RETRYABLE:
-                if attempt == RETRIES - 1:
-                    raise
-                await asyncio.sleep(0.005 * (attempt + 1))
-        raise AssertionError("unreachable")
+                return _plain(await self._pool.fetch(numbered(sql), *params))
+            except asyncpg.IntegrityConstraintViolationError as exc:
+                raise IntegrityViolation(str(exc)) from None
+        return await _retried(attempt)
 
     async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
         # a task of its own, which a cancelled caller does not take down with it
@@ -141,6 +149,19 @@ class PostgresStore(SqlStore):
             finally:
                 await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         return done
+
+
+async def _retried(attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, made again after it lost a deadlock or serialization race (it changed
+    nothing), up to RETRIES times."""
+    for number in range(RETRIES):
+        try:
+            return await attempt()
+        except RETRYABLE:
+            if number == RETRIES - 1:
+                raise
+            await asyncio.sleep(0.005 * (number + 1))
+    raise AssertionError("unreachable")
 
 
 @asynccontextmanager

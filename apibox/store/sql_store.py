@@ -105,8 +105,14 @@ class SqlStore(SqlReports):
         """Insert ``(table, rows)`` batches (``db copy``) in one transaction, ids as given."""
         raise NotImplementedError
 
+    async def _run_statement(self, sql: str, params: Sequence[Any], *, durable: bool = True) -> list[Row]:
+        """One statement as a transaction of its own (``_run`` of ``single``); it raises
+        IntegrityViolation when it breaks a constraint. An engine may run a non-durable one without
+        a transaction around it (PostgreSQL: one round trip instead of three)."""
+        return await self._run(lambda: single(sql, params), durable=durable)
+
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return await self._run(lambda: single(sql, params))
+        return await self._run_statement(sql, params)
 
     @property
     def _lock(self) -> str:
@@ -267,23 +273,23 @@ class SqlStore(SqlReports):
 
     async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
                    budgeted: bool = True) -> Hold | None:
-        def take() -> Script[list[Row]]:
-            if self.row_locks and budgeted:
-                # Concurrent holds on one key must see each other for its budget: lock the balance (first,
-                # as settle's trigger does, so the two never wait on each other in opposite orders), then
-                # the key. Without a budget no lock is needed: see below.
-                yield f"SELECT user_id FROM balances WHERE user_id = ?{self._lock}", (user_id,)
-                yield f"SELECT id FROM api_keys WHERE id = ?{self._lock}", (key_id,)
-            try:
-                return (yield HOLD_SQL, (amount, request_id, model, now_ms(), self._instance, key_id, user_id,
-                                         amount, amount))
-            except IntegrityViolation:
-                # PostgreSQL, concurrent holds: this one read the balance before another's hold committed,
-                # and the holds_take trigger found held > balance (the CHECK). The money is not there.
-                raise _Refused from None
+        params = (amount, request_id, model, now_ms(), self._instance, key_id, user_id, amount, amount)
+
+        def take_locked() -> Script[list[Row]]:
+            # Concurrent holds on one key must see each other for its budget: lock the balance (first,
+            # as settle's trigger does, so the two never wait on each other in opposite orders), then
+            # the key. Without a budget no lock is needed, and the hold is its one statement.
+            yield f"SELECT user_id FROM balances WHERE user_id = ?{self._lock}", (user_id,)
+            yield f"SELECT id FROM api_keys WHERE id = ?{self._lock}", (key_id,)
+            return (yield HOLD_SQL, params)
         try:
-            rows = await self._run(take, durable=False)
-        except _Refused:
+            if self.row_locks and budgeted:
+                rows = await self._run(take_locked, durable=False)
+            else:
+                rows = await self._run_statement(HOLD_SQL, params, durable=False)
+        except IntegrityViolation:
+            # PostgreSQL, concurrent holds: this one read the balance before another's hold committed,
+            # and the holds_take trigger found held > balance (the CHECK). The money is not there.
             return None
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
@@ -292,15 +298,20 @@ class SqlStore(SqlReports):
         created = to_ms(usage.created_at)  # once: three statements use it
 
         def apply() -> Script[UsageRecord]:
-            # The DELETE's trigger lowers balances.held, which also locks the user's balance row.
+            # Releasing the hold frees at least its amount (held <= balance before), so a cost within
+            # it is paid in full without reading the balance: the usual case. Its usage row then goes
+            # first, before the DELETE's trigger (lowering balances.held) locks the user's balance
+            # row: on PostgreSQL, other requests of that user wait on that lock until the COMMIT.
+            within_hold = usage.cost <= hold.amount
+            if within_hold:
+                usage.charged = usage.cost
+                yield from _insert_usage(usage, created)
             if not (yield "DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,)):
                 raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
                                  "nothing was charged again")
-            # Releasing the hold freed at least its amount (held <= balance before), so a cost
-            # within it is paid in full without reading the balance: the usual case.
-            usage.charged = usage.cost if usage.cost <= hold.amount else min(
-                usage.cost, (yield from self._balance(hold.user_id)).available)
-            yield from _insert_usage(usage, created)
+            if not within_hold:
+                usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
+                yield from _insert_usage(usage, created)
             if usage.charged > 0:
                 rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
                               (usage.charged, hold.user_id))
@@ -370,10 +381,6 @@ class SqlStore(SqlReports):
                                 "ORDER BY id DESC LIMIT ?", (limit,))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
-
-
-class _Refused(Exception):
-    """A hold the balance could not cover after all (found by the constraint, not the WHERE)."""
 
 
 def _insert_usage(usage: UsageRecord, created: int) -> Script[None]:
