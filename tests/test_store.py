@@ -734,7 +734,8 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
     """Every hold and settlement of a user locks the user's balance row until its COMMIT, so on
     PostgreSQL one user's requests queue on it. A hold of a key without a budget is one statement,
     run as a transaction of its own (no BEGIN before it, no COMMIT round trip after it); a
-    settlement writes its usage row before its DELETE locks the balance row."""
+    settlement writes its usage row before its DELETE locks the balance row, and then takes the
+    charge from the balance and writes its ledger row in one statement."""
     schema, url = postgres_database.create()
     try:
         db = await open_store(url)
@@ -748,16 +749,23 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
             user, key = await funded(db, 1_000)
             dbquery.execute(url, "DELETE FROM seen")  # the top-up's ledger row
             begun: list[str] = []
-            execute = asyncpg.Connection.execute
+            statements: list[str] = []
+            execute, fetch = asyncpg.Connection.execute, asyncpg.Connection.fetch
 
             async def counting(self, query: str, *args, **kwargs):  # a transaction starts with a BEGIN
                 begun.extend(["BEGIN"] if query.lstrip().upper().startswith("BEGIN") else [])
                 return await execute(self, query, *args, **kwargs)
+
+            async def fetching(self, query: str, *args, **kwargs):  # a statement of a script
+                statements.append(query.split()[0])
+                return await fetch(self, query, *args, **kwargs)
             monkeypatch.setattr(asyncpg.Connection, "execute", counting)
+            monkeypatch.setattr(asyncpg.Connection, "fetch", fetching)
             hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
-            assert hold is not None and begun == []
+            assert hold is not None and begun == [] and statements == ["INSERT"]
             await db.settle(hold, record(hold, 40))
             assert begun == ["BEGIN"]
+            assert statements == ["INSERT", "INSERT", "DELETE", "WITH", "UPDATE"]  # usage, hold, charge, key
             seen = [row[0] for row in dbquery.query(url, "SELECT what FROM seen ORDER BY n")]
             assert seen == ["holds INSERT", "usage INSERT", "holds DELETE", "ledger INSERT"]
             assert await db.audit() == []

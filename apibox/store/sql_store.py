@@ -219,6 +219,13 @@ class SqlStore(SqlReports):
             raise NotFound(f"no user with id {user_id}")
         return Balance(user_id, rows[0][0], rows[0][1])
 
+    def _charge(self, user_id: int, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
+        """Take a settlement's ``amount`` from the balance, and its ledger row with the balance after."""
+        rows = yield "UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance", (amount, user_id)
+        yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
+               "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
+               (user_id, created, -amount, rows[0][0], note, usage_id))
+
     def _balance(self, user_id: int) -> Script[Balance]:
         rows = yield f"SELECT balance, held FROM balances WHERE user_id = ?{self._lock}", (user_id,)
         if not rows:
@@ -313,12 +320,8 @@ class SqlStore(SqlReports):
                 usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
                 yield from _insert_usage(usage, created)
             if usage.charged > 0:
-                rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
-                              (usage.charged, hold.user_id))
-                yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
-                       "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
-                       (hold.user_id, created, -usage.charged, rows[0][0],
-                        f"{usage.model} {usage.request_id}", usage.id))
+                yield from self._charge(hold.user_id, usage.charged, created, f"{usage.model} {usage.request_id}",
+                                        usage.id)
             yield ("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
                    (usage.charged, created, hold.key_id))
             return usage
