@@ -4,7 +4,8 @@ Every write is a transaction script (``apibox.store.script``), so SQLite and Pos
 the same statements in the same order. The engines differ only in how a script is run, how
 rows are read, and in ``row_locks``: PostgreSQL runs transactions side by side, so a script
 that reads a balance before changing it first locks the row (``FOR UPDATE``); SQLite runs one
-write transaction at a time, so the lock is a no-op there and is left out.
+write transaction at a time, so the lock is a no-op there and is left out. (And in one step
+of the settlement, ``_charge``, which PostgreSQL does in one statement: see ``script``.)
 """
 
 from __future__ import annotations
