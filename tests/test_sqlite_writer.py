@@ -8,6 +8,7 @@ import os
 import sqlite3
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,19 @@ async def writer(tmp_path: Path):
 
 def insert(value: str):
     return lambda db: db.execute("INSERT INTO t (v) VALUES (?) RETURNING id", (value,)).fetchall()[0][0]
+
+
+def waits_for_checkpoints(writer: SqliteWriter, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """How many times, from now on, the writer's commits waited for a checkpoint (started one alone)."""
+    waits = 0
+    start = writer._checkpointer.start
+
+    def counting(**kwargs: bool) -> None:
+        nonlocal waits
+        waits += kwargs.get("alone", False)
+        start(**kwargs)
+    monkeypatch.setattr(writer._checkpointer, "start", counting)
+    return lambda: waits
 
 
 def values(path: str) -> list[str]:
@@ -144,18 +158,11 @@ async def test_checkpoints_keep_the_wal_from_growing_without_end(writer, tmp_pat
     within a few limits (how far past one it gets depends on how fast the disk syncs meanwhile)."""
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 256 * 1024)
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 8)
-    alone = 0
-    start = writer._checkpointer.start
-
-    def counting(**kwargs: bool) -> None:
-        nonlocal alone
-        alone += kwargs.get("alone", False)
-        start(**kwargs)
-    monkeypatch.setattr(writer._checkpointer, "start", counting)
+    waits = waits_for_checkpoints(writer, monkeypatch)
     for i in range(1_500):  # one group each, 1,500 x (a 4 KiB row and its index entry)
         await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
     wal = os.stat(str(tmp_path / "w.db") + "-wal").st_size
-    assert alone > 0, "commits never waited for a checkpoint"
+    assert waits() > 0, "commits never waited for a checkpoint"
     assert wal < 16 * 1024 * 1024, f"the WAL grew to {wal} bytes: it was never wound back"
     assert len(values(str(tmp_path / "w.db"))) == 1_500
 
@@ -301,14 +308,7 @@ async def test_a_reader_that_holds_the_wal_back_makes_commits_wait_only_now_and_
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 64 * 1024)
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 4)
     path = str(tmp_path / "w.db")
-    waits = 0
-    start = writer._checkpointer.start
-
-    def counting(**kwargs: bool) -> None:
-        nonlocal waits
-        waits += kwargs.get("alone", False)
-        start(**kwargs)
-    monkeypatch.setattr(writer._checkpointer, "start", counting)
+    waits = waits_for_checkpoints(writer, monkeypatch)
     await writer.transaction(insert("before the reader"))
     reader = sqlite3.connect(path, isolation_level=None)
     reader.execute("BEGIN")
@@ -319,7 +319,7 @@ async def test_a_reader_that_holds_the_wal_back_makes_commits_wait_only_now_and_
     reader.close()
     held_back = wal_frames(path)
     grown_by = held_back * 4096 // (sqlite_writer.CHECKPOINT_WAIT_FACTOR * sqlite_writer.CHECKPOINT_BYTES)
-    assert 0 < waits <= grown_by + 2, f"commits waited for a checkpoint {waits} times in 400 groups"
+    assert 0 < waits() <= grown_by + 2, f"commits waited for a checkpoint {waits()} times in 400 groups"
     for i in range(400, 800):
         await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
     assert wal_frames(path) < held_back / 2  # the reader gone, the WAL wound back

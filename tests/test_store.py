@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 
 import asyncpg
@@ -699,34 +700,43 @@ async def test_audit_finds_several_problems_at_once(loose: Loose) -> None:
     assert any("differs from the open holds' sum" in p for p in problems)
 
 
-async def test_postgresql_commits_top_ups_durably_and_holds_and_settlements_fast(
-        postgres_database: PostgresDatabase) -> None:
-    """docs/BILLING.md's promise, seen from inside PostgreSQL: each transaction's synchronous_commit,
-    recorded by triggers as its rows are written."""
+@asynccontextmanager
+async def noting_postgres(postgres_database: PostgresDatabase,
+                          tables: tuple[str, ...]) -> AsyncIterator[tuple[Store, str]]:
+    """A store on a schema of its own whose ``tables`` note each row written, in the table ``seen``:
+    in order (``n``), the table and operation (``what``) and the transaction's synchronous_commit."""
     schema, url = postgres_database.create()
     try:
         db = await open_store(url)
         try:
-            dbquery.execute(url, "CREATE TABLE seen (what TEXT, setting TEXT)")
+            dbquery.execute(url, "CREATE TABLE seen (n SERIAL, what TEXT, setting TEXT)")
             dbquery.execute(url, "CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                                 "INSERT INTO seen VALUES (TG_TABLE_NAME || ' ' || TG_OP, "
+                                 "INSERT INTO seen (what, setting) VALUES (TG_TABLE_NAME || ' ' || TG_OP, "
                                  "current_setting('synchronous_commit')); RETURN NULL; END $$")
-            for table in ("ledger", "holds", "usage", "api_keys", "users"):
+            for table in tables:
                 dbquery.execute(url, f"CREATE TRIGGER note AFTER INSERT OR DELETE ON {table} "
                                      "FOR EACH ROW EXECUTE FUNCTION note()")
-            user, key = await funded(db, 1_000)
-            hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
-            assert hold is not None
-            await db.settle(hold, record(hold, 40))
-            seen = {(what, setting) for what, setting in dbquery.query(url, "SELECT what, setting FROM seen")}
-            assert seen == {("users INSERT", "on"), ("api_keys INSERT", "on"), ("ledger INSERT", "on"),  # top-up
-                            ("holds INSERT", "off"), ("holds DELETE", "off"), ("usage INSERT", "off"),
-                            ("ledger INSERT", "off")}  # the settlement's charge
+            yield db, url
             assert await db.audit() == []
         finally:
             await db.close()
     finally:
         postgres_database.drop(schema)
+
+
+async def test_postgresql_commits_top_ups_durably_and_holds_and_settlements_fast(
+        postgres_database: PostgresDatabase) -> None:
+    """docs/BILLING.md's promise, seen from inside PostgreSQL: each transaction's synchronous_commit,
+    recorded by triggers as its rows are written."""
+    async with noting_postgres(postgres_database, ("ledger", "holds", "usage", "api_keys", "users")) as (db, url):
+        user, key = await funded(db, 1_000)
+        hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
+        assert hold is not None
+        await db.settle(hold, record(hold, 40))
+        seen = {(what, setting) for what, setting in dbquery.query(url, "SELECT what, setting FROM seen")}
+        assert seen == {("users INSERT", "on"), ("api_keys INSERT", "on"), ("ledger INSERT", "on"),  # top-up
+                        ("holds INSERT", "off"), ("holds DELETE", "off"), ("usage INSERT", "off"),
+                        ("ledger INSERT", "off")}  # the settlement's charge
 
 
 async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
@@ -736,40 +746,26 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
     run as a transaction of its own (no BEGIN before it, no COMMIT round trip after it); a
     settlement writes its usage row before its DELETE locks the balance row, and then takes the
     charge from the balance and writes its ledger row in one statement."""
-    schema, url = postgres_database.create()
-    try:
-        db = await open_store(url)
-        try:
-            dbquery.execute(url, "CREATE TABLE seen (n SERIAL, what TEXT)")
-            dbquery.execute(url, "CREATE FUNCTION note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                                 "INSERT INTO seen (what) VALUES (TG_TABLE_NAME || ' ' || TG_OP); RETURN NULL; END $$")
-            for table in ("holds", "usage", "ledger"):
-                dbquery.execute(url, f"CREATE TRIGGER note AFTER INSERT OR DELETE ON {table} "
-                                     "FOR EACH ROW EXECUTE FUNCTION note()")
-            user, key = await funded(db, 1_000)
-            dbquery.execute(url, "DELETE FROM seen")  # the top-up's ledger row
-            begun: list[str] = []
-            statements: list[str] = []
-            execute, fetch = asyncpg.Connection.execute, asyncpg.Connection.fetch
+    async with noting_postgres(postgres_database, ("holds", "usage", "ledger")) as (db, url):
+        user, key = await funded(db, 1_000)
+        dbquery.execute(url, "DELETE FROM seen")  # the top-up's ledger row
+        begun: list[str] = []
+        statements: list[str] = []
+        execute, fetch = asyncpg.Connection.execute, asyncpg.Connection.fetch
 
-            async def counting(self, query: str, *args, **kwargs):  # a transaction starts with a BEGIN
-                begun.extend(["BEGIN"] if query.lstrip().upper().startswith("BEGIN") else [])
-                return await execute(self, query, *args, **kwargs)
+        async def counting(self, query: str, *args, **kwargs):  # a transaction starts with a BEGIN
+            begun.extend(["BEGIN"] if query.lstrip().upper().startswith("BEGIN") else [])
+            return await execute(self, query, *args, **kwargs)
 
-            async def fetching(self, query: str, *args, **kwargs):  # a statement of a script
-                statements.append(query.split()[0])
-                return await fetch(self, query, *args, **kwargs)
-            monkeypatch.setattr(asyncpg.Connection, "execute", counting)
-            monkeypatch.setattr(asyncpg.Connection, "fetch", fetching)
-            hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
-            assert hold is not None and begun == [] and statements == ["INSERT"]
-            await db.settle(hold, record(hold, 40))
-            assert begun == ["BEGIN"]
-            assert statements == ["INSERT", "INSERT", "DELETE", "WITH", "UPDATE"]  # usage, hold, charge, key
-            seen = [row[0] for row in dbquery.query(url, "SELECT what FROM seen ORDER BY n")]
-            assert seen == ["holds INSERT", "usage INSERT", "holds DELETE", "ledger INSERT"]
-            assert await db.audit() == []
-        finally:
-            await db.close()
-    finally:
-        postgres_database.drop(schema)
+        async def fetching(self, query: str, *args, **kwargs):  # a statement of a script
+            statements.append(query.split()[0])
+            return await fetch(self, query, *args, **kwargs)
+        monkeypatch.setattr(asyncpg.Connection, "execute", counting)
+        monkeypatch.setattr(asyncpg.Connection, "fetch", fetching)
+        hold = await db.hold(user.id, key.id, 100, "r", "m", budgeted=False)
+        assert hold is not None and begun == [] and statements == ["INSERT"]
+        await db.settle(hold, record(hold, 40))
+        assert begun == ["BEGIN"]
+        assert statements == ["INSERT", "INSERT", "DELETE", "WITH", "UPDATE"]  # usage, hold, charge, key
+        seen = [row[0] for row in dbquery.query(url, "SELECT what FROM seen ORDER BY n")]
+        assert seen == ["holds INSERT", "usage INSERT", "holds DELETE", "ledger INSERT"]
