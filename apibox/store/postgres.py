@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from apibox.errors import StoreError
+from apibox.models import Hold
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation, Row, Script
@@ -29,10 +30,12 @@ T = TypeVar("T")
 RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
 MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-# SqlStore._charge's UPDATE and ledger INSERT as one statement (SQLite has no UPDATE in a WITH).
+# SqlStore._charge's three statements as one (SQLite has no UPDATE in a WITH). The balance row is
+# locked already (the hold's DELETE), so the key's row is still locked after it, as everywhere.
 CHARGE_SQL = (
     "WITH charged AS (UPDATE balances SET balance = balance - CAST(? AS BIGINT) WHERE user_id = ? "
-    "RETURNING user_id, balance) "
+    "RETURNING user_id, balance), "
+    "spent AS (UPDATE api_keys SET spent = spent + CAST(? AS BIGINT), last_used_at = CAST(? AS BIGINT) WHERE id = ?) "
     "INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
     "SELECT user_id, CAST(? AS BIGINT), 'charge', -CAST(? AS BIGINT), balance, CAST(? AS TEXT), 'gateway', "
     "CAST(? AS BIGINT) FROM charged")
@@ -116,9 +119,9 @@ class PostgresStore(SqlStore):
     def _concat(column: str) -> str:
         return f"string_agg({column}::text, ',')"
 
-    def _charge(self, user_id: int, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
-        # One statement, not two: a round trip less while the settlement keeps the balance row locked.
-        yield CHARGE_SQL, (amount, user_id, created, amount, note, usage_id)
+    def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
+        # One statement, not three: two round trips less while the settlement keeps the balance row locked.
+        yield CHARGE_SQL, (amount, hold.user_id, amount, created, hold.key_id, created, amount, note, usage_id)
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
         try:

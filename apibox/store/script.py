@@ -5,7 +5,7 @@ statement returned. SQLite runs it start to end in one go on the event loop's th
 (``SqliteWriter``); PostgreSQL runs it on one pooled connection inside one
 transaction, awaiting each statement. SQL is written once, with ``?`` placeholders, in the
 subset both engines speak; the one exception is a step of the settlement that PostgreSQL does
-in one statement where SQLite needs two (``SqlStore._charge``), because there every statement
+in one statement where SQLite needs three (``SqlStore._charge``), because there every statement
 is a round trip while the user's balance row is locked.
 
 When a statement breaks a constraint the runner throws ``IntegrityViolation`` into the

@@ -52,6 +52,7 @@ HOLD_SQL = (
     "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
     "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?) "
     "RETURNING id")
+KEY_SPEND_SQL = "UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?"
 # A gateway whose heartbeat is older than this is taken for dead: its holds are released.
 INSTANCE_STALE_MS = 120_000
 T = TypeVar("T")
@@ -220,12 +221,15 @@ class SqlStore(SqlReports):
             raise NotFound(f"no user with id {user_id}")
         return Balance(user_id, rows[0][0], rows[0][1])
 
-    def _charge(self, user_id: int, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
-        """Take a settlement's ``amount`` from the balance, and its ledger row with the balance after."""
-        rows = yield "UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance", (amount, user_id)
+    def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
+        """Take a settlement's ``amount``: from the balance, with its ledger row (the balance after),
+        and into the key's spend."""
+        rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
+                      (amount, hold.user_id))
         yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
                "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
-               (user_id, created, -amount, rows[0][0], note, usage_id))
+               (hold.user_id, created, -amount, rows[0][0], note, usage_id))
+        yield KEY_SPEND_SQL, (amount, created, hold.key_id)
 
     def _balance(self, user_id: int) -> Script[Balance]:
         rows = yield f"SELECT balance, held FROM balances WHERE user_id = ?{self._lock}", (user_id,)
@@ -321,10 +325,9 @@ class SqlStore(SqlReports):
                 usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
                 yield from _insert_usage(usage, created)
             if usage.charged > 0:
-                yield from self._charge(hold.user_id, usage.charged, created, f"{usage.model} {usage.request_id}",
-                                        usage.id)
-            yield ("UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?",
-                   (usage.charged, created, hold.key_id))
+                yield from self._charge(hold, usage.charged, created, f"{usage.model} {usage.request_id}", usage.id)
+            else:
+                yield KEY_SPEND_SQL, (0, created, hold.key_id)  # nothing spent, but the key was used
             return usage
         return await self._run_to_the_end(apply)
 
