@@ -559,6 +559,23 @@ async def test_settlement_is_one_transaction(store: Store, raw: Connection, engi
     assert written.charged == 300
 
 
+async def test_a_charge_without_a_balance_row_fails_and_writes_nothing(store: Store, raw: Connection) -> None:
+    """A balance row is never missing; were it, the charge must not leave a usage row, a key spend or a
+    released hold behind (on PostgreSQL the charge is one statement that would insert no ledger row)."""
+    user, key = await funded(store, 1_000)
+    hold = await store.hold(user.id, key.id, 500, "r", "m")
+    assert hold is not None
+    saved = raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone()
+    raw.execute("DELETE FROM balances WHERE user_id = ?", (user.id,))
+    with pytest.raises(StoreError, match="no balance to charge"):
+        await store.settle(hold, record(hold, 300))
+    assert raw.execute("SELECT count(*) FROM holds").fetchone() == (1,)
+    assert raw.execute("SELECT count(*) FROM usage").fetchone() == (0,)
+    assert raw.execute("SELECT spent FROM api_keys").fetchone() == (0,)
+    raw.execute("INSERT INTO balances (user_id, balance, held) VALUES (?, ?, ?)", (user.id, *saved))
+    assert (await store.settle(hold, record(hold, 300))).charged == 300
+
+
 async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: Connection) -> None:
     user, key = await funded(store, 1_000)
     hold = await store.hold(user.id, key.id, 500, "r", "m")

@@ -22,8 +22,8 @@ from apibox.errors import StoreError
 from apibox.models import Hold
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
-from apibox.store.script import IntegrityViolation, Row, Script
-from apibox.store.sql_store import SqlStore
+from apibox.store.script import IntegrityViolation, Row, Script, single
+from apibox.store.sql_store import SqlStore, no_balance
 from apibox.store.sqltime import now_ms
 
 T = TypeVar("T")
@@ -38,7 +38,7 @@ CHARGE_SQL = (
     "spent AS (UPDATE api_keys SET spent = spent + CAST(? AS BIGINT), last_used_at = CAST(? AS BIGINT) WHERE id = ?) "
     "INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
     "SELECT user_id, CAST(? AS BIGINT), 'charge', -CAST(? AS BIGINT), balance, CAST(? AS TEXT), 'gateway', "
-    "CAST(? AS BIGINT) FROM charged")
+    "CAST(? AS BIGINT) FROM charged RETURNING id")
 
 
 @lru_cache(maxsize=1024)
@@ -102,10 +102,8 @@ class PostgresStore(SqlStore):
         # On its own, a statement is its own transaction: no BEGIN and no COMMIT to wait for, and the
         # rows it locks (a hold's on the balance) are held only while it runs.
         async def attempt() -> list[Row]:
-            try:
-                return _plain(await self._pool.fetch(numbered(sql), *params))
-            except asyncpg.IntegrityConstraintViolationError as exc:
-                raise IntegrityViolation(str(exc)) from None
+            async with self._pool.acquire() as conn:
+                return await _drive(conn, single(sql, params))
         return await _retried(attempt)
 
     async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
@@ -121,7 +119,9 @@ class PostgresStore(SqlStore):
 
     def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
         # One statement, not three: two round trips less while the settlement keeps the balance row locked.
-        yield CHARGE_SQL, (amount, hold.user_id, amount, created, hold.key_id, created, amount, note, usage_id)
+        if not (yield CHARGE_SQL, (amount, hold.user_id, amount, created, hold.key_id, created, amount, note,
+                                   usage_id)):
+            raise no_balance(hold.user_id)
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
         try:

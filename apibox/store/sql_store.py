@@ -226,6 +226,8 @@ class SqlStore(SqlReports):
         and into the key's spend."""
         rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
                       (amount, hold.user_id))
+        if not rows:
+            raise no_balance(hold.user_id)
         yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
                "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
                (hold.user_id, created, -amount, rows[0][0], note, usage_id))
@@ -388,6 +390,11 @@ class SqlStore(SqlReports):
                                 "ORDER BY id DESC LIMIT ?", (limit,))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
+
+
+def no_balance(user_id: int) -> StoreError:
+    """A settlement's charge found no balance row for its user (never written without one)."""
+    return StoreError(f"user {user_id} has no balance to charge; nothing was charged")
 
 
 def _insert_usage(usage: UsageRecord, created: int) -> Script[None]:

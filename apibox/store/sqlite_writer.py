@@ -274,7 +274,7 @@ class Checkpointer:
         self._thread: ThreadPoolExecutor | None = None
         self._db: sqlite3.Connection | None = None
         self._running: Future[None] | None = None
-        self._left_bytes = 0  # in the WAL at the last checkpoint, unless it was all copied with no commit meanwhile
+        self._left_bytes = 0  # in the WAL at the last checkpoint (0 once a RESTART wound it back, or one failed)
         self._held_back_bytes = 0  # in the WAL when a RESTART last could not wind it back (0: it did)
         self._page_bytes = 0
 
