@@ -265,7 +265,9 @@ class Checkpointer:
     keeps new writers out while it copies everything, so the next commit winds the WAL back. When
     it could not (a reader on an old snapshot, say a long report), it is held back: commits wait
     for the next one only once the WAL has grown by another ``CHECKPOINT_WAIT_FACTOR`` times
-    ``CHECKPOINT_BYTES``, not before every group while that reader reads.
+    ``CHECKPOINT_BYTES``, not before every group while that reader reads. The first PASSIVE that
+    copies everything shows the reader has gone: the wait is due again at once (else the WAL, big
+    from the reader, would grow by that much again before it wound back).
     """
 
     def __init__(self, path: str, pragmas: tuple[str, ...]) -> None:
@@ -318,7 +320,9 @@ class Checkpointer:
                 self._left_bytes = self._held_back_bytes = left if busy or copied != frames else 0
             else:
                 self._left_bytes = left
-                if left < self._held_back_bytes:  # wound back since (the reader is gone)
+                if copied == frames or left < self._held_back_bytes:
+                    # it copied all (no reader holds an old snapshot now) or the WAL was wound back
+                    # since: whatever held the last RESTART back has gone
                     self._held_back_bytes = 0
         except sqlite3.Error as exc:  # the WAL keeps growing until one succeeds: say so, and try again later
             self._left_bytes = 0  # (at the usual pace, not before every group)
