@@ -54,6 +54,14 @@ async def checkpoint(checkpointer: sqlite_writer.Checkpointer, *, alone: bool = 
     await asyncio.wrap_future(checkpointer._running)
 
 
+def reading_from_now_on(path: str) -> sqlite3.Connection:
+    """A reader whose snapshot is the database as it is now, kept until it commits (a long report)."""
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM t").fetchone()  # a read transaction starts at its first read
+    return reader
+
+
 def values(path: str) -> list[str]:
     con = sqlite3.connect(path)
     try:
@@ -314,14 +322,13 @@ async def test_a_reader_that_holds_the_wal_back_makes_commits_wait_only_now_and_
         writer, tmp_path, monkeypatch) -> None:
     """While a reader keeps an old snapshot (a long report), no checkpoint can wind the WAL back.
     Commits then wait for one only each time the WAL has grown by another CHECKPOINT_WAIT_FACTOR x
-    CHECKPOINT_BYTES, not before every group."""
+    CHECKPOINT_BYTES, not before every group; once the reader is gone the WAL winds back again."""
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_BYTES", 64 * 1024)
     monkeypatch.setattr(sqlite_writer, "CHECKPOINT_EVERY_GROUPS", 4)
     path = str(tmp_path / "w.db")
     waits = waits_for_checkpoints(writer, monkeypatch)
     await writer.transaction(insert("before the reader"))
-    reader = sqlite3.connect(path, isolation_level=None)
-    reader.execute("BEGIN")
+    reader = reading_from_now_on(path)
     assert reader.execute("SELECT count(*) FROM t").fetchone() == (1,)  # its snapshot, kept from here on
     for i in range(400):  # one group each
         await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
@@ -352,9 +359,7 @@ async def test_once_the_reader_is_gone_the_next_checkpoint_that_copies_everythin
     path = str(tmp_path / "w.db")
     checkpointer = writer._checkpointer
     await writer.transaction(insert("before the reader"))
-    reader = sqlite3.connect(path, isolation_level=None)
-    reader.execute("BEGIN")
-    reader.execute("SELECT count(*) FROM t").fetchone()
+    reader = reading_from_now_on(path)
     for i in range(100):  # about 200 frames, past CHECKPOINT_WAIT_FACTOR x CHECKPOINT_BYTES (64 frames)
         await writer.transaction(insert(f"{i:06d}" + "x" * 4096))
     await checkpoint(checkpointer, alone=True)  # a RESTART the reader holds back

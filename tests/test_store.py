@@ -771,7 +771,8 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
         execute, fetch = asyncpg.Connection.execute, asyncpg.Connection.fetch
 
         async def counting(self, query: str, *args, **kwargs):  # a transaction starts with a BEGIN
-            begun.extend(["BEGIN"] if query.lstrip().upper().startswith("BEGIN") else [])
+            if query.lstrip().upper().startswith("BEGIN"):
+                begun.append("BEGIN")
             return await execute(self, query, *args, **kwargs)
 
         async def fetching(self, query: str, *args, **kwargs):  # a statement of a script
