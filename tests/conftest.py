@@ -25,7 +25,7 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -44,6 +44,7 @@ from tests.fake_anthropic import ANTHROPIC_KEY, FakeAnthropic
 from tests.fake_gemini import GEMINI_KEY, FakeGemini
 from tests.fake_upstream import UPSTREAM_KEY, FakeUpstream
 
+T = TypeVar("T")
 ENGINES = ("sqlite", "postgresql")
 TEST_DATABASE = "apibox_test"  # on the PostgreSQL server: one database, a schema per test
 
@@ -346,10 +347,17 @@ class Live:
     settings: Settings
     anthropic: FakeAnthropic
     gemini: FakeGemini
+    loop: asyncio.AbstractEventLoop  # the gateway's, in its own thread
 
     @property
     def v1(self) -> str:
         return f"{self.url}/v1"
+
+    async def in_gateway_thread(self, call: Callable[[], T]) -> T:
+        """``call()`` run on the gateway's thread (for what is per thread, such as the asyncgen hooks)."""
+        async def run() -> T:
+            return call()
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(run(), self.loop))
 
 
 class ServerThread:
@@ -386,7 +394,7 @@ class ServerThread:
         config = write_config(self.tmp_path, self.database_url, upstream)
         settings = self.configure(load_settings(str(config)))
         url = await self._serve(create_app(settings, clock=self.clock))
-        return Live(url, self.fake, config, settings, self.anthropic, self.gemini)
+        return Live(url, self.fake, config, settings, self.anthropic, self.gemini, self.loop)
 
     def configure(self, settings: Settings) -> Settings:
         """The settings the gateway runs with; a subclass may change the loaded ones."""

@@ -39,6 +39,7 @@ class FakeUpstream:
     reasoning_tokens: int = 0
     retry_after: str | None = None
     delay: float = 0.0
+    whole: bool = False  # a stream in one write (its last event and [DONE] come in one read), not split
     requests: list[Recorded] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -109,20 +110,30 @@ class FakeUpstream:
 
         events = [chunk({"role": "assistant", "content": ""}, None)] if chat else []
         events += [chunk({"content": w}, None) for w in words]
-        await self._write(response, b": keep-alive\r\n\r\n")
+        pending: list[bytes] = []
+
+        async def send(data: bytes) -> None:
+            if self.whole:
+                pending.append(data)
+            else:
+                await self._write(response, data)
+
+        await send(b": keep-alive\r\n\r\n")
         for index, event in enumerate(events):
             if self.mode == "cut" and index == len(events) // 2:
                 request.transport.close()  # the connection dies mid-answer
                 return response
             if self.mode == "malformed" and index == len(events) // 2:
-                await self._write(response, b"data: {this is not json\n\n")
+                await send(b"data: {this is not json\n\n")
                 continue
-            await self._write(response, b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n")
-        await self._write(response, b"data: " + json.dumps(chunk({}, finish)).encode() + b"\n\n")
+            await send(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n")
+        await send(b"data: " + json.dumps(chunk({}, finish)).encode() + b"\n\n")
         if include_usage:
             usage_chunk = {**head, "choices": [], "usage": self.usage(len(words))}
-            await self._write(response, b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
-        await self._write(response, b"data: [DONE]\n\n")
+            await send(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
+        await send(b"data: [DONE]\n\n")
+        if pending:
+            await response.write(b"".join(pending))
         await response.write_eof()
         return response
 

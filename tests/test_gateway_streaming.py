@@ -4,8 +4,12 @@ upstream streams, and a client that goes away mid-stream, each settled exactly o
 from __future__ import annotations
 
 import asyncio
+import gc
+import sys
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -13,6 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
+import apibox
 from apibox import tokens
 from apibox.gateway.proxy import OVERRUN_SLACK_TOKENS
 from apibox.pricing import Price, worst_case_micro
@@ -32,6 +37,7 @@ from tests.gateway_helpers import (
 )
 
 MESSAGES = [{"role": "user", "content": "Tell me a story"}]
+APIBOX_SOURCE = Path(apibox.__file__).parent
 ASCII_WORDS = [" word"] * 20  # one token each by any count, so estimates are predictable
 
 
@@ -80,6 +86,33 @@ async def test_a_client_that_has_read_the_end_of_a_stream_finds_it_in_the_books(
         assert balance(live, who.user_id)[1] == 0  # nothing held any more
         assert sum(charges(live, who.user_id)) == sum(r["charged"] for r in rows)
         assert sse_json(raw)[-1]["usage"]["cost"] == rows[-1]["cost"] / 1_000_000
+
+
+async def test_a_stream_leaves_no_generator_of_its_own_for_the_event_loop_to_close(live: Live, live_store) -> None:
+    """Every async generator a stream runs through is closed by the stream itself: one left
+    suspended is closed by the event loop, in a task of its own, when it is collected. The
+    upstream sends each answer in one write, so its last batch ends the stream."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.whole = True
+    first_iteration, finalizer = await live.in_gateway_thread(sys.get_asyncgen_hooks)
+    left_to_the_loop: list[str] = []
+
+    def recording(generator: AsyncGenerator[Any, None]) -> None:
+        if Path(generator.ag_code.co_filename).is_relative_to(APIBOX_SOURCE):
+            left_to_the_loop.append(generator.__qualname__)
+        if finalizer is not None:
+            finalizer(generator)
+
+    await live.in_gateway_thread(lambda: sys.set_asyncgen_hooks(first_iteration, recording))
+    try:
+        for _ in range(3):
+            _, raw = await raw_stream(live, who.key, {})
+            assert sse_events(raw)[-1] == "[DONE]"
+        await live.in_gateway_thread(gc.collect)
+    finally:
+        await live.in_gateway_thread(lambda: sys.set_asyncgen_hooks(first_iteration, finalizer))
+    assert left_to_the_loop == []
+    assert len(usage_rows(live, who.user_id)) == 3
 
 
 async def test_the_sdk_sees_only_choice_chunks_without_usage(live: Live, live_store) -> None:

@@ -294,16 +294,25 @@ async def _attempt(call: Call, stream: bool) -> Any:
 
 @dataclass(slots=True)
 class Started:
-    """An upstream stream that has produced its first item, which nothing has sent on yet."""
+    """An upstream stream that has produced its first item, which nothing has sent on yet;
+    iterating it yields that item, then the rest. An iterator rather than an async generator:
+    ``_stream`` leaves the loop at the stream's last batch, and a generator left suspended is
+    closed by the event loop in a task of its own when it is collected (one more task and
+    pass of the loop for every stream)."""
 
     stream: ChunkStream
     items: AsyncIterator[list[dict[str, Any]]]
-    first: list[dict[str, Any]]
+    first: list[dict[str, Any]] | None
 
-    async def batches(self) -> AsyncIterator[list[dict[str, Any]]]:
-        yield self.first
-        async for batch in self.items:
-            yield batch
+    def __aiter__(self) -> Started:
+        return self
+
+    async def __anext__(self) -> list[dict[str, Any]]:
+        first = self.first
+        if first is not None:
+            self.first = None
+            return first
+        return await self.items.__anext__()
 
     async def close(self) -> None:
         await self.items.aclose()  # type: ignore[attr-defined]
@@ -357,7 +366,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     try:
         await response.prepare(request)
         last = b""  # the last batch's frames: they go out with the ending, in one write
-        async for batch in started.batches():
+        async for batch in started:
             call.first_byte = call.first_byte or time.monotonic()
             out: list[bytes] = []
             wire = type(batch) is WireBatch
