@@ -118,9 +118,15 @@ class FakeUpstream:
             else:
                 await self._write(response, data)
 
+        async def flush() -> None:  # what ``whole`` kept back, in one write
+            if pending:
+                await response.write(b"".join(pending))
+                pending.clear()
+
         await send(b": keep-alive\r\n\r\n")
         for index, event in enumerate(events):
             if self.mode == "cut" and index == len(events) // 2:
+                await flush()
                 request.transport.close()  # the connection dies mid-answer
                 return response
             if self.mode == "malformed" and index == len(events) // 2:
@@ -132,8 +138,7 @@ class FakeUpstream:
             usage_chunk = {**head, "choices": [], "usage": self.usage(len(words))}
             await send(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
         await send(b"data: [DONE]\n\n")
-        if pending:
-            await response.write(b"".join(pending))
+        await flush()
         await response.write_eof()
         return response
 
