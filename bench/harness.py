@@ -288,6 +288,14 @@ def version_of(dist: str) -> str:
         return "not installed"
 
 
+def litellm_version(venv: Path) -> str:
+    """The LiteLLM installed in its own venv (not importable from the bench's)."""
+    probe = subprocess.run([str(venv / "bin" / "python"), "-c",
+                            "from importlib.metadata import version; print(version('litellm'))"],
+                           capture_output=True, text=True, check=False)
+    return probe.stdout.strip() or "unknown"
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -433,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
             "workers_note": workers_note, "workers_target": workers_target, "notes": notes, "validation": []}
     if "apibox-pg" in names:
         meta["postgres"] = apibox_target.postgres_settings(args.postgres)
+    if "litellm" in names:
+        meta["litellm"] = litellm_version(Path(args.litellm_venv))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     print(f"results -> {out}")
     print(f"reference mock + forwarder: {ref_label}")
