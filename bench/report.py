@@ -272,10 +272,11 @@ def _variants(meta: dict) -> str:
                  "bench's: it is not pinned by it, and its CPU (the postmaster and its backends, when on this "
                  "machine) is not in cpu ms/req but in the per-round table's db cpu ms/req.")
     if meta.get("litellm"):
-        text += (f" `litellm`: the LiteLLM proxy {meta['litellm']} (its own venv), {a['litellm_workers']} "
-                 f"worker(s) on CPU {a['proxy_cpus'] or '(unpinned)'}, in its leanest set-up: no database, no "
-                 "master key, no callbacks, spend or error logs; it runs alone, after the other targets of its "
-                 "round.")
+        workers = a["litellm_workers"]
+        text += (f" `litellm`: the LiteLLM proxy {meta['litellm']} (its own venv), {workers} "
+                 f"worker{'s' if workers != 1 else ''} on CPU {a['proxy_cpus'] or '(unpinned)'}, in its leanest "
+                 "set-up: no database, no master key, no callbacks, spend or error logs; it runs alone, after the "
+                 "other targets of its round.")
     return text
 
 
