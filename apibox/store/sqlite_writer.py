@@ -83,7 +83,6 @@ class SqliteWriter:
         self._idle = asyncio.Event()
         self._idle.set()
         self._gathered = 0  # the queue's length at the last pass
-        self._passes = 0  # passes of the loop the queued group has waited
         self._last_group = 0  # transactions in the last group committed
         self._groups = 0
         self._checkpointer = Checkpointer(path, pragmas)
@@ -112,8 +111,8 @@ class SqliteWriter:
         if not self._scheduled:
             self._scheduled = True
             self._idle.clear()
-            self._gathered = len(self._queue)
-            self._passes = 0
+            # busy (the last group was not alone): counted as one short, so the first pass waits anyway
+            self._gathered = len(self._queue) - (self._last_group > 1)
             loop.call_soon(self._gather)
         return await future
 
@@ -121,8 +120,7 @@ class SqliteWriter:
         """One pass of the loop later (two when the last group was not alone): commit, unless the
         pass brought more transactions."""
         queued = len(self._queue)
-        self._passes += 1
-        if queued < GROUP_MAX and (self._gathered < queued or (self._passes < 2 and self._last_group > 1)):
+        if self._gathered < queued < GROUP_MAX:
             self._gathered = queued
             asyncio.get_running_loop().call_soon(self._gather)
         else:
