@@ -15,6 +15,7 @@ import aiohttp
 
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
+from apibox.deadlines import Deadlines
 from apibox.providers.base import StreamBroken, UpstreamFailure, redact
 from apibox.sse import Event, SSEDecoder
 
@@ -31,6 +32,7 @@ class HttpUpstream:
         self._headers = {"Content-Type": "application/json", **headers, **settings.headers}
         self._secrets = (settings.api_key, *settings.headers.values(), *headers.values())
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeouts.connect)
+        self._deadlines = Deadlines()  # the first-byte and idle timeouts of every request, on one timer
 
     def clean(self, text: str) -> str:
         return redact(text, self._secrets)
@@ -39,7 +41,7 @@ class HttpUpstream:
         """POST and wait for the response head; an error status raises UpstreamFailure."""
         wait = self.settings.timeouts.first_byte
         try:
-            async with asyncio.timeout(wait):
+            with self._deadlines.timeout(wait):
                 response = await self._session.post(url, data=jsoncodec.dumps(body),
                                                     headers={**self._headers, **headers}, timeout=self._timeout)
         except TimeoutError:
@@ -61,7 +63,7 @@ class HttpUpstream:
             if response.content.is_eof():  # it came with the head (small replies do): nothing to wait for
                 raw = await response.read()
             else:
-                async with asyncio.timeout(self.settings.timeouts.idle):
+                with self._deadlines.timeout(self.settings.timeouts.idle):
                     raw = await response.read()
         except (TimeoutError, aiohttp.ClientError):
             raise UpstreamFailure(f"upstream {self.name} broke off its reply", status=502) from None
@@ -90,7 +92,7 @@ class HttpUpstream:
                      flush: Callable[[], list[T]]) -> AsyncIterator[list[T]]:
         idle = self.settings.timeouts.idle
         content = response.content
-        watchdog = IdleWatchdog(content, idle)
+        watchdog = IdleWatchdog(content, idle, self._deadlines)
         try:
             while True:
                 watchdog.waiting = True
@@ -127,7 +129,7 @@ class HttpUpstream:
         """An upstream error status -> the failure the client sees (never the upstream's secrets)."""
         status = response.status
         try:
-            async with asyncio.timeout(5):
+            with self._deadlines.timeout(5):
                 payload = jsoncodec.loads(await response.read())
             detail = payload.get("error", payload) if isinstance(payload, dict) else {}
             if isinstance(payload, list) and payload and isinstance(payload[0], dict):
@@ -158,22 +160,23 @@ class HttpUpstream:
 class IdleWatchdog:
     """Fails a stream's pending read once the upstream has been silent for ``idle`` seconds.
 
-    One timer for the whole stream (an ``asyncio.timeout`` around every read cost a timer and a
-    context manager per read). A reader sets ``waiting`` before each read and clears it after;
-    each ``waiting = True`` restarts the silence from that moment, so time spent elsewhere (writing
-    to a slow client) never counts. When the timer fires it re-arms for the silence left, or fails
-    the read with TimeoutError (as aiohttp's own ``sock_read`` timeout fails it).
+    Looked at by the upstream's ``Deadlines`` (no timer, or ``asyncio.timeout`` around every read,
+    of its own). A reader sets ``waiting`` before each read and clears it after; each ``waiting =
+    True`` restarts the silence from that moment, so time spent elsewhere (writing to a slow
+    client) never counts. When due it asks to be looked at again once the silence left has
+    passed, or fails the read with TimeoutError (as aiohttp's own ``sock_read`` timeout fails it).
     """
 
-    __slots__ = ("_content", "_handle", "_idle", "_loop", "_since", "_waiting")
+    __slots__ = ("_content", "_deadlines", "_idle", "_loop", "_since", "_waiting")
 
-    def __init__(self, content: aiohttp.StreamReader, idle: float) -> None:
+    def __init__(self, content: aiohttp.StreamReader, idle: float, deadlines: Deadlines) -> None:
         self._content = content
         self._idle = idle
+        self._deadlines = deadlines
         self._loop = asyncio.get_running_loop()
         self._waiting = False
         self._since = self._loop.time()
-        self._handle: asyncio.TimerHandle | None = self._loop.call_at(self._since + idle, self._check)
+        deadlines.add(self, self._since + idle)
 
     @property
     def waiting(self) -> bool:
@@ -185,19 +188,15 @@ class IdleWatchdog:
             self._since = self._loop.time()
         self._waiting = value
 
-    def _check(self) -> None:
-        now = self._loop.time()
+    def check(self, now: float) -> float | None:
         due = self._since + self._idle
         if self._waiting and now >= due:
-            self._handle = None
             self._content.set_exception(TimeoutError())
-            return
-        self._handle = self._loop.call_at(due if self._waiting else now + self._idle, self._check)
+            return None
+        return due if self._waiting else now + self._idle
 
     def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._deadlines.discard(self)
 
 
 class UpstreamStream:
