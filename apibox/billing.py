@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 from apibox.errors import InsufficientQuota
 from apibox.models import ApiKey, Hold, UsageRecord
-from apibox.money import format_usd
+from apibox.money import MAX_STORED_MICRO, format_usd
 from apibox.pricing import Price, Usage, affordable_output_tokens, cost_micro, worst_case_micro
 from apibox.store.base import Store
 
 MIN_ANSWER_TOKENS = 16  # a request that cannot pay for this much answer is refused
+# Far past any real request. An upstream reporting more is clamped to it, so that its report
+# can neither overflow a usage row's columns (and fail the settlement) nor their sums in reports.
+MOST_TOKENS_A_REQUEST = 10**12
 HOLD_ATTEMPTS = 3  # concurrent requests may take the money between our read and our hold
 
 
@@ -63,18 +66,21 @@ async def _hold(store: Store, key: ApiKey, amount: int, request_id: str, model: 
     if amount <= 0:
         # A free request still takes a token hold, so every request is settled the same way.
         amount = 1
+    if amount > MAX_STORED_MICRO:  # (a max_tokens of 10**18): more than any balance, and than a column takes
+        return None  # does not fit: the answer is lowered to what the balance pays for
     return await store.hold(key.user_id, key.id, amount, request_id, model, budgeted=key.budget is not None)
 
 
 async def settle(store: Store, reservation: Reservation, record: UsageRecord, usage: Usage) -> UsageRecord:
     """Charge ``usage`` at the reservation's price and write the usage row, once."""
+    usage = usage.clamped(MOST_TOKENS_A_REQUEST)
     record.prompt_tokens = usage.prompt_tokens
     record.completion_tokens = usage.completion_tokens
     record.cached_tokens = usage.cached_tokens
     record.cache_write_tokens = usage.cache_write_tokens
     record.reasoning_tokens = usage.reasoning_tokens
     record.estimated = usage.estimated
-    record.cost = cost_micro(reservation.price, usage)
+    record.cost = min(cost_micro(reservation.price, usage), MAX_STORED_MICRO)
     return await store.settle(reservation.hold, record)
 
 

@@ -11,6 +11,8 @@ MICRO = 1_000_000
 # The largest amount apibox accepts in one operation or holds in one balance: $1 billion.
 # Far below 2**63 micro-USD, so sums of many of them still fit a BIGINT column.
 MAX_AMOUNT_MICRO = 1_000_000_000 * MICRO
+# The most a 64-bit integer column holds: no balance can be larger, nor any amount stored.
+MAX_STORED_MICRO = 2**63 - 1
 
 
 class MoneyError(ValueError):

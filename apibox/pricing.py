@@ -84,6 +84,18 @@ class Usage:
     def plain_output_tokens(self) -> int:
         return max(0, self.completion_tokens - self.reasoning_tokens)
 
+    def clamped(self, most: int) -> Usage:
+        """The same usage with no count above ``most``."""
+        counts = (self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.cache_write_tokens,
+                  self.reasoning_tokens)
+        if max(counts) <= most:
+            return self
+        return replace(self, prompt_tokens=min(self.prompt_tokens, most),
+                       completion_tokens=min(self.completion_tokens, most),
+                       cached_tokens=min(self.cached_tokens, most),
+                       cache_write_tokens=min(self.cache_write_tokens, most),
+                       reasoning_tokens=min(self.reasoning_tokens, most))
+
 
 def cost_micro(price: Price, usage: Usage) -> int:
     """The cost of ``usage`` at ``price`` in micro-USD, rounded up once."""

@@ -19,7 +19,7 @@ from apibox import billing
 from apibox.billing import MIN_ANSWER_TOKENS, Reservation
 from apibox.errors import InsufficientQuota, InvalidRequest
 from apibox.keys import generate_key, hash_key
-from apibox.models import ApiKey, LedgerKind, UsageRecord, User
+from apibox.models import ApiKey, Balance, LedgerKind, UsageRecord, User
 from apibox.pricing import Price, Usage, affordable_output_tokens, cost_micro, worst_case_micro
 from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
@@ -370,6 +370,27 @@ async def test_reserve_lowers_the_answer_to_what_the_user_can_pay(store: Store) 
     assert r.hold.amount == 1_000
     await settle(store, key, r, Usage(prompt_tokens=100, completion_tokens=450))
     assert (await store.get_balance(user.id)).balance == 0
+
+
+async def test_reserve_lowers_an_answer_longer_than_any_balance_could_pay_for(store: Store) -> None:
+    user, key = await add_user(store, "ann@example.com")
+    await credit(store, user, 1_000)
+    r = await reserve(store, key, 100, 10**19)  # its worst case is past 2**63 micro-USD
+    assert (r.lowered, r.output_tokens, r.hold.amount) == (True, 450, 1_000)
+    await settle(store, key, r, Usage(prompt_tokens=100, completion_tokens=450))
+    assert (await store.get_balance(user.id)).balance == 0
+
+
+async def test_a_usage_report_past_any_real_request_is_clamped_and_still_settles(store: Store) -> None:
+    user, key = await add_user(store, "ann@example.com")
+    await credit(store, user, 10_000)
+    r = await reserve(store, key, 100, 1_000)
+    absurd = 10**20  # an upstream's report: more than a 64-bit column holds
+    record = await settle(store, key, r, Usage(prompt_tokens=absurd, completion_tokens=absurd, cached_tokens=absurd))
+    most = billing.MOST_TOKENS_A_REQUEST
+    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (most, most, most)
+    assert record.charged == 10_000  # capped at the balance, as any cost past it
+    assert await store.get_balance(user.id) == Balance(user.id, 0, 0)  # settled: the hold released
 
 
 async def test_reserve_refuses_when_not_even_prompt_and_minimal_answer_fit(store: Store) -> None:
