@@ -63,15 +63,16 @@ class Deadlines:
     def _fire(self) -> None:
         self._handle, self._armed_for = None, math.inf
         now = asyncio.get_running_loop().time() + CLOCK_SLACK_SECONDS
-        for watch, due in list(self._due.items()):
-            if due <= now and watch in self._due:
-                later = watch.check(now)
-                if later is None:
-                    del self._due[watch]
-                else:
-                    self._due[watch] = later
-        if self._due:
-            self._arm(min(self._due.values()))
+        try:
+            for watch, due in list(self._due.items()):
+                if due <= now:
+                    del self._due[watch]  # first: a check that raises is not looked at again
+                    later = watch.check(now)
+                    if later is not None:
+                        self._due[watch] = later
+        finally:  # even after a check raised (the loop reports it), the other waits keep their timer
+            if self._due:
+                self._arm(min(self._due.values()))
 
 
 class Timeout:

@@ -115,3 +115,17 @@ async def test_waits_of_one_length_share_one_timer(monkeypatch: pytest.MonkeyPat
     assert await asyncio.gather(*(_wait(deadlines, 5, 0.001) for _ in range(50))) == ["done"] * 50
     assert len(armed) == 1  # the first wait armed it; every later one was due after it
     assert len(deadlines) == 0
+
+
+async def test_a_check_that_raises_leaves_the_later_waits_their_timer() -> None:
+    deadlines = Deadlines()
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # the raise below is reported there
+
+    class Broken:
+        def check(self, now: float) -> float | None:
+            raise RuntimeError("a broken watch")
+
+    deadlines.add(Broken(), loop.time() + 0.02)
+    with pytest.raises(TimeoutError):
+        await _wait(deadlines, 0.1, 5)
