@@ -32,6 +32,12 @@ async def serve(aiohttp_server: Any, handler: Handler) -> str:
     return str(server.make_url("/v1/chat/completions"))
 
 
+async def slow(request: web.Request) -> web.Response:
+    """An upstream that answers after two seconds."""
+    await asyncio.sleep(2)
+    return web.json_response({})
+
+
 def upstream(session: aiohttp.ClientSession, first_byte: float = 120.0, idle: float = 120.0) -> HttpUpstream:
     settings = ProviderSettings(name="up", type="openai", timeouts=Timeouts(first_byte=first_byte, idle=idle))
     return HttpUpstream(settings, session, {})
@@ -39,9 +45,6 @@ def upstream(session: aiohttp.ClientSession, first_byte: float = 120.0, idle: fl
 
 async def test_an_upstream_slower_than_first_byte_is_a_504_on_time(aiohttp_server: Any,
                                                                    session: aiohttp.ClientSession) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(2)
-        return web.json_response({})
     url = await serve(aiohttp_server, slow)
     http = upstream(session, first_byte=0.2)
     loop = asyncio.get_running_loop()
@@ -90,9 +93,6 @@ async def test_a_reply_whose_body_stalls_past_idle_is_a_502(aiohttp_server: Any,
 
 async def test_a_caller_cancelled_while_waiting_is_cancelled_not_timed_out(aiohttp_server: Any,
                                                                           session: aiohttp.ClientSession) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(2)
-        return web.json_response({})
     url = await serve(aiohttp_server, slow)
     http = upstream(session, first_byte=0.3)
     waiting = asyncio.create_task(http.post(url, {"model": "m"}, {}))
