@@ -160,10 +160,10 @@ class HttpUpstream:
 class IdleWatchdog:
     """Fails a stream's pending read once the upstream has been silent for ``idle`` seconds.
 
-    Looked at by the upstream's ``Deadlines`` (no timer, or ``asyncio.timeout`` around every read,
-    of its own). A reader sets ``waiting`` before each read and clears it after; each ``waiting =
-    True`` restarts the silence from that moment, so time spent elsewhere (writing to a slow
-    client) never counts. When due it asks to be looked at again once the silence left has
+    Looked at by the upstream's ``Deadlines``: no timer of its own, nor an ``asyncio.timeout``
+    around every read. A reader sets ``waiting`` before each read and clears it after; each
+    ``waiting = True`` restarts the silence from that moment, so time spent elsewhere (writing to
+    a slow client) never counts. When due it asks to be looked at again once the silence left has
     passed, or fails the read with TimeoutError (as aiohttp's own ``sock_read`` timeout fails it).
     """
 
