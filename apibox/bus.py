@@ -161,10 +161,10 @@ class Subscriber:
                 await self._listening.wait()
 
     async def close(self) -> None:
+        from apibox.redis_link import stop_task
+
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
 
     async def _run(self) -> None:
         from apibox.redis_link import REDIS_ERRORS

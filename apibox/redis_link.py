@@ -10,7 +10,6 @@ so (INFO, gauge 1). While up, the same task runs the heartbeats (the limiter's l
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -30,6 +29,27 @@ log = logging.getLogger("apibox.redis")
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 POOL_SIZE = 64  # connections per process; a script takes well under a millisecond, so few are busy at once
 T = TypeVar("T")
+
+
+STOP_RETRY_SECONDS = 0.1
+STOP_GRACE_SECONDS = 5.0
+
+
+async def stop_task(task: asyncio.Task[None]) -> None:
+    """Cancel a background task and wait for it to end. A cancellation can be lost inside a
+    client library (one arriving in the same pass as a timeout of the library's own); it is
+    sent again every ``STOP_RETRY_SECONDS``, so that closing never waits for ever. After
+    ``STOP_GRACE_SECONDS`` the task is left behind, with a warning."""
+    loop = asyncio.get_running_loop()
+    given_up = loop.time() + STOP_GRACE_SECONDS
+    while not task.done():
+        if loop.time() >= given_up:
+            log.warning("the background task %s did not stop when cancelled; left behind", task.get_name())
+            return
+        task.cancel()
+        await asyncio.wait((task,), timeout=STOP_RETRY_SECONDS)
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]  # its own failure, as awaiting it would have raised
 
 
 def connect(settings: RedisSettings, *, timeout: float | None = None) -> Redis:
@@ -104,9 +124,7 @@ class RedisLink:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_task(self._task)
         await self.client.aclose()
 
     async def _watch(self) -> None:
