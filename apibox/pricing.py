@@ -57,6 +57,9 @@ class Price:
         return max(self.output, self.reasoning_rate)
 
 
+TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
     """Token counts of one request, in OpenAI's convention.
@@ -86,15 +89,9 @@ class Usage:
 
     def clamped(self, most: int) -> Usage:
         """The same usage with no count above ``most``."""
-        counts = (self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.cache_write_tokens,
-                  self.reasoning_tokens)
-        if max(counts) <= most:
+        if all(getattr(self, name) <= most for name in TOKEN_COUNTS):
             return self
-        return replace(self, prompt_tokens=min(self.prompt_tokens, most),
-                       completion_tokens=min(self.completion_tokens, most),
-                       cached_tokens=min(self.cached_tokens, most),
-                       cache_write_tokens=min(self.cache_write_tokens, most),
-                       reasoning_tokens=min(self.reasoning_tokens, most))
+        return replace(self, **{name: min(getattr(self, name), most) for name in TOKEN_COUNTS})
 
 
 def cost_micro(price: Price, usage: Usage) -> int:

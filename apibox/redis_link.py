@@ -48,8 +48,8 @@ async def stop_task(task: asyncio.Task[None]) -> None:
             return
         task.cancel()
         await asyncio.wait((task,), timeout=STOP_RETRY_SECONDS)
-    if not task.cancelled() and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]  # its own failure, as awaiting it would have raised
+    if not task.cancelled():
+        task.result()  # its own failure, if it had one, raised as awaiting it would have
 
 
 def connect(settings: RedisSettings, *, timeout: float | None = None) -> Redis:
