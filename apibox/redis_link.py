@@ -19,6 +19,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from apibox.deadlines import Deadlines
 from apibox.metrics import RedisInstruments
 from apibox.settings import RedisSettings
 from apibox.urls import masked_url
@@ -77,6 +78,7 @@ class RedisLink:
         self._heartbeats: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._away = asyncio.Event()  # set while Redis is away: wakes the watch to start probing at once
+        self._deadlines = Deadlines()  # every call's timeout on one timer (a limited request makes two calls)
 
     def key(self, *parts: str) -> str:
         """A Redis key (or channel) under the configured prefix: ``apibox:rate:key:12``."""
@@ -84,7 +86,7 @@ class RedisLink:
 
     async def call(self, awaitable: Awaitable[T]) -> T:
         """One Redis round trip, given up after the configured timeout (twice it, with a wait for a connection)."""
-        async with asyncio.timeout(self.settings.timeout * 2):
+        with self._deadlines.timeout(self.settings.timeout * 2):
             return await awaitable
 
     def failed(self, exc: BaseException) -> None:
