@@ -1,4 +1,4 @@
-"""Many timeouts on one timer: the wait for each upstream's first byte, each stream's silences.
+"""Many timeouts on one timer: each upstream's first byte and silences, each Redis call.
 
 A timer of its own for every wait (``asyncio.timeout``, ``loop.call_at``) cost about 3% of a
 non-streamed request's CPU: uvloop makes and frees a libuv timer each time. Here a wait is an
