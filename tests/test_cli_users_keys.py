@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -81,6 +83,20 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
     # Every option and argument explains itself too.
     for param in command.params:
         assert (getattr(param, "help", None) or "").strip(), f"`apibox {' '.join(path)}` {param.name} has no help"
+
+
+def test_the_cli_starts_without_the_server_stack(tmp_path: Path) -> None:
+    """Only `serve` imports aiohttp and the gateway (a third of a second of every command's start)."""
+    probe = ("import sys\n"
+             "from apibox.cli.main import app\n"
+             "try:\n"
+             "    app(['users', 'list', '--json'])\n"
+             "except SystemExit as done:\n"
+             "    assert done.code == 0, done.code\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('aiohttp', 'apibox.gateway'))))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_short_help_flag_works() -> None:

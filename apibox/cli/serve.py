@@ -14,9 +14,6 @@ import typer
 
 from apibox.cli.common import ConfigOption, err_console, fail, handles_errors
 from apibox.config import Settings, load_settings, masked_url
-from apibox.gateway.app import serve as serve_gateway
-from apibox.gateway.metrics import configure_access_log
-from apibox.gateway.workers import check_port_free, supervise, worker_ready
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -37,6 +34,12 @@ def serve(
     # A reload signal that arrives before the gateway is listening must not kill it (SIGHUP's default):
     # the gateway installs its own handler once it serves, and reads the file then anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Imported here, not with the module: the server stack (aiohttp, which builds its TLS
+    # contexts as it is imported, and the gateway) took 0.3 s, which every other command paid too.
+    from apibox.gateway.app import serve as serve_gateway
+    from apibox.gateway.metrics import configure_access_log
+    from apibox.gateway.workers import worker_ready
+
     if workers < 1:
         raise fail(f"--workers must be 1 or more, got {workers}")
     settings = load_settings(config)
@@ -63,6 +66,8 @@ def serve(
 
 def _supervise(settings: Settings, workers: int, config: str | None) -> int:
     """Start ``workers`` copies of this command on one port and watch them; the exit code."""
+    from apibox.gateway.workers import check_port_free, supervise
+
     server = settings.server
     if not hasattr(socket, "SO_REUSEPORT"):
         raise fail("--workers needs SO_REUSEPORT, which this platform lacks; run with --workers 1")
