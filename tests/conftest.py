@@ -15,6 +15,7 @@ official SDKs, sync and async, can call it over real TCP exactly as users do.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+import typer.main
+import typer.testing
 from aiohttp import web
 from typer.testing import CliRunner
 
@@ -45,6 +48,13 @@ from tests.fake_gemini import GEMINI_KEY, FakeGemini
 from tests.fake_upstream import UPSTREAM_KEY, FakeUpstream
 
 T = TypeVar("T")
+
+# typer's CliRunner builds the click command tree from the app's function signatures on every
+# invoke: 33 ms, as much as most CLI commands take to run, for a tree that never changes. The
+# suite invokes the CLI thousands of times (every test that moves money ends with `db check`),
+# so the tree is built once per app. `apibox` itself builds it once per process, as before.
+typer.testing._get_command = functools.cache(typer.main.get_command)  # type: ignore[attr-defined]
+
 ENGINES = ("sqlite", "postgresql")
 TEST_DATABASE = "apibox_test"  # on the PostgreSQL server: one database, a schema per test
 
