@@ -10,13 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+import openai
 
 from apibox import accounts
 from apibox.store.base import Store
 from tests import dbquery
 from tests.conftest import Live, fund
+
+T = TypeVar("T")
 
 # Test-config prices in micro-USD per 1M tokens (input, output, cached input).
 GPT_FAKE = (2_500_000, 10_000_000, 1_250_000)
@@ -123,3 +128,25 @@ def sse_json(raw: bytes) -> list[dict[str, Any]]:
 
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+async def openai_sdk_chat(live: Live, key: str, params: dict[str, Any], *, sdk: str, stream: bool,
+                          from_chunks: Callable[[list[Any], Any], T], from_completion: Callable[[Any], T]) -> T:
+    """One chat completion through the official openai SDK, the sync client (in a thread) or the
+    async one: a stream's chunks and response headers go to ``from_chunks``, a whole reply (raw,
+    with its headers) to ``from_completion``."""
+    if stream:
+        params = {**params, "stream": True}
+    if sdk == "sync":
+        def run() -> T:
+            with openai.OpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
+                if stream:
+                    with client.chat.completions.create(**params) as chunks:
+                        return from_chunks(list(chunks), chunks.response.headers)
+                return from_completion(client.chat.completions.with_raw_response.create(**params))
+        return await asyncio.to_thread(run)
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
+        if stream:
+            async with await client.chat.completions.create(**params) as chunks:
+                return from_chunks([c async for c in chunks], chunks.response.headers)
+        return from_completion(await client.chat.completions.with_raw_response.create(**params))

@@ -36,6 +36,7 @@ from tests.gateway_helpers import (
     balance,
     charges,
     expected_cost,
+    openai_sdk_chat,
     sse_json,
     usage_rows,
     wait_for_usage,
@@ -75,20 +76,9 @@ async def chat(live: Live, key: str, model: str, *, sdk: str, stream: bool, **ex
     """One chat completion through the official SDK (sync in a thread, or async)."""
     params: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}], **extra}
     if stream:
-        params |= {"stream": True, "stream_options": {"include_usage": True}}
-    if sdk == "sync":
-        def run() -> Reply:
-            with openai.OpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
-                if stream:
-                    with client.chat.completions.create(**params) as chunks:
-                        return _collect_stream(list(chunks), chunks.response.headers)
-                return _collect_completion(client.chat.completions.with_raw_response.create(**params))
-        return await asyncio.to_thread(run)
-    async with openai.AsyncOpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
-        if stream:
-            async with await client.chat.completions.create(**params) as chunks:
-                return _collect_stream([c async for c in chunks], chunks.response.headers)
-        return _collect_completion(await client.chat.completions.with_raw_response.create(**params))
+        params["stream_options"] = {"include_usage": True}
+    return await openai_sdk_chat(live, key, params, sdk=sdk, stream=stream, from_chunks=_collect_stream,
+                                 from_completion=_collect_completion)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])

@@ -8,7 +8,6 @@ the response, the balance drop, and the ledger and usage rows.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
@@ -25,7 +24,18 @@ from apibox import tokens
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
 from tests.fake_gemini import GEMINI_KEY, SIGNATURE, WORDS
-from tests.gateway_helpers import Account, account, auth, balance, books, charges, sse_json, usage_rows, wait_for_usage
+from tests.gateway_helpers import (
+    Account,
+    account,
+    auth,
+    balance,
+    books,
+    charges,
+    openai_sdk_chat,
+    sse_json,
+    usage_rows,
+    wait_for_usage,
+)
 from tests.live_variants import openai_error
 
 MODEL = "gemini-fake"
@@ -113,23 +123,10 @@ async def chat(live: Live, key: str, *, stream: bool, sdk: str = "async", includ
                messages: list[dict[str, Any]] | None = None, **extra: Any) -> Reply:
     """One chat completion on gemini-fake through the official openai SDK (sync in a thread, or async)."""
     params: dict[str, Any] = {"model": MODEL, "messages": messages or MESSAGES, **extra}
-    if stream:
-        params["stream"] = True
-        if include_usage:
-            params["stream_options"] = {"include_usage": True}
-    if sdk == "sync":
-        def run() -> Reply:
-            with openai.OpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
-                if stream:
-                    with client.chat.completions.create(**params) as chunks:
-                        return _from_chunks(list(chunks), chunks.response.headers)
-                return _from_completion(client.chat.completions.with_raw_response.create(**params))
-        return await asyncio.to_thread(run)
-    async with openai.AsyncOpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
-        if stream:
-            async with await client.chat.completions.create(**params) as chunks:
-                return _from_chunks([c async for c in chunks], chunks.response.headers)
-        return _from_completion(await client.chat.completions.with_raw_response.create(**params))
+    if stream and include_usage:
+        params["stream_options"] = {"include_usage": True}
+    return await openai_sdk_chat(live, key, params, sdk=sdk, stream=stream, from_chunks=_from_chunks,
+                                 from_completion=_from_completion)
 
 
 @pytest.mark.parametrize("mode", ["whole", "stream_with_usage", "stream_without_usage"])
