@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import openai
+import pytest
 
 from apibox import accounts
 from apibox.store.base import Store
@@ -150,3 +151,21 @@ async def openai_sdk_chat(live: Live, key: str, params: dict[str, Any], *, sdk: 
             async with await client.chat.completions.create(**params) as chunks:
                 return from_chunks([c async for c in chunks], chunks.response.headers)
         return from_completion(await client.chat.completions.with_raw_response.create(**params))
+
+
+async def stream_until_error(live: Live, key: str, model: str,
+                             messages: list[dict[str, Any]]) -> tuple[list[Any], openai.APIError]:
+    """A streamed chat completion that the async openai SDK must end by raising: the chunks it
+    yielded before, and what it raised."""
+    received: list[Any] = []
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=key, max_retries=0) as client:
+        with pytest.raises(openai.APIError) as caught:
+            async with await client.chat.completions.create(model=model, messages=messages, stream=True) as chunks:
+                async for chunk in chunks:
+                    received.append(chunk)
+    return received, caught.value
+
+
+def delta_texts(chunks: list[Any]) -> list[str]:
+    """Each chunk's content delta ("" when it has none)."""
+    return [chunk.choices[0].delta.content or "" for chunk in chunks]

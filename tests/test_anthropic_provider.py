@@ -24,7 +24,18 @@ from apibox import tokens
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
 from tests.fake_anthropic import ANTHROPIC_KEY, WORDS
-from tests.gateway_helpers import Account, account, auth, balance, charges, sse_json, usage_rows, wait_for_usage
+from tests.gateway_helpers import (
+    Account,
+    account,
+    auth,
+    balance,
+    charges,
+    delta_texts,
+    sse_json,
+    stream_until_error,
+    usage_rows,
+    wait_for_usage,
+)
 
 CLAUDE_TEXT = "".join(WORDS)
 PROMPT = "Say hello in French"
@@ -396,16 +407,10 @@ async def test_a_stream_broken_mid_answer_charges_only_what_was_delivered(live: 
                                                                           mode: str) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     live.anthropic.mode = mode
-    received: list[str] = []
-    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
-        with pytest.raises(openai.APIError) as caught:
-            async with await client.chat.completions.create(model="claude-fake", messages=MESSAGES,
-                                                            stream=True) as chunks:
-                async for chunk in chunks:
-                    received.append(chunk.choices[0].delta.content or "")
-                    assert chunk.choices[0].finish_reason is None  # never told the answer finished
-    assert "incomplete" in str(caught.value)
-    delivered = "".join(received)
+    chunks, error = await stream_until_error(live, who.key, "claude-fake", MESSAGES)
+    assert all(chunk.choices[0].finish_reason is None for chunk in chunks)  # never told the answer finished
+    assert "incomplete" in str(error)
+    delivered = "".join(delta_texts(chunks))
     assert delivered == "".join(WORDS[: len(WORDS) // 2])  # the fake broke off before word 3
 
     row = (await wait_for_usage(live, who.user_id, 1))[0]

@@ -29,9 +29,11 @@ from tests.gateway_helpers import (
     auth,
     balance,
     charges,
+    delta_texts,
     expected_cost,
     sse_events,
     sse_json,
+    stream_until_error,
     usage_rows,
     wait_for_usage,
 )
@@ -154,15 +156,9 @@ async def test_a_client_that_asks_gets_one_usage_chunk_with_the_cost(live: Live,
 async def test_a_cut_stream_raises_in_the_sdk_and_is_charged_by_estimate(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     live.fake.mode, live.fake.words = "cut", list(ASCII_WORDS)
-    received: list[str] = []
-    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
-        with pytest.raises(openai.APIError) as caught:
-            async with await client.chat.completions.create(model="gpt-fake", messages=MESSAGES,
-                                                            stream=True) as chunks:
-                async for chunk in chunks:
-                    received.append(chunk.choices[0].delta.content or "")
-    assert "incomplete" in str(caught.value)
-    delivered = "".join(received)
+    chunks, error = await stream_until_error(live, who.key, "gpt-fake", MESSAGES)
+    assert "incomplete" in str(error)
+    delivered = "".join(delta_texts(chunks))
     assert 0 < len(delivered) < len("".join(ASCII_WORDS))
 
     rows = await wait_for_usage(live, who.user_id, 1)

@@ -31,8 +31,10 @@ from tests.gateway_helpers import (
     balance,
     books,
     charges,
+    delta_texts,
     openai_sdk_chat,
     sse_json,
+    stream_until_error,
     usage_rows,
     wait_for_usage,
 )
@@ -613,14 +615,9 @@ async def test_a_stream_without_finish_reason_is_an_error_and_charged_by_estimat
 async def test_the_sdk_raises_on_a_stream_without_finish_reason(live: Live, live_store) -> None:
     live.gemini.mode = "no_finish"
     who = await account(live_store, live, "ann@example.com", "1")
-    received: list[str] = []
-    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
-        with pytest.raises(openai.APIError) as caught:
-            async with await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True) as chunks:
-                async for chunk in chunks:
-                    received.append(chunk.choices[0].delta.content or "")
-    assert "incomplete" in str(caught.value)
-    assert "".join(received) == TEXT
+    chunks, error = await stream_until_error(live, who.key, MODEL, MESSAGES)
+    assert "incomplete" in str(error)
+    assert "".join(delta_texts(chunks)) == TEXT
     (row,) = await wait_for_usage(live, who.user_id, 1)
     cost = gemini_cost(tokens.prompt_estimate({"messages": MESSAGES}), tokens.count_tokens(TEXT))
     assert (row["status"], row["estimated"], row["charged"]) == ("cut", 1, cost)

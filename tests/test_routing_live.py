@@ -40,8 +40,10 @@ from tests.gateway_helpers import (
     auth,
     balance,
     charges,
+    delta_texts,
     expected_cost,
     sse_events,
+    stream_until_error,
     usage_rows,
     wait_for_usage,
 )
@@ -513,18 +515,12 @@ async def test_a_stream_that_breaks_after_output_is_not_retried_and_charges_what
         live: Live, live_store: Store, fake: Scripted, mode: str, billing_calls: BillingCalls) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     fake.mode, fake.words = mode, list(ASCII_WORDS)
-    received: list[str] = []
-    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
-        with pytest.raises(openai.APIError) as caught:
-            async with await client.chat.completions.create(model="gpt-fallback", messages=MESSAGES,
-                                                            stream=True) as chunks:
-                async for chunk in chunks:
-                    received.append(chunk.choices[0].delta.content or "")
+    chunks, error = await stream_until_error(live, who.key, "gpt-fallback", MESSAGES)
     # An error event in the stream (HTTP 200 was already sent), not an error status.
-    assert not isinstance(caught.value, openai.APIStatusError)
-    assert "incomplete" in caught.value.message
+    assert not isinstance(error, openai.APIStatusError)
+    assert "incomplete" in error.message
     assert fake.attempts() == ["fake-primary"]  # the backup saw nothing
-    delivered = sum(tokens.count_tokens(piece) for piece in received)
+    delivered = sum(tokens.count_tokens(piece) for piece in delta_texts(chunks))
     assert 0 < delivered < len(ASCII_WORDS)
 
     rows = await wait_for_usage(live, who.user_id, 1)
