@@ -290,20 +290,24 @@ async def test_a_first_byte_timeout_gives_up_on_the_primary_in_time(live: Live, 
     assert time.monotonic() - began < 0.5  # the primary answers only after 0.6 s: the backup served before
 
 
+async def assert_the_backup_claude_served(live: Live, fake: Scripted, who: Account, text: str) -> None:
+    """claude-with-fallback's OpenAI primary failed once and its Anthropic backup answered, billed once."""
+    assert text == "".join(CLAUDE_WORDS)
+    assert fake.attempts() == ["fake-primary"]
+    assert [r.body["model"] for r in live.anthropic.requests] == ["claude-upstream-2"]
+    rows = await wait_for_usage(live, who.user_id, 1)
+    assert rows[0]["provider"] == "claude"
+    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (30, len(CLAUDE_WORDS))
+    assert_charged_once(live, who, rows, CLAUDE_FULL)
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 async def test_claude_with_fallback_falls_from_openai_to_anthropic_and_charges_its_usage(
         live: Live, live_store: Store, fake: Scripted, stream: bool, billing_calls: BillingCalls) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     fake.script["fake-primary"] = Fail(502)
     text, usage = await ask(live, who.key, model="claude-with-fallback", stream=stream)
-    assert text == "".join(CLAUDE_WORDS)
-    assert fake.attempts() == ["fake-primary"]
-    assert [r.body["model"] for r in live.anthropic.requests] == ["claude-upstream-2"]
-
-    rows = await wait_for_usage(live, who.user_id, 1)
-    assert rows[0]["provider"] == "claude"
-    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (30, len(CLAUDE_WORDS))
-    assert_charged_once(live, who, rows, CLAUDE_FULL)
+    await assert_the_backup_claude_served(live, fake, who, text)
     assert (usage["prompt_tokens"], usage["completion_tokens"]) == (30, len(CLAUDE_WORDS))
     assert Decimal(str(usage["cost"])) == Decimal(CLAUDE_FULL) / 1_000_000
     assert (billing_calls.reserve, billing_calls.settle) == (1, 1)
@@ -325,13 +329,7 @@ async def test_claude_with_fallback_through_v1_messages_passes_the_anthropic_ans
         reply = json.loads(raw)
         assert (reply["model"], reply["usage"]["input_tokens"]) == ("claude-with-fallback", 30)
         text = "".join(block["text"] for block in reply["content"])
-    assert text == "".join(CLAUDE_WORDS)
-    assert fake.attempts() == ["fake-primary"]
-    assert [r.body["model"] for r in live.anthropic.requests] == ["claude-upstream-2"]
-    rows = await wait_for_usage(live, who.user_id, 1)
-    assert rows[0]["provider"] == "claude"
-    assert (rows[0]["prompt_tokens"], rows[0]["completion_tokens"]) == (30, len(CLAUDE_WORDS))
-    assert_charged_once(live, who, rows, CLAUDE_FULL)
+    await assert_the_backup_claude_served(live, fake, who, text)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
