@@ -43,6 +43,7 @@ USAGE_FIELDS = ("request_id", "created_at", "user_id", "key_id", "model", "provi
                 "reasoning_tokens", "estimated", "cost", "charged", "latency_ms", "ttft_ms")
 INSERT_USAGE_SQL = (f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) "
                     f"VALUES ({', '.join('?' * len(USAGE_FIELDS))}) RETURNING id")
+RELEASE_SQL = "DELETE FROM holds WHERE id = ? RETURNING id"  # the holds_release trigger lowers balances.held
 # The hold: inserted only if the available balance covers it and the key's budget (if any) does,
 # net of the key's spend and its other holds; the holds_take trigger raises balances.held.
 HOLD_SQL = (
@@ -221,6 +222,12 @@ class SqlStore(SqlReports):
             raise NotFound(f"no user with id {user_id}")
         return Balance(user_id, rows[0][0], rows[0][1])
 
+    def _record_and_release(self, usage: UsageRecord, created: int, hold: Hold) -> Script[bool]:
+        """The usage row, then the hold's release (its trigger lowers ``balances.held``): whether the
+        hold was still there to release."""
+        yield from _insert_usage(usage, created)
+        return bool((yield RELEASE_SQL, (hold.id,)))
+
     def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
         """Take a settlement's ``amount``: from the balance, with its ledger row (the balance after),
         and into the key's spend."""
@@ -319,8 +326,10 @@ class SqlStore(SqlReports):
             within_hold = usage.cost <= hold.amount
             if within_hold:
                 usage.charged = usage.cost
-                yield from _insert_usage(usage, created)
-            if not (yield "DELETE FROM holds WHERE id = ? RETURNING id", (hold.id,)):
+                released = yield from self._record_and_release(usage, created, hold)
+            else:
+                released = bool((yield RELEASE_SQL, (hold.id,)))
+            if not released:
                 raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
                                  "nothing was charged again")
             if not within_hold:
@@ -397,10 +406,15 @@ def no_balance(user_id: int) -> StoreError:
     return StoreError(f"user {user_id} has no balance to charge; nothing was charged")
 
 
-def _insert_usage(usage: UsageRecord, created: int) -> Script[None]:
-    """The usage row; ``created``: its ``created_at`` in ms, which the caller's other rows share."""
+def usage_values(usage: UsageRecord, created: int) -> list[Any]:
+    """The usage row's values in ``USAGE_FIELDS`` order; ``created``: its ``created_at`` in ms,
+    which the settlement's other rows share."""
     values = [getattr(usage, f) for f in USAGE_FIELDS]
     values[1] = created
     values[14] = int(usage.estimated)
-    rows = yield INSERT_USAGE_SQL, values
+    return values
+
+
+def _insert_usage(usage: UsageRecord, created: int) -> Script[None]:
+    rows = yield INSERT_USAGE_SQL, usage_values(usage, created)
     usage.id = rows[0][0]
