@@ -337,7 +337,8 @@ def log_summary(path: Path) -> dict:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench", description="apibox's benchmark (see bench/README.md)")
-    ap.add_argument("--targets", default="direct,bare,apibox", help="comma list of direct, bare, apibox, litellm")
+    ap.add_argument("--targets", default="direct,bare,apibox",
+                    help="comma list of direct, bare, apibox, apibox-pg (needs --postgres), litellm")
     ap.add_argument("--with-litellm", action="store_true", help="also measure the LiteLLM proxy (own venv)")
     ap.add_argument("--scenarios", default="json,sse", help="json (non-stream) and/or sse (stream)")
     ap.add_argument("--conns", default="1,32,128", help="wrk connection counts")
@@ -406,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.targets.split(",") if n.strip()]
     if args.with_litellm and "litellm" not in names:
         names.append("litellm")
-    unknown = set(names) - {"direct", "bare", "apibox", "litellm"}
+    unknown = set(names) - {"direct", "bare", "apibox", "apibox-pg", "litellm"}
     if unknown:
-        print(f"unknown targets: {sorted(unknown)}", file=sys.stderr)
+        print(f"unknown targets: {sorted(unknown)} (known: direct, bare, apibox, apibox-pg, litellm; "
+              "--workers N adds apibox-wN)", file=sys.stderr)
+        return 2
+    if "apibox-pg" in names and not args.postgres:
+        print("the target apibox-pg needs a PostgreSQL server: --postgres URL", file=sys.stderr)
         return 2
     notes: list[str] = []
     workers_target = f"apibox-w{args.workers}" if args.workers > 1 and "apibox" in names else None
@@ -417,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         workers_target = None
     if workers_target:
         names.append(workers_target)
-    if args.postgres and "apibox" in names:
+    if args.postgres and "apibox" in names and "apibox-pg" not in names:
         names.append("apibox-pg")
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     conns = [int(c) for c in args.conns.split(",") if c.strip()]
@@ -473,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"results: {out}/ (report.md, PERFORMANCE.md, results.jsonl, money.jsonl, logs)")
     if args.write_doc:
         print(f"wrote {args.doc}")
-    if "apibox" in names:
+    if any(name.startswith("apibox") for name in names):
         print(f"money check: {'OK' if money_ok else 'FAIL'}")
     return 0 if money_ok else 1
 
