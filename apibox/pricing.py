@@ -10,6 +10,7 @@ no fee and multiplier 1 that is ``ceil(sum(tokens_k * price_k) / 1e6)``.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from operator import attrgetter
 
 from apibox.money import ceil_div
 
@@ -58,6 +59,7 @@ class Price:
 
 
 TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+_token_counts = attrgetter(*TOKEN_COUNTS)  # a Usage's counts as a tuple, read in C: clamped() runs on every settlement
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +91,10 @@ class Usage:
 
     def clamped(self, most: int) -> Usage:
         """The same usage with no count above ``most``."""
-        if all(getattr(self, name) <= most for name in TOKEN_COUNTS):
+        counts = _token_counts(self)
+        if max(counts) <= most:
             return self
-        return replace(self, **{name: min(getattr(self, name), most) for name in TOKEN_COUNTS})
+        return replace(self, **{name: min(count, most) for name, count in zip(TOKEN_COUNTS, counts, strict=True)})
 
 
 def cost_micro(price: Price, usage: Usage) -> int:
