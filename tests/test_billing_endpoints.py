@@ -384,9 +384,11 @@ async def test_a_hundred_days_and_the_calendar_edges_are_accepted(live: Live, li
         assert_usage_shape(body, date.fromisoformat(start), date.fromisoformat(end))
 
 
-@pytest.mark.parametrize("path", [SUBSCRIPTION, f"{USAGE}?start_date=2026-01-01&end_date=2026-01-02",
-                                  "/dashboard/billing/subscription",
-                                  "/dashboard/billing/usage?start_date=2026-01-01&end_date=2026-01-02", "/v1/me"])
+BILLING_PATHS = [SUBSCRIPTION, f"{USAGE}?start_date=2026-01-01&end_date=2026-01-02", "/dashboard/billing/subscription",
+                 "/dashboard/billing/usage?start_date=2026-01-01&end_date=2026-01-02", "/v1/me"]
+
+
+@pytest.mark.parametrize("path", BILLING_PATHS)
 async def test_the_endpoints_need_a_valid_key(live: Live, live_store, path: str) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     for key in (None, "sk-apibox-not-a-real-key-0123456789", who.key + "x"):
@@ -396,11 +398,21 @@ async def test_the_endpoints_need_a_valid_key(live: Live, live_store, path: str)
         assert headers["x-should-retry"] == "false"
         assert headers["x-request-id"].startswith("req_")
     assert (await request(live, "GET", path, key=who.key))[0] == 200
+
+
+async def test_the_endpoints_refuse_a_suspended_users_key(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    for path in BILLING_PATHS:
+        assert (await request(live, "GET", path, key=who.key))[0] == 200, path
     await live_store.set_user_state(who.user_id, UserState.SUSPENDED, "test")
     deadline = time.monotonic() + 3  # the gateway's key cache forgets the user within a second
-    while (status := (await request(live, "GET", path, key=who.key))[0]) == 200 and time.monotonic() < deadline:
+    while (status := (await request(live, "GET", SUBSCRIPTION, key=who.key))[0]) == 200 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert status == 403
+    for path in BILLING_PATHS:
+        status, _, raw = await request(live, "GET", path, key=who.key)
+        assert status == 403, path
+        assert openai_error(raw)["code"] == "account_suspended", path
 
 
 # -- /v1/me: effective limits and the key's own usage this month ------------------------------
