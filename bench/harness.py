@@ -346,6 +346,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=3, help="warm-up seconds per cell (discarded)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--chunks", type=int, default=20, help="content chunks per streamed answer")
+    ap.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                    help="the mock's pause between streamed chunks, as a model's pace (default 0: all at once, "
+                         "issue 7's load; with a pause the stream goals are reported as context)")
     ap.add_argument("--proxy-cpus", default="0", help="taskset CPU list of the target ('' = unpinned)")
     ap.add_argument("--load-cpus", default="1", help="taskset CPU list of wrk + upstream ('' = unpinned)")
     ap.add_argument("--port-base", type=int, default=18100,
@@ -458,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     results_path.write_text("")
     (out / "money.jsonl").unlink(missing_ok=True)
     upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(ports["upstream"]),
-                            "--chunks", str(args.chunks)], cpus=args.load_cpus, log=out / "upstream.log")
+                            "--chunks", str(args.chunks), "--chunk-delay-ms", str(args.chunk_delay_ms)],
+                           cpus=args.load_cpus, log=out / "upstream.log")
     bench = Bench(args, out, meta, ref, upstream, up, ports, workers_target)
     money_ok = True
     try:

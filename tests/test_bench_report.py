@@ -1,0 +1,48 @@
+"""bench/report.py judges issue 7's goals from a run's results; streams paced like a model's output
+(``--chunk-delay-ms``) are not the load those goals are set for, so they are reported as context."""
+
+from __future__ import annotations
+
+from bench import report
+
+
+def cell(target: str, scenario: str, conns: int, rps: float, p50: float, order: int) -> dict:
+    return {"round": 1, "order": order, "target": target, "scenario": scenario, "conns": conns, "rps": rps,
+            "lat_p50_ms": p50, "lat_p99_ms": p50 * 3, "cpu_ms_per_req": 1000 / rps}
+
+
+RESULTS = [
+    cell("bare", "json", 1, 2000, 0.40, 0), cell("apibox", "json", 1, 700, 0.80, 1),
+    cell("bare", "json", 32, 4000, 8.0, 0), cell("apibox", "json", 32, 2400, 13.0, 1),  # 0.6x: met
+    cell("bare", "sse", 1, 1300, 0.80, 0), cell("apibox", "sse", 1, 500, 1.90, 1),
+    cell("bare", "sse", 32, 2000, 16.0, 0), cell("apibox", "sse", 32, 1000, 30.0, 1),  # 0.5x: not met
+]
+
+
+def verdicts(table: str) -> dict[str, str]:
+    """The goals table's rows: goal -> verdict."""
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    return {row[0]: row[-1] for row in rows}
+
+
+def test_the_goals_are_judged_on_a_run_with_chunks_sent_at_once() -> None:
+    judged = verdicts(report.run_goals(RESULTS, True, {"args": {"workers": 0, "chunk_delay_ms": 0.0}}))
+    assert judged["RPS >= 0.5x bare, non-stream, 32 conns"] == "met"
+    assert judged["RPS >= 0.8x bare, stream, 32 conns"] == "NOT met"
+    assert judged["added p50 over bare <= 0.5 ms, non-stream, 1 conn"] == "met"
+    assert judged["added p50 over bare <= 0.5 ms, stream, 1 conn"] == "NOT met"
+
+
+def test_paced_streams_are_context_and_the_non_streamed_goals_are_still_judged() -> None:
+    meta = {"args": {"workers": 0, "chunk_delay_ms": 2.0}}
+    judged = verdicts(report.run_goals(RESULTS, True, meta))
+    assert judged["RPS >= 0.8x bare, stream, 32 conns"] == "context: chunks 2 ms apart"
+    assert judged["added p50 over bare <= 0.5 ms, stream, 1 conn"] == "context: chunks 2 ms apart"
+    assert judged["RPS >= 0.5x bare, non-stream, 32 conns"] == "met"
+    assert judged[">= 20x LiteLLM RPS, stream, 32 conns"] == "not measured"  # no LiteLLM in this run
+
+
+def test_the_load_line_says_how_far_apart_the_chunks_came() -> None:
+    assert report.pace_note({"chunk_delay_ms": 0.0}) == ""
+    assert report.pace_note({}) == ""  # runs recorded before the option existed
+    assert "2.5 ms apart" in report.pace_note({"chunk_delay_ms": 2.5})
