@@ -50,6 +50,9 @@ class SSEDecoder:
         data over several lines) goes through ``feed``, its lines joined with spaces: to a JSON
         text, whitespace like the line breaks were.
         """
+        if not self._buffer and chunk.find(b"\n") == len(chunk) - 2 and chunk.startswith(b"data: ") \
+                and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            return [chunk[6:-2]]  # a read of one usual frame, as an upstream writing while it generates sends
         buffer = self._buffer + chunk if self._buffer else chunk
         if b"\r" in buffer:
             self._buffer = b""

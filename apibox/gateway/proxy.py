@@ -294,25 +294,15 @@ async def _attempt(call: Call, stream: bool) -> Any:
 
 @dataclass(slots=True)
 class Started:
-    """An upstream stream that has produced its first item, which nothing has sent on yet;
-    iterating it yields that item, then the rest. An iterator rather than an async generator:
-    ``_stream`` leaves the loop at the stream's last batch, and a generator left suspended is
-    closed by the event loop in a task of its own when it is collected (one more task and
-    pass of the loop for every stream)."""
+    """An upstream stream that has produced its first batch (``first``), which nothing has sent
+    on yet; ``items`` yields the rest. ``_stream`` takes each next batch from ``items`` itself:
+    no wrapper coroutine on every read, and it may leave the stream at its last batch (``items``
+    is an async generator, and one left suspended is closed when collected by the event loop,
+    in a task of its own: ``close`` closes it at once)."""
 
     stream: ChunkStream
     items: AsyncIterator[list[dict[str, Any]]]
-    first: list[dict[str, Any]] | None
-
-    def __aiter__(self) -> Started:
-        return self
-
-    async def __anext__(self) -> list[dict[str, Any]]:
-        first = self.first
-        if first is not None:
-            self.first = None
-            return first
-        return await self.items.__anext__()
+    first: list[dict[str, Any]]
 
     async def close(self) -> None:
         await self.items.aclose()  # type: ignore[attr-defined]
@@ -366,8 +356,9 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     try:
         await response.prepare(request)
         last = b""  # the last batch's frames: they go out with the ending, in one write
-        async for batch in started:
-            call.first_byte = call.first_byte or time.monotonic()
+        batch, next_batch = started.first, started.items.__anext__
+        call.first_byte = time.monotonic()
+        while True:
             out: list[bytes] = []
             wire = type(batch) is WireBatch
             raws = batch.raw if wire else None
@@ -392,6 +383,10 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                 last = b"".join(out)
                 break
             await response.write(b"".join(out))  # one write per upstream read
+            try:
+                batch = await next_batch()
+            except StopAsyncIteration:
+                break
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
         final = owed()

@@ -52,8 +52,7 @@ class WireBatch(list):  # type: ignore[type-arg]
 
     __slots__ = ("last", "raw")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self) -> None:  # list's own __init__ is not called: the list starts empty anyway
         self.raw: list[bytes | None] = []
         self.last = False
 
@@ -64,10 +63,10 @@ class PlainRun:
 
     __slots__ = ("middles", "shape", "texts")
 
-    def __init__(self, shape: ChunkShape) -> None:
+    def __init__(self, shape: ChunkShape, texts: list[str], middles: list[bytes]) -> None:
         self.shape = shape
-        self.texts: list[str] = []
-        self.middles: list[bytes] = []
+        self.texts = texts
+        self.middles = middles
 
     def add(self, text: str, middle: bytes) -> None:
         self.texts.append(text)
@@ -75,9 +74,7 @@ class PlainRun:
 
     def head(self, count: int) -> PlainRun:
         """The run's first ``count`` chunks."""
-        run = PlainRun(self.shape)
-        run.texts, run.middles = self.texts[:count], self.middles[:count]
-        return run
+        return PlainRun(self.shape, self.texts[:count], self.middles[:count])
 
     def parsed(self) -> list[dict[str, Any]]:
         return [self.shape.chunk_with(text) for text in self.texts]

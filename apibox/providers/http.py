@@ -93,16 +93,17 @@ class HttpUpstream:
         idle = self.settings.timeouts.idle
         content = response.content
         watchdog = IdleWatchdog(content, idle, self._deadlines)
+        clock = watchdog.clock
         try:
             while True:
-                watchdog.waiting = True
+                watchdog.waiting_since = clock()
                 try:
                     data = await content.readany()
                 except TimeoutError:
                     raise StreamBroken(f"upstream {self.name} was silent for {idle:g}s") from None
                 except aiohttp.ClientError:
                     raise StreamBroken(f"upstream {self.name} broke off the stream") from None
-                watchdog.waiting = False
+                watchdog.waiting_since = None
                 events = feed(data) if data else flush()
                 if events:
                     yield events
@@ -161,39 +162,32 @@ class IdleWatchdog:
     """Fails a stream's pending read once the upstream has been silent for ``idle`` seconds.
 
     Looked at by the upstream's ``Deadlines``: no timer of its own, nor an ``asyncio.timeout``
-    around every read. A reader sets ``waiting`` before each read and clears it after; each
-    ``waiting = True`` restarts the silence from that moment, so time spent elsewhere (writing to
-    a slow client) never counts. When due it asks to be looked at again once the silence left has
+    around every read. A reader sets ``waiting_since`` to ``clock()`` before each read and back
+    to None after (plain attribute writes: they happen on every read of every stream), so the
+    silence counts from the moment of each read and time spent elsewhere (writing to a slow
+    client) never counts. When due it asks to be looked at again once the silence left has
     passed, or fails the read with TimeoutError (as aiohttp's own ``sock_read`` timeout fails it).
     """
 
-    __slots__ = ("_content", "_deadlines", "_idle", "_loop", "_since", "_waiting")
+    __slots__ = ("_content", "_deadlines", "_idle", "clock", "waiting_since")
 
     def __init__(self, content: aiohttp.StreamReader, idle: float, deadlines: Deadlines) -> None:
         self._content = content
         self._idle = idle
         self._deadlines = deadlines
-        self._loop = asyncio.get_running_loop()
-        self._waiting = False
-        self._since = self._loop.time()
-        deadlines.add(self, self._since + idle)
-
-    @property
-    def waiting(self) -> bool:
-        return self._waiting
-
-    @waiting.setter
-    def waiting(self, value: bool) -> None:
-        if value:
-            self._since = self._loop.time()
-        self._waiting = value
+        self.clock = asyncio.get_running_loop().time
+        self.waiting_since: float | None = None
+        deadlines.add(self, self.clock() + idle)
 
     def check(self, now: float) -> float | None:
-        due = self._since + self._idle
-        if self._waiting and now >= due:
+        since = self.waiting_since
+        if since is None:
+            return now + self._idle
+        due = since + self._idle
+        if now >= due:
             self._content.set_exception(TimeoutError())
             return None
-        return due if self._waiting else now + self._idle
+        return due
 
     def stop(self) -> None:
         self._deadlines.discard(self)

@@ -58,10 +58,11 @@ class _OpenAIStream(UpstreamStream):
                     read = shape.read(payload) if shape is not None else None
                     if read is not None:
                         if run is None:
-                            run = PlainRun(shape)  # type: ignore[arg-type]
+                            run = PlainRun(shape, [read[0]], [read[1]])  # type: ignore[arg-type]
                             batch.append(run)
                             batch.raw.append(None)
-                        run.add(*read)
+                        else:
+                            run.add(*read)
                         continue
                     run = None
                     if payload.startswith(b"[DONE]"):
