@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import report
 
 
@@ -46,3 +48,24 @@ def test_the_load_line_says_how_far_apart_the_chunks_came() -> None:
     assert report.pace_note({"chunk_delay_ms": 0.0}) == ""
     assert report.pace_note({}) == ""  # runs recorded before the option existed
     assert "2.5 ms apart" in report.pace_note({"chunk_delay_ms": 2.5})
+
+
+def test_callgrind_totals_are_read_from_the_dump_and_a_dump_without_them_is_refused(tmp_path) -> None:
+    from bench import instructions
+
+    dump = tmp_path / "apibox.123.cg.1"
+    dump.write_text("# callgrind format\nversion: 1\nevents: Ir\nsummary: 0\n\nfn=(1) main\n5 100\ntotals: 150705412\n")
+    assert instructions.callgrind_totals(dump) == 150_705_412
+    empty = tmp_path / "nothing.cg"
+    empty.write_text("# callgrind format\nevents: Ir\n")
+    with pytest.raises(ValueError, match="no totals"):
+        instructions.callgrind_totals(empty)
+
+
+def test_the_instructions_table_compares_apibox_with_the_forwarder_per_request() -> None:
+    from bench.instructions import Count, report
+
+    counts = [Count("bare", "json", 100, 60_000_000), Count("apibox", "json", 100, 150_000_000),
+              Count("bare", "paced", 50, 80_000_000), Count("apibox", "paced", 50, 168_000_000)]
+    rows = report(counts).splitlines()[2:]
+    assert rows == ["| json | 600,000 | 1,500,000 | 2.50 |", "| paced | 1,600,000 | 3,360,000 | 2.10 |"]

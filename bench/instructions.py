@@ -1,0 +1,165 @@
+"""Instructions per request, counted by callgrind: a measure that does not drift with the machine.
+
+Throughput on a shared VM moves by 10-40% from one minute to the next, more than most changes
+to the hot path. The instructions a gateway executes for one request do not: callgrind counts
+them (user space only, every thread of the process; the kernel is not counted), and two runs of
+the same code agree to 0.1% (non-streamed) or about 1% (streams, whose reads split where the
+timing puts them). It answers "did this change make a request cheaper, and by how much",
+against the forwarder measured the same way, one request at a time (no group commits, no
+batching: the cost of a request alone).
+
+    python -m bench.instructions                            # json, sse and paced (chunks 2 ms apart)
+    python -m bench.instructions --scenarios json --requests 200
+
+Needs valgrind (`apt-get install valgrind`). A target runs about 50 times slower under it, so
+the defaults (30 warm-up requests, then 100 counted) take a minute or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from bench import apibox_target, procs
+from bench.harness import reference_dir, wait_http
+
+SCENARIOS = {"json": (False, 0.0), "sse": (True, 0.0), "paced": (True, 2.0)}  # stream?, chunk delay (ms)
+
+
+@dataclass
+class Count:
+    target: str
+    scenario: str
+    requests: int
+    instructions: int
+
+    @property
+    def per_request(self) -> float:
+        return self.instructions / self.requests
+
+
+def callgrind_totals(path: Path) -> int:
+    """The ``totals:`` line of a callgrind output file: every instruction counted while instrumenting."""
+    for line in path.read_text().splitlines():
+        if line.startswith("totals:"):
+            return int(line.split()[1])
+    raise ValueError(f"{path} has no totals line (was anything counted?)")
+
+
+def chat_request(stream: bool) -> dict:
+    """A small chat request like the load benchmark's (bench/chat.lua)."""
+    body: dict = {"model": apibox_target.MODEL, "temperature": 0.2, "max_tokens": 64, "messages": [
+        {"role": "system", "content": "You are a concise assistant for an engineering team. Answer in plain words."},
+        {"role": "user", "content": "In two sentences: why does a team that calls several LLM providers put one "
+                                    "gateway in front of them, and why count usage per API key?"}]}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+async def send(url: str, headers: dict[str, str], stream: bool, count: int) -> None:
+    """``count`` requests one after another on one connection; any answer but 200 is an error."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(count):
+            async with session.post(url, json=chat_request(stream), headers=headers) as response:
+                body = await response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{url} answered {response.status}: {body[:200]!r}")
+
+
+def callgrind_control(*args: str, pid: int) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def count(target: str, cmd: list[str], ready_url: str, url: str, headers: dict[str, str], stream: bool,
+          args: argparse.Namespace, out: Path) -> Count:
+    """Start ``cmd`` under callgrind with counting off, warm it up, count ``args.requests`` requests."""
+    stem = out / f"{target}-{'sse' if stream else 'json'}-{time.monotonic_ns()}"
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={stem}.%p.cg"]
+    proc = procs.start([*valgrind, *cmd], cpus=args.proxy_cpus, log=Path(f"{stem}.log"))
+    try:
+        wait_http(ready_url, proc, 300)
+        asyncio.run(send(url, headers, stream, args.warmup))
+        callgrind_control("--zero", pid=proc.pid)
+        callgrind_control("--instr=on", pid=proc.pid)
+        asyncio.run(send(url, headers, stream, args.requests))
+        callgrind_control("--instr=off", pid=proc.pid)
+        callgrind_control("--dump", pid=proc.pid)
+    finally:
+        procs.stop(proc, grace=60)
+    dumps = sorted(out.glob(f"{stem.name}.{proc.pid}.cg.*"))  # the --dump above (not the final one at exit)
+    if not dumps:
+        raise RuntimeError(f"callgrind wrote no dump for {target}; see {stem}.log")
+    return Count(target, "", args.requests, callgrind_totals(dumps[0]))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench.instructions", description=__doc__.split("\n")[0])
+    ap.add_argument("--scenarios", default="json,sse,paced", help=f"comma list of {', '.join(SCENARIOS)}")
+    ap.add_argument("--requests", type=int, default=100, help="requests counted per cell")
+    ap.add_argument("--warmup", type=int, default=30, help="requests before counting starts")
+    ap.add_argument("--proxy-cpus", default="0", help="taskset CPU list of the target ('' = unpinned)")
+    ap.add_argument("--load-cpus", default="1", help="taskset CPU list of the mock upstream")
+    ap.add_argument("--port-base", type=int, default=18300, help="upstream on it, the targets +1")
+    ap.add_argument("--shared", default=None, help="directory with the reference mock_upstream.py and bare_proxy.py")
+    return ap.parse_args(argv)
+
+
+def measure_scenario(name: str, args: argparse.Namespace, ref: Path, out: Path) -> list[Count]:
+    stream, delay = SCENARIOS[name]
+    upstream_port, port = args.port_base, args.port_base + 1
+    upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(upstream_port),
+                            "--chunks", "20", "--chunk-delay-ms", str(delay)], cpus=args.load_cpus,
+                           log=out / f"upstream-{name}.log")
+    counts = []
+    try:
+        wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream, 30)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        bare = [sys.executable, str(ref / "bare_proxy.py"), "--port", str(port),
+                "--upstream", f"http://127.0.0.1:{upstream_port}"]
+        counts.append(count("bare", bare, f"http://127.0.0.1:{port}/health", url, {}, stream, args, out))
+        setup = apibox_target.prepare(out / f"apibox-{name}", f"http://127.0.0.1:{upstream_port}/v1", port)
+        counts.append(count("apibox", setup.serve_cmd(), f"http://127.0.0.1:{port}/healthz", url,
+                            {"Authorization": f"Bearer {setup.key}"}, stream, args, out))
+    finally:
+        procs.stop(upstream)
+    for c in counts:
+        c.scenario = name
+    return counts
+
+
+def report(counts: list[Count]) -> str:
+    lines = ["| scenario | bare | apibox | apibox / bare |", "|---|---|---|---|"]
+    for scenario in dict.fromkeys(c.scenario for c in counts):
+        by = {c.target: c.per_request for c in counts if c.scenario == scenario}
+        lines.append(f"| {scenario} | {by['bare']:,.0f} | {by['apibox']:,.0f} | {by['apibox'] / by['bare']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        print(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+        print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    ref, _ = reference_dir(args.shared)
+    with tempfile.TemporaryDirectory(prefix="apibox-instructions-") as tmp:
+        counts = [c for name in args.scenarios.split(",") for c in measure_scenario(name, args, ref, Path(tmp))]
+    print("Instructions per request, one request at a time (callgrind; user space, every thread):")
+    print(report(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
