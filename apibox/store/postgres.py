@@ -22,7 +22,7 @@ from apibox.errors import StoreError
 from apibox.models import Hold, UsageRecord
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
-from apibox.store.script import IntegrityViolation, Row, Script, single
+from apibox.store.script import IntegrityViolation, Row, Script, Want, single
 from apibox.store.sql_store import INSERT_USAGE_SQL, RELEASE_SQL, SqlStore, no_balance, usage_values
 from apibox.store.sqltime import now_ms
 
@@ -43,8 +43,10 @@ CHARGE_SQL = (
 # SqlStore._record_and_release's two statements as one: a round trip less for every settlement.
 # The release's trigger runs at the end of the statement, so the balance row is locked after the
 # usage row is written, as with two statements.
-RECORD_AND_RELEASE_SQL = (f"WITH released AS ({RELEASE_SQL}) {INSERT_USAGE_SQL}, "
-                          "(SELECT count(*) FROM released)")
+RECORD_AND_RELEASE_SQL = (f"WITH released AS ({RELEASE_SQL} RETURNING id) {INSERT_USAGE_SQL} "
+                          "RETURNING id, (SELECT count(*) FROM released)")
+# What a statement gives back, when its caller asked (``Want``) rather than for rows.
+_RETURNING = {Want.NEW_ID: " RETURNING id", Want.COUNT: " RETURNING 1"}
 
 
 @lru_cache(maxsize=1024)
@@ -101,15 +103,16 @@ class PostgresStore(SqlStore):
                 return await _drive(conn, script())
         return await _retried(attempt)
 
-    async def _run_statement(self, sql: str, params: Sequence[Any], *, durable: bool = True) -> list[Row]:
+    async def _run_statement(self, sql: str, params: Sequence[Any], *, durable: bool = True,
+                             want: Want | None = None) -> list[Row]:
         if durable:  # SET LOCAL needs the transaction around it
-            return await super()._run_statement(sql, params, durable=durable)
+            return await super()._run_statement(sql, params, durable=durable, want=want)
 
         # On its own, a statement is its own transaction: no BEGIN and no COMMIT to wait for, and the
         # rows it locks (a hold's on the balance) are held only while it runs.
         async def attempt() -> list[Row]:
             async with self._pool.acquire() as conn:
-                return await _drive(conn, single(sql, params))
+                return await _drive(conn, single(sql, params, want))
         return await _retried(attempt)
 
     async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
@@ -221,9 +224,11 @@ async def _drive(conn: asyncpg.Connection, script: Script[T]) -> T:
     try:
         query = next(script)
         while True:
-            sql, params = query
+            sql, params, *want = query
             try:
-                rows = _plain(await conn.fetch(numbered(sql), *params))
+                rows = _plain(await conn.fetch(numbered(sql + _RETURNING[want[0]] if want else sql), *params))
+                if want and want[0] is Want.COUNT:
+                    rows = [(len(rows),)]
             except asyncpg.IntegrityConstraintViolationError as exc:
                 query = script.throw(IntegrityViolation(str(exc)))
             else:

@@ -30,7 +30,7 @@ from apibox.models import (
 )
 from apibox.money import format_usd
 from apibox.store.base import Credit, CreditResult, KeySpec
-from apibox.store.script import IntegrityViolation, Row, Script, single
+from apibox.store.script import IntegrityViolation, Row, Script, Want, single
 from apibox.store.sql_reports import SqlReports
 from apibox.store.sqltime import from_ms, now_ms, to_ms
 
@@ -41,9 +41,8 @@ LEDGER_COLUMNS = "id, user_id, kind, amount, balance_after, note, reference, act
 USAGE_FIELDS = ("request_id", "created_at", "user_id", "key_id", "model", "provider", "endpoint", "status",
                 "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
                 "reasoning_tokens", "estimated", "cost", "charged", "latency_ms", "ttft_ms")
-INSERT_USAGE_SQL = (f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) "
-                    f"VALUES ({', '.join('?' * len(USAGE_FIELDS))}) RETURNING id")
-RELEASE_SQL = "DELETE FROM holds WHERE id = ? RETURNING id"  # the holds_release trigger lowers balances.held
+INSERT_USAGE_SQL = f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"
+RELEASE_SQL = "DELETE FROM holds WHERE id = ?"  # the holds_release trigger lowers balances.held
 # The hold: inserted only if the available balance covers it and the key's budget (if any) does,
 # net of the key's spend and its other holds; the holds_take trigger raises balances.held.
 HOLD_SQL = (
@@ -51,8 +50,7 @@ HOLD_SQL = (
     "SELECT b.user_id, k.id, CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), "
     "CAST(? AS TEXT) FROM balances b JOIN api_keys k ON k.id = ? AND k.user_id = b.user_id "
     "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
-    "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?) "
-    "RETURNING id")
+    "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?)")
 KEY_SPEND_SQL = "UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?"
 # A gateway whose heartbeat is older than this is taken for dead: its holds are released.
 INSTANCE_STALE_MS = 120_000
@@ -108,11 +106,12 @@ class SqlStore(SqlReports):
         """Insert ``(table, rows)`` batches (``db copy``) in one transaction, ids as given."""
         raise NotImplementedError
 
-    async def _run_statement(self, sql: str, params: Sequence[Any], *, durable: bool = True) -> list[Row]:
+    async def _run_statement(self, sql: str, params: Sequence[Any], *, durable: bool = True,
+                             want: Want | None = None) -> list[Row]:
         """One statement as a transaction of its own (``_run`` of ``single``); it raises
         IntegrityViolation when it breaks a constraint. An engine may run a non-durable one without
         a transaction around it (PostgreSQL: one round trip instead of three)."""
-        return await self._run(lambda: single(sql, params), durable=durable)
+        return await self._run(lambda: single(sql, params, want), durable=durable)
 
     async def _write(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return await self._run_statement(sql, params)
@@ -226,18 +225,17 @@ class SqlStore(SqlReports):
         """The usage row, then the hold's release (its trigger lowers ``balances.held``): whether the
         hold was still there to release."""
         yield from _insert_usage(usage, created)
-        return bool((yield RELEASE_SQL, (hold.id,)))
+        return _changed((yield RELEASE_SQL, (hold.id,), Want.COUNT))
 
     def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
         """Take a settlement's ``amount``: from the balance, with its ledger row (the balance after),
         and into the key's spend."""
-        rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
-                      (amount, hold.user_id))
-        if not rows:
+        if not _changed((yield "UPDATE balances SET balance = balance - ? WHERE user_id = ?", (amount, hold.user_id),
+                         Want.COUNT)):
             raise no_balance(hold.user_id)
         yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
-               "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
-               (hold.user_id, created, -amount, rows[0][0], note, usage_id))
+               "SELECT user_id, ?, 'charge', ?, balance, ?, 'gateway', ? FROM balances WHERE user_id = ?",
+               (created, -amount, note, usage_id, hold.user_id))
         yield KEY_SPEND_SQL, (amount, created, hold.key_id)
 
     def _balance(self, user_id: int) -> Script[Balance]:
@@ -302,12 +300,12 @@ class SqlStore(SqlReports):
             # the key. Without a budget no lock is needed, and the hold is its one statement.
             yield f"SELECT user_id FROM balances WHERE user_id = ?{self._lock}", (user_id,)
             yield f"SELECT id FROM api_keys WHERE id = ?{self._lock}", (key_id,)
-            return (yield HOLD_SQL, params)
+            return (yield HOLD_SQL, params, Want.NEW_ID)
         try:
             if self.row_locks and budgeted:
                 rows = await self._run(take_locked, durable=False)
             else:
-                rows = await self._run_statement(HOLD_SQL, params, durable=False)
+                rows = await self._run_statement(HOLD_SQL, params, durable=False, want=Want.NEW_ID)
         except IntegrityViolation:
             # PostgreSQL, concurrent holds: this one read the balance before another's hold committed,
             # and the holds_take trigger found held > balance (the CHECK). The money is not there.
@@ -328,7 +326,7 @@ class SqlStore(SqlReports):
                 usage.charged = usage.cost
                 released = yield from self._record_and_release(usage, created, hold)
             else:
-                released = bool((yield RELEASE_SQL, (hold.id,)))
+                released = _changed((yield RELEASE_SQL, (hold.id,), Want.COUNT))
             if not released:
                 raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
                                  "nothing was charged again")
@@ -415,6 +413,11 @@ def usage_values(usage: UsageRecord, created: int) -> list[Any]:
     return values
 
 
+def _changed(rows: list[Row]) -> bool:
+    """Whether a statement asked for its ``Want.COUNT`` changed any row."""
+    return bool(rows[0][0])
+
+
 def _insert_usage(usage: UsageRecord, created: int) -> Script[None]:
-    rows = yield INSERT_USAGE_SQL, usage_values(usage, created)
+    rows = yield INSERT_USAGE_SQL, usage_values(usage, created), Want.NEW_ID
     usage.id = rows[0][0]

@@ -19,7 +19,7 @@ import aiosqlite
 from apibox.errors import StoreError
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS, Migration
-from apibox.store.script import Row, Script, drive
+from apibox.store.script import Row, Script, Want, drive
 from apibox.store.sql_store import SqlStore
 from apibox.store.sqlite_writer import SqliteWriter
 from apibox.store.sqltime import now_ms
@@ -31,7 +31,14 @@ T = TypeVar("T")
 
 def run_script(db: sqlite3.Connection, script: Script[T]) -> T:
     """Drive a transaction script on the writer's connection (inside the writer's transaction)."""
-    return drive(script, lambda sql, params: db.execute(sql, params).fetchall(), (sqlite3.IntegrityError,))
+    def execute(sql: str, params: Sequence[Any], want: Want | None = None) -> list[Row]:
+        cursor = db.execute(sql, params)
+        if want is None:
+            return cursor.fetchall()
+        if want is Want.COUNT:
+            return [(cursor.rowcount,)]
+        return [(cursor.lastrowid,)] if cursor.rowcount > 0 else []
+    return drive(script, execute, (sqlite3.IntegrityError,))
 
 
 class SqliteStore(SqlStore):
