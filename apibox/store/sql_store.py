@@ -230,12 +230,13 @@ class SqlStore(SqlReports):
     def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
         """Take a settlement's ``amount``: from the balance, with its ledger row (the balance after),
         and into the key's spend."""
-        if not _changed((yield "UPDATE balances SET balance = balance - ? WHERE user_id = ?", (amount, hold.user_id),
-                         Want.COUNT)):
+        rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
+                      (amount, hold.user_id))
+        if not rows:
             raise no_balance(hold.user_id)
         yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
-               "SELECT user_id, ?, 'charge', ?, balance, ?, 'gateway', ? FROM balances WHERE user_id = ?",
-               (created, -amount, note, usage_id, hold.user_id))
+               "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
+               (hold.user_id, created, -amount, rows[0][0], note, usage_id))
         yield KEY_SPEND_SQL, (amount, created, hold.key_id)
 
     def _balance(self, user_id: int) -> Script[Balance]:
