@@ -3,7 +3,7 @@
 Throughput on a shared VM moves by 10-40% from one minute to the next, more than most changes
 to the hot path. The instructions a gateway executes for one request do not: callgrind counts
 them (user space only, every thread of the process; the kernel is not counted), and two runs of
-the same code agree to 0.1% (non-streamed) or about 1% (streams, whose reads split where the
+the same code agree to 0.1% (non-streamed) or 1-2% (streams, whose reads split where the
 timing puts them). It answers "did this change make a request cheaper, and by how much",
 against the forwarder measured the same way, one request at a time (no group commits, no
 batching: the cost of a request alone).
