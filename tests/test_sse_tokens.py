@@ -304,3 +304,16 @@ def test_odd_bodies_do_not_crash() -> None:
     for body in ({}, {"messages": "nope"}, {"messages": [None, 3, {"content": [None, 1, {"type": "image"}]}]},
                  {"prompt": None}, {"input": [[], [[]]]}):
         assert tokens.prompt_bound(body) >= tokens.prompt_estimate(body) >= 0
+
+
+def test_reads_of_one_frame_each_give_what_the_whole_stream_gives() -> None:
+    """An upstream writing as it generates sends a frame a read: those reads take a shortcut,
+    which must agree with decoding the same bytes in one piece, whatever the frames hold."""
+    frames = [b'data: {"id":1,"text":"a b"}\n\n', b": keep-alive\n\n", b"event: delta\ndata: two\n\n",
+              b"data: first\ndata: second\n\n", b"data: \xe4\xbd\xa0\xe5\xa5\xbd\n\n", b"data:no space\n\n",
+              b"data: crlf\r\n\r\n", b"data: split", b" across reads\n\n", b"data: [DONE]\n\n"]
+    whole = SSEDecoder().feed_data(b"".join(frames))
+    decoder = SSEDecoder()
+    one_by_one = [payload for frame in frames for payload in decoder.feed_data(frame)]
+    assert one_by_one == whole
+    assert whole[0] == b'{"id":1,"text":"a b"}' and whole[-1] == b"[DONE]"
