@@ -76,13 +76,19 @@ def reference_dir(override: str | None) -> tuple[Path, str]:
 # HTTP helpers
 # ---------------------------------------------------------------------------------------------
 
-def chat_body(stream: bool) -> bytes:
-    body: dict = {"model": apibox_target.MODEL, "max_tokens": 32,
-                  "messages": [{"role": "user", "content": "Say hello in five words."}]}
+def chat_request(stream: bool) -> dict:
+    """The chat request wrk sends (bench/chat.lua): a system and a user message, 64 tokens at most."""
+    body: dict = {"model": apibox_target.MODEL, "temperature": 0.2, "max_tokens": 64, "messages": [
+        {"role": "system", "content": "You are a concise assistant for an engineering team. Answer in plain words."},
+        {"role": "user", "content": "In two sentences: why does a team that calls several LLM providers put one "
+                                    "gateway in front of them, and why count usage per API key?"}]}
     if stream:
-        body["stream"] = True
-        body["stream_options"] = {"include_usage": True}
-    return json.dumps(body).encode()
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+def chat_body(stream: bool) -> bytes:
+    return json.dumps(chat_request(stream)).encode()
 
 
 def post(t: Target, stream: bool, timeout: float = 30) -> tuple[int, bytes]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import apibox_target, procs
-from bench.harness import reference_dir, wait_http
+from bench.harness import chat_request, reference_dir, wait_http
 
 SCENARIOS = {"json": (False, 0.0), "sse": (True, 0.0), "paced": (True, 2.0)}  # stream?, chunk delay (ms)
 
@@ -54,17 +55,6 @@ def callgrind_totals(path: Path) -> int:
     raise ValueError(f"{path} has no totals line (was anything counted?)")
 
 
-def chat_request(stream: bool) -> dict:
-    """A small chat request like the load benchmark's (bench/chat.lua)."""
-    body: dict = {"model": apibox_target.MODEL, "temperature": 0.2, "max_tokens": 64, "messages": [
-        {"role": "system", "content": "You are a concise assistant for an engineering team. Answer in plain words."},
-        {"role": "user", "content": "In two sentences: why does a team that calls several LLM providers put one "
-                                    "gateway in front of them, and why count usage per API key?"}]}
-    if stream:
-        body |= {"stream": True, "stream_options": {"include_usage": True}}
-    return body
-
-
 async def send(url: str, headers: dict[str, str], stream: bool, count: int) -> None:
     """``count`` requests one after another on one connection; any answer but 200 is an error."""
     async with aiohttp.ClientSession() as session:
@@ -79,10 +69,10 @@ def callgrind_control(*args: str, pid: int) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
 
 
-def count(target: str, cmd: list[str], ready_url: str, url: str, headers: dict[str, str], stream: bool,
-          args: argparse.Namespace, out: Path) -> Count:
+def count(target: str, scenario: str, cmd: list[str], ready_url: str, url: str, headers: dict[str, str],
+          stream: bool, args: argparse.Namespace, out: Path) -> Count:
     """Start ``cmd`` under callgrind with counting off, warm it up, count ``args.requests`` requests."""
-    stem = out / f"{target}-{'sse' if stream else 'json'}-{time.monotonic_ns()}"
+    stem = out / f"{target}-{scenario}-{time.monotonic_ns()}"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={stem}.%p.cg"]
     proc = procs.start([*valgrind, *cmd], cpus=args.proxy_cpus, log=Path(f"{stem}.log"))
     try:
@@ -98,7 +88,7 @@ def count(target: str, cmd: list[str], ready_url: str, url: str, headers: dict[s
     dumps = sorted(out.glob(f"{stem.name}.{proc.pid}.cg.*"))  # the --dump above (not the final one at exit)
     if not dumps:
         raise RuntimeError(f"callgrind wrote no dump for {target}; see {stem}.log")
-    return Count(target, "", args.requests, callgrind_totals(dumps[0]))
+    return Count(target, scenario, args.requests, callgrind_totals(dumps[0]))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,14 +115,12 @@ def measure_scenario(name: str, args: argparse.Namespace, ref: Path, out: Path) 
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         bare = [sys.executable, str(ref / "bare_proxy.py"), "--port", str(port),
                 "--upstream", f"http://127.0.0.1:{upstream_port}"]
-        counts.append(count("bare", bare, f"http://127.0.0.1:{port}/health", url, {}, stream, args, out))
+        counts.append(count("bare", name, bare, f"http://127.0.0.1:{port}/health", url, {}, stream, args, out))
         setup = apibox_target.prepare(out / f"apibox-{name}", f"http://127.0.0.1:{upstream_port}/v1", port)
-        counts.append(count("apibox", setup.serve_cmd(), f"http://127.0.0.1:{port}/healthz", url,
+        counts.append(count("apibox", name, setup.serve_cmd(), f"http://127.0.0.1:{port}/healthz", url,
                             {"Authorization": f"Bearer {setup.key}"}, stream, args, out))
     finally:
         procs.stop(upstream)
-    for c in counts:
-        c.scenario = name
     return counts
 
 
@@ -150,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
-    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+    if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     ref, _ = reference_dir(args.shared)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench import report
+from bench import instructions, report
+from bench.instructions import Count
 
 
 def cell(target: str, scenario: str, conns: int, rps: float, p50: float, order: int) -> dict:
@@ -51,8 +52,6 @@ def test_the_load_line_says_how_far_apart_the_chunks_came() -> None:
 
 
 def test_callgrind_totals_are_read_from_the_dump_and_a_dump_without_them_is_refused(tmp_path) -> None:
-    from bench import instructions
-
     dump = tmp_path / "apibox.123.cg.1"
     dump.write_text("# callgrind format\nversion: 1\nevents: Ir\nsummary: 0\n\nfn=(1) main\n5 100\ntotals: 150705412\n")
     assert instructions.callgrind_totals(dump) == 150_705_412
@@ -63,9 +62,7 @@ def test_callgrind_totals_are_read_from_the_dump_and_a_dump_without_them_is_refu
 
 
 def test_the_instructions_table_compares_apibox_with_the_forwarder_per_request() -> None:
-    from bench.instructions import Count, report
-
     counts = [Count("bare", "json", 100, 60_000_000), Count("apibox", "json", 100, 150_000_000),
               Count("bare", "paced", 50, 80_000_000), Count("apibox", "paced", 50, 168_000_000)]
-    rows = report(counts).splitlines()[2:]
+    rows = instructions.report(counts).splitlines()[2:]
     assert rows == ["| json | 600,000 | 1,500,000 | 2.50 |", "| paced | 1,600,000 | 3,360,000 | 2.10 |"]
