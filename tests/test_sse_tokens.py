@@ -317,3 +317,24 @@ def test_reads_of_one_frame_each_give_what_the_whole_stream_gives() -> None:
     one_by_one = [payload for frame in frames for payload in decoder.feed_data(frame)]
     assert one_by_one == whole
     assert whole[0] == b'{"id":1,"text":"a b"}' and whole[-1] == b"[DONE]"
+
+
+@pytest.mark.parametrize("stream", [
+    b"data: a\n\ndata: b\n\ndata: c\n\n",  # usual frames only: split in one go
+    b"data: a\n\ndata: \n\ndata: c",  # an empty data line, and a frame not yet ended
+    b"data: a\n\n\n\ndata: b\n\n",  # an empty block between frames
+    b"data: a\n\ndata: b\n\n\n",  # a stray line break after the last frame
+    b"data: a\n\ndata: b\ndata: c\n\n",  # data on two lines
+    b"data: a\n\n: keep-alive\n\ndata: b\n\n",  # a comment among usual frames
+    b"data: a\n\nevent: x\ndata: b\n\n",  # a named event
+    b"data: a\n\ndata:b\n\n",  # no space after the colon
+    b"data: a\n",  # no frame ended yet
+])
+def test_a_read_of_several_frames_gives_each_events_data(stream: bytes) -> None:
+    """A read of several frames is split at once when all are usual frames; any other block
+    among them sends the read the general way. Either way: what decoding event by event gives."""
+    reference = SSEDecoder()
+    events = reference.feed(stream) + reference.flush()
+    decoder = SSEDecoder()
+    assert decoder.feed_data(stream) + decoder.flush_data() == [event.data.replace("\n", " ").encode()
+                                                                 for event in events]
