@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
@@ -41,6 +42,7 @@ LEDGER_COLUMNS = "id, user_id, kind, amount, balance_after, note, reference, act
 USAGE_FIELDS = ("request_id", "created_at", "user_id", "key_id", "model", "provider", "endpoint", "status",
                 "http_status", "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
                 "reasoning_tokens", "estimated", "cost", "charged", "latency_ms", "ttft_ms")
+_usage_fields = attrgetter(*USAGE_FIELDS)
 INSERT_USAGE_SQL = f"INSERT INTO usage ({', '.join(USAGE_FIELDS)}) VALUES ({', '.join('?' * len(USAGE_FIELDS))})"
 RELEASE_SQL = "DELETE FROM holds WHERE id = ?"  # the holds_release trigger lowers balances.held
 # The hold: inserted only if the available balance covers it and the key's budget (if any) does,
@@ -408,7 +410,7 @@ def no_balance(user_id: int) -> StoreError:
 def usage_values(usage: UsageRecord, created: int) -> list[Any]:
     """The usage row's values in ``USAGE_FIELDS`` order; ``created``: its ``created_at`` in ms,
     which the settlement's other rows share."""
-    values = [getattr(usage, f) for f in USAGE_FIELDS]
+    values = list(_usage_fields(usage))
     values[1] = created
     values[14] = int(usage.estimated)
     return values

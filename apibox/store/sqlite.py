@@ -31,8 +31,10 @@ T = TypeVar("T")
 
 def run_script(db: sqlite3.Connection, script: Script[T]) -> T:
     """Drive a transaction script on the writer's connection (inside the writer's transaction)."""
+    cursor = db.cursor()  # one for the whole script: Connection.execute makes a cursor per statement
+
     def execute(sql: str, params: Sequence[Any], want: Want | None = None) -> list[Row]:
-        cursor = db.execute(sql, params)
+        cursor.execute(sql, params)
         if want is None:
             return cursor.fetchall()
         if want is Want.COUNT:
