@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from itertools import islice
 from typing import Any
 
 from apibox.pricing import Usage
@@ -85,7 +86,7 @@ class ChunkShape:
     created, one choice adding content, no finish_reason, no usage). One such chunk, parsed, is
     the shape; a later chunk whose bytes are ``prefix + TEXT + suffix`` with TEXT free of quotes,
     backslashes and control characters is the same JSON document with another content string,
-    so it needs no parsing: ``read`` reads it. ``learn`` returns None for a chunk that is not plain.
+    so it needs no parsing: ``read_run`` reads a run of them. ``learn`` returns None for a chunk that is not plain.
     """
 
     __slots__ = ("chunk", "prefix", "suffix", "text")
@@ -110,18 +111,32 @@ class ChunkShape:
                 return None
         return None
 
-    def read(self, raw: bytes) -> tuple[str, bytes] | None:
-        """The content ``raw`` adds and its bytes as they came, when it is a chunk of this shape."""
+    def read_run(self, payloads: list[bytes], start: int) -> tuple[list[str], list[bytes]]:
+        """The texts of the chunks of this shape from ``payloads[start]`` on, up to the first that is
+        not one, and each text's bytes as they came (``[], []`` when the first is not one)."""
         prefix, suffix = self.prefix, self.suffix
-        if len(raw) < len(prefix) + len(suffix) or not raw.startswith(prefix) or not raw.endswith(suffix):
-            return None
-        middle = raw[len(prefix):len(raw) - len(suffix)]
-        if _NOT_PLAIN.search(middle):
-            return None
-        try:
-            return middle.decode(), middle
-        except UnicodeDecodeError:
-            return None
+        head, tail = len(prefix), len(suffix)
+        middles = []
+        for raw in islice(payloads, start, None):
+            if len(raw) < head + tail or not raw.startswith(prefix) or not raw.endswith(suffix):
+                break
+            middles.append(raw[head:len(raw) - tail])
+        if not middles:
+            return [], []
+        if not _NOT_PLAIN.search(b"".join(middles)):  # the usual case: one scan and one decode for the run
+            try:  # NUL is in none of them, and ends any UTF-8 sequence cut short
+                return b"\0".join(middles).decode().split("\0"), middles
+            except UnicodeDecodeError:
+                pass
+        texts = []
+        for middle in middles:  # the run ends before the first that needs escaping or is not UTF-8
+            if _NOT_PLAIN.search(middle):
+                break
+            try:
+                texts.append(middle.decode())
+            except UnicodeDecodeError:
+                break
+        return texts, middles[:len(texts)]
 
     def chunk_with(self, text: str) -> dict[str, Any]:
         """The chunk of this shape that adds ``text``, parsed (for renderers that translate)."""

@@ -179,11 +179,11 @@ def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     assert shape is not None
 
     def text_of(raw: bytes) -> str | None:
-        read = shape.read(raw)
-        if read is None:
+        texts, middles = shape.read_run([raw], 0)
+        if not texts:
             return None
-        assert read[1] == read[0].encode()  # the text's bytes, as they came
-        return read[0]
+        assert middles == [texts[0].encode()]  # the text's bytes, as they came
+        return texts[0]
     assert text_of(encode(chunk({"content": "fox"}))) == "fox"
     assert text_of(encode(chunk({"content": ""}))) == ""
     assert text_of(encode(chunk({"content": "fox"}, "stop"))) is None
@@ -193,6 +193,26 @@ def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     assert text_of(shape.prefix[:-3] + shape.suffix) is None
     unicode = encode(chunk({"content": "Héllo 你好 🌍"}))
     assert text_of(unicode) == ("Héllo 你好 🌍" if encoder != "ascii" else None)
+
+
+@pytest.mark.parametrize("encoder", sorted(ENCODERS))
+def test_a_run_of_plain_chunks_ends_before_the_first_that_is_not_one(encoder: str) -> None:
+    """Read as a run (one scan and one decode), the texts are those read one chunk at a time."""
+    encode = ENCODERS[encoder]
+    shape = ChunkShape.learn(chunk({"content": "The "}), encode(chunk({"content": "The "})))
+    assert shape is not None
+    plain = [encode(chunk({"content": text})) for text in ("a", "", "bc")]
+    quoted = encode(chunk({"content": 'say "hi"'}))
+    stop = encode(chunk({"content": "x"}, "stop"))
+    half = "é".encode()  # a character cut in two, each half a chunk of its own
+    cut = [shape.prefix + half[:1] + shape.suffix, shape.prefix + half[1:] + shape.suffix]
+    assert shape.read_run(plain, 0) == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert shape.read_run([stop, *plain], 1) == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert shape.read_run([*plain, stop, *plain], 0) == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert shape.read_run([*plain, quoted, *plain], 0) == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert shape.read_run([plain[0], *cut], 0) == (["a"], [b"a"])
+    assert shape.read_run([quoted, *plain], 0) == ([], [])
+    assert shape.read_run(plain, len(plain)) == ([], [])
 
 
 async def test_only_a_batch_that_ends_the_stream_is_last() -> None:

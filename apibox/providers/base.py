@@ -68,10 +68,6 @@ class PlainRun:
         self.texts = texts
         self.middles = middles
 
-    def add(self, text: str, middle: bytes) -> None:
-        self.texts.append(text)
-        self.middles.append(middle)
-
     def head(self, count: int) -> PlainRun:
         """The run's first ``count`` chunks."""
         return PlainRun(self.shape, self.texts[:count], self.middles[:count])

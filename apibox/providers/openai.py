@@ -53,18 +53,17 @@ class _OpenAIStream(UpstreamStream):
         try:
             async for payloads in reads:
                 batch = WireBatch()
-                run: PlainRun | None = None
-                for payload in payloads:
-                    read = shape.read(payload) if shape is not None else None
-                    if read is not None:
-                        if run is None:
-                            run = PlainRun(shape, [read[0]], [read[1]])  # type: ignore[arg-type]
-                            batch.append(run)
+                index, count = 0, len(payloads)
+                while index < count:
+                    if shape is not None:
+                        texts, middles = shape.read_run(payloads, index)
+                        if texts:
+                            batch.append(PlainRun(shape, texts, middles))
                             batch.raw.append(None)
-                        else:
-                            run.add(*read)
-                        continue
-                    run = None
+                            index += len(texts)
+                            continue
+                    payload = payloads[index]
+                    index += 1
                     if payload.startswith(b"[DONE]"):
                         if batch:
                             batch.last = True
