@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox import tokens
+from apibox.gateway.proxy import Delivered
 from apibox.sse import Event, SSEDecoder, encode
 
 ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
@@ -338,3 +339,26 @@ def test_a_read_of_several_frames_gives_each_events_data(stream: bytes) -> None:
     decoder = SSEDecoder()
     assert decoder.feed_data(stream) + decoder.flush_data() == [event.data.replace("\n", " ").encode()
                                                                  for event in events]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.text(alphabet="ab1 .é", max_size=6), max_size=6), max_size=8),
+       st.integers(min_value=0, max_value=40))
+def test_a_stream_is_cut_at_the_first_text_past_its_paid_for_tokens(batches: list[list[str]], limit: int) -> None:
+    """However the texts come in batches, the cut falls on the text whose tokens, added to all
+    before it, pass the limit; the texts kept are those up to it, and their count is exact."""
+    texts = [text for batch in batches for text in batch]
+    running = [sum(tokens.count_tokens(t) for t in texts[:i + 1]) for i in range(len(texts))]
+    past = next((i for i, total in enumerate(running) if total > limit), None)
+    delivered, cut_at, seen = Delivered(), None, 0
+    for batch in batches:
+        index = delivered.add_all(batch, limit)
+        if index is not None:
+            cut_at = seen + index
+            break
+        seen += len(batch)
+    assert cut_at == past
+    kept = texts if past is None else texts[:past + 1]
+    assert delivered.pieces == kept
+    assert delivered.characters == sum(map(len, kept))
+    assert delivered.tokens() == sum(tokens.count_tokens(t) for t in kept)

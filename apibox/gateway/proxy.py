@@ -131,12 +131,21 @@ class Delivered:
             self.pieces.extend(texts)
             self.characters += size
             return None
-        for index, text in enumerate(texts):
-            self.pieces.append(text)
-            self.characters += len(text)
-            if self.characters > limit and self.tokens() > limit:
+        counted = self.tokens()
+        for index, count in enumerate(map(tokens.count_tokens, texts)):
+            counted += count
+            if counted > limit:
+                self._add_counted(texts[:index + 1], counted)
                 return index
+        self._add_counted(texts, counted)
         return None
+
+    def _add_counted(self, texts: Sequence[str], counted: int) -> None:
+        """Add ``texts``, which take the count of all pieces to ``counted`` tokens."""
+        self.pieces.extend(texts)
+        self.characters += sum(map(len, texts))
+        self.counted = counted
+        self.counted_pieces = len(self.pieces)
 
     def tokens(self) -> int:
         for piece in self.pieces[self.counted_pieces:]:
