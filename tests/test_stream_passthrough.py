@@ -100,7 +100,7 @@ def rendered(found: list[WireBatch], wants_usage: bool) -> bytes:
     out = b""
     for batch in found:
         for item, raw in zip(batch, batch.raw, strict=True):
-            out += renderer.feed(item, raw).data
+            out += renderer.plain(item) if type(item) is PlainRun else renderer.feed(item, raw).data
     return out
 
 

@@ -375,10 +375,10 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                 if type(item) is PlainRun:
                     passed = delivered.add_all(item.texts, limit)
                     if passed is None:
-                        out.append(renderer.feed(item, None).data)
+                        out.append(renderer.plain(item))
                         continue
                     if passed:  # the run's chunks before the one that went past the paid-for length
-                        out.append(renderer.feed(item.head(passed), None).data)
+                        out.append(renderer.plain(item.head(passed)))
                 else:
                     piece = renderer.feed(item, raws[index] if raws is not None else None)
                     usage = piece.usage or usage

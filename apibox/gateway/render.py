@@ -30,9 +30,12 @@ class Piece:
 
 
 class StreamRenderer(Protocol):
-    def feed(self, item: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
-        """One upstream item; ``raw``: its bytes as they came (``WireBatch``), when known. A
-        ``PlainRun``'s texts are not in the Piece: the caller counts them (and may cut inside it)."""
+    def feed(self, item: dict[str, Any], raw: bytes | None) -> Piece:
+        """One parsed upstream item; ``raw``: its bytes as they came (``WireBatch``), when known."""
+        ...
+    def plain(self, run: PlainRun) -> bytes:
+        """A run of chunks that only add text (OpenAI streams only); the caller counts its texts
+        (and may cut inside it)."""
         ...
     def cut(self) -> bytes:
         """End the answer where the hold's paid-for length ran out."""
@@ -63,9 +66,7 @@ class OpenAIRenderer:
         self.shape: ChunkShape | None = None
         self.around: tuple[bytes, bytes] | None = None  # the frame before and after a plain chunk's text
 
-    def feed(self, chunk: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
-        if type(chunk) is PlainRun:
-            return Piece(self._plain(chunk))
+    def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
         usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
         if usage is not None and not chunk.get("choices"):
             self.usage_chunk = chunk  # sent at the end, with the cost
@@ -79,7 +80,7 @@ class OpenAIRenderer:
             data = encode(jsoncodec.dumps(chunk))
         return Piece(data, delta_text(chunk), usage)
 
-    def _plain(self, run: PlainRun) -> bytes:
+    def plain(self, run: PlainRun) -> bytes:
         shape = run.shape
         if shape is not self.shape:
             self.shape, self.around = shape, self._around(shape)
@@ -197,11 +198,12 @@ class AnthropicRenderer:
     def __init__(self, model: str, input_tokens: int) -> None:
         self.translate = OpenAIToAnthropicStream(model, input_tokens)
 
-    def feed(self, chunk: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
-        if type(chunk) is PlainRun:
-            return Piece(b"".join(_frames(self.translate.feed(c)) for c in chunk.parsed()))
+    def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
         usage = usage_from_openai(chunk.get("usage")) if chunk.get("usage") else None
         return Piece(_frames(self.translate.feed(chunk)), delta_text(chunk), usage)
+
+    def plain(self, run: PlainRun) -> bytes:
+        return b"".join(_frames(self.translate.feed(chunk)) for chunk in run.parsed())
 
     def cut(self) -> bytes:
         self.translate.stop_reason = "max_tokens"
@@ -223,8 +225,7 @@ class AnthropicPassthrough:
         self.open_block: int | None = None
         self.closed = False
 
-    def feed(self, event: dict[str, Any] | PlainRun, raw: bytes | None) -> Piece:
-        assert type(event) is dict  # Anthropic streams have no plain runs
+    def feed(self, event: dict[str, Any], raw: bytes | None) -> Piece:
         kind = event.get("type", "")
         text, usage = "", None
         if kind == "message_start":
@@ -245,6 +246,9 @@ class AnthropicPassthrough:
         elif kind == "message_stop":
             self.closed = True
         return Piece(encode(jsoncodec.dumps(event), kind), text, usage)
+
+    def plain(self, run: PlainRun) -> bytes:
+        raise TypeError("an Anthropic stream has no runs of OpenAI text chunks")
 
     def cut(self) -> bytes:
         return b""  # end() closes the message, with the usage that is charged
