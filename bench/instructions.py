@@ -24,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import aiohttp
 
@@ -33,6 +35,7 @@ from bench import apibox_target, procs
 from bench.harness import chat_request, reference_dir, wait_http
 
 SCENARIOS = {"json": (False, 0.0), "sse": (True, 0.0), "paced": (True, 2.0)}  # stream?, chunk delay (ms)
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,7 +95,12 @@ def count(target: str, scenario: str, cmd: list[str], ready_url: str, url: str, 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bench.instructions", description=__doc__.split("\n")[0])
+    return parser("bench.instructions", __doc__).parse_args(argv)
+
+
+def parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The options of a one-request-at-a-time measure (this one, and bench.bytecodes)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     ap.add_argument("--scenarios", default="json,sse,paced", help=f"comma list of {', '.join(SCENARIOS)}")
     ap.add_argument("--requests", type=int, default=100, help="requests counted per cell")
     ap.add_argument("--warmup", type=int, default=30, help="requests before counting starts")
@@ -100,24 +108,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--load-cpus", default="1", help="taskset CPU list of the mock upstream")
     ap.add_argument("--port-base", type=int, default=18300, help="upstream on it, the targets +1")
     ap.add_argument("--shared", default=None, help="directory with the reference mock_upstream.py and bare_proxy.py")
-    return ap.parse_args(argv)
+    return ap
 
 
-def measure_scenario(name: str, args: argparse.Namespace, ref: Path, out: Path) -> list[Count]:
+def unknown_scenarios(scenarios: str) -> str | None:
+    """What is wrong with a comma list of scenarios, if anything."""
+    unknown = set(scenarios.split(",")) - set(SCENARIOS)
+    if unknown:
+        return f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}"
+    return None
+
+
+def measure_scenario(name: str, args: argparse.Namespace, ref: Path, out: Path,
+                     counter: Callable[..., T]) -> list[T]:
+    """``counter``'s measure of the forwarder and of apibox, each under the same upstream."""
     stream, delay = SCENARIOS[name]
     upstream_port, port = args.port_base, args.port_base + 1
     upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(upstream_port),
                             "--chunks", "20", "--chunk-delay-ms", str(delay)], cpus=args.load_cpus,
                            log=out / f"upstream-{name}.log")
-    counts = []
+    counts: list[T] = []
     try:
         wait_http(f"http://127.0.0.1:{upstream_port}/health", upstream, 30)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         bare = [sys.executable, str(ref / "bare_proxy.py"), "--port", str(port),
                 "--upstream", f"http://127.0.0.1:{upstream_port}"]
-        counts.append(count("bare", name, bare, f"http://127.0.0.1:{port}/health", url, {}, stream, args, out))
+        counts.append(counter("bare", name, bare, f"http://127.0.0.1:{port}/health", url, {}, stream, args, out))
         setup = apibox_target.prepare(out / f"apibox-{name}", f"http://127.0.0.1:{upstream_port}/v1", port)
-        counts.append(count("apibox", name, setup.serve_cmd(), f"http://127.0.0.1:{port}/healthz", url,
+        counts.append(counter("apibox", name, setup.serve_cmd(), f"http://127.0.0.1:{port}/healthz", url,
                             {"Authorization": f"Bearer {setup.key}"}, stream, args, out))
     finally:
         procs.stop(upstream)
@@ -134,16 +152,16 @@ def report(counts: list[Count]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
-    if unknown:
-        print(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}", file=sys.stderr)
+    problem = unknown_scenarios(args.scenarios)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (Debian: apt-get install valgrind)", file=sys.stderr)
         return 2
     ref, _ = reference_dir(args.shared)
     with tempfile.TemporaryDirectory(prefix="apibox-instructions-") as tmp:
-        counts = [c for name in args.scenarios.split(",") for c in measure_scenario(name, args, ref, Path(tmp))]
+        counts = [c for name in args.scenarios.split(",") for c in measure_scenario(name, args, ref, Path(tmp), count)]
     print("Instructions per request, one request at a time (callgrind; user space, every thread):")
     print(report(counts))
     return 0
