@@ -215,6 +215,43 @@ def test_a_run_of_plain_chunks_ends_before_the_first_that_is_not_one(encoder: st
     assert shape.read_run(plain, len(plain)) == ([], [])
 
 
+def _read_one_by_one(shape: ChunkShape, payloads: list[bytes]) -> tuple[list[str], list[bytes]]:
+    """What ``read_run`` must give, found the slow way: each payload in turn, until one is not plain."""
+    texts, middles = [], []
+    for raw in payloads:
+        if len(raw) < len(shape.prefix) + len(shape.suffix) or not raw.startswith(shape.prefix) \
+                or not raw.endswith(shape.suffix):
+            break
+        middle = raw[len(shape.prefix):len(raw) - len(shape.suffix)]
+        if any(byte in b'"\\' or byte < 0x20 for byte in middle):
+            break
+        try:
+            texts.append(middle.decode())
+        except UnicodeDecodeError:
+            break
+        middles.append(middle)
+    return texts, middles
+
+
+_PARTS = ["prefix", "suffix", "a", "é", "\"", "\\", "\t", '"}', "\xff", "\xc3"]  # \xc3: a character cut short
+_PAYLOAD = st.lists(st.sampled_from(_PARTS), max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(_PAYLOAD, _PAYLOAD.map(lambda middle: ["prefix", *middle, "suffix"])), max_size=8),
+       st.integers(min_value=0, max_value=3))
+def test_a_run_is_read_as_reading_each_chunk_in_turn_would(parts: list[list[str]], start: int) -> None:
+    """Payloads made of the shape's own prefix and suffix, texts and the bytes that end a run, in any
+    order, most of them framed like a chunk (a read's payloads never hold a line break): the run
+    read at once is the one read chunk by chunk."""
+    shape = ChunkShape.learn(chunk({"content": "The "}), orjson.dumps(chunk({"content": "The "})))
+    assert shape is not None
+    pieces = {"prefix": shape.prefix, "suffix": shape.suffix, "\xff": b"\xff", "\xc3": b"\xc3"}
+    payloads = [b"".join(pieces.get(part) or part.encode() for part in payload) for payload in parts]
+    start = min(start, len(payloads))
+    assert shape.read_run(payloads, start) == _read_one_by_one(shape, payloads[start:])
+
+
 async def test_only_a_batch_that_ends_the_stream_is_last() -> None:
     body = sse(upstream_chunks(["one", "two"]), "orjson")
     done = body.index(b"data: [DONE]")
