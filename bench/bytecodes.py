@@ -76,7 +76,9 @@ def serve(dump: Path, argv: list[str]) -> None:
 
     def write(*_: Any) -> None:
         tracer.stop()
-        dump.write_text("".join(line + "\n" for line in tracer.lines()))
+        part = dump.with_name(dump.name + ".part")  # renamed when whole: the reader waits for the name
+        part.write_text("".join(line + "\n" for line in tracer.lines()))
+        part.replace(dump)
 
     signal.signal(signal.SIGUSR1, lambda *_: tracer.start())
     signal.signal(signal.SIGUSR2, write)
@@ -160,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = instructions.parser("bench.bytecodes", __doc__)
     ap.add_argument("--top", type=int, default=40, help="functions listed per scenario")
     args = ap.parse_args(argv)
-    args.warmup = max(args.warmup, 1)
     problem = instructions.unknown_scenarios(args.scenarios)
     if problem:
         print(problem, file=sys.stderr)
