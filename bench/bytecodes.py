@@ -17,7 +17,7 @@ warm-up is not counted. Traced, a request is some 20 times slower.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import os
 import re
 import runpy
 import signal
@@ -30,8 +30,8 @@ from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
-from bench import instructions, procs
-from bench.harness import reference_dir, wait_http
+from bench import instructions
+from bench.harness import reference_dir
 
 REPO = Path(__file__).resolve().parent.parent
 _INSTALLED = re.compile(r"^.*/site-packages/|^.*/lib/python3\.\d+/")
@@ -124,19 +124,18 @@ def count(target: str, scenario: str, cmd: list[str], ready_url: str, url: str, 
     """Start ``cmd`` traced, warm it up, count ``args.requests`` requests."""
     dump = out / f"{target}-{scenario}.bytecodes"
     traced = [cmd[0], "-m", "bench.bytecodes", "--serve", str(dump), "--", *cmd[1:]]
-    proc = procs.start(traced, cpus=args.proxy_cpus, log=out / f"{target}-{scenario}.log", cwd=REPO)
-    try:
-        wait_http(ready_url, proc, 60)
-        asyncio.run(instructions.send(url, headers, stream, args.warmup))
-        proc.send_signal(signal.SIGUSR1)
+
+    def begin(pid: int) -> None:
+        os.kill(pid, signal.SIGUSR1)
         time.sleep(0.3)  # the handler runs at the target's next bytecode; the loop wakes for it
-        asyncio.run(instructions.send(url, headers, stream, args.requests))
-        proc.send_signal(signal.SIGUSR2)
+
+    def end(pid: int) -> None:
+        os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + DUMP_WAIT_SECONDS
         while not dump.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-    finally:
-        procs.stop(proc)
+    instructions.counted_run(traced, out / f"{target}-{scenario}.log", ready_url, url, headers, stream, args,
+                             begin, end, ready_seconds=60, cwd=REPO)
     if not dump.exists():
         raise RuntimeError(f"{target} wrote no counts; see {out / f'{target}-{scenario}.log'}")
     return Profile(target, scenario, args.requests, read_dump(dump))

@@ -77,21 +77,38 @@ def count(target: str, scenario: str, cmd: list[str], ready_url: str, url: str, 
     """Start ``cmd`` under callgrind with counting off, warm it up, count ``args.requests`` requests."""
     stem = out / f"{target}-{scenario}-{time.monotonic_ns()}"
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={stem}.%p.cg"]
-    proc = procs.start([*valgrind, *cmd], cpus=args.proxy_cpus, log=Path(f"{stem}.log"))
-    try:
-        wait_http(ready_url, proc, 300)
-        asyncio.run(send(url, headers, stream, args.warmup))
-        callgrind_control("--zero", pid=proc.pid)
-        callgrind_control("--instr=on", pid=proc.pid)
-        asyncio.run(send(url, headers, stream, args.requests))
-        callgrind_control("--instr=off", pid=proc.pid)
-        callgrind_control("--dump", pid=proc.pid)
-    finally:
-        procs.stop(proc, grace=60)
-    dumps = sorted(out.glob(f"{stem.name}.{proc.pid}.cg.*"))  # the --dump above (not the final one at exit)
+
+    def begin(pid: int) -> None:
+        callgrind_control("--zero", pid=pid)
+        callgrind_control("--instr=on", pid=pid)
+
+    def end(pid: int) -> None:
+        callgrind_control("--instr=off", pid=pid)
+        callgrind_control("--dump", pid=pid)
+    pid = counted_run([*valgrind, *cmd], Path(f"{stem}.log"), ready_url, url, headers, stream, args, begin, end,
+                      ready_seconds=300, grace=60)
+    dumps = sorted(out.glob(f"{stem.name}.{pid}.cg.*"))  # the --dump above (not the final one at exit)
     if not dumps:
         raise RuntimeError(f"callgrind wrote no dump for {target}; see {stem}.log")
     return Count(target, scenario, args.requests, callgrind_totals(dumps[0]))
+
+
+def counted_run(cmd: list[str], log: Path, ready_url: str, url: str, headers: dict[str, str], stream: bool,
+                args: argparse.Namespace, begin: Callable[[int], None], end: Callable[[int], None], *,
+                ready_seconds: float, grace: float = 10, cwd: Path | None = None) -> int:
+    """Start ``cmd`` on ``args.proxy_cpus``, send it ``args.warmup`` requests, then ``args.requests``
+    between ``begin(pid)`` and ``end(pid)``, and stop it: the measuring window of this module and
+    bench.bytecodes. Returns the pid."""
+    proc = procs.start(cmd, cpus=args.proxy_cpus, log=log, cwd=cwd)
+    try:
+        wait_http(ready_url, proc, ready_seconds)
+        asyncio.run(send(url, headers, stream, args.warmup))
+        begin(proc.pid)
+        asyncio.run(send(url, headers, stream, args.requests))
+        end(proc.pid)
+    finally:
+        procs.stop(proc, grace=grace)
+    return proc.pid
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
