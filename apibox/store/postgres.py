@@ -56,6 +56,12 @@ def numbered(sql: str) -> str:
     return "".join(f"{part}${i}" for i, part in enumerate(parts[:-1], 1)) + parts[-1]
 
 
+@lru_cache(maxsize=256)
+def _returning(sql: str, want: Want) -> str:
+    """``sql`` numbered, with the RETURNING clause that gives back what ``want`` asks for."""
+    return numbered(sql + _RETURNING[want])
+
+
 def _plain(rows: Sequence[asyncpg.Record]) -> list[Row]:
     """Rows as tuples; ``sum`` over BIGINT is NUMERIC in PostgreSQL: money and counts stay int."""
     return [tuple(int(v) if isinstance(v, Decimal) else v for v in row) for row in rows]
@@ -226,7 +232,7 @@ async def _drive(conn: asyncpg.Connection, script: Script[T]) -> T:
         while True:
             sql, params, *want = query
             try:
-                rows = _plain(await conn.fetch(numbered(sql + _RETURNING[want[0]] if want else sql), *params))
+                rows = _plain(await conn.fetch(_returning(sql, want[0]) if want else numbered(sql), *params))
                 if want and want[0] is Want.COUNT:
                     rows = [(len(rows),)]
             except asyncpg.IntegrityConstraintViolationError as exc:
