@@ -507,6 +507,30 @@ async def test_ledger_is_append_only(store: Store, raw: Connection) -> None:
     assert raw.execute("SELECT amount, note FROM ledger").fetchall() == [(1_000, "test")]
 
 
+async def test_ledger_refuses_an_unknown_kind_and_a_reference_twice(store: Store, raw: Connection) -> None:
+    user = await new_user(store)
+    await store.credit(Credit(user.id, 1_000, LedgerKind.TOPUP, reference="pay-1"))
+    await store.credit(Credit(user.id, 5, LedgerKind.TOPUP))
+    await store.credit(Credit(user.id, 6, LedgerKind.TOPUP))  # any number without a reference
+    insert = ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor, reference) "
+              "VALUES (?, 0, ?, 1, 1, 'cli', ?)")
+    with pytest.raises(INTEGRITY_ERRORS):
+        raw.execute(insert, (user.id, "gift", None))
+    with pytest.raises(INTEGRITY_ERRORS):
+        raw.execute(insert, (user.id, "topup", "pay-1"))
+    assert raw.execute("SELECT count(*) FROM ledger").fetchone()[0] == 3
+
+
+@pytest.mark.sqlite_only  # what SQLite's planner builds for a statement
+async def test_a_charges_ledger_row_builds_no_temporary_btree(store: Store, raw: Connection) -> None:
+    # `kind IN (...)` in the CHECK made SQLite build a b-tree of the four kinds for every INSERT.
+    program = raw.execute("EXPLAIN INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, "
+                          "actor, usage_id) VALUES (1, 0, 'charge', -1, 0, '', 'gateway', 1)").fetchall()
+    assert "OpenEphemeral" not in {row[1] for row in program}
+    (plan,) = raw.execute("EXPLAIN QUERY PLAN SELECT id FROM ledger WHERE reference = 'pay-1'").fetchall()
+    assert plan[3].endswith("INDEX ledger_reference (reference=?)")  # the partial index serves the lookup by reference
+
+
 async def test_check_constraints_stop_a_negative_balance(store: Store, raw: Connection) -> None:
     user, key = await funded(store, 1_000)
     hold = await store.hold(user.id, key.id, 400, "r", "m")

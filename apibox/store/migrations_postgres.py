@@ -181,4 +181,10 @@ CREATE INDEX holds_instance ON holds(instance);
     "0005_lean_holds": """
 DROP INDEX holds_instance;
 """,
+    # Only the references that exist are indexed (SQLite's migration rebuilds the ledger for this
+    # and for a cheaper kind check; PostgreSQL's IN needs no change).
+    "0006_lean_ledger": """
+ALTER TABLE ledger DROP CONSTRAINT ledger_reference_key;
+CREATE UNIQUE INDEX ledger_reference ON ledger(reference) WHERE reference IS NOT NULL;
+""",
 }
