@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 
 import asyncpg
 import pytest
@@ -247,20 +248,22 @@ async def test_concurrent_holds_take_exactly_what_is_there(store: Store, budgete
     assert (await store.get_balance(user.id)).balance == 0
 
 
-async def test_hold_is_all_or_nothing(store: Store) -> None:
+@pytest.mark.parametrize("budgeted", [False, True])
+async def test_hold_is_all_or_nothing(store: Store, budgeted: bool) -> None:
     user, key = await funded(store, 1_000)
-    assert await store.hold(user.id, key.id, 1_001, "too-big", "m") is None
+    hold = partial(store.hold, budgeted=budgeted)
+    assert await hold(user.id, key.id, 1_001, "too-big", "m") is None
     assert (await store.get_balance(user.id)).held == 0
-    first = await store.hold(user.id, key.id, 700, "r1", "m")
+    first = await hold(user.id, key.id, 700, "r1", "m")
     assert first is not None and (first.amount, first.user_id, first.key_id, first.request_id) == (700, user.id,
                                                                                                    key.id, "r1")
-    assert await store.hold(user.id, key.id, 301, "r2", "m") is None  # only 300 left
-    second = await store.hold(user.id, key.id, 300, "r3", "m")
+    assert await hold(user.id, key.id, 301, "r2", "m") is None  # only 300 left
+    second = await hold(user.id, key.id, 300, "r3", "m")
     assert second is not None
-    assert await store.hold(user.id, key.id, 1, "r4", "m") is None
+    assert await hold(user.id, key.id, 1, "r4", "m") is None
     balance = await store.get_balance(user.id)
     assert (balance.balance, balance.held, balance.available) == (1_000, 1_000, 0)
-    assert await store.hold(user.id + 99, key.id, 1, "nobody", "m") is None
+    assert await hold(user.id + 99, key.id, 1, "nobody", "m") is None
     for hold in (first, second):
         await store.settle(hold, record(hold, 0))
 

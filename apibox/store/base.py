@@ -121,7 +121,8 @@ class Store(Protocol):
     async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
                    budgeted: bool = True) -> Hold | None:
         """Set ``amount`` aside if the user's available balance (and the key's budget) covers it, else
-        return None. ``budgeted=False`` (the key has no budget) lets an engine skip locking the key."""
+        return None. ``budgeted=False`` says the key has no budget (as the caller last read it: a budget
+        set meanwhile applies from its next read of the key), so an engine need not lock or check it."""
         ...
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:

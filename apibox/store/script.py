@@ -6,7 +6,8 @@ statement returned. SQLite runs it start to end in one go on the event loop's th
 transaction, awaiting each statement. SQL is written once, with ``?`` placeholders, in the
 subset both engines speak; the one exception is a step of the settlement that PostgreSQL does
 in one statement where SQLite needs three (``SqlStore._charge``), because there every statement
-is a round trip while the user's balance row is locked.
+is a round trip while the user's balance row is locked; and SQLite takes the hold of a key
+without a budget in a cheaper form (``SqliteStore.hold``).
 
 A statement whose caller wants only the id of the one row it inserted, or how many rows it
 changed, says so (``Want``) instead of asking for rows with RETURNING: each engine then gets it
@@ -47,6 +48,16 @@ class IntegrityViolation(Exception):
 def single(sql: str, params: Sequence[Any] = (), want: Want | None = None) -> Script[list[Row]]:
     """A script of one statement, returning its rows (or what ``want`` asks for)."""
     return (yield (sql, params) if want is None else (sql, params, want))
+
+
+def unless_refused(sql: str, params: Sequence[Any] = (), want: Want | None = None) -> Script[list[Row]]:
+    """A script of one statement that a constraint may refuse: then it returns ``[]``, not an error.
+    SQLite only, where a refused statement is undone alone and its transaction (a group commit's,
+    shared with other requests') goes on; PostgreSQL aborts the whole transaction."""
+    try:
+        return (yield from single(sql, params, want))
+    except IntegrityViolation:
+        return []
 
 
 def drive(script: Script[T], execute: Any, integrity_errors: tuple[type[BaseException], ...]) -> T:

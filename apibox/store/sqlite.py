@@ -17,10 +17,11 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from apibox.errors import StoreError
+from apibox.models import Hold
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS, Migration
-from apibox.store.script import Row, Script, Want, drive
-from apibox.store.sql_store import SqlStore
+from apibox.store.script import Row, Script, Want, drive, unless_refused
+from apibox.store.sql_store import HOLD_VALUES_SQL, SqlStore
 from apibox.store.sqlite_writer import SqliteWriter
 from apibox.store.sqltime import now_ms
 
@@ -79,6 +80,18 @@ class SqliteStore(SqlStore):
         # the writer commits a kept transaction whether or not its caller still waits, and closes
         # only once it has
         return await self._writer.transaction(lambda db: run_script(db, script()), keep=True)
+
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
+                   budgeted: bool = True) -> Hold | None:
+        if budgeted:
+            return await super().hold(user_id, key_id, amount, request_id, model)
+        # Without a budget to check, the hold is a plain INSERT: the holds_take trigger raises
+        # balances.held and the balance's CHECK (held <= balance) refuses a hold it cannot cover.
+        # SQLite runs an INSERT ... SELECT into a table with a trigger through a temporary b-tree:
+        # 48k instructions against 21k (callgrind).
+        params = (user_id, key_id, amount, request_id, model, now_ms(), self._instance)
+        rows = await self._run(lambda: unless_refused(HOLD_VALUES_SQL, params, Want.NEW_ID), durable=False)
+        return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
     @staticmethod
     def _concat(column: str) -> str:
