@@ -45,10 +45,12 @@ class Tracer:
     def __init__(self) -> None:
         self.bytecodes: Counter[CodeType] = Counter()
         self.calls: Counter[CodeType] = Counter()
+        self.generated: dict[CodeType, str] = {}  # code made at run time (a dataclass's __init__): its class
 
     def start(self) -> None:
         self.bytecodes.clear()
         self.calls.clear()
+        self.generated.clear()
         sys.settrace(self._call)
 
     def stop(self) -> None:
@@ -56,7 +58,12 @@ class Tracer:
 
     def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
         frame.f_trace_opcodes = True
-        self.calls[frame.f_code] += 1
+        code = frame.f_code
+        self.calls[code] += 1
+        if code.co_filename == "<string>" and code not in self.generated:
+            # every dataclass's __init__ is `<string>:2:__create_fn__.<locals>.__init__`: tell them apart
+            owner = frame.f_locals.get("self")
+            self.generated[code] = f"{type(owner).__qualname__}." if owner is not None else ""
         return self._opcode
 
     def _opcode(self, frame: FrameType, event: str, arg: Any) -> Any:
@@ -66,8 +73,8 @@ class Tracer:
 
     def lines(self) -> list[str]:
         """``bytecodes<TAB>calls<TAB>file:line:function``, most bytecodes first."""
-        return [f"{n}\t{self.calls[code]}\t{code.co_filename}:{code.co_firstlineno}:{code.co_qualname}"
-                for code, n in self.bytecodes.most_common()]
+        return [f"{n}\t{self.calls[code]}\t{code.co_filename}:{code.co_firstlineno}:"
+                f"{self.generated.get(code, '')}{code.co_qualname}" for code, n in self.bytecodes.most_common()]
 
 
 def serve(dump: Path, argv: list[str]) -> None:
