@@ -85,7 +85,7 @@ def group_sizes(writer: SqliteWriter) -> list[int]:
 async def test_transactions_arriving_together_commit_in_one_group_each_all_or_nothing(writer, tmp_path) -> None:
     groups = group_sizes(writer)
 
-    def half_then_fail(db: sqlite3.Connection) -> None:
+    def half_then_fail(db: sqlite3.Cursor) -> None:
         db.execute("INSERT INTO t (v) VALUES ('half')")
         db.execute("INSERT INTO t (v) VALUES ('a0')")  # UNIQUE: this transaction fails whole
 
@@ -134,7 +134,7 @@ async def test_a_group_in_which_nothing_fails_runs_without_savepoints(writer, tm
 
 
 async def test_a_failing_transaction_is_undone_alone_whatever_its_place_in_the_group(writer, tmp_path) -> None:
-    def fail_after_insert(db: sqlite3.Connection) -> None:
+    def fail_after_insert(db: sqlite3.Cursor) -> None:
         db.execute("INSERT INTO t (v) VALUES ('undone')")
         raise ValueError("refused")
 

@@ -30,9 +30,8 @@ PRAGMAS = ("PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL", "PRAGMA forei
 T = TypeVar("T")
 
 
-def run_script(db: sqlite3.Connection, script: Script[T]) -> T:
-    """Drive a transaction script on the writer's connection (inside the writer's transaction)."""
-    cursor = db.cursor()  # one for the whole script: Connection.execute makes a cursor per statement
+def run_script(cursor: sqlite3.Cursor, script: Script[T]) -> T:
+    """Drive a transaction script on the writer's cursor (inside the writer's transaction)."""
 
     def execute(sql: str, params: Sequence[Any], want: Want | None = None) -> list[Row]:
         cursor.execute(sql, params)
@@ -126,7 +125,7 @@ class SqliteStore(SqlStore):
             if migration.name in applied:
                 continue
 
-            def apply(db: sqlite3.Connection, migration: Migration = migration) -> bool:
+            def apply(db: sqlite3.Cursor, migration: Migration = migration) -> bool:
                 if db.execute("SELECT 1 FROM _apibox_migrations WHERE name = ?", (migration.name,)).fetchall():
                     return False  # another process applied it since we looked
                 try:
