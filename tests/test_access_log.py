@@ -29,7 +29,7 @@ from apibox import accounts
 from apibox.cli.main import app as cli_app
 from apibox.config import load_settings, parse_settings
 from apibox.errors import ConfigError
-from apibox.gateway.metrics import logged_path
+from apibox.gateway.exchange import logged_path
 from apibox.store import open_store
 from tests.conftest import Live, serving, write_config
 from tests.fake_anthropic import ANTHROPIC_KEY

@@ -26,8 +26,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from apibox.config import LimitSet, Route, default_settings
 from apibox.gateway.app import create_app
-from apibox.gateway.metrics import METRICS, Exchange
-from apibox.gateway.middlewares import REQUEST_ID
+from apibox.gateway.exchange import Exchange
+from apibox.gateway.metrics import METRICS
 from apibox.metrics import LATENCY_BUCKETS, Metrics, PlainCounter, PlainHistogram, PlainInstruments
 from apibox.models import UsageRecord
 from tests.conftest import Live, serving
@@ -301,9 +301,9 @@ async def test_a_request_whose_settlement_is_still_being_written_is_counted_once
     settlement = asyncio.get_running_loop().create_future()
     call = SimpleNamespace(settlement=settlement, route=Route("fake", "fake-model-1"),
                            reservation=SimpleNamespace(hold=SimpleNamespace(amount=70)))
-    exchange = Exchange(metrics, model="gpt-fake")
+    exchange = Exchange(metrics, "req_1", model="gpt-fake")
     exchange.holding(call)  # type: ignore[arg-type]
-    exchange.finish(FakeRequest({REQUEST_ID: "req_1"}), 200, counted=True, log=False)  # type: ignore[arg-type]
+    exchange.finish(FakeRequest(), 200, counted=True, log=False)  # type: ignore[arg-type]
     before = parse(metrics.exposition().decode())
     assert before[key("apibox_open_holds")] == 1 and before[key("apibox_held_micro_usd")] == 70
     assert not [k for k in before if k[0] == "apibox_requests_total"]

@@ -16,7 +16,7 @@ from apibox.errors import InvalidRequest
 from apibox.formats.anthropic import anthropic_to_openai_request
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.doors import AnthropicDoor
-from apibox.gateway.middlewares import REQUEST_ID
+from apibox.gateway.exchange import EXCHANGE
 from apibox.gateway.openai import authenticate, read_json
 from apibox.gateway.proxy import authorized_model, forward
 
@@ -80,7 +80,7 @@ async def count_tokens(request: web.Request) -> web.Response:
     provider = gateway.providers[route.provider]
     if provider.native_format == "anthropic":
         count = await provider.count_tokens(  # type: ignore[attr-defined]
-            {**body, "model": route.model}, request[REQUEST_ID], request.headers)
+            {**body, "model": route.model}, request[EXCHANGE].request_id, request.headers)
     else:
         count = tokens.prompt_estimate(_translated(body))
     return web.json_response({"input_tokens": count})

@@ -5,29 +5,20 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from random import getrandbits
 
 from aiohttp import web
 
 from apibox.errors import ApiboxError, RateLimited
 from apibox.gateway.appkeys import SETTINGS
+from apibox.gateway.exchange import EXCHANGE, new_request_id
 from apibox.openai_wire import error_body
 from apibox.providers.base import UpstreamFailure
 
 log = logging.getLogger("apibox.gateway")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-REQUEST_ID = web.RequestKey("request_id", str)
 PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-RATE_LIMIT_HEADERS = web.RequestKey("rate_limit_headers", dict)
-ERROR_CODE = web.RequestKey("error_code", str)  # the code of the error answered, for metrics and the access log
 HTTP_ERROR_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
-
-
-def new_request_id() -> str:
-    # 128 random bits, like uuid4().hex, from the process's Mersenne Twister (seeded from os.urandom
-    # at start): uuid4 asks the kernel each time, and a system call is dear on the request path.
-    return f"req_{getrandbits(128):032x}"
 
 
 ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
@@ -43,11 +34,12 @@ def speaks_anthropic(request: web.Request) -> bool:
 def error_response(request: web.Request, status: int, message: str, type_: str, code: str | None = None,
                    param: str | None = None, *, retryable: bool = True,
                    retry_after: float | None = None) -> web.Response:
-    request[ERROR_CODE] = code or type_
+    exchange = request[EXCHANGE]  # the observer gave it one before anything can fail
+    exchange.error_code = code or type_
     if speaks_anthropic(request):
         kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
         body: dict = {"type": "error", "error": {"type": kind, "message": message},
-                      "request_id": request.get(REQUEST_ID)}
+                      "request_id": exchange.request_id}
     else:
         body = error_body(message, type_, code, param)
     headers = {}
@@ -109,8 +101,11 @@ async def add_response_headers(request: web.Request, response: web.StreamRespons
     """on_response_prepare: every response, streamed ones included, carries its request id, and every
     response to a limited key OpenAI's x-ratelimit-* headers (one callback: each costs a coroutine)."""
     headers = response.headers
-    headers["x-request-id"] = request.get(REQUEST_ID) or new_request_id()
-    limited = request.get(RATE_LIMIT_HEADERS)
-    if limited:
-        for name, value in limited.items():
+    exchange = request.get(EXCHANGE)  # None for an answer aiohttp makes before the observer runs
+    if exchange is None:
+        headers["x-request-id"] = new_request_id()
+        return
+    headers["x-request-id"] = exchange.request_id
+    if exchange.rate_limit_headers:
+        for name, value in exchange.rate_limit_headers.items():
             headers[name] = value

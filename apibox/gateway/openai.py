@@ -12,7 +12,7 @@ from apibox.auth import Caller, client_address
 from apibox.config import ModelSettings
 from apibox.errors import InvalidRequest, ModelNotFound
 from apibox.gateway.appkeys import GATEWAY
-from apibox.gateway.metrics import EXCHANGE
+from apibox.gateway.exchange import EXCHANGE
 from apibox.gateway.proxy import forward
 from apibox.views import model_pricing_json
 

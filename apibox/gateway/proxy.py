@@ -23,8 +23,7 @@ from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import Door, OpenAIDoor
-from apibox.gateway.metrics import EXCHANGE
-from apibox.gateway.middlewares import RATE_LIMIT_HEADERS, REQUEST_ID
+from apibox.gateway.exchange import EXCHANGE
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
 from apibox.pricing import Price, Usage
@@ -220,8 +219,9 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
                   door: Door = OPENAI_DOOR) -> web.StreamResponse:
     """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer."""
     gateway = request.app[GATEWAY]
+    exchange = request[EXCHANGE]
     model = authorized_model(gateway, caller, body.get("model"))
-    request[EXCHANGE].model = model.name
+    exchange.model = model.name
     kind_ok = (model.kind == "embedding") == (endpoint == "embeddings")
     if not kind_ok:
         raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
@@ -231,15 +231,15 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     admission = None  # no limits apply: the limiter would count nothing, so it is not asked
     if subjects:
         admission = await gateway.limiter.admit(subjects, prompt.estimate + output)
-        request[RATE_LIMIT_HEADERS] = admission.headers
+        exchange.rate_limit_headers = admission.headers
     call: Call | None = None
     try:
         reservation = await billing.reserve(
             gateway.store, caller.key, model=model.name, price=price_for(gateway, caller, model),
-            request_id=request[REQUEST_ID],
+            request_id=exchange.request_id,
             prompt_tokens=prompt.bound, output_tokens=output)
-        call = Call(gateway, caller, model, endpoint, body, request[REQUEST_ID], reservation, door, prompt)
-        request[EXCHANGE].holding(call)  # counted as an open hold until its settlement is written
+        call = Call(gateway, caller, model, endpoint, body, exchange.request_id, reservation, door, prompt)
+        exchange.holding(call)  # counted as an open hold until its settlement is written
         failed_with = 500
         try:
             if body.get("stream") is True:
