@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 from itertools import accumulate
 from typing import Any
 
+from apibox import jsoncodec
 from apibox.errors import InvalidRequest, StoreError
 from apibox.models import ReportRow
 from apibox.store.base import REPORT_DIMENSIONS, PruneResult, UsageFilter
@@ -218,26 +219,24 @@ def _utc_date(ms: int | None) -> date | None:
 
 def _percentiles(text: str | None, percents: Sequence[int], total: Counter[int]) -> list[int | None]:
     """Nearest-rank percentiles of one group's values (a group_concat list), also counted into
-    ``total``. Up to SORTED_TEXT_MAX characters the values are sorted as a list (fastest); a larger
-    group is counted 64 kB at a time, so memory stays near the text (about 5 bytes a value), never a
-    million Python objects."""
+    ``total``. The list is read as the JSON array it is without its brackets (orjson makes the ints
+    three times faster than ``int()`` on each piece). Up to SORTED_TEXT_MAX characters the values
+    are sorted (fastest); a larger group is counted 64 kB at a time, so memory stays near the text
+    (about 5 bytes a value), never a million Python objects."""
     if not text:
         return [None] * len(percents)
     if len(text) <= SORTED_TEXT_MAX:
-        values = list(map(int, text.split(",")))
+        values = jsoncodec.loads(f"[{text}]")
         total.update(values)
         values.sort()
         return [values[(len(values) * p + 99) // 100 - 1] for p in percents]
-    # The numbers are counted as the strings SQLite wrote (one canonical form per integer), and only
-    # the distinct ones are turned into ints: twice as fast as converting every value.
-    texts: Counter[str] = Counter()
+    counts: Counter[int] = Counter()
     start, size = 0, len(text)
     while start < size:
         end = text.find(",", min(start + 65_536, size))
         end = size if end < 0 else end
-        texts.update(text[start:end].split(","))
+        counts.update(jsoncodec.loads(f"[{text[start:end]}]"))
         start = end + 1
-    counts = Counter({int(value): count for value, count in texts.items()})
     total.update(counts)  # the group's distinct values with their counts: far fewer than its values
     return _nearest_rank(counts, percents)
 
