@@ -24,7 +24,9 @@ from multidict import CIMultiDict
 from apibox import accounts, tokens
 from apibox.config import default_settings
 from apibox.gateway.app import create_app
+from apibox.gateway.exchange import EXCHANGE, Exchange
 from apibox.gateway.metrics import observer
+from apibox.gateway.middlewares import add_response_headers
 from apibox.metrics import Metrics
 from apibox.models import UserState
 from apibox.pricing import Price, worst_case_micro
@@ -445,3 +447,19 @@ async def test_a_client_gone_before_its_request_is_read_is_counted_499_not_logge
     assert response.status == 499
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert metrics.requests.values[("", "", "499")] == 1
+
+
+async def test_every_answer_carries_a_request_id_and_a_limited_keys_headers() -> None:
+    """add_response_headers: the id and x-ratelimit-* headers come from the request's Exchange; an answer
+    prepared for a request the observer never saw still gets a fresh id."""
+    exchange = Exchange(Metrics(), "req_known", rate_limit_headers={"x-ratelimit-limit-requests": "60"})
+    seen = make_mocked_request("POST", "/v1/chat/completions")
+    seen[EXCHANGE] = exchange
+    response = web.Response()
+    await add_response_headers(seen, response)
+    assert response.headers["x-request-id"] == "req_known"
+    assert response.headers["x-ratelimit-limit-requests"] == "60"
+    unseen, bare = make_mocked_request("GET", "/"), web.Response()
+    await add_response_headers(unseen, bare)
+    assert bare.headers["x-request-id"].startswith("req_") and len(bare.headers["x-request-id"]) == 36
+    assert "x-ratelimit-limit-requests" not in bare.headers
