@@ -66,16 +66,14 @@ class Exchange:
     def finish(self, request: web.Request, status: int, counted: bool, log: bool) -> None:
         """Count and log the request once its answer is done and its settlement written."""
         seconds = time.monotonic() - self.started
-        facts = (request.method, request.path, self.request_id, self.error_code)
+        method, path = request.method, request.path  # read now: the request may be gone when settled
         settlement = self.call.settlement if self.call is not None else None
         if settlement is not None and not settlement.done():  # a client gone mid-stream: settled later
-            settlement.add_done_callback(lambda _: self._finished(facts, status, seconds, counted, log))
+            settlement.add_done_callback(lambda _: self._finished(method, path, status, seconds, counted, log))
         else:
-            self._finished(facts, status, seconds, counted, log)
+            self._finished(method, path, status, seconds, counted, log)
 
-    def _finished(self, facts: tuple[str, str, str | None, str | None], status: int, seconds: float,
-                  counted: bool, log: bool) -> None:
-        method, path, request_id, code = facts
+    def _finished(self, method: str, path: str, status: int, seconds: float, counted: bool, log: bool) -> None:
         record = self._record()
         provider = ""
         if self.call is not None:
@@ -85,10 +83,10 @@ class Exchange:
             status = record.http_status  # what the usage row says: 499 client gone, 502 stream broken
             self.metrics.settled(record)
         if counted:
-            self.metrics.answered(self.model or "", provider, status, seconds, code)
+            self.metrics.answered(self.model or "", provider, status, seconds, self.error_code)
         if log and access_log.isEnabledFor(logging.INFO):
-            access_log.info("%s", jsoncodec.dumps(self._line(method, path, request_id, code, status, seconds,
-                                                             provider, record)).decode())
+            access_log.info("%s", jsoncodec.dumps(self._line(method, path, status, seconds, provider,
+                                                             record)).decode())
 
     def _record(self) -> UsageRecord | None:
         settlement = self.call.settlement if self.call is not None else None
@@ -96,12 +94,12 @@ class Exchange:
             return None
         return settlement.result()
 
-    def _line(self, method: str, path: str, request_id: str | None, code: str | None, status: int,
-              seconds: float, provider: str, record: UsageRecord | None) -> dict[str, Any]:
+    def _line(self, method: str, path: str, status: int, seconds: float, provider: str,
+              record: UsageRecord | None) -> dict[str, Any]:
         return {
             "time": datetime.fromtimestamp(self.arrived, UTC).isoformat(timespec="milliseconds").replace(
                 "+00:00", "Z"),
-            "request_id": request_id,
+            "request_id": self.request_id,
             "method": method,
             "path": logged_path(path),
             "status": status,
@@ -110,7 +108,7 @@ class Exchange:
             "provider": provider or None,
             "user_id": self.user_id,
             "key_id": self.key_id,
-            "error": code,
+            "error": self.error_code,
             "outcome": record.status if record else None,
             "prompt_tokens": record.prompt_tokens if record else None,
             "completion_tokens": record.completion_tokens if record else None,

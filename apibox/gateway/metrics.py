@@ -68,7 +68,7 @@ def observer(metrics: Metrics, *, access_log_json: bool) -> Any:
                 except ConnectionResetError:  # the client left before its request was read: nobody to answer
                     response = web.Response(status=CLIENT_GONE)
                 except Exception:
-                    response = internal_error(request, exchange.request_id)
+                    response = internal_error(request)
                 finally:
                     in_flight.count -= 1
             status = response.status

@@ -90,7 +90,8 @@ def overloaded(request: web.Request) -> web.Response:
                           "server_error", "overloaded", retry_after=1)
 
 
-def internal_error(request: web.Request, request_id: str) -> web.Response:
+def internal_error(request: web.Request) -> web.Response:
+    request_id = request[EXCHANGE].request_id
     log.exception("unexpected error in %s %s (request %s)", request.method, request.path, request_id)
     return error_response(
         request, 500, f"apibox hit an internal error; the operator can find it in the log under {request_id}.",
