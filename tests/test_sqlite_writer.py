@@ -126,7 +126,7 @@ async def test_one_at_a_time_a_lone_transaction_is_committed_at_the_first_pass(w
 
 async def test_a_group_in_which_nothing_fails_runs_without_savepoints(writer, tmp_path) -> None:
     statements: list[str] = []
-    writer._connection().set_trace_callback(statements.append)
+    writer._cursor().connection.set_trace_callback(statements.append)
     await asyncio.gather(*(writer.transaction(insert(f"b{i}")) for i in range(5)))
     assert statements.count("BEGIN IMMEDIATE") == 1 and statements.count("COMMIT") == 1
     assert not [sql for sql in statements if "SAVEPOINT" in sql or "RELEASE" in sql]

@@ -27,11 +27,11 @@ from apibox.store.script import IntegrityViolation
 from apibox.store.sql_store import (
     CHARGE_BALANCE_SQL,
     CHARGE_LEDGER_SQL,
-    HOLD_VALUES_SQL,
     INSERT_USAGE_SQL,
     KEY_SPEND_SQL,
     RELEASE_SQL,
 )
+from apibox.store.sqlite import HOLD_VALUES_SQL
 from tests import dbquery
 from tests.conftest import Databases, PostgresDatabase
 from tests.dbquery import INTEGRITY_ERRORS, Connection, connect, tables
@@ -254,26 +254,28 @@ async def test_concurrent_holds_take_exactly_what_is_there(store: Store, budgete
     for hold in taken:
         await store.settle(hold, record(hold, 100))
     assert (await store.get_balance(user.id)).balance == 0
+    assert await store.audit() == []
 
 
 @pytest.mark.parametrize("budgeted", [False, True])
 async def test_hold_is_all_or_nothing(store: Store, budgeted: bool) -> None:
     user, key = await funded(store, 1_000)
-    hold = partial(store.hold, budgeted=budgeted)
-    assert await hold(user.id, key.id, 1_001, "too-big", "m") is None
+    take = partial(store.hold, budgeted=budgeted)
+    assert await take(user.id, key.id, 1_001, "too-big", "m") is None
     assert (await store.get_balance(user.id)).held == 0
-    first = await hold(user.id, key.id, 700, "r1", "m")
+    first = await take(user.id, key.id, 700, "r1", "m")
     assert first is not None and (first.amount, first.user_id, first.key_id, first.request_id) == (700, user.id,
                                                                                                    key.id, "r1")
-    assert await hold(user.id, key.id, 301, "r2", "m") is None  # only 300 left
-    second = await hold(user.id, key.id, 300, "r3", "m")
+    assert await take(user.id, key.id, 301, "r2", "m") is None  # only 300 left
+    second = await take(user.id, key.id, 300, "r3", "m")
     assert second is not None
-    assert await hold(user.id, key.id, 1, "r4", "m") is None
+    assert await take(user.id, key.id, 1, "r4", "m") is None
     balance = await store.get_balance(user.id)
     assert (balance.balance, balance.held, balance.available) == (1_000, 1_000, 0)
-    assert await hold(user.id + 99, key.id, 1, "nobody", "m") is None
+    assert await take(user.id + 99, key.id, 1, "nobody", "m") is None
     for hold in (first, second):
         await store.settle(hold, record(hold, 0))
+    assert await store.audit() == []
 
 
 # -- settlement ----------------------------------------------------------------------------

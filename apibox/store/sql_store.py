@@ -53,10 +53,6 @@ HOLD_SQL = (
     "CAST(? AS TEXT) FROM balances b JOIN api_keys k ON k.id = ? AND k.user_id = b.user_id "
     "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
     "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?)")
-# The same hold for a key without a budget, where the engine lets the balance's CHECK refuse it
-# (SQLite: SqliteStore.hold). The trigger raises balances.held; held <= balance fails if it cannot.
-HOLD_VALUES_SQL = ("INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at, instance) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?)")
 KEY_SPEND_SQL = "UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?"
 CHARGE_BALANCE_SQL = "UPDATE balances SET balance = balance - ? WHERE user_id = ?"
 CHARGE_LEDGER_SQL = ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "

@@ -47,7 +47,7 @@ from typing import Any, NamedTuple, TypeVar
 
 log = logging.getLogger("apibox.store")
 T = TypeVar("T")
-Body = Callable[[sqlite3.Cursor], Any]  # given the writer's one cursor (a cursor made per use costs 1.5k instructions)
+Body = Callable[[sqlite3.Cursor], Any]  # given the writer's one cursor
 
 LOCK_WAIT_SECONDS = 10.0  # as long as a busy timeout would have waited for another process's lock
 FIRST_RETRY_SECONDS = 0.0005
@@ -75,8 +75,9 @@ class SqliteWriter:
     def __init__(self, path: str, pragmas: tuple[str, ...]) -> None:
         self._path = path
         self._pragmas = pragmas
-        self._db: sqlite3.Connection | None = None
-        self._db_cursor: sqlite3.Cursor | None = None
+        # the connection, held as its one cursor (``.connection`` is the connection): every statement goes
+        # through it, since Connection.execute makes a cursor for each (1.5k instructions)
+        self._db: sqlite3.Cursor | None = None
         self._queue: list[Queued] = []
         self._scheduled = False  # a group commit is on its way (a pass, a lock retry or a checkpoint away)
         self._waiting_since: float | None = None  # the current group's first refusal of the lock
@@ -100,8 +101,7 @@ class SqliteWriter:
         except BaseException:
             db.close()
             raise
-        self._db = db
-        self._db_cursor = db.cursor()
+        self._db = db.cursor()
 
     async def transaction(self, body: Callable[[sqlite3.Cursor], T], *, keep: bool = False) -> T:
         """Run ``body(cursor)`` all-or-nothing and return its result once it is committed. A caller
@@ -236,7 +236,7 @@ class SqliteWriter:
         """Many ``executemany`` batches in one transaction, all or nothing (``db copy``, a CLI
         command: the batches may keep the loop for as long as they take)."""
         await self._idle.wait()
-        db = self._connection()
+        db = self._cursor()
         db.execute("PRAGMA busy_timeout=10000")  # nothing else runs on this loop meanwhile
         try:
             db.execute("BEGIN IMMEDIATE")
@@ -250,21 +250,17 @@ class SqliteWriter:
         finally:
             db.execute("PRAGMA busy_timeout=0")
 
-    def _connection(self) -> sqlite3.Connection:
+    def _cursor(self) -> sqlite3.Cursor:
         assert self._db is not None, "the writer is not open"
         return self._db
-
-    def _cursor(self) -> sqlite3.Cursor:
-        assert self._db_cursor is not None, "the writer is not open"
-        return self._db_cursor
 
     async def close(self) -> None:
         while not self._idle.is_set():
             await self._idle.wait()
         await self._checkpointer.close()
         if self._db is not None:
-            self._db.close()  # the last connection to close checkpoints and removes the WAL
-            self._db = self._db_cursor = None
+            self._db.connection.close()  # the last connection to close checkpoints and removes the WAL
+            self._db = None
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
