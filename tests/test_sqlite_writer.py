@@ -153,6 +153,62 @@ async def test_a_lone_transaction_is_committed_without_waiting_for_company(write
     assert values(str(tmp_path / "w.db")) == ["alone"]
 
 
+async def committed_before_the_next_pass(writer: SqliteWriter, value: str) -> bool:
+    """Whether a transaction was committed (and its caller answered) before a callback scheduled
+    just before it ran, i.e. before the loop's next pass."""
+    order: list[str] = []
+    asyncio.get_running_loop().call_soon(order.append, "next pass")
+    await writer.transaction(insert(value))
+    order.append("committed")
+    return order[0] == "committed"
+
+
+async def test_a_transaction_with_nothing_else_in_flight_is_committed_at_once(writer, tmp_path) -> None:
+    groups = group_sizes(writer)
+    assert not await committed_before_the_next_pass(writer, "waits")  # by default it waits a pass for company
+    writer.alone = lambda: True
+    assert await committed_before_the_next_pass(writer, "at once")
+    assert groups == [1, 1]
+    assert values(str(tmp_path / "w.db")) == ["waits", "at once"]
+
+
+async def test_a_transaction_committed_at_once_fails_alone_and_leaves_nothing(writer, tmp_path) -> None:
+    writer.alone = lambda: True
+
+    def half_then_fail(db: sqlite3.Cursor) -> None:
+        db.execute("INSERT INTO t (v) VALUES ('half')")
+        raise ValueError("refused")
+    with pytest.raises(ValueError, match="refused"):
+        await writer.transaction(half_then_fail)
+    assert await writer.transaction(insert("next")) == 1  # 'half' was rolled back: its id is free again
+    assert values(str(tmp_path / "w.db")) == ["next"]
+
+
+async def test_with_others_queued_a_transaction_joins_their_group_even_when_alone(writer, tmp_path) -> None:
+    groups = group_sizes(writer)
+    answers = iter([False, True])  # the first waits for company; the second finds it queued
+    writer.alone = lambda: next(answers)
+    await asyncio.gather(writer.transaction(insert("g0")), writer.transaction(insert("g1")))
+    assert groups == [2]
+    assert values(str(tmp_path / "w.db")) == ["g0", "g1"]
+
+
+async def test_a_transaction_that_would_commit_at_once_waits_for_a_lock_held_elsewhere(writer, tmp_path) -> None:
+    path = str(tmp_path / "w.db")
+    writer.alone = lambda: True
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t (v) VALUES ('other')")
+    release = threading.Timer(0.2, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        await writer.transaction(insert("ours"))
+    finally:
+        release.join()
+        other.close()
+    assert values(path) == ["other", "ours"]
+
+
 async def test_a_write_lock_held_elsewhere_is_waited_for_while_the_loop_keeps_serving(writer, tmp_path) -> None:
     path = str(tmp_path / "w.db")
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -8,10 +8,11 @@ constraints, one-transaction settlement, and the audit finding tampering.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from functools import partial
+from typing import Any
 
 import asyncpg
 import pytest
@@ -348,7 +349,10 @@ async def test_a_settlement_whose_caller_is_cancelled_is_still_written(store: St
     """A request cut short (a shutdown's last resort) while its settlement is on its way is still charged."""
     user, key = await funded(store, 10_000)
     hold = await store.hold(user.id, key.id, 3_000, "req-cut", "m")
-    assert hold is not None
+    # another request in flight: on SQLite the settlement then waits a pass for company (alone, it
+    # would be committed at once, before it could be cancelled)
+    other = await store.hold(user.id, key.id, 1_000, "req-other", "m")
+    assert hold is not None and other is not None
     settling = asyncio.ensure_future(store.settle(hold, record(hold, 1_234)))
     await asyncio.sleep(0)  # on its way to the database
     settling.cancel()
@@ -356,11 +360,12 @@ async def test_a_settlement_whose_caller_is_cancelled_is_still_written(store: St
         await settling
     for _ in range(200):  # written in the background, without its caller
         balance = await store.get_balance(user.id)
-        if balance.held == 0:
+        if balance.held == 1_000:
             break
         await asyncio.sleep(0.01)
-    assert (balance.balance, balance.held) == (10_000 - 1_234, 0)
+    assert (balance.balance, balance.held) == (10_000 - 1_234, 1_000)
     assert await usage_total(store, user) == (1, 1_234)
+    await store.settle(other, record(other, 0))
 
 
 async def test_settle_never_takes_money_held_for_other_requests(store: Store) -> None:
@@ -532,6 +537,44 @@ async def test_ledger_refuses_an_unknown_kind_and_a_reference_twice(store: Store
     with pytest.raises(INTEGRITY_ERRORS):
         raw.execute(insert, (user.id, "topup", "pay-1"))
     assert raw.execute("SELECT count(*) FROM ledger").fetchone()[0] == 3
+
+
+@pytest.mark.sqlite_only  # the SQLite writer's group commits
+async def test_one_request_at_a_time_commits_its_hold_and_settlement_at_once(store: Store) -> None:
+    """With no other request between its hold and its settlement, nothing could join a group: each
+    transaction commits in its caller's step. With another in flight, transactions wait for company."""
+    writer = store._writer  # type: ignore[attr-defined]
+    user, key = await funded(store, 10_000)
+    groups: list[int] = []
+    real = writer._commit_group
+    writer._commit_group = lambda bodies: groups.append(len(bodies)) or real(bodies)
+    passes: list[str] = []
+
+    async def in_one_step(work: Awaitable[Any]) -> Any:
+        """``work``'s result, recorded as in one step when no pass of the loop came first."""
+        passes.clear()
+        asyncio.get_running_loop().call_soon(passes.append, "pass")
+        result = await work
+        passes.append("done")
+        return result
+
+    hold = await in_one_step(store.hold(user.id, key.id, 3_000, "alone", "m"))
+    assert hold is not None and passes[0] == "done"
+    await in_one_step(store.settle(hold, record(hold, 100)))
+    assert passes[0] == "done"
+    refused = await in_one_step(store.hold(user.id, key.id, 10**9, "too dear", "m"))
+    assert refused is None and passes[0] == "done"
+
+    a = await store.hold(user.id, key.id, 1_000, "a", "m")
+    b = await in_one_step(store.hold(user.id, key.id, 1_000, "b", "m"))  # a is in flight
+    assert a is not None and b is not None and passes[0] == "pass"
+    groups.clear()
+    await asyncio.gather(store.settle(a, record(a, 10)), store.settle(b, record(b, 20)))
+    assert groups == [2]  # the two settlements in one group
+    hold = await in_one_step(store.hold(user.id, key.id, 3_000, "alone again", "m"))
+    assert hold is not None and passes[0] == "done"
+    await store.settle(hold, record(hold, 0))
+    assert await store.audit() == []
 
 
 @pytest.mark.sqlite_only  # what SQLite's planner builds for a statement

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from apibox.errors import StoreError
-from apibox.models import Hold
+from apibox.models import Hold, UsageRecord
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS, Migration
 from apibox.store.script import Row, Script, Want, drive, unless_refused
@@ -53,6 +53,13 @@ class SqliteStore(SqlStore):
     def __init__(self, writer: SqliteWriter, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
+        # This process's requests between the start of their hold and the end of their settlement:
+        # holds being taken, and the ids of those taken. With one request (or none) nothing else
+        # could queue a transaction for the writer's next group, so it commits at once, without
+        # waiting a pass of the loop for company.
+        self._taking = 0
+        self._held: set[int] = set()
+        writer.alone = lambda: self._taking + len(self._held) <= 1
 
     @classmethod
     async def open(cls, path: str) -> SqliteStore:
@@ -86,6 +93,17 @@ class SqliteStore(SqlStore):
 
     async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
                    budgeted: bool = True) -> Hold | None:
+        self._taking += 1
+        try:
+            hold = await self._take_hold(user_id, key_id, amount, request_id, model, budgeted)
+        finally:
+            self._taking -= 1
+        if hold is not None:
+            self._held.add(hold.id)
+        return hold
+
+    async def _take_hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str,
+                         budgeted: bool) -> Hold | None:
         if budgeted:
             return await super().hold(user_id, key_id, amount, request_id, model)
         # Without a budget to check, the hold needs no INSERT ... SELECT, which SQLite runs through a
@@ -93,6 +111,12 @@ class SqliteStore(SqlStore):
         params = (user_id, key_id, amount, request_id, model, now_ms(), self._instance)
         rows = await self._run(lambda: unless_refused(HOLD_VALUES_SQL, params, Want.NEW_ID), durable=False)
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
+
+    async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
+        try:
+            return await super().settle(hold, usage)
+        finally:
+            self._held.discard(hold.id)
 
     @staticmethod
     def _concat(column: str) -> str:

@@ -28,7 +28,11 @@ After a group of more than one (the gateway is busy) it waits a second pass even
 brought nothing: the pass it waits for begins with it, before the requests that pass's I/O woke,
 whose transactions then queue behind it (at 16 connections: groups of 15.6 transactions instead
 of 12, and 8% less CPU a request). After a lone group (one request at a time) a lone
-transaction is committed at the first pass: no other is coming.
+transaction is committed at the first pass: no other is coming. When its caller knows that no
+other work in flight could queue one (``alone``, which the store answers from the requests
+between their hold and their settlement), it is committed at once, in the caller's own step:
+no pass to wait for, and no suspending and resuming the caller's chain of coroutines (at one
+request at a time, 4.8% of a non-streamed request's instructions).
 Each transaction of a group is still all-or-nothing: should one fail, the group is rolled back
 and run again with each transaction inside a SAVEPOINT of its own (not at first: the savepoints
 were a third of the statements a request runs). Each caller is answered only after the COMMIT
@@ -88,6 +92,9 @@ class SqliteWriter:
         self._last_group = 0  # transactions in the last group committed
         self._groups = 0
         self._checkpointer = Checkpointer(path, pragmas)
+        # whether no other work in flight could queue a transaction for this pass's group; the store
+        # sets it (without, every transaction waits a pass for company)
+        self.alone: Callable[[], bool] = _never
 
     async def open(self) -> None:
         # The pragmas (WAL among them) may wait for other processes at start-up, with their busy timeout.
@@ -107,6 +114,16 @@ class SqliteWriter:
         """Run ``body(cursor)`` all-or-nothing and return its result once it is committed. A caller
         cancelled before its group runs leaves nothing behind: the body is not run, unless
         ``keep`` (a settlement, money already spent): then it is committed all the same."""
+        if not self._scheduled and self.alone() and not self._checkpointer.overdue():
+            try:
+                ((ok, value),) = self._commit_group([body])
+            except Locked:  # another process is writing: queued, and tried again on the timer
+                pass
+            else:
+                self._committed(1)
+                if ok:
+                    return value  # type: ignore[no-any-return]
+                raise value
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(Queued(body, future, keep))
@@ -139,8 +156,8 @@ class SqliteWriter:
         self._scheduled = False
         group = [queued for queued in self._queue if queued.keep or not queued.future.done()]
         self._queue = []
-        self._last_group = len(group)
         if not group:
+            self._last_group = 0
             self._idle.set()
             return
         try:
@@ -169,6 +186,11 @@ class SqliteWriter:
             else:
                 future.set_exception(value)
         self._idle.set()
+        self._committed(len(group))
+
+    def _committed(self, transactions: int) -> None:
+        """A group of ``transactions`` is over; now and then the WAL's size is looked at."""
+        self._last_group = transactions
         self._groups += 1
         if self._groups % CHECKPOINT_EVERY_GROUPS == 0:
             self._maybe_checkpoint()
@@ -261,6 +283,10 @@ class SqliteWriter:
         if self._db is not None:
             self._db.connection.close()  # the last connection to close checkpoints and removes the WAL
             self._db = None
+
+
+def _never() -> bool:
+    return False
 
 
 def _is_locked(exc: sqlite3.OperationalError) -> bool:
