@@ -127,6 +127,10 @@ async def test_filters_apply_to_every_figure(cli: Any, book: Book) -> None:
                       datetime.fromisoformat(until).replace(tzinfo=UTC))
     rows = await report_json(cli, "--by", "user", "--since", since, "--until", until, "--model", "demo")
     assert keyed(rows, ("user",)) == expected(book, ("user",), [r for r in window if r.model == "demo"])
+    ann = ann_key.user_id  # a user's live rows are found through the user's keys (no index by user)
+    rows = await report_json(cli, "--by", "day,key", "--user", book.emails[ann])
+    anns = [r for r in reported(book) if r.user_id == ann]
+    assert keyed(rows, ("day", "key")) == expected(book, ("day", "key"), anns)
 
 
 # -- percentiles and error rate on known data ----------------------------------------------------

@@ -25,6 +25,7 @@ from apibox.store import open_store
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation
+from apibox.store.sql_reports import _usage_where
 from apibox.store.sql_store import (
     CHARGE_BALANCE_SQL,
     CHARGE_LEDGER_SQL,
@@ -591,6 +592,14 @@ async def test_a_hold_and_its_settlement_build_no_temporary_btree(store: Store, 
 async def test_a_lookup_by_reference_uses_the_partial_index(store: Store, raw: Connection) -> None:
     (plan,) = raw.execute("EXPLAIN QUERY PLAN SELECT id FROM ledger WHERE reference = 'pay-1'").fetchall()
     assert plan[3].endswith("INDEX ledger_reference (reference=?)")
+
+
+@pytest.mark.sqlite_only  # SQLite's plan
+async def test_a_users_live_usage_is_read_through_the_index_of_their_keys(store: Store, raw: Connection) -> None:
+    clauses, params = _usage_where(False, UsageFilter(user_id=1))
+    plan = raw.execute(f"EXPLAIN QUERY PLAN SELECT count(*) FROM usage g WHERE {clauses}", params).fetchall()
+    assert any("INDEX usage_key_created (key_id=?)" in row[3] for row in plan), plan
+    assert not any(row[3].startswith("SCAN g") for row in plan), plan
 
 
 async def test_check_constraints_stop_a_negative_balance(store: Store, raw: Connection) -> None:

@@ -265,6 +265,12 @@ CREATE TRIGGER ledger_no_delete BEFORE DELETE ON ledger BEGIN
     SELECT RAISE(ABORT, 'the ledger is append-only');
 END;
 """,
+    # A user's usage rows are found through the user's keys (usage_key_created): a key belongs to
+    # one user for good. The index by user was one more b-tree page written by every settlement (a
+    # page of its own for each user a group commit settles for).
+    "0007_usage_by_key": """
+DROP INDEX usage_user_created;
+""",
 }
 
 MIGRATIONS: tuple[Migration, ...] = tuple(Migration(name, sql, POSTGRESQL[name]) for name, sql in SQLITE.items())

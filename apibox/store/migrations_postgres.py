@@ -187,4 +187,7 @@ DROP INDEX holds_instance;
 ALTER TABLE ledger DROP CONSTRAINT ledger_reference_key;
 CREATE UNIQUE INDEX ledger_reference ON ledger(reference) WHERE reference IS NOT NULL;
 """,
+    "0007_usage_by_key": """
+DROP INDEX usage_user_created;
+""",
 }

@@ -62,6 +62,8 @@ FOLD_SQL = (
     "coalesce(sum(ttft_ms), 0), count(ttft_ms) FROM usage WHERE created_at < ? GROUP BY 1, 2, 3, 4, 5, 6 "
     "ON CONFLICT (day, user_id, key_id, model, provider, status) DO UPDATE SET "
     + ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in FOLD_SUMS))
+# The live usage rows of one user, found by the index of each of the user's keys.
+USER_THROUGH_KEYS = "g.key_id IN (SELECT k.id FROM api_keys k WHERE k.user_id = ?)"
 PRUNE_BATCH_ROWS = 50_000
 SORTED_TEXT_MAX = 16_384  # about 3,500 values: below, sorting a list is faster; above, counting
 
@@ -100,8 +102,7 @@ class SqlReports:
         latencies: Counter[int] = Counter()
         ttfts: Counter[int] = Counter()
         for folded, table, sums in ((False, "usage g", LIVE_SUMS), (True, "usage_daily a", DAILY_SUMS)):
-            alias = table[-1]
-            clauses, params = _usage_where(alias, "a.day" if folded else "g.created_at", where)
+            clauses, params = _usage_where(folded, where)
             columns = "".join(f"{DIMENSION_SQL[d][folded]} AS d{i}, " for i, d in enumerate(by))
             # Percentiles: each group's latencies come back as one string, counted in Python; memory
             # is one group's values at a time, not a million rows.
@@ -269,10 +270,13 @@ def _label(dimension: str, value: Any, emails: dict[int, str]) -> tuple[Any, str
     return str(value), str(value)
 
 
-def _usage_where(alias: str, time_column: str, where: UsageFilter) -> tuple[str, list[Any]]:
+def _usage_where(folded: bool, where: UsageFilter) -> tuple[str, list[Any]]:
+    """The WHERE clause of a report over the daily aggregates (``a``) or the live rows (``g``)."""
+    alias, time_column = ("a", "a.day") if folded else ("g", "g.created_at")
     clauses, params = [f"{alias}.status != 'interrupted'"], []
+    by_user = "a.user_id = ?" if folded else USER_THROUGH_KEYS  # live rows have no index by user
     for clause, value in ((f"{time_column} >= ?", to_ms(where.since)), (f"{time_column} < ?", to_ms(where.until)),
-                          (f"{alias}.user_id = ?", where.user_id), (f"{alias}.key_id = ?", where.key_id),
+                          (by_user, where.user_id), (f"{alias}.key_id = ?", where.key_id),
                           (f"{alias}.model = ?", where.model)):
         if value is not None:
             clauses.append(clause)
