@@ -8,7 +8,9 @@ leaves the timer as it is, and a wait that ends only leaves the dict. When the t
 checks every entry that is due, then is armed again for the earliest of the rest. A timeout
 fires when it is due, as a timer of its own would, not on a coarse tick.
 
-One ``Deadlines`` serves one event loop (its owner's, such as an upstream's HTTP session's).
+One ``Deadlines`` serves one event loop (its owner's, such as an upstream's HTTP session's): the
+loop it is first used in, kept, since asking asyncio for the running loop costs a ``getpid``
+system call each time.
 """
 
 from __future__ import annotations
@@ -31,12 +33,19 @@ class Watch(Protocol):
 class Deadlines:
     """The waits of one event loop that may time out, and the one timer that looks at them."""
 
-    __slots__ = ("_armed_for", "_due", "_handle")
+    __slots__ = ("_armed_for", "_due", "_handle", "_loop")
 
     def __init__(self) -> None:
         self._due: dict[Watch, float] = {}
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = math.inf
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop these waits belong to."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def add(self, watch: Watch, due: float) -> None:
         """Look at ``watch`` at the loop's time ``due`` (unless discarded before)."""
@@ -58,11 +67,11 @@ class Deadlines:
         if self._handle is not None:
             self._handle.cancel()
         self._armed_for = due
-        self._handle = asyncio.get_running_loop().call_at(due, self._fire)
+        self._handle = self.loop().call_at(due, self._fire)
 
     def _fire(self) -> None:
         self._handle, self._armed_for = None, math.inf
-        now = asyncio.get_running_loop().time() + CLOCK_SLACK_SECONDS
+        now = self.loop().time() + CLOCK_SLACK_SECONDS
         try:
             for watch, due in list(self._due.items()):
                 if due <= now:
@@ -88,7 +97,7 @@ class Timeout:
         self._expired = False
 
     def __enter__(self) -> Timeout:
-        loop = asyncio.get_running_loop()
+        loop = self._deadlines.loop()
         task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a Timeout must be used inside a task")

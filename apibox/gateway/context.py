@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,3 +31,5 @@ class Gateway:
     clock: Callable[[], datetime]  # when requests arrive, for price schedules (tests set their own)
     metrics: Metrics = field(default_factory=Metrics)  # the app's, from create_app
     notifier: Notifier = NO_NOTIFIER  # announces key and user changes made through the admin API
+    # the server's, kept: asking asyncio for the running loop costs a getpid() system call each time
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)

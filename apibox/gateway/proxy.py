@@ -71,7 +71,7 @@ class Call:
         cost a few percent of the gateway's CPU."""
         if self.settlement is not None:
             return await asyncio.shield(self.settlement)
-        settlement = self.settlement = asyncio.get_running_loop().create_future()
+        settlement = self.settlement = self.gateway.loop.create_future()
         now = time.monotonic()
         record = UsageRecord(
             request_id=self.request_id, user_id=self.caller.user.id, key_id=self.caller.key.id,

@@ -7,7 +7,6 @@ echo keys back in their errors.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -175,7 +174,7 @@ class IdleWatchdog:
         self._content = content
         self._idle = idle
         self._deadlines = deadlines
-        self.clock = asyncio.get_running_loop().time
+        self.clock = deadlines.loop().time
         self.waiting_since: float | None = None
         deadlines.add(self, self.clock() + idle)
 
