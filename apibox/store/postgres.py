@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -23,28 +24,19 @@ from apibox.models import Hold, UsageRecord
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation, Row, Script, Want, single
-from apibox.store.sql_store import INSERT_USAGE_SQL, RELEASE_SQL, SqlStore, no_balance, usage_values
-from apibox.store.sqltime import now_ms
+from apibox.store.sql_store import USAGE_FIELDS, SqlStore, already_settled, no_balance, usage_values
+from apibox.store.sqltime import now_ms, to_ms
 
 T = TypeVar("T")
 RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
 MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-# SqlStore._charge's three statements as one (SQLite has no UPDATE in a WITH). The balance row is
-# locked already (the hold's DELETE), so the key's row is still locked after it, as everywhere.
-CHARGE_SQL = (
-    "WITH charged AS (UPDATE balances SET balance = balance - CAST(? AS BIGINT) WHERE user_id = ? "
-    "RETURNING user_id, balance), "
-    "spent AS (UPDATE api_keys SET spent = spent + CAST(? AS BIGINT), last_used_at = CAST(? AS BIGINT) WHERE id = ?) "
-    "INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
-    "SELECT user_id, CAST(? AS BIGINT), 'charge', -CAST(? AS BIGINT), balance, CAST(? AS TEXT), 'gateway', "
-    "CAST(? AS BIGINT) FROM charged RETURNING id")
-
-# SqlStore._record_and_release's two statements as one: a round trip less for every settlement.
-# The release's trigger runs at the end of the statement, so the balance row is locked after the
-# usage row is written, as with two statements.
-RECORD_AND_RELEASE_SQL = (f"WITH released AS ({RELEASE_SQL} RETURNING id) {INSERT_USAGE_SQL} "
-                          "RETURNING id, (SELECT count(*) FROM released)")
+# The settlement (SqlStore.settle's script) as one call of a function of migration 0008: one round
+# trip where BEGIN, two statements and COMMIT took four, with the same steps in the same order.
+# ``p_charged``: the cost when the hold covers it, else NULL (the function caps it at the balance).
+SETTLE_SQL = f"SELECT usage_id, charged FROM apibox_settle(?, ?, ?, {', '.join('?' * (len(USAGE_FIELDS) - 1))})"
+CHARGED = USAGE_FIELDS.index("charged")  # worked out by the function, not passed
+ALREADY_SETTLED, NO_BALANCE = "AB001", "AB002"  # the function's own SQLSTATEs
 # What a statement gives back, when its caller asked (``Want``) rather than for rows.
 _RETURNING = {Want.NEW_ID: " RETURNING id", Want.COUNT: " RETURNING 1"}
 
@@ -121,9 +113,9 @@ class PostgresStore(SqlStore):
                 return await _drive(conn, single(sql, params, want))
         return await _retried(attempt)
 
-    async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
-        # a task of its own, which a cancelled caller does not take down with it
-        task = asyncio.ensure_future(self._run(script, durable=False))
+    async def _to_the_end(self, work: Awaitable[T]) -> T:
+        """``work`` in a task of its own, which a cancelled caller does not take down with it."""
+        task = asyncio.ensure_future(work)
         self._finishing.add(task)
         task.add_done_callback(self._finishing.discard)
         return await asyncio.shield(task)
@@ -132,16 +124,23 @@ class PostgresStore(SqlStore):
     def _concat(column: str) -> str:
         return f"string_agg({column}::text, ',')"
 
-    def _record_and_release(self, usage: UsageRecord, created: int, hold: Hold) -> Script[bool]:
-        rows = yield RECORD_AND_RELEASE_SQL, (hold.id, *usage_values(usage, created))
-        usage.id = rows[0][0]
-        return bool(rows[0][1])
-
-    def _charge(self, hold: Hold, amount: int, created: int, note: str, usage_id: int | None) -> Script[None]:
-        # One statement, not three: two round trips less while the settlement keeps the balance row locked.
-        if not (yield CHARGE_SQL, (amount, hold.user_id, amount, created, hold.key_id, created, amount, note,
-                                   usage_id)):
-            raise no_balance(hold.user_id)
+    async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
+        """SqlStore.settle in one statement (``SETTLE_SQL``), finished even if its caller is cancelled."""
+        usage.created_at = usage.created_at or datetime.now(UTC)
+        values = usage_values(usage, to_ms(usage.created_at))
+        del values[CHARGED]
+        charged = usage.cost if usage.cost <= hold.amount else None  # None: the function caps it
+        params = (hold.id, charged, f"{usage.model} {usage.request_id}", *values)
+        try:
+            rows = await self._to_the_end(self._run_statement(SETTLE_SQL, params, durable=False))
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == ALREADY_SETTLED:
+                raise already_settled(hold) from None
+            if exc.sqlstate == NO_BALANCE:
+                raise no_balance(hold.user_id) from None
+            raise
+        usage.id, usage.charged = rows[0]
+        return usage
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
         try:

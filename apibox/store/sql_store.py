@@ -4,8 +4,9 @@ Every write is a transaction script (``apibox.store.script``), so SQLite and Pos
 the same statements in the same order. The engines differ only in how a script is run, how
 rows are read, and in ``row_locks``: PostgreSQL runs transactions side by side, so a script
 that reads a balance before changing it first locks the row (``FOR UPDATE``); SQLite runs one
-write transaction at a time, so the lock is a no-op there and is left out. (And in one step
-of the settlement, ``_charge``, which PostgreSQL does in one statement: see ``script``.)
+write transaction at a time, so the lock is a no-op there and is left out. (And in the
+settlement, which PostgreSQL runs as one call of a function with the same steps: see
+``postgres``.)
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ class SqlStore(SqlReports):
             # Releasing the hold frees at least its amount (held <= balance before), so a cost within
             # it is paid in full without reading the balance: the usual case. Its usage row then goes
             # first, before the DELETE's trigger (lowering balances.held) locks the user's balance
-            # row: on PostgreSQL, other requests of that user wait on that lock until the COMMIT.
+            # row. (PostgreSQL overrides this with one call of a function taking the same steps.)
             within_hold = usage.cost <= hold.amount
             if within_hold:
                 usage.charged = usage.cost
@@ -331,8 +332,7 @@ class SqlStore(SqlReports):
             else:
                 released = _changed((yield RELEASE_SQL, (hold.id,), Want.COUNT))
             if not released:
-                raise StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
-                                 "nothing was charged again")
+                raise already_settled(hold)
             if not within_hold:
                 usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
                 yield from _insert_usage(usage, created)
@@ -400,6 +400,12 @@ class SqlStore(SqlReports):
                                 "ORDER BY id DESC LIMIT ?", (limit,))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
+
+
+def already_settled(hold: Hold) -> StoreError:
+    """A settlement found its hold gone: settled (or released) before."""
+    return StoreError(f"hold {hold.id} of request {hold.request_id} is already settled or released; "
+                      "nothing was charged again")
 
 
 def no_balance(user_id: int) -> StoreError:
