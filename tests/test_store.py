@@ -259,6 +259,27 @@ async def test_concurrent_holds_take_exactly_what_is_there(store: Store, budgete
     assert await store.audit() == []
 
 
+async def test_concurrent_holds_on_one_key_take_exactly_its_budget(store: Store) -> None:
+    """Sixty holds at once on a key whose budget pays for twenty (the balance for a hundred):
+    exactly twenty succeed. Each sees the others' holds (on PostgreSQL through the locks it takes
+    on the balance and the key), and what the key has spent counts against its budget."""
+    user = await new_user(store)
+    key = await new_key(store, user, budget=2_500)
+    await topup(store, user, 10_000)
+    spent = await store.hold(user.id, key.id, 500, "spent", "m")
+    assert spent is not None
+    await store.settle(spent, record(spent, 500))
+    holds = await asyncio.gather(*(store.hold(user.id, key.id, 100, f"r{i}", "m") for i in range(60)))
+    taken = [h for h in holds if h is not None]
+    assert len(taken) == 20
+    assert (await store.get_balance(user.id)).held == 2_000
+    for hold in taken:
+        await store.settle(hold, record(hold, 100))
+    used = await store.get_key(key.id)
+    assert used is not None and used.spent == 2_500
+    assert await store.audit() == []
+
+
 @pytest.mark.parametrize("budgeted", [False, True])
 async def test_hold_is_all_or_nothing(store: Store, budgeted: bool) -> None:
     user, key = await funded(store, 1_000)
