@@ -271,9 +271,10 @@ END;
     "0007_usage_by_key": """
 DROP INDEX usage_user_created;
 """,
-    # PostgreSQL only: the settlement as one server-side function (one round trip where BEGIN, two
-    # statements and COMMIT took four). SQLite's statements cost no round trip.
-    "0008_settle_in_one_statement": """
+    # PostgreSQL only: the settlement, and the hold of a key with a budget, as server-side functions
+    # (one round trip where BEGIN, the statements and COMMIT took four or five). SQLite's statements
+    # cost no round trip.
+    "0008_hold_and_settle_functions": """
 -- nothing on SQLite
 """,
 }

@@ -190,7 +190,7 @@ CREATE UNIQUE INDEX ledger_reference ON ledger(reference) WHERE reference IS NOT
     "0007_usage_by_key": """
 DROP INDEX usage_user_created;
 """,
-    "0008_settle_in_one_statement": """
+    "0008_hold_and_settle_functions": """
 CREATE FUNCTION apibox_settle(
     p_hold BIGINT, p_charged BIGINT, p_note TEXT, p_request_id TEXT, p_created_at BIGINT, p_user_id BIGINT,
     p_key_id BIGINT, p_model TEXT, p_provider TEXT, p_endpoint TEXT, p_status TEXT, p_http_status BIGINT,
@@ -237,6 +237,26 @@ BEGIN
     END IF;
     UPDATE api_keys SET spent = spent + v_charged, last_used_at = p_created_at WHERE id = v_key;
     RETURN QUERY SELECT v_usage, v_charged;
+END $$;
+-- The hold of a key with a budget: concurrent holds on the key must see each other, so the
+-- balance row and then the key's are locked first (the order a settlement takes them in), and
+-- the hold (HOLD_SQL's conditions) is taken in a statement of its own, whose snapshot sees every
+-- hold committed while it waited. NULL when the balance or the budget does not cover it.
+CREATE FUNCTION apibox_hold_budgeted(p_amount BIGINT, p_request_id TEXT, p_model TEXT, p_created_at BIGINT,
+                                     p_instance TEXT, p_key_id BIGINT, p_user_id BIGINT)
+RETURNS BIGINT LANGUAGE plpgsql AS $$
+DECLARE
+    v_hold BIGINT;
+BEGIN
+    PERFORM 1 FROM balances WHERE user_id = p_user_id FOR NO KEY UPDATE;
+    PERFORM 1 FROM api_keys WHERE id = p_key_id FOR NO KEY UPDATE;
+    INSERT INTO holds (user_id, key_id, amount, request_id, model, created_at, instance)
+    SELECT b.user_id, k.id, p_amount, p_request_id, p_model, p_created_at, p_instance
+    FROM balances b JOIN api_keys k ON k.id = p_key_id AND k.user_id = b.user_id
+    WHERE b.user_id = p_user_id AND b.balance - b.held >= p_amount AND (k.budget IS NULL OR
+          k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= p_amount)
+    RETURNING id INTO v_hold;
+    RETURN v_hold;
 END $$;
 """,
 }

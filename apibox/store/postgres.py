@@ -36,6 +36,8 @@ RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 # ``p_charged``: the cost when the hold covers it, else NULL (the function caps it at the balance).
 SETTLE_SQL = f"SELECT usage_id, charged FROM apibox_settle(?, ?, ?, {', '.join('?' * (len(USAGE_FIELDS) - 1))})"
 CHARGED = USAGE_FIELDS.index("charged")  # worked out by the function, not passed
+# The hold of a key with a budget, its locks and HOLD_SQL's conditions in one call (migration 0008).
+HOLD_BUDGETED_SQL = "SELECT apibox_hold_budgeted(?, ?, ?, ?, ?, ?, ?)"
 ALREADY_SETTLED, NO_BALANCE = "AB001", "AB002"  # the function's own SQLSTATEs
 # What a statement gives back, when its caller asked (``Want``) rather than for rows.
 _RETURNING = {Want.NEW_ID: " RETURNING id", Want.COUNT: " RETURNING 1"}
@@ -123,6 +125,14 @@ class PostgresStore(SqlStore):
     @staticmethod
     def _concat(column: str) -> str:
         return f"string_agg({column}::text, ',')"
+
+    async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
+                   budgeted: bool = True) -> Hold | None:
+        if not budgeted:  # HOLD_SQL alone: it locks nothing before it (the balance's CHECK guards it)
+            return await super().hold(user_id, key_id, amount, request_id, model, budgeted=False)
+        params = (amount, request_id, model, now_ms(), self._instance, key_id, user_id)
+        ((hold_id,),) = await self._run_statement(HOLD_BUDGETED_SQL, params, durable=False)
+        return Hold(hold_id, user_id, key_id, amount, request_id) if hold_id is not None else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
         """SqlStore.settle in one statement (``SETTLE_SQL``), finished even if its caller is cancelled."""

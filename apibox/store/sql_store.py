@@ -297,19 +297,8 @@ class SqlStore(SqlReports):
     async def hold(self, user_id: int, key_id: int, amount: int, request_id: str, model: str, *,
                    budgeted: bool = True) -> Hold | None:
         params = (amount, request_id, model, now_ms(), self._instance, key_id, user_id, amount, amount)
-
-        def take_locked() -> Script[list[Row]]:
-            # Concurrent holds on one key must see each other for its budget: lock the balance (first,
-            # as settle's trigger does, so the two never wait on each other in opposite orders), then
-            # the key. Without a budget no lock is needed, and the hold is its one statement.
-            yield f"SELECT user_id FROM balances WHERE user_id = ?{self._lock}", (user_id,)
-            yield f"SELECT id FROM api_keys WHERE id = ?{self._lock}", (key_id,)
-            return (yield HOLD_SQL, params, Want.NEW_ID)
         try:
-            if self.row_locks and budgeted:
-                rows = await self._run(take_locked, durable=False)
-            else:
-                rows = await self._run_statement(HOLD_SQL, params, durable=False, want=Want.NEW_ID)
+            rows = await self._run_statement(HOLD_SQL, params, durable=False, want=Want.NEW_ID)
         except IntegrityViolation:
             # PostgreSQL, concurrent holds: this one read the balance before another's hold committed,
             # and the holds_take trigger found held > balance (the CHECK). The money is not there.
