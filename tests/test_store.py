@@ -877,9 +877,9 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
     """Every hold and settlement of a user locks the user's balance row until its COMMIT, so on
     PostgreSQL one user's requests queue on it. A hold of a key without a budget is one statement,
     run as a transaction of its own (no BEGIN before it, no COMMIT round trip after it), and so is a
-    settlement (the apibox_settle function): it writes its usage row, then releases its hold (whose
-    trigger locks the balance row), takes the charge from the balance, writes its ledger row and
-    adds it to the key's spend, with no round trip while the row is locked."""
+    settlement (the apibox_settle function): it releases its hold (whose trigger locks the balance
+    row), writes its usage row, takes the charge from the balance, writes its ledger row and adds it
+    to the key's spend, with no round trip while the row is locked."""
     async with noting_postgres(postgres_database, ("holds", "usage", "ledger")) as (db, url):
         user, key = await funded(db, 1_000)
         dbquery.execute(url, "DELETE FROM seen")  # the top-up's ledger row
@@ -903,6 +903,6 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
         assert begun == []
         assert statements == ["INSERT", "SELECT"]  # the hold; the settlement
         seen = [row[0] for row in dbquery.query(url, "SELECT what FROM seen ORDER BY n")]
-        assert seen == ["holds INSERT", "usage INSERT", "holds DELETE", "ledger INSERT"]
+        assert seen == ["holds INSERT", "holds DELETE", "usage INSERT", "ledger INSERT"]
         used = await db.get_key(key.id)
         assert used is not None and used.spent == 40 and used.last_used_at is not None

@@ -191,6 +191,11 @@ CREATE UNIQUE INDEX ledger_reference ON ledger(reference) WHERE reference IS NOT
 DROP INDEX usage_user_created;
 """,
     "0008_hold_and_settle_functions": """
+-- A settlement (SqlStore.settle's steps) in one call: the hold's release (its trigger locks the
+-- balance row), the usage row, the charge (p_charged, or when NULL the cost capped at the balance
+-- left) with its ledger row, and the key's spend. The script writes the usage row before the
+-- release when the hold covers the cost, to keep the row locked one round trip less; in one call
+-- there is no round trip to save, and one INSERT serves both cases.
 CREATE FUNCTION apibox_settle(
     p_hold BIGINT, p_charged BIGINT, p_note TEXT, p_request_id TEXT, p_created_at BIGINT, p_user_id BIGINT,
     p_key_id BIGINT, p_model TEXT, p_provider TEXT, p_endpoint TEXT, p_status TEXT, p_http_status BIGINT,
@@ -204,29 +209,20 @@ DECLARE
     v_user BIGINT;  -- the hold's user and key: what is charged (the usage row says whose it is)
     v_key BIGINT;
 BEGIN
-    IF v_charged IS NOT NULL THEN  -- within the hold: the usage row goes first, before the release locks the balance
-        INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, http_status,
-                           prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
-                           estimated, cost, charged, latency_ms, ttft_ms)
-        VALUES (p_request_id, p_created_at, p_user_id, p_key_id, p_model, p_provider, p_endpoint, p_status,
-                p_http_status, p_prompt_tokens, p_completion_tokens, p_cached_tokens, p_cache_write_tokens,
-                p_reasoning_tokens, p_estimated, p_cost, v_charged, p_latency_ms, p_ttft_ms)
-        RETURNING id INTO v_usage;
-    END IF;
     DELETE FROM holds WHERE id = p_hold RETURNING user_id, key_id INTO v_user, v_key;  -- its trigger lowers held
     IF NOT FOUND THEN
         RAISE EXCEPTION 'hold % is already settled or released', p_hold USING ERRCODE = 'AB001';
     END IF;
     IF v_charged IS NULL THEN  -- more than the hold: capped at what the user has, once the hold is released
         SELECT LEAST(p_cost, balance - held) INTO v_charged FROM balances WHERE user_id = v_user;
-        INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, http_status,
-                           prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
-                           estimated, cost, charged, latency_ms, ttft_ms)
-        VALUES (p_request_id, p_created_at, p_user_id, p_key_id, p_model, p_provider, p_endpoint, p_status,
-                p_http_status, p_prompt_tokens, p_completion_tokens, p_cached_tokens, p_cache_write_tokens,
-                p_reasoning_tokens, p_estimated, p_cost, v_charged, p_latency_ms, p_ttft_ms)
-        RETURNING id INTO v_usage;
     END IF;
+    INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, http_status,
+                       prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
+                       estimated, cost, charged, latency_ms, ttft_ms)
+    VALUES (p_request_id, p_created_at, p_user_id, p_key_id, p_model, p_provider, p_endpoint, p_status,
+            p_http_status, p_prompt_tokens, p_completion_tokens, p_cached_tokens, p_cache_write_tokens,
+            p_reasoning_tokens, p_estimated, p_cost, v_charged, p_latency_ms, p_ttft_ms)
+    RETURNING id INTO v_usage;
     IF v_charged > 0 THEN
         UPDATE balances SET balance = balance - v_charged WHERE user_id = v_user RETURNING balance INTO v_balance;
         IF NOT FOUND THEN

@@ -31,9 +31,9 @@ T = TypeVar("T")
 RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
 MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-# The settlement (SqlStore.settle's script) as one call of a function of migration 0008: one round
-# trip where BEGIN, two statements and COMMIT took four, with the same steps in the same order.
-# ``p_charged``: the cost when the hold covers it, else NULL (the function caps it at the balance).
+# The settlement (SqlStore.settle's steps) as one call of a function of migration 0008: one round
+# trip where BEGIN, two statements and COMMIT took four. ``p_charged``: the cost when the hold
+# covers it, else NULL (the function caps it at the balance left).
 SETTLE_SQL = f"SELECT usage_id, charged FROM apibox_settle(?, ?, ?, {', '.join('?' * (len(USAGE_FIELDS) - 1))})"
 CHARGED = USAGE_FIELDS.index("charged")  # worked out by the function, not passed
 # The hold of a key with a budget, its locks and HOLD_SQL's conditions in one call (migration 0008).
