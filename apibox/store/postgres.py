@@ -131,7 +131,10 @@ class PostgresStore(SqlStore):
         if not budgeted:  # HOLD_SQL alone: it locks nothing before it (the balance's CHECK guards it)
             return await super().hold(user_id, key_id, amount, request_id, model, budgeted=False)
         params = (amount, request_id, model, now_ms(), self._instance, key_id, user_id)
-        ((hold_id,),) = await self._run_statement(HOLD_BUDGETED_SQL, params, durable=False)
+        try:
+            ((hold_id,),) = await self._run_statement(HOLD_BUDGETED_SQL, params, durable=False)
+        except IntegrityViolation:  # as SqlStore.hold: a CHECK refused it, the money is not there
+            return None
         return Hold(hold_id, user_id, key_id, amount, request_id) if hold_id is not None else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:

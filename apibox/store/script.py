@@ -4,11 +4,11 @@ A script is a generator that yields ``(sql, params)`` and is sent back the rows 
 statement returned. SQLite runs it start to end in one go on the event loop's thread
 (``SqliteWriter``); PostgreSQL runs it on one pooled connection inside one
 transaction, awaiting each statement. SQL is written once, with ``?`` placeholders, in the
-subset both engines speak. The exceptions: PostgreSQL runs the settlement as one call of a
-function with the same steps (``PostgresStore.settle``, migration 0008), because there every
-statement is a round trip, and the script's took four, two of them while the user's balance row
-is locked; and SQLite takes the hold of a key without a budget in a cheaper form
-(``SqliteStore.hold``).
+subset both engines speak. The exceptions: PostgreSQL runs the settlement, and the hold of a
+key with a budget, as one call of a function each, with the same steps (``PostgresStore``,
+migration 0008), because there every statement is a round trip and the scripts took four or
+five, some while the user's balance row was locked; and SQLite takes the hold of a key without a
+budget in a cheaper form (``SqliteStore.hold``).
 
 A statement whose caller wants only the id of the one row it inserted, or how many rows it
 changed, says so (``Want``) instead of asking for rows with RETURNING: each engine then gets it

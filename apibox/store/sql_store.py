@@ -5,8 +5,8 @@ the same statements in the same order. The engines differ only in how a script i
 rows are read, and in ``row_locks``: PostgreSQL runs transactions side by side, so a script
 that reads a balance before changing it first locks the row (``FOR UPDATE``); SQLite runs one
 write transaction at a time, so the lock is a no-op there and is left out. (And in the
-settlement, which PostgreSQL runs as one call of a function with the same steps: see
-``postgres``.)
+settlement and the hold of a key with a budget, which PostgreSQL runs as one call of a function
+each: see ``postgres``.)
 """
 
 from __future__ import annotations
