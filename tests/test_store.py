@@ -567,9 +567,13 @@ async def test_one_request_at_a_time_commits_its_hold_and_settlement_at_once(sto
     transaction commits in its caller's step. With another in flight, transactions wait for company."""
     writer = store._writer  # type: ignore[attr-defined]
     user, key = await funded(store, 10_000)
-    groups: list[int] = []
+    groups: list[int] = []  # the size of each group the writer commits
     real = writer._commit_group
-    writer._commit_group = lambda bodies: groups.append(len(bodies)) or real(bodies)
+
+    def recording(bodies):
+        groups.append(len(bodies))
+        return real(bodies)
+    writer._commit_group = recording
     passes: list[str] = []
 
     async def in_one_step(work: Awaitable[Any]) -> Any:

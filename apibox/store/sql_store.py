@@ -105,7 +105,8 @@ class SqlStore(SqlReports):
 
     async def _run_to_the_end(self, script: Callable[[], Script[T]]) -> T:
         """``_run(script, durable=False)``, finished even if the awaiting task is cancelled meanwhile
-        (a settlement records money already spent); ``close`` waits for it."""
+        (a settlement records money already spent); ``close`` waits for it. Only ``settle`` calls it
+        (PostgreSQL, which settles in one call of a function, does without)."""
         raise NotImplementedError
 
     async def _import_rows(self, batches: Any) -> None:
