@@ -82,6 +82,9 @@ class SqliteWriter:
         # the connection, held as its one cursor (``.connection`` is the connection): every statement goes
         # through it, since Connection.execute makes a cursor for each (1.5k instructions)
         self._db: sqlite3.Cursor | None = None
+        # the loop it was opened on, kept: asyncio.get_running_loop() makes a getpid system call on
+        # Python 3.11, and a queued transaction would ask for it every time
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: list[Queued] = []
         self._scheduled = False  # a group commit is on its way (a pass, a lock retry or a checkpoint away)
         self._waiting_since: float | None = None  # the current group's first refusal of the lock
@@ -109,6 +112,7 @@ class SqliteWriter:
             db.close()
             raise
         self._db = db.cursor()
+        self._loop = asyncio.get_running_loop()
 
     async def transaction(self, body: Callable[[sqlite3.Cursor], T], *, keep: bool = False) -> T:
         """Run ``body(cursor)`` all-or-nothing and return its result once it is committed. A caller
@@ -124,7 +128,7 @@ class SqliteWriter:
                 if ok:
                     return value  # type: ignore[no-any-return]
                 raise value
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(Queued(body, future, keep))
         if not self._scheduled:
@@ -135,20 +139,24 @@ class SqliteWriter:
             loop.call_soon(self._gather)
         return await future
 
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "the writer is not open"
+        return self._loop
+
     def _gather(self) -> None:
         """One pass of the loop later (two when the last group was not alone): commit, unless the
         pass brought more transactions."""
         queued = len(self._queue)
         if self._gathered < queued < GROUP_MAX:
             self._gathered = queued
-            asyncio.get_running_loop().call_soon(self._gather)
+            self._event_loop().call_soon(self._gather)
         else:
             self._flush()
 
     def _flush(self, after_checkpoint: bool = False) -> None:
         """Commit every queued transaction in one group, or come back when the lock is free (or
         once a checkpoint has wound the WAL back, when it has not been for too long)."""
-        loop = asyncio.get_running_loop()
+        loop = self._event_loop()
         if not after_checkpoint and self._checkpointer.overdue():  # one wait, even if a reader holds it back
             self._checkpointer.start(alone=True)
             self._checkpointer.when_done(lambda: loop.call_soon_threadsafe(self._flush, True))
