@@ -74,7 +74,7 @@ class Locked(Exception):
 
 
 class SqliteWriter:
-    """The one write connection of a process, used only from the event loop's thread."""
+    """The one write connection of a process, used only on the event loop it was opened on (and its thread)."""
 
     def __init__(self, path: str, pragmas: tuple[str, ...]) -> None:
         self._path = path
