@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from decimal import Decimal
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -24,8 +23,16 @@ from apibox.models import Hold, UsageRecord
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation, Row, Script, Want, single
-from apibox.store.sql_store import USAGE_FIELDS, SqlStore, already_settled, no_balance, usage_values
-from apibox.store.sqltime import now_ms, to_ms
+from apibox.store.sql_store import (
+    USAGE_FIELDS,
+    SqlStore,
+    already_settled,
+    charge_note,
+    no_balance,
+    settled_at,
+    usage_values,
+)
+from apibox.store.sqltime import now_ms
 
 T = TypeVar("T")
 RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
@@ -139,11 +146,10 @@ class PostgresStore(SqlStore):
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
         """SqlStore.settle in one statement (``SETTLE_SQL``), finished even if its caller is cancelled."""
-        usage.created_at = usage.created_at or datetime.now(UTC)
-        values = usage_values(usage, to_ms(usage.created_at))
+        values = usage_values(usage, settled_at(usage))
         del values[CHARGED]
         charged = usage.cost if usage.cost <= hold.amount else None  # None: the function caps it
-        params = (hold.id, charged, f"{usage.model} {usage.request_id}", *values)
+        params = (hold.id, charged, charge_note(usage), *values)
         try:
             rows = await self._to_the_end(self._run_statement(SETTLE_SQL, params, durable=False))
         except asyncpg.PostgresError as exc:

@@ -307,8 +307,7 @@ class SqlStore(SqlReports):
         return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
-        usage.created_at = usage.created_at or datetime.now(UTC)
-        created = to_ms(usage.created_at)  # once: three statements use it
+        created = settled_at(usage)  # once: three statements use it
 
         def apply() -> Script[UsageRecord]:
             # Releasing the hold frees at least its amount (held <= balance before), so a cost within
@@ -327,7 +326,7 @@ class SqlStore(SqlReports):
                 usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
                 yield from _insert_usage(usage, created)
             if usage.charged > 0:
-                yield from self._charge(hold, usage.charged, created, f"{usage.model} {usage.request_id}", usage.id)
+                yield from self._charge(hold, usage.charged, created, charge_note(usage), usage.id)
             else:
                 yield KEY_SPEND_SQL, (0, created, hold.key_id)  # nothing spent, but the key was used
             return usage
@@ -390,6 +389,19 @@ class SqlStore(SqlReports):
                                 "ORDER BY id DESC LIMIT ?", (limit,))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
+
+
+def settled_at(usage: UsageRecord) -> int:
+    """The settlement's time in ms, also set on ``usage`` when its caller left it empty (now)."""
+    usage.created_at = usage.created_at or datetime.now(UTC)
+    created = to_ms(usage.created_at)
+    assert created is not None
+    return created
+
+
+def charge_note(usage: UsageRecord) -> str:
+    """The note of a settlement's ledger charge: the model and the request."""
+    return f"{usage.model} {usage.request_id}"
 
 
 def already_settled(hold: Hold) -> StoreError:
