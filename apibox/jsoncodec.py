@@ -15,5 +15,16 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
 
 
+# What the CLI's --json printed with the standard library, at orjson's speed: dates and dataclasses
+# still through str(), int keys as strings; only non-ASCII text is now UTF-8 rather than \u escapes.
+_PRETTY = (orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+           | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
+
+
+def dumps_pretty(value: Any) -> bytes:
+    """Indented JSON for people and scripts; whatever orjson cannot write goes through ``str``."""
+    return orjson.dumps(value, default=str, option=_PRETTY)
+
+
 def loads(data: bytes | str) -> Any:
     return orjson.loads(data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -14,6 +13,7 @@ from rich.console import Console
 
 from apibox.config import Settings, load_settings
 from apibox.errors import ApiboxError
+from apibox.jsoncodec import dumps_pretty
 from apibox.store import open_store
 from apibox.store.base import Store
 
@@ -62,4 +62,4 @@ def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(dumps_pretty(data).decode())
