@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from apibox import accounts, billing
+from apibox.cli.common import with_store
 from apibox.config import Settings, load_settings
 from apibox.models import LedgerKind, UsageRecord
 from apibox.money import format_usd
@@ -101,6 +102,23 @@ async def ledger_charges(store: Store, user_ids: list[int]) -> int:
 
 
 # -- usage report ------------------------------------------------------------------------------
+
+
+def test_a_commands_result_is_not_formatted_on_the_way_out(config_path: Path) -> None:
+    """asyncio.run (Python 3.11) formats the repr of its main task, result included, as it
+    finishes: a command's result (a report of thousands of rows) must not be that result."""
+    class Counted:
+        reprs = 0
+
+        def __repr__(self) -> str:
+            Counted.reprs += 1
+            return "Counted()"
+
+    async def action(store: Store, settings: Settings) -> Counted:
+        return Counted()
+
+    assert isinstance(with_store(str(config_path), action), Counted)
+    assert Counted.reprs == 0
 
 
 async def test_seeded_costs_are_the_price_of_the_tokens(seeded: Seeded) -> None:

@@ -51,14 +51,18 @@ def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable
                migrate: bool = True) -> T:
     """Load the settings, open (and migrate) the store, run ``action``, close the store."""
     settings = load_settings(config)
+    # The result is kept off the main task: on its way out, Python 3.11's asyncio.run formats the
+    # repr of its SIGINT handler, the task in it and the task's result, a whole report with it.
+    result: list[T] = []
 
-    async def run() -> T:
+    async def run() -> None:
         store = await open_store(settings.database.url, migrate=migrate, pool_size=settings.database.pool_size)
         try:
-            return await action(store, settings)
+            result.append(await action(store, settings))
         finally:
             await store.close()
-    return asyncio.run(run())
+    asyncio.run(run())
+    return result[0]
 
 
 def print_json(data: Any) -> None:
