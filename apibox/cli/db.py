@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from apibox import billing
 from apibox.cli.common import ConfigOption, JsonOption, console, err_console, handles_errors, print_json, with_store
 from apibox.errors import InvalidRequest
 from apibox.store import open_store, sqlite_path
-from apibox.store.copying import CopyResult, copy_database
 from apibox.urls import masked_url
+
+if TYPE_CHECKING:  # the copy's modules (rich.progress among them) load only for `db copy`
+    from apibox.store.copying import CopyResult
 
 app = typer.Typer(help="Database schema and audit.", no_args_is_help=True)
 
@@ -58,9 +59,11 @@ def copy(
 ) -> None:
     """Copy every user, key, balance, ledger entry and usage row into an empty database, then verify
     the copy (row counts, money totals, the ledger audit). Stop the gateways using the source first."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), console=err_console,
                   transient=True, disable=as_json) as bar:
-        tasks: dict[str, TaskID] = {}
+        tasks: dict[str, int] = {}
 
         def progress(table: str, done: int, total: int) -> None:
             if table not in tasks:
@@ -85,6 +88,8 @@ async def _copy(source_url: str, target_url: str, progress: Callable[[str, int, 
             raise InvalidRequest(f"{masked_url(url)!r} is not a database URL (sqlite:///PATH or postgresql://...)")
     if source_url.startswith("sqlite://") and not Path(sqlite_path(source_url)).is_file():
         raise InvalidRequest(f"there is no SQLite database at {sqlite_path(source_url)}")
+    from apibox.store.copying import copy_database
+
     source = await open_store(source_url)
     try:
         target = await open_store(target_url)
