@@ -16,6 +16,7 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
 import apibox
 from apibox import tokens
@@ -88,6 +89,30 @@ async def test_a_client_that_has_read_the_end_of_a_stream_finds_it_in_the_books(
         assert balance(live, who.user_id)[1] == 0  # nothing held any more
         assert sum(charges(live, who.user_id)) == sum(r["charged"] for r in rows)
         assert sse_json(raw)[-1]["usage"]["cost"] == rows[-1]["cost"] / 1_000_000
+
+
+async def test_a_streams_headers_go_out_with_its_first_events(live: Live, live_store, monkeypatch) -> None:
+    """One write, not two: the headers wait for the first batch, which is in hand when they are made."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    writes: list[bytes] = []
+    write, writelines = StreamWriter._write, StreamWriter._writelines
+
+    def recorded_write(self: StreamWriter, chunk: Any) -> None:
+        writes.append(bytes(chunk))
+        write(self, chunk)
+
+    def recorded_writelines(self: StreamWriter, chunks: Any) -> None:
+        chunks = [bytes(c) for c in chunks]
+        writes.append(b"".join(chunks))
+        writelines(self, chunks)
+
+    monkeypatch.setattr(StreamWriter, "_write", recorded_write)
+    monkeypatch.setattr(StreamWriter, "_writelines", recorded_writelines)
+    response, raw = await raw_stream(live, who.key, {})
+    assert response.status == 200 and sse_events(raw)[-1] == "[DONE]"
+    # the gateway's answer (the fake upstream, an aiohttp server too, sends its headers alone)
+    first = next(w for w in writes if w.startswith(b"HTTP/1.1 200") and b"X-Accel-Buffering" in w)
+    assert b"data: {" in first
 
 
 async def test_a_stream_leaves_no_generator_of_its_own_for_the_event_loop_to_close(live: Live, live_store) -> None:

@@ -45,6 +45,14 @@ NO_LIMITS = LimitSet()
 OPENAI_DOOR = OpenAIDoor()
 
 
+class EventStream(web.StreamResponse):
+    """An SSE answer whose headers go out with its first batch, in one write. aiohttp sends a
+    StreamResponse's headers as soon as it is prepared, a write of their own; ``_stream`` prepares
+    it with the upstream's first batch already in hand, so waiting for it delays nothing."""
+
+    _send_headers_immediately = False  # aiohttp's switch (Response's default) for buffered headers
+
+
 @dataclass(slots=True)
 class Call:
     """The state of one billed request, from the hold to the settlement."""
@@ -350,7 +358,7 @@ async def _complete(call: Call) -> web.Response:
 
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     started: Started = await _attempt(call, stream=True)
-    response = web.StreamResponse(headers={**SSE_HEADERS, **_headers(call)})
+    response = EventStream(headers={**SSE_HEADERS, **_headers(call)})
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
     renderer = call.door.renderer(call.native, call.model.name, wants_usage, call.prompt)
     usage: Usage | None = None
