@@ -1,5 +1,6 @@
 """JSON on the request path: orjson, several times faster than the standard library on the
-small objects a stream is made of (a chunk is parsed and written again for every token).
+small objects a stream is made of (a chunk is parsed and written again for every token); and
+the CLI's indented ``--json`` output.
 
 ``loads`` raises ``ValueError`` on bad input, like ``json.loads``; ``dumps`` returns UTF-8 bytes.
 """
@@ -16,7 +17,8 @@ def dumps(value: Any) -> bytes:
 
 
 # What the CLI's --json printed with the standard library, at orjson's speed: dates and dataclasses
-# still through str(), int keys as strings; only non-ASCII text is now UTF-8 rather than \u escapes.
+# still through str(), int keys as strings. Non-ASCII text is now UTF-8 rather than \u escapes,
+# and a float below 1e-4 is written 0.00001 rather than 1e-05 (the CLI rounds to 4 decimals).
 _PRETTY = (orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
            | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS)
 
