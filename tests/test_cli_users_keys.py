@@ -123,7 +123,7 @@ def test_users_create_prints_the_new_user(cli: Any) -> None:
 def test_json_output_keeps_a_non_ascii_name_as_typed(cli: Any) -> None:
     result = cli("users", "create", "zoe@example.com", "--name", "Zoë Åberg 张", "--json")
     assert ok_json(result)["name"] == "Zoë Åberg 张"
-    assert '"name": "Zoë Åberg 张"' in result.stdout  # UTF-8, not \\u escapes
+    assert '"name": "Zoë Åberg 张"' in result.stdout  # UTF-8, not \u escapes
 
 
 def test_users_create_rejects_an_email_that_differs_only_in_case(cli: Any) -> None:

@@ -291,6 +291,7 @@ class SqliteWriter:
         if self._db is not None:
             self._db.connection.close()  # the last connection to close checkpoints and removes the WAL
             self._db = None
+            self._loop = None  # closed: a late transaction fails on the assertion, not on a stale loop
 
 
 def _never() -> bool:
