@@ -14,7 +14,7 @@ from apibox.errors import InsufficientQuota
 from apibox.models import ApiKey, Hold, UsageRecord
 from apibox.money import MAX_STORED_MICRO, format_usd
 from apibox.pricing import Price, Usage, affordable_output_tokens, cost_micro, worst_case_micro
-from apibox.store.base import Store
+from apibox.store.base import ProgressFn, Store
 
 MIN_ANSWER_TOKENS = 16  # a request that cannot pay for this much answer is refused
 # Far past any real request. An upstream reporting more is clamped to it, so that its report
@@ -84,6 +84,6 @@ async def settle(store: Store, reservation: Reservation, record: UsageRecord, us
     return await store.settle(reservation.hold, record)
 
 
-async def check(store: Store) -> list[str]:
+async def check(store: Store, progress: ProgressFn | None = None) -> list[str]:
     """The ledger audit behind `apibox db check`: every broken money invariant, or nothing."""
-    return await store.audit()
+    return await store.audit(progress)

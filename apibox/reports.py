@@ -11,7 +11,7 @@ from apibox import accounts
 from apibox.errors import InvalidRequest
 from apibox.models import LedgerEntry, ReportRow, User
 from apibox.money import format_usd
-from apibox.store.base import REPORT_DIMENSIONS, PruneResult, Store, UsageFilter
+from apibox.store.base import REPORT_DIMENSIONS, ProgressFn, PruneResult, Store, UsageFilter
 from apibox.timeparse import TimeParseError, parse_since
 
 # The fields of a report row after its group keys, in the order csv and the table show them.
@@ -195,11 +195,12 @@ def prune_boundary(text: str, now: datetime) -> date:
     return day
 
 
-async def prune(store: Store, before: str, now: datetime | None = None, actor: str = "cli") -> PruneResult:
+async def prune(store: Store, before: str, now: datetime | None = None, actor: str = "cli",
+                progress: ProgressFn | None = None) -> PruneResult:
     """Fold the usage rows of the days before ``before`` into the daily aggregates (reports and the
     audit read both), and record it in the admin log."""
     day = prune_boundary(before, now or datetime.now(UTC))
-    result = await store.prune_usage(_midnight(day))
+    result = await store.prune_usage(_midnight(day), progress=progress)
     if result.rows:
         await store.log_admin_action(actor, "usage.prune", f"before:{day.isoformat()}", None, prune_json(result))
     return result

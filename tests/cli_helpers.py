@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
+import pytest
+from rich.console import Console
+
+from apibox.cli import common
 from apibox.config import load_settings
 from tests import dbquery
 
@@ -50,3 +56,26 @@ def db_file(config_path: Path) -> Path:
 def tables(config_path: Path) -> set[str]:
     """The names of the tables in the test config's database."""
     return dbquery.tables(database(config_path))
+
+
+class Terminal:
+    """Stands in for the CLI's stderr as a terminal (progress bars are drawn only on one)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._drawn = io.StringIO()
+        monkeypatch.setattr(common, "err_console", Console(file=self._drawn, force_terminal=True, width=100))
+
+    def text(self) -> str:
+        """What was drawn, without colours and cursor moves."""
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", self._drawn.getvalue())
+
+    def clear(self) -> None:
+        self._drawn.seek(0)
+        self._drawn.truncate()
+
+
+def bar_went(text: str, what: str) -> str:
+    """``what``'s bar, drawn from 0 of a total to the total; returns the total."""
+    found = re.search(rf"{re.escape(what)} +━+ +0/(\d+)\b.*{re.escape(what)} +━+ +\1/\1\b", text, re.S)
+    assert found, text
+    return found[1]

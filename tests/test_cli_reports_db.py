@@ -25,7 +25,16 @@ from apibox.pricing import Usage
 from apibox.store.base import Store
 from apibox.store.migrations import MIGRATIONS as SCHEMA
 from tests import dbquery
-from tests.cli_helpers import assert_one_line_error, database, db_file, ok_json, run, tables
+from tests.cli_helpers import (
+    Terminal,
+    assert_one_line_error,
+    bar_went,
+    database,
+    db_file,
+    ok_json,
+    run,
+    tables,
+)
 from tests.conftest import fund
 
 MIGRATIONS = [m.name for m in SCHEMA]
@@ -332,6 +341,24 @@ def test_db_check_passes_on_good_books(cli: Any) -> None:
     assert result.exit_code == 0, result.output
     assert "OK" in result.stdout and result.stderr == ""
     assert ok_json(cli("db", "check", "--json")) == {"ok": True, "problems": []}
+
+
+def test_db_check_draws_its_progress_on_a_terminal_only(cli: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _good_books(cli)
+    terminal = Terminal(monkeypatch)
+    result = cli("db", "check")
+    assert result.exit_code == 0 and result.stdout == "OK: balances, holds, ledger and usage agree.\n"
+    assert int(bar_went(terminal.text(), "audit")) > 1
+    terminal.clear()
+    assert ok_json(cli("db", "check", "--json")) == {"ok": True, "problems": []}
+    assert terminal.text() == ""  # --json: nothing drawn
+
+
+async def test_the_audit_tells_its_progress_check_by_check(store: Store) -> None:
+    told: list[tuple[str, int, int]] = []
+    assert await store.audit(lambda *step: told.append(step)) == []
+    checks = told[0][2]
+    assert checks > 0 and told == [("audit", done, checks) for done in range(checks + 1)]
 
 
 def _good_books(cli: Any) -> None:

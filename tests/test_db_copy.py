@@ -16,7 +16,7 @@ from apibox import accounts
 from apibox.cli.main import app as cli_app
 from apibox.store import open_store
 from tests import dbquery
-from tests.cli_helpers import assert_one_line_error, ok_json
+from tests.cli_helpers import Terminal, assert_one_line_error, bar_went, ok_json
 from tests.conftest import ServerThread, databases_for, serving
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import account
@@ -99,6 +99,17 @@ def test_sqlite_moves_to_postgresql_and_the_gateway_carries_on(tmp_path: Path, p
         with pytest.raises(openai.PermissionDeniedError):  # bob's suspension came over too
             openai.OpenAI(base_url=live.v1, api_key=keys["bob"], max_retries=0).chat.completions.create(
                 model="gpt-fake", messages=[{"role": "user", "content": "x"}])
+
+
+def test_a_copy_draws_each_table_then_the_audit(tmp_path: Path, pg: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = f"sqlite:///{tmp_path / 'old.db'}"
+    populate(tmp_path / "before", source)
+    terminal = Terminal(monkeypatch)
+    assert copy(source, pg()).exit_code == 0
+    drawn = terminal.text()
+    assert [bar_went(drawn, table) for table in ("users", "api_keys", "usage")] == ["2", "3", "3"]
+    assert drawn.index("audit") > drawn.index("usage ")  # the copy's audit comes after its rows
+    assert int(bar_went(drawn, "audit")) > 1
 
 
 def test_a_non_empty_target_is_refused_and_left_as_it_was(tmp_path: Path, pg: Any) -> None:

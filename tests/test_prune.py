@@ -21,7 +21,7 @@ from apibox.store import open_store
 from apibox.store.base import Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.sqlite import _statements
-from tests.cli_helpers import assert_one_line_error, database, ok_json, run
+from tests.cli_helpers import Terminal, assert_one_line_error, bar_went, database, ok_json, run
 from tests.dbquery import connect
 from tests.report_helpers import (
     SINGLE_DIMENSIONS,
@@ -163,6 +163,26 @@ async def test_prune_in_small_batches_equals_one_batch(cli: Any, book: Book, sto
     assert {by: additive(rows) for by, rows in (await snapshot(cli)).items()} == {
         by: additive(rows) for by, rows in before_prune.items()}
     assert await store.audit() == []
+
+
+async def test_a_prune_tells_its_progress_batch_by_batch(book: Book, store: Store) -> None:
+    cut = datetime.combine(boundary(book, 2), datetime.min.time(), UTC)
+    told: list[tuple[str, int, int]] = []
+    result = await store.prune_usage(cut, batch_rows=4, progress=lambda *step: told.append(step))
+    to_fold = len([r for r in book.records if r.created_at < cut])  # type: ignore[operator]
+    assert to_fold > 8 and result.rows == to_fold
+    assert told[0] == ("usage rows", 0, to_fold) and told[-1] == ("usage rows", to_fold, to_fold)
+    assert len(told) == result.batches + 1  # the start, then each batch
+    done = [step[1] for step in told]
+    assert done == sorted(done) and len(set(done)) == len(done)  # every batch folded some rows
+
+
+async def test_the_cli_draws_a_prunes_progress(cli: Any, book: Book, monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal(monkeypatch)
+    result = await run(cli, "usage", "prune", "--before", boundary(book, 3).isoformat())
+    assert result.exit_code == 0 and result.stdout.startswith("Folded ")
+    folded = int(result.stdout.split()[1])
+    assert folded > 0 and int(bar_went(terminal.text(), "usage rows")) == folded
 
 
 async def test_rows_of_one_millisecond_are_folded_together(store: Store) -> None:

@@ -1,10 +1,12 @@
-"""What every command shares: the --config and --json options, the store, the one-line error."""
+"""What every command shares: the --config and --json options, the store, the one-line error, the
+progress bars of long work."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
@@ -15,7 +17,7 @@ from apibox.config import Settings, load_settings
 from apibox.errors import ApiboxError
 from apibox.jsoncodec import dumps_pretty
 from apibox.store import open_store
-from apibox.store.base import Store
+from apibox.store.base import ProgressFn, Store
 
 T = TypeVar("T")
 
@@ -67,3 +69,23 @@ def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable
 
 def print_json(data: Any) -> None:
     sys.stdout.write(dumps_pretty(data).decode())
+
+
+@contextmanager
+def progress_bars(hidden: bool) -> Iterator[ProgressFn]:
+    """A ``ProgressFn`` that draws a bar on stderr for each thing it is told about while the block
+    runs; the bars are cleared at its end. Drawn only on a terminal (a redirected stderr gets not
+    even a blank line) and not when ``hidden`` (``--json``). rich's progress module loads here, not
+    when the CLI starts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), console=err_console,
+                  transient=True, disable=hidden or not err_console.is_terminal) as bars:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bars.add_task(what, total=total)
+            bars.update(tasks[what], completed=done, total=total)
+
+        yield progress

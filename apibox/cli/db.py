@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from apibox import billing
-from apibox.cli.common import ConfigOption, JsonOption, console, err_console, handles_errors, print_json, with_store
+from apibox.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    err_console,
+    handles_errors,
+    print_json,
+    progress_bars,
+    with_store,
+)
 from apibox.errors import InvalidRequest
 from apibox.store import open_store, sqlite_path
+from apibox.store.base import ProgressFn
 from apibox.urls import masked_url
 
-if TYPE_CHECKING:  # the copy's modules (rich.progress among them) load only for `db copy`
+if TYPE_CHECKING:  # the copy's module loads only for `db copy`
     from apibox.store.copying import CopyResult
 
 app = typer.Typer(help="Database schema and audit.", no_args_is_help=True)
@@ -36,7 +45,8 @@ def migrate(config: ConfigOption = None, as_json: JsonOption = False) -> None:
 @handles_errors
 def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Audit the books: balances equal ledger sums, holds add up, charges match usage. Exit 1 on any problem."""
-    problems = with_store(config, lambda store, _: billing.check(store))
+    with progress_bars(hidden=as_json) as progress:
+        problems = with_store(config, lambda store, _: billing.check(store, progress))
     if as_json:
         print_json({"ok": not problems, "problems": problems})
     elif problems:
@@ -59,17 +69,7 @@ def copy(
 ) -> None:
     """Copy every user, key, balance, ledger entry and usage row into an empty database, then verify
     the copy (row counts, money totals, the ledger audit). Stop the gateways using the source first."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    with Progress(TextColumn("{task.description:<12}"), BarColumn(), MofNCompleteColumn(), console=err_console,
-                  transient=True, disable=as_json) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(table: str, done: int, total: int) -> None:
-            if table not in tasks:
-                tasks[table] = bar.add_task(table, total=total)
-            bar.update(tasks[table], completed=done)
-
+    with progress_bars(hidden=as_json) as progress:
         result = asyncio.run(_copy(source, target, progress))
     if as_json:
         print_json({"rows": result.rows, "totals": result.totals, "ok": True})
@@ -80,7 +80,7 @@ def copy(
                   "match and the audit of the copy is clean.")
 
 
-async def _copy(source_url: str, target_url: str, progress: Callable[[str, int, int], None]) -> CopyResult:
+async def _copy(source_url: str, target_url: str, progress: ProgressFn) -> CopyResult:
     if source_url == target_url:
         raise InvalidRequest("--from and --to are the same database")
     for url in (source_url, target_url):

@@ -13,7 +13,16 @@ from rich.bar import Bar
 from rich.table import Table
 
 from apibox import reports
-from apibox.cli.common import ConfigOption, JsonOption, console, fail, handles_errors, print_json, with_store
+from apibox.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    fail,
+    handles_errors,
+    print_json,
+    progress_bars,
+    with_store,
+)
 from apibox.cli.render import table
 from apibox.money import format_usd
 
@@ -120,7 +129,8 @@ def prune(
     config: ConfigOption = None, as_json: JsonOption = False,
 ) -> None:
     """Fold old usage rows into daily totals, then delete them (retention)."""
-    result = with_store(config, lambda store, _: reports.prune(store, before))
+    with progress_bars(hidden=as_json) as progress:
+        result = with_store(config, lambda store, _: reports.prune(store, before, progress=progress))
     if as_json:
         print_json(reports.prune_json(result))
     elif not result.rows:

@@ -8,7 +8,7 @@ method is atomic on its own: callers never compose a balance change out of sever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -28,6 +28,8 @@ from apibox.models import (
 )
 
 REPORT_DIMENSIONS = ("day", "hour", "model", "user", "key", "provider")
+# Told how long work is getting on: (what, done, total), from the start (0 done) to the end (total done).
+ProgressFn = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +169,14 @@ class Store(Protocol):
         """``usage_report`` with percentiles, and the total of every group (its percentiles exact too)."""
         ...
 
-    async def prune_usage(self, before: datetime) -> PruneResult:
+    async def prune_usage(self, before: datetime, *, progress: ProgressFn | None = None) -> PruneResult:
         """Fold the usage rows made before ``before`` into the daily aggregates and delete them,
         a batch at a time, each batch in one transaction (so no report ever sees a row twice or not
-        at all). Refuses rows whose ledger charge does not match them."""
+        at all). Refuses rows whose ledger charge does not match them. ``progress``: told the rows
+        folded so far, of those there were to fold, after each batch."""
         ...
 
-    async def audit(self) -> list[str]:
-        """Every broken money invariant, as sentences; empty when the books are right."""
+    async def audit(self, progress: ProgressFn | None = None) -> list[str]:
+        """Every broken money invariant, as sentences; empty when the books are right. ``progress``:
+        told the checks done so far (each is a pass over a table: seconds at a million rows)."""
         ...

@@ -10,10 +10,11 @@ the balance and ledger totals must match table for table, and the target's own a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from apibox.errors import InvalidRequest, StoreError
+from apibox.store.base import ProgressFn
 from apibox.store.script import Row
 from apibox.store.sql_store import KEY_COLUMNS, LEDGER_COLUMNS, USAGE_FIELDS, USER_COLUMNS, SqlStore
 
@@ -72,9 +73,10 @@ async def totals(store: SqlStore) -> dict[str, int]:
 
 
 async def copy_database(source: SqlStore, target: SqlStore,
-                        progress: Callable[[str, int, int], None] = lambda table, done, total: None) -> CopyResult:
+                        progress: ProgressFn = lambda table, done, total: None) -> CopyResult:
     """Copy every table of ``source`` into the empty ``target`` and verify the copy; raises
-    InvalidRequest (nothing written) when the target has data or the source has requests in flight."""
+    InvalidRequest (nothing written) when the target has data or the source has requests in flight.
+    ``progress``: told each table's rows copied so far, then the audit's checks of the copy."""
     if await source.pending_migrations() or await target.pending_migrations():
         raise StoreError("both databases must be migrated first (apibox db migrate)")
     held = await source._read("SELECT count(*) FROM holds")
@@ -103,7 +105,7 @@ async def copy_database(source: SqlStore, target: SqlStore,
     source_totals = await totals(source)
     problems += [f"{name} total: {source_totals[name]} in the source, {n} in the target"
                  for name, n in result.totals.items() if n != source_totals[name]]
-    problems += await target.audit()
+    problems += await target.audit(progress)
     if problems:
         raise StoreError("the copy does not match its source: " + "; ".join(problems))
     return result

@@ -14,7 +14,7 @@ from typing import Any
 from apibox import jsoncodec
 from apibox.errors import InvalidRequest, StoreError
 from apibox.models import ReportRow
-from apibox.store.base import REPORT_DIMENSIONS, PruneResult, UsageFilter
+from apibox.store.base import REPORT_DIMENSIONS, ProgressFn, PruneResult, UsageFilter
 from apibox.store.script import Row, Script
 from apibox.store.sqltime import to_ms
 
@@ -65,6 +65,7 @@ FOLD_SQL = (
 # The live usage rows of one user, found by the index of each of the user's keys.
 USER_THROUGH_KEYS = "g.key_id IN (SELECT k.id FROM api_keys k WHERE k.user_id = ?)"
 PRUNE_BATCH_ROWS = 50_000
+AUDIT_PROGRESS, PRUNE_PROGRESS = "audit", "usage rows"  # what the audit and a prune tell their progress as
 SORTED_TEXT_MAX = 16_384  # about 3,500 values: below, sorting a list is faster; above, counting
 
 
@@ -132,12 +133,17 @@ class SqlReports:
         total.percentiles = (*_nearest_rank(latencies, (50, 95)), *_nearest_rank(ttfts, (50,)))
         return [row for _, row in out], total.row({}, percentiles)
 
-    async def prune_usage(self, before: datetime, *, batch_rows: int = PRUNE_BATCH_ROWS) -> PruneResult:
+    async def prune_usage(self, before: datetime, *, batch_rows: int = PRUNE_BATCH_ROWS,
+                          progress: ProgressFn | None = None) -> PruneResult:
         before_ms = to_ms(before)
         assert before_ms is not None
         rows = requests = cost = charged = batches = 0
         first: int | None = None
         last: int | None = None
+        to_fold = 0
+        if progress is not None:  # a count (by the index of creation times) only for whoever shows it
+            to_fold = int((await self._read("SELECT count(*) FROM usage WHERE created_at < ?", (before_ms,)))[0][0])
+            progress(PRUNE_PROGRESS, 0, to_fold)
         while True:
             folded = await self._run(lambda: _fold_batch(before_ms, batch_rows))
             if folded is None:
@@ -148,6 +154,8 @@ class SqlReports:
                                              charged + stats[3])
             first = stats[4] if first is None else min(first, stats[4])
             last = stats[5] if last is None else max(last, stats[5])
+            if progress is not None:
+                progress(PRUNE_PROGRESS, rows, max(rows, to_fold))  # rows made meanwhile may add to the count
             if finished:
                 break
         daily_rows = (await self._read("SELECT count(*) FROM usage_daily"))[0][0]
@@ -155,7 +163,7 @@ class SqlReports:
                            first_day=_utc_date(first), last_day=_utc_date(last), batches=batches,
                            daily_rows=daily_rows)
 
-    async def audit(self) -> list[str]:
+    async def audit(self, progress: ProgressFn | None = None) -> list[str]:
         problems: list[str] = []
         checks = (
             ("SELECT * FROM (SELECT b.user_id, b.balance, coalesce((SELECT sum(amount) FROM ledger l "
@@ -188,9 +196,13 @@ class SqlReports:
             ("SELECT id, cost, charged FROM usage WHERE charged > cost OR charged < 0",
              "usage row {0}: charged {2} is more than its cost {1}"),
         )
-        for sql, message in checks:
+        for done, (sql, message) in enumerate(checks):
+            if progress is not None:
+                progress(AUDIT_PROGRESS, done, len(checks))
             for row in await self._read(sql):
                 problems.append(message.format(*row))
+        if progress is not None:
+            progress(AUDIT_PROGRESS, len(checks), len(checks))
         return problems
 
 
