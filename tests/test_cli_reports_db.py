@@ -385,6 +385,19 @@ def test_db_check_fails_when_a_balance_differs_from_the_ledger(cli: Any, config_
     assert cli("db", "check", "--json").exit_code == 1
 
 
+def test_db_check_fails_when_a_ledger_rows_balance_after_is_not_the_running_sum(cli: Any,
+                                                                                  config_path: Path) -> None:
+    _good_books(cli)
+    # an entry whose amount the balance agrees with, but whose balance_after does not follow the entries before it
+    tamper(config_path, "INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
+                        "VALUES (1, 0, 'adjustment', 5, 999, 'test')")
+    tamper(config_path, "UPDATE balances SET balance = balance + 5")
+    result = cli("db", "check")
+    assert result.exit_code == 1
+    (problem,) = [line for line in result.stderr.splitlines() if line.startswith("problem:")]
+    assert "ledger row 2 (user 1): balance_after 999 differs from the running sum 10000005" in problem
+
+
 def test_db_check_fails_when_held_differs_from_the_open_holds(cli: Any, config_path: Path) -> None:
     _good_books(cli)
     tamper(config_path, "UPDATE balances SET held = 7")
