@@ -3,6 +3,7 @@ SQL both engines speak, as a mixin of ``SqlStore`` (reads through ``_read``, wri
 
 from __future__ import annotations
 
+import asyncio
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
@@ -200,13 +201,22 @@ class SqlReports:
             ("SELECT id, cost, charged FROM usage WHERE charged > cost OR charged < 0",
              "usage row {0}: charged {2} is more than its cost {1}"),
         )
-        for done, (sql, message) in enumerate(checks):
+        done = 0
+
+        async def check(sql: str, message: str) -> list[str]:
+            nonlocal done
+            found = [message.format(*row) for row in await self._read(sql)]
+            done += 1
             if progress is not None:
                 progress(AUDIT_PROGRESS, done, len(checks))
-            for row in await self._read(sql):
-                problems.append(message.format(*row))
+            return found
+
         if progress is not None:
-            progress(AUDIT_PROGRESS, len(checks), len(checks))
+            progress(AUDIT_PROGRESS, 0, len(checks))
+        # All at once: PostgreSQL runs them side by side on the pool's connections (a million rows:
+        # 2.6-2.9 s against 4.1-4.7 one after another); SQLite's one reader runs them in turn.
+        for found in await asyncio.gather(*(check(sql, message) for sql, message in checks)):
+            problems += found
         return problems
 
 
