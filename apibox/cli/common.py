@@ -26,10 +26,11 @@ ConfigOption = Annotated[str | None, typer.Option(
     show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
 
-# markup is off: user data (notes, names) must print as typed, never as rich markup.
+# markup and emoji codes are off: user data (notes, names) must print as typed, never as rich
+# markup or with ":smile:" turned into a picture.
 # Piped output is not cut to 80 columns: tables stay one row per line for grep and less.
-console = Console(highlight=False, markup=False, width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, highlight=False, markup=False)
+console = Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, highlight=False, markup=False, emoji=False)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -1,0 +1,60 @@
+"""The CLI's tables (``cli.render.table``): laid out as rich lays out its ``SIMPLE_HEAD`` tables,
+cell for cell, without rich's cost a cell; and user data prints as typed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from apibox.cli.render import PlainTable, table
+
+# Mostly what tables hold (ASCII, wide CJK and full-width letters, accents also as combining marks,
+# emoji, rich's markup and emoji codes), now and then a line break, a tab or an escape, which the
+# table leaves to rich.
+PLAIN = st.text(st.sampled_from("abcxyz019 .,:-_[]/@" + "日本語" + "é" + "🙂" + "\u0301" + "Ａ" + "ß"), max_size=14)
+ODD = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=6)
+CELL = st.one_of(st.none(), st.integers(-10**9, 10**9), PLAIN, PLAIN, PLAIN, ODD)
+
+
+def drawn(console: Console, renderable: Any) -> str:
+    with console.capture() as out:
+        console.print(renderable)
+    return out.get()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_a_table_prints_exactly_as_rich_prints_it(data: st.DataObject) -> None:
+    columns = data.draw(st.lists(PLAIN.filter(lambda c: c.strip() == c and c), min_size=1, max_size=5, unique=True))
+    rows = data.draw(st.lists(st.lists(CELL, min_size=len(columns), max_size=len(columns)), max_size=6))
+    title = data.draw(st.none() | PLAIN.filter(bool))
+    right = data.draw(st.sets(st.sampled_from(columns)))
+    console = Console(width=data.draw(st.integers(8, 160)), highlight=False, markup=False, emoji=False,
+                      color_system=None)
+    plain = table(title, columns, rows, right)
+    assert drawn(console, plain) == drawn(console, plain._rich_table())
+
+
+def test_a_table_that_fits_is_laid_out_without_rich_table(monkeypatch: Any) -> None:
+    def refuse(self: PlainTable) -> None:
+        raise AssertionError("handed to rich's Table")
+    monkeypatch.setattr(PlainTable, "_rich_table", refuse)
+    console = Console(width=80, highlight=False, markup=False, emoji=False, color_system=None)
+    out = drawn(console, table(None, ["id", "note"], [[1, "first"], [22, ":smile: [b]x[/b]"]], right=("id",)))
+    assert out.splitlines()[1:5] == [" id   note             ", " ───────────────────── ",
+                                     "  1   first            ", " 22   :smile: [b]x[/b] "]
+
+
+def test_user_data_prints_as_typed_in_a_statement(cli: Any) -> None:
+    assert cli("users", "create", "ann@example.com", "--name", ":rocket: Ann").exit_code == 0
+    assert cli("topup", "ann@example.com", "5", "--note", ":smile: [bold]paid[/bold]").exit_code == 0
+    statement = cli("ledger", "ann@example.com")
+    assert statement.exit_code == 0 and ":smile: [bold]paid[/bold]" in statement.stdout
+    assert ":rocket: Ann" in cli("users", "list").stdout
+    # a tab sends the table to rich, whose emoji codes the CLI's consoles turn off
+    assert cli("adjust", "ann@example.com", "1", "--note", ":tada:\tbonus").exit_code == 0
+    statement = cli("ledger", "ann@example.com")
+    assert ":smile: [bold]paid[/bold]" in statement.stdout and ":tada:" in statement.stdout
