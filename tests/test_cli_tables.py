@@ -38,14 +38,34 @@ def test_a_table_prints_exactly_as_rich_prints_it(data: st.DataObject) -> None:
     assert drawn(console, plain) == drawn(console, plain._rich_table())
 
 
-def test_a_table_that_fits_is_laid_out_without_rich_table(monkeypatch: Any) -> None:
+WORDY = st.text(st.sampled_from("abcdefgh  0123-.:日é"), max_size=40)  # notes and names, to wrap on narrow consoles
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_table_wider_than_the_console_wraps_exactly_as_rich_wraps_it(data: st.DataObject) -> None:
+    columns = data.draw(st.lists(st.text(st.sampled_from("abcdefghij ()"), min_size=1, max_size=14).filter(
+        lambda c: c.strip() == c and c), min_size=2, max_size=8, unique=True))
+    rows = data.draw(st.lists(st.lists(st.one_of(st.none(), WORDY, st.integers(-10**6, 10**6)),
+                                       min_size=len(columns), max_size=len(columns)), max_size=5))
+    right = data.draw(st.sets(st.sampled_from(columns)))
+    console = Console(width=data.draw(st.integers(20, 130)), highlight=False, markup=False, emoji=False,
+                      color_system=None)
+    plain = table(None, columns, rows, right)
+    assert drawn(console, plain) == drawn(console, plain._rich_table())
+
+
+def test_a_table_is_laid_out_without_rich_table_whether_it_fits_or_wraps(monkeypatch: Any) -> None:
     def refuse(self: PlainTable) -> None:
         raise AssertionError("handed to rich's Table")
     monkeypatch.setattr(PlainTable, "_rich_table", refuse)
-    console = Console(width=80, highlight=False, markup=False, emoji=False, color_system=None)
-    out = drawn(console, table(None, ["id", "note"], [[1, "first"], [22, ":smile: [b]x[/b]"]], right=("id",)))
-    assert out.splitlines()[1:5] == [" id   note             ", " ───────────────────── ",
-                                     "  1   first            ", " 22   :smile: [b]x[/b] "]
+    rows = [[1, "first"], [22, ":smile: [b]x[/b]"]]
+    wide = Console(width=80, highlight=False, markup=False, emoji=False, color_system=None)
+    assert drawn(wide, table(None, ["id", "note"], rows, right=("id",))).splitlines()[1:5] == [
+        " id   note             ", " ───────────────────── ", "  1   first            ", " 22   :smile: [b]x[/b] "]
+    narrow = Console(width=16, highlight=False, markup=False, emoji=False, color_system=None)
+    assert drawn(narrow, table(None, ["id", "note"], rows, right=("id",))).splitlines()[1:6] == [
+        " id   note      ", " ────────────── ", "  1   first     ", " 22   :smile:   ", "      [b]x[/b]  "]
 
 
 def test_user_data_prints_as_typed_in_a_statement(cli: Any) -> None:

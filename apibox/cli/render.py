@@ -7,11 +7,13 @@ from datetime import datetime
 from typing import Any
 
 from rich import box
-from rich.cells import cell_len
+from rich._ratio import ratio_reduce
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.segment import Segment
 from rich.style import Style
 from rich.table import Table
+from rich.text import Text
 
 from apibox.models import ApiKey, LedgerEntry, UserOverview
 from apibox.money import format_usd
@@ -26,11 +28,17 @@ def when(moment: datetime | None) -> str:
 
 class PlainTable:
     """A table as rich draws one with ``box.SIMPLE_HEAD`` (a bold header over a rule, no borders), laid
-    out here when it fits the console: rich measures, wraps and styles every cell (about 0.1 ms a
-    cell, so a statement of 40,000 entries took 36 s to print). A table wider than the console goes
-    to rich's ``Table`` after all, which folds the text columns; so does one with a character that is
-    not plainly printable in a cell (a line break, a tab, an escape), which rich handles its way.
-    Either way a cell prints as rich prints it from the CLI's consoles: no markup, no emoji."""
+    out here: rich measures, wraps and styles every cell (about 0.1 ms a cell, so a statement of
+    40,000 entries took 36 s to print). The widths are rich's: each column as wide as its widest
+    cell, a text column at least as wide as its name has characters (up to 10); when that is wider
+    than the console, the text columns give up width (rich's ``Table._collapse_widths``), then every
+    column if need be (rich's ``ratio_reduce``), and a cell too long for its column is wrapped, or a
+    number cut, by rich's own ``Text.wrap``. What that does not cover goes to rich's ``Table`` after
+    all: a cell with a character that is not plainly printable (a line break, a tab, an escape), a
+    column with no room or nothing to show, a title wider than the table, a table still too wide
+    with other than ASCII in it (the console's cropping could differ). A test holds the two to the
+    same text. Either way a cell prints as rich prints it from the CLI's consoles: no markup, no
+    emoji."""
 
     def __init__(self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
                  right: Iterable[str] = ()) -> None:
@@ -38,17 +46,10 @@ class PlainTable:
         self.rows = [["-" if cell is None else str(cell) for cell in row] for row in rows]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        # a text column is at least as wide as its name has characters (up to 10), as rich's is given
-        widths = [max(_width(column), 0 if column in self.right else min(len(column), 10)) for column in self.columns]
-        printable = all(column.isprintable() for column in self.columns)
-        for row in self.rows:
-            for index, cell in enumerate(row):
-                widths[index] = max(widths[index], _width(cell))
-                printable = printable and cell.isprintable()
-        inner = sum(widths) + len(GAP) * (len(widths) - 1)
+        widths = self._widths(options.max_width)
+        inner = sum(widths) + len(GAP) * (len(widths) - 1) if widths else 0
         title = self.title or ""
-        if not (printable and title.isprintable()) or min(widths) == 0 or _width(title) > inner + 2 \
-                or inner + 2 > options.max_width:
+        if not widths or not title.isprintable() or _width(title) > inner + 2:
             yield self._rich_table()
             return
         blank = " " * (inner + 2) + "\n"
@@ -56,16 +57,64 @@ class PlainTable:
             yield Segment(_pad(self.title, inner + 2, False), TITLE)
             yield Segment("\n")
         yield Segment(blank)
-        yield Segment(" ")
-        yield Segment(self._line(self.columns, widths), HEADER)
-        yield Segment(" \n " + "─" * inner + " \n")
+        for line in self._lines(console, self.columns, widths, bottom=True):
+            yield Segment(" ")
+            yield Segment(line, HEADER)
+            yield Segment(" \n")
+        yield Segment(" " + "─" * inner + " \n")
         for row in self.rows:  # a segment a line: the console splits its output into lines
-            yield Segment(f" {self._line(row, widths)} \n")
+            for line in self._lines(console, row, widths):
+                yield Segment(f" {line} \n")
         yield Segment(blank)
 
-    def _line(self, cells: Sequence[str], widths: Sequence[int]) -> str:
-        return GAP.join(_pad(cell, width, column in self.right)
-                        for cell, width, column in zip(cells, widths, self.columns, strict=True))
+    def _widths(self, max_width: int) -> list[int] | None:
+        """Each column's width inside its padding, as rich's ``Table`` works them out for
+        ``max_width``; None where this table leaves the layout to rich."""
+        cells = [self.columns, *self.rows]
+        if not all(cell.isprintable() for row in cells for cell in row):
+            return None
+        count = len(self.columns)
+        pads = [(index > 0) + (index < count - 1) for index in range(count)]  # pad_edge=False
+        longest = [max(_width(row[index]) for row in cells) for index in range(count)]
+        least = [0 if column in self.right else min(len(column), 10) for column in self.columns]  # min_width
+        widths = [max(longest[index], least[index]) for index in range(count)]
+        room = max_width - (count - 1) - 2  # the edges and the (blank) rules between columns
+        if sum(widths) + sum(pads) <= room:
+            return widths if min(widths) > 0 else None
+        # Too wide: rich's way, measured with padding. Each column at most the room, then the text
+        # columns shrink, then every column is measured again within its new width.
+        if room - max(pads) < 1 or min(longest) == 0:  # no room at all, or a column of nothing to see
+            return None
+        padded = [max(min(longest[i] + pads[i], room), least[i] + pads[i]) or 1 for i in range(count)]
+        padded = Table._collapse_widths(padded, [column not in self.right for column in self.columns], room)
+        if sum(padded) > room:  # still too wide: every column gives up some, numbers too (and are cut)
+            padded = ratio_reduce(sum(padded) - room, [1] * count, padded, padded)
+        if any(padded[i] - pads[i] < 1 for i in range(count)):  # a column with no room for text at all
+            return None
+        widths = [max(min(longest[i] + pads[i], padded[i]), least[i] + pads[i]) - pads[i] for i in range(count)]
+        if min(widths) < 1:
+            return None
+        if sum(widths) + sum(pads) > room and not all(cell.isascii() for row in cells for cell in row):
+            return None  # still too wide, as rich's is, so the console crops it: rich's way, unless all ASCII
+        return widths
+
+    def _lines(self, console: Console, cells: Sequence[str], widths: Sequence[int], bottom: bool = False) -> list[str]:
+        """One row's lines: each cell padded to its column, or wrapped by rich when longer; a shorter
+        cell at the top of the row, or at the bottom (``bottom``: the header's, as rich's)."""
+        wrapped = []
+        for cell, width, column in zip(cells, widths, self.columns, strict=True):
+            right = column in self.right
+            if _width(cell) <= width:
+                wrapped.append([_pad(cell, width, right)])
+            else:  # rich justifies the lines it wraps; a number too long for its column is cut
+                lines = Text(cell).wrap(console, width, justify="right" if right else "left", overflow="fold",
+                                        no_wrap=right)
+                wrapped.append([set_cell_size(line.plain, width) for line in lines])
+        height = max(len(lines) for lines in wrapped)
+        for index, width in enumerate(widths):
+            blank = [" " * width] * (height - len(wrapped[index]))
+            wrapped[index] = blank + wrapped[index] if bottom else wrapped[index] + blank
+        return [GAP.join(lines[row] for lines in wrapped) for row in range(height)]
 
     def _rich_table(self) -> Table:
         grid = Table(title=self.title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
