@@ -76,7 +76,7 @@ class PlainTable:
         count = len(self.columns)
         pads = [(index > 0) + (index < count - 1) for index in range(count)]  # pad_edge=False
         longest = [max(_width(row[index]) for row in cells) for index in range(count)]
-        least = [0 if column in self.right else min(len(column), 10) for column in self.columns]  # min_width
+        least = [self._least(column) for column in self.columns]
         widths = [max(longest[index], least[index]) for index in range(count)]
         room = max_width - (count - 1) - 2  # the edges and the (blank) rules between columns
         if sum(widths) + sum(pads) <= room:
@@ -123,10 +123,15 @@ class PlainTable:
             # Numbers never wrap (a folded amount misleads); text folds when the terminal is narrow.
             numeric = column in self.right
             grid.add_column(column, justify="right" if numeric else "left", no_wrap=numeric, overflow="fold",
-                            min_width=None if numeric else min(len(column), 10))
+                            min_width=self._least(column) or None)
         for row in self.rows:
             grid.add_row(*row)
         return grid
+
+    def _least(self, column: str) -> int:
+        """A column's least width: a text column's, so that its name does not fold into pieces (at most
+        10, in characters, as rich's ``min_width`` counts them); none for a number's, which never folds."""
+        return 0 if column in self.right else min(len(column), 10)
 
 
 def _width(text: str) -> int:
@@ -136,8 +141,10 @@ def _width(text: str) -> int:
 def _pad(text: str, width: int, right: bool) -> str:
     if right:  # as rich justifies to the right: trailing spaces go, the width they took stays
         text = text.rstrip()
-        return " " * (width - _width(text)) + text
-    return text + " " * (width - _width(text))
+    if text.isascii():  # a character a cell: str's own padding
+        return text.rjust(width) if right else text.ljust(width)
+    room = " " * (width - cell_len(text))
+    return room + text if right else text + room
 
 
 def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
