@@ -21,7 +21,7 @@ from apibox import accounts
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.keys import generate_key, hash_key
 from apibox.models import ApiKey, Hold, LedgerKind, UsageRecord, User, UserState
-from apibox.store import open_store
+from apibox.store import open_store, sql_reports
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
 from apibox.store.script import IntegrityViolation
@@ -723,10 +723,14 @@ async def test_recovered_holds_are_logged_as_interrupted(store: Store, raw: Conn
 
 # -- the audit finds tampering --------------------------------------------------------------
 
-@pytest.fixture
-async def loose(databases: Databases) -> AsyncIterator[tuple[Store, Connection, User, ApiKey]]:
+@pytest.fixture(params=["in turn", "side by side"])
+async def loose(databases: Databases, request: pytest.FixtureRequest,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[Store, Connection, User, ApiKey]]:
     """A store with one funded user and a settled request, whose books the test will break
-    (so no audit at teardown)."""
+    (so no audit at teardown). Its audit runs the checks in turn, as on a small database, or side
+    by side, as on a large one."""
+    if request.param == "side by side":
+        monkeypatch.setattr(sql_reports, "PARALLEL_AUDIT_ROWS", 1)
     url = databases.new("tampered")
     db = await open_store(url)
     conn = connect(url)
