@@ -19,6 +19,7 @@ from apibox.errors import InvalidRequest, NotFound
 from apibox.keys import display_prefix, generate_key, hash_key
 from apibox.models import ApiKey, Balance, LedgerEntry, LedgerKind, NewKey, User, UserOverview, UserState
 from apibox.money import MoneyError, parse_usd
+from apibox.plaintext import first_control
 from apibox.store.base import Credit, CreditResult, KeySpec, Store
 from apibox.timeparse import TimeParseError, parse_expiry
 from apibox.views import entry_json, key_json, user_json
@@ -39,14 +40,21 @@ def _as_id(text: str) -> int | None:
 def normalize_email(email: str) -> str:
     """Emails are unique case-insensitively: one account per person."""
     cleaned = email.strip().lower()
-    if not _EMAIL.match(cleaned) or len(cleaned) > 254:
+    if not _EMAIL.match(cleaned) or len(cleaned) > 254 or first_control(cleaned) is not None:
         raise InvalidRequest(f"{email!r} is not an email address", param="email")
     return cleaned
 
 
 def _text(value: str | None, field: str) -> str | None:
-    if value is not None and (len(value) > MAX_TEXT or "\x00" in value):
-        raise InvalidRequest(f"{field} is too long (at most {MAX_TEXT} characters) or has a NUL byte", param=field)
+    """A name, note, reference or reason: at most ``MAX_TEXT`` characters on one line (see ``apibox.plaintext``)."""
+    if value is None:
+        return None
+    if len(value) > MAX_TEXT:
+        raise InvalidRequest(f"{field} is too long (at most {MAX_TEXT} characters)", param=field)
+    control = first_control(value)
+    if control is not None:
+        raise InvalidRequest(f"{field} must be one line of text without control characters; it has {control!r}",
+                             param=field)
     return value
 
 

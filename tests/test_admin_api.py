@@ -125,6 +125,22 @@ async def test_users_create_list_show_update(admin: Live) -> None:
     await refused(admin, "POST", "/admin/users", {"name": "no email"})
 
 
+async def test_text_with_control_characters_is_refused_and_changes_nothing(admin: Live) -> None:
+    """What an admin token writes, the operator's CLI prints: an escape in it must never get there."""
+    ann = await api(admin, "POST", "/admin/users", {"email": "ann@example.com", "name": "Ann"}, expect=201)
+    escape = "\x1b]52;c;cHduZWQ=\x07"  # would write to the operator's clipboard
+    error = await refused(admin, "POST", "/admin/users", {"email": "bob@example.com", "name": escape})
+    assert error["param"] == "name" and "control characters" in error["message"]
+    await refused(admin, "POST", "/admin/users", {"email": "bob\x1b[8m@example.com"})
+    await refused(admin, "PATCH", f"/admin/users/{ann['id']}", {"name": "two\nlines"})
+    await refused(admin, "POST", f"/admin/users/{ann['id']}/state", {"state": "suspended", "reason": escape})
+    await refused(admin, "POST", "/admin/keys", {"user": ann["id"], "name": escape})
+    await refused(admin, "POST", "/admin/topups", {"user": ann["id"], "amount": "1", "note": escape})
+    await refused(admin, "POST", "/admin/topups", {"user": ann["id"], "amount": "1", "reference": escape})
+    await refused(admin, "POST", "/admin/adjustments", {"user": ann["id"], "amount": "1", "note": escape})
+    assert (await api(admin, "GET", f"/admin/users/{ann['id']}"))["name"] == "Ann"
+
+
 async def test_account_states(admin: Live) -> None:
     ann = await api(admin, "POST", "/admin/users", {"email": "ann@example.com"}, expect=201)
     new = await api(admin, "POST", "/admin/keys", {"user": "ann@example.com"}, expect=201)

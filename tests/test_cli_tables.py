@@ -3,6 +3,7 @@ cell for cell, without rich's cost a cell; and user data prints as typed."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from hypothesis import given, settings
@@ -10,10 +11,13 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from apibox.cli.render import PlainTable, table
+from apibox.plaintext import escaped, first_control
+from tests import dbquery
+from tests.cli_helpers import database
 
 # Mostly what tables hold (ASCII, wide CJK and full-width letters, accents also as combining marks,
-# emoji, rich's markup and emoji codes), now and then a line break, a tab or an escape, which the
-# table leaves to rich.
+# emoji, rich's markup and emoji codes), now and then a line break, a tab or an escape (written out
+# in both tables) or a character that leaves the table to rich (a zero-width joiner, say).
 PLAIN = st.text(st.sampled_from("abcxyz019 .,:-_[]/@" + "日本語" + "é" + "🙂" + "\u0301" + "Ａ" + "ß"), max_size=14)
 ODD = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=6)
 CELL = st.one_of(st.none(), st.integers(-10**9, 10**9), PLAIN, PLAIN, PLAIN, ODD)
@@ -74,7 +78,25 @@ def test_user_data_prints_as_typed_in_a_statement(cli: Any) -> None:
     statement = cli("ledger", "ann@example.com")
     assert statement.exit_code == 0 and ":smile: [bold]paid[/bold]" in statement.stdout
     assert ":rocket: Ann" in cli("users", "list").stdout
-    # a tab sends the table to rich, whose emoji codes the CLI's consoles turn off
-    assert cli("adjust", "ann@example.com", "1", "--note", ":tada:\tbonus").exit_code == 0
+    # a zero-width joiner sends the table to rich, whose emoji codes the CLI's consoles turn off
+    assert cli("adjust", "ann@example.com", "1", "--note", ":tada:\u200dbonus").exit_code == 0
     statement = cli("ledger", "ann@example.com")
-    assert ":smile: [bold]paid[/bold]" in statement.stdout and ":tada:" in statement.stdout
+    assert ":smile: [bold]paid[/bold]" in statement.stdout and ":tada:\u200dbonus" in statement.stdout
+
+
+def test_control_characters_a_database_holds_are_written_out_not_sent(cli: Any, config_path: Path) -> None:
+    """The accounts refuse them, but a database written by other means may hold some."""
+    assert cli("users", "create", "ann@example.com").exit_code == 0
+    dbquery.execute(database(config_path), "UPDATE users SET name = ?", ("Ann\x1b[2J\tB\nC\x9b",))
+    for command in (("users", "list"), ("users", "show", "ann@example.com")):
+        shown = cli(*command).stdout
+        assert "Ann\\x1b[2J\\tB\\nC\\x9b" in shown and "\x1b" not in shown and "\t" not in shown
+
+
+@given(st.text(st.characters(codec="utf-8", exclude_categories=("Cs",))))
+def test_escaped_text_has_no_control_characters_and_plain_text_is_unchanged(text: str) -> None:
+    shown = escaped(text)
+    assert first_control(shown) is None
+    if first_control(text) is None:
+        assert shown == text
+    assert len(shown) >= len(text)

@@ -133,10 +133,26 @@ def test_users_create_rejects_an_email_that_differs_only_in_case(cli: Any) -> No
     assert len(ok_json(cli("users", "list", "--json"))) == 1
 
 
-@pytest.mark.parametrize("email", ["not-an-email", "a@b", "two words@x.org", ""])
+@pytest.mark.parametrize("email", ["not-an-email", "a@b", "two words@x.org", "", "ann\x1b[2J@example.com"])
 def test_users_create_rejects_what_is_not_an_email(cli: Any, email: str) -> None:
     assert_one_line_error(cli("users", "create", email), "not an email")
     assert ok_json(cli("users", "list", "--json")) == []
+
+
+@pytest.mark.parametrize("text", ["Ann\x1b]0;pwned\x07", "Ann\nSmith", "tab\there", "del\x7f", "c1\x9b31m",
+                                  "line\u2028break"])
+def test_text_with_a_control_character_is_refused_everywhere(cli: Any, text: str) -> None:
+    """An escape in a name or note would reach the operator's terminal when a table prints it."""
+    assert_one_line_error(cli("users", "create", "ann@example.com", "--name", text), "control characters")
+    assert ok_json(cli("users", "list", "--json")) == []
+    assert cli("users", "create", "ann@example.com", "--name", "Ann").exit_code == 0
+    assert_one_line_error(cli("users", "update", "ann@example.com", "--name", text), "control characters")
+    assert_one_line_error(cli("keys", "create", "ann@example.com", "--name", text), "control characters")
+    assert_one_line_error(cli("topup", "ann@example.com", "5", "--note", text), "control characters")
+    assert_one_line_error(cli("topup", "ann@example.com", "5", "--reference", text), "control characters")
+    assert_one_line_error(cli("users", "suspend", "ann@example.com", "--reason", text), "control characters")
+    assert ok_json(cli("users", "show", "ann@example.com", "--json"))["name"] == "Ann"
+    assert ok_json(cli("keys", "list", "--json")) == [] and ok_json(cli("ledger", "ann@example.com", "--json")) == []
 
 
 def test_users_create_rejects_a_bad_group_name(cli: Any) -> None:

@@ -17,6 +17,7 @@ from rich.text import Text
 
 from apibox.models import ApiKey, LedgerEntry, UserOverview
 from apibox.money import format_usd
+from apibox.plaintext import escaped
 
 GAP = "   "  # between two columns: a cell's padding, the (blank) rule, the next cell's padding
 HEADER, TITLE = Style(bold=True), Style(italic=True)
@@ -34,16 +35,17 @@ class PlainTable:
     than the console, the text columns give up width (rich's ``Table._collapse_widths``), then every
     column if need be (rich's ``ratio_reduce``), and a cell too long for its column is wrapped, or a
     number cut, by rich's own ``Text.wrap``. What that does not cover goes to rich's ``Table`` after
-    all: a cell with a character that is not plainly printable (a line break, a tab, an escape), a
+    all: a cell with a character that is not plainly printable (a zero-width joiner, say), a
     column with no room or nothing to show, a title wider than the table, a table still too wide
     with other than ASCII in it (the console's cropping could differ). A test holds the two to the
     same text. Either way a cell prints as rich prints it from the CLI's consoles: no markup, no
-    emoji."""
+    emoji, and its control characters (a line break, a tab, an escape) written out, not sent."""
 
     def __init__(self, title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
                  right: Iterable[str] = ()) -> None:
-        self.title, self.columns, self.right = title, list(columns), set(right)
-        self.rows = [["-" if cell is None else str(cell) for cell in row] for row in rows]
+        self.title = None if title is None else _shown(title)
+        self.columns, self.right = list(columns), set(right)
+        self.rows = [["-" if cell is None else _shown(str(cell)) for cell in row] for row in rows]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         widths = self._widths(options.max_width)
@@ -132,6 +134,11 @@ class PlainTable:
         """A column's least width: a text column's, so that its name does not fold into pieces (at most
         10, in characters, as rich's ``min_width`` counts them); none for a number's, which never folds."""
         return 0 if column in self.right else min(len(column), 10)
+
+
+def _shown(text: str) -> str:
+    """A cell as it may reach the terminal: control characters written out (``apibox.plaintext``)."""
+    return text if text.isprintable() else escaped(text)
 
 
 def _width(text: str) -> int:
