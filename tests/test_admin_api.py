@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,11 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from aiohttp import web
 from typer.testing import CliRunner
 
 from apibox.cli.main import app as cli_app
+from apibox.gateway import admin as admin_routes
 from tests import dbquery
 from tests.cli_helpers import assert_one_line_error, database
 from tests.conftest import Live, serving
@@ -453,3 +456,14 @@ async def test_guessing_the_admin_key_locks_the_address_out(admin: Live) -> None
         await refused(admin, "GET", "/admin/users", status=401, key="guess")
     status, _ = await api(admin, "GET", "/admin/users", expect=429)  # even the right key, for now
     assert status == 429
+
+
+def test_the_reference_documents_every_admin_route_and_no_other() -> None:
+    """docs/ADMIN_API.md has a heading for each route the gateway serves under /admin."""
+    app = web.Application()
+    admin_routes.add_routes(app)
+    served = {f"{route.method} {route.resource.canonical}" for route in app.router.routes()
+              if route.method != "HEAD"}
+    reference = (Path(__file__).parent.parent / "docs" / "ADMIN_API.md").read_text()
+    documented = set(re.findall(r"^### `([A-Z]+ /admin[^`]*)`", reference, flags=re.MULTILINE))
+    assert documented == served
