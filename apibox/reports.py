@@ -41,22 +41,23 @@ def parse_by(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     for part in parts:
         if part not in REPORT_DIMENSIONS:
-            raise InvalidRequest(f"cannot group by {part!r} (choose from {', '.join(REPORT_DIMENSIONS)})")
+            raise InvalidRequest(f"cannot group by {part!r} (choose from {', '.join(REPORT_DIMENSIONS)})",
+                                 param="by")
     if len(set(parts)) != len(parts):
-        raise InvalidRequest(f"--by names a dimension twice: {text!r}")
+        raise InvalidRequest(f"{text!r} names a dimension twice", param="by")
     return parts
 
 
-def _moment(text: str | None, now: datetime) -> datetime | None:
+def _moment(text: str | None, now: datetime, field: str) -> datetime | None:
     try:
         return parse_since(text, now) if text else None
     except TimeParseError as exc:
-        raise InvalidRequest(str(exc)) from None
+        raise InvalidRequest(str(exc), param=field) from None
 
 
 async def usage_filter(store: Store, query: ReportQuery, now: datetime | None = None) -> UsageFilter:
     now = now or datetime.now(UTC)
-    since, until = _moment(query.since, now), _moment(query.until, now)
+    since, until = _moment(query.since, now, "since"), _moment(query.until, now, "until")
     user_id = (await accounts.resolve_user(store, query.user)).id if query.user else None
     key_id = (await accounts.show_key(store, query.key)).id if query.key else None
     return UsageFilter(since=since, until=until, user_id=user_id, key_id=key_id, model=query.model)
@@ -154,9 +155,9 @@ async def statement(store: Store, ref: str, since: str | None = None, until: str
     every entry made before it) and the closing one (opening plus the period's entries), so the
     statement always adds up, whatever order entries were written in."""
     now = now or datetime.now(UTC)
-    start, end = _moment(since, now), _moment(until, now)
+    start, end = _moment(since, now, "since"), _moment(until, now, "until")
     if start is not None and end is not None and end <= start:
-        raise InvalidRequest("--until must be after --since")
+        raise InvalidRequest("--until must be after --since", param="until")
     user = await accounts.resolve_user(store, ref)
     entries = await store.ledger(user.id, start, end)
     if start is None and end is None:

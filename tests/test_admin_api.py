@@ -300,10 +300,11 @@ async def test_unknown_users_and_malformed_bodies_are_4xx_and_change_nothing(adm
             assert status == 400, (method, path, raw, body)
             openai_error(body)
             assert snapshot(admin) == before
-    await refused(admin, "GET", "/admin/usage?by=colour")
-    await refused(admin, "GET", "/admin/usage?since=last-tuesday")
-    await refused(admin, "GET", "/admin/users/1/ledger?since=soon")
-    await refused(admin, "GET", "/admin/log?limit=many")
+    for asked, param in (("by=colour", "by"), ("by=day,day", "by"), ("since=last-tuesday", "since"),
+                         ("until=soon", "until")):
+        assert (await refused(admin, "GET", f"/admin/usage?{asked}"))["param"] == param
+    assert (await refused(admin, "GET", "/admin/users/1/ledger?since=soon"))["param"] == "since"
+    assert (await refused(admin, "GET", "/admin/log?limit=many"))["param"] == "limit"
     await refused(admin, "GET", "/admin/usage?user=nobody@example.com", status=404)
 
 
