@@ -10,7 +10,8 @@ from apibox.pricing import Usage
 
 
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    """A positive count as JSON gave it, else 0 (``type(...) is int`` leaves out JSON's true and false)."""
+    return value if type(value) is int and value > 0 else 0
 
 
 def usage_from_openai(raw: Any) -> Usage | None:
