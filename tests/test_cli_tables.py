@@ -42,6 +42,22 @@ def test_a_table_prints_exactly_as_rich_prints_it(data: st.DataObject) -> None:
     assert drawn(console, plain) == drawn(console, plain._rich_table())
 
 
+ASCII = st.text(st.sampled_from("abcxyz019 .,:-_[]/@{}"), max_size=12)  # the one-format-a-row path
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_an_ascii_table_prints_exactly_as_rich_prints_it(data: st.DataObject) -> None:
+    columns = data.draw(st.lists(ASCII.filter(lambda c: c.strip() == c and c), min_size=1, max_size=6, unique=True))
+    rows = data.draw(st.lists(st.lists(st.one_of(st.none(), st.integers(-10**9, 10**9), ASCII),
+                                       min_size=len(columns), max_size=len(columns)), max_size=8))
+    right = data.draw(st.sets(st.sampled_from(columns)))
+    console = Console(width=data.draw(st.integers(8, 160)), highlight=False, markup=False, emoji=False,
+                      color_system=None)
+    plain = table(None, columns, rows, right)
+    assert drawn(console, plain) == drawn(console, plain._rich_table())
+
+
 WORDY = st.text(st.sampled_from("abcdefgh  0123-.:日é"), max_size=40)  # notes and names, to wrap on narrow consoles
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
+from itertools import chain, repeat
 from typing import Any
 
 from rich import box
@@ -45,7 +46,16 @@ class PlainTable:
                  right: Iterable[str] = ()) -> None:
         self.title = None if title is None else _shown(title)
         self.columns, self.right = list(columns), set(right)
-        self.rows = [["-" if cell is None else _shown(str(cell)) for cell in row] for row in rows]
+        self.rows = [["-" if cell is None else str(cell) for cell in row] for row in rows]
+        if not all(map(str.isprintable, chain.from_iterable(self.rows))):
+            self.rows = [[_shown(cell) for cell in row] for row in self.rows]
+        # By column, the header's cell first: whether all is ASCII (a character a cell), the widest,
+        # and whether a cell ends in a space (which rich drops from a right-justified one).
+        by_column = list(zip(self.columns, *self.rows, strict=True))
+        self.ascii = [all(map(str.isascii, cells)) for cells in by_column]
+        self.longest = [max(map(len if ascii else _width, cells))
+                        for ascii, cells in zip(self.ascii, by_column, strict=True)]
+        self.trailing_space = [any(map(str.endswith, cells, repeat(" "))) for cells in by_column]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         widths = self._widths(options.max_width)
@@ -64,20 +74,36 @@ class PlainTable:
             yield Segment(line, HEADER)
             yield Segment(" \n")
         yield Segment(" " + "─" * inner + " \n")
-        for row in self.rows:  # a segment a line: the console splits its output into lines
-            for line in self._lines(console, row, widths):
-                yield Segment(f" {line} \n")
+        line = self._line_format(widths)
+        if line is not None:  # every cell fits its column, and is ASCII: one format a row
+            for row in self.rows:
+                yield Segment(line.format(*row))
+        else:
+            for row in self.rows:  # a segment a line: the console splits its output into lines
+                for text in self._lines(console, row, widths):
+                    yield Segment(f" {text} \n")
         yield Segment(blank)
+
+    def _line_format(self, widths: Sequence[int]) -> str | None:
+        """A row's line as one ``str.format`` pattern, when every cell fits its column unwrapped and
+        pads as str's own justification pads it (ASCII, and no trailing space in a right-justified
+        cell, which rich drops); else None."""
+        if not all(self.ascii) or any(longest > width for longest, width in zip(self.longest, widths, strict=True)):
+            return None
+        right = [column in self.right for column in self.columns]
+        if any(flush and trailing for flush, trailing in zip(right, self.trailing_space, strict=True)):
+            return None
+        fields = (f"{{:{'>' if flush else '<'}{width}}}" for flush, width in zip(right, widths, strict=True))
+        return " " + GAP.join(fields) + " \n"
 
     def _widths(self, max_width: int) -> list[int] | None:
         """Each column's width inside its padding, as rich's ``Table`` works them out for
         ``max_width``; None where this table leaves the layout to rich."""
-        cells = [self.columns, *self.rows]
-        if not all(cell.isprintable() for row in cells for cell in row):
+        if not all(map(str.isprintable, chain(self.columns, *self.rows))):
             return None
         count = len(self.columns)
         pads = [(index > 0) + (index < count - 1) for index in range(count)]  # pad_edge=False
-        longest = [max(_width(row[index]) for row in cells) for index in range(count)]
+        longest = self.longest
         least = [self._least(column) for column in self.columns]
         widths = [max(longest[index], least[index]) for index in range(count)]
         room = max_width - (count - 1) - 2  # the edges and the (blank) rules between columns
@@ -96,7 +122,7 @@ class PlainTable:
         widths = [max(min(longest[i] + pads[i], padded[i]), least[i] + pads[i]) - pads[i] for i in range(count)]
         if min(widths) < 1:
             return None
-        if sum(widths) + sum(pads) > room and not all(cell.isascii() for row in cells for cell in row):
+        if sum(widths) + sum(pads) > room and not all(self.ascii):
             return None  # still too wide, as rich's is, so the console crops it: rich's way, unless all ASCII
         return widths
 
