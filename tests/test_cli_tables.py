@@ -29,17 +29,23 @@ def drawn(console: Console, renderable: Any) -> str:
     return out.get()
 
 
+def assert_drawn_as_rich_draws_it(data: st.DataObject, title: str | None, columns: list[str], rows: list[list[Any]],
+                                  widths: range) -> None:
+    """``table(...)`` and the rich ``Table`` it stands for draw the same text, with some of the columns
+    right-justified, on a console of one of ``widths``."""
+    right = data.draw(st.sets(st.sampled_from(columns)))
+    console = Console(width=data.draw(st.sampled_from(widths)), highlight=False, markup=False, emoji=False,
+                      color_system=None)
+    plain = table(title, columns, rows, right)
+    assert drawn(console, plain) == drawn(console, plain._rich_table())
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.data())
 def test_a_table_prints_exactly_as_rich_prints_it(data: st.DataObject) -> None:
     columns = data.draw(st.lists(PLAIN.filter(lambda c: c.strip() == c and c), min_size=1, max_size=5, unique=True))
     rows = data.draw(st.lists(st.lists(CELL, min_size=len(columns), max_size=len(columns)), max_size=6))
-    title = data.draw(st.none() | PLAIN.filter(bool))
-    right = data.draw(st.sets(st.sampled_from(columns)))
-    console = Console(width=data.draw(st.integers(8, 160)), highlight=False, markup=False, emoji=False,
-                      color_system=None)
-    plain = table(title, columns, rows, right)
-    assert drawn(console, plain) == drawn(console, plain._rich_table())
+    assert_drawn_as_rich_draws_it(data, data.draw(st.none() | PLAIN.filter(bool)), columns, rows, range(8, 161))
 
 
 ASCII = st.text(st.sampled_from("abcxyz019 .,:-_[]/@{}"), max_size=12)  # the one-format-a-row path
@@ -51,11 +57,7 @@ def test_an_ascii_table_prints_exactly_as_rich_prints_it(data: st.DataObject) ->
     columns = data.draw(st.lists(ASCII.filter(lambda c: c.strip() == c and c), min_size=1, max_size=6, unique=True))
     rows = data.draw(st.lists(st.lists(st.one_of(st.none(), st.integers(-10**9, 10**9), ASCII),
                                        min_size=len(columns), max_size=len(columns)), max_size=8))
-    right = data.draw(st.sets(st.sampled_from(columns)))
-    console = Console(width=data.draw(st.integers(8, 160)), highlight=False, markup=False, emoji=False,
-                      color_system=None)
-    plain = table(None, columns, rows, right)
-    assert drawn(console, plain) == drawn(console, plain._rich_table())
+    assert_drawn_as_rich_draws_it(data, None, columns, rows, range(8, 161))
 
 
 WORDY = st.text(st.sampled_from("abcdefgh  0123-.:日é"), max_size=40)  # notes and names, to wrap on narrow consoles
@@ -68,11 +70,7 @@ def test_a_table_wider_than_the_console_wraps_exactly_as_rich_wraps_it(data: st.
         lambda c: c.strip() == c and c), min_size=2, max_size=8, unique=True))
     rows = data.draw(st.lists(st.lists(st.one_of(st.none(), WORDY, st.integers(-10**6, 10**6)),
                                        min_size=len(columns), max_size=len(columns)), max_size=5))
-    right = data.draw(st.sets(st.sampled_from(columns)))
-    console = Console(width=data.draw(st.integers(20, 130)), highlight=False, markup=False, emoji=False,
-                      color_system=None)
-    plain = table(None, columns, rows, right)
-    assert drawn(console, plain) == drawn(console, plain._rich_table())
+    assert_drawn_as_rich_draws_it(data, None, columns, rows, range(20, 131))
 
 
 def test_a_table_is_laid_out_without_rich_table_whether_it_fits_or_wraps(monkeypatch: Any) -> None:
