@@ -24,8 +24,10 @@ CELL = st.one_of(st.none(), st.integers(-10**9, 10**9), PLAIN, PLAIN, PLAIN, ODD
 
 
 def drawn(console: Console, renderable: Any) -> str:
+    """What ``renderable`` prints: a ``PlainTable`` as the CLI prints one (``print_table``: not
+    cropped by the console, since it crops itself), anything else as the console prints it."""
     with console.capture() as out:
-        console.print(renderable)
+        console.print(renderable, crop=not isinstance(renderable, PlainTable))
     return out.get()
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 
+from apibox.cli.render import PlainTable
 from apibox.config import Settings, load_settings
 from apibox.errors import ApiboxError
 from apibox.jsoncodec import dumps_pretty
@@ -66,6 +67,12 @@ def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable
             await store.close()
     asyncio.run(run())
     return result[0]
+
+
+def print_table(table: PlainTable) -> None:
+    """A table on stdout. A ``PlainTable`` fits its lines to the console itself, so the console's
+    own pass over every line to crop it is skipped: for 100,000 rows, most of the printing."""
+    console.print(table, crop=False)
 
 
 def print_json(data: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from apibox import accounts, bus
-from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
+from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, print_table, with_store
 from apibox.cli.render import keys_table, table, when
 from apibox.models import ApiKey
 from apibox.money import format_usd
@@ -63,14 +63,14 @@ def list_(user: Annotated[str | None, typer.Option("--user", help="Only this use
     elif not keys:
         console.print("No keys. Create one with: apibox keys create USER")
     else:
-        console.print(keys_table(keys))
+        print_table(keys_table(keys))
 
 
 def _print_key(key: ApiKey, as_json: bool) -> None:
     if as_json:
         print_json(key_json(key))
         return
-    console.print(table(None, ["field", "value"], [
+    print_table(table(None, ["field", "value"], [
         ("id", key.id), ("user", key.user_id), ("name", key.name), ("prefix", key.prefix), ("status", key.status),
         ("models", ",".join(key.models) or "all"),
         ("budget", format_usd(key.budget) if key.budget is not None else "none"), ("spent", format_usd(key.spent)),

@@ -10,7 +10,16 @@ from typing import Annotated
 import typer
 
 from apibox import accounts, reports
-from apibox.cli.common import ConfigOption, JsonOption, console, fail, handles_errors, print_json, with_store
+from apibox.cli.common import (
+    ConfigOption,
+    JsonOption,
+    console,
+    fail,
+    handles_errors,
+    print_json,
+    print_table,
+    with_store,
+)
 from apibox.cli.render import ledger_table
 from apibox.models import Balance, User
 from apibox.money import format_usd
@@ -103,7 +112,7 @@ def ledger(user: UserArg,
             console.print(f"{found.user.email}: opening balance {format_usd(found.opening or 0)} USD "
                           f"at {_when(found.since)}")
         if entries:
-            console.print(ledger_table(entries))
+            print_table(ledger_table(entries))
         else:
             console.print(f"No ledger entries for {found.user.email}" + (" in the period." if found.is_period
                                                                         else "."))

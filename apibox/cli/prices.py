@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json
+from apibox.cli.common import ConfigOption, JsonOption, handles_errors, print_json, print_table
 from apibox.cli.render import table, when
 from apibox.config import load_settings
 from apibox.money import format_usd
@@ -30,11 +30,11 @@ def prices(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         print_json({"prices": rows, "groups": groups})
         return
     columns = ["model", "from", "input", "output", "cached input", "cache write", "reasoning", "per request"]
-    console.print(table(None, columns, [
+    print_table(table(None, columns, [
         [r["model"], "now" if r["current"] else when(datetime.fromisoformat(r["effective_from"])), r["input"],
          r["output"], r.get("cached_input", "=input"), r.get("cache_write", "=input"), r.get("reasoning", "=output"),
          r.get("per_request_usd", "-")] for r in rows], right=columns[2:]))
     if groups:
-        console.print(table("groups", ["group", "multiplier", "models"],
+        print_table(table("groups", ["group", "multiplier", "models"],
                             [[name, g["multiplier"], ", ".join(g["models"] or ["all"])] for name, g in groups.items()],
                             right=("multiplier",)))

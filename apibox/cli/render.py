@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from itertools import chain, repeat
 from typing import Any
@@ -58,12 +58,21 @@ class PlainTable:
         self.trailing_space = [any(map(str.endswith, cells, repeat(" "))) for cells in by_column]
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        """The table's lines, each at most ``options.max_width`` wide: cropped here when they would be
+        wider, as the console crops what it prints, so that it can be printed with ``crop=False``
+        (``cli.common.print_table``), which spares the console measuring every line again."""
         widths = self._widths(options.max_width)
         inner = sum(widths) + len(GAP) * (len(widths) - 1) if widths else 0
         title = self.title or ""
         if not widths or not title.isprintable() or _width(title) > inner + 2:
-            yield self._rich_table()
-            return
+            yield from _cropped(console.render(self._rich_table(), options), options.max_width)
+        elif inner + 2 <= options.max_width:
+            yield from self._drawn(console, widths, inner)
+        else:
+            yield from _cropped(self._drawn(console, widths, inner), options.max_width)
+
+    def _drawn(self, console: Console, widths: list[int], inner: int) -> Iterator[Segment]:
+        """The table laid out in ``widths``: a segment a line, or a few (the header's are bold)."""
         blank = " " * (inner + 2) + "\n"
         if self.title is not None:
             yield Segment(_pad(self.title, inner + 2, False), TITLE)
@@ -79,7 +88,7 @@ class PlainTable:
             for row in self.rows:
                 yield Segment(line.format(*row))
         else:
-            for row in self.rows:  # a segment a line: the console splits its output into lines
+            for row in self.rows:
                 for text in self._lines(console, row, widths):
                     yield Segment(f" {text} \n")
         yield Segment(blank)
@@ -160,6 +169,12 @@ class PlainTable:
         """A column's least width: a text column's, so that its name does not fold into pieces (at most
         10, in characters, as rich's ``min_width`` counts them); none for a number's, which never folds."""
         return 0 if column in self.right else min(len(column), 10)
+
+
+def _cropped(segments: Iterable[Segment], width: int) -> Iterator[Segment]:
+    """``segments`` with each line cut to ``width`` cells, as ``Console.print`` cuts them."""
+    for line in Segment.split_and_crop_lines(segments, width, pad=False):
+        yield from line
 
 
 def _shown(text: str) -> str:

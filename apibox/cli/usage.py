@@ -20,6 +20,7 @@ from apibox.cli.common import (
     fail,
     handles_errors,
     print_json,
+    print_table,
     progress_bars,
     with_store,
 )
@@ -89,7 +90,7 @@ def report(
         writer.writerows([row.get(c, "") for c in columns] for row in data)
         return
     lines = [[row[c] for c in query.by] + [_cell(f, row[f]) for f in TABLE_FIELDS] for row in data]
-    console.print(table(None, [*query.by, *TABLE_FIELDS.values()], lines, right=TABLE_FIELDS.values()))
+    print_table(table(None, [*query.by, *TABLE_FIELDS.values()], lines, right=TABLE_FIELDS.values()))
 
 
 @app.command("chart")

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from apibox import accounts, bus
-from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, with_store
+from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, print_table, with_store
 from apibox.cli.render import keys_table, table, users_table, when
 from apibox.models import User, UserState
 from apibox.money import format_usd
@@ -51,7 +51,7 @@ def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     elif not overviews:
         console.print("No users yet. Create one with: apibox users create EMAIL")
     else:
-        console.print(users_table(overviews))
+        print_table(users_table(overviews))
 
 
 @app.command("show")
@@ -64,13 +64,13 @@ def show(user: UserArg, config: ConfigOption = None, as_json: JsonOption = False
                     "keys": [key_json(k) for k in detail.keys]})
         return
     u, b = detail.user, detail.balance
-    console.print(table(None, ["field", "value"], [
+    print_table(table(None, ["field", "value"], [
         ("id", u.id), ("email", u.email), ("name", u.name), ("group", u.group),
         ("state", u.state.value + (f" ({u.state_reason})" if u.state_reason else "")),
         ("created", when(u.created_at)), ("balance", format_usd(b.balance)), ("held", format_usd(b.held)),
         ("available", format_usd(b.available))]))
     if detail.keys:
-        console.print(keys_table(detail.keys))
+        print_table(keys_table(detail.keys))
 
 
 @app.command("update")
