@@ -25,7 +25,9 @@ HEADER, TITLE = Style(bold=True), Style(italic=True)
 
 
 def when(moment: datetime | None) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+    """``2026-11-27 13:06:44``, or ``-`` for no moment (``isoformat`` takes half ``strftime``'s time,
+    which a 40,000-entry statement pays once an entry)."""
+    return moment.isoformat(" ", "seconds")[:19] if moment else "-"
 
 
 class PlainTable:
