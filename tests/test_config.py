@@ -347,6 +347,7 @@ def test_config_check_prints_the_resolved_config(tmp_path: Path) -> None:
     assert f"OK: {path}" in result.stdout
     assert "0.0.0.0:9000" in result.stdout
     assert "gpt-4o-mini -> openai:gpt-4o-mini-2024-07-18" in result.stdout
+    assert "provider echo (echo) api_key=none\n" in result.stdout  # built in: no address, no key
     data = json.loads(run_cli("config", "check", "--config", str(path), "--json", env=ENV).stdout)
     mini = next(m for m in data["models"] if m["name"] == "gpt-4o-mini")
     assert mini["price_usd_per_1m"] == {"input": "0.150000", "output": "0.600000", "cached_input": "0.075000"}

@@ -62,7 +62,8 @@ def check(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     console.print(f"redis: {redis['url']} (prefix {redis['prefix']}, timeout {redis['timeout']} s): shared limits"
                   if redis else "redis: none (limits kept in each process)")
     for p in data["providers"]:
-        console.print(f"provider {p['name']} ({p['type']}) {p['base_url']} api_key={p['api_key']}")
+        where = f" {p['base_url']}" if p["base_url"] else ""  # the built-in echo provider has neither
+        console.print(f"provider {p['name']} ({p['type']}){where} api_key={p['api_key'] or 'none'}")
     for m in data["models"]:
         routes = ", ".join(f"{r['provider']}:{r['model']}" for r in m["routes"])
         prices = " ".join(f"{k}={v}" for k, v in m["price_usd_per_1m"].items())
