@@ -407,6 +407,10 @@ def test_keys_create_limits_and_allowed_ips(cli: Any) -> None:
     assert (key["rpm"], key["tpm"], key["concurrency"]) == (60, 10000, 2)
     assert key["allow_ips"] == ["10.0.0.0/8", "192.168.1.7", "2001:db8::/32"]
     assert ok_json(cli("keys", "show", str(key["id"]), "--json"))["allow_ips"] == key["allow_ips"]
+    shown = cli("keys", "show", str(key["id"])).stdout
+    assert " rpm           60 " in shown and " concurrency   2 " in shown
+    plain = cli("keys", "show", str(new_key(cli, "ann@example.com")["id"])).stdout  # the config's defaults apply
+    assert " rpm           default " in plain and " budget        no limit " in plain
 
 
 @pytest.mark.parametrize("cidr", ["10.0.0.0/33", "300.1.1.1", "not-an-ip", "10.0.0.0/8; DROP TABLE api_keys"])

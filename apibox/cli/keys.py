@@ -73,8 +73,11 @@ def _print_key(key: ApiKey, as_json: bool) -> None:
     print_table(table(None, ["field", "value"], [
         ("id", key.id), ("user", key.user_id), ("name", key.name), ("prefix", key.prefix), ("status", key.status),
         ("models", ",".join(key.models) or "all"),
-        ("budget", format_usd(key.budget) if key.budget is not None else "none"), ("spent", format_usd(key.spent)),
-        ("expires", when(key.expires_at)), ("rpm", key.rpm), ("tpm", key.tpm), ("concurrency", key.concurrency),
+        ("budget", format_usd(key.budget) if key.budget is not None else "no limit"),
+        ("spent", format_usd(key.spent)), ("expires", when(key.expires_at)),
+        # a limit the key does not set is the config's limits.key default
+        *((name, "default" if value is None else value)
+          for name, value in (("rpm", key.rpm), ("tpm", key.tpm), ("concurrency", key.concurrency))),
         ("allowed IPs", ",".join(key.allow_ips) or "any"), ("created", when(key.created_at)),
         ("last used", when(key.last_used_at)), ("revoked", when(key.revoked_at))]))
 
