@@ -8,17 +8,19 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from apibox.cli.render import PlainTable
 from apibox.config import Settings, load_settings
 from apibox.errors import ApiboxError
 from apibox.jsoncodec import dumps_pretty
 from apibox.store import open_store
 from apibox.store.base import ProgressFn, Store
+
+if TYPE_CHECKING:
+    from apibox.cli.render import PlainTable
 
 T = TypeVar("T")
 

@@ -49,8 +49,11 @@ class PlainTable:
         self.title = None if title is None else _shown(title)
         self.columns, self.right = list(columns), set(right)
         self.rows = [["-" if cell is None else str(cell) for cell in row] for row in rows]
-        if not all(map(str.isprintable, chain.from_iterable(self.rows))):
+        self.printable = all(map(str.isprintable, chain(self.columns, chain.from_iterable(self.rows))))
+        if not self.printable:  # control characters written out; anything else unprintable leaves it to rich
             self.rows = [[_shown(cell) for cell in row] for row in self.rows]
+            self.printable = all(map(str.isprintable, chain(self.columns, chain.from_iterable(self.rows))))
+        self.flush_right = [column in self.right for column in self.columns]
         # By column, the header's cell first: whether all is ASCII (a character a cell), the widest,
         # and whether a cell ends in a space (which rich drops from a right-justified one).
         by_column = list(zip(self.columns, *self.rows, strict=True))
@@ -101,16 +104,15 @@ class PlainTable:
         cell, which rich drops); else None."""
         if not all(self.ascii) or any(longest > width for longest, width in zip(self.longest, widths, strict=True)):
             return None
-        right = [column in self.right for column in self.columns]
-        if any(flush and trailing for flush, trailing in zip(right, self.trailing_space, strict=True)):
+        if any(flush and trailing for flush, trailing in zip(self.flush_right, self.trailing_space, strict=True)):
             return None
-        fields = (f"{{:{'>' if flush else '<'}{width}}}" for flush, width in zip(right, widths, strict=True))
+        fields = (f"{{:{'>' if flush else '<'}{width}}}" for flush, width in zip(self.flush_right, widths, strict=True))
         return " " + GAP.join(fields) + " \n"
 
     def _widths(self, max_width: int) -> list[int] | None:
         """Each column's width inside its padding, as rich's ``Table`` works them out for
         ``max_width``; None where this table leaves the layout to rich."""
-        if not all(map(str.isprintable, chain(self.columns, *self.rows))):
+        if not self.printable:
             return None
         count = len(self.columns)
         pads = [(index > 0) + (index < count - 1) for index in range(count)]  # pad_edge=False
@@ -125,7 +127,7 @@ class PlainTable:
         if room - max(pads) < 1 or min(longest) == 0:  # no room at all, or a column of nothing to see
             return None
         padded = [max(min(longest[i] + pads[i], room), least[i] + pads[i]) or 1 for i in range(count)]
-        padded = Table._collapse_widths(padded, [column not in self.right for column in self.columns], room)
+        padded = Table._collapse_widths(padded, [not flush for flush in self.flush_right], room)
         if sum(padded) > room:  # still too wide: every column gives up some, numbers too (and are cut)
             padded = ratio_reduce(sum(padded) - room, [1] * count, padded, padded)
         if any(padded[i] - pads[i] < 1 for i in range(count)):  # a column with no room for text at all
@@ -141,8 +143,7 @@ class PlainTable:
         """One row's lines: each cell padded to its column, or wrapped by rich when longer; a shorter
         cell at the top of the row, or at the bottom (``bottom``: the header's, as rich's)."""
         wrapped = []
-        for cell, width, column in zip(cells, widths, self.columns, strict=True):
-            right = column in self.right
+        for cell, width, right in zip(cells, widths, self.flush_right, strict=True):
             if _width(cell) <= width:
                 wrapped.append([_pad(cell, width, right)])
             else:  # rich justifies the lines it wraps; a number too long for its column is cut
