@@ -8,7 +8,7 @@ loop in a worker thread (so they also work from inside an async test), with ``?`
 ``sum()`` and other numerics PostgreSQL returns as Decimal come back as int, as SQLite returns them.
 
 Each call autocommits; on PostgreSQL they share one cached connection per URL (``forget(url)``
-closes it, before its schema is dropped). ``connect(url)`` opens a connection of its own for a
+closes it, before its database is dropped). ``connect(url)`` opens a connection of its own for a
 series of statements. Constraint and trigger violations raise the engine's own exception: catch ``INTEGRITY_ERRORS``.
 """
 
@@ -260,7 +260,7 @@ def connect(url: str) -> Connection:
 
 
 def tables(url: str) -> set[str]:
-    """The tables in the database (on PostgreSQL: in the URL's schema); none if it does not exist yet."""
+    """The tables in the database (on PostgreSQL: in the connection's current schema); none if it does not exist yet."""
     if engine(url) == "sqlite":
         try:
             connection = sqlite3.connect(f"file:{sqlite_path(url)}?mode=ro", uri=True)

@@ -306,6 +306,7 @@ def test_report_on_an_empty_database(cli: Any) -> None:
 # -- db migrate / check ------------------------------------------------------------------------
 
 
+@pytest.mark.empty_database
 def test_db_migrate_is_idempotent(cli: Any, config_path: Path, engine: str) -> None:
     assert tables(config_path) == set()  # nothing made before the first command (on SQLite, not even the file)
     assert engine != "sqlite" or not db_file(config_path).exists()
@@ -320,6 +321,7 @@ def test_db_migrate_is_idempotent(cli: Any, config_path: Path, engine: str) -> N
     assert {"users", "balances", "api_keys", "holds", "usage", "ledger"} <= tables(config_path)
 
 
+@pytest.mark.empty_database
 def test_db_migrate_json_on_a_fresh_database(cli: Any) -> None:
     assert ok_json(cli("db", "migrate", "--json")) == {"applied": MIGRATIONS}
 

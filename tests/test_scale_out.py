@@ -30,9 +30,9 @@ USER_RPM = 6
 
 @pytest.fixture
 def shared(tmp_path: Path, postgres_database: PostgresDatabase, redis_url: str) -> Iterator[tuple[Path, str]]:
-    """A config on a fresh PostgreSQL schema and a Redis prefix of its own, with the fake upstream
+    """A config on a fresh PostgreSQL database and a Redis prefix of its own, with the fake upstream
     (its answers take 0.2 s, so requests overlap); yields (config, database URL)."""
-    schema, database_url = postgres_database.create()
+    name, database_url = postgres_database.create()
     with slow_upstream(FakeUpstream(delay=0.2)) as upstream:
         config = write_config(tmp_path, database_url, upstream)
         with config.open("a") as extra:
@@ -40,7 +40,7 @@ def shared(tmp_path: Path, postgres_database: PostgresDatabase, redis_url: str) 
                         f"redis: {{url: '{redis_url}', prefix: 't{uuid.uuid4().hex[:12]}'}}\n"
                         f"limits: {{user: {{rpm: {USER_RPM}}}}}\n")
         yield config, database_url
-    postgres_database.drop(schema)
+    postgres_database.drop(name)
 
 
 @contextmanager

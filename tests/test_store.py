@@ -85,7 +85,7 @@ async def test_fixture_store_is_fully_migrated(store: Store) -> None:
 
 
 async def test_migrations_apply_once_and_record_themselves(databases: Databases) -> None:
-    url = databases.new()
+    url = databases.new(migrated=False)
     db = await open_store(url, migrate=False)
     try:
         assert await db.pending_migrations() == [m.name for m in MIGRATIONS]
@@ -844,9 +844,9 @@ async def test_audit_finds_several_problems_at_once(loose: Loose) -> None:
 @asynccontextmanager
 async def noting_postgres(postgres_database: PostgresDatabase,
                           tables: tuple[str, ...]) -> AsyncIterator[tuple[Store, str]]:
-    """A store on a schema of its own whose ``tables`` note each row written, in the table ``seen``:
+    """A store on a database of its own whose ``tables`` note each row written, in the table ``seen``:
     in order (``n``), the table and operation (``what``) and the transaction's synchronous_commit."""
-    schema, url = postgres_database.create()
+    name, url = postgres_database.create()
     try:
         db = await open_store(url)
         try:
@@ -862,7 +862,7 @@ async def noting_postgres(postgres_database: PostgresDatabase,
         finally:
             await db.close()
     finally:
-        postgres_database.drop(schema)
+        postgres_database.drop(name)
 
 
 async def test_postgresql_commits_top_ups_durably_and_holds_and_settlements_fast(
