@@ -356,6 +356,21 @@ def test_db_check_draws_its_progress_on_a_terminal_only(cli: Any, monkeypatch: p
     assert terminal.text() == ""  # --json: nothing drawn
 
 
+@pytest.mark.parametrize("command", [("usage", "report", "--by", "model"), ("usage", "report", "--format", "csv"),
+                                     ("usage", "chart", "--days", "3")])
+def test_reports_show_a_spinner_while_they_read_on_a_terminal_only(cli: Any, monkeypatch: pytest.MonkeyPatch,
+                                                                     command: tuple[str, ...]) -> None:
+    _good_books(cli)
+    plain = cli(*command)
+    terminal = Terminal(monkeypatch)
+    drawn = cli(*command)
+    assert drawn.exit_code == 0 and drawn.stdout == plain.stdout  # stdout is the same; the spinner is on stderr
+    assert "Reading usage..." in terminal.text()
+    terminal.clear()
+    assert cli(*command, "--json").exit_code == 0
+    assert terminal.text() == ""  # --json: nothing drawn
+
+
 async def test_the_audit_tells_its_progress_check_by_check(store: Store) -> None:
     told: list[tuple[str, int, int]] = []
     assert await store.audit(lambda *step: told.append(step)) == []

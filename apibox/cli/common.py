@@ -1,5 +1,5 @@
 """What every command shares: the --config and --json options, the store, the one-line error, the
-progress bars of long work."""
+progress bars and the spinner of long work."""
 
 from __future__ import annotations
 
@@ -99,3 +99,15 @@ def progress_bars(hidden: bool) -> Iterator[ProgressFn]:
             bars.update(tasks[what], completed=done, total=total)
 
         yield progress
+
+
+@contextmanager
+def spinner(what: str, hidden: bool) -> Iterator[None]:
+    """A spinner and ``what`` on stderr while the block runs, cleared at its end, for long work with
+    nothing to count (a report over a million usage rows reads for seconds in one statement). Drawn
+    only on a terminal and not when ``hidden`` (``--json``), as the progress bars are."""
+    if hidden or not err_console.is_terminal:
+        yield
+        return
+    with err_console.status(what):
+        yield

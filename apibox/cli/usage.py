@@ -22,6 +22,7 @@ from apibox.cli.common import (
     print_json,
     print_table,
     progress_bars,
+    spinner,
     with_store,
 )
 from apibox.cli.render import table
@@ -71,7 +72,8 @@ def report(
     if output not in ("table", "csv", "json"):
         raise fail(f"--format must be table, csv or json, not {output!r}")
     query = reports.ReportQuery(by=reports.parse_by(by), since=since, until=until, user=user, key=key, model=model)
-    result = with_store(config, lambda store, _: reports.build_report(store, query))
+    with spinner("Reading usage...", hidden=as_json or output == "json"):
+        result = with_store(config, lambda store, _: reports.build_report(store, query))
     data = [reports.row_json(r) for r in result.rows]
     if as_json or output == "json":
         print_json(data)
@@ -102,7 +104,8 @@ def chart(
     config: ConfigOption = None, as_json: JsonOption = False,
 ) -> None:
     """What was charged each day (UTC), as a bar chart in the terminal with the exact amounts."""
-    spend = with_store(config, lambda store, _: reports.daily_spend(store, days, user=user, model=model))
+    with spinner("Reading usage...", hidden=as_json):
+        spend = with_store(config, lambda store, _: reports.daily_spend(store, days, user=user, model=model))
     if as_json:
         print_json([{"day": d.day.isoformat(), "requests": d.requests, "cost_usd": format_usd(d.cost)}
                     for d in spend])
