@@ -175,10 +175,11 @@ class PostgresDatabase:
         parts = urlsplit(server_url)
         self.query = parse_qsl(parts.query)
         self.server_url = server_url
-        self.admin_url = self._with("postgres", application_name="apibox-tests")
+        home = parts.path.lstrip("/") or "postgres"  # the URL's own database: where the copies are made
+        self.admin_url = self._with(home, application_name="apibox-tests")
         # Databases are dropped on a connection of their own, in the background while the next test
         # runs (WITH (FORCE) ends any connection a test left open to one).
-        self.drop_url = self._with("postgres", application_name="apibox-tests-drop", lock_timeout="10000")
+        self.drop_url = self._with(home, application_name="apibox-tests-drop", lock_timeout="10000")
         self.dropping: dict[str, Future[Any]] = {}
         self.template = self._fresh_name("tpl")
         self._copy("template0", self.template)
