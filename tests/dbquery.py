@@ -212,6 +212,12 @@ def execute(url: str, sql: str, params: Sequence[Any] = ()) -> None:
     query(url, sql, params)
 
 
+def run_coroutine(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on the private loop and wait for it: works from sync code and from inside
+    another running loop alike."""
+    return _LOOP.run(coroutine)
+
+
 class Connection:
     """One connection for several statements, each committed as it runs; ``with connect(url) as db``."""
 

@@ -89,6 +89,18 @@ def find_redis_server() -> Path:
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
 
+def in_memory(path: Path) -> bool:
+    """Whether ``path`` (links followed) is on a tmpfs of this machine, by the longest mount point
+    above it in /proc/mounts; False where that cannot be told."""
+    try:
+        real = path.resolve(strict=True)
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return False
+    above = [(len(point), kind) for point, kind in mounts if real.is_relative_to(point)]
+    return bool(above) and max(above)[1] == "tmpfs"
+
+
 def memory_folder(prefix: str) -> Path | None:
     """A new folder in memory (the tmpfs at /dev/shm) if it has room, else None."""
     try:
