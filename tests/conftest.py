@@ -3,9 +3,10 @@
 Every test that touches a database runs twice, on SQLite and on PostgreSQL: it asks (directly or
 through ``config_path``, ``store``, ``live``...) for ``database_url``, which is parametrized by the
 session-scoped ``engine`` (ids ``sqlite`` and ``postgresql``: ``-k "not postgresql"`` leaves one out). A
-SQLite database is a fresh file in the test's ``tmp_path``; a PostgreSQL one a fresh database on the
-session's server, dropped after the test. Either is a copy of one migrated once for the session:
-tests marked ``empty_database``, and ``databases.new(migrated=False)``, start from an empty one.
+SQLite database is a fresh file in the test's ``tmp_path``, a copy of one migrated once for the
+session; a PostgreSQL one a fresh database (or schema: see ``PostgresDatabase``) on the session's
+server, migrated, dropped after the test. Tests marked ``empty_database``, and
+``databases.new(migrated=False)``, start from an empty one.
 Tests marked ``sqlite_only`` (they are about SQLite's files or its upgrade path) run on SQLite alone.
 Pure unit tests ask for no database and run once. The PostgreSQL and Redis servers come from tests/services.py.
 
