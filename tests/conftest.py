@@ -187,11 +187,14 @@ class PostgresDatabase:
         # Drops run on a connection of their own, in the background while the next test runs; a
         # dropped database's connections are ended (WITH (FORCE)), a schema's drop gives up after
         # 10 s rather than hang behind a connection a test left in a transaction.
-        self.drop_url = self._with(home, application_name="apibox-tests-drop", lock_timeout="10000")
+        dropper = {"application_name": "apibox-tests-drop", "lock_timeout": "10000"}
+        self.drop_url = self._with(home, **dropper)
         self.dropping: dict[str, Future[Any]] = {}
         self.copies = self._files_in_memory()
         self.home = self._fresh_name("tpl" if self.copies else "schemas")
         self._copy("template0", self.home)
+        # a schema is dropped from inside the worker's database, a database from the server's own
+        self.drop_home_url = self.drop_url if self.copies else self._with(self.home, **dropper)
         if self.copies:
             dbquery.run_coroutine(_migrate(self._with(self.home)))
             # No connection, autovacuum's included, may hold the template while it is copied.
@@ -240,17 +243,14 @@ class PostgresDatabase:
                     raise
                 time.sleep(0.1)
 
-    def _drop_sql(self, name: str) -> tuple[str, str]:
-        """Where and how ``name`` is dropped: (URL, statement)."""
-        if self.copies:
-            return self.drop_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-        return self._with(self.home, application_name="apibox-tests-drop", lock_timeout="10000"), \
-            f"DROP SCHEMA IF EXISTS {name} CASCADE"
+    def _drop_sql(self, name: str) -> str:
+        return (f"DROP DATABASE IF EXISTS {name} WITH (FORCE)" if self.copies
+                else f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
     def drop(self, name: str) -> None:
         """Drop the database soon (the test's cached dbquery connection to it is closed now)."""
         dbquery.forget(self._url(name))
-        self.dropping[name] = dbquery.execute_soon(*self._drop_sql(name))
+        self.dropping[name] = dbquery.execute_soon(self.drop_home_url, self._drop_sql(name))
         for done in [n for n, future in self.dropping.items() if future.done() and not future.exception()]:
             del self.dropping[done]
 
@@ -259,9 +259,9 @@ class PostgresDatabase:
         for name, future in list(self.dropping.items()):
             with suppress(asyncpg.PostgresError):
                 if future.exception(timeout=60) is not None:
-                    dbquery.execute(*self._drop_sql(name))
-        dbquery.forget(self._drop_sql("-")[0])
-        dbquery.forget(self._with(self.home))
+                    dbquery.execute(self.drop_home_url, self._drop_sql(name))
+        for url in (self.drop_home_url, self._with(self.home)):
+            dbquery.forget(url)
         with suppress(asyncpg.PostgresError):
             dbquery.execute(self.drop_url, f"DROP DATABASE IF EXISTS {self.home} WITH (FORCE)")
         for url in (self.admin_url, self.drop_url):
