@@ -10,8 +10,9 @@ here and stops it at the end. ``.ci/run`` starts both once for the whole run wit
 Standard library only: ``.ci/run`` calls it before the virtualenv exists. PostgreSQL runs with
 trust authentication on 127.0.0.1 and without durability (fsync, synchronous_commit and
 full_page_writes off): it holds test data only. Its files live in memory when the tmpfs at /dev/shm
-has room: the suite makes and drops a database per test, hundreds of files each, and on this VM's
-disk a file's creation took 0.3 ms (a database's copy 200 ms, against 10 in memory). initdb refuses
+has room, and the suite then copies a database per test (hundreds of files each: on this VM's
+disk a file's creation took 0.3 ms and a database's copy 200 ms, against 10 in memory; see
+conftest's ``PostgresDatabase``). initdb refuses
 to run as root, so as root the PostgreSQL programs run as the ``postgres`` OS user (the Debian
 package creates it).
 """
@@ -90,15 +91,19 @@ def find_redis_server() -> Path:
 
 
 def in_memory(path: Path) -> bool:
-    """Whether ``path`` (links followed) is on a tmpfs of this machine, by the longest mount point
-    above it in /proc/mounts; False where that cannot be told."""
+    """Whether ``path`` (links followed) is on a tmpfs of this machine: the kind of the longest mount
+    point above it in /proc/mounts, the later of two at one point (it hides the earlier); False
+    where that cannot be told."""
     try:
         real = path.resolve(strict=True)
         mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
     except OSError:
         return False
-    above = [(len(point), kind) for point, kind in mounts if real.is_relative_to(point)]
-    return bool(above) and max(above)[1] == "tmpfs"
+    kind, longest = None, -1
+    for point, point_kind in mounts:
+        if real.is_relative_to(point) and len(point) >= longest:
+            kind, longest = point_kind, len(point)
+    return kind == "tmpfs"
 
 
 def memory_folder(prefix: str) -> Path | None:
@@ -174,11 +179,11 @@ class Postgres:
         owned = [self.base, self.base / "run"]
         if self.data.is_symlink():  # to a folder in memory that is gone (the machine restarted)
             self.data.unlink()
-        in_memory = memory_folder("apibox-pg-")
-        if in_memory is not None:
-            (in_memory / "data").mkdir(mode=0o700)
-            self.data.symlink_to(in_memory / "data")
-            owned += [in_memory, in_memory / "data"]
+        folder = memory_folder("apibox-pg-")
+        if folder is not None:
+            (folder / "data").mkdir(mode=0o700)
+            self.data.symlink_to(folder / "data")
+            owned += [folder, folder / "data"]
         if self.owner:
             entry = pwd.getpwnam(self.owner)
             self.base.chmod(0o755)  # the owner must reach its folders inside a root-only temporary folder
