@@ -10,6 +10,7 @@ batching: the cost of a request alone).
 
     python -m bench.instructions                            # json, sse and paced (chunks 2 ms apart)
     python -m bench.instructions --scenarios json --requests 200
+    python -m bench.instructions --scenarios sse,padded     # padded: OpenAI's obfuscation in every chunk
 
 Needs valgrind (`apt-get install valgrind`). A target runs about 50 times slower under it, so
 the defaults (30 warm-up requests, then 100 counted) take a minute or two.
@@ -34,7 +35,16 @@ import aiohttp
 from bench import apibox_target, procs
 from bench.harness import chat_request, reference_dir, wait_http
 
-SCENARIOS = {"json": (False, 0.0), "sse": (True, 0.0), "paced": (True, 2.0)}  # stream?, chunk delay (ms)
+
+@dataclass(frozen=True)
+class Scenario:
+    stream: bool
+    chunk_delay_ms: float = 0.0
+    padded: bool = False  # chunks carry OpenAI's "obfuscation" padding (this directory's mock only)
+
+
+SCENARIOS = {"json": Scenario(False), "sse": Scenario(True), "paced": Scenario(True, 2.0),
+             "padded": Scenario(True, padded=True)}
 T = TypeVar("T")
 
 
@@ -139,10 +149,14 @@ def unknown_scenarios(scenarios: str) -> str | None:
 def measure_scenario(name: str, args: argparse.Namespace, ref: Path, out: Path,
                      counter: Callable[..., T]) -> list[T]:
     """``counter``'s measure of the forwarder and of apibox, each under the same upstream."""
-    stream, delay = SCENARIOS[name]
+    scenario = SCENARIOS[name]
+    stream = scenario.stream
     upstream_port, port = args.port_base, args.port_base + 1
-    upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(upstream_port),
-                            "--chunks", "20", "--chunk-delay-ms", str(delay)], cpus=args.load_cpus,
+    mock = [sys.executable, str(ref / "mock_upstream.py")]
+    if scenario.padded:
+        mock = [sys.executable, str(Path(__file__).with_name("mock_upstream.py")), "--obfuscation"]
+    upstream = procs.start([*mock, "--port", str(upstream_port), "--chunks", "20",
+                            "--chunk-delay-ms", str(scenario.chunk_delay_ms)], cpus=args.load_cpus,
                            log=out / f"upstream-{name}.log")
     counts: list[T] = []
     try:
