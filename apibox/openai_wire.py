@@ -78,22 +78,30 @@ def delta_text(chunk: dict[str, Any]) -> str:
 _NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 _CONTENT_KEYS = (b'"content":"', b'"content": "')
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
+# OpenAI's padding against length side channels: a random string in every chunk, unless the
+# request says ``stream_options.include_obfuscation: false``.
+_PAD_KEY = b'"obfuscation"'
+_PAD_KEYS = (b'"obfuscation":"', b'"obfuscation": "')
 
 
 class ChunkShape:
-    """The bytes a stream's plain content chunks share: everything around the text.
+    """The bytes a stream's plain content chunks share: everything around the text (and the padding).
 
     Most chunks of a stream differ from each other only in the text they add (same id, model,
-    created, one choice adding content, no finish_reason, no usage). One such chunk, parsed, is
-    the shape; a later chunk whose bytes are ``prefix + TEXT + suffix`` with TEXT free of quotes,
-    backslashes and control characters is the same JSON document with another content string,
-    so it needs no parsing: ``read_run`` reads a run of them. ``learn`` returns None for a chunk that is not plain.
+    created, one choice adding content, no finish_reason, no usage) and, from OpenAI, in a
+    random ``obfuscation`` string after the choices. One such chunk, parsed, is the shape; a later
+    chunk whose bytes are ``prefix + TEXT + suffix`` (padded: ``prefix + TEXT + inner + PAD +
+    suffix``), with TEXT and PAD free of quotes, backslashes and control characters, is the same
+    JSON document with other strings, so it needs no parsing: ``read_run`` reads a run of them.
+    ``learn`` returns None for a chunk that is not plain.
     """
 
-    __slots__ = ("chunk", "prefix", "suffix", "text")
+    __slots__ = ("chunk", "inner", "pad", "prefix", "suffix", "text")
 
-    def __init__(self, chunk: dict[str, Any], prefix: bytes, text: str, suffix: bytes) -> None:
+    def __init__(self, chunk: dict[str, Any], prefix: bytes, text: str, suffix: bytes,
+                 inner: bytes = b"", pad: bytes = b"") -> None:
         self.chunk, self.prefix, self.text, self.suffix = chunk, prefix, text, suffix
+        self.inner, self.pad = inner, pad  # b"" and b"" when the chunks are not padded
 
     @classmethod
     def learn(cls, chunk: dict[str, Any], raw: bytes) -> ChunkShape | None:
@@ -107,42 +115,126 @@ class ChunkShape:
             if raw.count(key) == 1:
                 start = raw.index(key) + len(key)
                 end = start + len(encoded)
-                if raw[start:end] == encoded and raw[end:end + 1] == b'"':
+                if raw[start:end] != encoded or raw[end:end + 1] != b'"':
+                    return None
+                pad = chunk.get("obfuscation")
+                if pad is None:
                     return cls(chunk, raw[:start], text, raw[end:])
-                return None
+                split = _split_at_padding(raw, end, pad)
+                return cls(chunk, raw[:start], text, split[2], split[0], split[1]) if split else None
         return None
 
-    def read_run(self, payloads: list[bytes], start: int) -> tuple[list[str], list[bytes]]:
-        """The texts of the chunks of this shape from ``payloads[start]`` on, up to the first that is
-        not one, and each text's bytes as they came (``[], []`` when the first is not one)."""
+    def read_run(self, payloads: list[bytes], start: int) -> PlainRun | None:
+        """The chunks of this shape from ``payloads[start]`` on, up to the first that is not one
+        (None when the first is not one)."""
         prefix, suffix = self.prefix, self.suffix
         head, tail = len(prefix), len(suffix)
         middles = []
+        if not self.inner:
+            for raw in islice(payloads, start, None):
+                if len(raw) < head + tail or not raw.startswith(prefix) or not raw.endswith(suffix):
+                    break
+                middles.append(raw[head:len(raw) - tail])
+            return self._run(middles, None)
+        inner, pads = self.inner, []
         for raw in islice(payloads, start, None):
             if len(raw) < head + tail or not raw.startswith(prefix) or not raw.endswith(suffix):
                 break
-            middles.append(raw[head:len(raw) - tail])
+            # the inner bytes begin with a quote: the first time they occur, a plain text has ended
+            # (a text that is not plain ends the run whatever is found)
+            middle, found, pad = raw[head:len(raw) - tail].partition(inner)
+            if not found:
+                break
+            middles.append(middle)
+            pads.append(pad)
+        return self._run(middles, pads)
+
+    def _run(self, middles: list[bytes], pads: list[bytes] | None) -> PlainRun | None:
+        """The run of those ``middles`` (and ``pads``) that are plain and UTF-8, up to the first that is not."""
         if not middles:
-            return [], []
-        if not _NOT_PLAIN.search(b"".join(middles)):  # the usual case: one scan and one decode for the run
-            try:  # NUL is in none of them, and ends any UTF-8 sequence cut short
-                return b"\0".join(middles).decode().split("\0"), middles
+            return None
+        if not _NOT_PLAIN.search(b"".join(middles)) and (pads is None or _plain_ascii(b"".join(pads))):
+            try:  # the usual case: one scan and one decode. NUL is in none of them, and ends any UTF-8
+                return PlainRun(self, b"\0".join(middles).decode().split("\0"), middles, pads)  # cut short
             except UnicodeDecodeError:
                 pass
         texts = []
-        for middle in middles:  # the run ends before the first that needs escaping or is not UTF-8
-            if _NOT_PLAIN.search(middle):
+        for index, middle in enumerate(middles):  # the run ends before the first that is not plain
+            text = _plain_utf8(middle)
+            if text is None or (pads is not None and _plain_utf8(pads[index]) is None):
                 break
-            try:
-                texts.append(middle.decode())
-            except UnicodeDecodeError:
-                break
-        return texts, middles[:len(texts)]
+            texts.append(text)
+        if not texts:
+            return None
+        count = len(texts)
+        return PlainRun(self, texts, middles[:count], pads[:count] if pads is not None else None)
 
-    def chunk_with(self, text: str) -> dict[str, Any]:
-        """The chunk of this shape that adds ``text``, parsed (for renderers that translate)."""
+    def chunk_with(self, text: str, pad: bytes | None = None) -> dict[str, Any]:
+        """The chunk of this shape that adds ``text`` (padded with ``pad``), parsed (for renderers that translate)."""
         choice = self.chunk["choices"][0]
-        return {**self.chunk, "choices": [{**choice, "delta": {**choice["delta"], "content": text}}]}
+        chunk = {**self.chunk, "choices": [{**choice, "delta": {**choice["delta"], "content": text}}]}
+        if pad is not None:
+            chunk["obfuscation"] = pad.decode()
+        return chunk
+
+
+class PlainRun:
+    """Consecutive chunks of ``shape`` that only add text, left unparsed: their ``texts`` and, for
+    each, its text's bytes as they came (``middles``) and, when the shape is padded, its padding's
+    (``pads``), so a renderer can frame them all at once."""
+
+    __slots__ = ("middles", "pads", "shape", "texts")
+
+    def __init__(self, shape: ChunkShape, texts: list[str], middles: list[bytes],
+                 pads: list[bytes] | None = None) -> None:
+        self.shape = shape
+        self.texts = texts
+        self.middles = middles
+        self.pads = pads
+
+    def head(self, count: int) -> PlainRun:
+        """The run's first ``count`` chunks."""
+        pads = self.pads[:count] if self.pads is not None else None
+        return PlainRun(self.shape, self.texts[:count], self.middles[:count], pads)
+
+    def parsed(self) -> list[dict[str, Any]]:
+        if self.pads is None:
+            return [self.shape.chunk_with(text) for text in self.texts]
+        return [self.shape.chunk_with(text, pad) for text, pad in zip(self.texts, self.pads, strict=True)]
+
+
+def _split_at_padding(raw: bytes, end: int, pad: object) -> tuple[bytes, bytes, bytes] | None:
+    """``raw[end:]`` (after a plain chunk's text) as (inner, padding, suffix) around its top-level
+    ``obfuscation`` string; None when that cannot be found safely (the key occurs more than once,
+    or before the text; the padding is not plain)."""
+    if type(pad) is not str:
+        return None
+    encoded = pad.encode()
+    if _NOT_PLAIN.search(encoded) or raw.count(_PAD_KEY) != 1:
+        return None
+    for key in _PAD_KEYS:
+        at = raw.find(key, end)
+        if at >= 0:
+            start = at + len(key)
+            stop = start + len(encoded)
+            if raw[start:stop] == encoded and raw[stop:stop + 1] == b'"':
+                return raw[end:start], encoded, raw[stop:]
+            return None
+    return None
+
+
+def _plain_ascii(data: bytes) -> bool:
+    return data.isascii() and not _NOT_PLAIN.search(data)
+
+
+def _plain_utf8(data: bytes) -> str | None:
+    """``data`` decoded, when it is UTF-8 that is its own JSON string encoding."""
+    if _NOT_PLAIN.search(data):
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
 
 
 def _plain_text(chunk: dict[str, Any]) -> str | None:

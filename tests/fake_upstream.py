@@ -2,7 +2,8 @@
 
 It records every request it receives (headers and JSON body) and answers according to
 ``mode``: a normal reply, an error status, a stream cut half-way, malformed events, a stream
-without usage, or a stream that ignores ``max_tokens``. Streamed events are written in
+without usage, or a stream that ignores ``max_tokens``; with ``obfuscation``, stream chunks carry
+OpenAI's random padding (``pads_sent`` records it). Streamed events are written in
 several TCP writes that split them at awkward places (inside JSON, inside a multi-byte
 UTF-8 character, between ``\\r`` and ``\\n``), so the gateway's SSE parsing is tested for real.
 """
@@ -40,7 +41,9 @@ class FakeUpstream:
     retry_after: str | None = None
     delay: float = 0.0
     whole: bool = False  # a stream in one write (its last event and [DONE] come in one read), not split
+    obfuscation: bool = False  # pad chunks as OpenAI does unless stream_options.include_obfuscation is false
     requests: list[Recorded] = field(default_factory=list)
+    pads_sent: list[str] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -99,6 +102,7 @@ class FakeUpstream:
         extra = {"usage": None} if include_usage else {}
         head = {"id": "chatcmpl-fake", "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": body["model"], "system_fingerprint": "fp_fake"}
+        padded = self.obfuscation and (body.get("stream_options") or {}).get("include_obfuscation") is not False
 
         def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
             if chat:
@@ -106,7 +110,11 @@ class FakeUpstream:
             else:
                 choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None,
                           "finish_reason": finish_reason}
-            return {**head, "choices": [choice], **extra}
+            made = {**head, "choices": [choice], **extra}
+            if padded:  # a different length each time, as OpenAI's padding has
+                made["obfuscation"] = "pad" + "Xy7" * (len(self.pads_sent) % 5)
+                self.pads_sent.append(made["obfuscation"])
+            return made
 
         events = [chunk({"role": "assistant", "content": ""}, None)] if chat else []
         events += [chunk({"content": w}, None) for w in words]

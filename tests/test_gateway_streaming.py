@@ -142,6 +142,47 @@ async def test_a_stream_leaves_no_generator_of_its_own_for_the_event_loop_to_clo
     assert len(usage_rows(live, who.user_id)) == 3
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["split", "whole"])
+async def test_openais_padding_reaches_the_client_as_the_upstream_sent_it(live: Live, live_store,
+                                                                           whole: bool) -> None:
+    """OpenAI pads every chunk with a random ``obfuscation`` string after ``"usage": null``: the
+    client gets each chunk's own padding, its model's name and no usage, and pays the upstream's count."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.obfuscation, live.fake.whole = True, whole
+    response, raw = await raw_stream(live, who.key, {})
+    assert response.status == 200 and sse_events(raw)[-1] == "[DONE]"
+    chunks = sse_json(raw)
+    assert [c.get("obfuscation") for c in chunks] == live.fake.pads_sent
+    assert len(set(live.fake.pads_sent)) > 1
+    assert all(c["model"] == "gpt-fake" and "usage" not in c for c in chunks)
+    assert "".join(delta_texts_of(chunks)) == "".join(WORDS)
+    await wait_for_usage(live, who.user_id, 1)
+    assert charges(live, who.user_id) == [expected_cost("gpt-fake", 21, len(WORDS))]
+
+    live.fake.pads_sent.clear()  # a client that asks for no padding: none is asked for, none comes
+    _, raw = await raw_stream(live, who.key, {"stream_options": {"include_obfuscation": False}})
+    assert live.fake.requests[-1].body["stream_options"] == {"include_obfuscation": False, "include_usage": True}
+    assert live.fake.pads_sent == [] and all("obfuscation" not in c for c in sse_json(raw))
+
+
+async def test_a_padded_stream_that_ignores_max_tokens_is_cut_at_length(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words, live.fake.obfuscation, live.fake.whole = "overrun", [" word"] * 200, True, True
+    response, raw = await raw_stream(live, who.key, {"max_tokens": 5})
+    assert response.status == 200 and sse_events(raw)[-1] == "[DONE]"
+    chunks = sse_json(raw)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(delta_texts_of(chunks)) == " word" * (5 + OVERRUN_SLACK_TOKENS)
+    assert [c.get("obfuscation") for c in chunks[:-1]] == live.fake.pads_sent[:len(chunks) - 1]
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["status"], row["estimated"]) == ("cut", 1)
+    assert charges(live, who.user_id) == [row["charged"]]
+
+
+def delta_texts_of(chunks: list[dict[str, Any]]) -> list[str]:
+    return [c["choices"][0]["delta"].get("content") or "" for c in chunks]
+
+
 async def test_the_sdk_sees_only_choice_chunks_without_usage(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
 

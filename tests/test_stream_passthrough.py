@@ -1,6 +1,7 @@
 """OpenAI-format streams passed through as bytes: what the client receives is exactly what parsing
-and serializing every chunk again would have sent, for any encoder, text, split and line ending;
-chunks that only add text are read by their shape without being parsed; and the upstream's
+and serializing every chunk again would have sent, for any encoder, text, padding, split and line
+ending; chunks that only add text are read by their shape without being parsed, also when each
+carries OpenAI's random ``obfuscation`` padding; and the upstream's
 idle timeout (one watchdog per stream) fails a silent upstream but never a slow client.
 """
 
@@ -18,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox.gateway.render import OpenAIRenderer
-from apibox.openai_wire import ChunkShape
-from apibox.providers.base import PlainRun, ProviderRequest, StreamBroken, WireBatch
+from apibox.openai_wire import ChunkShape, PlainRun
+from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream
 from apibox.providers.openai import OpenAIProvider, _OpenAIStream
 from apibox.settings import ProviderSettings, Timeouts
@@ -32,21 +33,30 @@ ENCODERS = {
     "ascii": lambda value: json.dumps(value).encode(),  # escapes every non-ASCII character
 }
 texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=12)
+# OpenAI's padding is letters and digits; anything else must be read as safely
+paddings = st.one_of(st.text("abcXYZ019", min_size=1, max_size=16), texts)
 
 
-def chunk(delta: dict[str, Any], finish: str | None = None, *, usage: bool = True) -> dict[str, Any]:
+def chunk(delta: dict[str, Any], finish: str | None = None, *, usage: bool = True,
+          pad: str | None = None) -> dict[str, Any]:
+    """A chunk as OpenAI writes it: ``"usage": null`` when usage was asked for, then any padding."""
     body: dict[str, Any] = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000,
                             "model": UPSTREAM, "system_fingerprint": "fp_1",
                             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
     if usage:
         body["usage"] = None
+    if pad is not None:
+        body["obfuscation"] = pad
     return body
 
 
-def upstream_chunks(words: list[str], *, usage: bool = True) -> list[dict[str, Any]]:
-    chunks = [chunk({"role": "assistant", "content": ""}, usage=usage)]
-    chunks += [chunk({"content": word}, usage=usage) for word in words]
-    chunks.append(chunk({}, "stop", usage=usage))
+def upstream_chunks(words: list[str], *, usage: bool = True, pads: list[str] | None = None) -> list[dict[str, Any]]:
+    """A whole stream; ``pads``: each chunk's padding in turn (cycled), none when None."""
+    def pad(index: int) -> str | None:
+        return pads[index % len(pads)] if pads else None
+    chunks = [chunk({"role": "assistant", "content": ""}, usage=usage, pad=pad(0))]
+    chunks += [chunk({"content": word}, usage=usage, pad=pad(i + 1)) for i, word in enumerate(words)]
+    chunks.append(chunk({}, "stop", usage=usage, pad=pad(len(words) + 1)))
     if usage:
         chunks.append({**chunk({}), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(words),
                                                            "total_tokens": 5 + len(words)}})
@@ -124,13 +134,13 @@ def frames(data: bytes) -> list[bytes]:
     return [p[6:] for p in parts]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.lists(texts, max_size=6), st.sampled_from(sorted(ENCODERS)), st.sampled_from(["\n", "\r\n"]),
-       st.booleans(), st.booleans(), st.data())
+       st.booleans(), st.booleans(), st.one_of(st.none(), st.lists(paddings, min_size=1, max_size=4)), st.data())
 async def test_the_client_gets_what_reserializing_would_send(words: list[str], encoder: str, ending: str,
-                                                             wants_usage: bool, usage: bool,
+                                                             wants_usage: bool, usage: bool, pads: list[str] | None,
                                                              data: st.DataObject) -> None:
-    chunks = upstream_chunks(words, usage=usage)
+    chunks = upstream_chunks(words, usage=usage, pads=pads)
     body = sse(chunks, encoder, ending)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6), label="cuts"))
     reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]  # b"" is the end
@@ -172,6 +182,15 @@ def test_only_plain_text_chunks_give_a_shape(raw: dict[str, Any]) -> None:
     assert ChunkShape.learn(raw, orjson.dumps(raw)) is None
 
 
+def read(shape: ChunkShape, payloads: list[bytes], start: int = 0) -> tuple[list[str], list[bytes], list[bytes] | None]:
+    """``shape.read_run``'s run as (texts, middles, pads); ``([], [], None)`` for none."""
+    run = shape.read_run(payloads, start)
+    if run is None:
+        return [], [], None
+    assert run.texts, "a run is never empty"
+    return run.texts, run.middles, run.pads
+
+
 @pytest.mark.parametrize("encoder", sorted(ENCODERS))
 def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     encode = ENCODERS[encoder]
@@ -179,7 +198,7 @@ def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     assert shape is not None
 
     def text_of(raw: bytes) -> str | None:
-        texts, middles = shape.read_run([raw], 0)
+        texts, middles, _ = read(shape, [raw])
         if not texts:
             return None
         assert middles == [texts[0].encode()]  # the text's bytes, as they came
@@ -206,50 +225,101 @@ def test_a_run_of_plain_chunks_ends_before_the_first_that_is_not_one(encoder: st
     stop = encode(chunk({"content": "x"}, "stop"))
     half = "é".encode()  # a character cut in two, each half a chunk of its own
     cut = [shape.prefix + half[:1] + shape.suffix, shape.prefix + half[1:] + shape.suffix]
-    assert shape.read_run(plain, 0) == (["a", "", "bc"], [b"a", b"", b"bc"])
-    assert shape.read_run([stop, *plain], 1) == (["a", "", "bc"], [b"a", b"", b"bc"])
-    assert shape.read_run([*plain, stop, *plain], 0) == (["a", "", "bc"], [b"a", b"", b"bc"])
-    assert shape.read_run([*plain, quoted, *plain], 0) == (["a", "", "bc"], [b"a", b"", b"bc"])
-    assert shape.read_run([plain[0], *cut], 0) == (["a"], [b"a"])
-    assert shape.read_run([quoted, *plain], 0) == ([], [])
-    assert shape.read_run(plain, len(plain)) == ([], [])
+    assert read(shape, plain, 0)[:2] == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert read(shape, [stop, *plain], 1)[:2] == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert read(shape, [*plain, stop, *plain], 0)[:2] == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert read(shape, [*plain, quoted, *plain], 0)[:2] == (["a", "", "bc"], [b"a", b"", b"bc"])
+    assert read(shape, [plain[0], *cut], 0)[:2] == (["a"], [b"a"])
+    assert read(shape, [quoted, *plain], 0)[:2] == ([], [])
+    assert read(shape, plain, len(plain))[:2] == ([], [])
 
 
-def _read_one_by_one(shape: ChunkShape, payloads: list[bytes]) -> tuple[list[str], list[bytes]]:
+def _read_one_by_one(shape: ChunkShape, payloads: list[bytes]) -> tuple[list[str], list[bytes], list[bytes] | None]:
     """What ``read_run`` must give, found the slow way: each payload in turn, until one is not plain."""
-    texts, middles = [], []
+    texts, middles, pads = [], [], []
     for raw in payloads:
         if len(raw) < len(shape.prefix) + len(shape.suffix) or not raw.startswith(shape.prefix) \
                 or not raw.endswith(shape.suffix):
             break
-        middle = raw[len(shape.prefix):len(raw) - len(shape.suffix)]
-        if any(byte in b'"\\' or byte < 0x20 for byte in middle):
+        between = raw[len(shape.prefix):len(raw) - len(shape.suffix)]
+        middle, pad = between, b""
+        if shape.inner:  # padded: the text ends at its first quote, and the padding follows the inner bytes
+            middle, found, pad = between.partition(b'"')
+            if not found or not (b'"' + pad).startswith(shape.inner):
+                break
+            pad = (b'"' + pad)[len(shape.inner):]
+        if any(byte in b'"\\' or byte < 0x20 for byte in middle + pad):
             break
         try:
             texts.append(middle.decode())
+            pad.decode()
         except UnicodeDecodeError:
+            texts[len(middles):] = []
             break
         middles.append(middle)
-    return texts, middles
+        pads.append(pad)
+    if not texts:
+        return [], [], None
+    return texts, middles, pads if shape.inner else None
 
 
-_PARTS = ["prefix", "suffix", "a", "é", "\"", "\\", "\t", '"}', "\xff", "\xc3"]  # \xc3: a character cut short
+_PARTS = ["prefix", "suffix", "inner", "a", "é", "\"", "\\", "\t", '"}', "}", "\xff", "\xc3"]  # \xc3: cut short
 _PAYLOAD = st.lists(st.sampled_from(_PARTS), max_size=6)
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(st.one_of(_PAYLOAD, _PAYLOAD.map(lambda middle: ["prefix", *middle, "suffix"])), max_size=8),
+def _shape(padded: bool) -> ChunkShape:
+    sample = chunk({"content": "The "}, pad="xY7" if padded else None)
+    shape = ChunkShape.learn(sample, orjson.dumps(sample))
+    assert shape is not None and bool(shape.inner) == padded
+    return shape
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.booleans(),
+       st.lists(st.one_of(_PAYLOAD, _PAYLOAD.map(lambda middle: ["prefix", *middle, "suffix"]),
+                          st.tuples(_PAYLOAD, _PAYLOAD).map(
+                              lambda two: ["prefix", *two[0], "inner", *two[1], "suffix"])),
+                max_size=8),
        st.integers(min_value=0, max_value=3))
-def test_a_run_is_read_as_reading_each_chunk_in_turn_would(parts: list[list[str]], start: int) -> None:
-    """Payloads made of the shape's own prefix and suffix, texts and the bytes that end a run, in any
-    order, most of them framed like a chunk (a read's payloads never hold a line break): the run
-    read at once is the one read chunk by chunk."""
-    shape = ChunkShape.learn(chunk({"content": "The "}), orjson.dumps(chunk({"content": "The "})))
-    assert shape is not None
-    pieces = {"prefix": shape.prefix, "suffix": shape.suffix, "\xff": b"\xff", "\xc3": b"\xc3"}
+def test_a_run_is_read_as_reading_each_chunk_in_turn_would(padded: bool, parts: list[list[str]], start: int) -> None:
+    """Payloads made of the shape's own prefix, inner bytes and suffix, texts and the bytes that end a
+    run, in any order, most of them framed like a chunk (a read's payloads never hold a line break):
+    the run read at once is the one read chunk by chunk, padded or not."""
+    shape = _shape(padded)
+    pieces = {"prefix": shape.prefix, "suffix": shape.suffix, "inner": shape.inner or b'"}]', "\xff": b"\xff",
+              "\xc3": b"\xc3"}
     payloads = [b"".join(pieces.get(part) or part.encode() for part in payload) for payload in parts]
     start = min(start, len(payloads))
-    assert shape.read_run(payloads, start) == _read_one_by_one(shape, payloads[start:])
+    assert read(shape, payloads, start) == _read_one_by_one(shape, payloads[start:])
+
+
+def test_a_padded_shape_reads_each_chunks_text_and_padding() -> None:
+    shape = _shape(padded=True)
+    assert shape.inner == b'"},"logprobs":null,"finish_reason":null}],"usage":null,"obfuscation":"'
+    assert shape.suffix == b'"}'
+    payloads = [orjson.dumps(chunk({"content": text}, pad=pad)) for text, pad in
+                [("a ", "Q"), ("", "longer0padding9"), ("é", "x"), ("say \"hi\"", "y"), ("b", "z")]]
+    assert read(shape, payloads) == (["a ", "", "é"], [b"a ", b"", "é".encode()], [b"Q", b"longer0padding9", b"x"])
+    assert read(shape, payloads, 4) == (["b"], [b"b"], [b"z"])
+    unpadded = orjson.dumps(chunk({"content": "a"}))
+    assert read(shape, [unpadded]) == ([], [], None)  # no padding where the shape has it: parsed
+    assert read(shape, [orjson.dumps(chunk({"content": "a"}, pad='q"uote'))]) == ([], [], None)
+    assert read(shape, [shape.prefix + b"a" + shape.inner + b"}"]) == ([], [], None)  # one quote, read twice
+    assert read(_shape(padded=False), [payloads[0]]) == ([], [], None)  # padding where the shape has none
+    run = shape.read_run(payloads, 0)
+    assert run is not None and run.parsed() == [chunk({"content": t}, pad=p) for t, p in [("a ", "Q"),
+                                                ("", "longer0padding9"), ("é", "x")]]
+    assert run.head(1).pads == [b"Q"]
+
+
+@pytest.mark.parametrize("raw", [
+    {**chunk({"content": "a"}), "obfuscation": 7},  # padding that is not a string
+    {**chunk({"content": "a"}), "obfuscation": 'q"'},  # padding with a quote
+    {"obfuscation": "p", **chunk({"content": "a"})},  # padding before the text
+    {**chunk({"content": "a"}, pad="p"), "x": {"obfuscation": "p"}},  # the key twice
+])
+def test_padding_that_cannot_be_read_safely_gives_no_shape(raw: dict[str, Any]) -> None:
+    assert ChunkShape.learn(raw, orjson.dumps(raw)) is None
 
 
 async def test_only_a_batch_that_ends_the_stream_is_last() -> None:

@@ -26,10 +26,10 @@ from apibox.gateway.doors import Door, OpenAIDoor
 from apibox.gateway.exchange import EXCHANGE
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
+from apibox.openai_wire import PlainRun
 from apibox.pricing import Price, Usage
 from apibox.providers.base import (
     ChunkStream,
-    PlainRun,
     Provider,
     ProviderRequest,
     StreamBroken,

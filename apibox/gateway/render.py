@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any, Protocol
 
 from apibox import jsoncodec
 from apibox.formats.anthropic import usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
-from apibox.openai_wire import ChunkShape, delta_text, usage_from_openai, usage_to_openai
+from apibox.openai_wire import ChunkShape, PlainRun, delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
-from apibox.providers.base import PlainRun
 from apibox.sse import encode
 
 
@@ -51,8 +51,8 @@ class OpenAIRenderer:
 
     A chunk that came as OpenAI SSE is passed on as the bytes that came, with the model's name
     replaced in them; it is serialized again only when that cannot be done safely (``_only_key``).
-    A ``PlainRun`` (chunks of only text, not parsed) is written as each text between the bytes
-    its shape shares with the other plain chunks, edited once per stream, in one join.
+    A ``PlainRun`` (chunks of only text, not parsed) is written as each text (and padding) between
+    the bytes its shape shares with the other plain chunks, edited once per stream, in one join.
     """
 
     def __init__(self, model: str, wants_usage: bool) -> None:
@@ -64,7 +64,8 @@ class OpenAIRenderer:
         self.upstream_model = self.model
         self.upstream_forms = self.client_forms = model_field(model)
         self.shape: ChunkShape | None = None
-        self.around: tuple[bytes, bytes] | None = None  # the frame before and after a plain chunk's text
+        # a plain chunk's frame before its text, between its text and padding, and after either
+        self.around: tuple[bytes, bytes, bytes] | None = None
 
     def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
         usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
@@ -87,20 +88,25 @@ class OpenAIRenderer:
         if self.around is None:
             return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
         self.last = shape.chunk
-        before, after = self.around
-        return before + (after + before).join(run.middles) + after
+        before, inner, after = self.around
+        if run.pads is None:
+            return before + (after + before).join(run.middles) + after
+        framed = map(b"".join, zip(run.middles, repeat(inner), run.pads))  # each text + inner + padding, in C
+        return before + (after + before).join(framed) + after
 
-    def _around(self, shape: ChunkShape) -> tuple[bytes, bytes] | None:
-        """The frame of a chunk of ``shape`` around its text, as ``_as_came`` writes it; None when it would not."""
+    def _around(self, shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
+        """The frame of a chunk of ``shape`` around its text and padding, as ``_as_came`` writes it;
+        None when it would not."""
         text = shape.text.encode()
-        edits = self._edits(shape.chunk, shape.prefix + text + shape.suffix)
+        edits = self._edits(shape.chunk, shape.prefix + text + shape.inner + shape.pad + shape.suffix)
         if edits is None:
             return None
-        before, after = b"data: " + shape.prefix, shape.suffix + b"\n\n"
-        whole = before + text + after
-        for old, new in edits:  # each occurs once, outside the text (which has no quotes)
-            before, after, whole = before.replace(old, new), after.replace(old, new), whole.replace(old, new)
-        return (before, after) if before + text + after == whole else None
+        parts = [b"data: " + shape.prefix, shape.inner, shape.suffix + b"\n\n"]
+        whole = parts[0] + text + parts[1] + shape.pad + parts[2]
+        for old, new in edits:  # each occurs once, outside the text and padding (which have no quotes)
+            parts, whole = [part.replace(old, new) for part in parts], whole.replace(old, new)
+        before, inner, after = parts
+        return (before, inner, after) if before + text + inner + shape.pad + after == whole else None
 
     def _as_came(self, chunk: dict[str, Any], raw: bytes) -> bytes | None:
         """The frame of ``raw`` with the client's model name (and without ``"usage": null`` unless the

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from apibox.errors import ApiboxError
-from apibox.openai_wire import ChunkShape
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 REDACTED = "[redacted]"
@@ -42,7 +41,7 @@ class ChunkStream(Protocol):
 class WireBatch(list):  # type: ignore[type-arg]
     """A batch from an OpenAI-format stream, kept close to the bytes that came.
 
-    Items are parsed chunks, or a ``PlainRun`` for each run of chunks that only add text (not
+    Items are parsed chunks, or an ``openai_wire.PlainRun`` for each run of chunks that only add text (not
     parsed at all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None
     when it must not be passed on as it came, and for runs, which keep their own bytes). A
     renderer may send those bytes instead of serializing the chunk again; one that needs dicts
@@ -55,25 +54,6 @@ class WireBatch(list):  # type: ignore[type-arg]
     def __init__(self) -> None:  # list's own __init__ is not called: the list starts empty anyway
         self.raw: list[bytes | None] = []
         self.last = False
-
-
-class PlainRun:
-    """Consecutive chunks of ``shape`` that only add text, left unparsed: their ``texts`` and, for
-    each, its text's bytes as they came (``middles``), so a renderer can frame them all at once."""
-
-    __slots__ = ("middles", "shape", "texts")
-
-    def __init__(self, shape: ChunkShape, texts: list[str], middles: list[bytes]) -> None:
-        self.shape = shape
-        self.texts = texts
-        self.middles = middles
-
-    def head(self, count: int) -> PlainRun:
-        """The run's first ``count`` chunks."""
-        return PlainRun(self.shape, self.texts[:count], self.middles[:count])
-
-    def parsed(self) -> list[dict[str, Any]]:
-        return [self.shape.chunk_with(text) for text in self.texts]
 
 
 class Provider(Protocol):

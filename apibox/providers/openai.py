@@ -10,7 +10,7 @@ import aiohttp
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.openai_wire import ChunkShape
-from apibox.providers.base import PlainRun, ProviderRequest, StreamBroken, WireBatch
+from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
 from apibox.sse import Event
 
@@ -56,11 +56,11 @@ class _OpenAIStream(UpstreamStream):
                 index, count = 0, len(payloads)
                 while index < count:
                     if shape is not None:
-                        texts, middles = shape.read_run(payloads, index)
-                        if texts:
-                            batch.append(PlainRun(shape, texts, middles))
+                        run = shape.read_run(payloads, index)
+                        if run is not None:
+                            batch.append(run)
                             batch.raw.append(None)
-                            index += len(texts)
+                            index += len(run.texts)
                             continue
                     payload = payloads[index]
                     index += 1
