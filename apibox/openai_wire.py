@@ -54,7 +54,7 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 
 def delta_text(chunk: dict[str, Any]) -> str:
-    """The text a streamed chunk delivers (content, refusal, tool arguments, legacy text)."""
+    """The text a streamed chunk delivers (content, refusal, reasoning, tool arguments, legacy text)."""
     pieces: list[str] = []
     for choice in chunk.get("choices") or ():
         if not isinstance(choice, dict):
@@ -64,19 +64,30 @@ def delta_text(chunk: dict[str, Any]) -> str:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             continue
-        for field in ("content", "refusal", "reasoning_content"):
-            if isinstance(delta.get(field), str):
-                pieces.append(delta[field])
-        for call in delta.get("tool_calls") or ():
-            function = call.get("function") if isinstance(call, dict) else None
-            if isinstance(function, dict):
-                pieces.extend(v for v in (function.get("name"), function.get("arguments")) if isinstance(v, str))
+        for field, value in delta.items():  # a delta has a field or two: fewer steps than looking up each
+            if type(value) is str:
+                if field in _DELIVERED_FIELDS:
+                    pieces.append(value)
+            elif field == "tool_calls" and type(value) is list:
+                for call in value:
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        pieces.extend(v for v in (function.get("name"), function.get("arguments"))
+                                      if isinstance(v, str))
     return "".join(pieces)
+
+
+_DELIVERED_FIELDS = frozenset({"content", "refusal", "reasoning_content", "reasoning"})
 
 
 # Bytes that end a JSON string or start an escape in it; a text without them is its own JSON encoding.
 _NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
-_CONTENT_KEYS = (b'"content":"', b'"content": "')
+# The delta fields a plain chunk may add its text to (the answer, or a reasoning model's thinking
+# as DeepSeek and vLLM (``reasoning_content``) or Ollama and OpenRouter (``reasoning``) send it),
+# each with its key as compact and spaced encoders write it; and those that must then be empty.
+_TEXT_FIELDS = {field: (f'"{field}":"'.encode(), f'"{field}": "'.encode()) for field in
+                ("content", "reasoning_content", "reasoning")}
+_NOT_PLAIN_FIELDS = frozenset({"refusal", "tool_calls", "function_call"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
 # OpenAI's padding against length side channels: a random string in every chunk, unless the
 # request says ``stream_options.include_obfuscation: false``.
@@ -85,33 +96,35 @@ _PAD_KEYS = (b'"obfuscation":"', b'"obfuscation": "')
 
 
 class ChunkShape:
-    """The bytes a stream's plain content chunks share: everything around the text (and the padding).
+    """The bytes a stream's plain text chunks share: everything around the text (and the padding).
 
     Most chunks of a stream differ from each other only in the text they add (same id, model,
-    created, one choice adding content, no finish_reason, no usage) and, from OpenAI, in a
-    random ``obfuscation`` string after the choices. One such chunk, parsed, is the shape; a later
-    chunk whose bytes are ``prefix + TEXT + suffix`` (padded: ``prefix + TEXT + inner + PAD +
-    suffix``), with TEXT and PAD free of quotes, backslashes and control characters, is the same
-    JSON document with other strings, so it needs no parsing: ``read_run`` reads a run of them.
-    ``learn`` returns None for a chunk that is not plain.
+    created, one choice adding to one delta field, ``content`` or a reasoning model's thinking, no
+    finish_reason, no usage) and, from OpenAI, in a random ``obfuscation`` string after the
+    choices. One such chunk, parsed, is the shape; a later chunk whose bytes are ``prefix + TEXT +
+    suffix`` (padded: ``prefix + TEXT + inner + PAD + suffix``), with TEXT and PAD free of quotes,
+    backslashes and control characters, is the same JSON document with other strings, so it
+    needs no parsing: ``read_run`` reads a run of them. ``learn`` returns None for a chunk that
+    is not plain.
     """
 
-    __slots__ = ("chunk", "inner", "pad", "prefix", "suffix", "text")
+    __slots__ = ("chunk", "field", "inner", "pad", "prefix", "suffix", "text")
 
-    def __init__(self, chunk: dict[str, Any], prefix: bytes, text: str, suffix: bytes,
+    def __init__(self, chunk: dict[str, Any], field: str, prefix: bytes, text: str, suffix: bytes,
                  inner: bytes = b"", pad: bytes = b"") -> None:
-        self.chunk, self.prefix, self.text, self.suffix = chunk, prefix, text, suffix
+        self.chunk, self.field, self.prefix, self.text, self.suffix = chunk, field, prefix, text, suffix
         self.inner, self.pad = inner, pad  # b"" and b"" when the chunks are not padded
 
     @classmethod
     def learn(cls, chunk: dict[str, Any], raw: bytes) -> ChunkShape | None:
-        text = _plain_text(chunk)
-        if text is None:
+        found = _plain_text(chunk)
+        if found is None:
             return None
+        field, text = found
         encoded = text.encode()
-        if _NOT_PLAIN.search(encoded) or raw.count(b'"content"') != 1:
+        if _NOT_PLAIN.search(encoded) or raw.count(b'"%s"' % field.encode()) != 1:
             return None
-        for key in _CONTENT_KEYS:
+        for key in _TEXT_FIELDS[field]:
             if raw.count(key) == 1:
                 start = raw.index(key) + len(key)
                 end = start + len(encoded)
@@ -119,9 +132,9 @@ class ChunkShape:
                     return None
                 pad = chunk.get("obfuscation")
                 if pad is None:
-                    return cls(chunk, raw[:start], text, raw[end:])
+                    return cls(chunk, field, raw[:start], text, raw[end:])
                 split = _split_at_padding(raw, end, pad)
-                return cls(chunk, raw[:start], text, split[2], split[0], split[1]) if split else None
+                return cls(chunk, field, raw[:start], text, split[2], split[0], split[1]) if split else None
         return None
 
     def read_run(self, payloads: list[bytes], start: int) -> PlainRun | None:
@@ -172,7 +185,7 @@ class ChunkShape:
     def chunk_with(self, text: str, pad: bytes | None = None) -> dict[str, Any]:
         """The chunk of this shape that adds ``text`` (padded with ``pad``), parsed (for renderers that translate)."""
         choice = self.chunk["choices"][0]
-        chunk = {**self.chunk, "choices": [{**choice, "delta": {**choice["delta"], "content": text}}]}
+        chunk = {**self.chunk, "choices": [{**choice, "delta": {**choice["delta"], self.field: text}}]}
         if pad is not None:
             chunk["obfuscation"] = pad.decode()
         return chunk
@@ -237,8 +250,10 @@ def _plain_utf8(data: bytes) -> str | None:
         return None
 
 
-def _plain_text(chunk: dict[str, Any]) -> str | None:
-    """The text of a chunk that does nothing but add content to its one choice, else None."""
+def _plain_text(chunk: dict[str, Any]) -> tuple[str, str] | None:
+    """The delta field and text of a chunk that does nothing but add text to its one choice, else
+    None. Its delta's other text fields are null or empty; any other field (``role``) is left to
+    the shape's bytes, which later chunks must repeat."""
     if "error" in chunk or chunk.get("usage") is not None:
         return None
     choices = chunk.get("choices")
@@ -250,6 +265,19 @@ def _plain_text(chunk: dict[str, Any]) -> str | None:
     if choice.get("finish_reason") is not None or choice.get("logprobs") is not None:
         return None
     delta = choice.get("delta")
-    if type(delta) is not dict or delta.keys() != {"content"} or type(delta["content"]) is not str:
+    if type(delta) is not dict:
         return None
-    return delta["content"]  # type: ignore[no-any-return]
+    text = delta.get("content")
+    if len(delta) == 1 and type(text) is str:  # the usual one
+        return "content", text
+    found = None
+    for field, value in delta.items():
+        if field in _TEXT_FIELDS:
+            if value is None or value == "":
+                continue
+            if found is not None or type(value) is not str:
+                return None
+            found = field, value
+        elif field in _NOT_PLAIN_FIELDS and value:
+            return None
+    return found

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox.gateway.render import OpenAIRenderer
-from apibox.openai_wire import ChunkShape, PlainRun
+from apibox.openai_wire import ChunkShape, PlainRun, delta_text
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream
 from apibox.providers.openai import OpenAIProvider, _OpenAIStream
@@ -50,13 +51,17 @@ def chunk(delta: dict[str, Any], finish: str | None = None, *, usage: bool = Tru
     return body
 
 
-def upstream_chunks(words: list[str], *, usage: bool = True, pads: list[str] | None = None) -> list[dict[str, Any]]:
-    """A whole stream; ``pads``: each chunk's padding in turn (cycled), none when None."""
+def upstream_chunks(words: list[str], *, usage: bool = True, pads: list[str] | None = None,
+                    thoughts: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """A whole stream; ``pads``: each chunk's padding in turn (cycled), none when None;
+    ``thoughts``: a reasoning model's thinking before the words, as DeepSeek streams it."""
     def pad(index: int) -> str | None:
         return pads[index % len(pads)] if pads else None
+    deltas = [{"content": None, "reasoning_content": thought} for thought in thoughts]
+    deltas += [{"content": word} for word in words]
     chunks = [chunk({"role": "assistant", "content": ""}, usage=usage, pad=pad(0))]
-    chunks += [chunk({"content": word}, usage=usage, pad=pad(i + 1)) for i, word in enumerate(words)]
-    chunks.append(chunk({}, "stop", usage=usage, pad=pad(len(words) + 1)))
+    chunks += [chunk(delta, usage=usage, pad=pad(i + 1)) for i, delta in enumerate(deltas)]
+    chunks.append(chunk({}, "stop", usage=usage, pad=pad(len(deltas) + 1)))
     if usage:
         chunks.append({**chunk({}), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": len(words),
                                                            "total_tokens": 5 + len(words)}})
@@ -134,13 +139,14 @@ def frames(data: bytes) -> list[bytes]:
     return [p[6:] for p in parts]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.lists(texts, max_size=6), st.sampled_from(sorted(ENCODERS)), st.sampled_from(["\n", "\r\n"]),
-       st.booleans(), st.booleans(), st.one_of(st.none(), st.lists(paddings, min_size=1, max_size=4)), st.data())
+       st.booleans(), st.booleans(), st.one_of(st.none(), st.lists(paddings, min_size=1, max_size=4)),
+       st.lists(texts, max_size=4), st.data())
 async def test_the_client_gets_what_reserializing_would_send(words: list[str], encoder: str, ending: str,
                                                              wants_usage: bool, usage: bool, pads: list[str] | None,
-                                                             data: st.DataObject) -> None:
-    chunks = upstream_chunks(words, usage=usage, pads=pads)
+                                                             thoughts: list[str], data: st.DataObject) -> None:
+    chunks = upstream_chunks(words, usage=usage, pads=pads, thoughts=thoughts)
     body = sse(chunks, encoder, ending)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6), label="cuts"))
     reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]  # b"" is the end
@@ -167,7 +173,6 @@ async def test_chunks_that_only_add_text_are_not_parsed_and_keep_their_bytes() -
 
 
 @pytest.mark.parametrize("raw", [
-    chunk({"content": "a", "role": "assistant"}),  # more than text in the delta
     chunk({"content": "a"}, "stop"),  # a finish reason
     {**chunk({"content": "a"}), "usage": {"prompt_tokens": 1}},
     {**chunk({"content": "a"}), "choices": [chunk({"content": "a"})["choices"][0]] * 2},  # two choices
@@ -177,6 +182,11 @@ async def test_chunks_that_only_add_text_are_not_parsed_and_keep_their_bytes() -
     chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
     {**chunk({"content": "a"}), "error": None},
     {**chunk({"content": "a"}), "content": "a"},  # "content" twice in the bytes
+    chunk({"content": "a", "reasoning_content": "b"}),  # text in two fields
+    chunk({"content": "a", "refusal": "no"}),  # a refusal is text too
+    chunk({"content": "", "tool_calls": [{"index": 0, "function": {"arguments": "x"}}]}),
+    chunk({"content": None}),  # no text at all
+    chunk({"role": "assistant", "content": ""}),
 ])
 def test_only_plain_text_chunks_give_a_shape(raw: dict[str, Any]) -> None:
     assert ChunkShape.learn(raw, orjson.dumps(raw)) is None
@@ -189,6 +199,48 @@ def read(shape: ChunkShape, payloads: list[bytes], start: int = 0) -> tuple[list
         return [], [], None
     assert run.texts, "a run is never empty"
     return run.texts, run.middles, run.pads
+
+
+@pytest.mark.parametrize(("delta", "field"), [
+    ({"content": "a"}, "content"),
+    ({"role": "assistant", "content": "a"}, "content"),  # Ollama repeats the role: the shape's bytes do too
+    ({"content": None, "reasoning_content": "a"}, "reasoning_content"),  # DeepSeek's and vLLM's thinking
+    ({"role": "assistant", "content": "", "reasoning": "a"}, "reasoning"),  # Ollama's and OpenRouter's
+    ({"content": "a", "refusal": None, "tool_calls": None}, "content"),
+])
+def test_a_chunk_that_adds_text_to_one_field_gives_a_shape_of_that_field(delta: dict[str, Any], field: str) -> None:
+    sample = chunk(delta)
+    shape = ChunkShape.learn(sample, orjson.dumps(sample))
+    assert shape is not None and shape.field == field and shape.text == "a"
+    later = chunk({**delta, field: "bc"})
+    assert read(shape, [orjson.dumps(later)])[:2] == (["bc"], [b"bc"])
+    run = shape.read_run([orjson.dumps(later)], 0)
+    assert run is not None and run.parsed() == [later]
+    assert [delta_text(c) for c in run.parsed()] == run.texts  # what a parsed chunk would count as delivered
+
+
+async def test_a_stream_whose_shared_bytes_change_gets_a_new_shape_each_time() -> None:
+    """Ollama's ``created`` moves on each second: the latest two shapes are kept."""
+    chunks = upstream_chunks([f"w{i}" for i in range(9)])
+    for index in range(1, 10):
+        chunks[index]["created"] += (index - 1) // 3  # three chunks a second
+    found = await batches([sse(chunks, "orjson")])
+    items = [item for batch in found for item in batch]
+    assert [len(item.texts) if isinstance(item, PlainRun) else 0 for item in items] == [0, 0, 2, 0, 2, 0, 2, 0, 0]
+    assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=True))] == reserialized(chunks, True)
+
+
+async def test_a_reasoning_models_thinking_and_answer_are_two_shapes_neither_parsed() -> None:
+    chunks = upstream_chunks(["Hi", " there"], thoughts=["Let", " me", " think"])
+    found = await batches([sse(chunks, "orjson")])
+    items = [item for batch in found for item in batch]
+    runs = [item for item in items if isinstance(item, PlainRun)]
+    assert [(run.shape.field, run.texts) for run in runs] == [("reasoning_content", [" me", " think"]),
+                                                              ("content", [" there"])]
+    assert [run.parsed() for run in runs] == [chunks[2:4], chunks[5:6]]
+    assert [type(item).__name__ for item in items] == ["dict", "dict", "PlainRun", "dict", "PlainRun",
+                                                        "dict", "dict"]  # each shape learned from its first chunk
+    assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=False))] == reserialized(chunks, False)
 
 
 @pytest.mark.parametrize("encoder", sorted(ENCODERS))

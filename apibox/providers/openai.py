@@ -44,11 +44,15 @@ class OpenAIProvider:
 class _OpenAIStream(UpstreamStream):
     """Chunks of an upstream SSE stream in batches that keep each chunk's bytes as they came
     (``WireBatch``): chunks that only add text are recognized by their shape and not parsed
-    (consecutive ones go together as one ``PlainRun``), the others are; ends at ``[DONE]``."""
+    (consecutive ones go together as one ``PlainRun``), the others are; ends at ``[DONE]``.
+    A plain chunk that matches neither of the two latest shapes is learned as a new one, so a
+    reasoning model's thinking and its answer both go unparsed, and so does a stream whose shared
+    bytes change (Ollama's ``created`` moves on each second)."""
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         finished = False
-        shape: ChunkShape | None = None
+        shape: ChunkShape | None = None  # the shape of the latest run
+        other: ChunkShape | None = None  # the one before: a reasoning model's thinking, then its answer
         reads = self._http.payloads(self._response)
         try:
             async for payloads in reads:
@@ -57,6 +61,10 @@ class _OpenAIStream(UpstreamStream):
                 while index < count:
                     if shape is not None:
                         run = shape.read_run(payloads, index)
+                        if run is None and other is not None:
+                            run = other.read_run(payloads, index)
+                            if run is not None:
+                                shape, other = other, shape
                         if run is not None:
                             batch.append(run)
                             batch.raw.append(None)
@@ -76,8 +84,10 @@ class _OpenAIStream(UpstreamStream):
                         raise self._http.broken(chunk["error"])
                     if not finished:
                         finished = _finishes(chunk)
-                    if shape is None and raw is not None:
-                        shape = ChunkShape.learn(chunk, raw)
+                        if raw is not None and not finished:  # a finishing chunk is not plain
+                            learned = ChunkShape.learn(chunk, raw)
+                            if learned is not None:
+                                shape, other = learned, shape
                     batch.append(chunk)
                     batch.raw.append(raw)
                 yield batch
