@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from itertools import islice
+from itertools import islice, repeat
 from typing import Any
 
 from apibox.pricing import Usage
@@ -84,9 +84,8 @@ _DELIVERED_FIELDS = frozenset({"content", "refusal", "reasoning_content", "reaso
 _NOT_PLAIN = re.compile(rb'["\\\x00-\x1f]')
 # The delta fields a plain chunk may add its text to (the answer, or a reasoning model's thinking
 # as DeepSeek and vLLM (``reasoning_content``) or Ollama and OpenRouter (``reasoning``) send it),
-# each with its key as compact and spaced encoders write it; and those that must then be empty.
-_TEXT_FIELDS = {field: (f'"{field}":"'.encode(), f'"{field}": "'.encode()) for field in
-                ("content", "reasoning_content", "reasoning")}
+# and those that must then be empty.
+_TEXT_FIELDS = frozenset({"content", "reasoning_content", "reasoning"})
 _NOT_PLAIN_FIELDS = frozenset({"refusal", "tool_calls", "function_call"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
 # OpenAI's padding against length side channels: a random string in every chunk, unless the
@@ -108,33 +107,48 @@ class ChunkShape:
     is not plain.
     """
 
-    __slots__ = ("chunk", "field", "inner", "pad", "prefix", "suffix", "text")
+    __slots__ = ("chunk", "inner", "pad", "path", "prefix", "suffix", "text")
 
-    def __init__(self, chunk: dict[str, Any], field: str, prefix: bytes, text: str, suffix: bytes,
-                 inner: bytes = b"", pad: bytes = b"") -> None:
-        self.chunk, self.field, self.prefix, self.text, self.suffix = chunk, field, prefix, text, suffix
+    def __init__(self, chunk: dict[str, Any], path: tuple[str | int, ...], prefix: bytes, text: str,
+                 suffix: bytes, inner: bytes = b"", pad: bytes = b"") -> None:
+        self.chunk, self.path, self.prefix, self.text, self.suffix = chunk, path, prefix, text, suffix
         self.inner, self.pad = inner, pad  # b"" and b"" when the chunks are not padded
+
+    @property
+    def field(self) -> str | int:
+        """The key of the text's field."""
+        return self.path[-1]
 
     @classmethod
     def learn(cls, chunk: dict[str, Any], raw: bytes) -> ChunkShape | None:
+        """The shape of an OpenAI chunk that only adds text, else None."""
         found = _plain_text(chunk)
         if found is None:
             return None
         field, text = found
+        return cls.around(chunk, ("choices", 0, "delta", field), text, raw)
+
+    @classmethod
+    def around(cls, document: dict[str, Any], path: tuple[str | int, ...], text: str,
+               raw: bytes) -> ChunkShape | None:
+        """The shape of ``raw``, the bytes of ``document``, around ``text``, the string at ``path``
+        (its last step a key that occurs once in ``raw``); None when that text or the padding
+        cannot be found safely. Serves any stream of JSON events, Anthropic's text deltas too."""
         encoded = text.encode()
-        if _NOT_PLAIN.search(encoded) or raw.count(b'"%s"' % field.encode()) != 1:
+        key = b'"%s"' % str(path[-1]).encode()
+        if _NOT_PLAIN.search(encoded) or raw.count(key) != 1:
             return None
-        for key in _TEXT_FIELDS[field]:
-            if raw.count(key) == 1:
-                start = raw.index(key) + len(key)
+        for form in (key + b':"', key + b': "'):  # as compact and spaced encoders write it
+            if raw.count(form) == 1:
+                start = raw.index(form) + len(form)
                 end = start + len(encoded)
                 if raw[start:end] != encoded or raw[end:end + 1] != b'"':
                     return None
-                pad = chunk.get("obfuscation")
+                pad = document.get("obfuscation")
                 if pad is None:
-                    return cls(chunk, field, raw[:start], text, raw[end:])
+                    return cls(document, path, raw[:start], text, raw[end:])
                 split = _split_at_padding(raw, end, pad)
-                return cls(chunk, field, raw[:start], text, split[2], split[0], split[1]) if split else None
+                return cls(document, path, raw[:start], text, split[2], split[0], split[1]) if split else None
         return None
 
     def read_run(self, payloads: list[bytes], start: int) -> PlainRun | None:
@@ -184,8 +198,7 @@ class ChunkShape:
 
     def chunk_with(self, text: str, pad: bytes | None = None) -> dict[str, Any]:
         """The chunk of this shape that adds ``text`` (padded with ``pad``), parsed (for renderers that translate)."""
-        choice = self.chunk["choices"][0]
-        chunk = {**self.chunk, "choices": [{**choice, "delta": {**choice["delta"], self.field: text}}]}
+        chunk = _with_text(self.chunk, self.path, text)
         if pad is not None:
             chunk["obfuscation"] = pad.decode()
         return chunk
@@ -210,10 +223,53 @@ class PlainRun:
         pads = self.pads[:count] if self.pads is not None else None
         return PlainRun(self.shape, self.texts[:count], self.middles[:count], pads)
 
+    def framed(self, before: bytes, after: bytes, inner: bytes = b"") -> bytes:
+        """Each chunk's text (then ``inner`` and its padding, when padded) between ``before`` and
+        ``after``: the frames of the whole run, in one join."""
+        if self.pads is None:
+            return before + (after + before).join(self.middles) + after
+        padded = map(b"".join, zip(self.middles, repeat(inner), self.pads))  # text + inner + padding, in C
+        return before + (after + before).join(padded) + after
+
     def parsed(self) -> list[dict[str, Any]]:
         if self.pads is None:
             return [self.shape.chunk_with(text) for text in self.texts]
         return [self.shape.chunk_with(text, pad) for text, pad in zip(self.texts, self.pads, strict=True)]
+
+
+class LatestShapes:
+    """A stream's latest two shapes: a reasoning model's thinking, then its answer; or a stream
+    whose shared bytes change (Ollama's ``created`` moves on each second)."""
+
+    __slots__ = ("before", "latest")
+
+    def __init__(self) -> None:
+        self.latest: ChunkShape | None = None
+        self.before: ChunkShape | None = None
+
+    def read_run(self, payloads: list[bytes], start: int) -> PlainRun | None:
+        """The run from ``payloads[start]`` on of whichever shape it has, the latest tried first."""
+        latest = self.latest
+        if latest is None:
+            return None
+        run = latest.read_run(payloads, start)
+        if run is None and self.before is not None:
+            run = self.before.read_run(payloads, start)
+            if run is not None:
+                self.latest, self.before = self.before, latest
+        return run
+
+    def learn(self, shape: ChunkShape | None) -> None:
+        if shape is not None:
+            self.latest, self.before = shape, self.latest
+
+
+def _with_text(value: Any, path: tuple[str | int, ...], text: str) -> Any:
+    """A copy of ``value`` with ``text`` at ``path``, copying only the lists and dicts on the way."""
+    step = path[0]
+    copy = list(value) if type(value) is list else dict(value)
+    copy[step] = _with_text(value[step], path[1:], text) if len(path) > 1 else text
+    return copy
 
 
 def _split_at_padding(raw: bytes, end: int, pad: object) -> tuple[bytes, bytes, bytes] | None:

@@ -85,8 +85,36 @@ class SSEDecoder:
         self._buffer = buffer[position:]
         return payloads
 
+    def feed_named(self, chunk: bytes) -> list[tuple[str, bytes]]:
+        """Each whole event's name and data (as ``feed_data`` gives it): the usual named frame,
+        ``event: NAME``, ``data: ...`` and a blank line with LF endings, is sliced out as the bytes
+        that came; any other block goes through ``feed``."""
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if buffer.find(b"\r") >= 0:
+            self._buffer = b""
+            return [(event.event, _one_line(event)) for event in self.feed(buffer)]
+        end = buffer.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = buffer
+            return []
+        self._buffer = buffer[end + 2:]
+        named = []
+        for block in buffer[:end].split(b"\n\n"):
+            line = block.find(b"\n")
+            if block.startswith(b"event: ") and block.startswith(b"data: ", line + 1) \
+                    and block.find(b"\n", line + 1) < 0:
+                named.append((block[7:line].decode(), block[line + 7:]))
+                continue
+            event = _parse(block)
+            if event is not None:
+                named.append((event.event, _one_line(event)))
+        return named
+
     def flush_data(self) -> list[bytes]:
         return [_one_line(event) for event in self.flush()]
+
+    def flush_named(self) -> list[tuple[str, bytes]]:
+        return [(event.event, _one_line(event)) for event in self.flush()]
 
     def flush(self) -> list[Event]:
         """The last event, when the stream ended without a blank line after it."""

@@ -116,6 +116,33 @@ def test_feed_data_is_each_events_data_on_one_line(case: tuple[list[list[str]], 
     assert got == [event.data.replace("\n", " ").encode() for event in expected]
 
 
+@settings(max_examples=200, deadline=None)
+@given(event_blocks(), st.lists(st.sampled_from(sorted(ENDINGS.values())), min_size=1, max_size=3),
+       st.booleans(), st.data())
+def test_feed_named_is_each_events_name_and_data_on_one_line(case: tuple[list[list[str]], list[Event]],
+                                                             endings: list[str], final_blank: bool,
+                                                             data: st.DataObject) -> None:
+    """The fast path (``event: NAME`` then ``data: ...`` with LF endings, sliced as they came) and
+    the general one agree."""
+    blocks, expected = case
+    stream = render(blocks, endings, final_blank)
+    cuts = sorted(set(data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=8))))
+    decoder, got = SSEDecoder(), []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        got += decoder.feed_named(stream[start:end])
+    got += decoder.flush_named()
+    assert got == [(event.event, event.data.replace("\n", " ").encode()) for event in expected]
+
+
+def test_feed_named_slices_the_usual_named_frame_as_it_came() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed_named(b'event: a\ndata: {"x": 1}\n\nevent: b\ndata: {"y"') == [("a", b'{"x": 1}')]
+    assert decoder.feed_named(b': 2}\n\n: comment\n\ndata: [1,\ndata: 2]\n\nevent: c\ndata:3\n\n') == [
+        ("b", b'{"y": 2}'), ("", b"[1, 2]"), ("c", b"3")]
+    assert decoder.feed_named(b"event: d\ndata: tail") == []
+    assert decoder.flush_named() == [("d", b"tail")]
+
+
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
 def test_every_single_split_point(ending: str) -> None:
     """Each event split at every byte boundary: inside multi-byte UTF-8, between CR and LF."""

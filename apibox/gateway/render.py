@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from itertools import repeat
 from typing import Any, Protocol
 
 from apibox import jsoncodec
@@ -64,8 +63,7 @@ class OpenAIRenderer:
         self.upstream_model = self.model
         self.upstream_forms = self.client_forms = model_field(model)
         self.shape: ChunkShape | None = None
-        # a plain chunk's frame before its text, between its text and padding, and after either
-        self.around: tuple[bytes, bytes, bytes] | None = None
+        self.around: tuple[bytes, bytes, bytes] | None = None  # ``_around`` of ``shape``
 
     def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
         usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
@@ -88,15 +86,11 @@ class OpenAIRenderer:
         if self.around is None:
             return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
         self.last = shape.chunk
-        before, inner, after = self.around
-        if run.pads is None:
-            return before + (after + before).join(run.middles) + after
-        framed = map(b"".join, zip(run.middles, repeat(inner), run.pads))  # each text + inner + padding, in C
-        return before + (after + before).join(framed) + after
+        return run.framed(*self.around)
 
     def _around(self, shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
-        """The frame of a chunk of ``shape`` around its text and padding, as ``_as_came`` writes it;
-        None when it would not."""
+        """The frame of a chunk of ``shape`` before its text, after it, and between its text and
+        padding, as ``_as_came`` writes it; None when it would not."""
         text = shape.text.encode()
         edits = self._edits(shape.chunk, shape.prefix + text + shape.inner + shape.pad + shape.suffix)
         if edits is None:
@@ -106,7 +100,7 @@ class OpenAIRenderer:
         for old, new in edits:  # each occurs once, outside the text and padding (which have no quotes)
             parts, whole = [part.replace(old, new) for part in parts], whole.replace(old, new)
         before, inner, after = parts
-        return (before, inner, after) if before + text + inner + shape.pad + after == whole else None
+        return (before, after, inner) if before + text + inner + shape.pad + after == whole else None
 
     def _as_came(self, chunk: dict[str, Any], raw: bytes) -> bytes | None:
         """The frame of ``raw`` with the client's model name (and without ``"usage": null`` unless the
@@ -230,6 +224,8 @@ class AnthropicPassthrough:
         self.raw_usage: dict[str, Any] = {}
         self.open_block: int | None = None
         self.closed = False
+        self.shape: ChunkShape | None = None
+        self.around = (b"", b"")  # a delta's frame before and after its text, for ``shape``
 
     def feed(self, event: dict[str, Any], raw: bytes | None) -> Piece:
         kind = event.get("type", "")
@@ -254,7 +250,13 @@ class AnthropicPassthrough:
         return Piece(encode(jsoncodec.dumps(event), kind), text, usage)
 
     def plain(self, run: PlainRun) -> bytes:
-        raise TypeError("an Anthropic stream has no runs of OpenAI text chunks")
+        """Text or thinking deltas, as the bytes that came."""
+        shape = run.shape
+        if shape is not self.shape:
+            self.shape = shape
+            name = shape.chunk["type"].encode()
+            self.around = (b"event: " + name + b"\ndata: " + shape.prefix, shape.suffix + b"\n\n")
+        return run.framed(*self.around)
 
     def cut(self) -> bytes:
         return b""  # end() closes the message, with the usage that is charged

@@ -15,6 +15,7 @@ import aiohttp
 from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
+from apibox.openai_wire import ChunkShape, LatestShapes, PlainRun
 from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
 from apibox.providers.http import HttpUpstream, UpstreamStream
 
@@ -94,26 +95,57 @@ class AnthropicProvider:
 
 
 class NativeStream(UpstreamStream):
-    """Anthropic stream events as dicts (``type`` is the event name), in batches; ends at ``message_stop``."""
+    """Anthropic stream events as dicts (``type`` is the event name), in batches; ends at
+    ``message_stop``. Text and thinking deltas are recognized by their shape and not parsed:
+    consecutive ones go together as one ``PlainRun`` of the bytes that came."""
 
-    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
-        async for events in self._http.events(self._response):
-            batch = []
-            for event in events:
-                data = self._http.parse_event(event)
-                data.setdefault("type", event.event)
-                if data["type"] == "error":
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any] | PlainRun]]:
+        shapes = LatestShapes()  # a thinking block's deltas, then a text block's
+        async for frames in self._http.named_payloads(self._response):
+            payloads = [payload for _, payload in frames]
+            batch: list[dict[str, Any] | PlainRun] = []
+            index, count = 0, len(payloads)
+            while index < count:
+                run = shapes.read_run(payloads, index)
+                if run is not None:
+                    batch.append(run)
+                    index += len(run.texts)
+                    continue
+                name, payload = frames[index]
+                index += 1
+                data = self._http.parse_data(payload)
+                kind = data.setdefault("type", name)
+                if kind == "error":
                     if batch:
                         yield batch
                     raise self._http.broken(data.get("error"))
-                if data["type"] != "ping":
+                if kind == "content_block_delta":
+                    shapes.learn(_delta_shape(data, payload))
+                if kind != "ping":
                     batch.append(data)
-                if data["type"] == "message_stop":
+                if kind == "message_stop":
                     yield batch
                     return
             if batch:
                 yield batch
         raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
+
+
+# The delta types that add text to a content block, and the field that holds it.
+_TEXT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking"}
+_DELTA_EVENT_KEYS = {"type", "index", "delta"}
+
+
+def _delta_shape(event: dict[str, Any], raw: bytes) -> ChunkShape | None:
+    """The shape of a ``content_block_delta`` that only adds text or thinking, else None."""
+    delta = event.get("delta")
+    if type(delta) is not dict or len(delta) != 2 or event.keys() != _DELTA_EVENT_KEYS:
+        return None
+    field = _TEXT_DELTAS.get(str(delta.get("type")))
+    text = delta.get(field) if field is not None else None
+    if field is None or type(text) is not str:
+        return None
+    return ChunkShape.around(event, ("delta", field), text, raw)
 
 
 class _TranslatedStream:
@@ -127,7 +159,14 @@ class _TranslatedStream:
         await self._native.aclose()
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        translate = self._translate.feed
         async for events in self._native:
-            chunks = [chunk for event in events for chunk in self._translate.feed(event)]
+            chunks = []
+            for event in events:
+                if isinstance(event, PlainRun):
+                    for each in event.parsed():
+                        chunks += translate(each)
+                else:
+                    chunks += translate(event)
             if chunks:
                 yield chunks

@@ -87,6 +87,11 @@ class HttpUpstream:
         decoder = SSEDecoder()
         return self._reads(response, decoder.feed_data, decoder.flush_data)
 
+    def named_payloads(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """The same batches, each event's name with its data as it came (``SSEDecoder.feed_named``)."""
+        decoder = SSEDecoder()
+        return self._reads(response, decoder.feed_named, decoder.flush_named)
+
     async def _reads(self, response: aiohttp.ClientResponse, feed: Callable[[bytes], list[T]],
                      flush: Callable[[], list[T]]) -> AsyncIterator[list[T]]:
         idle = self.settings.timeouts.idle
@@ -112,8 +117,12 @@ class HttpUpstream:
             watchdog.stop()
 
     def parse_event(self, event: Event) -> dict[str, Any]:
+        return self.parse_data(event.data)
+
+    def parse_data(self, data: str | bytes) -> dict[str, Any]:
+        """An event's data, which must be a JSON object."""
         try:
-            value = jsoncodec.loads(event.data)
+            value = jsoncodec.loads(data)
         except ValueError:
             raise StreamBroken(f"upstream {self.name} sent a malformed event") from None
         if not isinstance(value, dict):

@@ -9,7 +9,7 @@ import aiohttp
 
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
-from apibox.openai_wire import ChunkShape
+from apibox.openai_wire import ChunkShape, LatestShapes
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
 from apibox.sse import Event
@@ -51,25 +51,19 @@ class _OpenAIStream(UpstreamStream):
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         finished = False
-        shape: ChunkShape | None = None  # the shape of the latest run
-        other: ChunkShape | None = None  # the one before: a reasoning model's thinking, then its answer
+        shapes = LatestShapes()
         reads = self._http.payloads(self._response)
         try:
             async for payloads in reads:
                 batch = WireBatch()
                 index, count = 0, len(payloads)
                 while index < count:
-                    if shape is not None:
-                        run = shape.read_run(payloads, index)
-                        if run is None and other is not None:
-                            run = other.read_run(payloads, index)
-                            if run is not None:
-                                shape, other = other, shape
-                        if run is not None:
-                            batch.append(run)
-                            batch.raw.append(None)
-                            index += len(run.texts)
-                            continue
+                    run = shapes.read_run(payloads, index)
+                    if run is not None:
+                        batch.append(run)
+                        batch.raw.append(None)
+                        index += len(run.texts)
+                        continue
                     payload = payloads[index]
                     index += 1
                     if payload.startswith(b"[DONE]"):
@@ -85,9 +79,7 @@ class _OpenAIStream(UpstreamStream):
                     if not finished:
                         finished = _finishes(chunk)
                         if raw is not None and not finished:  # a finishing chunk is not plain
-                            learned = ChunkShape.learn(chunk, raw)
-                            if learned is not None:
-                                shape, other = learned, shape
+                            shapes.learn(ChunkShape.learn(chunk, raw))
                     batch.append(chunk)
                     batch.raw.append(raw)
                 yield batch

@@ -1,0 +1,136 @@
+"""Anthropic streams passed through as bytes: an Anthropic client gets exactly the events that
+parsing and writing every event again would send, for any text, encoder, split and line ending;
+text and thinking deltas are read by their shape without being parsed; and a stream translated
+for an OpenAI client is the same whether its deltas came as runs or parsed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
+from apibox.gateway.render import AnthropicPassthrough
+from apibox.openai_wire import PlainRun
+from apibox.providers.anthropic import NativeStream, _delta_shape, _TranslatedStream
+from tests.test_stream_passthrough import Content, Response, texts, upstream
+
+CLIENT = "claude-client-name"
+ENCODERS = {"compact": lambda value: orjson.dumps(value), "spaced": lambda value: json.dumps(value).encode()}
+
+
+def delta(index: int, kind: str, text: str) -> dict[str, Any]:
+    field = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}[kind]
+    return {"type": "content_block_delta", "index": index, "delta": {"type": kind, field: text}}
+
+
+def message(thoughts: list[str], words: list[str], tool_json: list[str]) -> list[dict[str, Any]]:
+    """A whole message as Anthropic streams it: thinking, text, then a tool call's arguments."""
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "msg_1", "type": "message", "role": "assistant",
+                                              "model": "claude-upstream", "content": [], "stop_reason": None,
+                                              "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 1}}},
+        {"type": "ping"}]
+    blocks = [("thinking", "thinking_delta", thoughts), ("text", "text_delta", words),
+              ("tool_use", "input_json_delta", tool_json)]
+    for index, (block, kind, pieces) in enumerate(blocks):
+        start: dict[str, Any] = {"type": block, block if block != "tool_use" else "input": "" if block != "tool_use"
+                                 else {}}
+        events.append({"type": "content_block_start", "index": index, "content_block": start})
+        events += [delta(index, kind, piece) for piece in pieces]
+        events.append({"type": "content_block_stop", "index": index})
+    events.append({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                   "usage": {"output_tokens": len(words)}})
+    events.append({"type": "message_stop"})
+    return events
+
+
+def sse(events: list[dict[str, Any]], encoder: str, ending: str = "\n") -> bytes:
+    return b"".join(b"event: %s%sdata: %s%s%s" % (e["type"].encode(), ending.encode(), ENCODERS[encoder](e),
+                                                 ending.encode(), ending.encode()) for e in events)
+
+
+async def items(reads: list[bytes]) -> list[dict[str, Any] | PlainRun]:
+    stream = NativeStream(Response(Content(reads)), upstream())  # type: ignore[arg-type]
+    return [item async for batch in stream for item in batch]  # type: ignore[attr-defined]
+
+
+def passed_on(found: list[dict[str, Any] | PlainRun]) -> tuple[bytes, list[str]]:
+    """What the pass-through renderer sends for ``found``, and the texts it counts as delivered."""
+    renderer, out, delivered = AnthropicPassthrough(CLIENT), b"", []
+    for item in found:
+        if isinstance(item, PlainRun):
+            out += renderer.plain(item)
+            delivered += item.texts
+        else:
+            piece = renderer.feed(item, None)
+            out += piece.data
+            delivered += [piece.text] if piece.text else []
+    return out, delivered
+
+
+def frames(data: bytes) -> list[tuple[str, Any]]:
+    parts = data.split(b"\n\n")
+    assert parts[-1] == b""
+    out = []
+    for part in parts[:-1]:
+        head, body = part.split(b"\n")
+        assert head.startswith(b"event: ") and body.startswith(b"data: "), part
+        out.append((head[7:].decode(), orjson.loads(body[6:])))
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(texts, max_size=4), st.lists(texts, max_size=6), st.lists(texts, max_size=3),
+       st.sampled_from(sorted(ENCODERS)), st.sampled_from(["\n", "\r\n"]), st.data())
+async def test_the_client_gets_every_event_as_parsing_it_would_send(thoughts: list[str], words: list[str],
+                                                                     tool_json: list[str], encoder: str, ending: str,
+                                                                     data: st.DataObject) -> None:
+    events = message(thoughts, words, tool_json)
+    body = sse(events, encoder, ending)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=6), label="cuts"))
+    reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]
+    out, delivered = passed_on(await items(reads))
+    expected = [e for e in events if e["type"] != "ping"]
+    expected[0] = {**expected[0], "message": {**expected[0]["message"], "model": CLIENT}}
+    assert frames(out) == [(e["type"], e) for e in expected]
+    assert [piece for piece in delivered if piece] == [piece for piece in [*thoughts, *words, *tool_json] if piece]
+
+
+async def test_text_and_thinking_deltas_are_runs_of_the_bytes_that_came() -> None:
+    events = message(["Let", " me"], ["Hi", ' "there"', " you", " all"], ['{"a"'])
+    found = await items([sse(events, "compact")])
+    runs = [item for item in found if isinstance(item, PlainRun)]
+    assert [(run.shape.field, run.texts) for run in runs] == [("thinking", [" me"]), ("text", [" you", " all"])]
+    assert [run.middles for run in runs] == [[b" me"], [b" you", b" all"]]
+    assert [run.parsed() for run in runs] == [[events[4]], [events[9], events[10]]]
+    out, _ = passed_on(found)
+    assert b'event: content_block_delta\ndata: {"type":"content_block_delta","index":1,"delta":{"type":"text_delta",' \
+           b'"text":" you"}}\n\n' in out
+
+
+@pytest.mark.parametrize("event", [
+    delta(0, "input_json_delta", "abc"),  # a tool's arguments: not text the shape holds
+    {**delta(0, "text_delta", "a"), "extra": 1},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a", "citations": []}},
+    delta(0, "text_delta", 'quote "'),
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": 7}},
+])
+def test_only_deltas_that_add_plain_text_give_a_shape(event: dict[str, Any]) -> None:
+    assert _delta_shape(event, orjson.dumps(event)) is None
+
+
+async def test_a_translated_stream_is_the_same_from_runs_as_from_parsed_events() -> None:
+    events = message(["Let", " me", " think"], ["Hi", " you", " all"], ['{"a": 1}'])
+    translated = _TranslatedStream(NativeStream(Response(Content([sse(events, "compact")])), upstream()),  # type: ignore[arg-type]
+                                   "gpt-name")
+    chunks = [chunk async for batch in translated for chunk in batch]  # type: ignore[attr-defined]
+    expected = AnthropicToOpenAIStream("gpt-name")
+    by_parsing = [chunk for event in events if event["type"] != "ping" for chunk in expected.feed(event)]
+    assert [{k: v for k, v in c.items() if k != "created"} for c in chunks] == \
+        [{k: v for k, v in c.items() if k != "created"} for c in by_parsing]
