@@ -1,7 +1,9 @@
 """Anthropic streams passed through as bytes: an Anthropic client gets exactly the events that
 parsing and writing every event again would send, for any text, encoder, split and line ending;
-text and thinking deltas are read by their shape without being parsed; and a stream translated
-for an OpenAI client is the same whether its deltas came as runs or parsed.
+text and thinking deltas are read by their shape without being parsed; a stream translated for
+an OpenAI client is the same whether its deltas came as runs or parsed; and an OpenAI stream
+translated for an Anthropic client is the same whether its plain chunks were framed as bytes
+or translated one by one.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
-from apibox.gateway.render import AnthropicPassthrough
-from apibox.openai_wire import PlainRun
+from apibox.gateway.render import AnthropicPassthrough, AnthropicRenderer
 from apibox.providers.anthropic import NativeStream, _delta_shape, _TranslatedStream
-from tests.test_stream_passthrough import Content, Response, texts, upstream
+from apibox.shapes import PlainRun
+from tests.test_stream_passthrough import Content, Response, batches, paddings, texts, upstream, upstream_chunks
+from tests.test_stream_passthrough import sse as openai_sse
 
 CLIENT = "claude-client-name"
 ENCODERS = {"compact": lambda value: orjson.dumps(value), "spaced": lambda value: json.dumps(value).encode()}
@@ -134,3 +137,41 @@ async def test_a_translated_stream_is_the_same_from_runs_as_from_parsed_events()
     by_parsing = [chunk for event in events if event["type"] != "ping" for chunk in expected.feed(event)]
     assert [{k: v for k, v in c.items() if k != "created"} for c in chunks] == \
         [{k: v for k, v in c.items() if k != "created"} for c in by_parsing]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(texts, max_size=6), st.lists(texts, max_size=3),
+       st.one_of(st.none(), st.lists(paddings, min_size=1, max_size=3)), st.booleans(), st.data())
+async def test_an_openai_stream_reaches_an_anthropic_client_as_translating_each_chunk_would(
+        words: list[str], thoughts: list[str], pads: list[str] | None, usage: bool, data: st.DataObject) -> None:
+    body = openai_sse(upstream_chunks(words, usage=usage, pads=pads, thoughts=thoughts), "orjson")
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=5), label="cuts"))
+    await _assert_translated_as_one_by_one([body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)
+                                            if b > a], words)
+
+
+async def test_a_run_whose_first_texts_are_empty_opens_the_text_block_at_its_first_text() -> None:
+    """The first plain chunk, parsed, adds nothing: so do the run's first; the block opens at "a"."""
+    words = ["", "", "", "a", "b"]
+    await _assert_translated_as_one_by_one([openai_sse(upstream_chunks(words), "orjson")], words)
+
+
+async def _assert_translated_as_one_by_one(reads: list[bytes], words: list[str]) -> None:
+    framed, one_by_one = AnthropicRenderer(CLIENT, 7), AnthropicRenderer(CLIENT, 7)
+    out, expected = b"", b""
+    for batch in await batches(reads):
+        for item in batch:
+            if isinstance(item, PlainRun):
+                out += framed.plain(item)
+                expected += b"".join(one_by_one.feed(chunk, None).data for chunk in item.parsed())
+            else:
+                out += framed.feed(item, None).data
+                expected += one_by_one.feed(item, None).data
+    assert _without_ids(frames(out)) == _without_ids(frames(expected))  # each made a message id of its own
+    texts_out = [e["delta"]["text"] for name, e in frames(out) if name == "content_block_delta"]
+    assert texts_out == [word for word in words if word]
+
+
+def _without_ids(events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [(name, {**event, "message": {**event["message"], "id": ""}} if name == "message_start" else event)
+            for name, event in events]

@@ -20,11 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox.gateway.render import OpenAIRenderer
-from apibox.openai_wire import ChunkShape, PlainRun, delta_text
+from apibox.openai_wire import delta_text, learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream
 from apibox.providers.openai import OpenAIProvider, _OpenAIStream
 from apibox.settings import ProviderSettings, Timeouts
+from apibox.shapes import ChunkShape, PlainRun
 from apibox.sse import SSEDecoder
 
 UPSTREAM, CLIENT = "gpt-up-2024", "my-model"
@@ -189,7 +190,7 @@ async def test_chunks_that_only_add_text_are_not_parsed_and_keep_their_bytes() -
     chunk({"role": "assistant", "content": ""}),
 ])
 def test_only_plain_text_chunks_give_a_shape(raw: dict[str, Any]) -> None:
-    assert ChunkShape.learn(raw, orjson.dumps(raw)) is None
+    assert learn_shape(raw, orjson.dumps(raw)) is None
 
 
 def read(shape: ChunkShape, payloads: list[bytes], start: int = 0) -> tuple[list[str], list[bytes], list[bytes] | None]:
@@ -210,7 +211,7 @@ def read(shape: ChunkShape, payloads: list[bytes], start: int = 0) -> tuple[list
 ])
 def test_a_chunk_that_adds_text_to_one_field_gives_a_shape_of_that_field(delta: dict[str, Any], field: str) -> None:
     sample = chunk(delta)
-    shape = ChunkShape.learn(sample, orjson.dumps(sample))
+    shape = learn_shape(sample, orjson.dumps(sample))
     assert shape is not None and shape.field == field and shape.text == "a"
     later = chunk({**delta, field: "bc"})
     assert read(shape, [orjson.dumps(later)])[:2] == (["bc"], [b"bc"])
@@ -246,7 +247,7 @@ async def test_a_reasoning_models_thinking_and_answer_are_two_shapes_neither_par
 @pytest.mark.parametrize("encoder", sorted(ENCODERS))
 def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
     encode = ENCODERS[encoder]
-    shape = ChunkShape.learn(chunk({"content": "The "}), encode(chunk({"content": "The "})))
+    shape = learn_shape(chunk({"content": "The "}), encode(chunk({"content": "The "})))
     assert shape is not None
 
     def text_of(raw: bytes) -> str | None:
@@ -270,7 +271,7 @@ def test_a_shape_reads_its_own_kind_and_nothing_else(encoder: str) -> None:
 def test_a_run_of_plain_chunks_ends_before_the_first_that_is_not_one(encoder: str) -> None:
     """Read as a run (one scan and one decode), the texts are those read one chunk at a time."""
     encode = ENCODERS[encoder]
-    shape = ChunkShape.learn(chunk({"content": "The "}), encode(chunk({"content": "The "})))
+    shape = learn_shape(chunk({"content": "The "}), encode(chunk({"content": "The "})))
     assert shape is not None
     plain = [encode(chunk({"content": text})) for text in ("a", "", "bc")]
     quoted = encode(chunk({"content": 'say "hi"'}))
@@ -321,7 +322,7 @@ _PAYLOAD = st.lists(st.sampled_from(_PARTS), max_size=6)
 
 def _shape(padded: bool) -> ChunkShape:
     sample = chunk({"content": "The "}, pad="xY7" if padded else None)
-    shape = ChunkShape.learn(sample, orjson.dumps(sample))
+    shape = learn_shape(sample, orjson.dumps(sample))
     assert shape is not None and bool(shape.inner) == padded
     return shape
 
@@ -371,7 +372,7 @@ def test_a_padded_shape_reads_each_chunks_text_and_padding() -> None:
     {**chunk({"content": "a"}, pad="p"), "x": {"obfuscation": "p"}},  # the key twice
 ])
 def test_padding_that_cannot_be_read_safely_gives_no_shape(raw: dict[str, Any]) -> None:
-    assert ChunkShape.learn(raw, orjson.dumps(raw)) is None
+    assert learn_shape(raw, orjson.dumps(raw)) is None
 
 
 async def test_only_a_batch_that_ends_the_stream_is_last() -> None:

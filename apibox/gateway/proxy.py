@@ -26,7 +26,6 @@ from apibox.gateway.doors import Door, OpenAIDoor
 from apibox.gateway.exchange import EXCHANGE
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
-from apibox.openai_wire import PlainRun
 from apibox.pricing import Price, Usage
 from apibox.providers.base import (
     ChunkStream,
@@ -36,6 +35,7 @@ from apibox.providers.base import (
     UpstreamFailure,
     WireBatch,
 )
+from apibox.shapes import PlainRun
 
 log = logging.getLogger("apibox.gateway")
 

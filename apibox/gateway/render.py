@@ -16,8 +16,9 @@ from apibox import jsoncodec
 from apibox.formats.anthropic import usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
-from apibox.openai_wire import ChunkShape, PlainRun, delta_text, usage_from_openai, usage_to_openai
+from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
+from apibox.shapes import ChunkShape, PlainRun
 from apibox.sse import encode
 
 
@@ -193,7 +194,12 @@ def _frames(events: list[tuple[str, dict[str, Any]]]) -> bytes:
 
 
 class AnthropicRenderer:
-    """OpenAI chunks to Anthropic clients, translated event by event."""
+    """OpenAI chunks to Anthropic clients, translated event by event.
+
+    Inside a text block, a run of plain content chunks becomes text deltas without a parse or a
+    serialization: each text's bytes as they came are already its JSON string, as the translation
+    would write it (no escapes: a plain text has nothing to escape, and orjson writes UTF-8 and
+    ``/`` as they are)."""
 
     def __init__(self, model: str, input_tokens: int) -> None:
         self.translate = OpenAIToAnthropicStream(model, input_tokens)
@@ -203,7 +209,20 @@ class AnthropicRenderer:
         return Piece(_frames(self.translate.feed(chunk)), delta_text(chunk), usage)
 
     def plain(self, run: PlainRun) -> bytes:
-        return b"".join(_frames(self.translate.feed(chunk)) for chunk in run.parsed())
+        translate = self.translate
+        if run.shape.field != "content":  # thinking: the translation has no place for it
+            return b"".join(_frames(translate.feed(chunk)) for chunk in run.parsed())
+        out, index, count = b"", 0, len(run.texts)
+        while index < count and translate.block_kind != "text":  # until a text block is open
+            out += _frames(translate.feed(run.shape.chunk_with(run.texts[index])))
+            index += 1
+        rest = [middle for middle in run.middles[index:] if middle]  # an empty text makes no event
+        if not rest:
+            return out
+        before = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
+                 b'"delta":{"type":"text_delta","text":"' % translate.block_index
+        after = b'"}}\n\n'
+        return out + before + (after + before).join(rest) + after
 
     def cut(self) -> bytes:
         self.translate.stop_reason = "max_tokens"

@@ -15,9 +15,9 @@ import aiohttp
 from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
-from apibox.openai_wire import ChunkShape, LatestShapes, PlainRun
 from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
 from apibox.providers.http import HttpUpstream, UpstreamStream
+from apibox.shapes import ChunkShape, LatestShapes, PlainRun
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096

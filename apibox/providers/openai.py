@@ -9,9 +9,10 @@ import aiohttp
 
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
-from apibox.openai_wire import ChunkShape, LatestShapes
+from apibox.openai_wire import learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
+from apibox.shapes import LatestShapes
 from apibox.sse import Event
 
 
@@ -79,7 +80,7 @@ class _OpenAIStream(UpstreamStream):
                     if not finished:
                         finished = _finishes(chunk)
                         if raw is not None and not finished:  # a finishing chunk is not plain
-                            shapes.learn(ChunkShape.learn(chunk, raw))
+                            shapes.learn(learn_shape(chunk, raw))
                     batch.append(chunk)
                     batch.raw.append(raw)
                 yield batch
