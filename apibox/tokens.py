@@ -108,7 +108,9 @@ class PromptSize:
         self._texts = texts
         self._estimate: int | None = None
         self.allowance = messages * PER_MESSAGE_TOKENS + images * PER_IMAGE_TOKENS
-        text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        # an ASCII text is as long in bytes as in characters (``isascii`` reads a flag the string
+        # keeps): a 100 KB prompt's bound in 1.8 us instead of 5.5 without encoding it
+        text_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
         self.bound = text_bytes + PER_MESSAGE_TOKENS + self.allowance  # for the hold
 
     @property
