@@ -355,6 +355,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--chunk-delay-ms", type=float, default=0.0,
                     help="the mock's pause between streamed chunks, as a model's pace (default 0: all at once, "
                          "issue 7's load; with a pause the stream goals are reported as context)")
+    ap.add_argument("--obfuscation", action="store_true",
+                    help="the mock pads every streamed chunk as OpenAI does (bench/mock_upstream.py, not the "
+                         "reference mock; the stream goals are then reported as context)")
     ap.add_argument("--proxy-cpus", default="0", help="taskset CPU list of the target ('' = unpinned)")
     ap.add_argument("--load-cpus", default="1", help="taskset CPU list of wrk + upstream ('' = unpinned)")
     ap.add_argument("--port-base", type=int, default=18100,
@@ -466,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.jsonl"
     results_path.write_text("")
     (out / "money.jsonl").unlink(missing_ok=True)
-    upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(ports["upstream"]),
+    mock = [str(ref / "mock_upstream.py")] if not args.obfuscation else [str(HERE / "mock_upstream.py"),
+                                                                          "--obfuscation"]
+    upstream = procs.start([sys.executable, *mock, "--port", str(ports["upstream"]),
                             "--chunks", str(args.chunks), "--chunk-delay-ms", str(args.chunk_delay_ms)],
                            cpus=args.load_cpus, log=out / "upstream.log")
     bench = Bench(args, out, meta, ref, upstream, up, ports, workers_target)

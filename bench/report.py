@@ -119,9 +119,10 @@ def _cpu_compared(many: dict | None, one: dict | None) -> tuple[float, str] | No
 
 
 def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers_target: str | None = None,
-          workers: int = 2, chunk_delay_ms: float = 0.0) -> str:
-    """Issue 7's 'must hold' lines, judged on the means above. Its stream goals assume a stream's
-    chunks sent at once; with ``chunk_delay_ms`` between them the stream rows are context only."""
+          workers: int = 2, stream_context: str = "") -> str:
+    """Issue 7's 'must hold' lines, judged on the means above. Its stream goals assume the
+    reference mock's stream, its chunks sent at once; for another (``stream_context`` says how it
+    differs) the stream rows are context only."""
     by = {(s["target"], s["scenario"], s["conns"]): s for s in summary_rows(results)}
 
     def get(scenario: str, conns: int, field: str) -> float | None:
@@ -131,8 +132,8 @@ def goals(results: list[dict], money_ok: bool | None, workers_note: str, workers
     def judge(value: float | None, ok: bool, scenario: str = "") -> str:
         if value is None:
             return "not measured"
-        if scenario == "sse" and chunk_delay_ms:
-            return f"context: chunks {chunk_delay_ms:g} ms apart"
+        if scenario == "sse" and stream_context:
+            return f"context: {stream_context}"
         return "met" if ok else "NOT met"
 
     rows = []
@@ -187,12 +188,25 @@ def run_goals(results: list[dict], money_ok: bool | None, meta: dict) -> str:
     """The goals table for a run, with the workers settings its meta recorded."""
     args = meta.get("args", {})
     return goals(results, money_ok, meta.get("workers_note", ""), meta.get("workers_target"),
-                 args.get("workers", 2), args.get("chunk_delay_ms") or 0.0)
+                 args.get("workers", 2), stream_context(args))
+
+
+def stream_context(args: dict) -> str:
+    """How a run's streams differ from issue 7's load, if they do ("" when they do not)."""
+    delay = args.get("chunk_delay_ms") or 0.0
+    ways = [f"chunks {delay:g} ms apart"] if delay else []
+    if args.get("obfuscation"):
+        ways.append("chunks padded")
+    return ", ".join(ways)
 
 
 def pace_note(args: dict) -> str:
     delay = args.get("chunk_delay_ms") or 0.0
-    return f" {delay:g} ms apart (`--chunk-delay-ms`: not issue 7's load)" if delay else ""
+    note = f" {delay:g} ms apart (`--chunk-delay-ms`: not issue 7's load)" if delay else ""
+    if args.get("obfuscation"):
+        note += (", each padded with OpenAI's random `obfuscation` string (`--obfuscation`, this "
+                 "directory's mock: not issue 7's load)")
+    return note
 
 
 def full_text(results: list[dict], money: list[dict], meta: dict) -> str:

@@ -49,6 +49,16 @@ def test_the_load_line_says_how_far_apart_the_chunks_came() -> None:
     assert report.pace_note({"chunk_delay_ms": 0.0}) == ""
     assert report.pace_note({}) == ""  # runs recorded before the option existed
     assert "2.5 ms apart" in report.pace_note({"chunk_delay_ms": 2.5})
+    assert "`obfuscation` string" in report.pace_note({"chunk_delay_ms": 0.0, "obfuscation": True})
+
+
+def test_padded_streams_are_context_too() -> None:
+    judged = verdicts(report.run_goals(RESULTS, True, {"args": {"workers": 0, "obfuscation": True}}))
+    assert judged["RPS >= 0.8x bare, stream, 32 conns"] == "context: chunks padded"
+    assert judged["RPS >= 0.5x bare, non-stream, 32 conns"] == "met"
+    both = verdicts(report.run_goals(RESULTS, True, {"args": {"workers": 0, "obfuscation": True,
+                                                               "chunk_delay_ms": 2.0}}))
+    assert both["added p50 over bare <= 0.5 ms, stream, 1 conn"] == "context: chunks 2 ms apart, chunks padded"
 
 
 def test_callgrind_totals_are_read_from_the_dump_and_a_dump_without_them_is_refused(tmp_path) -> None:
