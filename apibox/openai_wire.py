@@ -54,16 +54,26 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
 
 def delta_text(chunk: dict[str, Any]) -> str:
     """The text a streamed chunk delivers (content, refusal, reasoning, tool arguments, legacy text)."""
+    return _choices_text(chunk, "delta")
+
+
+def reply_text(reply: dict[str, Any]) -> str:
+    """The text a whole reply delivers, counted as its stream's chunks would be."""
+    return _choices_text(reply, "message")
+
+
+def _choices_text(body: dict[str, Any], part: str) -> str:
+    """The text of each choice's ``part`` (its delta or message), and of its legacy ``text``."""
     pieces: list[str] = []
-    for choice in chunk.get("choices") or ():
+    for choice in body.get("choices") or ():
         if not isinstance(choice, dict):
             continue
         if isinstance(choice.get("text"), str):
             pieces.append(choice["text"])
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
+        fields = choice.get(part)
+        if not isinstance(fields, dict):
             continue
-        for field, value in delta.items():  # a delta has a field or two: fewer steps than looking up each
+        for field, value in fields.items():  # a delta has a field or two: fewer steps than looking up each
             if type(value) is str:
                 if field in _DELIVERED_FIELDS:
                     pieces.append(value)

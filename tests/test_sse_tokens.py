@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from apibox import tokens
 from apibox.gateway.proxy import Delivered
+from apibox.openai_wire import delta_text, reply_text
 from apibox.sse import Event, SSEDecoder, encode
 
 ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
@@ -389,3 +390,15 @@ def test_a_stream_is_cut_at_the_first_text_past_its_paid_for_tokens(batches: lis
     assert delivered.pieces == kept
     assert delivered.characters == sum(map(len, kept))
     assert delivered.tokens() == sum(tokens.count_tokens(t) for t in kept)
+
+
+def test_a_whole_reply_counts_the_text_its_stream_would() -> None:
+    """Thinking, refusals and tool calls are output a reply without usage is charged for by
+    estimate, as a stream's chunks are; ids and types of tool calls are not text."""
+    message = {"role": "assistant", "reasoning_content": "Let me see.", "content": "Yes.", "refusal": None,
+               "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a":1}'}}]}
+    assert reply_text({"choices": [{"index": 0, "message": message}]}) == 'Let me see.Yes.f{"a":1}'
+    assert reply_text({"choices": [{"index": 0, "message": message}]}) == \
+        delta_text({"choices": [{"index": 0, "delta": message}]})
+    assert reply_text({"choices": [{"index": 0, "text": "legacy"}]}) == "legacy"
+    assert reply_text({"choices": [{"index": 0, "message": {"role": "assistant", "reasoning": "hm"}}]}) == "hm"

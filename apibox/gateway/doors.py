@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from apibox.formats.anthropic import openai_to_anthropic_reply, usage_from_anthropic
 from apibox.gateway.render import AnthropicPassthrough, AnthropicRenderer, OpenAIRenderer, StreamRenderer
 from apibox.money import usd_number
-from apibox.openai_wire import usage_from_openai, usage_to_openai
+from apibox.openai_wire import reply_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
 from apibox.providers.base import ChunkStream, Provider, ProviderRequest
 from apibox.tokens import PromptSize
@@ -33,17 +33,6 @@ class Door(Protocol):
     def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer: ...
 
 
-def openai_reply_text(reply: dict[str, Any]) -> str:
-    text = []
-    for choice in reply.get("choices") or ():
-        if isinstance(choice, dict):
-            message = choice.get("message") or {}
-            text.append(str(choice.get("text") or message.get("content") or ""))
-            if message.get("tool_calls"):
-                text.append(json.dumps(message["tool_calls"]))
-    return "".join(text)
-
-
 class OpenAIDoor:
     def is_native(self, provider: Provider) -> bool:
         return False  # every provider offers the OpenAI shape
@@ -58,7 +47,7 @@ class OpenAIDoor:
         return usage_from_openai(reply.get("usage"))
 
     def reply_text(self, reply: dict[str, Any], native: bool) -> str:
-        return openai_reply_text(reply)
+        return reply_text(reply)
 
     def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
                      cost: int) -> dict[str, Any]:
@@ -103,7 +92,7 @@ class AnthropicDoor:
 
     def reply_text(self, reply: dict[str, Any], native: bool) -> str:
         if not native:
-            return openai_reply_text(reply)
+            return reply_text(reply)
         return "".join(str(b.get("text") or json.dumps(b.get("input") or "")) for b in reply.get("content") or ()
                        if isinstance(b, dict))
 
