@@ -50,23 +50,21 @@ class ChunkShape:
         (its last step a key that occurs once in ``raw``), and around the padding string at the top
         level's ``pad_key`` when there is one after the text; None when either cannot be found safely."""
         encoded = text.encode()
-        key = b'"%s"' % str(path[-1]).encode()
-        if _NOT_PLAIN.search(encoded) or raw.count(key) != 1:
+        start = _string_at(raw, str(path[-1]), encoded)
+        if start is None:
             return None
-        for form in (key + b':"', key + b': "'):  # as compact and spaced encoders write it
-            if raw.count(form) == 1:
-                start = raw.index(form) + len(form)
-                end = start + len(encoded)
-                if raw[start:end] != encoded or raw[end:end + 1] != b'"':
-                    return None
-                if pad_key is None or document.get(pad_key) is None:
-                    return cls(document, path, raw[:start], text, raw[end:])
-                split = _split_at_padding(raw, end, pad_key, document[pad_key])
-                if split is None:
-                    return None
-                inner, pad, suffix = split
-                return cls(document, path, raw[:start], text, suffix, inner, pad, pad_key)
-        return None
+        end = start + len(encoded)
+        if pad_key is None or document.get(pad_key) is None:
+            return cls(document, path, raw[:start], text, raw[end:])
+        pad = document[pad_key]
+        if type(pad) is not str:
+            return None
+        padding = pad.encode()
+        pad_start = _string_at(raw, pad_key, padding, end)  # after the text: the inner bytes lie between
+        if pad_start is None:
+            return None
+        pad_end = pad_start + len(padding)
+        return cls(document, path, raw[:start], text, raw[pad_end:], raw[end:pad_start], padding, pad_key)
 
     def read_run(self, payloads: list[bytes], start: int) -> PlainRun | None:
         """The chunks of this shape from ``payloads[start]`` on, up to the first that is not one
@@ -149,6 +147,7 @@ class PlainRun:
         return before + (after + before).join(padded) + after
 
     def parsed(self) -> list[dict[str, Any]]:
+        """Each chunk of the run, parsed (for renderers that translate)."""
         if self.pads is None:
             return [self.shape.chunk_with(text) for text in self.texts]
         return [self.shape.chunk_with(text, pad) for text, pad in zip(self.texts, self.pads, strict=True)]
@@ -189,24 +188,19 @@ def _with_text(value: Any, path: tuple[str | int, ...], text: str) -> Any:
     return copy
 
 
-def _split_at_padding(raw: bytes, end: int, pad_key: str, pad: object) -> tuple[bytes, bytes, bytes] | None:
-    """``raw[end:]`` (after a plain chunk's text) as (inner, padding, suffix) around its top-level
-    ``pad_key`` string; None when that cannot be found safely (the key occurs more than once, or
-    before the text; the padding is not plain)."""
-    if type(pad) is not str:
+def _string_at(raw: bytes, key: str, value: bytes, since: int = 0) -> int | None:
+    """Where ``value``, the string of ``key``, begins in ``raw`` (a JSON document that holds it),
+    when it is found safely: ``key`` occurs once, after ``since``, written as compact or spaced
+    encoders write it, and ``value`` is its own JSON encoding; else None."""
+    name = b'"%s"' % key.encode()
+    if _NOT_PLAIN.search(value) or raw.count(name) != 1:
         return None
-    encoded = pad.encode()
-    key = b'"%s"' % pad_key.encode()
-    if _NOT_PLAIN.search(encoded) or raw.count(key) != 1:
-        return None
-    for form in (key + b':"', key + b': "'):
-        at = raw.find(form, end)
+    for form in (name + b':"', name + b': "'):
+        at = raw.find(form, since)
         if at >= 0:
             start = at + len(form)
-            stop = start + len(encoded)
-            if raw[start:stop] == encoded and raw[stop:stop + 1] == b'"':
-                return raw[end:start], encoded, raw[stop:]
-            return None
+            stop = start + len(value)
+            return start if raw[start:stop] == value and raw[stop:stop + 1] == b'"' else None
     return None
 
 

@@ -193,6 +193,13 @@ def test_only_plain_text_chunks_give_a_shape(raw: dict[str, Any]) -> None:
     assert learn_shape(raw, orjson.dumps(raw)) is None
 
 
+def test_a_text_written_with_escapes_gives_no_shape() -> None:
+    """Its bytes are not the text itself (``\\u00e9`` for ``é``): no prefix and suffix lie around it."""
+    escaped = chunk({"content": "Héllo"})
+    assert learn_shape(escaped, ENCODERS["ascii"](escaped)) is None
+    assert learn_shape(escaped, ENCODERS["orjson"](escaped)) is not None
+
+
 def read(shape: ChunkShape, payloads: list[bytes], start: int = 0) -> tuple[list[str], list[bytes], list[bytes] | None]:
     """``shape.read_run``'s run as (texts, middles, pads); ``([], [], None)`` for none."""
     run = shape.read_run(payloads, start)
