@@ -101,38 +101,25 @@ def test_mixed_line_endings_survive_any_split(case: tuple[list[list[str]], list[
     assert decode(stream, cuts) == expected
 
 
+@pytest.mark.parametrize("named", [False, True], ids=["feed_data", "feed_named"])
 @settings(max_examples=200, deadline=None)
 @given(event_blocks(), st.lists(st.sampled_from(sorted(ENDINGS.values())), min_size=1, max_size=3),
        st.booleans(), st.data())
-def test_feed_data_is_each_events_data_on_one_line(case: tuple[list[list[str]], list[Event]], endings: list[str],
-                                                   final_blank: bool, data: st.DataObject) -> None:
-    """The fast path (``data: ...`` frames with LF endings, sliced as they came) and the general one agree."""
-    blocks, expected = case
-    stream = render(blocks, endings, final_blank)
-    cuts = sorted(set(data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=8))))
-    decoder, got = SSEDecoder(), []
-    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        got += decoder.feed_data(stream[start:end])
-    got += decoder.flush_data()
-    assert got == [event.data.replace("\n", " ").encode() for event in expected]
-
-
-@settings(max_examples=200, deadline=None)
-@given(event_blocks(), st.lists(st.sampled_from(sorted(ENDINGS.values())), min_size=1, max_size=3),
-       st.booleans(), st.data())
-def test_feed_named_is_each_events_name_and_data_on_one_line(case: tuple[list[list[str]], list[Event]],
+def test_the_fast_decoders_give_each_events_data_on_one_line(named: bool, case: tuple[list[list[str]], list[Event]],
                                                              endings: list[str], final_blank: bool,
                                                              data: st.DataObject) -> None:
-    """The fast path (``event: NAME`` then ``data: ...`` with LF endings, sliced as they came) and
-    the general one agree."""
+    """The fast paths (``data: ...`` frames, or ``event: NAME`` and ``data: ...``, with LF endings,
+    sliced as they came) and the general one agree: each event's data on one line (and its name)."""
     blocks, expected = case
     stream = render(blocks, endings, final_blank)
     cuts = sorted(set(data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=8))))
-    decoder, got = SSEDecoder(), []
+    decoder, got = SSEDecoder(), list[object]()
+    feed, flush = (decoder.feed_named, decoder.flush_named) if named else (decoder.feed_data, decoder.flush_data)
     for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
-        got += decoder.feed_named(stream[start:end])
-    got += decoder.flush_named()
-    assert got == [(event.event, event.data.replace("\n", " ").encode()) for event in expected]
+        got += feed(stream[start:end])
+    got += flush()
+    lines = [event.data.replace("\n", " ").encode() for event in expected]
+    assert got == ([(event.event, line) for event, line in zip(expected, lines, strict=True)] if named else lines)
 
 
 def test_feed_named_slices_the_usual_named_frame_as_it_came() -> None:
