@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox import tokens
+from apibox.gateway.doors import AnthropicDoor
 from apibox.gateway.proxy import Delivered
 from apibox.openai_wire import delta_text, reply_text
 from apibox.sse import Event, SSEDecoder, encode
@@ -389,3 +390,11 @@ def test_a_whole_reply_counts_the_text_its_stream_would() -> None:
         delta_text({"choices": [{"index": 0, "delta": message}]})
     assert reply_text({"choices": [{"index": 0, "text": "legacy"}]}) == "legacy"
     assert reply_text({"choices": [{"index": 0, "message": {"role": "assistant", "reasoning": "hm"}}]}) == "hm"
+
+
+def test_a_whole_anthropic_reply_counts_its_thinking_as_its_stream_would() -> None:
+    """A native Anthropic reply without usage: its thinking is output, as a stream's thinking deltas are."""
+    reply = {"content": [{"type": "thinking", "thinking": "Hmm.", "signature": "sig"},
+                         {"type": "text", "text": "Yes."},
+                         {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}]}
+    assert AnthropicDoor({}, {}).reply_text(reply, native=True) == 'Hmm.Yes.{"a": 1}'

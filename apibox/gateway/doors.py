@@ -93,8 +93,8 @@ class AnthropicDoor:
     def reply_text(self, reply: dict[str, Any], native: bool) -> str:
         if not native:
             return reply_text(reply)
-        return "".join(str(b.get("text") or json.dumps(b.get("input") or "")) for b in reply.get("content") or ()
-                       if isinstance(b, dict))
+        return "".join(str(b.get("text") or b.get("thinking") or json.dumps(b.get("input") or ""))
+                       for b in reply.get("content") or () if isinstance(b, dict))
 
     def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
                      cost: int) -> dict[str, Any]:

@@ -77,7 +77,7 @@ class _GeminiStream(UpstreamStream):
         async for events in self._http.events(self._response):
             chunks: list[dict[str, Any]] = []
             for event in events:
-                data = self._http.parse_event(event)
+                data = self._http.parse_data(event.data)
                 if data.get("error"):
                     if chunks:
                         yield chunks

@@ -116,9 +116,6 @@ class HttpUpstream:
         finally:
             watchdog.stop()
 
-    def parse_event(self, event: Event) -> dict[str, Any]:
-        return self.parse_data(event.data)
-
     def parse_data(self, data: str | bytes) -> dict[str, Any]:
         """An event's data, which must be a JSON object."""
         try:

@@ -13,7 +13,6 @@ from apibox.openai_wire import learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
 from apibox.shapes import LatestShapes
-from apibox.sse import Event
 
 
 class OpenAIProvider:
@@ -94,7 +93,7 @@ class _OpenAIStream(UpstreamStream):
         try:
             chunk = jsoncodec.loads(payload)
         except ValueError:
-            return self._http.parse_event(Event(payload.decode("utf-8", "replace"))), None
+            return self._http.parse_data(payload.decode("utf-8", "replace")), None
         if type(chunk) is not dict:
             raise StreamBroken(f"upstream {self._http.name} sent a malformed event")
         return chunk, payload
