@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
-from apibox.gateway.render import AnthropicPassthrough, AnthropicRenderer
+from apibox.gateway.render import AnthropicPassthrough, AnthropicRenderer, OpenAIRenderer
 from apibox.providers.anthropic import NativeStream, _delta_shape, _TranslatedStream
 from apibox.shapes import PlainRun
 from tests.test_stream_passthrough import Content, Response, batches, paddings, texts, upstream, upstream_chunks
@@ -128,15 +128,39 @@ def test_only_deltas_that_add_plain_text_give_a_shape(event: dict[str, Any]) -> 
     assert _delta_shape(event, orjson.dumps(event)) is None
 
 
-async def test_a_translated_stream_is_the_same_from_runs_as_from_parsed_events() -> None:
-    events = message(["Let", " me", " think"], ["Hi", " you", " all"], ['{"a": 1}'])
-    translated = _TranslatedStream(NativeStream(Response(Content([sse(events, "compact")])), upstream()),  # type: ignore[arg-type]
-                                   "gpt-name")
-    chunks = [chunk async for batch in translated for chunk in batch]  # type: ignore[attr-defined]
-    expected = AnthropicToOpenAIStream("gpt-name")
-    by_parsing = [chunk for event in events if event["type"] != "ping" for chunk in expected.feed(event)]
-    assert [{k: v for k, v in c.items() if k != "created"} for c in chunks] == \
-        [{k: v for k, v in c.items() if k != "created"} for c in by_parsing]
+@settings(max_examples=100, deadline=None)
+@given(st.lists(texts, max_size=3), st.lists(texts, max_size=6), st.lists(texts, max_size=3),
+       st.sampled_from(sorted(ENCODERS)), st.sampled_from(["\n", "\r\n"]), st.data())
+async def test_an_anthropic_stream_reaches_an_openai_client_as_translating_each_event_would(
+        thoughts: list[str], words: list[str], tool_json: list[str], encoder: str, ending: str,
+        data: st.DataObject) -> None:
+    """Runs of text deltas become runs of the chunks the translation would make, framed as bytes."""
+    events = message(thoughts, words, tool_json)
+    body = sse(events, encoder, ending)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=5), label="cuts"))
+    reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]
+    translated = _TranslatedStream(NativeStream(Response(Content(reads)), upstream()), "claude-upstream")  # type: ignore[arg-type]
+    renderer, out, delivered = OpenAIRenderer(CLIENT, False), b"", ""
+    async for batch in translated:  # type: ignore[attr-defined]
+        for item in batch:
+            if isinstance(item, PlainRun):
+                out += renderer.plain(item)
+                delivered += "".join(item.texts)
+            else:
+                piece = renderer.feed(item, None)
+                out, delivered = out + piece.data, delivered + piece.text
+    reference, one_by_one, expected = AnthropicToOpenAIStream("claude-upstream"), OpenAIRenderer(CLIENT, False), b""
+    for chunk in (chunk for event in events if event["type"] != "ping" for chunk in reference.feed(event)):
+        expected += one_by_one.feed(chunk, None).data
+    assert _openai_frames(out) == _openai_frames(expected)
+    assert delivered == "".join([*words, *tool_json])  # thinking has no place in an OpenAI chunk
+
+
+def _openai_frames(data: bytes) -> list[dict[str, Any]]:
+    """The chunks of an OpenAI stream, without ``created`` (each translation reads the clock)."""
+    frames = data.split(b"\n\n")
+    assert frames[-1] == b"" and all(f.startswith(b"data: ") for f in frames[:-1])
+    return [{k: v for k, v in orjson.loads(f[6:]).items() if k != "created"} for f in frames[:-1]]
 
 
 @settings(max_examples=150, deadline=None)

@@ -42,6 +42,10 @@ class AnthropicToOpenAIStream:
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
         }
 
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        """The chunk a text delta of ``text`` becomes (``feed`` makes none for an empty one)."""
+        return self._chunk({"content": text})
+
     @property
     def usage(self) -> Usage | None:
         return usage_from_anthropic(self.raw_usage) if self.raw_usage else None
@@ -78,7 +82,7 @@ class AnthropicToOpenAIStream:
         if kind == "content_block_delta":
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta" and delta.get("text"):
-                return [self._chunk({"content": delta["text"]})]
+                return [self.text_chunk(delta["text"])]
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
                 index = self.tool_index.get(event.get("index", 0), 0)
                 return [

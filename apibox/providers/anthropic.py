@@ -12,9 +12,11 @@ from typing import Any
 
 import aiohttp
 
+from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
+from apibox.openai_wire import learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
 from apibox.providers.http import HttpUpstream, UpstreamStream
 from apibox.shapes import ChunkShape, LatestShapes, PlainRun
@@ -149,7 +151,12 @@ def _delta_shape(event: dict[str, Any], raw: bytes) -> ChunkShape | None:
 
 
 class _TranslatedStream:
-    """An Anthropic stream read as OpenAI chunks."""
+    """An Anthropic stream read as OpenAI chunks.
+
+    A run of text deltas becomes a run of OpenAI chunks without a chunk made for each: each
+    text's bytes as they came are already its JSON string in the chunk the translation would
+    make (a plain text has nothing to escape), so the run keeps them, under the shape of that
+    chunk (the translation's id, created and model; made once per message)."""
 
     def __init__(self, native: NativeStream, model: str) -> None:
         self._native = native
@@ -158,15 +165,35 @@ class _TranslatedStream:
     async def aclose(self) -> None:
         await self._native.aclose()
 
-    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
-        translate = self._translate.feed
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any] | PlainRun]]:
+        translate = self._translate
+        text_shape: ChunkShape | None = None  # of the chunk a text delta becomes
         async for events in self._native:
-            chunks = []
+            chunks: list[dict[str, Any] | PlainRun] = []
             for event in events:
-                if isinstance(event, PlainRun):
-                    for each in event.parsed():
-                        chunks += translate(each)
-                else:
-                    chunks += translate(event)
+                if not isinstance(event, PlainRun):
+                    chunks += translate.feed(event)
+                    continue
+                if event.shape.field == "text":
+                    if text_shape is None or text_shape.chunk["id"] != translate.id:
+                        sample = translate.text_chunk("x")
+                        text_shape = learn_shape(sample, jsoncodec.dumps(sample))
+                    run = _translated_run(event, text_shape) if text_shape is not None else None
+                    if run is not None:
+                        chunks.append(run)
+                        continue
+                for each in event.parsed():
+                    chunks += translate.feed(each)
             if chunks:
                 yield chunks
+
+
+def _translated_run(run: PlainRun, shape: ChunkShape) -> PlainRun | None:
+    """``run``'s text deltas as chunks of ``shape``, but for the empty ones, which the translation
+    drops; None when none is left."""
+    if all(run.texts):
+        return PlainRun(shape, run.texts, run.middles)
+    kept = [index for index, text in enumerate(run.texts) if text]
+    if not kept:
+        return None
+    return PlainRun(shape, [run.texts[i] for i in kept], [run.middles[i] for i in kept])
