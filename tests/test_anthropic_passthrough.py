@@ -39,12 +39,11 @@ def message(thoughts: list[str], words: list[str], tool_json: list[str]) -> list
                                               "model": "claude-upstream", "content": [], "stop_reason": None,
                                               "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 1}}},
         {"type": "ping"}]
-    blocks = [("thinking", "thinking_delta", thoughts), ("text", "text_delta", words),
-              ("tool_use", "input_json_delta", tool_json)]
+    blocks = [({"type": "thinking", "thinking": ""}, "thinking_delta", thoughts),
+              ({"type": "text", "text": ""}, "text_delta", words),
+              ({"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}}, "input_json_delta", tool_json)]
     for index, (block, kind, pieces) in enumerate(blocks):
-        start: dict[str, Any] = {"type": block, block if block != "tool_use" else "input": "" if block != "tool_use"
-                                 else {}}
-        events.append({"type": "content_block_start", "index": index, "content_block": start})
+        events.append({"type": "content_block_start", "index": index, "content_block": block})
         events += [delta(index, kind, piece) for piece in pieces]
         events.append({"type": "content_block_stop", "index": index})
     events.append({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
@@ -153,7 +152,7 @@ async def test_an_anthropic_stream_reaches_an_openai_client_as_translating_each_
     for chunk in (chunk for event in events if event["type"] != "ping" for chunk in reference.feed(event)):
         expected += one_by_one.feed(chunk, None).data
     assert _openai_frames(out) == _openai_frames(expected)
-    assert delivered == "".join([*words, *tool_json])  # thinking has no place in an OpenAI chunk
+    assert delivered == "".join([*words, "lookup", *tool_json])  # the tool's name too; thinking has no place
 
 
 def _openai_frames(data: bytes) -> list[dict[str, Any]]:
