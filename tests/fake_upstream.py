@@ -42,6 +42,7 @@ class FakeUpstream:
     delay: float = 0.0
     whole: bool = False  # a stream in one write (its last event and [DONE] come in one read), not split
     obfuscation: bool = False  # pad chunks as OpenAI does unless stream_options.include_obfuscation is false
+    thoughts: list[str] = field(default_factory=list)  # a reasoning model's thinking before a stream's words
     requests: list[Recorded] = field(default_factory=list)
     pads_sent: list[str] = field(default_factory=list)
 
@@ -117,6 +118,7 @@ class FakeUpstream:
             return made
 
         events = [chunk({"role": "assistant", "content": ""}, None)] if chat else []
+        events += [chunk({"content": None, "reasoning_content": t}, None) for t in self.thoughts] if chat else []
         events += [chunk({"content": w}, None) for w in words]
         pending: list[bytes] = []
 

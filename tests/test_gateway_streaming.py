@@ -282,6 +282,23 @@ async def test_a_stream_without_usage_is_charged_by_estimate(live: Live, live_st
     assert charges(live, who.user_id) == [cost]
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["split", "whole"])
+async def test_a_reasoning_stream_without_usage_is_charged_for_its_thinking_too(live: Live, live_store,
+                                                                                whole: bool) -> None:
+    """DeepSeek-style thinking (``reasoning_content``) reaches the client, and is output the
+    estimate counts, whether its chunks came parsed or as runs."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words, live.fake.thoughts, live.fake.whole = "no_usage", list(ASCII_WORDS), \
+        [" hmm"] * 12, whole
+    _, raw = await raw_stream(live, who.key, {})
+    chunks = sse_json(raw)
+    assert "".join(c["choices"][0]["delta"].get("reasoning_content") or "" for c in chunks) == " hmm" * 12
+    assert "".join(delta_texts_of(chunks)) == "".join(ASCII_WORDS)
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["status"], row["estimated"], row["completion_tokens"]) == ("ok", 1, 12 + len(ASCII_WORDS))
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] > 0
+
+
 async def test_a_reply_without_usage_is_charged_by_estimate(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     live.fake.mode, live.fake.words = "no_usage", list(ASCII_WORDS)
