@@ -57,20 +57,21 @@ def sse(events: list[dict[str, Any]], encoder: str, ending: str = "\n") -> bytes
                                                  ending.encode(), ending.encode()) for e in events)
 
 
-async def items(reads: list[bytes]) -> list[dict[str, Any] | PlainRun]:
+async def items(reads: list[bytes]) -> list[tuple[dict[str, Any] | PlainRun, bytes | None]]:
+    """Each item the stream yields, with its data as it came (None for runs)."""
     stream = NativeStream(Response(Content(reads)), upstream())  # type: ignore[arg-type]
-    return [item async for batch in stream for item in batch]  # type: ignore[attr-defined]
+    return [pair async for batch in stream for pair in zip(batch, batch.raw, strict=True)]  # type: ignore[attr-defined]
 
 
-def passed_on(found: list[dict[str, Any] | PlainRun]) -> tuple[bytes, list[str]]:
+def passed_on(found: list[tuple[dict[str, Any] | PlainRun, bytes | None]]) -> tuple[bytes, list[str]]:
     """What the pass-through renderer sends for ``found``, and the texts it counts as delivered."""
     renderer, out, delivered = AnthropicPassthrough(CLIENT), b"", []
-    for item in found:
+    for item, raw in found:
         if isinstance(item, PlainRun):
             out += renderer.plain(item)
             delivered += item.texts
         else:
-            piece = renderer.feed(item, None)
+            piece = renderer.feed(item, raw)
             out += piece.data
             delivered += [piece.text] if piece.text else []
     return out, delivered
@@ -102,12 +103,15 @@ async def test_the_client_gets_every_event_as_parsing_it_would_send(thoughts: li
     expected[0] = {**expected[0], "message": {**expected[0]["message"], "model": CLIENT}}
     assert frames(out) == [(e["type"], e) for e in expected]
     assert [piece for piece in delivered if piece] == [piece for piece in [*thoughts, *words, *tool_json] if piece]
+    # every event but message_start (written again with the client's model) is the bytes that came
+    sent = out.split(b"\n\n")[1:-1]
+    assert sent == [b"event: %s\ndata: %s" % (e["type"].encode(), ENCODERS[encoder](e)) for e in expected[1:]]
 
 
 async def test_text_and_thinking_deltas_are_runs_of_the_bytes_that_came() -> None:
     events = message(["Let", " me"], ["Hi", ' "there"', " you", " all"], ['{"a"'])
     found = await items([sse(events, "compact")])
-    runs = [item for item in found if isinstance(item, PlainRun)]
+    runs = [item for item, _ in found if isinstance(item, PlainRun)]
     assert [(run.shape.field, run.texts) for run in runs] == [("thinking", [" me"]), ("text", [" you", " all"])]
     assert [run.middles for run in runs] == [[b" me"], [b" you", b" all"]]
     assert [run.parsed() for run in runs] == [[events[4]], [events[9], events[10]]]
@@ -198,3 +202,11 @@ async def _assert_translated_as_one_by_one(reads: list[bytes], words: list[str])
 def _without_ids(events: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return [(name, {**event, "message": {**event["message"], "id": ""}} if name == "message_start" else event)
             for name, event in events]
+
+
+async def test_only_the_batch_that_ends_the_message_is_last() -> None:
+    """It holds ``message_stop``, so it may go out together with the answer's ending."""
+    body = sse(message([], ["one", "two"], []), "compact")
+    stop = body.index(b"event: message_stop")
+    stream = NativeStream(Response(Content([body[:stop], body[stop:]])), upstream())  # type: ignore[arg-type]
+    assert [batch.last async for batch in stream] == [False, True]  # type: ignore[attr-defined]

@@ -236,7 +236,8 @@ class AnthropicRenderer:
 
 
 class AnthropicPassthrough:
-    """Anthropic events to Anthropic clients as they came, but for the model's name."""
+    """Anthropic events to Anthropic clients as they came, but for the model's name: each as the
+    bytes that came, but ``message_start``, which is written again with the client's model."""
 
     def __init__(self, model: str) -> None:
         self.model = model
@@ -266,7 +267,9 @@ class AnthropicPassthrough:
             usage = usage_from_anthropic(self.raw_usage)
         elif kind == "message_stop":
             self.closed = True
-        return Piece(encode(jsoncodec.dumps(event), kind), text, usage)
+        if raw is None or kind == "message_start":
+            return Piece(encode(jsoncodec.dumps(event), kind), text, usage)
+        return Piece(encode(raw, kind), text, usage)
 
     def plain(self, run: PlainRun) -> bytes:
         """Text or thinking deltas, as the bytes that came."""

@@ -17,7 +17,7 @@ from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
 from apibox.openai_wire import learn_shape
-from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
+from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
 from apibox.shapes import ChunkShape, LatestShapes, PlainRun
 
@@ -97,20 +97,22 @@ class AnthropicProvider:
 
 
 class NativeStream(UpstreamStream):
-    """Anthropic stream events as dicts (``type`` is the event name), in batches; ends at
-    ``message_stop``. Text and thinking deltas are recognized by their shape and not parsed:
-    consecutive ones go together as one ``PlainRun`` of the bytes that came."""
+    """Anthropic stream events as dicts (``type`` is the event name), in batches that keep each
+    event's data as it came (``WireBatch``); ends at ``message_stop``. Text and thinking deltas
+    are recognized by their shape and not parsed: consecutive ones go together as one
+    ``PlainRun`` of the bytes that came."""
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any] | PlainRun]]:
         shapes = LatestShapes()  # a thinking block's deltas, then a text block's
         async for frames in self._http.named_payloads(self._response):
             payloads = [payload for _, payload in frames]
-            batch: list[dict[str, Any] | PlainRun] = []
+            batch = WireBatch()
             index, count = 0, len(payloads)
             while index < count:
                 run = shapes.read_run(payloads, index)
                 if run is not None:
                     batch.append(run)
+                    batch.raw.append(None)
                     index += len(run.texts)
                     continue
                 name, payload = frames[index]
@@ -125,7 +127,9 @@ class NativeStream(UpstreamStream):
                     shapes.learn(_delta_shape(data, payload))
                 if kind != "ping":
                     batch.append(data)
+                    batch.raw.append(payload)
                 if kind == "message_stop":
+                    batch.last = True
                     yield batch
                     return
             if batch:

@@ -39,14 +39,15 @@ class ChunkStream(Protocol):
 
 
 class WireBatch(list):  # type: ignore[type-arg]
-    """A batch from an OpenAI-format stream, kept close to the bytes that came.
+    """A batch from an upstream's stream (OpenAI chunks, or Anthropic events passed through),
+    kept close to the bytes that came.
 
-    Items are parsed chunks, or a ``shapes.PlainRun`` for each run of chunks that only add text
-    (not parsed at all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on one line (None
-    when it must not be passed on as it came, and for runs, which keep their own bytes). A
-    renderer may send those bytes instead of serializing the chunk again; one that needs dicts
-    calls ``PlainRun.parsed``. ``last``: the stream ended in the same read (``[DONE]``), so the
-    batch may go out together with the answer's ending.
+    Items are parsed chunks or events, or a ``shapes.PlainRun`` for each run of them that only
+    add text (not parsed at all); ``raw[i]`` is item ``i``'s ``data`` as the upstream sent it, on
+    one line (None when it must not be passed on as it came, and for runs, which keep their own
+    bytes). A renderer may send those bytes instead of serializing the item again; one that
+    needs dicts calls ``PlainRun.parsed``. ``last``: the stream ended in the same read
+    (``[DONE]``, ``message_stop``), so the batch may go out together with the answer's ending.
     """
 
     __slots__ = ("last", "raw")
