@@ -138,6 +138,18 @@ class PlainRun:
         pads = self.pads[:count] if self.pads is not None else None
         return PlainRun(self.shape, self.texts[:count], self.middles[:count], pads)
 
+    def nonempty(self, start: int = 0) -> PlainRun | None:
+        """The run's chunks from ``start`` on that add some text (a translation makes no event of
+        an empty one); None when none does."""
+        kept = [index for index in range(start, len(self.texts)) if self.texts[index]]
+        if len(kept) == len(self.texts):
+            return self
+        if not kept:
+            return None
+        pads = None if self.pads is None else [self.pads[index] for index in kept]
+        return PlainRun(self.shape, [self.texts[index] for index in kept], [self.middles[index] for index in kept],
+                        pads)
+
     def framed(self, before: bytes, after: bytes, inner: bytes = b"") -> bytes:
         """Each chunk's text (then ``inner`` and its padding, when padded) between ``before`` and
         ``after``: the frames of the whole run, in one join."""

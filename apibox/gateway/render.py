@@ -216,13 +216,13 @@ class AnthropicRenderer:
         while index < count and translate.block_kind != "text":  # until a text block is open
             out += _frames(translate.feed(run.shape.chunk_with(run.texts[index])))
             index += 1
-        rest = [middle for middle in run.middles[index:] if middle]  # an empty text makes no event
-        if not rest:
+        rest = run.nonempty(index)
+        if rest is None:
             return out
         before = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,' \
                  b'"delta":{"type":"text_delta","text":"' % translate.block_index
         after = b'"}}\n\n'
-        return out + before + (after + before).join(rest) + after
+        return out + before + (after + before).join(rest.middles) + after  # not ``framed``: no padding
 
     def cut(self) -> bytes:
         self.translate.stop_reason = "max_tokens"

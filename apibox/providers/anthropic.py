@@ -182,22 +182,11 @@ class _TranslatedStream:
                     if text_shape is None or text_shape.chunk["id"] != translate.id:
                         sample = translate.text_chunk("x")
                         text_shape = learn_shape(sample, jsoncodec.dumps(sample))
-                    run = _translated_run(event, text_shape) if text_shape is not None else None
-                    if run is not None:
-                        chunks.append(run)
+                    kept = event.nonempty()  # the translation drops an empty text
+                    if kept is not None and text_shape is not None:
+                        chunks.append(PlainRun(text_shape, kept.texts, kept.middles))
                         continue
                 for each in event.parsed():
                     chunks += translate.feed(each)
             if chunks:
                 yield chunks
-
-
-def _translated_run(run: PlainRun, shape: ChunkShape) -> PlainRun | None:
-    """``run``'s text deltas as chunks of ``shape``, but for the empty ones, which the translation
-    drops; None when none is left."""
-    if all(run.texts):
-        return PlainRun(shape, run.texts, run.middles)
-    kept = [index for index, text in enumerate(run.texts) if text]
-    if not kept:
-        return None
-    return PlainRun(shape, [run.texts[i] for i in kept], [run.middles[i] for i in kept])
