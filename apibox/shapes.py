@@ -11,6 +11,7 @@ client in one join. The wire formats say which events are plain (``openai_wire``
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from itertools import islice, repeat
 from typing import Any
 
@@ -186,6 +187,19 @@ class LatestShapes:
             if run is not None:
                 self.latest, self.before = self.before, latest
         return run
+
+    def split(self, payloads: list[bytes]) -> Iterator[PlainRun | int]:
+        """A read's payloads in turn: each run of chunks of a shape as one ``PlainRun``, any other
+        payload as its index (to be parsed; what it teaches, ``learn``, applies from the next)."""
+        index, count = 0, len(payloads)
+        while index < count:
+            run = self.read_run(payloads, index)
+            if run is None:
+                yield index
+                index += 1
+            else:
+                yield run
+                index += len(run.texts)
 
     def learn(self, shape: ChunkShape | None) -> None:
         if shape is not None:

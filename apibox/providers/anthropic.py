@@ -105,18 +105,13 @@ class NativeStream(UpstreamStream):
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any] | PlainRun]]:
         shapes = LatestShapes()  # a thinking block's deltas, then a text block's
         async for frames in self._http.named_payloads(self._response):
-            payloads = [payload for _, payload in frames]
             batch = WireBatch()
-            index, count = 0, len(payloads)
-            while index < count:
-                run = shapes.read_run(payloads, index)
-                if run is not None:
-                    batch.append(run)
+            for item in shapes.split([payload for _, payload in frames]):
+                if isinstance(item, PlainRun):
+                    batch.append(item)
                     batch.raw.append(None)
-                    index += len(run.texts)
                     continue
-                name, payload = frames[index]
-                index += 1
+                name, payload = frames[item]
                 data = self._http.parse_data(payload)
                 kind = data.setdefault("type", name)
                 if kind == "error":

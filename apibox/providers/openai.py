@@ -12,7 +12,7 @@ from apibox.config import ProviderSettings
 from apibox.openai_wire import learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
-from apibox.shapes import LatestShapes
+from apibox.shapes import LatestShapes, PlainRun
 
 
 class OpenAIProvider:
@@ -56,16 +56,12 @@ class _OpenAIStream(UpstreamStream):
         try:
             async for payloads in reads:
                 batch = WireBatch()
-                index, count = 0, len(payloads)
-                while index < count:
-                    run = shapes.read_run(payloads, index)
-                    if run is not None:
-                        batch.append(run)
+                for item in shapes.split(payloads):
+                    if isinstance(item, PlainRun):
+                        batch.append(item)
                         batch.raw.append(None)
-                        index += len(run.texts)
                         continue
-                    payload = payloads[index]
-                    index += 1
+                    payload = payloads[item]
                     if payload.startswith(b"[DONE]"):
                         if batch:
                             batch.last = True
