@@ -127,7 +127,7 @@ def _plain_text(chunk: dict[str, Any]) -> tuple[str, str] | None:
     if type(delta) is not dict:
         return None
     text = delta.get("content")
-    if len(delta) == 1 and type(text) is str:  # the usual one
+    if len(delta) == 1 and type(text) is str:  # the usual one (an empty text too: later ones add some)
         return "content", text
     found = None
     for field, value in delta.items():

@@ -34,8 +34,8 @@ class StreamRenderer(Protocol):
         """One parsed upstream item; ``raw``: its bytes as they came (``WireBatch``), when known."""
         ...
     def plain(self, run: PlainRun) -> bytes:
-        """A run of chunks that only add text (OpenAI streams only); the caller counts its texts
-        (and may cut inside it)."""
+        """A run of chunks or events that only add text (OpenAI chunks, or Anthropic deltas on a
+        pass-through); the caller counts its texts (and may cut inside it)."""
         ...
     def cut(self) -> bytes:
         """End the answer where the hold's paid-for length ran out."""
