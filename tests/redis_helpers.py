@@ -27,8 +27,10 @@ def unique_prefix() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-def link_for(url: str, prefix: str, *, heartbeat: float = 10.0, retry: float = 1.0, timeout: float = 0.25,
+def link_for(url: str, prefix: str, *, heartbeat: float = 10.0, retry: float = 1.0, timeout: float = 5.0,
              instruments: object | None = None) -> RedisLink:
+    """A link with a generous call timeout: on a loaded CI machine a slow reply must not look like an outage.
+    The tests of a hung Redis ask for the gateway's own 0.25 s."""
     return RedisLink(RedisSettings(url=url, prefix=prefix, timeout=timeout), heartbeat_seconds=heartbeat,
                      retry_seconds=retry, instruments=instruments)  # type: ignore[arg-type]
 

@@ -26,6 +26,7 @@ from apibox.limits import Subject
 from apibox.metrics import RedisInstruments
 from apibox.redis_limits import RedisLimiter, SharedAdmission
 from apibox.redis_link import RedisLink
+from apibox.settings import RedisSettings
 from tests import test_limits
 from tests.redis_helpers import PrivateRedis, eventually, link_for, unique_prefix
 from tests.test_limits import Clock
@@ -303,7 +304,7 @@ async def test_redis_killed_mid_run_falls_back_to_local_limits_and_comes_back(
 
 async def test_a_hung_redis_costs_a_request_a_fraction_of_a_second(
         private_redis: PrivateRedis, links: Callable[..., Any]) -> None:
-    link = await links(url=private_redis.url, retry=0.1)
+    link = await links(url=private_redis.url, retry=0.1, timeout=RedisSettings(url="").timeout)
     limiter = RedisLimiter(link)
     own = subject("key:1", rpm=100)
     await limiter.admit([own], 1)

@@ -39,7 +39,8 @@ class TwoGateways(Variant):
 
     def __init__(self, tmp_path: Path, database_url: str, fake: FakeUpstream, redis_url: str,
                  user_limits: LimitSet) -> None:
-        self.redis = RedisSettings(url=redis_url, prefix=unique_prefix())
+        # a generous timeout: on a loaded CI machine a slow reply must not send a gateway to local limits
+        self.redis = RedisSettings(url=redis_url, prefix=unique_prefix(), timeout=5.0)
         super().__init__(tmp_path, database_url, fake, limits(user=user_limits), server(admin_key=ADMIN_KEY),
                          self.with_redis)
         self.other_loop = asyncio.new_event_loop()
@@ -52,7 +53,8 @@ class TwoGateways(Variant):
     async def _start(self) -> Live:
         live = await super()._start()
         with live.config_path.open("a") as config:  # so that CLI commands publish their changes too
-            config.write(f"\nredis: {{url: '{self.redis.url}', prefix: {self.redis.prefix}}}\n")
+            config.write(f"\nredis: {{url: '{self.redis.url}', prefix: {self.redis.prefix}, "
+                         f"timeout: {self.redis.timeout}}}\n")
         return live
 
     def start(self) -> Live:
