@@ -23,7 +23,7 @@ def parse_usd(text: str | int | float | Decimal, *, allow_negative: bool = False
               allow_zero: bool = False) -> int:
     """Parse a USD amount like ``"10"``, ``"10.5"`` or ``"0.000001"`` into micro-USD.
 
-    Rejects NaN, infinities, exponents that overflow, more than 6 decimals, negatives
+    Rejects digits other than ASCII's, NaN, infinities, exponents that overflow, more than 6 decimals, negatives
     (unless allowed), zero (unless allowed) and amounts above ``MAX_AMOUNT_MICRO``.
     """
     raw = str(text).strip()
@@ -31,6 +31,8 @@ def parse_usd(text: str | int | float | Decimal, *, allow_negative: bool = False
         raw = repr(text)  # shortest repr keeps 0.075 exact
     raw = raw.removeprefix("$").replace("_", "")
     try:
+        if not raw.isascii():  # Decimal reads any script's digits: "١٠" would be 10 USD
+            raise ValueError(raw)
         value = Decimal(raw)
     except (InvalidOperation, ValueError):
         raise MoneyError(f"{text!r} is not an amount of USD (expected e.g. 10 or 10.50)") from None

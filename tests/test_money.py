@@ -54,6 +54,8 @@ def test_parse_usd_accepts_numbers_exactly(value: object, micro: int) -> None:
     # digits must not vanish in Decimal's 28-digit arithmetic.
     "1.0000000000000000000000000001",
     "123456789.1234560000000000000000000001",
+    # Decimal itself reads every script's digits; an amount is ASCII digits only.
+    "\u0661\u0660", "\uff11\uff10", "\u0967\u0966", "10.\u0665", "$\u0661",
 ])
 def test_parse_usd_rejects(text: str) -> None:
     with pytest.raises(MoneyError):
