@@ -167,25 +167,29 @@ class PlainRun:
 
 
 class LatestShapes:
-    """A stream's latest two shapes: a reasoning model's thinking, then its answer; or a stream
-    whose shared bytes change (Ollama's ``created`` moves on each second)."""
+    """A stream's latest few shapes, the one last used first: a reasoning model's thinking, then
+    its answer; each choice of a stream asked for ``n`` > 1 answers (a chunk's choice index is in
+    its bytes); or a stream whose shared bytes change (Ollama's ``created`` moves on each second)."""
 
-    __slots__ = ("before", "latest")
+    __slots__ = ("shapes",)
+
+    KEPT = 4  # beyond that a stream parses its chunks: a miss tries every shape kept
 
     def __init__(self) -> None:
-        self.latest: ChunkShape | None = None
-        self.before: ChunkShape | None = None
+        self.shapes: list[ChunkShape] = []
 
     def read_run(self, payloads: list[bytes], start: int) -> PlainRun | None:
-        """The run from ``payloads[start]`` on of whichever shape it has, the latest tried first."""
-        latest = self.latest
-        if latest is None:
+        """The run from ``payloads[start]`` on of whichever shape it has, the one last used tried first."""
+        shapes = self.shapes
+        if not shapes:
             return None
-        run = latest.read_run(payloads, start)
-        if run is None and self.before is not None:
-            run = self.before.read_run(payloads, start)
-            if run is not None:
-                self.latest, self.before = self.before, latest
+        run = shapes[0].read_run(payloads, start)
+        if run is None:
+            for position in range(1, len(shapes)):
+                run = shapes[position].read_run(payloads, start)
+                if run is not None:
+                    shapes.insert(0, shapes.pop(position))
+                    break
         return run
 
     def split(self, payloads: list[bytes]) -> Iterator[PlainRun | int]:
@@ -203,7 +207,8 @@ class LatestShapes:
 
     def learn(self, shape: ChunkShape | None) -> None:
         if shape is not None:
-            self.latest, self.before = shape, self.latest
+            self.shapes.insert(0, shape)
+            del self.shapes[self.KEPT:]
 
 
 def _with_text(value: Any, path: tuple[str | int, ...], text: str) -> Any:

@@ -228,7 +228,7 @@ def test_a_chunk_that_adds_text_to_one_field_gives_a_shape_of_that_field(delta: 
 
 
 async def test_a_stream_whose_shared_bytes_change_gets_a_new_shape_each_time() -> None:
-    """Ollama's ``created`` moves on each second: the latest two shapes are kept."""
+    """Ollama's ``created`` moves on each second: a new shape each second, the older ones forgotten."""
     chunks = upstream_chunks([f"w{i}" for i in range(9)])
     for index in range(1, 10):
         chunks[index]["created"] += (index - 1) // 3  # three chunks a second
@@ -236,6 +236,26 @@ async def test_a_stream_whose_shared_bytes_change_gets_a_new_shape_each_time() -
     items = [item for batch in found for item in batch]
     assert [len(item.texts) if isinstance(item, PlainRun) else 0 for item in items] == [0, 0, 2, 0, 2, 0, 2, 0, 0]
     assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=True))] == reserialized(chunks, True)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+async def test_each_choice_of_a_stream_asked_for_several_has_a_shape_of_its_own(n: int) -> None:
+    """``n`` answers come interleaved, a chunk per choice in turn: after each choice's first
+    text, every text chunk of every choice is read by its shape, whichever came just before."""
+    def of_choice(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        body = chunk(delta, finish)
+        body["choices"] = [{**body["choices"][0], "index": index}]
+        return body
+    chunks = [of_choice(c, {"role": "assistant", "content": ""}) for c in range(n)]
+    chunks += [of_choice(c, {"content": f"w{word}c{c}"}) for word in range(4) for c in range(n)]
+    chunks += [of_choice(c, {}, "stop") for c in range(n)]
+    found = await batches([sse(chunks, "orjson")])
+    items = [item for batch in found for item in batch]
+    parsed = [item for item in items if not isinstance(item, PlainRun)]
+    assert len(parsed) == n + n + n  # the roles, each choice's first text, the finishes
+    read_by_shape = [text for run in items if isinstance(run, PlainRun) for text in run.texts]
+    assert read_by_shape == [f"w{word}c{c}" for word in range(1, 4) for c in range(n)]
+    assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=False))] == reserialized(chunks, False)
 
 
 async def test_a_reasoning_models_thinking_and_answer_are_two_shapes_neither_parsed() -> None:

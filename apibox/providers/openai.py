@@ -45,9 +45,9 @@ class _OpenAIStream(UpstreamStream):
     """Chunks of an upstream SSE stream in batches that keep each chunk's bytes as they came
     (``WireBatch``): chunks that only add text are recognized by their shape and not parsed
     (consecutive ones go together as one ``PlainRun``), the others are; ends at ``[DONE]``.
-    A plain chunk that matches neither of the two latest shapes is learned as a new one, so a
-    reasoning model's thinking and its answer both go unparsed, and so does a stream whose shared
-    bytes change (Ollama's ``created`` moves on each second)."""
+    A plain chunk that matches none of the latest shapes is learned as a new one, so a reasoning
+    model's thinking and its answer both go unparsed, and so do the choices of a stream asked for
+    several and a stream whose shared bytes change (Ollama's ``created`` moves on each second)."""
 
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         finished = False
