@@ -142,6 +142,35 @@ async def test_an_anthropic_stream_reaches_an_openai_client_as_translating_each_
     body = sse(events, encoder, ending)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=5), label="cuts"))
     reads = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True) if b > a]
+    out, delivered = await _translated(reads)
+    assert _openai_frames(out) == _openai_frames(_translated_one_by_one(events))
+    assert delivered == "".join([*words, "lookup", *tool_json])  # the tool's name too; thinking has no place
+
+
+async def test_text_runs_before_and_after_a_late_message_start_carry_the_id_of_their_moment() -> None:
+    """A malformed stream whose deltas come before ``message_start``: the chunks made before it
+    carry the translation's own id, those after it the message's, runs and parsed chunks alike."""
+    events = message([], ["Hi", " there", " you", " all", " again", " and", " more"], [])
+    start = events.pop(0)
+    block = next(i for i, e in enumerate(events) if e["type"] == "content_block_start" and e["index"] == 1)
+    events.insert(block + 4, start)  # three deltas (the first parsed, a run of two), then the message
+    out, delivered = await _translated([sse(events, "compact")])
+    chunks = _openai_frames(out)
+    without_ids = [{k: v for k, v in chunk.items() if k != "id"} for chunk in chunks]
+    assert without_ids == [{k: v for k, v in chunk.items() if k != "id"}
+                           for chunk in _openai_frames(_translated_one_by_one(events))]
+    texts_with_ids = [(c["choices"][0]["delta"]["content"], c["id"]) for c in chunks
+                      if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert [text for text, _ in texts_with_ids] == ["Hi", " there", " you", " all", " again", " and", " more"]
+    early = {chunk_id for _, chunk_id in texts_with_ids[:3]}
+    assert len(early) == 1 and early != {"msg_1"}
+    assert {chunk_id for _, chunk_id in texts_with_ids[3:]} == {"msg_1"}
+    assert delivered == "Hi there you all again and more" + "lookup"  # the tool block's name
+
+
+async def _translated(reads: list[bytes]) -> tuple[bytes, str]:
+    """An Anthropic stream read by ``_TranslatedStream`` and rendered for an OpenAI client: the
+    bytes sent and the text counted as delivered."""
     translated = _TranslatedStream(NativeStream(Response(Content(reads)), upstream()), "claude-upstream")  # type: ignore[arg-type]
     renderer, out, delivered = OpenAIRenderer(CLIENT, False), b"", ""
     async for batch in translated:  # type: ignore[attr-defined]
@@ -152,11 +181,15 @@ async def test_an_anthropic_stream_reaches_an_openai_client_as_translating_each_
             else:
                 piece = renderer.feed(item, None)
                 out, delivered = out + piece.data, delivered + piece.text
+    return out, delivered
+
+
+def _translated_one_by_one(events: list[dict[str, Any]]) -> bytes:
+    """What translating and rendering each event in turn sends."""
     reference, one_by_one, expected = AnthropicToOpenAIStream("claude-upstream"), OpenAIRenderer(CLIENT, False), b""
     for chunk in (chunk for event in events if event["type"] != "ping" for chunk in reference.feed(event)):
         expected += one_by_one.feed(chunk, None).data
-    assert _openai_frames(out) == _openai_frames(expected)
-    assert delivered == "".join([*words, "lookup", *tool_json])  # the tool's name too; thinking has no place
+    return expected
 
 
 def _openai_frames(data: bytes) -> list[dict[str, Any]]:
