@@ -32,6 +32,9 @@ from tests.conftest import fund
 from tests.redis_helpers import PrivateRedis, eventually, link_for, unique_prefix
 
 HOUR = 3600.0
+# A revoked key or suspended user is refused within this on every instance (DESIGN.md). The instances
+# here cache for an hour, so any refusal within it came over Redis.
+PROMISED_SECONDS = 1.0
 
 # -- the message ------------------------------------------------------------------------------------------
 
@@ -187,7 +190,7 @@ async def instances(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
 
 
 async def refused_within(auth: Authenticator, secret_: str, expected: type[Exception], limit: float) -> float:
-    """Seconds until ``auth`` refuses ``secret_`` (polled every 5 ms), failing after ``limit``."""
+    """Seconds until ``auth`` refuses ``secret_`` (polled every 5 ms); fails the test after ``limit``."""
     started = time.monotonic()
     while True:
         try:
@@ -210,7 +213,7 @@ async def test_a_key_revoked_through_one_gateway_is_refused_by_the_other_at_once
     await accounts.revoke_key(store, str(key_id), notify=one.notifier)
     with pytest.raises(InvalidApiKey):  # its own cache forgot before the call returned
         await one.auth.authenticate(key)
-    assert await refused_within(other.auth, key, InvalidApiKey, 1.0) < 0.5
+    await refused_within(other.auth, key, InvalidApiKey, PROMISED_SECONDS)
     assert other.subscriber.received == 1
 
 
@@ -227,7 +230,7 @@ async def test_the_cli_path_reaches_every_gateway(store: Store, config_path: Pat
     await accounts.set_user_state(store, "ann@example.com", UserState.SUSPENDED, "unpaid",
                                   notify=RedisPublisher(RedisSettings(url=redis_url, prefix=prefix)))
     for gateway in gateways:
-        assert await refused_within(gateway.auth, ann, PermissionDenied, 1.0) < 0.5
+        await refused_within(gateway.auth, ann, PermissionDenied, PROMISED_SECONDS)
         await gateway.auth.authenticate(bob)  # another user's key is untouched
 
 
@@ -243,7 +246,7 @@ async def test_the_cli_command_publishes_to_running_gateways(store: Store, confi
     result = await asyncio.to_thread(CliRunner().invoke, cli_app, ["keys", "revoke", str(key_id),
                                                                    "--config", str(config_path)])
     assert result.exit_code == 0, result.output
-    assert await refused_within(gateway.auth, key, InvalidApiKey, 1.0) < 0.5
+    await refused_within(gateway.auth, key, InvalidApiKey, PROMISED_SECONDS)
 
 
 async def test_a_change_published_while_redis_is_away_still_stands(store: Store, config_path: Path,
