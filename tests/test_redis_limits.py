@@ -214,26 +214,31 @@ async def test_subjects_without_a_kind_of_limit_write_nothing_for_it(links: Call
     assert await link.client.zcard(link.key("busy", "key:1")) == 0
 
 
+# Seconds between heartbeats in the lease tests (a lease is three): short enough for a quick test,
+# long enough that a loaded CI machine's stall of half a second does not end a lease early.
+LOADED_CI_HEARTBEAT = 0.5
+
+
 async def test_a_dead_instance_stops_counting_when_its_leases_end(links: Callable[..., Any]) -> None:
     """A process that dies mid-request never finishes it; its slot comes back after the lease (3 heartbeats)."""
-    dying = RedisLimiter(await links(heartbeat=0.1))
-    survivor = RedisLimiter(await links(heartbeat=0.1))
+    dying = RedisLimiter(await links(heartbeat=LOADED_CI_HEARTBEAT))
+    survivor = RedisLimiter(await links(heartbeat=LOADED_CI_HEARTBEAT))
     user = subject("user:1", concurrency=1)
     await dying.admit([user], 0)
     await dying._link.close()  # gone without finishing: no more heartbeats
     with pytest.raises(RateLimited):
         await survivor.admit([user], 0)
-    await asyncio.sleep(0.45)  # past the 0.3 s lease
+    await asyncio.sleep(3 * LOADED_CI_HEARTBEAT + 0.2)  # past the lease
     await survivor.admit([user], 0)
 
 
 async def test_a_live_instance_keeps_a_long_request_counted(links: Callable[..., Any]) -> None:
     """Heartbeats renew the leases of requests in flight, however long they run."""
-    streaming = RedisLimiter(await links(heartbeat=0.1))
-    other = RedisLimiter(await links(heartbeat=0.1))
+    streaming = RedisLimiter(await links(heartbeat=LOADED_CI_HEARTBEAT))
+    other = RedisLimiter(await links(heartbeat=LOADED_CI_HEARTBEAT))
     user = subject("user:1", concurrency=1)
     long_one = await streaming.admit([user], 0)
-    await asyncio.sleep(1.0)  # more than three leases
+    await asyncio.sleep(3 * LOADED_CI_HEARTBEAT + 0.5)  # longer than a lease: renewed meanwhile
     with pytest.raises(RateLimited):
         await other.admit([user], 0)
     await streaming.finish(long_one, 0)
