@@ -7,14 +7,12 @@ process on a fixed port, so it can come back where the gateway expects it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 from apibox.redis_link import RedisLink
@@ -89,13 +87,3 @@ class PrivateRedis:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, step: float = 0.01) -> float:
-    """Wait until ``check()`` holds; returns how long it took (fails after ``timeout`` seconds)."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"not true after {timeout} s")
-        await asyncio.sleep(step)
-    return time.monotonic() - started

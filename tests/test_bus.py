@@ -29,7 +29,8 @@ from apibox.redis_link import RedisLink
 from apibox.settings import RedisSettings
 from apibox.store.base import Store
 from tests.conftest import fund
-from tests.redis_helpers import PrivateRedis, eventually, link_for, unique_prefix
+from tests.redis_helpers import PrivateRedis, link_for, unique_prefix
+from tests.waiting import eventually
 
 HOUR = 3600.0
 # A revoked key or suspended user is refused within this on every instance (DESIGN.md). The instances

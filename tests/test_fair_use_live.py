@@ -28,6 +28,7 @@ from tests.conftest import Live, serving
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import account, balance, books, charges, execute, query, usage_rows, wait_for_usage
 from tests.live_variants import CHAT, MESSAGES, Variant, limits, openai_error, request, server, store_of
+from tests.waiting import eventually
 
 LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
 
@@ -121,18 +122,11 @@ async def test_an_unlimited_key_gets_no_ratelimit_headers(live: Live, live_store
 # -- requests at once ---------------------------------------------------------------------
 
 
-async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
-
-
 async def test_concurrency_2_refuses_a_third_request_at_once(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "1", concurrency=2)
     live.fake.delay = 0.6
     slow = [asyncio.ensure_future(chat(live, who.key)) for _ in range(2)]
-    await wait_until(lambda: len(live.fake.requests) == 2)  # both are waiting on the upstream
+    await eventually(lambda: len(live.fake.requests) == 2)  # both are waiting on the upstream
     status, headers, raw = await chat(live, who.key)
     assert status == 429
     error = openai_error(raw)
@@ -221,7 +215,7 @@ async def test_user_concurrency_from_config_holds_across_keys(start) -> None:
                                             known_models=live.settings.model_index())).secret
     live.fake.delay = 0.5
     first = asyncio.ensure_future(chat(live, ann.key))
-    await wait_until(lambda: len(live.fake.requests) == 1)
+    await eventually(lambda: len(live.fake.requests) == 1)
     status, _, raw = await chat(live, second)
     assert status == 429
     assert "at once" in openai_error(raw)["message"]
@@ -438,7 +432,7 @@ async def test_max_in_flight_1_refuses_the_second_concurrent_request_with_503(st
         who = await account(db, live, "ann@example.com", "1")
     live.fake.delay = 0.5
     first = asyncio.ensure_future(chat(live, who.key))
-    await wait_until(lambda: len(live.fake.requests) == 1)
+    await eventually(lambda: len(live.fake.requests) == 1)
     status, headers, raw = await chat(live, who.key)
     assert status == 503
     error = openai_error(raw)

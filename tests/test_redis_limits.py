@@ -28,8 +28,9 @@ from apibox.redis_limits import RedisLimiter, SharedAdmission
 from apibox.redis_link import RedisLink
 from apibox.settings import RedisSettings
 from tests import test_limits
-from tests.redis_helpers import PrivateRedis, eventually, link_for, unique_prefix
+from tests.redis_helpers import PrivateRedis, link_for, unique_prefix
 from tests.test_limits import Clock
+from tests.waiting import eventually
 
 
 def subject(name: str, rpm: int | None = None, tpm: int | None = None, concurrency: int | None = None) -> Subject:
