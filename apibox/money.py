@@ -23,8 +23,8 @@ def parse_usd(text: str | int | float | Decimal, *, allow_negative: bool = False
               allow_zero: bool = False) -> int:
     """Parse a USD amount like ``"10"``, ``"10.5"`` or ``"0.000001"`` into micro-USD.
 
-    Rejects digits other than ASCII's, NaN, infinities, exponents that overflow, more than 6 decimals, negatives
-    (unless allowed), zero (unless allowed) and amounts above ``MAX_AMOUNT_MICRO``.
+    Rejects digits other than ASCII's, NaN, infinities, exponents that overflow, more than 6
+    decimals, negatives (unless allowed), zero (unless allowed) and amounts above ``MAX_AMOUNT_MICRO``.
     """
     raw = str(text).strip()
     if isinstance(text, float):
