@@ -67,8 +67,10 @@ def copy(
                                         "postgresql://apibox@db.internal/apibox.", show_default=False)],
     as_json: JsonOption = False,
 ) -> None:
-    """Copy every user, key, balance, ledger entry and usage row into an empty database, then verify
-    the copy (row counts, money totals, the ledger audit). Stop the gateways using the source first."""
+    """Copy every user, key, balance, ledger entry and usage row into an empty database, and verify it.
+    Stop the gateways using the source first.
+
+    The copy is verified by its row counts, its money totals and the ledger audit."""
     with progress_bars(hidden=as_json) as progress:
         result = asyncio.run(_copy(source, target, progress))
     if as_json:
