@@ -80,6 +80,10 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
     # The first line of the docstring is what the operator reads in --help.
     first_words = " ".join(summary.split()[:4])
     assert first_words in " ".join(result.output.split())
+    # Command lists show the first paragraph with its line breaks kept (typer's rich mode): each
+    # line must end a sentence, or the list breaks one in two.
+    for line in summary.split("\n\n")[0].splitlines():
+        assert line.rstrip().endswith("."), f"`apibox {' '.join(path)}`'s summary breaks mid-sentence: {line!r}"
     # Every option and argument explains itself too.
     for param in command.params:
         assert (getattr(param, "help", None) or "").strip(), f"`apibox {' '.join(path)}` {param.name} has no help"
