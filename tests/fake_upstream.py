@@ -3,7 +3,8 @@
 It records every request it receives (headers and JSON body) and answers according to
 ``mode``: a normal reply, an error status, a stream cut half-way, malformed events, a stream
 without usage, or a stream that ignores ``max_tokens``; with ``obfuscation``, stream chunks carry
-OpenAI's random padding (``pads_sent`` records it). Streamed events are written in
+OpenAI's random padding (``pads_sent`` records it). A request for ``n`` answers gets ``n`` choices
+of the same words (a stream's chunks interleaved, one choice each, as OpenAI sends them). Streamed events are written in
 several TCP writes that split them at awkward places (inside JSON, inside a multi-byte
 UTF-8 character, between ``\\r`` and ``\\n``), so the gateway's SSE parsing is tested for real.
 """
@@ -82,21 +83,22 @@ class FakeUpstream:
         words = self.words if self.mode == "overrun" else self.words[:limit]
         finish = "length" if len(words) < len(self.words) else "stop"
         chat = request.path.endswith("chat/completions")
+        answers = range(body.get("n") or 1)
         if not body.get("stream"):
             text = "".join(words)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                       "logprobs": None, "finish_reason": finish} if chat else
-                      {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None, "finish_reason": finish} if chat else
+                       {"index": i, "text": text, "logprobs": None, "finish_reason": finish} for i in answers]
             reply = {"id": "chatcmpl-fake", "object": "chat.completion" if chat else "text_completion",
-                     "created": int(time.time()), "model": body["model"], "choices": [choice],
+                     "created": int(time.time()), "model": body["model"], "choices": choices,
                      "system_fingerprint": "fp_fake"}
             if self.mode != "no_usage":
-                reply["usage"] = self.usage(len(words))
+                reply["usage"] = self.usage(len(words) * len(answers))
             return web.json_response(reply)
-        return await self.stream(request, body, words, finish, chat)
+        return await self.stream(request, body, words, finish, chat, answers)
 
     async def stream(self, request: web.Request, body: dict[str, Any], words: list[str], finish: str,
-                     chat: bool) -> web.StreamResponse:
+                     chat: bool, answers: range) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         include_usage = (body.get("stream_options") or {}).get("include_usage") and self.mode != "no_usage"
@@ -105,11 +107,11 @@ class FakeUpstream:
                 "created": int(time.time()), "model": body["model"], "system_fingerprint": "fp_fake"}
         padded = self.obfuscation and (body.get("stream_options") or {}).get("include_obfuscation") is not False
 
-        def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None, index: int = 0) -> dict[str, Any]:
             if chat:
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
             else:
-                choice = {"index": 0, "text": delta.get("content", ""), "logprobs": None,
+                choice = {"index": index, "text": delta.get("content", ""), "logprobs": None,
                           "finish_reason": finish_reason}
             made = {**head, "choices": [choice], **extra}
             if padded:  # a different length each time, as OpenAI's padding has
@@ -117,9 +119,10 @@ class FakeUpstream:
                 self.pads_sent.append(made["obfuscation"])
             return made
 
-        events = [chunk({"role": "assistant", "content": ""}, None)] if chat else []
-        events += [chunk({"content": None, "reasoning_content": t}, None) for t in self.thoughts] if chat else []
-        events += [chunk({"content": w}, None) for w in words]
+        events = [chunk({"role": "assistant", "content": ""}, None, i) for i in answers] if chat else []
+        events += [chunk({"content": None, "reasoning_content": t}, None, i)
+                   for t in self.thoughts for i in answers] if chat else []
+        events += [chunk({"content": w}, None, i) for w in words for i in answers]
         pending: list[bytes] = []
 
         async def send(data: bytes) -> None:
@@ -143,9 +146,10 @@ class FakeUpstream:
                 await send(b"data: {this is not json\n\n")
                 continue
             await send(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n")
-        await send(b"data: " + json.dumps(chunk({}, finish)).encode() + b"\n\n")
+        for i in answers:
+            await send(b"data: " + json.dumps(chunk({}, finish, i)).encode() + b"\n\n")
         if include_usage:
-            usage_chunk = {**head, "choices": [], "usage": self.usage(len(words))}
+            usage_chunk = {**head, "choices": [], "usage": self.usage(len(words) * len(answers))}
             await send(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
         await send(b"data: [DONE]\n\n")
         await flush()

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
-from apibox import reports
+from apibox import reports, tokens
 from apibox.cli.main import app as cli_app
 from apibox.config import ModelSettings, Route, Settings
 from apibox.money import format_usd
@@ -113,6 +113,68 @@ async def test_chat_through_sdk_bills_exactly_the_reported_usage(live: Live, liv
     assert row["request_id"] == reply.request_id
     assert charges(live, who.user_id) == [cost]
     assert balance(live, who.user_id) == (before - cost, 0)
+
+
+ANSWERS = 3
+
+
+def _answers_from_chunks(chunks: list[Any], headers: Any) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
+    """Each choice's text and finish reason, gathered from a stream's interleaved chunks, and its usage."""
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    usage = [c.usage.model_dump() for c in chunks if c.usage is not None]
+    return texts, finishes, usage[0] if usage else {}
+
+
+def _answers_from_completion(raw: Any) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
+    completion = raw.parse()
+    return ({c.index: c.message.content for c in completion.choices},
+            {c.index: c.finish_reason for c in completion.choices}, completion.usage.model_dump())
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_n_answers_each_reach_the_sdk_whole_and_are_billed_together(live: Live, live_store,
+                                                                          stream: bool) -> None:
+    """A request for three answers: the SDK gets three whole choices (a stream's chunks come
+    interleaved, a choice each), the upstream is asked for each answer's share of the hold, and
+    the charge is the usage of all three."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    params: dict[str, Any] = {"model": "gpt-fake", "messages": [{"role": "user", "content": PROMPT}],
+                              "n": ANSWERS, "max_tokens": 20}
+    if stream:
+        params["stream_options"] = {"include_usage": True}
+    texts, finishes, usage = await openai_sdk_chat(live, who.key, params, sdk="async", stream=stream,
+                                                   from_chunks=_answers_from_chunks,
+                                                   from_completion=_answers_from_completion)
+    assert texts == dict.fromkeys(range(ANSWERS), FAKE_TEXT)
+    assert finishes == dict.fromkeys(range(ANSWERS), "stop")
+    assert live.fake.requests[-1].body["max_tokens"] == 20  # the hold is for 3 x 20: each answer's share
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (21, ANSWERS * len(WORDS))
+    cost = expected_cost("gpt-fake", 21, ANSWERS * len(WORDS))
+    assert Decimal(str(usage["cost"])) == Decimal(cost) / 1_000_000
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["completion_tokens"], row["charged"], row["estimated"]) == (ANSWERS * len(WORDS), cost, 0)
+    assert charges(live, who.user_id) == [cost]
+
+
+async def test_n_streamed_answers_without_usage_are_charged_for_every_answers_text(live: Live, live_store) -> None:
+    """The upstream reports no usage: the estimate counts what each of the three answers delivered."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode = "no_usage"
+    params = {"model": "gpt-fake", "messages": [{"role": "user", "content": PROMPT}], "n": ANSWERS,
+              "max_tokens": 20}
+    texts, _, _ = await openai_sdk_chat(live, who.key, params, sdk="async", stream=True,
+                                        from_chunks=_answers_from_chunks, from_completion=_answers_from_completion)
+    assert texts == dict.fromkeys(range(ANSWERS), FAKE_TEXT)
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    delivered = ANSWERS * sum(tokens.count_tokens(word) for word in WORDS)
+    assert (row["completion_tokens"], row["estimated"]) == (delivered, 1)
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] == row["cost"] > 0
 
 
 async def test_upstream_gets_its_own_model_name_and_key_never_the_clients(live: Live, live_store) -> None:
