@@ -747,6 +747,21 @@ async def loose(databases: Databases, request: pytest.FixtureRequest,
 Loose = tuple[Store, Connection, User, ApiKey]
 
 
+def raw_usage(conn: Connection, user: User, key: ApiKey, request_id: str, cost: int, charged: int) -> int:
+    """A usage row written behind the store's back (as a bug or a hand edit would): its id."""
+    return conn.execute(
+        "INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
+        "http_status, cost, charged) VALUES (?, 0, ?, ?, 'm', 'p', 'e', 'ok', 200, ?, ?) RETURNING id",
+        (request_id, user.id, key.id, cost, charged)).fetchone()[0]
+
+
+def raw_ledger(conn: Connection, user_id: int, kind: str, amount: int, balance_after: int,
+               usage_id: int | None = None) -> None:
+    """A ledger row written behind the store's back."""
+    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor, usage_id) "
+                 "VALUES (?, 0, ?, ?, ?, 'x', ?)", (user_id, kind, amount, balance_after, usage_id))
+
+
 async def test_audit_finds_a_balance_off_by_one(loose: Loose) -> None:
     db, conn, user, _ = loose
     conn.execute("UPDATE balances SET balance = balance + 1 WHERE user_id = ?", (user.id,))
@@ -775,8 +790,7 @@ async def test_audit_finds_a_hold_row_removed_without_its_trigger(loose: Loose, 
 async def test_audit_finds_a_charge_without_usage(loose: Loose) -> None:
     db, conn, user, _ = loose
     conn.execute("UPDATE balances SET balance = balance - 5 WHERE user_id = ?", (user.id,))
-    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
-                 "VALUES (?, 0, 'charge', -5, 9295, 'x')", (user.id,))
+    raw_ledger(conn, user.id, "charge", -5, 9295)
     problems = await db.audit()
     assert len(problems) == 1
     assert "does not match its usage row" in problems[0] and "of 5" in problems[0]
@@ -784,22 +798,16 @@ async def test_audit_finds_a_charge_without_usage(loose: Loose) -> None:
 
 async def test_audit_finds_usage_charged_without_a_ledger_row(loose: Loose) -> None:
     db, conn, user, key = loose
-    conn.execute("INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
-                 "http_status, cost, charged) VALUES ('ghost', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 9, 9)",
-                 (user.id, key.id))
+    raw_usage(conn, user, key, "ghost", 9, 9)
     problems = await db.audit()
     assert len(problems) == 1 and "charged 9 but has no ledger row" in problems[0]
 
 
 async def test_audit_finds_a_charge_that_differs_from_its_usage(loose: Loose) -> None:
     db, conn, user, key = loose
-    usage_id = conn.execute(
-        "INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
-        "http_status, cost, charged) VALUES ('r2', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 10, 10) RETURNING id",
-        (user.id, key.id)).fetchone()[0]
+    usage_id = raw_usage(conn, user, key, "r2", 10, 10)
     conn.execute("UPDATE balances SET balance = balance - 4 WHERE user_id = ?", (user.id,))
-    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor, usage_id) "
-                 "VALUES (?, 0, 'charge', -4, 9296, 'x', ?)", (user.id, usage_id))
+    raw_ledger(conn, user.id, "charge", -4, 9296, usage_id)
     problems = await db.audit()
     assert len(problems) == 1 and "of 4 does not match its usage row (charged 10)" in problems[0]
 
@@ -811,13 +819,9 @@ async def test_audit_finds_a_charge_on_another_users_usage(loose: Loose) -> None
     usage_id = conn.execute("SELECT id FROM usage").fetchone()[0]
     conn.execute("UPDATE balances SET balance = 99 WHERE user_id = ?", (other.id,))
     # the usage row is already paired with user's charge; a second charge needs a fresh usage row of user's
-    fresh = conn.execute(
-        "INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, "
-        "http_status, cost, charged) VALUES ('r3', 0, ?, ?, 'm', 'p', 'e', 'ok', 200, 1, 1) RETURNING id",
-        (user.id, key.id)).fetchone()[0]
+    fresh = raw_usage(conn, user, key, "r3", 1, 1)
     assert fresh != usage_id
-    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor, usage_id) "
-                 "VALUES (?, 0, 'charge', -1, 99, 'x', ?)", (other.id, fresh))
+    raw_ledger(conn, other.id, "charge", -1, 99, fresh)
     problems = await db.audit()
     assert len(problems) == 1 and "does not match its usage row" in problems[0]
 
@@ -825,8 +829,7 @@ async def test_audit_finds_a_charge_on_another_users_usage(loose: Loose) -> None
 async def test_audit_finds_a_wrong_balance_after(loose: Loose) -> None:
     db, conn, user, _ = loose
     conn.execute("UPDATE balances SET balance = balance + 10 WHERE user_id = ?", (user.id,))
-    conn.execute("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, actor) "
-                 "VALUES (?, 0, 'adjustment', 10, 9999, 'x')", (user.id,))
+    raw_ledger(conn, user.id, "adjustment", 10, 9999)
     problems = await db.audit()
     assert len(problems) == 1
     assert "balance_after 9999 differs from the running sum 9310" in problems[0]
