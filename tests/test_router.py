@@ -45,6 +45,15 @@ def router(*models: ModelSettings, seed: int = 1234, clock: Clock | None = None,
     return Router(settings, rng=random.Random(seed), clock=clock or Clock())
 
 
+def a_cooled() -> tuple[ModelSettings, Clock, Router]:
+    """A model served by A then B, whose router has just cooled A (three failures, 30 s cooldown)."""
+    served, clock = model(A, B), Clock()
+    r = router(served, clock=clock, cooldown=30.0)
+    for _ in range(3):
+        r.failed(A)
+    return served, clock, r
+
+
 # -- the plan: priority, then a weighted shuffle --------------------------------------------
 
 
@@ -175,11 +184,7 @@ def test_failures_must_be_in_a_row_to_cool_a_route() -> None:
 
 
 def test_a_cooled_route_comes_back_when_its_cooldown_has_passed() -> None:
-    served = model(A, B)
-    clock = Clock()
-    r = router(served, clock=clock, cooldown=30.0)
-    for _ in range(3):
-        r.failed(A)
+    served, clock, r = a_cooled()
     clock.advance(29.999)
     assert r.plan(served) == [B, A]
     clock.advance(0.001)
@@ -191,11 +196,7 @@ def test_a_cooled_route_comes_back_when_its_cooldown_has_passed() -> None:
 
 
 def test_a_failed_half_open_trial_cools_the_route_for_another_period() -> None:
-    served = model(A, B)
-    clock = Clock()
-    r = router(served, clock=clock, cooldown=30.0)
-    for _ in range(3):
-        r.failed(A)
+    served, clock, r = a_cooled()
     clock.advance(30)
     assert r.plan(served)[0] == A  # the trial
     r.failed(A)
@@ -204,11 +205,7 @@ def test_a_failed_half_open_trial_cools_the_route_for_another_period() -> None:
 
 
 def test_one_failure_when_half_open_cools_the_route_again_at_once() -> None:
-    served = model(A, B)
-    clock = Clock()
-    r = router(served, clock=clock, cooldown=30.0)
-    for _ in range(3):
-        r.failed(A)
+    served, clock, r = a_cooled()
     clock.advance(31)
     assert r.plan(served) == [A, B]
     r.failed(A)  # a single failure, not three
@@ -220,11 +217,7 @@ def test_one_failure_when_half_open_cools_the_route_again_at_once() -> None:
 
 
 def test_a_success_when_half_open_clears_the_route() -> None:
-    served = model(A, B)
-    clock = Clock()
-    r = router(served, clock=clock)
-    for _ in range(3):
-        r.failed(A)
+    served, clock, r = a_cooled()
     clock.advance(31)
     r.succeeded(A)
     r.failed(A)
@@ -235,11 +228,7 @@ def test_a_success_when_half_open_clears_the_route() -> None:
 
 
 def test_a_success_clears_a_cooling_route_at_once() -> None:
-    served = model(A, B)
-    clock = Clock()
-    r = router(served, clock=clock)
-    for _ in range(3):
-        r.failed(A)
+    served, _, r = a_cooled()
     assert r.cooling(A)
     r.succeeded(A)  # e.g. it served as the last resort while cooling
     assert not r.cooling(A)
