@@ -138,27 +138,32 @@ def _answers_from_completion(raw: Any) -> tuple[dict[int, str], dict[int, str], 
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-async def test_n_answers_each_reach_the_sdk_whole_and_are_billed_together(live: Live, live_store,
+@pytest.mark.parametrize("model", ["gpt-fake", "demo"])
+async def test_n_answers_each_reach_the_sdk_whole_and_are_billed_together(live: Live, live_store, model: str,
                                                                           stream: bool) -> None:
     """A request for three answers: the SDK gets three whole choices (a stream's chunks come
     interleaved, a choice each), the upstream is asked for each answer's share of the hold, and
-    the charge is the usage of all three."""
+    the charge is the usage of all three. The demo model answers n too."""
     who = await account(live_store, live, "ann@example.com", "1")
-    params: dict[str, Any] = {"model": "gpt-fake", "messages": [{"role": "user", "content": PROMPT}],
+    params: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}],
                               "n": ANSWERS, "max_tokens": 20}
     if stream:
         params["stream_options"] = {"include_usage": True}
     texts, finishes, usage = await openai_sdk_chat(live, who.key, params, sdk="async", stream=stream,
                                                    from_chunks=_answers_from_chunks,
                                                    from_completion=_answers_from_completion)
-    assert texts == dict.fromkeys(range(ANSWERS), FAKE_TEXT)
+    answer = FAKE_TEXT if model == "gpt-fake" else DEMO_TEXT
+    assert texts == dict.fromkeys(range(ANSWERS), answer)
     assert finishes == dict.fromkeys(range(ANSWERS), "stop")
-    assert live.fake.requests[-1].body["max_tokens"] == 20  # the hold is for 3 x 20: each answer's share
-    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (21, ANSWERS * len(WORDS))
-    cost = expected_cost("gpt-fake", 21, ANSWERS * len(WORDS))
+    per_answer = len(WORDS) if model == "gpt-fake" else tokens.count_tokens(DEMO_TEXT)
+    assert usage["completion_tokens"] == ANSWERS * per_answer
+    if model == "gpt-fake":
+        assert live.fake.requests[-1].body["max_tokens"] == 20  # the hold is for 3 x 20: each answer's share
+        assert usage["prompt_tokens"] == 21
+    cost = expected_cost(model, usage["prompt_tokens"], ANSWERS * per_answer)
     assert Decimal(str(usage["cost"])) == Decimal(cost) / 1_000_000
     row = (await wait_for_usage(live, who.user_id, 1))[0]
-    assert (row["completion_tokens"], row["charged"], row["estimated"]) == (ANSWERS * len(WORDS), cost, 0)
+    assert (row["completion_tokens"], row["charged"], row["estimated"]) == (ANSWERS * per_answer, cost, 0)
     assert charges(live, who.user_id) == [cost]
 
 

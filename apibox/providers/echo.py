@@ -1,7 +1,8 @@
 """The built-in offline provider: deterministic replies with real token counts.
 
-It answers ``Echo: <the last user message>`` (cut at the request's token limit), streams it
-piece by piece, and returns stable pseudo-embeddings, so the whole billing path can be
+It answers ``Echo: <the last user message>`` (cut at the request's token limit), as many times
+as the request's ``n`` asks, streams it piece by piece (the answers' chunks interleaved, as
+OpenAI sends them), and returns stable pseudo-embeddings, so the whole billing path can be
 tried without an upstream account or a network.
 """
 
@@ -40,15 +41,15 @@ class EchoProvider:
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:
         if request.endpoint == "embeddings":
             return _embeddings(request.body)
-        pieces, finish, usage = self._answer(request)
+        pieces, finish, usage, answers = self._answer(request)
         text = "".join(pieces)
         head = self._head(request, "chat.completion" if request.endpoint == "chat/completions" else "text_completion")
         if request.endpoint == "chat/completions":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": None, "finish_reason": finish}
+            choices = [{"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None, "finish_reason": finish} for i in answers]
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**head, "choices": [choice], "usage": usage_to_openai(usage)}
+            choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish} for i in answers]
+        return {**head, "choices": choices, "usage": usage_to_openai(usage)}
 
     async def open_stream(self, request: ProviderRequest) -> _EchoStream:
         if request.endpoint == "embeddings":
@@ -61,8 +62,9 @@ class EchoProvider:
                 "model": request.body.get("model", "echo")}
 
     @staticmethod
-    def _answer(request: ProviderRequest) -> tuple[list[str], str, Usage]:
-        """The reply's pieces (one token each, with their leading spaces), finish reason and usage."""
+    def _answer(request: ProviderRequest) -> tuple[list[str], str, Usage, range]:
+        """An answer's pieces (one token each, with their leading spaces) and finish reason; the
+        usage of all the answers asked for, and their indexes."""
         body = request.body
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
         texts, messages, images = prompt_parts(body)
@@ -76,7 +78,8 @@ class EchoProvider:
         finish = "stop"
         if len(pieces) > limit:
             pieces, finish = pieces[:limit], "length"
-        return pieces, finish, Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces))
+        answers = range(body.get("n") or 1)
+        return pieces, finish, Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * len(answers)), answers
 
 
 class _EchoStream:
@@ -90,26 +93,30 @@ class _EchoStream:
     async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
         request = self._request
         chat = request.endpoint == "chat/completions"
-        pieces, finish, usage = self._provider._answer(request)
+        pieces, finish, usage, answers = self._provider._answer(request)
         head = self._provider._head(request, "chat.completion.chunk" if chat else "text_completion")
         with_usage = bool((request.body.get("stream_options") or {}).get("include_usage"))
         extra = {"usage": None} if with_usage else {}
 
-        def chunk(content: str | None, finish_reason: str | None, first: bool = False) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-                if content is not None:
-                    delta["content"] = content
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            else:
-                choice = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
-            return {**head, "choices": [choice], **extra}
+        def chunks(content: str | None, finish_reason: str | None, first: bool = False) -> list[dict[str, Any]]:
+            """One chunk per answer, each adding ``content`` to its own choice."""
+            made = []
+            for index in answers:
+                if chat:
+                    delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+                    if content is not None:
+                        delta["content"] = content
+                    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                else:
+                    choice = {"index": index, "text": content or "", "logprobs": None, "finish_reason": finish_reason}
+                made.append({**head, "choices": [choice], **extra})
+            return made
 
         if chat:
-            yield [chunk(None, None, first=True)]
+            yield chunks(None, None, first=True)
         for piece in pieces:
-            yield [chunk(piece, None)]
-        yield [chunk(None, finish)]
+            yield chunks(piece, None)
+        yield chunks(None, finish)
         if with_usage:
             yield [{**head, "choices": [], "usage": usage_to_openai(usage)}]
 
