@@ -79,7 +79,8 @@ class EchoProvider:
         if len(pieces) > limit:
             pieces, finish = pieces[:limit], "length"
         answers = range(body.get("n") or 1)
-        return pieces, finish, Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * len(answers)), answers
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=len(pieces) * len(answers))
+        return pieces, finish, usage, answers
 
 
 class _EchoStream:
