@@ -256,6 +256,17 @@ async def test_each_choice_of_a_stream_asked_for_several_has_a_shape_of_its_own(
     read_by_shape = [text for run in items if isinstance(run, PlainRun) for text in run.texts]
     assert read_by_shape == [f"w{word}c{c}" for word in range(1, 4) for c in range(n)]
     assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=False))] == reserialized(chunks, False)
+    renderer = OpenAIRenderer(CLIENT, False)
+    framed: list[ChunkShape] = []
+    work_out = renderer._around
+
+    def counted(shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
+        framed.append(shape)
+        return work_out(shape)
+    renderer._around = counted  # type: ignore[method-assign]
+    for run in (item for item in items if isinstance(item, PlainRun)):
+        renderer.plain(run)
+    assert len(framed) == n  # each choice's frame worked out once, not once a run
 
 
 async def test_a_reasoning_models_thinking_and_answer_are_two_shapes_neither_parsed() -> None:

@@ -18,7 +18,7 @@ from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
-from apibox.shapes import ChunkShape, PlainRun
+from apibox.shapes import ChunkShape, LatestShapes, PlainRun
 from apibox.sse import encode
 
 
@@ -63,8 +63,8 @@ class OpenAIRenderer:
         self.usage_chunk: dict[str, Any] | None = None
         self.upstream_model = self.model
         self.upstream_forms = self.client_forms = model_field(model)
-        self.shape: ChunkShape | None = None
-        self.around: tuple[bytes, bytes, bytes] | None = None  # ``_around`` of ``shape``
+        # ``_around`` of the stream's latest shapes (each choice of an n > 1 stream has its own), oldest first
+        self.frames: dict[ChunkShape, tuple[bytes, bytes, bytes] | None] = {}
 
     def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
         usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
@@ -82,12 +82,16 @@ class OpenAIRenderer:
 
     def plain(self, run: PlainRun) -> bytes:
         shape = run.shape
-        if shape is not self.shape:
-            self.shape, self.around = shape, self._around(shape)
-        if self.around is None:
+        frames = self.frames
+        if shape not in frames:
+            frames[shape] = self._around(shape)
+            if len(frames) > 2 * LatestShapes.KEPT:  # shapes the stream itself has forgotten
+                del frames[next(iter(frames))]
+        around = frames[shape]
+        if around is None:
             return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
         self.last = shape.chunk
-        return run.framed(*self.around)
+        return run.framed(*around)
 
     def _around(self, shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
         """The frame of a chunk of ``shape`` before its text, after it, and between its text and
