@@ -118,23 +118,34 @@ async def test_chat_through_sdk_bills_exactly_the_reported_usage(live: Live, liv
 ANSWERS = 3
 
 
-def _answers_from_chunks(chunks: list[Any], headers: Any) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
-    """Each choice's text and finish reason, gathered from a stream's interleaved chunks, and its usage."""
-    texts: dict[int, str] = {}
-    finishes: dict[int, str] = {}
+@dataclass
+class Answers:
+    """What the SDK made of a reply with several choices."""
+
+    texts: dict[int, str]  # each choice's text, by its index
+    finishes: dict[int, str]
+    usage: dict[str, Any]
+    models: set[str]  # the model every chunk (or the reply) named
+
+
+def _answers_from_chunks(chunks: list[Any], headers: Any) -> Answers:
+    """Each choice's text and finish reason, gathered from a stream's interleaved chunks."""
+    answers = Answers({}, {}, {}, {chunk.model for chunk in chunks})
     for chunk in chunks:
         for choice in chunk.choices:
-            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            answers.texts[choice.index] = answers.texts.get(choice.index, "") + (choice.delta.content or "")
             if choice.finish_reason:
-                finishes[choice.index] = choice.finish_reason
-    usage = [c.usage.model_dump() for c in chunks if c.usage is not None]
-    return texts, finishes, usage[0] if usage else {}
+                answers.finishes[choice.index] = choice.finish_reason
+        if chunk.usage is not None:
+            answers.usage = chunk.usage.model_dump()
+    return answers
 
 
-def _answers_from_completion(raw: Any) -> tuple[dict[int, str], dict[int, str], dict[str, Any]]:
+def _answers_from_completion(raw: Any) -> Answers:
     completion = raw.parse()
-    return ({c.index: c.message.content for c in completion.choices},
-            {c.index: c.finish_reason for c in completion.choices}, completion.usage.model_dump())
+    return Answers({c.index: c.message.content for c in completion.choices},
+                   {c.index: c.finish_reason for c in completion.choices}, completion.usage.model_dump(),
+                   {completion.model})
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
@@ -149,12 +160,13 @@ async def test_n_answers_each_reach_the_sdk_whole_and_are_billed_together(live: 
                               "n": ANSWERS, "max_tokens": 20}
     if stream:
         params["stream_options"] = {"include_usage": True}
-    texts, finishes, usage = await openai_sdk_chat(live, who.key, params, sdk="async", stream=stream,
-                                                   from_chunks=_answers_from_chunks,
-                                                   from_completion=_answers_from_completion)
+    got = await openai_sdk_chat(live, who.key, params, sdk="async", stream=stream,
+                                from_chunks=_answers_from_chunks, from_completion=_answers_from_completion)
     answer = FAKE_TEXT if model == "gpt-fake" else DEMO_TEXT
-    assert texts == dict.fromkeys(range(ANSWERS), answer)
-    assert finishes == dict.fromkeys(range(ANSWERS), "stop")
+    assert got.texts == dict.fromkeys(range(ANSWERS), answer)
+    assert got.finishes == dict.fromkeys(range(ANSWERS), "stop")
+    assert got.models == {model}  # every choice's chunks renamed, not only the first's
+    usage = got.usage
     per_answer = len(WORDS) if model == "gpt-fake" else tokens.count_tokens(DEMO_TEXT)
     assert usage["completion_tokens"] == ANSWERS * per_answer
     if model == "gpt-fake":
@@ -173,9 +185,9 @@ async def test_n_streamed_answers_without_usage_are_charged_for_every_answers_te
     live.fake.mode = "no_usage"
     params = {"model": "gpt-fake", "messages": [{"role": "user", "content": PROMPT}], "n": ANSWERS,
               "max_tokens": 20}
-    texts, _, _ = await openai_sdk_chat(live, who.key, params, sdk="async", stream=True,
-                                        from_chunks=_answers_from_chunks, from_completion=_answers_from_completion)
-    assert texts == dict.fromkeys(range(ANSWERS), FAKE_TEXT)
+    got = await openai_sdk_chat(live, who.key, params, sdk="async", stream=True,
+                                from_chunks=_answers_from_chunks, from_completion=_answers_from_completion)
+    assert got.texts == dict.fromkeys(range(ANSWERS), FAKE_TEXT)
     row = (await wait_for_usage(live, who.user_id, 1))[0]
     delivered = ANSWERS * sum(tokens.count_tokens(word) for word in WORDS)
     assert (row["completion_tokens"], row["estimated"]) == (delivered, 1)
