@@ -66,10 +66,12 @@ def address_allowed(address: str, allowed: Sequence[str]) -> bool:
 
 
 class Authenticator:
-    def __init__(self, store: Store, ttl: float = CACHE_TTL_SECONDS,
+    def __init__(self, store: Store, ttl: float | None = None,
                  failures: FailedAuthLimiter | None = None) -> None:
         self._store = store
-        self._ttl = ttl
+        # CACHE_TTL_SECONDS as it is when the gateway starts: a test lengthens it to tell an
+        # invalidation that came over Redis from an entry that expired
+        self._ttl = CACHE_TTL_SECONDS if ttl is None else ttl
         self._cache: dict[str, tuple[float, tuple[ApiKey, User] | None]] = {}
         self._failures = failures or FailedAuthLimiter()
         self._generation = 0  # moves on every invalidation: a lookup read before one is not kept
