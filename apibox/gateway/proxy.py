@@ -118,25 +118,27 @@ class Call:
 class Delivered:
     """The text a stream has sent, counted in tokens only when it matters.
 
-    A token is at least one character, so while fewer characters than the paid-for tokens have
-    gone out the stream cannot have overrun; counting (a regex per chunk) waits until the
-    characters pass the limit or an estimate is needed, then covers only the new pieces."""
+    A token is at least one character, so the tokens counted so far plus the characters sent
+    since are a bound on the answer's length: while the bound is within the paid-for tokens the
+    stream cannot have overrun, and nothing is counted. Counting (a regex per piece) waits until
+    the bound passes the limit or an estimate is needed, covers only the pieces sent since, and
+    brings the bound down to the exact count, so it waits again while the next pieces fit."""
 
-    __slots__ = ("characters", "counted", "counted_pieces", "pieces")
+    __slots__ = ("counted", "counted_pieces", "pieces", "uncounted")
 
     def __init__(self) -> None:
         self.pieces: list[str] = []
-        self.characters = 0
-        self.counted = 0
+        self.counted = 0  # the tokens of pieces[:counted_pieces]
         self.counted_pieces = 0
+        self.uncounted = 0  # the characters of the pieces after those
 
     def add_all(self, texts: Sequence[str], limit: int) -> int | None:
         """Add ``texts`` in turn until one takes the answer past ``limit`` tokens: its index (the
         texts after it are not added), or None when all fit."""
         size = sum(map(len, texts))
-        if self.characters + size <= limit:  # cannot be past: the usual case, without counting
+        if self.counted + self.uncounted + size <= limit:  # cannot be past: the usual case, without counting
             self.pieces.extend(texts)
-            self.characters += size
+            self.uncounted += size
             return None
         counted = self.tokens()
         for index, count in enumerate(map(tokens.count_tokens, texts)):
@@ -150,7 +152,6 @@ class Delivered:
     def _add_counted(self, texts: Sequence[str], counted: int) -> None:
         """Add ``texts``, which take the count of all pieces to ``counted`` tokens."""
         self.pieces.extend(texts)
-        self.characters += sum(map(len, texts))
         self.counted = counted
         self.counted_pieces = len(self.pieces)
 
@@ -158,6 +159,7 @@ class Delivered:
         for piece in self.pieces[self.counted_pieces:]:
             self.counted += tokens.count_tokens(piece)
         self.counted_pieces = len(self.pieces)
+        self.uncounted = 0
         return self.counted
 
 
