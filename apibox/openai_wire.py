@@ -86,13 +86,12 @@ def _choices_text(body: dict[str, Any], part: str) -> str:
     return "".join(pieces)
 
 
-_DELIVERED_FIELDS = frozenset({"content", "refusal", "reasoning_content", "reasoning"})
-
-
 # The delta fields a plain chunk may add its text to (the answer, or a reasoning model's thinking
 # as DeepSeek and vLLM (``reasoning_content``) or Ollama and OpenRouter (``reasoning``) send it),
 # and those that must then be empty.
 _TEXT_FIELDS = frozenset({"content", "reasoning_content", "reasoning"})
+# The string fields a chunk or message delivers as output: the text fields, and a refusal.
+_DELIVERED_FIELDS = _TEXT_FIELDS | {"refusal"}
 _NOT_PLAIN_FIELDS = frozenset({"refusal", "tool_calls", "function_call"})
 _PLAIN_CHOICE_KEYS = frozenset({"index", "delta", "logprobs", "finish_reason"})
 # OpenAI's padding against length side channels: a random string in every chunk, unless the
