@@ -103,7 +103,7 @@ class SSEDecoder:
             line = block.find(b"\n")
             if block.startswith(b"event: ") and block.startswith(b"data: ", line + 1) \
                     and block.find(b"\n", line + 1) < 0:
-                named.append((block[7:line].decode(), block[line + 7:]))
+                named.append((block[7:line].decode("utf-8", "replace"), block[line + 7:]))  # as ``_parse`` reads it
                 continue
             event = _parse(block)
             if event is not None:

@@ -132,6 +132,13 @@ def test_feed_named_slices_the_usual_named_frame_as_it_came() -> None:
     assert decoder.flush_named() == [("d", b"tail")]
 
 
+def test_an_event_name_that_is_not_utf8_is_read_as_the_general_decoder_reads_it() -> None:
+    """Replaced, not raised: a malformed name must end the stream as any malformed event does."""
+    frame = b"event: caf\xe9\ndata: {}\n\n"
+    general = SSEDecoder().feed(frame)
+    assert SSEDecoder().feed_named(frame) == [(general[0].event, b"{}")] == [("caf\ufffd", b"{}")]
+
+
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
 def test_every_single_split_point(ending: str) -> None:
     """Each event split at every byte boundary: inside multi-byte UTF-8, between CR and LF."""
