@@ -30,12 +30,12 @@ def parse_usd(text: str | int | float | Decimal, *, allow_negative: bool = False
     if isinstance(text, float):
         raw = repr(text)  # shortest repr keeps 0.075 exact
     raw = raw.removeprefix("$").replace("_", "")
-    try:
-        if not raw.isascii():  # Decimal reads any script's digits: "١٠" would be 10 USD
-            raise ValueError(raw)
-        value = Decimal(raw)
+    try:  # ASCII only: Decimal reads any script's digits, and "١٠" would be 10 USD
+        value: Decimal | None = Decimal(raw) if raw.isascii() else None
     except (InvalidOperation, ValueError):
-        raise MoneyError(f"{text!r} is not an amount of USD (expected e.g. 10 or 10.50)") from None
+        value = None
+    if value is None:
+        raise MoneyError(f"{text!r} is not an amount of USD (expected e.g. 10 or 10.50)")
     if not value.is_finite():
         raise MoneyError(f"{text!r} is not a finite amount")
     if value.is_signed() and value != 0 and not allow_negative:
