@@ -72,6 +72,14 @@ def reference_dir(override: str | None) -> tuple[Path, str]:
     return HERE, "`bench/` (own stand-ins: ../shared/bench missing or not chosen)"
 
 
+def mock_command(ref: Path, padded: bool) -> list[str]:
+    """The command that starts the mock upstream: the reference one, or ours when its chunks
+    must carry OpenAI's padding (only ours can)."""
+    if padded:
+        return [sys.executable, str(HERE / "mock_upstream.py"), "--obfuscation"]
+    return [sys.executable, str(ref / "mock_upstream.py")]
+
+
 # ---------------------------------------------------------------------------------------------
 # HTTP helpers
 # ---------------------------------------------------------------------------------------------
@@ -469,9 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     results_path = out / "results.jsonl"
     results_path.write_text("")
     (out / "money.jsonl").unlink(missing_ok=True)
-    mock = [str(ref / "mock_upstream.py")] if not args.obfuscation else [str(HERE / "mock_upstream.py"),
-                                                                          "--obfuscation"]
-    upstream = procs.start([sys.executable, *mock, "--port", str(ports["upstream"]),
+    upstream = procs.start([*mock_command(ref, args.obfuscation), "--port", str(ports["upstream"]),
                             "--chunks", str(args.chunks), "--chunk-delay-ms", str(args.chunk_delay_ms)],
                            cpus=args.load_cpus, log=out / "upstream.log")
     bench = Bench(args, out, meta, ref, upstream, up, ports, workers_target)

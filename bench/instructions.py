@@ -33,7 +33,7 @@ from typing import TypeVar
 import aiohttp
 
 from bench import apibox_target, procs
-from bench.harness import chat_request, reference_dir, wait_http
+from bench.harness import chat_request, mock_command, reference_dir, wait_http
 
 
 @dataclass(frozen=True)
@@ -152,10 +152,7 @@ def measure_scenario(name: str, args: argparse.Namespace, ref: Path, out: Path,
     scenario = SCENARIOS[name]
     stream = scenario.stream
     upstream_port, port = args.port_base, args.port_base + 1
-    mock = [sys.executable, str(ref / "mock_upstream.py")]
-    if scenario.padded:
-        mock = [sys.executable, str(Path(__file__).with_name("mock_upstream.py")), "--obfuscation"]
-    upstream = procs.start([*mock, "--port", str(upstream_port), "--chunks", "20",
+    upstream = procs.start([*mock_command(ref, scenario.padded), "--port", str(upstream_port), "--chunks", "20",
                             "--chunk-delay-ms", str(scenario.chunk_delay_ms)], cpus=args.load_cpus,
                            log=out / f"upstream-{name}.log")
     counts: list[T] = []
