@@ -21,7 +21,7 @@ import threading
 import time
 
 from bench import apibox_target, procs
-from bench.harness import CHAT, HERE, REPO, Target, reference_dir, run_wrk, two_xx, wait_http, wait_ready
+from bench.harness import CHAT, HERE, REPO, Target, mock_command, reference_dir, run_wrk, two_xx, wait_http, wait_ready
 
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
@@ -48,7 +48,7 @@ def soak(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True)
     ref, _ = reference_dir(None)
     up = f"http://127.0.0.1:{args.port_base}"
-    upstream = procs.start([sys.executable, str(ref / "mock_upstream.py"), "--port", str(args.port_base),
+    upstream = procs.start([*mock_command(ref, padded=False), "--port", str(args.port_base),
                             "--chunks", "20"], cpus=args.load_cpus, log=out / "upstream.log")
     gateway = None
     try:
