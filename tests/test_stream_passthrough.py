@@ -19,13 +19,13 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from apibox.gateway.render import OpenAIRenderer
+from apibox.gateway.render import OpenAIRenderer, ShapeFrames
 from apibox.openai_wire import delta_text, learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream
 from apibox.providers.openai import OpenAIProvider, _OpenAIStream
 from apibox.settings import ProviderSettings, Timeouts
-from apibox.shapes import ChunkShape, PlainRun
+from apibox.shapes import ChunkShape, LatestShapes, PlainRun
 from apibox.sse import SSEDecoder
 
 UPSTREAM, CLIENT = "gpt-up-2024", "my-model"
@@ -258,12 +258,12 @@ async def test_each_choice_of_a_stream_asked_for_several_has_a_shape_of_its_own(
     assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=False))] == reserialized(chunks, False)
     renderer = OpenAIRenderer(CLIENT, False)
     framed: list[ChunkShape] = []
-    work_out = renderer._around
+    work_out = renderer.frames.work_out
 
     def counted(shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
         framed.append(shape)
         return work_out(shape)
-    renderer._around = counted  # type: ignore[method-assign]
+    renderer.frames.work_out = counted
     for run in (item for item in items if isinstance(item, PlainRun)):
         renderer.plain(run)
     assert len(framed) == n  # each choice's frame worked out once, not once a run
@@ -483,3 +483,19 @@ async def test_a_live_upstream_stream_through_the_provider(aiohttp_server: Any) 
             await stream.aclose()
     out = rendered(found, wants_usage=False)
     assert [orjson.loads(f) for f in frames(out)] == reserialized(chunks, wants_usage=False)
+
+
+def test_shape_frames_work_each_shape_out_once_and_forget_the_oldest_beyond_twice_the_kept() -> None:
+    worked_out: list[ChunkShape] = []
+
+    def frame(shape: ChunkShape) -> str:
+        worked_out.append(shape)
+        return shape.text
+    shapes = [ChunkShape({}, ("content",), b"{", f"t{i}", b"}") for i in range(2 * LatestShapes.KEPT + 1)]
+    frames = ShapeFrames(frame)
+    assert [frames.of(shape) for shape in shapes[:2] * 3] == ["t0", "t1"] * 3
+    assert worked_out == shapes[:2]
+    for shape in shapes[2:]:
+        frames.of(shape)
+    assert frames.of(shapes[1]) == "t1" and worked_out[-1] is shapes[-1]  # still known
+    assert frames.of(shapes[0]) == "t0" and worked_out[-1] is shapes[0]  # the oldest was forgotten

@@ -9,8 +9,9 @@ the paid-for length, and the in-band error.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from apibox import jsoncodec
 from apibox.formats.anthropic import usage_from_anthropic, usage_to_anthropic
@@ -63,8 +64,7 @@ class OpenAIRenderer:
         self.usage_chunk: dict[str, Any] | None = None
         self.upstream_model = self.model
         self.upstream_forms = self.client_forms = model_field(model)
-        # ``_around`` of the stream's latest shapes (each choice of an n > 1 stream has its own), oldest first
-        self.frames: dict[ChunkShape, tuple[bytes, bytes, bytes] | None] = {}
+        self.frames = ShapeFrames(self._around)  # each choice of an n > 1 stream has a shape of its own
 
     def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
         usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
@@ -81,16 +81,10 @@ class OpenAIRenderer:
         return Piece(data, delta_text(chunk), usage)
 
     def plain(self, run: PlainRun) -> bytes:
-        shape = run.shape
-        frames = self.frames
-        if shape not in frames:
-            frames[shape] = self._around(shape)
-            if len(frames) > 2 * LatestShapes.KEPT:  # shapes the stream itself has forgotten
-                del frames[next(iter(frames))]
-        around = frames[shape]
+        around = self.frames.of(run.shape)
         if around is None:
             return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
-        self.last = shape.chunk
+        self.last = run.shape.chunk
         return run.framed(*around)
 
     def _around(self, shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
@@ -161,6 +155,30 @@ class OpenAIRenderer:
                                             "code": "upstream_stream_broken"}}))
 
 
+Frame = TypeVar("Frame")  # what a renderer writes around a plain chunk's text
+
+
+class ShapeFrames(Generic[Frame]):
+    """The frames of a stream's latest shapes, each worked out once (by ``work_out``), not once a run.
+
+    Kept for twice as many shapes as ``LatestShapes`` keeps, the oldest dropped first: beyond
+    those, the stream itself has forgotten a shape."""
+
+    __slots__ = ("known", "work_out")
+
+    def __init__(self, work_out: Callable[[ChunkShape], Frame]) -> None:
+        self.work_out = work_out
+        self.known: dict[ChunkShape, Frame] = {}
+
+    def of(self, shape: ChunkShape) -> Frame:
+        known = self.known
+        if shape not in known:
+            known[shape] = self.work_out(shape)
+            if len(known) > 2 * LatestShapes.KEPT:
+                del known[next(iter(known))]
+        return known[shape]
+
+
 # A chunk's ``"usage": null`` as JSON encoders write it: compact (orjson, OpenAI) or with spaces (json.dumps).
 NULL_USAGE = (b',"usage":null', b', "usage": null')
 
@@ -187,6 +205,12 @@ def _only_key(raw: bytes, key: bytes, forms: tuple[bytes, ...],
         if raw.find(form) >= 0:  # not ``in``, which costs a discarded TypeError on bytes (see sse.py)
             return form, replacement
     return None
+
+
+def _delta_frame(shape: ChunkShape) -> tuple[bytes, bytes]:
+    """An Anthropic delta's event of ``shape`` before its text and after it, as the bytes came."""
+    name = shape.chunk["type"].encode()
+    return b"event: " + name + b"\ndata: " + shape.prefix, shape.suffix + b"\n\n"
 
 
 def anthropic_error(message: str, kind: str = "api_error") -> bytes:
@@ -248,8 +272,7 @@ class AnthropicPassthrough:
         self.raw_usage: dict[str, Any] = {}
         self.open_block: int | None = None
         self.closed = False
-        self.shape: ChunkShape | None = None
-        self.around = (b"", b"")  # a delta's frame before and after its text, for ``shape``
+        self.frames = ShapeFrames(_delta_frame)
 
     def feed(self, event: dict[str, Any], raw: bytes | None) -> Piece:
         kind = event.get("type", "")
@@ -277,12 +300,7 @@ class AnthropicPassthrough:
 
     def plain(self, run: PlainRun) -> bytes:
         """Text or thinking deltas, as the bytes that came."""
-        shape = run.shape
-        if shape is not self.shape:
-            self.shape = shape
-            name = shape.chunk["type"].encode()
-            self.around = (b"event: " + name + b"\ndata: " + shape.prefix, shape.suffix + b"\n\n")
-        return run.framed(*self.around)
+        return run.framed(*self.frames.of(run.shape))
 
     def cut(self) -> bytes:
         return b""  # end() closes the message, with the usage that is charged
