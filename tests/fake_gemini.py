@@ -8,6 +8,8 @@ stream that sends half the answer, then an in-band error event naming the key, t
 ``raw_error`` (the same, but the error is raw multi-line JSON without ``data:``, as Google
 sometimes sends it).
 
+A request's ``candidateCount`` gets as many candidates, each the same answer: whole, in one
+response; streamed, a chunk per word and candidate, interleaved, the usage on the last.
 ``finish_reason`` overrides the reason the last candidate reports, ``call_id`` gives the
 function call an id (Gemini usually sends none) and ``thought`` adds a thought-summary part
 (``thought: true``) before the answer.
@@ -73,16 +75,18 @@ class FakeGemini:
         call_part = {"functionCall": {"name": self.call_name, "args": self.call_args, **(
             {"id": self.call_id} if self.call_id else {})}, "thoughtSignature": SIGNATURE}
         thought = [{"text": self.thought, "thought": True}] if self.thought else []
+        answers = (body.get("generationConfig") or {}).get("candidateCount") or 1
         if method == "generateContent":
             parts: list[dict[str, Any]] = [*thought, {"text": "".join(words)}]
             if use_call:
                 parts.append(call_part)
-            return web.json_response({"candidates": [{"content": {"role": "model", "parts": parts},
-                                                      "finishReason": finish, "index": 0}],
-                                      "usageMetadata": self.usage(len(words)), "modelVersion": model})
+            candidates = [{"content": {"role": "model", "parts": parts}, "finishReason": finish, **_index(i)}
+                          for i in range(answers)]
+            return web.json_response({"candidates": candidates, "usageMetadata": self.usage(answers * len(words)),
+                                      "modelVersion": model})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for i, word in enumerate(words):
+        for i, word, answer in ((i, word, answer) for i, word in enumerate(words) for answer in range(answers)):
             if self.mode == "stream_error" and i == len(words) // 2:
                 error = {"error": {"code": 500, "message": f"Internal error for key {GEMINI_KEY}",
                                    "status": "INTERNAL"}}
@@ -93,15 +97,21 @@ class FakeGemini:
                 await response.write(json.dumps(error, indent=2).encode() + b"\n")
                 break
             parts = [*thought, {"text": word}] if i == 0 else [{"text": word}]
-            chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": parts}, "index": 0}],
+            chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": parts}, **_index(answer)}],
                                      "usageMetadata": {"promptTokenCount": self.prompt_tokens}}
             last = i == len(words) - 1
             if last and use_call:
                 chunk["candidates"][0]["content"]["parts"].append(call_part)
             if last and self.mode != "no_finish":
                 chunk["candidates"][0]["finishReason"] = finish
-                chunk["usageMetadata"] = self.usage(len(words))
+                if answer == answers - 1:
+                    chunk["usageMetadata"] = self.usage(answers * len(words))
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
             await asyncio.sleep(0)
         await response.write_eof()
         return response
+
+
+def _index(candidate: int) -> dict[str, int]:
+    """A candidate's ``index`` as Gemini writes it: left out when it is 0 (proto3 JSON omits defaults)."""
+    return {"index": candidate} if candidate else {}

@@ -169,3 +169,33 @@ async def stream_until_error(live: Live, key: str, model: str,
 def delta_texts(chunks: list[Any]) -> list[str]:
     """Each chunk's content delta ("" when it has none)."""
     return [chunk.choices[0].delta.content or "" for chunk in chunks]
+
+
+@dataclass
+class Answers:
+    """What the SDK made of a reply with several choices."""
+
+    texts: dict[int, str]  # each choice's text, by its index
+    finishes: dict[int, str]
+    usage: dict[str, Any]
+    models: set[str]  # the model every chunk (or the reply) named
+
+
+def answers_from_chunks(chunks: list[Any], headers: Any) -> Answers:
+    """Each choice's text and finish reason, gathered from a stream's interleaved chunks."""
+    answers = Answers({}, {}, {}, {chunk.model for chunk in chunks})
+    for chunk in chunks:
+        for choice in chunk.choices:
+            answers.texts[choice.index] = answers.texts.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                answers.finishes[choice.index] = choice.finish_reason
+        if chunk.usage is not None:
+            answers.usage = chunk.usage.model_dump()
+    return answers
+
+
+def answers_from_completion(raw: Any) -> Answers:
+    completion = raw.parse()
+    return Answers({c.index: c.message.content for c in completion.choices},
+                   {c.index: c.finish_reason for c in completion.choices}, completion.usage.model_dump(),
+                   {completion.model})

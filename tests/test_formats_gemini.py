@@ -137,12 +137,9 @@ def test_generation_config_from_the_sampling_fields() -> None:
     assert listed["generationConfig"] == {"maxOutputTokens": 5, "stopSequences": ["a", "b"]}
 
 
-def test_more_than_one_choice_is_refused() -> None:
-    # Only the first candidate is translated back, so n > 1 would bill answers the client never sees.
-    with pytest.raises(InvalidRequest) as caught:
-        openai_to_gemini_request({"messages": [{"role": "user", "content": "hi"}], "n": 2}, {})
-    assert (caught.value.status, caught.value.param) == (400, "n")
-    assert "n must be 1" in caught.value.message
+def test_n_asks_for_as_many_candidates() -> None:
+    body = openai_to_gemini_request({"messages": [{"role": "user", "content": "hi"}], "n": 3}, {})
+    assert body["generationConfig"] == {"candidateCount": 3}
 
 
 @pytest.mark.parametrize(("response_format", "expected"), [
@@ -322,6 +319,51 @@ def test_a_blocked_prompt_streams_a_content_filter_finish() -> None:
     out = translate.chunks({"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}})
     assert [c["choices"][0]["finish_reason"] for c in out] == [None, "content_filter"]
     assert translate.finished
+
+
+def candidate(index: int, parts: list[dict[str, Any]], finish: str | None = None) -> dict[str, Any]:
+    """A candidate as Gemini writes it: no ``index`` when it is 0."""
+    out: dict[str, Any] = {"content": {"role": "model", "parts": parts}, **({"index": index} if index else {})}
+    if finish:
+        out["finishReason"] = finish
+    return out
+
+
+def test_every_candidate_of_a_reply_is_a_choice_by_its_index() -> None:
+    reply = GeminiToOpenAI("m", {}).reply({"candidates": [
+        candidate(1, [{"functionCall": {"name": "f", "args": {}}}], "STOP"),
+        candidate(0, [{"text": "zero"}], "STOP"),
+        candidate(2, [{"text": "two"}], "MAX_TOKENS"),
+    ], "usageMetadata": USAGE})
+    choices = reply["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert [c["message"]["content"] for c in choices] == ["zero", None, "two"]
+    assert [c["finish_reason"] for c in choices] == ["stop", "tool_calls", "length"]
+    assert [len(c["message"].get("tool_calls", ())) for c in choices] == [0, 1, 0]
+    assert reply["usage"]["completion_tokens"] == 325  # one usage for all candidates
+    unnumbered = [{"content": {"parts": [{"text": text}]}, "finishReason": "STOP"} for text in ("x", "y")]
+    choices = GeminiToOpenAI("m", {}).reply({"candidates": unnumbered})["choices"]
+    assert [(c["index"], c["message"]["content"]) for c in choices] == [(0, "x"), (1, "y")]  # by their order
+
+
+def test_streamed_candidates_are_interleaved_choices_each_with_its_role_calls_and_finish() -> None:
+    translate = GeminiToOpenAI("m", {})
+    call = {"functionCall": {"name": "f", "args": {}}}
+    out = translate.chunks({"candidates": [candidate(0, [{"text": "a"}]), candidate(1, [call])]})
+    out += translate.chunks({"candidates": [candidate(1, [call], "STOP")]})
+    assert not translate.finished  # choice 0 has not finished
+    out += translate.chunks({"candidates": [candidate(0, [{"text": "b"}], "STOP")]})
+    assert translate.finished
+    by_choice: dict[int, list[dict[str, Any]]] = {}
+    for chunk in out:
+        (choice,) = chunk["choices"]
+        by_choice.setdefault(choice["index"], []).append(choice)
+    assert [c["delta"] for c in by_choice[0]] == [{"role": "assistant", "content": ""}, {"content": "a"},
+                                                 {"content": "b"}, {}]
+    assert by_choice[0][-1]["finish_reason"] == "stop"
+    assert by_choice[1][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["delta"]["tool_calls"][0]["index"] for c in by_choice[1][1:3]] == [0, 1]  # a choice's own count
+    assert by_choice[1][-1]["finish_reason"] == "tool_calls"
 
 
 # -- usage ------------------------------------------------------------------------------------

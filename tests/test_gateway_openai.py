@@ -32,6 +32,8 @@ from tests.conftest import Live, ServerThread, serving
 from tests.fake_upstream import UPSTREAM_KEY, WORDS, FakeUpstream
 from tests.gateway_helpers import (
     account,
+    answers_from_chunks,
+    answers_from_completion,
     auth,
     balance,
     charges,
@@ -118,36 +120,6 @@ async def test_chat_through_sdk_bills_exactly_the_reported_usage(live: Live, liv
 ANSWERS = 3
 
 
-@dataclass
-class Answers:
-    """What the SDK made of a reply with several choices."""
-
-    texts: dict[int, str]  # each choice's text, by its index
-    finishes: dict[int, str]
-    usage: dict[str, Any]
-    models: set[str]  # the model every chunk (or the reply) named
-
-
-def _answers_from_chunks(chunks: list[Any], headers: Any) -> Answers:
-    """Each choice's text and finish reason, gathered from a stream's interleaved chunks."""
-    answers = Answers({}, {}, {}, {chunk.model for chunk in chunks})
-    for chunk in chunks:
-        for choice in chunk.choices:
-            answers.texts[choice.index] = answers.texts.get(choice.index, "") + (choice.delta.content or "")
-            if choice.finish_reason:
-                answers.finishes[choice.index] = choice.finish_reason
-        if chunk.usage is not None:
-            answers.usage = chunk.usage.model_dump()
-    return answers
-
-
-def _answers_from_completion(raw: Any) -> Answers:
-    completion = raw.parse()
-    return Answers({c.index: c.message.content for c in completion.choices},
-                   {c.index: c.finish_reason for c in completion.choices}, completion.usage.model_dump(),
-                   {completion.model})
-
-
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("model", ["gpt-fake", "demo"])
 async def test_n_answers_each_reach_the_sdk_whole_and_are_billed_together(live: Live, live_store, model: str,
@@ -161,7 +133,7 @@ async def test_n_answers_each_reach_the_sdk_whole_and_are_billed_together(live: 
     if stream:
         params["stream_options"] = {"include_usage": True}
     got = await openai_sdk_chat(live, who.key, params, sdk="async", stream=stream,
-                                from_chunks=_answers_from_chunks, from_completion=_answers_from_completion)
+                                from_chunks=answers_from_chunks, from_completion=answers_from_completion)
     answer = FAKE_TEXT if model == "gpt-fake" else DEMO_TEXT
     assert got.texts == dict.fromkeys(range(ANSWERS), answer)
     assert got.finishes == dict.fromkeys(range(ANSWERS), "stop")
@@ -186,7 +158,7 @@ async def test_n_streamed_answers_without_usage_are_charged_for_every_answers_te
     params = {"model": "gpt-fake", "messages": [{"role": "user", "content": PROMPT}], "n": ANSWERS,
               "max_tokens": 20}
     got = await openai_sdk_chat(live, who.key, params, sdk="async", stream=True,
-                                from_chunks=_answers_from_chunks, from_completion=_answers_from_completion)
+                                from_chunks=answers_from_chunks, from_completion=answers_from_completion)
     assert got.texts == dict.fromkeys(range(ANSWERS), FAKE_TEXT)
     row = (await wait_for_usage(live, who.user_id, 1))[0]
     delivered = ANSWERS * sum(tokens.count_tokens(word) for word in WORDS)

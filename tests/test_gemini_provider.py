@@ -27,6 +27,8 @@ from tests.fake_gemini import GEMINI_KEY, SIGNATURE, WORDS
 from tests.gateway_helpers import (
     Account,
     account,
+    answers_from_chunks,
+    answers_from_completion,
     auth,
     balance,
     books,
@@ -569,16 +571,27 @@ async def test_invalid_tool_arguments_are_refused_before_gemini(live: Live, live
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-async def test_more_than_one_choice_is_refused_before_gemini(live: Live, live_store, stream: bool) -> None:
+async def test_n_answers_are_gemini_candidates_each_a_choice_billed_together(live: Live, live_store,
+                                                                             stream: bool) -> None:
+    """``n`` asks Gemini for as many candidates, each answer's share of the hold its length; the
+    SDK gets every candidate as a choice (streamed: their chunks interleaved, candidate 0 without
+    an index, as Gemini writes it) and the charge is the usage of all."""
     who = await account(live_store, live, "ann@example.com", "1")
-    status, headers, raw = await post(live, "/chat/completions", who.key,
-                                      {"model": MODEL, "messages": MESSAGES, "n": 2, "stream": stream})
-    assert status == 400
-    error = openai_error(raw)
-    assert (error["type"], error["param"]) == ("invalid_request_error", "n")
-    assert headers["x-should-retry"] == "false"
-    assert live.gemini.requests == []
-    assert_free_error(live, who, headers["x-request-id"])
+    params: dict[str, Any] = {"model": MODEL, "messages": MESSAGES, "n": 3, "max_tokens": 20}
+    if stream:
+        params["stream_options"] = {"include_usage": True}
+    got = await openai_sdk_chat(live, who.key, params, sdk="async", stream=stream,
+                                from_chunks=answers_from_chunks, from_completion=answers_from_completion)
+    assert got.texts == dict.fromkeys(range(3), TEXT)
+    assert got.finishes == dict.fromkeys(range(3), "stop")
+    assert got.models == {MODEL}
+    (sent,) = live.gemini.requests
+    assert sent.body["generationConfig"] == {"maxOutputTokens": 20, "candidateCount": 3}
+    assert (got.usage["prompt_tokens"], got.usage["completion_tokens"]) == (40, 3 * len(WORDS))
+    cost = gemini_cost(40, 3 * len(WORDS))
+    assert_cost(got.usage, cost)
+    rows = await settled(live, who, [cost])
+    assert (rows[0]["completion_tokens"], rows[0]["estimated"]) == (3 * len(WORDS), 0)
 
 
 # -- a stream that never finishes ---------------------------------------------------------------

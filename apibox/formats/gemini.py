@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from apibox.errors import InvalidRequest
@@ -79,8 +80,6 @@ def _parts(content: Any) -> list[dict[str, Any]]:
 
 def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[str, str]) -> dict[str, Any]:
     """An OpenAI chat request as a generateContent body (the model goes in the URL)."""
-    if (body.get("n") or 1) > 1:  # only the first candidate is translated back; the rest would be billed unseen
-        raise InvalidRequest("this model returns one choice per request; n must be 1", param="n")
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     call_names: dict[str, str] = {}
@@ -182,8 +181,27 @@ def openai_to_gemini_request(body: dict[str, Any], signatures: MutableMapping[st
     return out
 
 
+@dataclass(slots=True)
+class _Answer:
+    """What one candidate of a Gemini response adds to its choice."""
+
+    index: int
+    text: str
+    calls: list[dict[str, Any]]
+    finish: str | None
+
+
+def _index(candidate: dict[str, Any]) -> int:
+    """A candidate's index; Gemini leaves it out when it is 0 (proto3's JSON omits defaults)."""
+    index = candidate.get("index")
+    return index if type(index) is int and index >= 0 else 0
+
+
 class GeminiToOpenAI:
-    """Gemini responses (whole or streamed chunks) -> OpenAI replies or chunks."""
+    """Gemini responses (whole or streamed chunks) -> OpenAI replies or chunks.
+
+    Each candidate is a choice (``candidateCount`` is OpenAI's ``n``), its index the candidate's
+    own, since a streamed chunk may carry some of the candidates only."""
 
     def __init__(self, model: str, signatures: MutableMapping[str, str]) -> None:
         self.model = model
@@ -191,19 +209,31 @@ class GeminiToOpenAI:
         self.id = "chatcmpl-" + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         self.usage: Usage | None = None
-        self.tool_count = 0
-        self.started = False
-        self.finished = False
+        self.tool_counts: dict[int, int] = {}  # per choice: the tool calls it has made so far
+        self.started: set[int] = set()  # the choices whose role chunk has been sent
+        self.ended: set[int] = set()  # and those whose finish has
 
-    def _read(self, response: dict[str, Any]) -> tuple[str, list[dict[str, Any]], str | None]:
+    @property
+    def finished(self) -> bool:
+        """Every choice begun has finished."""
+        return bool(self.ended) and self.started <= self.ended
+
+    def _read(self, response: dict[str, Any]) -> list[_Answer]:
         self.usage = usage_from_gemini(response.get("usageMetadata")) or self.usage
         candidates = response.get("candidates") or []
         if not candidates:
             blocked = (response.get("promptFeedback") or {}).get("blockReason")
-            return "", [], "content_filter" if blocked else None
-        candidate = candidates[0]
+            return [_Answer(0, "", [], "content_filter" if blocked else None)]
+        candidates = [candidate for candidate in candidates if isinstance(candidate, dict)]
+        indexes = [_index(candidate) for candidate in candidates]
+        if len(set(indexes)) < len(indexes):  # a server that numbers none of them: their order
+            indexes = list(range(len(candidates)))
+        return [self._answer(candidate, index) for candidate, index in zip(candidates, indexes, strict=True)]
+
+    def _answer(self, candidate: dict[str, Any], index: int) -> _Answer:
         text: list[str] = []
         calls: list[dict[str, Any]] = []
+        made = self.tool_counts.get(index, 0)
         for part in (candidate.get("content") or {}).get("parts") or ():
             if "text" in part and not part.get("thought"):
                 text.append(part["text"])
@@ -214,52 +244,57 @@ class GeminiToOpenAI:
                     self.signatures[call_id] = part["thoughtSignature"]
                 calls.append(
                     {
-                        "index": self.tool_count,
+                        "index": made + len(calls),
                         "id": call_id,
                         "type": "function",
                         "function": {"name": call.get("name", ""), "arguments": json.dumps(call.get("args") or {})},
                     }
                 )
-                self.tool_count += 1
-        return "".join(text), calls, finish_reason(candidate.get("finishReason"), bool(calls) or self.tool_count > 0)
+        self.tool_counts[index] = made + len(calls)
+        return _Answer(index, "".join(text), calls, finish_reason(candidate.get("finishReason"), made + len(calls) > 0))
 
     def reply(self, response: dict[str, Any]) -> dict[str, Any]:
-        text, calls, finish = self._read(response)
-        message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None, "refusal": None}
-        if calls:
-            message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in calls]
+        choices = []
+        for answer in sorted(self._read(response), key=lambda answer: answer.index):
+            message: dict[str, Any] = {"role": "assistant", "content": answer.text if answer.text or not answer.calls
+                                       else None, "refusal": None}
+            if answer.calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in answer.calls]
+            choices.append({"index": answer.index, "message": message, "logprobs": None,
+                            "finish_reason": answer.finish or "stop"})
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish or "stop"}],
+            "choices": choices,
             "usage": usage_to_openai(self.usage or Usage()),
         }
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
     def chunks(self, response: dict[str, Any]) -> list[dict[str, Any]]:
-        """One streamed Gemini chunk -> the OpenAI chunks it stands for."""
-        text, calls, finish = self._read(response)
+        """One streamed Gemini chunk -> the OpenAI chunks it stands for, a choice's role chunk first."""
         out: list[dict[str, Any]] = []
-        if not self.started:
-            self.started = True
-            out.append(self._chunk({"role": "assistant", "content": ""}))
-        if text:
-            out.append(self._chunk({"content": text}))
-        if calls:
-            out.append(self._chunk({"tool_calls": calls}))
-        if finish:
-            self.finished = True
-            out.append(self._chunk({}, finish))
+        for answer in self._read(response):
+            index = answer.index
+            if index not in self.started:
+                self.started.add(index)
+                out.append(self._chunk(index, {"role": "assistant", "content": ""}))
+            if answer.text:
+                out.append(self._chunk(index, {"content": answer.text}))
+            if answer.calls:
+                out.append(self._chunk(index, {"tool_calls": answer.calls}))
+            if answer.finish:
+                self.ended.add(index)
+                out.append(self._chunk(index, {}, answer.finish))
         return out
 
     def usage_chunk(self) -> dict[str, Any] | None:
