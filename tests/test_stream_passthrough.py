@@ -258,12 +258,12 @@ async def test_each_choice_of_a_stream_asked_for_several_has_a_shape_of_its_own(
     assert [orjson.loads(f) for f in frames(rendered(found, wants_usage=False))] == reserialized(chunks, False)
     renderer = OpenAIRenderer(CLIENT, False)
     framed: list[ChunkShape] = []
-    work_out = renderer.frames.work_out
+    work_out = renderer._around
 
     def counted(shape: ChunkShape) -> tuple[bytes, bytes, bytes] | None:
         framed.append(shape)
         return work_out(shape)
-    renderer.frames.work_out = counted
+    renderer._around = counted  # type: ignore[method-assign]
     for run in (item for item in items if isinstance(item, PlainRun)):
         renderer.plain(run)
     assert len(framed) == n  # each choice's frame worked out once, not once a run
@@ -492,10 +492,10 @@ def test_shape_frames_work_each_shape_out_once_and_forget_the_oldest_beyond_twic
         worked_out.append(shape)
         return shape.text
     shapes = [ChunkShape({}, ("content",), b"{", f"t{i}", b"}") for i in range(2 * LatestShapes.KEPT + 1)]
-    frames = ShapeFrames(frame)
-    assert [frames.of(shape) for shape in shapes[:2] * 3] == ["t0", "t1"] * 3
+    frames: ShapeFrames[str] = ShapeFrames()
+    assert [frames.of(shape, frame) for shape in shapes[:2] * 3] == ["t0", "t1"] * 3
     assert worked_out == shapes[:2]
     for shape in shapes[2:]:
-        frames.of(shape)
-    assert frames.of(shapes[1]) == "t1" and worked_out[-1] is shapes[-1]  # still known
-    assert frames.of(shapes[0]) == "t0" and worked_out[-1] is shapes[0]  # the oldest was forgotten
+        frames.of(shape, frame)
+    assert frames.of(shapes[1], frame) == "t1" and worked_out[-1] is shapes[-1]  # still known
+    assert frames.of(shapes[0], frame) == "t0" and worked_out[-1] is shapes[0]  # the oldest was forgotten
