@@ -12,7 +12,15 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -121,6 +129,12 @@ class Metrics:
         self.rejected = PlainCounter(
             "apibox_rejected", "Requests refused with 400, 401, 402 or 403, by status and error code.",
             ("status", "code"))
+        # the process's CPU, memory and open files, its Python and its garbage collector's passes (as
+        # prometheus-client's default registry has them): a pass a few requests is a reference cycle
+        # made per request, and costs throughput
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        registry.register(GC_COLLECTOR)
         registry.register(PlainInstruments([self.requests, self.duration, self.ttft, self.upstream,
                                             self.upstream_failures, self.tokens, self.cost, self.charged,
                                             self.rate_limited, self.rejected]))

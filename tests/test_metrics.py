@@ -62,8 +62,9 @@ async def scrape(live: Live) -> Samples:
 
 
 def moved(before: Samples, after: Samples) -> dict[tuple[str, Labels], float]:
-    """Samples that changed, without the ones that depend on time (_created, _sum, _bucket)."""
-    names = set(before) | set(after)
+    """apibox's samples that changed, without the ones that depend on time (_created, _sum, _bucket);
+    the process's own (CPU, memory, garbage collection) move with the test itself."""
+    names = {k for k in set(before) | set(after) if k[0].startswith("apibox_")}
     return {k: after.get(k, 0) - before.get(k, 0) for k in names
             if not k[0].endswith(("_created", "_sum", "_bucket")) and after.get(k, 0) != before.get(k, 0)}
 
@@ -271,6 +272,16 @@ async def test_cached_and_reasoning_tokens_are_counted_in_their_classes(live: Li
         key("apibox_tokens_total", model="gpt-fake", **{"class": "cached"}): 5,
         key("apibox_tokens_total", model="gpt-fake", **{"class": "reasoning"}): 2,
     }
+
+
+async def test_the_page_has_the_processs_cpu_memory_and_garbage_collector(live: Live, live_store) -> None:
+    samples = await scrape(live)
+    assert samples[key("process_resident_memory_bytes")] > 10_000_000
+    assert samples[key("process_cpu_seconds_total")] > 0
+    assert samples[key("process_open_fds")] > 0
+    for generation in "012":
+        assert key("python_gc_collections_total", generation=generation) in samples
+    assert [labels for name, labels in samples if name == "python_info"] != []
 
 
 # -- one registry per app ---------------------------------------------------------------------
