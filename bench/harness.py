@@ -54,6 +54,7 @@ class Target:
     ready_timeout: float = 60.0
     stop_grace: float = 10.0
     cwd: Path | None = None
+    metrics_url: str | None = None  # its /metrics, when one process answers it (apibox, one worker)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,17 @@ def socket_errors(r: dict) -> int:
     return sum(r.get(k, 0) for k in ("err_connect", "err_read", "err_write", "err_timeout"))
 
 
+def gc_passes(metrics_url: str) -> float | None:
+    """The garbage collector's passes so far (every generation) in the process behind ``metrics_url``."""
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+    except (OSError, ValueError):
+        return None
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("python_gc_collections_total{"))
+
+
 def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen, stream: bool, conns: int,
             args: argparse.Namespace, out: Path, tally: dict, db_pid: int | None = None) -> dict:
     if args.warmup > 0:
@@ -222,9 +234,11 @@ def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen
     tg0 = procs.group_cpu_seconds(proc.pid) if proc else 0.0
     ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     db0 = procs.tree_cpu_seconds(db_pid) if db_pid else 0.0
+    gc0 = gc_passes(t.metrics_url) if t.metrics_url else None
     busy0 = procs.machine_busy_seconds()
     r = run_wrk(t, stream, conns, args.duration, args.load_cpus, out / "last.json", args.wrk_timeout)
     busy1 = procs.machine_busy_seconds()
+    gc1 = gc_passes(t.metrics_url) if gc0 is not None and t.metrics_url else None
     db_cpu = procs.tree_cpu_seconds(db_pid) - db0 if db_pid else None
     ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not r:
@@ -246,6 +260,8 @@ def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen
     r["cpu_other_pct"] = round(100 * (busy1 - busy0) / secs - ours, 1)
     if proc:
         r["rss_mb"] = round(procs.group_rss_mb(proc.pid), 1)
+    if gc0 is not None and gc1 is not None:
+        r["gc_passes"] = int(gc1 - gc0)  # none while the request path makes no reference cycles
     return r
 
 
@@ -568,9 +584,11 @@ class Bench:
                 self.out / f"{name}-round{rnd}", up + "/v1", self.ports[name],
                 postgres=args.postgres if name == "apibox-pg" else None,
                 workers=args.workers if name == self.workers_target else 1)
+            one_process = name != self.workers_target  # else a scrape reaches any of the workers
             t = Target(name, f"http://127.0.0.1:{self.ports[name]}{CHAT}", cmd=setup.serve_cmd(),
                        headers={"Authorization": f"Bearer {setup.key}"}, ready_timeout=60, stop_grace=45,
-                       cwd=setup.workdir)
+                       cwd=setup.workdir,
+                       metrics_url=f"http://127.0.0.1:{self.ports[name]}/metrics" if one_process else None)
         db_pid = apibox_target.postgres_server_pid(args.postgres) if name == "apibox-pg" else None
         live = Live(name, order, t, None, setup, self.out / f"{name}-round{rnd}.log", db_pid)
         self.live.append(live)

@@ -53,9 +53,11 @@ def per_round(results: list[dict]) -> str:
     ok = add_ratios(results)
     has_litellm = any(r["target"] == "litellm" for r in ok)
     has_db = any(r.get("cpu_db_ms_per_req") is not None for r in ok)
+    has_gc = any(r.get("gc_passes") is not None for r in ok)
     header = ["round", "target", "scenario", "conns", "RPS", "p50 ms", "p99 ms", "+p50 vs direct", "+p50 vs bare",
               "RPS/bare", *(["RPS/litellm"] if has_litellm else []), ">=400", "sock err", "cpu tgt %",
-              "cpu ms/req", *(["db cpu ms/req"] if has_db else []), "cpu other %", "RSS MB"]
+              "cpu ms/req", *(["db cpu ms/req"] if has_db else []), "cpu other %", "RSS MB",
+              *(["GC passes"] if has_gc else [])]
     rows = []
     for r in sorted(ok, key=lambda r: (r["round"], r["scenario"], r["conns"], r["order"])):
         status, sock = errors_of(r)
@@ -65,7 +67,8 @@ def per_round(results: list[dict]) -> str:
                      *([_fmt(r["x_litellm"], 1)] if has_litellm else []), status, sock,
                      _fmt(r.get("cpu_target_pct"), 0), _fmt(r.get("cpu_ms_per_req"), 3),
                      *([_fmt(r.get("cpu_db_ms_per_req"), 3)] if has_db else []),
-                     _fmt(r.get("cpu_other_pct"), 0), _fmt(r.get("rss_mb"), 0)])
+                     _fmt(r.get("cpu_other_pct"), 0), _fmt(r.get("rss_mb"), 0),
+                     *([_fmt(r.get("gc_passes"), 0)] if has_gc else [])])
     return table(header, rows)
 
 

@@ -3,9 +3,15 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+import gc
 
+import pytest
+from aiohttp import web
+
+from apibox.metrics import Metrics
 from bench import instructions, report
+from bench.harness import gc_passes
 from bench.instructions import Count
 
 
@@ -76,3 +82,27 @@ def test_the_instructions_table_compares_apibox_with_the_forwarder_per_request()
               Count("bare", "paced", 50, 80_000_000), Count("apibox", "paced", 50, 168_000_000)]
     rows = instructions.report(counts).splitlines()[2:]
     assert rows == ["| json | 600,000 | 1,500,000 | 2.50 |", "| paced | 1,600,000 | 3,360,000 | 2.10 |"]
+
+
+def test_the_per_round_table_has_the_garbage_collectors_passes_where_they_were_read() -> None:
+    assert "GC passes" not in report.per_round(RESULTS)
+    results = [dict(r, gc_passes=3) if r["target"] == "apibox" else r for r in RESULTS]
+    lines = report.per_round(results).splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    column = header.index("GC passes")
+    passes = {(row[1], row[2], row[3]): row[column] for row in
+              ([c.strip() for c in line.strip("|").split("|")] for line in lines[2:])}
+    assert passes[("apibox", "sse", "32")] == "3" and passes[("bare", "sse", "32")] == "-"
+
+
+async def test_gc_passes_are_read_from_a_gateways_metrics_page(aiohttp_server) -> None:
+    metrics = Metrics()
+    app = web.Application()
+    app.router.add_get("/metrics", lambda _: web.Response(body=metrics.exposition()))
+    server = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{server.port}/metrics"
+    before = await asyncio.to_thread(gc_passes, url)
+    gc.collect()
+    after = await asyncio.to_thread(gc_passes, url)
+    assert before is not None and after is not None and after >= before + 1  # our pass, and any the test made
+    assert await asyncio.to_thread(gc_passes, f"http://127.0.0.1:{server.port}/nothing") is None
