@@ -226,7 +226,7 @@ class GeminiToOpenAI:
             return [_Answer(0, "", [], "content_filter" if blocked else None)]
         candidates = [candidate for candidate in candidates if isinstance(candidate, dict)]
         indexes = [_index(candidate) for candidate in candidates]
-        if len(set(indexes)) < len(indexes):  # a server that numbers none of them: their order
+        if len(set(indexes)) < len(indexes):  # numbered alike (a server that numbers none): by their order
             indexes = list(range(len(candidates)))
         return [self._answer(candidate, index) for candidate, index in zip(candidates, indexes, strict=True)]
 
