@@ -65,6 +65,10 @@ def observer(metrics: Metrics, *, access_log_json: bool) -> Any:
                     if exc.status < 400:
                         raise
                     response = render_http_exception(request, exc)
+                    # aiohttp's router keeps the 404 or 405 it raises in the request's match info,
+                    # and the traceback holds the frame that holds the match info: a reference
+                    # cycle a request, for the cyclic collector, unless the answered error drops it
+                    exc.__traceback__ = None
                 except ConnectionResetError:  # the client left before its request was read: nobody to answer
                     response = web.Response(status=CLIENT_GONE)
                 except Exception:
