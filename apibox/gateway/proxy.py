@@ -308,7 +308,10 @@ async def _attempt(call: Call, stream: bool) -> Any:
             call.gateway.router.succeeded(route)
         return answer
     assert last is not None
-    raise last
+    try:
+        raise last
+    finally:  # the failure's traceback holds this frame: kept in ``last`` too, a reference cycle a request
+        del last
 
 
 @dataclass(slots=True)
