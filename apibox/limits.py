@@ -153,22 +153,27 @@ class LocalLimiter:
         return rate_headers(subject.limits, state.requests, state.tokens, now)
 
 
-def refusal(subject: Subject, kind: str, wait: int, tokens: int = 0) -> RateLimited:
+def refusal(subject: Subject, kind: str, wait: int, tokens: int = 0,
+            headers: dict[str, str] | None = None) -> RateLimited:
     """The 429 for ``subject`` over one of its limits (``kind``: concurrency, requests, tokens or
-    too_large), to be tried again in ``wait`` seconds. Every limiter words its refusals this way."""
+    too_large), to be tried again in ``wait`` seconds, with ``headers`` (the key's x-ratelimit-*
+    state). Every limiter words its refusals this way."""
     limits, who = subject.limits, subject.name.replace(":", " ")
     if kind == "concurrency":
-        return RateLimited(f"Too many requests at once for {who}: the limit is {limits.concurrency} "
-                           "concurrent requests. Wait for one to finish.", retry_after=1.0)
-    if kind == "requests":
-        return RateLimited(f"Rate limit reached for {who} on requests per min: limit {limits.rpm}. "
-                           f"Try again in {wait}s.", retry_after=float(wait))
-    if kind == "too_large":
-        return RateLimited(f"This request ({tokens} tokens with its max_tokens) is larger than the "
-                           f"{limits.tpm} tokens per min limit for {who}; lower max_tokens.",
-                           retry_after=float(WINDOW_SECONDS))
-    return RateLimited(f"Rate limit reached for {who} on tokens per min: limit {limits.tpm}. "
-                       f"Try again in {wait}s.", retry_after=float(wait))
+        message = f"Too many requests at once for {who}: the limit is {limits.concurrency} concurrent requests. " \
+                  "Wait for one to finish."
+        retry_after = 1.0
+    elif kind == "requests":
+        message = f"Rate limit reached for {who} on requests per min: limit {limits.rpm}. Try again in {wait}s."
+        retry_after = float(wait)
+    elif kind == "too_large":
+        message = f"This request ({tokens} tokens with its max_tokens) is larger than the {limits.tpm} tokens " \
+                  f"per min limit for {who}; lower max_tokens."
+        retry_after = float(WINDOW_SECONDS)
+    else:
+        message = f"Rate limit reached for {who} on tokens per min: limit {limits.tpm}. Try again in {wait}s."
+        retry_after = float(wait)
+    return RateLimited(message, retry_after=retry_after, headers=headers)
 
 
 def rate_headers(limits: LimitSet, requests: _Window, tokens: _Window, now: int) -> dict[str, str]:

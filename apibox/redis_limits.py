@@ -220,9 +220,9 @@ class RedisLimiter:
         requests, counted = _Window.of(_buckets(reply[2])), _Window.of(_buckets(reply[3]))
         if not reply[0]:
             index, limit, wait = int(reply[4]), str(reply[5]), int(reply[6])
-            refused = refusal(subjects[index - 1], limit, wait, tokens)
-            refused.headers.update(rate_headers(first.limits, requests, counted, second))
-            raise refused
+            # raised as made: one kept in a local would be held by its own traceback, a reference cycle
+            raise refusal(subjects[index - 1], limit, wait, tokens,
+                          headers=rate_headers(first.limits, requests, counted, second))
         if first.limits.rpm is not None:
             requests.add(second, 1)
         if first.limits.tpm is not None:

@@ -6,6 +6,8 @@ later" are exact.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from apibox.config import LimitSet
@@ -34,6 +36,31 @@ def clock() -> Clock:
 @pytest.fixture
 def limiter(clock: Clock) -> LocalLimiter:
     return LocalLimiter(clock=clock)
+
+
+async def test_a_refusal_leaves_nothing_to_the_cyclic_garbage_collector(limiter: LocalLimiter) -> None:
+    """A refusal is raised as it is made: one kept in a local is held by its own traceback, a
+    reference cycle a 429, and a client over its limit can send many (runs on Redis too)."""
+    subject = key(rpm=1)
+    await limiter.admit([subject], 0)
+    refused = 0
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage
+    try:
+        for _ in range(3):
+            try:  # not pytest.raises, whose ExceptionInfo in this frame would make a cycle of its own
+                await limiter.admit([subject], 0)
+            except RateLimited:
+                refused += 1
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("apibox.")]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert refused == 3
+    assert left == []
 
 
 # -- requests per minute -------------------------------------------------------------------
