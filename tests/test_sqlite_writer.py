@@ -4,6 +4,7 @@ loop, and checkpoints that keep the WAL from growing without end."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import sys
@@ -462,3 +463,36 @@ async def test_once_the_reader_is_gone_the_next_checkpoint_that_copies_everythin
     assert wal_frames(path) < held_back / 10, "the WAL was not wound back"
     assert not checkpointer.overdue()
     assert len(values(path)) == 102
+
+
+class Refused(Exception):
+    """A transaction body's own failure."""
+
+
+@pytest.mark.parametrize("at_once", [False, True], ids=["queued", "at-once"])
+async def test_a_failed_transaction_leaves_nothing_to_the_cyclic_garbage_collector(writer, at_once: bool) -> None:
+    """Its exception reaches the caller without a reference cycle: a failure kept by the frame it is
+    raised from (in a local, or in the future that carried it) is held by its own traceback."""
+    writer.alone = lambda: at_once
+
+    def refused(db: sqlite3.Cursor) -> None:
+        raise Refused
+
+    failed = 0
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage
+    try:
+        for _ in range(3):
+            try:  # not pytest.raises, whose ExceptionInfo in this frame would make a cycle of its own
+                await writer.transaction(refused)
+            except Refused:
+                failed += 1
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, Refused)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert failed == 3
+    assert left == []

@@ -73,6 +73,19 @@ class Locked(Exception):
     """Another connection holds the write lock: try the group again later."""
 
 
+def _deliver(group: list[Queued], outcomes: list[tuple[bool, Any]]) -> None:
+    """Each queued transaction's outcome to its caller."""
+    for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
+        if future.done():  # a kept transaction whose caller has gone: only the log can tell of a failure
+            if not ok:
+                log.error("a transaction whose caller had gone failed and was rolled back: %s", value)
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
 class SqliteWriter:
     """The one write connection of a process, used only on the event loop it was opened on (and its thread)."""
 
@@ -127,7 +140,10 @@ class SqliteWriter:
                 self._committed(1)
                 if ok:
                     return value  # type: ignore[no-any-return]
-                raise value
+                try:
+                    raise value
+                finally:  # the failure's traceback holds this frame: kept here too, a reference cycle
+                    del value
         loop = self._event_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.append(Queued(body, future, keep))
@@ -137,7 +153,10 @@ class SqliteWriter:
             # busy (the last group was not alone): counted as one short, so the first pass waits anyway
             self._gathered = len(self._queue) - (self._last_group > 1)
             loop.call_soon(self._gather)
-        return await future
+        try:
+            return await future
+        finally:  # a failure the future carries holds this frame in its traceback: the same cycle
+            del future
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         assert self._loop is not None, "the writer is not open"
@@ -184,17 +203,14 @@ class SqliteWriter:
         except Exception as exc:  # the COMMIT itself failed: nothing of the group happened
             outcomes = [(False, exc)] * len(group)
         self._waiting_since, self._retry = None, FIRST_RETRY_SECONDS
-        for (_, future, _), (ok, value) in zip(group, outcomes, strict=True):
-            if future.done():  # a kept transaction whose caller has gone: only the log can tell of a failure
-                if not ok:
-                    log.error("a transaction whose caller had gone failed and was rolled back: %s", value)
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
+        _deliver(group, outcomes)
+        committed = len(group)
+        # a failure's traceback holds the frames it was raised through and their callers, this one
+        # among them: holding the failure here too (in the group's futures, in the outcomes) would
+        # make a reference cycle
+        del group, outcomes
         self._idle.set()
-        self._committed(len(group))
+        self._committed(committed)
 
     def _committed(self, transactions: int) -> None:
         """A group of ``transactions`` is over; now and then the WAL's size is looked at."""
