@@ -24,6 +24,7 @@ from apibox.gateway.proxy import OVERRUN_SLACK_TOKENS
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
 from tests.fake_upstream import WORDS, FakeUpstream
+from tests.garbage import apiboxs_own, collected_garbage
 from tests.gateway_helpers import (
     GPT_FAKE,
     account,
@@ -143,11 +144,6 @@ async def test_a_stream_leaves_no_generator_of_its_own_for_the_event_loop_to_clo
     assert len(usage_rows(live, who.user_id)) == 3
 
 
-def apiboxs_own(objects: list[Any]) -> list[str]:
-    """The names of the classes, defined in apibox, of ``objects``."""
-    return sorted({type(o).__qualname__ for o in objects if type(o).__module__.startswith("apibox.")})
-
-
 STREAM = {"model": "gpt-fake", "messages": MESSAGES, "stream": True}
 
 
@@ -177,20 +173,11 @@ async def test_a_request_leaves_none_of_apiboxs_objects_to_the_cyclic_garbage_co
     async with aiohttp.ClientSession() as session:
         await answered(session)  # what a first request sets up for good is not garbage
         await eventually(lambda: len(usage_rows(live, who.user_id)) == billed)
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage
-        try:
+        with collected_garbage() as left:
             for _ in range(3):
                 await answered(session)
             await eventually(lambda: len(usage_rows(live, who.user_id)) == 4 * billed)
-            gc.collect()
-            left = apiboxs_own(gc.garbage)
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
-    assert left == []
+    assert apiboxs_own(left) == []
 
 
 @pytest.mark.parametrize("whole", [False, True], ids=["split", "whole"])

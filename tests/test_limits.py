@@ -6,13 +6,12 @@ later" are exact.
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 
 from apibox.config import LimitSet
 from apibox.errors import RateLimited
 from apibox.limits import FailedAuthLimiter, LocalLimiter, Subject
+from tests.garbage import apiboxs_own, collected_garbage
 
 
 class Clock:
@@ -44,23 +43,14 @@ async def test_a_refusal_leaves_nothing_to_the_cyclic_garbage_collector(limiter:
     subject = key(rpm=1)
     await limiter.admit([subject], 0)
     refused = 0
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage
-    try:
+    with collected_garbage() as left:
         for _ in range(3):
             try:  # not pytest.raises, whose ExceptionInfo in this frame would make a cycle of its own
                 await limiter.admit([subject], 0)
             except RateLimited:
                 refused += 1
-        gc.collect()
-        left = [type(o).__name__ for o in gc.garbage if type(o).__module__.startswith("apibox.")]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     assert refused == 3
-    assert left == []
+    assert apiboxs_own(left) == []
 
 
 # -- requests per minute -------------------------------------------------------------------

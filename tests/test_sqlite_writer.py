@@ -4,7 +4,6 @@ loop, and checkpoints that keep the WAL from growing without end."""
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import sqlite3
 import sys
@@ -17,6 +16,7 @@ import pytest
 from apibox.store import sqlite_writer
 from apibox.store.sqlite import PRAGMAS
 from apibox.store.sqlite_writer import SqliteWriter
+from tests.garbage import collected_garbage
 from tests.waiting import eventually
 
 
@@ -479,20 +479,11 @@ async def test_a_failed_transaction_leaves_nothing_to_the_cyclic_garbage_collect
         raise Refused
 
     failed = 0
-    gc.collect()
-    gc.disable()
-    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds unreachable is kept in gc.garbage
-    try:
+    with collected_garbage() as left:
         for _ in range(3):
             try:  # not pytest.raises, whose ExceptionInfo in this frame would make a cycle of its own
                 await writer.transaction(refused)
             except Refused:
                 failed += 1
-        gc.collect()
-        left = [o for o in gc.garbage if isinstance(o, Refused)]
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
     assert failed == 3
-    assert left == []
+    assert [o for o in left if isinstance(o, Refused)] == []
