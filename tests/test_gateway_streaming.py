@@ -154,16 +154,17 @@ STREAM = {"model": "gpt-fake", "messages": MESSAGES, "stream": True}
     ("/messages", {**STREAM, "max_tokens": 100}, "ok", 200),
     ("/chat/completions", STREAM, "status", 502),
     ("/nothing/here", {}, "ok", 404),
-], ids=["whole", "stream", "stream-n2", "anthropic-stream", "upstream-failed", "unknown-url"])
+    ("/chat/completions", STREAM, "ok", 402),
+], ids=["whole", "stream", "stream-n2", "anthropic-stream", "upstream-failed", "unknown-url", "no-money"])
 async def test_a_request_leaves_none_of_apiboxs_objects_to_the_cyclic_garbage_collector(
         live: Live, live_store, path: str, body: dict[str, Any], upstream: str, status: int) -> None:
     """What a request makes is freed as its last reference goes: an object in a reference cycle
     waits for the cyclic collector, whose passes then grow with the load (a renderer that kept its
     own bound method cost streams a fifth of their throughput), and with an upstream's failures."""
-    who = await account(live_store, live, "ann@example.com", "1")
+    who = await account(live_store, live, "ann@example.com", "0" if status == 402 else "1")
     live.fake.mode = upstream
     headers = {**auth(who.key), "x-api-key": who.key, "anthropic-version": "2023-06-01"}
-    billed = 0 if status == 404 else 1  # the usage rows a request writes (a failed one's charges nothing)
+    billed = 0 if status in (402, 404) else 1  # the usage rows a request writes (a failed one's charges nothing)
 
     async def answered(session: aiohttp.ClientSession) -> None:
         async with session.post(f"{live.v1}{path}", json=body, headers=headers) as response:
