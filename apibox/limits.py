@@ -160,15 +160,15 @@ def refusal(subject: Subject, kind: str, wait: int, tokens: int = 0,
     state). Every limiter words its refusals this way."""
     limits, who = subject.limits, subject.name.replace(":", " ")
     if kind == "concurrency":
-        message = f"Too many requests at once for {who}: the limit is {limits.concurrency} concurrent requests. " \
-                  "Wait for one to finish."
+        message = (f"Too many requests at once for {who}: the limit is {limits.concurrency} concurrent requests. "
+                   "Wait for one to finish.")
         retry_after = 1.0
     elif kind == "requests":
         message = f"Rate limit reached for {who} on requests per min: limit {limits.rpm}. Try again in {wait}s."
         retry_after = float(wait)
     elif kind == "too_large":
-        message = f"This request ({tokens} tokens with its max_tokens) is larger than the {limits.tpm} tokens " \
-                  f"per min limit for {who}; lower max_tokens."
+        message = (f"This request ({tokens} tokens with its max_tokens) is larger than the {limits.tpm} tokens "
+                   f"per min limit for {who}; lower max_tokens.")
         retry_after = float(WINDOW_SECONDS)
     else:
         message = f"Rate limit reached for {who} on tokens per min: limit {limits.tpm}. Try again in {wait}s."
