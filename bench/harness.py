@@ -230,15 +230,15 @@ def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen
         tally["2xx"] += two_xx(w)
         tally["slack"] += conns + socket_errors(w)
         tally["status_errors"] += w.get("err_status", 0)
+    # the scrapes of /metrics fall outside the CPU readings: the target's CPU is the load's alone
+    gc0 = gc_passes(t.metrics_url) if t.metrics_url else None
     up0 = procs.group_cpu_seconds(upstream.pid)
     tg0 = procs.group_cpu_seconds(proc.pid) if proc else 0.0
     ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     db0 = procs.tree_cpu_seconds(db_pid) if db_pid else 0.0
-    gc0 = gc_passes(t.metrics_url) if t.metrics_url else None
     busy0 = procs.machine_busy_seconds()
     r = run_wrk(t, stream, conns, args.duration, args.load_cpus, out / "last.json", args.wrk_timeout)
     busy1 = procs.machine_busy_seconds()
-    gc1 = gc_passes(t.metrics_url) if gc0 is not None and t.metrics_url else None
     db_cpu = procs.tree_cpu_seconds(db_pid) - db0 if db_pid else None
     ch1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not r:
@@ -249,6 +249,7 @@ def measure(t: Target, proc: subprocess.Popen | None, upstream: subprocess.Popen
     secs = r.get("duration_s") or args.duration
     tgt_cpu = (procs.group_cpu_seconds(proc.pid) - tg0) if proc else None
     r["cpu_upstream_pct"] = round(100 * (procs.group_cpu_seconds(upstream.pid) - up0) / secs, 1)
+    gc1 = gc_passes(t.metrics_url) if t.metrics_url and gc0 is not None else None
     r["cpu_target_pct"] = None if tgt_cpu is None else round(100 * tgt_cpu / secs, 1)
     r["cpu_ms_per_req"] = None if tgt_cpu is None or not r.get("requests") else 1000 * tgt_cpu / r["requests"]
     r["cpu_wrk_pct"] = round(100 * ((ch1.ru_utime + ch1.ru_stime) - (ch0.ru_utime + ch0.ru_stime)) / secs, 1)
