@@ -18,6 +18,7 @@ function call an id (Gemini usually sends none) and ``thought`` adds a thought-s
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -86,7 +87,7 @@ class FakeGemini:
                                       "modelVersion": model})
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for i, word, answer in ((i, word, answer) for i, word in enumerate(words) for answer in range(answers)):
+        for (i, word), answer in itertools.product(enumerate(words), range(answers)):
             if self.mode == "stream_error" and i == len(words) // 2:
                 error = {"error": {"code": 500, "message": f"Internal error for key {GEMINI_KEY}",
                                    "status": "INTERNAL"}}
