@@ -469,15 +469,15 @@ class Refused(Exception):
     """A transaction body's own failure."""
 
 
+def refused(db: sqlite3.Cursor) -> None:
+    raise Refused
+
+
 @pytest.mark.parametrize("at_once", [False, True], ids=["queued", "at-once"])
 async def test_a_failed_transaction_leaves_nothing_to_the_cyclic_garbage_collector(writer, at_once: bool) -> None:
     """Its exception reaches the caller without a reference cycle: a failure kept by the frame it is
     raised from (in a local, or in the future that carried it) is held by its own traceback."""
     writer.alone = lambda: at_once
-
-    def refused(db: sqlite3.Cursor) -> None:
-        raise Refused
-
     failed = 0
     with collected_garbage() as left:
         for _ in range(3):
@@ -486,4 +486,18 @@ async def test_a_failed_transaction_leaves_nothing_to_the_cyclic_garbage_collect
             except Refused:
                 failed += 1
     assert failed == 3
+    assert [o for o in left if isinstance(o, Refused)] == []
+
+
+async def test_a_failure_in_a_group_leaves_nothing_to_the_cyclic_garbage_collector(writer) -> None:
+    """The group is run again with a savepoint around each body; the one that failed reaches its
+    caller without a reference cycle, and the others are committed."""
+    groups = group_sizes(writer)
+    with collected_garbage() as left:
+        tasks = [asyncio.create_task(writer.transaction(body)) for body in (insert("a"), refused, insert("b"))]
+        await asyncio.wait(tasks)
+        assert [type(task.exception()) for task in tasks] == [type(None), Refused, type(None)]
+        del tasks  # not gather's results: asyncio holds those a while longer
+    assert groups == [3]
+    assert values(writer._path) == ["a", "b"]
     assert [o for o in left if isinstance(o, Refused)] == []

@@ -232,10 +232,12 @@ class SqliteWriter:
             raise
         try:
             try:
-                outcomes = [(True, body(db)) for body in bodies]
+                outcomes: list[tuple[bool, Any]] | None = [(True, body(db)) for body in bodies]
             except Exception:
                 if len(bodies) == 1:
                     raise
+                outcomes = None  # run again below, out of this handler: its failure is no context of theirs
+            if outcomes is None:
                 db.execute("ROLLBACK")
                 db.execute("BEGIN IMMEDIATE")  # should another process take the lock meanwhile: Locked, below
                 outcomes = self._each_in_savepoint(db, bodies)
@@ -248,7 +250,10 @@ class SqliteWriter:
             if len(bodies) == 1 and isinstance(exc, Exception):
                 return [(False, exc)]  # alone in its group: its own failure, nothing else to keep
             raise
-        return outcomes
+        try:
+            return outcomes
+        finally:  # a failure among them holds this frame (its traceback's frames link to their callers'): a cycle
+            del outcomes
 
     @staticmethod
     def _each_in_savepoint(db: sqlite3.Cursor, bodies: list[Body]) -> list[tuple[bool, Any]]:
@@ -264,7 +269,10 @@ class SqliteWriter:
             else:
                 db.execute("RELEASE one")
                 outcomes.append((True, value))
-        return outcomes
+        try:
+            return outcomes
+        finally:  # a failure among them holds this frame in its traceback: kept here too, a reference cycle
+            del outcomes
 
     def _maybe_checkpoint(self) -> None:
         try:
