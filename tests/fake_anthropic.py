@@ -37,6 +37,8 @@ class FakeAnthropic:
     error_message: str = "Overloaded"
     requests: list[Recorded] = field(default_factory=list)
     sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    end_pause: float = 0.0  # between a stream's message_stop and its body's end
+    bodies_ended: int = 0  # streams whose body's end was written
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
@@ -58,12 +60,12 @@ class FakeAnthropic:
 
     async def count_tokens(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.requests.append(Recorded(request.path, dict(request.headers), body))
+        self.requests.append(Recorded.of(request, body))
         return self._refusal(request) or web.json_response({"input_tokens": self.count})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(Recorded(request.path, dict(request.headers), body))
+        self.requests.append(Recorded.of(request, body))
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal
@@ -115,5 +117,7 @@ class FakeAnthropic:
         await send("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
                                      "usage": {"output_tokens": len(words) + use_tool * 10}})
         await send("message_stop", {"type": "message_stop"})
+        await asyncio.sleep(self.end_pause)
         await response.write_eof()
+        self.bodies_ended += 1
         return response

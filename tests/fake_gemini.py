@@ -59,7 +59,7 @@ class FakeGemini:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
-        self.requests.append(Recorded(request.path_qs, dict(request.headers), body))
+        self.requests.append(Recorded.of(request, body, request.path_qs))
         model, _, method = request.match_info["target"].partition(":")
         if request.headers.get("x-goog-api-key") != GEMINI_KEY:
             return web.json_response({"error": {"code": 403, "message": "API key not valid",

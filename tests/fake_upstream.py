@@ -28,6 +28,12 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: dict[str, Any]
+    peer: Any = None  # the address it came from: one per connection
+
+    @classmethod
+    def of(cls, request: web.Request, body: dict[str, Any], path: str | None = None) -> Recorded:
+        peer = request.transport.get_extra_info("peername") if request.transport is not None else None
+        return cls(path or request.path, dict(request.headers), body, peer)
 
 
 @dataclass
@@ -44,6 +50,9 @@ class FakeUpstream:
     whole: bool = False  # a stream in one write (its last event and [DONE] come in one read), not split
     obfuscation: bool = False  # pad chunks as OpenAI does unless stream_options.include_obfuscation is false
     thoughts: list[str] = field(default_factory=list)  # a reasoning model's thinking before a stream's words
+    end_pause: float = 0.0  # between a stream's [DONE] and its body's end
+    hung_up: int = 0  # streams whose connection the gateway closed before their body's end
+    bodies_ended: int = 0  # streams whose body's end was written
     requests: list[Recorded] = field(default_factory=list)
     pads_sent: list[str] = field(default_factory=list)
 
@@ -62,7 +71,7 @@ class FakeUpstream:
 
     async def _record(self, request: web.Request) -> dict[str, Any]:
         body = await request.json()
-        self.requests.append(Recorded(request.path, dict(request.headers), body))
+        self.requests.append(Recorded.of(request, body))
         return body
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -136,25 +145,43 @@ class FakeUpstream:
                 await response.write(b"".join(pending))
                 pending.clear()
 
-        await send(b": keep-alive\r\n\r\n")
-        for index, event in enumerate(events):
-            if self.mode == "cut" and index == len(events) // 2:
-                await flush()
-                request.transport.close()  # the connection dies mid-answer
+        try:
+            await send(b": keep-alive\r\n\r\n")
+            for index, event in enumerate(events):
+                if self.mode == "cut" and index == len(events) // 2:
+                    await flush()
+                    request.transport.close()  # the connection dies mid-answer
+                    return response
+                if self.mode == "malformed" and index == len(events) // 2:
+                    await send(b"data: {this is not json\n\n")
+                    continue
+                await send(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n")
+            for i in answers:
+                await send(b"data: " + json.dumps(chunk({}, finish, i)).encode() + b"\n\n")
+            if include_usage:
+                usage_chunk = {**head, "choices": [], "usage": self.usage(len(words) * len(answers))}
+                await send(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
+            await send(b"data: [DONE]\n\n")
+            await flush()
+            if await self._hung_up_during(request, self.end_pause):
                 return response
-            if self.mode == "malformed" and index == len(events) // 2:
-                await send(b"data: {this is not json\n\n")
-                continue
-            await send(b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n")
-        for i in answers:
-            await send(b"data: " + json.dumps(chunk({}, finish, i)).encode() + b"\n\n")
-        if include_usage:
-            usage_chunk = {**head, "choices": [], "usage": self.usage(len(words) * len(answers))}
-            await send(b"data: " + json.dumps(usage_chunk).encode() + b"\n\n")
-        await send(b"data: [DONE]\n\n")
-        await flush()
-        await response.write_eof()
+            await response.write_eof()
+        except ConnectionResetError:  # the gateway hung up on us
+            self.hung_up += 1
+            raise
+        self.bodies_ended += 1
         return response
+
+    async def _hung_up_during(self, request: web.Request, seconds: float) -> bool:
+        """Whether the gateway closes the connection within ``seconds`` (counted in ``hung_up``)."""
+        waited = 0.0
+        while waited < seconds:
+            if request.transport is None or request.transport.is_closing():
+                self.hung_up += 1
+                return True
+            await asyncio.sleep(0.01)
+            waited += 0.01
+        return False
 
     @staticmethod
     async def _write(response: web.StreamResponse, data: bytes) -> None:

@@ -36,6 +36,7 @@ from tests.gateway_helpers import (
     usage_rows,
     wait_for_usage,
 )
+from tests.waiting import eventually
 
 CLAUDE_TEXT = "".join(WORDS)
 PROMPT = "Say hello in French"
@@ -143,6 +144,19 @@ async def test_a_stream_is_translated_and_billed_from_the_upstream_usage(live: L
     # Billed from Anthropic's reported usage (message_start + message_delta), not an estimate.
     assert live.anthropic.requests[-1].body["stream"] is True
     await assert_charged(live, who, cost, prompt=30, completion=len(WORDS))
+
+
+async def test_a_finished_stream_gives_its_upstream_connection_to_the_next(live: Live, live_store) -> None:
+    """message_stop may come a read before the end of the body: the gateway waits for that end, and
+    the next stream goes over the same connection."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.anthropic.end_pause = 0.2
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        assert streamed_text(await stream_chunks(client, model="claude-fake", messages=MESSAGES)) == CLAUDE_TEXT
+        await eventually(lambda: live.anthropic.bodies_ended == 1)
+        assert streamed_text(await stream_chunks(client, model="claude-fake", messages=MESSAGES)) == CLAUDE_TEXT
+    first, second = live.anthropic.requests
+    assert first.peer == second.peer
 
 
 async def test_the_sync_sdk_streams_too(live: Live, live_store) -> None:

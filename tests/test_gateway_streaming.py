@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.http_writer import StreamWriter
 
 import apibox
+import apibox.providers.http
 from apibox import tokens
 from apibox.gateway.proxy import OVERRUN_SLACK_TOKENS
 from apibox.pricing import Price, worst_case_micro
@@ -377,6 +378,44 @@ async def test_an_upstream_that_ignores_max_tokens_is_cut_at_length(live: Live, 
     assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)
 
 
+async def test_a_finished_stream_gives_its_upstream_connection_to_the_next(live: Live, live_store) -> None:
+    """[DONE] may come a read before the end of the body: the gateway waits for that end rather
+    than closing the connection at [DONE], and the next stream goes over the same connection."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.end_pause = 0.2
+    response, raw = await raw_stream(live, who.key, {})
+    assert (response.status, sse_events(raw)[-1]) == (200, "[DONE]")
+    await eventually(lambda: live.fake.bodies_ended == 1)
+    response, raw = await raw_stream(live, who.key, {})
+    assert (response.status, sse_events(raw)[-1]) == (200, "[DONE]")
+    first, second = live.fake.requests
+    assert first.peer == second.peer
+    assert live.fake.hung_up == 0
+
+
+async def test_a_stream_whose_body_does_not_end_after_done_is_closed_after_a_grace(live: Live, live_store,
+                                                                                 monkeypatch) -> None:
+    """An upstream that keeps the connection after [DONE] gets it closed, and the client has its
+    answer meanwhile."""
+    monkeypatch.setattr(apibox.providers.http, "BODY_END_GRACE_SECONDS", 0.1)
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.end_pause = 30
+    response, raw = await raw_stream(live, who.key, {})
+    assert (response.status, sse_events(raw)[-1]) == (200, "[DONE]")
+    await eventually(lambda: live.fake.hung_up == 1)
+    assert live.fake.bodies_ended == 0
+
+
+async def test_a_stream_cut_before_done_hangs_up_on_the_upstream_at_once(live: Live, live_store, monkeypatch) -> None:
+    """A stream cut at the paid-for length stops the upstream generating: no waiting for an end."""
+    monkeypatch.setattr(apibox.providers.http, "BODY_END_GRACE_SECONDS", 60)
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words, live.fake.end_pause = "overrun", [" word"] * 200, 30
+    response, raw = await raw_stream(live, who.key, {"max_tokens": 5})
+    assert (response.status, sse_json(raw)[-1]["choices"][0]["finish_reason"]) == (200, "length")
+    await eventually(lambda: live.fake.hung_up == 1)
+
+
 def _price() -> Price:
     return Price(input=GPT_FAKE[0], output=GPT_FAKE[1], cached_input=GPT_FAKE[2])
 
@@ -389,7 +428,6 @@ class SlowUpstream(FakeUpstream):
     """
 
     word_pause: float = 0.05
-    closed: bool = False
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:  # type: ignore[override]
         if b'"content"' in data:
@@ -399,8 +437,8 @@ class SlowUpstream(FakeUpstream):
     async def stream(self, request: web.Request, *args: Any) -> web.StreamResponse:
         try:
             return await super().stream(request, *args)
-        except (ConnectionResetError, asyncio.CancelledError):
-            self.closed = True  # the gateway hung up on us: it cancelled the upstream call
+        except asyncio.CancelledError:
+            self.hung_up += 1  # the gateway hung up on us: it cancelled the upstream call
             raise
 
 
@@ -431,7 +469,7 @@ class TestClientDisconnect:
         assert 0 < row["charged"] <= held
         assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)
         assert charges(live, who.user_id) == [row["charged"]]
-        await eventually(lambda: live.fake.closed)  # the upstream stream is closed when the client leaves
+        await eventually(lambda: live.fake.hung_up == 1)  # the upstream stream is closed when the client leaves
         assert len(live.fake.requests) == 1
 
 

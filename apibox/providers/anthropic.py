@@ -124,6 +124,7 @@ class NativeStream(UpstreamStream):
                     batch.append(data)
                     batch.raw.append(payload)
                 if kind == "message_stop":
+                    self.ended()  # before the last batch goes: its reader may stop at it
                     batch.last = True
                     yield batch
                     return

@@ -19,6 +19,7 @@ from apibox.providers.base import StreamBroken, UpstreamFailure, redact
 from apibox.sse import Event, SSEDecoder
 
 T = TypeVar("T")
+BODY_END_GRACE_SECONDS = 1.0  # how long after a stream's last event its body's end may take to come
 
 
 class HttpUpstream:
@@ -31,7 +32,8 @@ class HttpUpstream:
         self._headers = {"Content-Type": "application/json", **headers, **settings.headers}
         self._secrets = (settings.api_key, *settings.headers.values(), *headers.values())
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeouts.connect)
-        self._deadlines = Deadlines()  # the first-byte and idle timeouts of every request, on one timer
+        # the first-byte and idle timeouts of every request, and the waits for a stream's body's end, on one timer
+        self._deadlines = Deadlines()
 
     def clean(self, text: str) -> str:
         return redact(text, self._secrets)
@@ -116,6 +118,15 @@ class HttpUpstream:
         finally:
             watchdog.stop()
 
+    def release_at_end(self, response: aiohttp.ClientResponse) -> None:
+        """Let ``response``, read to its stream's last event, give its connection back to the pool
+        (``BodyEnd``)."""
+        if response.content.is_eof():
+            return  # the end came with the last event: the connection is back in the pool already
+        waiting = BodyEnd(response, self._deadlines)
+        self._deadlines.add(waiting, self._deadlines.loop().time() + BODY_END_GRACE_SECONDS)
+        response.content.on_eof(waiting.came)
+
     def parse_data(self, data: str | bytes) -> dict[str, Any]:
         """An event's data, which must be a JSON object."""
         try:
@@ -199,15 +210,56 @@ class IdleWatchdog:
 
 
 class UpstreamStream:
-    """An open upstream response read as a stream; subclasses turn its events into items."""
+    """An open upstream response read as a stream; subclasses turn its events into items and call
+    ``ended`` once the stream's last event ([DONE], ``message_stop``) has come."""
 
     def __init__(self, response: aiohttp.ClientResponse, http: HttpUpstream) -> None:
         self._response = response
         self._http = http
+        self._ended = False
+
+    def ended(self) -> None:
+        """The stream's last event has come: all that is left is the body's end."""
+        self._ended = True
 
     async def aclose(self) -> None:
-        """Close the connection, so the upstream stops generating (and billing) at once."""
-        self._response.close()
+        """Close the connection, so the upstream stops generating (and billing) at once; but when
+        the stream has ended, let its body's end come first: the connection then goes back to the
+        pool for the next request."""
+        if self._ended:
+            self._http.release_at_end(self._response)
+        else:
+            self._response.close()
+
+
+class BodyEnd:
+    """A response read to its last event, waiting for the end of its body, which gives its
+    connection back to the pool (aiohttp does that itself once the end comes); closed should the
+    end not come within ``BODY_END_GRACE_SECONDS``.
+
+    An upstream writes a stream's last event and its body's end (the empty chunk of a chunked
+    body) one after the other, and they often come in two reads: closing the response at the
+    last event threw away a connection that was about to be free, and the next stream opened a
+    new one (a TCP handshake, and TLS's on a real upstream; with a mock upstream paced like an
+    LLM, about one stream in eight)."""
+
+    __slots__ = ("_deadlines", "_response")
+
+    def __init__(self, response: aiohttp.ClientResponse, deadlines: Deadlines) -> None:
+        self._response: aiohttp.ClientResponse | None = response
+        self._deadlines = deadlines
+
+    def came(self) -> None:
+        """The body's end (aiohttp has given the connection back)."""
+        self._deadlines.discard(self)
+        self._response = None
+
+    def check(self, now: float) -> None:
+        if self._response is not None:
+            self._response.close()
+        # the response's reader keeps ``came`` until an end that may never come: without this,
+        # response, reader and this would make a reference cycle
+        self._response = None
 
 
 def _retry_after(headers: Any) -> float | None:

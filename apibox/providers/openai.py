@@ -63,6 +63,7 @@ class _OpenAIStream(UpstreamStream):
                         continue
                     payload = payloads[item]
                     if payload.startswith(b"[DONE]"):
+                        self.ended()  # before the last batch goes: its reader may stop at it
                         if batch:
                             batch.last = True
                             yield batch
