@@ -19,6 +19,8 @@ from apibox.providers.base import StreamBroken, UpstreamFailure, redact
 from apibox.sse import Event, SSEDecoder
 
 T = TypeVar("T")
+# How a connection the upstream had already closed fails a request sent on it (reset or not answered).
+CLOSED_UNDER_US = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 BODY_END_GRACE_SECONDS = 1.0  # how long after a stream's last event its body's end may take to come
 
 
@@ -39,12 +41,22 @@ class HttpUpstream:
         return redact(text, self._secrets)
 
     async def post(self, url: str, body: dict[str, Any], headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """POST and wait for the response head; an error status raises UpstreamFailure."""
+        """POST and wait for the response head; an error status raises UpstreamFailure.
+
+        A connection from the pool that the upstream closed as the request went out (its keep-alive
+        ran out: five seconds on uvicorn and Node, so on vLLM) fails before any answer; the request
+        is then sent once more, on another connection. Sent every 0.1 s to a server that keeps a
+        connection 0.1 s, 63 requests in 300 failed so, each a 503 for its client, before this."""
         wait = self.settings.timeouts.first_byte
+        data, all_headers = jsoncodec.dumps(body), {**self._headers, **headers}
         try:
             with self._deadlines.timeout(wait):
-                response = await self._session.post(url, data=jsoncodec.dumps(body),
-                                                    headers={**self._headers, **headers}, timeout=self._timeout)
+                try:
+                    response = await self._session.post(url, data=data, headers=all_headers, timeout=self._timeout)
+                except CLOSED_UNDER_US as exc:
+                    if isinstance(exc, aiohttp.ClientConnectorError):
+                        raise  # no connection was made: the upstream is not there
+                    response = await self._session.post(url, data=data, headers=all_headers, timeout=self._timeout)
         except TimeoutError:
             raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
                                   code="upstream_timeout") from None
