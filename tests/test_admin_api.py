@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ import pytest
 from aiohttp import web
 from typer.testing import CliRunner
 
+from apibox import offloop, reports
 from apibox.cli.main import app as cli_app
 from apibox.gateway import admin as admin_routes
+from apibox.store import sql_reports, sql_store
 from tests import dbquery
 from tests.cli_helpers import assert_one_line_error, database
 from tests.conftest import Live, serving
@@ -362,6 +365,49 @@ async def test_balance_ledger_and_usage_report_after_a_request(admin: Live) -> N
     by_key = await api(admin, "GET", f"/admin/usage?by=key&key={new['id']}&model=gpt-fake&user=ann@example.com")
     assert [r["requests"] for r in by_key["rows"]] == [1]
     assert (await api(admin, "GET", "/admin/usage?model=demo"))["rows"] == []
+
+
+def threads_running(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:
+    """The threads ``module.name`` runs on from now on, one entry a call."""
+    threads: list[int] = []
+    real = getattr(module, name)
+
+    def recorded(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args)
+    monkeypatch.setattr(module, name, recorded)
+    return threads
+
+
+# each listing, and for each its rows turned into objects and its items into JSON
+LONG_LISTINGS = {"/admin/users": [(sql_store, "_user"), (admin_routes, "user_json")],
+                 "/admin/keys": [(sql_store, "_key"), (admin_routes, "key_json")],
+                 "/admin/users/{user}/ledger": [(sql_store, "_entry"), (admin_routes, "entry_json")],
+                 "/admin/usage?by=user,model": [(sql_reports, "_label"), (reports, "row_json")]}
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["few", "many"])
+async def test_long_listings_and_reports_are_made_off_the_event_loop(admin: Live, monkeypatch, many: bool) -> None:
+    """Listings and reports of thousands of items were seconds of Python that every stream on the
+    loop waited for: from ``OFF_LOOP_ITEMS`` items on they are made in a worker thread, the same."""
+    users = []
+    for email in ("ann@example.com", "bob@example.com"):
+        user = await api(admin, "POST", "/admin/users", {"email": email}, expect=201)
+        await api(admin, "POST", "/admin/topups", {"user": user["id"], "amount": "1"}, expect=201)
+        key = await api(admin, "POST", "/admin/keys", {"user": user["id"]}, expect=201)
+        assert (await request(admin, "POST", "/v1/chat/completions", key=key["key"], json_body=CHAT))[0] == 200
+        await wait_for_usage(admin, user["id"], 1)
+        users.append(user)
+    paths = [path.replace("{user}", str(users[0]["id"])) for path in LONG_LISTINGS]
+    answers = [await api(admin, "GET", path) for path in paths]
+    loop_thread = await admin.in_gateway_thread(threading.get_ident)
+    if many:  # two users, keys, entries and groups each: "many" from two on (else a thousand)
+        monkeypatch.setattr(offloop, "OFF_LOOP_ITEMS", 2)
+    for path, listing, answer in zip(paths, LONG_LISTINGS.values(), answers, strict=True):
+        threads = [threads_running(monkeypatch, module, name) for module, name in listing]
+        assert await api(admin, "GET", path) == answer
+        for ran_on in threads:
+            assert ran_on and (loop_thread not in ran_on) == many, path
 
 
 async def test_every_change_is_in_the_admin_log_with_its_actor(admin: Live) -> None:

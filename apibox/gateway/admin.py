@@ -7,12 +7,13 @@ same core functions the CLI calls.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from apibox import accounts, reports
+from apibox import accounts, jsoncodec, reports
 from apibox.bus import Change
 from apibox.errors import ConfigError, InvalidApiKey, InvalidRequest, NotFound
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
@@ -20,6 +21,7 @@ from apibox.gateway.openai import bearer_secret, read_json, request_address
 from apibox.gateway.reload import reload_config
 from apibox.models import UserState
 from apibox.money import format_usd
+from apibox.offloop import off_the_loop
 from apibox.store.base import Store
 from apibox.timeparse import TimeParseError, parse_since
 from apibox.views import balance_json, entry_json, iso, key_json, user_json
@@ -44,6 +46,12 @@ def _actor(request: web.Request) -> str:
     return f"admin-api:{request.remote or 'unknown'}"
 
 
+async def _json_of_many(make: Callable[[], Any], items: int) -> web.Response:
+    """The JSON of a listing or a report of ``items`` items, made off the event loop when they are many."""
+    return web.Response(body=await off_the_loop(lambda: jsoncodec.dumps(make()), items),
+                        content_type="application/json")
+
+
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
     value = body.get(name)
     if value is None:
@@ -64,8 +72,8 @@ def _amount(body: dict[str, Any]) -> str:
 
 async def list_users(request: web.Request) -> web.Response:
     overviews = await accounts.list_users(_store(request))
-    return web.json_response([{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
-                              for o in overviews])
+    return await _json_of_many(lambda: [{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
+                                        for o in overviews], len(overviews))
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -114,13 +122,13 @@ async def ledger(request: web.Request) -> web.Response:
     except TimeParseError as exc:
         raise InvalidRequest(str(exc), param="since") from None
     user, entries = await accounts.ledger(store, request.match_info["user"], start)
-    return web.json_response({**balance_json(user, await store.get_balance(user.id)),
-                              "entries": [entry_json(e) for e in entries]})
+    balance = balance_json(user, await store.get_balance(user.id))
+    return await _json_of_many(lambda: {**balance, "entries": [entry_json(e) for e in entries]}, len(entries))
 
 
 async def list_keys(request: web.Request) -> web.Response:
     keys = await accounts.list_keys(_store(request), request.query.get("user"))
-    return web.json_response([key_json(k) for k in keys])
+    return await _json_of_many(lambda: [key_json(k) for k in keys], len(keys))
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -179,8 +187,8 @@ async def usage(request: web.Request) -> web.Response:
                                        until=query.get("until"), user=query.get("user"), key=query.get("key"),
                                        model=query.get("model"))
     report = await reports.build_report(store, report_query)
-    return web.json_response({"rows": [reports.row_json(r) for r in report.rows],
-                              "total": reports.row_json(report.total)})
+    return await _json_of_many(lambda: {"rows": [reports.row_json(r) for r in report.rows],
+                                        "total": reports.row_json(report.total)}, len(report.rows))
 
 
 async def reload(request: web.Request) -> web.Response:

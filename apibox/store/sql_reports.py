@@ -15,6 +15,7 @@ from typing import Any
 from apibox import jsoncodec
 from apibox.errors import InvalidRequest, StoreError
 from apibox.models import ReportRow
+from apibox.offloop import off_the_loop
 from apibox.store.base import REPORT_DIMENSIONS, ProgressFn, PruneResult, UsageFilter
 from apibox.store.script import Row, Script
 from apibox.store.sqltime import to_ms
@@ -98,42 +99,20 @@ class SqlReports:
         unknown = [d for d in by if d not in REPORT_DIMENSIONS]
         if unknown:
             raise InvalidRequest(f"cannot group by {unknown[0]!r} (choose from {', '.join(REPORT_DIMENSIONS)})")
-        n = len(by)
-        groups: dict[tuple[Any, ...], _Group] = {}
-        total = _Group()
-        # the total's percentiles are over every live row: its values are counted (memory: distinct values)
-        latencies: Counter[int] = Counter()
-        ttfts: Counter[int] = Counter()
+        results: list[tuple[bool, list[Row]]] = []
         for folded, table, sums in ((False, "usage g", LIVE_SUMS), (True, "usage_daily a", DAILY_SUMS)):
             clauses, params = _usage_where(folded, where)
             columns = "".join(f"{DIMENSION_SQL[d][folded]} AS d{i}, " for i, d in enumerate(by))
-            # Percentiles: each group's latencies come back as one string, counted in Python; memory
-            # is one group's values at a time, not a million rows.
+            # Percentiles: each group's latencies come back as one string, counted in Python (a
+            # group's values at a time, not a million rows).
             samples = (f", {self._concat('g.latency_ms')}, {self._concat('g.ttft_ms')}"
                        if percentiles and not folded else "")
-            group = f" GROUP BY {', '.join(f'd{i}' for i in range(n))}" if n else ""
-            for r in await self._read(f"SELECT {columns}{sums}{samples} FROM {table} WHERE {clauses}{group}",
-                                      params):
-                if not r[n]:
-                    continue
-                key = tuple((v, not folded) if d == "hour" else v for d, v in zip(by, r[:n], strict=True))
-                acc = groups.setdefault(key, _Group())
-                acc.add(r[n:n + 10])
-                if samples:  # a group's live rows come in one result row: its percentiles are final
-                    acc.percentiles = (*_percentiles(r[n + 10], (50, 95), latencies),
-                                       *_percentiles(r[n + 11], (50,), ttfts))
-        emails = {}
-        if "user" in by:
-            emails = {r[0]: r[1] for r in await self._read("SELECT id, email FROM users")}
-        out: list[tuple[tuple[Any, ...], ReportRow]] = []
-        for key, acc in groups.items():
-            total.add(acc.sums)
-            labels = [_label(d, v, emails) for d, v in zip(by, key, strict=True)]
-            out.append((tuple(sort for sort, _ in labels),
-                        acc.row({d: text for d, (_, text) in zip(by, labels, strict=True)}, percentiles)))
-        out.sort(key=lambda item: item[0])
-        total.percentiles = (*_nearest_rank(latencies, (50, 95)), *_nearest_rank(ttfts, (50,)))
-        return [row for _, row in out], total.row({}, percentiles)
+            group = f" GROUP BY {', '.join(f'd{i}' for i in range(len(by)))}" if by else ""
+            results.append((folded, await self._read(
+                f"SELECT {columns}{sums}{samples} FROM {table} WHERE {clauses}{group}", params)))
+        users = await self._read("SELECT id, email FROM users") if "user" in by else []
+        return await off_the_loop(lambda: _report(by, results, dict(users), percentiles),  # type: ignore[arg-type]
+                                  sum(len(rows) for _, rows in results) + len(users))
 
     async def prune_usage(self, before: datetime, *, batch_rows: int = PRUNE_BATCH_ROWS,
                           progress: ProgressFn | None = None) -> PruneResult:
@@ -226,6 +205,38 @@ class SqlReports:
     async def _ledger_has(self, rows: int) -> bool:
         """Whether the ledger has at least ``rows`` rows, counting no further."""
         return (await self._read("SELECT count(*) FROM (SELECT 1 FROM ledger LIMIT ?) t", (rows,)))[0][0] >= rows
+
+
+def _report(by: Sequence[str], results: list[tuple[bool, list[Row]]], emails: dict[int, str],
+            percentiles: bool) -> tuple[list[ReportRow], ReportRow]:
+    """The report's rows and total from the grouped rows of the live usage (``folded`` False, with
+    each group's latencies when ``percentiles``) and of the daily aggregates."""
+    n = len(by)
+    groups: dict[tuple[Any, ...], _Group] = {}
+    total = _Group()
+    # the total's percentiles are over every live row: its values are counted (memory: distinct values)
+    latencies: Counter[int] = Counter()
+    ttfts: Counter[int] = Counter()
+    for folded, rows in results:
+        samples = percentiles and not folded
+        for r in rows:
+            if not r[n]:
+                continue
+            key = tuple((v, not folded) if d == "hour" else v for d, v in zip(by, r[:n], strict=True))
+            acc = groups.setdefault(key, _Group())
+            acc.add(r[n:n + 10])
+            if samples:  # a group's live rows come in one result row: its percentiles are final
+                acc.percentiles = (*_percentiles(r[n + 10], (50, 95), latencies),
+                                   *_percentiles(r[n + 11], (50,), ttfts))
+    out: list[tuple[tuple[Any, ...], ReportRow]] = []
+    for key, acc in groups.items():
+        total.add(acc.sums)
+        labels = [_label(d, v, emails) for d, v in zip(by, key, strict=True)]
+        out.append((tuple(sort for sort, _ in labels),
+                    acc.row({d: text for d, (_, text) in zip(by, labels, strict=True)}, percentiles)))
+    out.sort(key=lambda item: item[0])
+    total.percentiles = (*_nearest_rank(latencies, (50, 95)), *_nearest_rank(ttfts, (50,)))
+    return [row for _, row in out], total.row({}, percentiles)
 
 
 @dataclass(slots=True)

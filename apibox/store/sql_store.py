@@ -31,6 +31,7 @@ from apibox.models import (
     UserState,
 )
 from apibox.money import format_usd
+from apibox.offloop import off_the_loop
 from apibox.store.base import Credit, CreditResult, KeySpec
 from apibox.store.script import IntegrityViolation, Row, Script, Want, single
 from apibox.store.sql_reports import SqlReports
@@ -161,7 +162,8 @@ class SqlStore(SqlReports):
             f"SELECT {USER_COLUMNS}, b.balance, b.held, "
             "(SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) "
             "FROM users u JOIN balances b ON b.user_id = u.id ORDER BY u.id")
-        return [UserOverview(_user(r), Balance(r[0], r[7], r[8]), r[9]) for r in rows]
+        return await off_the_loop(lambda: [UserOverview(_user(r), Balance(r[0], r[7], r[8]), r[9]) for r in rows],
+                                  len(rows))
 
     async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User:
         await self._write("UPDATE users SET name = coalesce(?, name), grp = coalesce(?, grp) WHERE id = ?",
@@ -200,7 +202,7 @@ class SqlStore(SqlReports):
         else:
             rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.user_id = ? ORDER BY k.id",
                                     (user_id,))
-        return [_key(r) for r in rows]
+        return await off_the_loop(lambda: [_key(r) for r in rows], len(rows))
 
     async def revoke_key(self, key_id: int) -> ApiKey:
         await self._write("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (now_ms(), key_id))
@@ -292,7 +294,8 @@ class SqlStore(SqlReports):
         if until is not None:
             sql += " AND created_at < ?"
             params.append(to_ms(until))
-        return [_entry(r) for r in await self._read(sql + " ORDER BY id", params)]
+        rows = await self._read(sql + " ORDER BY id", params)
+        return await off_the_loop(lambda: [_entry(r) for r in rows], len(rows))
 
     async def ledger_sum(self, user_id: int, before: datetime) -> int:
         rows = await self._read("SELECT coalesce(sum(amount), 0) FROM ledger WHERE user_id = ? AND created_at < ?",
