@@ -39,8 +39,13 @@ class DatabaseSettings:
 @dataclass(frozen=True, slots=True)
 class Timeouts:
     connect: float = 10.0
-    first_byte: float = 120.0  # until the upstream's response headers arrive
-    idle: float = 120.0  # the longest silence between two stream chunks
+    # Until the upstream's response headers arrive, which for an answer not streamed is when the
+    # whole answer is written: minutes for a long one from a reasoning model. The official OpenAI
+    # and Anthropic SDKs wait 600 s; giving up sooner fails a request the upstream still bills.
+    first_byte: float = 600.0
+    # The longest silence between two stream chunks; a reasoning model may think that long
+    # between its first chunk and its answer.
+    idle: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
