@@ -6,9 +6,11 @@
 It writes users, keys, top-ups, usage rows and their ledger charges straight into a fresh,
 migrated SQLite file (executemany, one transaction), checks the books with the same audit as
 `apibox db check`, then times the report core (``reports.build_report``, what the CLI and
-``/admin/usage`` call) for several groupings, `apibox usage report` end to end as a process,
-`apibox usage prune` of the oldest two thirds of the days, and the same reports again over the
-live rows plus the daily aggregates, whose sums must not have changed (the run fails if any did).
+``/admin/usage`` call) for several groupings, with the event loop's longest stall in one more
+run of each (what a gateway's streams would wait while it serves that report), `apibox usage
+report` end to end as a process, `apibox usage prune` of the oldest two thirds of the days, and
+the same reports again over the live rows plus the daily aggregates, whose sums must not have
+changed (the run fails if any did).
 """
 
 from __future__ import annotations
@@ -119,9 +121,35 @@ def timed(fn: Callable[[], Awaitable[T]]) -> Callable[[], Awaitable[tuple[float,
     return run
 
 
-async def time_reports(store: Store, since: str, repeat: int) -> tuple[list[tuple[str, float, float, int]], dict]:
-    """(grouping, first run s, best run s, groups) for each grouping, and every report's totals."""
-    figures: list[tuple[str, float, float, int]] = []
+async def longest_stall(work: Awaitable[Any]) -> float:
+    """The longest the event loop went without running a ticker that asks to run every
+    millisecond, in seconds, while ``work`` ran: what every stream of a gateway serving a report
+    to ``/admin/usage`` would wait for its next write."""
+    gaps = [0.0]
+
+    async def tick() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps[0] = max(gaps[0], now - last)
+            last = now
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    gaps[0] = 0.0
+    await work
+    await asyncio.sleep(0.01)  # the gap that ends with the work's last step, counted
+    ticker.cancel()
+    return gaps[0]
+
+
+Figure = tuple[str, float, float, int, float]
+
+
+async def time_reports(store: Store, since: str, repeat: int) -> tuple[list[Figure], dict]:
+    """(grouping, first run s, best run s, groups, the loop's longest stall s in one more run) for
+    each grouping, and every report's totals."""
+    figures: list[Figure] = []
     totals: dict[str, Any] = {}
     cases: list[tuple[str, dict[str, str]]] = [(by, {}) for by in GROUPINGS] + [
         ("day,model", {"since": since}), ("model", {"since": since}), ("day", {"model": "gpt-4o"}),
@@ -131,7 +159,8 @@ async def time_reports(store: Store, since: str, repeat: int) -> tuple[list[tupl
         runs = [await timed(lambda q=query: reports.build_report(store, q))() for _ in range(repeat)]
         report = runs[0][1]
         label = " ".join([f"--by {by}", *(f"--{k} {v}" for k, v in where.items())])
-        figures.append((label, runs[0][0], min(t for t, _ in runs), len(report.rows)))
+        stall = await longest_stall(reports.build_report(store, query))
+        figures.append((label, runs[0][0], min(t for t, _ in runs), len(report.rows), stall))
         totals[label] = report
     return figures, totals
 
@@ -151,9 +180,11 @@ def cli_seconds(config: Path, args: list[str]) -> float:
     return time.perf_counter() - began
 
 
-def table(title: str, figures: list[tuple[str, float, float, int]]) -> str:
-    lines = [f"### {title}", "", "| report | groups | first run s | best of runs s |", "|---|---:|---:|---:|"]
-    lines += [f"| `{label}` | {groups:,} | {first:.3f} | {best:.3f} |" for label, first, best, groups in figures]
+def table(title: str, figures: list[Figure]) -> str:
+    lines = [f"### {title}", "", "| report | groups | first run s | best of runs s | the loop's longest stall ms |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| `{label}` | {groups:,} | {first:.3f} | {best:.3f} | {stall * 1000:.0f} |"
+              for label, first, best, groups, stall in figures]
     return "\n".join(lines)
 
 
