@@ -57,7 +57,8 @@ def prompt_parts(body: dict[str, Any]) -> tuple[list[str], int, int]:
             if not isinstance(message, dict):
                 continue
             images += _collect(message.get("content"), texts)
-            for call in message.get("tool_calls") or ():
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():  # anything else is the upstream's to refuse
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
                     texts.extend(str(v) for v in call["function"].values())
         if body.get("tools"):

@@ -265,6 +265,28 @@ def test_prompt_bound_is_never_below_the_estimate(body: dict[str, object]) -> No
     assert tokens.prompt_bound(body) >= tokens.prompt_estimate(body) >= 0
 
 
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | texts,
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                               st.sampled_from(["role", "content", "tool_calls", "function", "text", "type", "name",
+                                                "arguments", "x"]), inner, max_size=4), max_leaves=12)
+any_shape = st.dictionaries(st.sampled_from(["model", "messages", "tools", "prompt", "input"]), json_values,
+                            max_size=4)
+
+
+@given(any_shape)
+def test_any_json_body_is_measured_without_error(body: dict[str, object]) -> None:
+    """The prompt is measured before the upstream sees the request, so whatever shape a client
+    sends (``tool_calls: true``, a message that is a number) must measure, not fail: the upstream
+    refuses what is not a request. (``tool_calls: true`` was a 500 here.)"""
+    assert tokens.prompt_bound(body) >= tokens.prompt_estimate(body) >= 0
+
+
+def test_tool_calls_that_are_not_a_list_are_left_to_the_upstream() -> None:
+    body = chat("Hello", "there")
+    body["messages"][0]["tool_calls"] = True  # type: ignore[index]
+    assert tokens.prompt_estimate(body) == tokens.prompt_estimate(chat("Hello", "there"))
+
+
 @pytest.mark.parametrize("text", ["!!!!!!!!!!", "1.2.3.4.5.6.7.8.9", "a,b,c,d,e,f,g,h", "{}" * 50])
 def test_prompt_bound_covers_punctuation_heavy_text(text: str) -> None:
     assert tokens.prompt_bound(chat(text)) >= tokens.prompt_estimate(chat(text))
