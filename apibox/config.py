@@ -41,7 +41,7 @@ from apibox.settings import (
     default_settings,
 )
 from apibox.timeparse import TimeParseError, parse_moment
-from apibox.urls import masked, masked_url, redis_url_problem
+from apibox.urls import masked, masked_url, proxy_url_problem, redis_url_problem
 
 __all__ = [
     "ACCESS_LOG_FORMATS",
@@ -332,7 +332,8 @@ class _Parser:
         return RedisSettings(url=url, prefix=prefix, timeout=timeout)
 
     def provider(self, node: _Node) -> ProviderSettings:
-        fields = node.mapping(("name", "type", "base_url", "api_key", "headers", "timeouts", "stream_usage"))
+        fields = node.mapping(("name", "type", "base_url", "api_key", "headers", "timeouts", "stream_usage",
+                               "proxy"))
         for required in ("name", "type"):
             if required not in fields:
                 raise node.fail(f"missing key {required!r}")
@@ -361,7 +362,19 @@ class _Parser:
             headers=headers,
             timeouts=self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts(),
             stream_usage=fields["stream_usage"].boolean() if "stream_usage" in fields else True,
+            proxy=self.proxy(fields["proxy"]) if "proxy" in fields else None,
         )
+
+    @staticmethod
+    def proxy(node: _Node) -> str | None:
+        """An HTTP proxy's URL (empty: none); a refusal shows it with its password masked."""
+        text = node.text(nonempty=False)
+        if not text:
+            return None
+        problem = proxy_url_problem(text)
+        if problem is not None:
+            raise node.fail(f"{problem}, got {masked_url(text)!r}")
+        return text
 
     def timeouts(self, node: _Node) -> Timeouts:
         fields = node.mapping(("connect", "first_byte", "idle"))

@@ -58,6 +58,8 @@ class ProviderSettings:
     timeouts: Timeouts = field(default_factory=Timeouts)
     # Ask OpenAI-compatible upstreams for usage in streams (some old servers reject it).
     stream_usage: bool = True
+    # An HTTP(S) proxy every request to this upstream goes through: http://[user:password@]host:port.
+    proxy: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

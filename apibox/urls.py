@@ -25,6 +25,22 @@ def redis_url_problem(url: str) -> str | None:
     return None
 
 
+def proxy_url_problem(url: str) -> str | None:
+    """What is wrong with an HTTP proxy's URL, http://[user:password@]host:port (None: nothing)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        return "must be an http:// or https:// proxy URL (SOCKS proxies are not supported)"
+    try:
+        parts.port  # noqa: B018 (it raises for a port that is not one)
+    except ValueError:
+        return "the port must be a number from 0 to 65535"
+    if not parts.hostname:
+        return "needs a host, e.g. http://proxy.internal:3128"
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return "is the proxy's address alone, with nothing after host:port"
+    return None
+
+
 def masked(secret: str | None) -> str | None:
     """How `config check` shows a secret: whether it is set, never any of its characters."""
     return "****" if secret else None

@@ -171,6 +171,12 @@ BAD_CASES = [
      "missing key 'base_url'"),
     ("  - {name: echo, type: echo}", "  - {name: o, type: openai, base_url: ftp://x}\n  - {name: echo, type: echo}",
      "providers[0].base_url", "http:// or https://"),
+    ("type: echo}", "type: echo, proxy: 'socks5://p.internal:1080'}", "providers[0].proxy",
+     "SOCKS proxies are not supported"),
+    ("type: echo}", "type: echo, proxy: 'http://:3128'}", "providers[0].proxy", "needs a host"),
+    ("type: echo}", "type: echo, proxy: 'http://p.internal:port'}", "providers[0].proxy", "port must be a number"),
+    ("type: echo}", "type: echo, proxy: 'http://u:pw-Z9x@p.internal:3128/v1'}", "providers[0].proxy",
+     "got 'http://u:****@p.internal:3128/v1'"),
     ("name: demo", "name: demo\n    max_output_tokens: 0", "models[0].max_output_tokens", "at least 1"),
     ("name: demo", "name: demo\n    kind: image", "models[0].kind", "'chat' or 'embedding'"),
     ("models:", "limits: {key: {rpm: 0}}\nmodels:", "limits.key.rpm", "at least 1"),
@@ -312,10 +318,11 @@ def test_the_defaults_serve_the_demo_model_on_echo(isolated: Path) -> None:
 # -- config check ----------------------------------------------------------------------------------
 
 
-SECRETS = ("admin-secret-value", "sk-upstream-SECRET-abc123", "hdr-secret-xyz", "dbpass-Q7")
+SECRETS = ("admin-secret-value", "sk-upstream-SECRET-abc123", "hdr-secret-xyz", "dbpass-Q7", "proxypass-K3")
 SECRET_CONFIG = GOOD.replace(
     "headers: {OpenAI-Organization: \"org-${ORG:-none}\"}",
-    "headers: {OpenAI-Organization: \"org-${ORG:-none}\", X-Upstream-Token: hdr-secret-xyz}",
+    "headers: {OpenAI-Organization: \"org-${ORG:-none}\", X-Upstream-Token: hdr-secret-xyz}\n"
+    "    proxy: http://egress:proxypass-K3@proxy.internal:3128",
 ).replace('database: {url: "sqlite:///${DATA_DIR:-/var/lib/apibox}/apibox.db"}',
           "database: {url: 'postgresql://apibox:dbpass-Q7@db.internal:5432/apibox'}")
 
@@ -336,8 +343,9 @@ def test_config_check_masks_every_secret(tmp_path: Path, as_json: bool) -> None:
         assert openai["api_key"] == "****"
         assert openai["headers"]["X-Upstream-Token"] == "****"
         assert data["database"]["url"] == "postgresql://apibox:****@db.internal:5432/apibox"
+        assert openai["proxy"] == "http://egress:****@proxy.internal:3128"
         echo = next(p for p in data["providers"] if p["name"] == "echo")
-        assert echo["api_key"] is None  # unset stays visibly unset
+        assert echo["api_key"] is None and echo["proxy"] is None  # unset stays visibly unset
 
 
 def test_config_check_prints_the_resolved_config(tmp_path: Path) -> None:

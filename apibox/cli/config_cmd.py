@@ -31,7 +31,8 @@ def describe(settings: Settings) -> dict[str, Any]:
         "providers": [{"name": p.name, "type": p.type, "base_url": masked_url(p.base_url), "api_key": masked(p.api_key),
                        "headers": {k: masked(v) for k, v in p.headers.items()},
                        "timeouts": {"connect": p.timeouts.connect, "first_byte": p.timeouts.first_byte,
-                                    "idle": p.timeouts.idle}, "stream_usage": p.stream_usage}
+                                    "idle": p.timeouts.idle}, "stream_usage": p.stream_usage,
+                       "proxy": masked_url(p.proxy) if p.proxy else None}
                       for p in settings.providers],
         "models": [{"name": m.name, "kind": m.kind, "aliases": list(m.aliases),
                     "max_output_tokens": m.max_output_tokens, "price_usd_per_1m": price(m.price),

@@ -8,7 +8,9 @@ echo keys back in their errors.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -32,7 +34,9 @@ class HttpUpstream:
         self.settings = settings
         self._session = session
         self._headers = {"Content-Type": "application/json", **headers, **settings.headers}
-        self._secrets = (settings.api_key, *settings.headers.values(), *headers.values())
+        self._proxy = settings.proxy
+        proxy_password = urlsplit(settings.proxy).password if settings.proxy else None
+        self._secrets = (settings.api_key, *settings.headers.values(), *headers.values(), proxy_password)
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeouts.connect)
         # the first-byte and idle timeouts of every request, and the waits for a stream's body's end, on one timer
         self._deadlines = Deadlines()
@@ -48,15 +52,16 @@ class HttpUpstream:
         is then sent once more, on another connection. Sent every 0.1 s to a server that keeps a
         connection 0.1 s, 63 requests in 300 failed so, each a 503 for its client, before this."""
         wait = self.settings.timeouts.first_byte
-        data, all_headers = jsoncodec.dumps(body), {**self._headers, **headers}
+        send = partial(self._session.post, url, data=jsoncodec.dumps(body), headers={**self._headers, **headers},
+                       timeout=self._timeout, proxy=self._proxy)
         try:
             with self._deadlines.timeout(wait):
                 try:
-                    response = await self._session.post(url, data=data, headers=all_headers, timeout=self._timeout)
+                    response = await send()
                 except CLOSED_UNDER_US as exc:
                     if isinstance(exc, aiohttp.ClientConnectorError):
                         raise  # no connection was made: the upstream is not there
-                    response = await self._session.post(url, data=data, headers=all_headers, timeout=self._timeout)
+                    response = await send()
         except TimeoutError:
             raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
                                   code="upstream_timeout") from None
@@ -173,8 +178,8 @@ class HttpUpstream:
             return UpstreamFailure(f"upstream {self.name} is rate limited: {message}", status=429,
                                    upstream_status=status, retry_after=retry_after or 1.0,
                                    type_="rate_limit_exceeded", code="upstream_rate_limited")
-        if status in (401, 402, 403, 429):
-            # The operator's upstream account is at fault, not the client's request.
+        if status in (401, 402, 403, 407, 429):
+            # The operator's upstream account (or proxy, 407) is at fault, not the client's request.
             return UpstreamFailure(f"upstream {self.name} refused apibox's account (HTTP {status}); "
                                    "the operator has been told", status=503, upstream_status=status)
         if status < 500 and status not in (408, 409):
