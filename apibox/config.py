@@ -14,10 +14,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
 
-import yaml
-
+from apibox.config_document import Node, join_path, kind_of, read_document
 from apibox.errors import ConfigError
 from apibox.money import MoneyError, parse_usd
 from apibox.pricing import MULTIPLIER_ONE, Price
@@ -95,146 +93,11 @@ def load_settings(explicit: str | None = None, env: Mapping[str, str] | None = N
 
 
 def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str] | None = None) -> Settings:
-    env = os.environ if env is None else env
-    try:
-        data = yaml.load(text, Loader=_StrictLoader)  # safe: plain data, no Python objects
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc.message}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{source}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        data = {}
-    node = _Node(_interpolate(data, env, source, ""), source, "")
-    return _Parser(node).settings()
-
-
-# libyaml's parser when PyYAML was built with it (its wheels are): a config is read on every CLI
-# command, and the pure-Python parser took 9 ms for a config of five providers and six models.
-_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class _StrictLoader(_SafeLoader):
-    """A safe loader that refuses a key given twice in one mapping (YAML would keep the last)."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
-
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _interpolate(value: Any, env: Mapping[str, str], source: str, path: str) -> Any:
-    """Replace ``${VAR}`` and ``${VAR:-default}`` in every string; a missing VAR is an error."""
-    if isinstance(value, str):
-        def substitute(match: re.Match[str]) -> str:
-            name, default = match.group(1), match.group(2)
-            if default is not None and not env.get(name):
-                return default  # as in the shell: ``:-`` covers unset and empty
-            if name in env:
-                return env[name]
-            raise ConfigError(f"{source}: {path or '<root>'}: environment variable {name} is not set")
-        whole = _VAR.fullmatch(value)
-        result = _VAR.sub(substitute, value)
-        if whole and value != result:
-            # `port: ${PORT:-8080}` should be a number: a value that is one variable alone is
-            # read as a YAML scalar (numbers, booleans), never as a structure.
-            typed = yaml.load(result, Loader=_SafeLoader) if result.strip() else result
-            return typed if isinstance(typed, int | float | bool) else result
-        return result
-    if isinstance(value, dict):
-        return {k: _interpolate(v, env, source, _join(path, str(k))) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, env, source, f"{path}[{i}]") for i, v in enumerate(value)]
-    return value
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-class _Node:
-    """A value and where it came from, so every check can name its key path."""
-
-    def __init__(self, value: Any, source: str, path: str) -> None:
-        self.value, self.source, self.path = value, source, path
-
-    def fail(self, problem: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.path or '<root>'}: {problem}")
-
-    def mapping(self, allowed: tuple[str, ...]) -> dict[str, _Node]:
-        if self.value is None:
-            return {}
-        if not isinstance(self.value, dict):
-            raise self.fail(f"must be a mapping, got {_kind(self.value)}")
-        unknown = [k for k in self.value if k not in allowed]
-        if unknown:
-            raise self.fail(f"unknown key {unknown[0]!r} (allowed: {', '.join(allowed)})")
-        return {k: _Node(v, self.source, _join(self.path, k)) for k, v in self.value.items()}
-
-    def items(self) -> list[_Node]:
-        if self.value is None:
-            return []
-        if not isinstance(self.value, list):
-            raise self.fail(f"must be a list, got {_kind(self.value)}")
-        return [_Node(v, self.source, f"{self.path}[{i}]") for i, v in enumerate(self.value)]
-
-    def text(self, *, nonempty: bool = True) -> str:
-        if isinstance(self.value, bool) or not isinstance(self.value, str | int | float):
-            raise self.fail(f"must be a string, got {_kind(self.value)}")
-        text = str(self.value)
-        if nonempty and not text.strip():
-            raise self.fail("must not be empty")
-        return text
-
-    def integer(self, *, minimum: int = 0) -> int:
-        if isinstance(self.value, bool) or not isinstance(self.value, int):
-            raise self.fail(f"must be a whole number, got {_kind(self.value)}")
-        if self.value < minimum:
-            raise self.fail(f"must be at least {minimum}, got {self.value}")
-        return self.value
-
-    def number(self, *, positive: bool = True) -> float:
-        if isinstance(self.value, bool) or not isinstance(self.value, int | float):
-            raise self.fail(f"must be a number, got {_kind(self.value)}")
-        if positive and self.value <= 0:
-            raise self.fail(f"must be greater than 0, got {self.value}")
-        return float(self.value)
-
-    def boolean(self) -> bool:
-        if not isinstance(self.value, bool):
-            raise self.fail(f"must be true or false, got {_kind(self.value)}")
-        return self.value
-
-    def price_per_million(self) -> int:
-        """USD per 1M tokens -> micro-USD per 1M tokens, exactly."""
-        if isinstance(self.value, bool) or not isinstance(self.value, int | float | str):
-            raise self.fail(f"must be a number of USD per 1M tokens, got {_kind(self.value)}")
-        try:
-            return parse_usd(self.value, allow_zero=True)
-        except MoneyError as exc:
-            raise self.fail(str(exc)) from None
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "nothing"
-    return {dict: "a mapping", list: "a list", str: f"the string {value!r}", bool: f"{value}"}.get(
-        type(value), f"{value!r}")
+    return _Parser(read_document(text, source, os.environ if env is None else env)).settings()
 
 
 class _Parser:
-    def __init__(self, root: _Node) -> None:
+    def __init__(self, root: Node) -> None:
         self.root = root
 
     def settings(self) -> Settings:
@@ -259,7 +122,7 @@ class _Parser:
             source=self.root.source,
         )
 
-    def server(self, node: _Node) -> ServerSettings:
+    def server(self, node: Node) -> ServerSettings:
         fields = node.mapping(("host", "port", "admin_key", "max_body_mb", "trusted_proxies",
                                "failed_auth_per_minute", "max_in_flight", "access_log"))
         port = fields["port"].integer(minimum=0) if "port" in fields else 8080
@@ -280,14 +143,14 @@ class _Parser:
         )
 
     @staticmethod
-    def access_log(node: _Node) -> str:
+    def access_log(node: Node) -> str:
         value = "none" if node.value is None or node.value is False else node.text()
         if value not in ACCESS_LOG_FORMATS:
             raise node.fail(f"must be one of {', '.join(ACCESS_LOG_FORMATS)}, got {value!r}")
         return value
 
     @staticmethod
-    def cidr(node: _Node) -> str:
+    def cidr(node: Node) -> str:
         text = node.text()
         try:
             ipaddress.ip_network(text, strict=False)
@@ -295,7 +158,7 @@ class _Parser:
             raise node.fail(f"{text!r} is not an IP address or CIDR range") from None
         return text
 
-    def database(self, node: _Node) -> DatabaseSettings:
+    def database(self, node: Node) -> DatabaseSettings:
         fields = node.mapping(("url", "pool_size"))
         defaults = DatabaseSettings()
         url = fields["url"].text() if "url" in fields else defaults.url
@@ -307,7 +170,7 @@ class _Parser:
     REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
     REDIS_PREFIX = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
-    def redis(self, node: _Node) -> RedisSettings | None:
+    def redis(self, node: Node) -> RedisSettings | None:
         """The ``redis:`` section; empty, or with an empty url, it is off (as when absent)."""
         fields = node.mapping(("url", "prefix", "timeout"))
         if not fields:
@@ -331,7 +194,7 @@ class _Parser:
             raise fields["timeout"].fail(f"must be at most 10 seconds (a request may wait that long), got {timeout}")
         return RedisSettings(url=url, prefix=prefix, timeout=timeout)
 
-    def provider(self, node: _Node) -> ProviderSettings:
+    def provider(self, node: Node) -> ProviderSettings:
         fields = node.mapping(("name", "type", "base_url", "api_key", "headers", "timeouts", "stream_usage",
                                "proxy"))
         for required in ("name", "type"):
@@ -352,7 +215,7 @@ class _Parser:
                 raise fields["headers"].fail("must be a mapping of header names to values")
             for name, value in raw.items():
                 if not isinstance(value, str | int | float) or isinstance(value, bool):
-                    raise fields["headers"].fail(f"header {name!r} must have a text value, got {_kind(value)}")
+                    raise fields["headers"].fail(f"header {name!r} must have a text value, got {kind_of(value)}")
             headers = {str(k): str(v) for k, v in raw.items()}
         return ProviderSettings(
             name=fields["name"].text(),
@@ -366,7 +229,7 @@ class _Parser:
         )
 
     @staticmethod
-    def proxy(node: _Node) -> str | None:
+    def proxy(node: Node) -> str | None:
         """An HTTP proxy's URL (empty: none); a refusal shows it with its password masked."""
         text = node.text(nonempty=False)
         if not text:
@@ -376,13 +239,13 @@ class _Parser:
             raise node.fail(f"{problem}, got {masked_url(text)!r}")
         return text
 
-    def timeouts(self, node: _Node) -> Timeouts:
+    def timeouts(self, node: Node) -> Timeouts:
         fields = node.mapping(("connect", "first_byte", "idle"))
         defaults = Timeouts()
         return Timeouts(**{name: fields[name].number() if name in fields else getattr(defaults, name)
                            for name in ("connect", "first_byte", "idle")})
 
-    def model(self, node: _Node, providers: set[str]) -> ModelSettings:
+    def model(self, node: Node, providers: set[str]) -> ModelSettings:
         fields = node.mapping(("name", "routes", "price", "max_output_tokens", "aliases", "kind", "price_schedule"))
         for required in ("name", "routes", "price"):
             if required not in fields:
@@ -407,7 +270,7 @@ class _Parser:
             kind=kind,
         )
 
-    def route(self, node: _Node, providers: set[str], model_name: str) -> Route:
+    def route(self, node: Node, providers: set[str], model_name: str) -> Route:
         fields = node.mapping(("provider", "model", "weight", "priority"))
         if "provider" not in fields:
             raise node.fail("missing key 'provider'")
@@ -424,7 +287,7 @@ class _Parser:
 
     PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "reasoning", "per_request")
 
-    def price(self, node: _Node, previous: Price | None = None) -> Price:
+    def price(self, node: Node, previous: Price | None = None) -> Price:
         """A price; in a schedule entry, keys it leaves out keep the previous price's values."""
         fields = node.mapping((*self.PRICE_KEYS, "effective_from") if previous else self.PRICE_KEYS)
         if previous is None:
@@ -436,7 +299,7 @@ class _Parser:
             return replace(previous, **values)
         return Price(**values)
 
-    def schedule(self, node: _Node, base: Price) -> tuple[tuple[datetime, Price], ...]:
+    def schedule(self, node: Node, base: Price) -> tuple[tuple[datetime, Price], ...]:
         entries: list[tuple[datetime, Price]] = []
         previous = base
         for item in node.items():
@@ -451,7 +314,7 @@ class _Parser:
         return tuple(entries)
 
     @staticmethod
-    def moment(node: _Node) -> datetime:
+    def moment(node: Node) -> datetime:
         value = node.value
         if isinstance(value, datetime):  # YAML reads unquoted timestamps and dates itself
             return value if value.tzinfo else value.replace(tzinfo=UTC)
@@ -462,13 +325,13 @@ class _Parser:
         except TimeParseError as exc:
             raise node.fail(str(exc)) from None
 
-    def groups(self, node: _Node, models: set[str]) -> dict[str, Group]:
+    def groups(self, node: Node, models: set[str]) -> dict[str, Group]:
         groups: dict[str, Group] = {}
         raw = node.value or {}
         if not isinstance(raw, dict):
             raise node.fail("must be a mapping of group names to {multiplier, models}")
         for name in raw:
-            item = _Node(raw[name], node.source, _join(node.path, str(name)))
+            item = Node(raw[name], node.source, join_path(node.path, str(name)))
             fields = item.mapping(("multiplier", "models"))
             multiplier = MULTIPLIER_ONE
             if "multiplier" in fields:
@@ -483,7 +346,7 @@ class _Parser:
             groups[str(name)] = Group(multiplier=multiplier, models=allowed)
         return groups
 
-    def routing(self, node: _Node) -> RoutingSettings:
+    def routing(self, node: Node) -> RoutingSettings:
         fields = node.mapping(("failures_before_cooldown", "cooldown_seconds"))
         defaults = RoutingSettings()
         return RoutingSettings(
@@ -492,17 +355,17 @@ class _Parser:
             cooldown_seconds=fields["cooldown_seconds"].number()
             if "cooldown_seconds" in fields else defaults.cooldown_seconds)
 
-    def limits(self, node: _Node) -> LimitDefaults:
+    def limits(self, node: Node) -> LimitDefaults:
         fields = node.mapping(("key", "user"))
         return LimitDefaults(**{k: self.limit_set(fields[k]) if k in fields else LimitSet() for k in ("key", "user")})
 
-    def limit_set(self, node: _Node) -> LimitSet:
+    def limit_set(self, node: Node) -> LimitSet:
         fields = node.mapping(("rpm", "tpm", "concurrency"))
         return LimitSet(**{k: fields[k].integer(minimum=1) if k in fields else None
                            for k in ("rpm", "tpm", "concurrency")})
 
     @staticmethod
-    def check_model_names(models: tuple[ModelSettings, ...], node: _Node | None) -> None:
+    def check_model_names(models: tuple[ModelSettings, ...], node: Node | None) -> None:
         seen: set[str] = set()
         for i, model in enumerate(models):
             for name in (model.name, *model.aliases):
