@@ -113,7 +113,7 @@ class SqlReports:
         users = await self._read("SELECT id, email FROM users") if "user" in by else []
         # the work grows with the usage rows behind the groups (each one's latencies are read), not the groups
         items = sum(len(rows) if folded else sum(r[len(by)] or 0 for r in rows) for folded, rows in results)
-        return await off_the_loop(lambda: _report(by, results, dict(users), percentiles),  # type: ignore[arg-type]
+        return await off_the_loop(lambda: _report(by, results, {r[0]: r[1] for r in users}, percentiles),
                                   items + len(users))
 
     async def prune_usage(self, before: datetime, *, batch_rows: int = PRUNE_BATCH_ROWS,
