@@ -96,6 +96,9 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
     return _Parser(read_document(text, source, os.environ if env is None else env)).settings()
 
 
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+
+
 class _Parser:
     def __init__(self, root: Node) -> None:
         self.root = root
@@ -124,7 +127,7 @@ class _Parser:
 
     def server(self, node: Node) -> ServerSettings:
         fields = node.mapping(("host", "port", "admin_key", "max_body_mb", "trusted_proxies",
-                               "failed_auth_per_minute", "max_in_flight", "access_log"))
+                               "failed_auth_per_minute", "max_in_flight", "access_log", "cors_origins"))
         port = fields["port"].integer(minimum=0) if "port" in fields else 8080
         if port > 65535:
             raise fields["port"].fail(f"must be a TCP port (0-65535), got {port}")
@@ -140,7 +143,18 @@ class _Parser:
             if "failed_auth_per_minute" in fields else 30,
             max_in_flight=fields["max_in_flight"].integer(minimum=1) if "max_in_flight" in fields else 4096,
             access_log=self.access_log(fields["access_log"]) if "access_log" in fields else "none",
+            cors_origins=tuple(self.origin(n) for n in fields["cors_origins"].items())
+            if "cors_origins" in fields else ("*",),
         )
+
+    @staticmethod
+    def origin(node: Node) -> str:
+        """A web page's origin as browsers send it (scheme://host[:port], nothing after), or "*"."""
+        text = node.text().rstrip("/")
+        if text != "*" and not ORIGIN.fullmatch(text):
+            raise node.fail(f"must be \"*\" or an origin such as https://app.example.com (scheme, host and "
+                            f"port; no path), got {text!r}")
+        return text
 
     @staticmethod
     def access_log(node: Node) -> str:

@@ -28,6 +28,9 @@ class ServerSettings:
     failed_auth_per_minute: int = 30  # bad keys from one address before it is refused for a while
     max_in_flight: int = 4096  # requests served at once; more get 503 at once instead of queueing
     access_log: str = "none"  # json: one JSON line per request on the apibox.access logger
+    # Web pages that may call the API (/v1) from a browser (CORS): "*" any, as OpenAI's API allows;
+    # else each origin, "https://app.example.com"; none: no page may.
+    cors_origins: tuple[str, ...] = ("*",)
 
 
 @dataclass(frozen=True, slots=True)

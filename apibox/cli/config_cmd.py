@@ -26,7 +26,7 @@ def describe(settings: Settings) -> dict[str, Any]:
         "source": settings.source,
         "server": {"host": settings.server.host, "port": settings.server.port,
                    "admin_key": masked(settings.server.admin_key), "max_body_mb": settings.server.max_body_mb,
-                   "access_log": settings.server.access_log},
+                   "access_log": settings.server.access_log, "cors_origins": list(settings.server.cors_origins)},
         "database": {"url": masked_url(settings.database.url)},
         "providers": [{"name": p.name, "type": p.type, "base_url": masked_url(p.base_url), "api_key": masked(p.api_key),
                        "headers": {k: masked(v) for k, v in p.headers.items()},

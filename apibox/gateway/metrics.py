@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from apibox.errors import ApiboxError
 from apibox.gateway.appkeys import SETTINGS
+from apibox.gateway.cors import preflight
 from apibox.gateway.exchange import EXCHANGE, Exchange, access_log
 from apibox.gateway.middlewares import (
     IN_FLIGHT,
@@ -55,6 +56,8 @@ def observer(metrics: Metrics, *, access_log_json: bool) -> Any:
             in_flight = request.app[IN_FLIGHT]
             if counted and in_flight.count >= request.app[SETTINGS].server.max_in_flight:
                 response = overloaded(request)
+            elif request.method == "OPTIONS" and (answer := preflight(request)):
+                response = answer  # a browser asking whether its page may call the API
             else:
                 in_flight.count += 1
                 try:

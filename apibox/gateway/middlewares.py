@@ -10,6 +10,7 @@ from aiohttp import web
 
 from apibox.errors import ApiboxError, RateLimited
 from apibox.gateway.appkeys import SETTINGS
+from apibox.gateway.cors import add_cors_headers
 from apibox.gateway.exchange import EXCHANGE, new_request_id
 from apibox.openai_wire import error_body
 from apibox.providers.base import UpstreamFailure
@@ -99,9 +100,12 @@ def internal_error(request: web.Request) -> web.Response:
 
 
 async def add_response_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every response, streamed ones included, carries its request id, and every
-    response to a limited key OpenAI's x-ratelimit-* headers (one callback: each costs a coroutine)."""
+    """on_response_prepare: every response, streamed ones included, carries its request id, every
+    response to a limited key OpenAI's x-ratelimit-* headers, and every API response to an allowed
+    web page CORS's (one callback: each costs a coroutine)."""
     headers = response.headers
+    if "Origin" in request.headers:  # from a web page
+        add_cors_headers(request, headers)
     exchange = request.get(EXCHANGE)  # None for an answer aiohttp makes before the observer runs
     if exchange is None:
         headers["x-request-id"] = new_request_id()
