@@ -8,7 +8,6 @@ echo keys back in their errors.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
-from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -52,16 +51,15 @@ class HttpUpstream:
         is then sent once more, on another connection. Sent every 0.1 s to a server that keeps a
         connection 0.1 s, 63 requests in 300 failed so, each a 503 for its client, before this."""
         wait = self.settings.timeouts.first_byte
-        send = partial(self._session.post, url, data=jsoncodec.dumps(body), headers={**self._headers, **headers},
-                       timeout=self._timeout, proxy=self._proxy)
+        data, all_headers = jsoncodec.dumps(body), {**self._headers, **headers}
         try:
             with self._deadlines.timeout(wait):
                 try:
-                    response = await send()
+                    response = await self._send(url, data, all_headers)
                 except CLOSED_UNDER_US as exc:
                     if isinstance(exc, aiohttp.ClientConnectorError):
                         raise  # no connection was made: the upstream is not there
-                    response = await send()
+                    response = await self._send(url, data, all_headers)
         except TimeoutError:
             raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
                                   code="upstream_timeout") from None
@@ -74,6 +72,10 @@ class HttpUpstream:
             finally:
                 response.release()
         return response
+
+    def _send(self, url: str, data: bytes, headers: dict[str, str]) -> Any:
+        """The POST itself (through the provider's proxy, if it has one), to be awaited."""
+        return self._session.post(url, data=data, headers=headers, timeout=self._timeout, proxy=self._proxy)
 
     async def read_json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
         """A whole JSON object reply."""
