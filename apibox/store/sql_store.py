@@ -76,6 +76,11 @@ def _split(text: str) -> tuple[str, ...]:
     return tuple(part for part in text.split(",") if part)
 
 
+def _overview(row: Row) -> UserOverview:
+    """A user with the balance and the count of live keys ``list_users`` reads with it."""
+    return UserOverview(_user(row), Balance(row[0], row[7], row[8]), row[9])
+
+
 def _user(row: Row) -> User:
     return User(id=row[0], email=row[1], name=row[2], group=row[3], state=USER_STATES[row[4]],
                 state_reason=row[5], created_at=from_ms(row[6]))  # type: ignore[arg-type]
@@ -158,12 +163,17 @@ class SqlStore(SqlReports):
         return _user(rows[0]) if rows else None
 
     async def list_users(self) -> list[UserOverview]:
-        rows = await self._read(
+        return await self._read_each(
+            _overview,
             f"SELECT {USER_COLUMNS}, b.balance, b.held, "
             "(SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) "
             "FROM users u JOIN balances b ON b.user_id = u.id ORDER BY u.id")
-        return await off_the_loop(lambda: [UserOverview(_user(r), Balance(r[0], r[7], r[8]), r[9]) for r in rows],
-                                  len(rows))
+
+    async def _read_each(self, convert: Callable[[Row], T], sql: str, params: Sequence[Any] = ()) -> list[T]:
+        """The rows of a statement that may return many (a listing), each made an object: off the
+        event loop when they are many (``offloop``)."""
+        rows = await self._read(sql, params)
+        return await off_the_loop(lambda: [convert(r) for r in rows], len(rows))
 
     async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User:
         await self._write("UPDATE users SET name = coalesce(?, name), grp = coalesce(?, grp) WHERE id = ?",
@@ -198,11 +208,9 @@ class SqlStore(SqlReports):
 
     async def list_keys(self, user_id: int | None = None) -> list[ApiKey]:
         if user_id is None:
-            rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.id")
-        else:
-            rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.user_id = ? ORDER BY k.id",
-                                    (user_id,))
-        return await off_the_loop(lambda: [_key(r) for r in rows], len(rows))
+            return await self._read_each(_key, f"SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.id")
+        return await self._read_each(_key, f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.user_id = ? ORDER BY k.id",
+                                     (user_id,))
 
     async def revoke_key(self, key_id: int) -> ApiKey:
         await self._write("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (now_ms(), key_id))
@@ -294,8 +302,7 @@ class SqlStore(SqlReports):
         if until is not None:
             sql += " AND created_at < ?"
             params.append(to_ms(until))
-        rows = await self._read(sql + " ORDER BY id", params)
-        return await off_the_loop(lambda: [_entry(r) for r in rows], len(rows))
+        return await self._read_each(_entry, sql + " ORDER BY id", params)
 
     async def ledger_sum(self, user_id: int, before: datetime) -> int:
         rows = await self._read("SELECT coalesce(sum(amount), 0) FROM ledger WHERE user_id = ? AND created_at < ?",
