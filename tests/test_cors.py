@@ -4,17 +4,17 @@ headers its script needs; the admin API, probes and metrics stay out of pages' r
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from apibox.gateway.cors import EXPOSED_HEADERS
-from apibox.store import Store, open_store
+from apibox.store import Store
 from tests.conftest import Live, serving
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import account, sse_events
-from tests.live_variants import ADMIN_KEY, CHAT, Variant, request, server
+from tests.live_variants import ADMIN_KEY, CHAT, Variant, request, server, store_of
 
 PAGE = "https://chat.example.com"
 ASKED_HEADERS = "authorization, content-type, x-stainless-os, x-stainless-retry-count"
@@ -67,15 +67,9 @@ def narrowed(tmp_path: Path, database_url: str, fake: FakeUpstream) -> Iterator[
         yield running
 
 
-@pytest.fixture
-async def narrowed_store(narrowed: Live) -> AsyncIterator[Store]:
-    db = await open_store(narrowed.settings.database.url)
-    yield db
-    await db.close()
-
-
-async def test_an_allowed_page_is_named_and_another_is_refused(narrowed: Live, narrowed_store: Store) -> None:
-    who = await account(narrowed_store, narrowed, "ann@example.com", "1")
+async def test_an_allowed_page_is_named_and_another_is_refused(narrowed: Live) -> None:
+    async with store_of(narrowed) as store:
+        who = await account(store, narrowed, "ann@example.com", "1")
     status, headers, _ = await request(narrowed, "OPTIONS", "/v1/chat/completions", headers=preflight_headers())
     assert status == 204
     assert (headers["Access-Control-Allow-Origin"], headers["Vary"]) == (PAGE, "Origin")
