@@ -124,11 +124,12 @@ class Node:
             raise self.fail(f"must be at least {minimum}, got {self.value}")
         return self.value
 
-    def number(self, *, positive: bool = True) -> float:
+    def number(self, *, zero: bool = False) -> float:
+        """A number greater than 0 (or, with ``zero``, 0 too)."""
         if isinstance(self.value, bool) or not isinstance(self.value, int | float):
             raise self.fail(f"must be a number, got {kind_of(self.value)}")
-        if positive and self.value <= 0:
-            raise self.fail(f"must be greater than 0, got {self.value}")
+        if self.value < 0 or (self.value == 0 and not zero):
+            raise self.fail(f"must be {'0 or more' if zero else 'greater than 0'}, got {self.value}")
         return float(self.value)
 
     def boolean(self) -> bool:

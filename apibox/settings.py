@@ -31,6 +31,9 @@ class ServerSettings:
     # Web pages that may call the API (/v1) from a browser (CORS): "*" any, as OpenAI's API allows;
     # else each origin, "https://app.example.com"; none: no page may.
     cors_origins: tuple[str, ...] = ("*",)
+    # A stream its upstream leaves silent this long gets a ": keep-alive" comment (0: never), so
+    # proxies that cut idle connections (nginx after 60 s, Cloudflare after 100 s) keep it open.
+    stream_keepalive_seconds: float = 15.0
 
 
 @dataclass(frozen=True, slots=True)

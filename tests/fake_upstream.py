@@ -51,6 +51,8 @@ class FakeUpstream:
     obfuscation: bool = False  # pad chunks as OpenAI does unless stream_options.include_obfuscation is false
     thoughts: list[str] = field(default_factory=list)  # a reasoning model's thinking before a stream's words
     end_pause: float = 0.0  # between a stream's [DONE] and its body's end
+    pause: float = 0.0  # a silence in a stream, as a reasoning model thinks: before event ``pause_before``
+    pause_before: int = 0
     hung_up: int = 0  # streams whose connection the gateway closed before their body's end
     bodies_ended: int = 0  # streams whose body's end was written
     requests: list[Recorded] = field(default_factory=list)
@@ -148,6 +150,10 @@ class FakeUpstream:
         try:
             await send(b": keep-alive\r\n\r\n")
             for index, event in enumerate(events):
+                if self.pause and index == self.pause_before:
+                    await flush()
+                    if await self._hung_up_during(request, self.pause):
+                        return response
                 if self.mode == "cut" and index == len(events) // 2:
                     await flush()
                     request.transport.close()  # the connection dies mid-answer

@@ -32,6 +32,10 @@ OPENAI_FINISH_TO_ANTHROPIC = {
     "function_call": "tool_use",
     "content_filter": "refusal",
 }
+# An error's HTTP status -> the ``error.type`` Anthropic gives it (its SDK picks the exception by it).
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                         429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
 
@@ -69,6 +73,11 @@ def usage_to_anthropic(usage: Usage) -> dict[str, int]:
 
 
 # -- OpenAI request -> Anthropic request (the Anthropic provider) --------------------------
+
+
+def anthropic_error_type(status: int) -> str:
+    """The ``error.type`` of an Anthropic error answered with HTTP ``status``."""
+    return ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 def _image_block(url: str) -> dict[str, Any]:

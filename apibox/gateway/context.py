@@ -12,6 +12,7 @@ import aiohttp
 from apibox.auth import Authenticator
 from apibox.bus import NO_NOTIFIER, Notifier
 from apibox.config import Settings
+from apibox.deadlines import Deadlines
 from apibox.limits import RateLimiter
 from apibox.metrics import Metrics
 from apibox.providers.base import Provider
@@ -33,3 +34,4 @@ class Gateway:
     notifier: Notifier = NO_NOTIFIER  # announces key and user changes made through the admin API
     # the server's, kept: asking asyncio for the running loop costs a getpid() system call each time
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    deadlines: Deadlines = field(default_factory=Deadlines)  # the streams' keep-alives, on one timer

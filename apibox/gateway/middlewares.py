@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from apibox.errors import ApiboxError, RateLimited
+from apibox.formats.anthropic import anthropic_error_type
 from apibox.gateway.appkeys import SETTINGS
 from apibox.gateway.cors import add_cors_headers
 from apibox.gateway.exchange import EXCHANGE, new_request_id
@@ -22,11 +23,6 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 HTTP_ERROR_TYPES = {404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error"}
 
 
-ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
-                         403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                         429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
-
-
 def speaks_anthropic(request: web.Request) -> bool:
     """Errors on the Anthropic surface use Anthropic's shape, which its SDK parses."""
     return request.path.startswith("/v1/messages")
@@ -38,8 +34,7 @@ def error_response(request: web.Request, status: int, message: str, type_: str, 
     exchange = request[EXCHANGE]  # the observer gave it one before anything can fail
     exchange.error_code = code or type_
     if speaks_anthropic(request):
-        kind = ANTHROPIC_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        body: dict = {"type": "error", "error": {"type": kind, "message": message},
+        body: dict = {"type": "error", "error": {"type": anthropic_error_type(status), "message": message},
                       "request_id": exchange.request_id}
     else:
         body = error_body(message, type_, code, param)

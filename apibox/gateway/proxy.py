@@ -19,11 +19,12 @@ from aiohttp import web
 from apibox import billing, jsoncodec, tokens
 from apibox.auth import Caller
 from apibox.config import LimitSet, ModelSettings, Route
-from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied
+from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied, UpstreamError
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import Door, OpenAIDoor
 from apibox.gateway.exchange import EXCHANGE
+from apibox.gateway.keepalive import Heartbeat
 from apibox.limits import Admission, Subject
 from apibox.models import UsageRecord
 from apibox.pricing import Price, Usage
@@ -362,8 +363,16 @@ async def _complete(call: Call) -> web.Response:
 
 
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
-    started: Started = await _attempt(call, stream=True)
     response = EventStream(headers={**SSE_HEADERS, **_headers(call)})
+    gateway = call.gateway
+    heart = Heartbeat(gateway.deadlines, gateway.settings.server.stream_keepalive_seconds, request, response)
+    try:
+        started: Started = await _attempt(call, stream=True)
+    except BaseException as exc:
+        heart.stop()
+        if not isinstance(exc, ApiboxError) or not response.prepared:
+            raise  # nothing has gone out: the failure is the answer's status
+        return await _failed_after_keepalive(request, response, call, exc)
     wants_usage = (call.body.get("stream_options") or {}).get("include_usage") is True
     renderer = call.door.renderer(call.native, call.model.name, wants_usage, call.prompt)
     usage: Usage | None = None
@@ -376,6 +385,8 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         return usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
 
     try:
+        if heart.beat is not None:
+            await heart.beat  # a keep-alive being written (with the head, when the wait was long)
         await response.prepare(request)
         last = b""  # the last batch's frames: they go out with the ending, in one write
         batch, next_batch = started.first, started.items.__anext__
@@ -404,33 +415,52 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
             if status == "cut" or (wire and batch.last):
                 last = b"".join(out)
                 break
-            await response.write(b"".join(out))  # one write per upstream read
+            data = b"".join(out)
+            if data:  # (events that carry nothing for the client, such as Anthropic's pings, are not sent)
+                await response.write(data)  # one write per upstream read
+                heart.sent += 1
             try:
                 batch = await next_batch()
             except StopAsyncIteration:
                 break
+            if heart.beat is not None:
+                await heart.beat
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
         final = owed()
         # settled before the stream's end goes out, as an answer is: a client that has read the
         # end reads the books with this request in them
         record = await call.settle(final, status, http_status)
+        heart.stop()
         await response.write_eof(last + renderer.end(final, record.cost))
     except StreamBroken as exc:
         status, http_status = "cut", 502
         if call.route is not None:
             call.gateway.router.failed(call.route)
         log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
-        await _write_quietly(response, renderer.error(f"{exc} The answer is incomplete."))
+        heart.stop()
+        await _write_quietly(response, renderer.error(UpstreamError(f"{exc} The answer is incomplete.",
+                                                                    code="upstream_stream_broken")))
     except ConnectionResetError:
         status, http_status = "client_gone", 499
     except asyncio.CancelledError:
         status, http_status = "client_gone", 499
         raise
     finally:
+        heart.stop()
         await started.close()
         if call.settlement is None:  # the stream broke, or the client left, before its end
             await call.settle(owed(), status, http_status)
+    return response
+
+
+async def _failed_after_keepalive(request: web.Request, response: web.StreamResponse, call: Call,
+                                  failure: ApiboxError) -> web.StreamResponse:
+    """Every route failed, but keep-alives have sent the stream's head: the failure is its one event."""
+    request[EXCHANGE].error_code = failure.code or failure.type
+    await call.settle(Usage(), "error", failure.status)
+    renderer = call.door.renderer(call.native, call.model.name, False, call.prompt)
+    await _write_quietly(response, renderer.error(failure))
     return response
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from apibox import jsoncodec
-from apibox.formats.anthropic import usage_from_anthropic, usage_to_anthropic
+from apibox.errors import ApiboxError
+from apibox.formats.anthropic import anthropic_error_type, usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
@@ -44,7 +45,9 @@ class StreamRenderer(Protocol):
     def end(self, usage: Usage, cost: int) -> bytes:
         """The stream's last frames, once the answer is complete."""
         ...
-    def error(self, message: str) -> bytes: ...
+    def error(self, failure: ApiboxError) -> bytes:
+        """The event that ends a stream with ``failure``, in the door's error shape."""
+        ...
 
 
 class OpenAIRenderer:
@@ -150,9 +153,8 @@ class OpenAIRenderer:
         final = {**chunk, "model": self.model, "usage": {**raw, "cost": usd_number(cost)}}
         return encode(jsoncodec.dumps(final)) + b"data: [DONE]\n\n"
 
-    def error(self, message: str) -> bytes:
-        return encode(jsoncodec.dumps({"error": {"message": message, "type": "server_error", "param": None,
-                                            "code": "upstream_stream_broken"}}))
+    def error(self, failure: ApiboxError) -> bytes:
+        return encode(jsoncodec.dumps(failure.to_openai()))
 
 
 Frame = TypeVar("Frame")  # what a renderer writes around a plain chunk's text
@@ -215,8 +217,9 @@ def _delta_frame(shape: ChunkShape) -> tuple[bytes, bytes]:
     return b"event: " + name + b"\ndata: " + shape.prefix, shape.suffix + b"\n\n"
 
 
-def anthropic_error(message: str, kind: str = "api_error") -> bytes:
-    return encode(jsoncodec.dumps({"type": "error", "error": {"type": kind, "message": message}}), "error")
+def anthropic_error(failure: ApiboxError) -> bytes:
+    body = {"type": "error", "error": {"type": anthropic_error_type(failure.status), "message": failure.message}}
+    return encode(jsoncodec.dumps(body), "error")
 
 
 def _frames(events: list[tuple[str, dict[str, Any]]]) -> bytes:
@@ -261,8 +264,8 @@ class AnthropicRenderer:
     def end(self, usage: Usage, cost: int) -> bytes:
         return _frames(self.translate.finish(usage))
 
-    def error(self, message: str) -> bytes:
-        return anthropic_error(message)
+    def error(self, failure: ApiboxError) -> bytes:
+        return anthropic_error(failure)
 
 
 class AnthropicPassthrough:
@@ -320,5 +323,5 @@ class AnthropicPassthrough:
         self.closed = True
         return _frames(events)
 
-    def error(self, message: str) -> bytes:
-        return anthropic_error(message)
+    def error(self, failure: ApiboxError) -> bytes:
+        return anthropic_error(failure)
