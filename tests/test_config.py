@@ -7,6 +7,7 @@ and the problem, the resolution order, and secrets that never reach the output.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from apibox.cli.main import app as cli_app
 from apibox.config import default_settings, load_settings, parse_settings, resolve_config_path
 from apibox.errors import ConfigError
+from apibox.settings import DatabaseSettings, ServerSettings
 
 GOOD = """
 server: {host: 0.0.0.0, port: 9000, admin_key: "${ADMIN}"}
@@ -92,6 +94,22 @@ def test_a_full_config_parses(tmp_path: Path) -> None:
     assert demo.max_output_tokens == 4096
     assert (settings.limits.key.rpm, settings.limits.key.tpm, settings.limits.key.concurrency) == (600, 1000000, 32)
     assert settings.limits.user.rpm == 1200 and settings.limits.user.tpm is None
+
+
+def test_the_example_config_loads_and_its_server_section_shows_the_defaults(tmp_path: Path) -> None:
+    """config.example.yaml documents every key with its default: it must load, and say them right."""
+    example = Path(__file__).parent.parent / "config.example.yaml"
+    variables = set(re.findall(r"\$\{([A-Z_0-9]+)", example.read_text()))
+    settings = load_settings(str(example), env={name: "set-" + name.lower() for name in variables
+                                                if name != "APIBOX_ADMIN_KEY"})
+    assert settings.server == ServerSettings()
+    assert settings.database == DatabaseSettings()
+
+
+def test_keepalives_may_be_turned_off(tmp_path: Path) -> None:
+    settings = load_settings(str(write(tmp_path, "server: {stream_keepalive_seconds: 0}")), env={})
+    assert settings.server.stream_keepalive_seconds == 0
+    assert default_settings().server.stream_keepalive_seconds == 15
 
 
 # -- interpolation ---------------------------------------------------------------------------------
@@ -187,6 +205,10 @@ BAD_CASES = [
     ("models:", "server: {port: 80.5}\nmodels:", "server.port", "must be a whole number"),
     ("models:", "server: {port: true}\nmodels:", "server.port", "must be a whole number"),
     ("models:", "server: {max_body_mb: 0}\nmodels:", "server.max_body_mb", "greater than 0"),
+    ("models:", "server: {stream_keepalive_seconds: -5}\nmodels:", "server.stream_keepalive_seconds",
+     "must be 0 or more, got -5"),
+    ("models:", "server: {stream_keepalive_seconds: often}\nmodels:", "server.stream_keepalive_seconds",
+     "must be a number"),
     ("models:", "server: {host: ''}\nmodels:", "server.host", "must not be empty"),
     ("models:", "server: {cors_origins: ['https://a.example.com/chat']}\nmodels:", "server.cors_origins[0]",
      "an origin such as https://app.example.com"),
