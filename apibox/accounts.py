@@ -17,7 +17,18 @@ from typing import Any
 from apibox.bus import NO_NOTIFIER, Change, Notifier
 from apibox.errors import InvalidRequest, NotFound
 from apibox.keys import display_prefix, generate_key, hash_key
-from apibox.models import ApiKey, Balance, LedgerEntry, LedgerKind, NewKey, User, UserOverview, UserState
+from apibox.models import (
+    EVERY,
+    ApiKey,
+    Balance,
+    LedgerEntry,
+    LedgerKind,
+    NewKey,
+    Page,
+    User,
+    UserOverview,
+    UserState,
+)
 from apibox.money import MoneyError, parse_usd
 from apibox.plaintext import first_control
 from apibox.store.base import Credit, CreditResult, KeySpec, Store
@@ -35,6 +46,18 @@ def _as_id(text: str) -> int | None:
     if not (text.isascii() and text.isdigit()) or int(text) > MAX_ID:
         return None
     return int(text)
+
+
+def page_of(after: int | str | None, limit: int | str | None) -> Page:
+    """A listing's page as the CLI's options or the admin API's query give it: ``after`` an item's
+    id (0, or left out, for the first page), ``limit`` how many (every one when left out)."""
+    def whole(value: int | str, name: str, least: int) -> int:
+        number = _as_id(value) if isinstance(value, str) else value
+        if number is None or not least <= number <= MAX_ID:
+            raise InvalidRequest(f"{name} must be a whole number of at least {least}, got {value!r}", param=name)
+        return number
+    return Page(after=0 if after is None else whole(after, "after", 0),
+                limit=None if limit is None else whole(limit, "limit", 1))
 
 
 def normalize_email(email: str) -> str:
@@ -96,8 +119,8 @@ async def create_user(store: Store, email: str, name: str = "", group: str = "de
     return user
 
 
-async def list_users(store: Store) -> list[UserOverview]:
-    return await store.list_users()
+async def list_users(store: Store, page: Page = EVERY) -> list[UserOverview]:
+    return await store.list_users(page)
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +209,9 @@ async def create_key(store: Store, ref: str, options: KeyOptions, *, known_model
     return NewKey(key=key, secret=secret)
 
 
-async def list_keys(store: Store, user_ref: str | None = None) -> list[ApiKey]:
+async def list_keys(store: Store, user_ref: str | None = None, page: Page = EVERY) -> list[ApiKey]:
     user_id = (await resolve_user(store, user_ref)).id if user_ref else None
-    return await store.list_keys(user_id)
+    return await store.list_keys(user_id, page)
 
 
 def _key_id(ref: str | int) -> int:
@@ -252,6 +275,7 @@ async def balance(store: Store, ref: str) -> tuple[User, Balance]:
     return user, await store.get_balance(user.id)
 
 
-async def ledger(store: Store, ref: str, since: datetime | None = None) -> tuple[User, list[LedgerEntry]]:
+async def ledger(store: Store, ref: str, since: datetime | None = None,
+                 page: Page = EVERY) -> tuple[User, list[LedgerEntry]]:
     user = await resolve_user(store, ref)
-    return user, await store.ledger(user.id, since)
+    return user, await store.ledger(user.id, since, page=page)

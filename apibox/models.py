@@ -159,6 +159,23 @@ class ReportRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Page:
+    """A stretch of a listing, in id order: the items whose id is above ``after``, at most ``limit``
+    of them (every one when None). A full page's last id is where the next one starts: unlike an
+    offset, that skips and repeats nothing when items are added meanwhile."""
+
+    after: int = 0
+    limit: int | None = None
+
+    def is_full(self, items: int) -> bool:
+        """Whether a page of ``items`` may have more after it."""
+        return self.limit is not None and items >= self.limit
+
+
+EVERY = Page()
+
+
+@dataclass(frozen=True, slots=True)
 class UserOverview:
     """A user with the figures lists show beside them."""
 

@@ -131,6 +131,57 @@ async def test_users_create_list_show_update(admin: Live) -> None:
     await refused(admin, "POST", "/admin/users", {"name": "no email"})
 
 
+def next_link(headers: Any) -> str | None:
+    """The path of a ``Link: <...>; rel="next"`` header, if there is one."""
+    found = re.fullmatch(r'<([^>]+)>; rel="next"', headers.get("Link", ""))
+    return found.group(1) if found else None
+
+
+async def follow_pages(live: Live, path: str) -> list[Any]:
+    """Each page of a listing, by its links, from ``path``."""
+    pages: list[Any] = []
+    next_path: str | None = path
+    while next_path is not None:
+        status, headers, raw = await request(live, "GET", next_path, key=ADMIN_KEY)
+        assert status == 200, raw
+        pages.append(json.loads(raw))
+        next_path = next_link(headers)
+    return pages
+
+
+async def test_listings_come_in_pages_that_link_to_the_next(admin: Live) -> None:
+    users = [await api(admin, "POST", "/admin/users", {"email": f"u{i}@example.com"}, expect=201) for i in range(7)]
+    first = users[0]["id"]
+    keys = [await api(admin, "POST", "/admin/keys", {"user": first}, expect=201) for _ in range(3)]
+    await api(admin, "POST", "/admin/keys", {"user": users[1]["id"]}, expect=201)
+    for amount in ("1", "2", "3"):
+        await api(admin, "POST", "/admin/topups", {"user": first, "amount": amount}, expect=201)
+
+    pages = await follow_pages(admin, "/admin/users?limit=3")
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert [u["id"] for page in pages for u in page] == [u["id"] for u in users]
+    assert [[k["id"] for k in page] for page in await follow_pages(admin, "/admin/keys?user=u0@example.com&limit=2")
+            ] == [[keys[0]["id"], keys[1]["id"]], [keys[2]["id"]]]
+    ledger = await follow_pages(admin, f"/admin/users/{first}/ledger?limit=2")
+    assert [[e["amount_usd"] for e in page["entries"]] for page in ledger] == [["1.000000", "2.000000"],
+                                                                              ["3.000000"]]
+    assert all(page["balance_usd"] == "6.000000" for page in ledger)
+    # a page that fills its limit links on, though nothing follows: the next one is empty
+    assert await follow_pages(admin, "/admin/users?limit=7") == [await api(admin, "GET", "/admin/users"), []]
+    everyone = await request(admin, "GET", "/admin/users", key=ADMIN_KEY)
+    assert "Link" not in everyone[1]  # no limit: every user, as before pages
+
+
+@pytest.mark.parametrize(("query", "param"), [("limit=0", "limit"), ("limit=many", "limit"), ("after=-1", "after"),
+                                              ("limit=99999999999999999999", "limit"), ("after=²", "after")])
+async def test_a_bad_page_is_refused_and_a_wrong_key_still_comes_first(admin: Live, query: str, param: str) -> None:
+    for path in ("/admin/users", "/admin/keys", "/admin/users/1/ledger"):
+        await api(admin, "POST", "/admin/users", {"email": "ann@example.com"}, expect=None)
+        error = await refused(admin, "GET", f"{path}?{query}")
+        assert error["param"] == param and param in error["message"]
+        await refused(admin, "GET", f"{path}?{query}", status=401, key="wrong")
+
+
 async def test_text_with_control_characters_is_refused_and_changes_nothing(admin: Live) -> None:
     """What an admin token writes, the operator's CLI prints: an escape in it must never get there."""
     ann = await api(admin, "POST", "/admin/users", {"email": "ann@example.com", "name": "Ann"}, expect=201)

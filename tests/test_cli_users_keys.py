@@ -181,6 +181,24 @@ def test_users_list_shows_balance_state_and_key_count(cli: Any) -> None:
     assert "ann@example.com" in table.stdout and "3.250000" in table.stdout
 
 
+def test_users_and_keys_list_in_pages_and_say_how_to_get_the_next(cli: Any) -> None:
+    ids = [user_id(cli, f"u{i}@example.com") for i in range(5)]
+    first = ok_json(cli("users", "list", "--limit", "2", "--json"))
+    assert [u["id"] for u in first] == ids[:2]
+    table = cli("users", "list", "--limit", "2")
+    assert "u1@example.com" in table.stdout and "u2@example.com" not in table.stdout
+    assert f"apibox users list --after {ids[1]} --limit 2" in table.stderr  # stdout stays the table
+    last = cli("users", "list", "--after", str(ids[3]), "--limit", "2")
+    assert "u4@example.com" in last.stdout and last.stderr == ""  # not a full page: nothing follows
+    assert "No users after that id" in cli("users", "list", "--after", str(ids[4])).stdout
+    keys = [new_key(cli, "u0@example.com")["id"] for _ in range(3)]
+    page = cli("keys", "list", "--user", "u0@example.com", "--after", str(keys[0]), "--limit", "1", "--json")
+    assert [k["id"] for k in json.loads(page.stdout)] == [keys[1]]
+    assert f"apibox keys list --user u0@example.com --after {keys[1]} --limit 1" in page.stderr
+    assert_one_line_error(cli("users", "list", "--limit", "0"), "limit", "at least 1")
+    assert_one_line_error(cli("keys", "list", "--after", "-3"), "after", "at least 0")
+
+
 def test_users_show_by_email_any_case_or_by_id(cli: Any) -> None:
     ann = user_id(cli, "ann@example.com", "--name", "Ann")
     key = new_key(cli, "ann@example.com")

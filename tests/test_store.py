@@ -20,7 +20,7 @@ import pytest
 from apibox import accounts
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.keys import generate_key, hash_key
-from apibox.models import ApiKey, Hold, LedgerKind, UsageRecord, User, UserState
+from apibox.models import EVERY, ApiKey, Hold, LedgerKind, Page, UsageRecord, User, UserState
 from apibox.store import open_store, sql_reports
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
@@ -170,6 +170,39 @@ async def test_list_and_revoke_keys(store: Store) -> None:
     assert (await store.get_key(k3.id)).revoked_at is None  # type: ignore[union-attr]
     with pytest.raises(NotFound):
         await store.revoke_key(k3.id + 100)
+
+
+async def test_listings_in_pages_are_the_whole_listing_in_order(store: Store) -> None:
+    """Every page size splits users, keys (all, or one user's) and a ledger into pages that,
+    joined, are the listing itself: none skipped, none twice."""
+    users = [await new_user(store, f"u{i}@example.com") for i in range(5)]
+    for owner in (users[0], users[1], users[0], users[2], users[0]):
+        await new_key(store, owner)
+    for amount in (1, 2, 3, 4):
+        await store.credit(Credit(users[0].id, amount, LedgerKind.TOPUP))
+
+    async def users_page(page: Page) -> list[int]:
+        return [o.user.id for o in await store.list_users(page)]
+
+    async def keys_page(page: Page) -> list[int]:
+        return [k.id for k in await store.list_keys(None, page)]
+
+    async def first_users_keys_page(page: Page) -> list[int]:
+        return [k.id for k in await store.list_keys(users[0].id, page)]
+
+    async def ledger_page(page: Page) -> list[int]:
+        return [e.id for e in await store.ledger(users[0].id, page=page)]
+
+    for read in (users_page, keys_page, first_users_keys_page, ledger_page):
+        whole = await read(EVERY)
+        assert len(whole) >= 3 and whole == sorted(whole), read.__name__
+        for size in range(1, len(whole) + 2):
+            pages, after = [], 0
+            while not pages or len(pages[-1]) == size:
+                pages.append(await read(Page(after=after, limit=size)))
+                after = pages[-1][-1] if pages[-1] else after
+            assert [i for page in pages for i in page] == whole, (read.__name__, size)
+            assert len(pages) == len(whole) // size + 1, (read.__name__, size)
 
 
 # -- credits and debits ---------------------------------------------------------------------

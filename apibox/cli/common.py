@@ -16,6 +16,7 @@ from rich.console import Console
 from apibox.config import Settings, load_settings
 from apibox.errors import ApiboxError
 from apibox.jsoncodec import dumps_pretty
+from apibox.models import Page
 from apibox.store import open_store
 from apibox.store.base import ProgressFn, Store
 
@@ -28,6 +29,10 @@ ConfigOption = Annotated[str | None, typer.Option(
     "--config", "-c", help="Config file (default: $APIBOX_CONFIG, then ./apibox.yaml, then built-in defaults).",
     show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout, nothing else.")]
+AfterOption = Annotated[int | None, typer.Option(
+    "--after", help="Only those after this id: the last one of the page before.", show_default=False)]
+LimitOption = Annotated[int | None, typer.Option("--limit", help="At most this many (default: every one).",
+                                                 show_default=False)]
 
 # markup and emoji codes are off: user data (notes, names) must print as typed, never as rich
 # markup or with ":smile:" turned into a picture.
@@ -69,6 +74,13 @@ def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable
             await store.close()
     asyncio.run(run())
     return result[0]
+
+
+def next_page_hint(page: Page, ids: list[int], command: str) -> None:
+    """After a full page of a listing, the command that shows the next one (on stderr: stdout
+    keeps only the listing)."""
+    if page.is_full(len(ids)):
+        err_console.print(f"More may follow: {command} --after {ids[-1]} --limit {page.limit}", soft_wrap=True)
 
 
 def print_table(table: PlainTable) -> None:

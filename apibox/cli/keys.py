@@ -7,7 +7,18 @@ from typing import Annotated
 import typer
 
 from apibox import accounts, bus
-from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, print_table, with_store
+from apibox.cli.common import (
+    AfterOption,
+    ConfigOption,
+    JsonOption,
+    LimitOption,
+    console,
+    handles_errors,
+    next_page_hint,
+    print_json,
+    print_table,
+    with_store,
+)
 from apibox.cli.render import keys_table, table, when
 from apibox.models import ApiKey
 from apibox.money import format_usd
@@ -55,15 +66,18 @@ def create(
 @app.command("list")
 @handles_errors
 def list_(user: Annotated[str | None, typer.Option("--user", help="Only this user's keys (email or id).")] = None,
-          config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """List keys (never their secrets)."""
-    keys = with_store(config, lambda store, _: accounts.list_keys(store, user))
+          after: AfterOption = None, limit: LimitOption = None, config: ConfigOption = None,
+          as_json: JsonOption = False) -> None:
+    """List keys, in the order they were created (never their secrets)."""
+    page = accounts.page_of(after, limit)
+    keys = with_store(config, lambda store, _: accounts.list_keys(store, user, page))
     if as_json:
         print_json([key_json(k) for k in keys])
     elif not keys:
-        console.print("No keys. Create one with: apibox keys create USER")
+        console.print("No keys after that id." if page.after else "No keys. Create one with: apibox keys create USER")
     else:
         print_table(keys_table(keys))
+    next_page_hint(page, [k.id for k in keys], "apibox keys list" + (f" --user {user}" if user else ""))
 
 
 def _print_key(key: ApiKey, as_json: bool) -> None:

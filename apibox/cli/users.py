@@ -7,7 +7,18 @@ from typing import Annotated
 import typer
 
 from apibox import accounts, bus
-from apibox.cli.common import ConfigOption, JsonOption, console, handles_errors, print_json, print_table, with_store
+from apibox.cli.common import (
+    AfterOption,
+    ConfigOption,
+    JsonOption,
+    LimitOption,
+    console,
+    handles_errors,
+    next_page_hint,
+    print_json,
+    print_table,
+    with_store,
+)
 from apibox.cli.render import keys_table, table, users_table, when
 from apibox.models import User, UserState
 from apibox.money import format_usd
@@ -42,16 +53,20 @@ def create(email: Annotated[str, typer.Argument(help="Email address; one account
 
 @app.command("list")
 @handles_errors
-def list_(config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """List every user with balance, state and number of active keys."""
-    overviews = with_store(config, lambda store, _: accounts.list_users(store))
+def list_(after: AfterOption = None, limit: LimitOption = None, config: ConfigOption = None,
+          as_json: JsonOption = False) -> None:
+    """List users, in the order they were created, with balance, state and number of active keys."""
+    page = accounts.page_of(after, limit)
+    overviews = with_store(config, lambda store, _: accounts.list_users(store, page))
     if as_json:
         print_json([{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
                     for o in overviews])
     elif not overviews:
-        console.print("No users yet. Create one with: apibox users create EMAIL")
+        console.print("No users after that id." if page.after
+                      else "No users yet. Create one with: apibox users create EMAIL")
     else:
         print_table(users_table(overviews))
+    next_page_hint(page, [o.user.id for o in overviews], "apibox users list")
 
 
 @app.command("show")

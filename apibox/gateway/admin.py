@@ -19,7 +19,7 @@ from apibox.errors import ConfigError, InvalidApiKey, InvalidRequest, NotFound
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.openai import bearer_secret, read_json, request_address
 from apibox.gateway.reload import reload_config
-from apibox.models import UserState
+from apibox.models import Page, UserState
 from apibox.money import format_usd
 from apibox.offloop import off_the_loop
 from apibox.store.base import Store
@@ -52,6 +52,20 @@ async def _json_of_many(make: Callable[[], Any], items: int) -> web.Response:
                         content_type="application/json")
 
 
+def _page(request: web.Request) -> Page:
+    """The page a listing's query asks for (``after``, ``limit``): every item when it names none."""
+    return accounts.page_of(request.query.get("after"), request.query.get("limit"))
+
+
+async def _page_json(request: web.Request, page: Page, ids: list[int], make: Callable[[], Any]) -> web.Response:
+    """A page of a listing (items with ``ids``) as JSON; a full one links to the next, as GitHub's
+    API does: ``Link: <...?after=LAST&limit=N>; rel="next"``."""
+    response = await _json_of_many(make, len(ids))
+    if page.is_full(len(ids)):
+        response.headers["Link"] = f'<{request.rel_url.update_query(after=ids[-1])}>; rel="next"'
+    return response
+
+
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
     value = body.get(name)
     if value is None:
@@ -71,9 +85,11 @@ def _amount(body: dict[str, Any]) -> str:
 
 
 async def list_users(request: web.Request) -> web.Response:
-    overviews = await accounts.list_users(_store(request))
-    return await _json_of_many(lambda: [{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
-                                        for o in overviews], len(overviews))
+    store = _store(request)
+    page = _page(request)
+    overviews = await accounts.list_users(store, page)
+    return await _page_json(request, page, [o.user.id for o in overviews], lambda: [
+        {**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count} for o in overviews])
 
 
 async def create_user(request: web.Request) -> web.Response:
@@ -121,14 +137,18 @@ async def ledger(request: web.Request) -> web.Response:
         start = parse_since(since, datetime.now(UTC)) if since else None
     except TimeParseError as exc:
         raise InvalidRequest(str(exc), param="since") from None
-    user, entries = await accounts.ledger(store, request.match_info["user"], start)
+    page = _page(request)
+    user, entries = await accounts.ledger(store, request.match_info["user"], start, page)
     balance = balance_json(user, await store.get_balance(user.id))
-    return await _json_of_many(lambda: {**balance, "entries": [entry_json(e) for e in entries]}, len(entries))
+    return await _page_json(request, page, [e.id for e in entries],
+                            lambda: {**balance, "entries": [entry_json(e) for e in entries]})
 
 
 async def list_keys(request: web.Request) -> web.Response:
-    keys = await accounts.list_keys(_store(request), request.query.get("user"))
-    return await _json_of_many(lambda: [key_json(k) for k in keys], len(keys))
+    store = _store(request)
+    page = _page(request)
+    keys = await accounts.list_keys(store, request.query.get("user"), page)
+    return await _page_json(request, page, [k.id for k in keys], lambda: [key_json(k) for k in keys])
 
 
 async def create_key(request: web.Request) -> web.Response:

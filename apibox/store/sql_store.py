@@ -19,12 +19,14 @@ from typing import Any, TypeVar
 
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.models import (
+    EVERY,
     AdminAction,
     ApiKey,
     Balance,
     Hold,
     LedgerEntry,
     LedgerKind,
+    Page,
     UsageRecord,
     User,
     UserOverview,
@@ -74,6 +76,11 @@ def _json_or_none(value: dict[str, Any] | None) -> str | None:
 
 def _split(text: str) -> tuple[str, ...]:
     return tuple(part for part in text.split(",") if part)
+
+
+def _limit(page: Page) -> str:
+    """The LIMIT clause of a page (none for every item; a whole number, so safe to write in)."""
+    return "" if page.limit is None else f" LIMIT {int(page.limit)}"
 
 
 def _overview(row: Row) -> UserOverview:
@@ -162,12 +169,13 @@ class SqlStore(SqlReports):
         rows = await self._read(f"SELECT {USER_COLUMNS} FROM users u WHERE u.email = ?", (email,))
         return _user(rows[0]) if rows else None
 
-    async def list_users(self) -> list[UserOverview]:
+    async def list_users(self, page: Page = EVERY) -> list[UserOverview]:
         return await self._read_each(
             _overview,
             f"SELECT {USER_COLUMNS}, b.balance, b.held, "
             "(SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) "
-            "FROM users u JOIN balances b ON b.user_id = u.id ORDER BY u.id")
+            "FROM users u JOIN balances b ON b.user_id = u.id WHERE u.id > ? ORDER BY u.id" + _limit(page),
+            (page.after,))
 
     async def _read_each(self, convert: Callable[[Row], T], sql: str, params: Sequence[Any] = ()) -> list[T]:
         """The rows of a statement that may return many (a listing), each made an object: off the
@@ -206,11 +214,11 @@ class SqlStore(SqlReports):
         rows = await self._read(f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id = ?", (key_id,))
         return _key(rows[0]) if rows else None
 
-    async def list_keys(self, user_id: int | None = None) -> list[ApiKey]:
-        if user_id is None:
-            return await self._read_each(_key, f"SELECT {KEY_COLUMNS} FROM api_keys k ORDER BY k.id")
-        return await self._read_each(_key, f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.user_id = ? ORDER BY k.id",
-                                     (user_id,))
+    async def list_keys(self, user_id: int | None = None, page: Page = EVERY) -> list[ApiKey]:
+        mine = "" if user_id is None else " AND k.user_id = ?"
+        params = (page.after,) if user_id is None else (page.after, user_id)
+        return await self._read_each(
+            _key, f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id > ?{mine} ORDER BY k.id" + _limit(page), params)
 
     async def revoke_key(self, key_id: int) -> ApiKey:
         await self._write("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (now_ms(), key_id))
@@ -296,13 +304,13 @@ class SqlStore(SqlReports):
         return await self._run(apply)
 
     async def ledger(self, user_id: int, since: datetime | None = None,
-                     until: datetime | None = None) -> list[LedgerEntry]:
-        sql = f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE user_id = ? AND created_at >= ?"
-        params: list[Any] = [user_id, to_ms(since) or 0]
+                     until: datetime | None = None, page: Page = EVERY) -> list[LedgerEntry]:
+        sql = f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE user_id = ? AND created_at >= ? AND id > ?"
+        params: list[Any] = [user_id, to_ms(since) or 0, page.after]
         if until is not None:
             sql += " AND created_at < ?"
             params.append(to_ms(until))
-        return await self._read_each(_entry, sql + " ORDER BY id", params)
+        return await self._read_each(_entry, sql + " ORDER BY id" + _limit(page), params)
 
     async def ledger_sum(self, user_id: int, before: datetime) -> int:
         rows = await self._read("SELECT coalesce(sum(amount), 0) FROM ledger WHERE user_id = ? AND created_at < ?",
