@@ -174,39 +174,135 @@ class KeyOptions:
     allow_ips: tuple[str, ...] = ()
 
 
-async def create_key(store: Store, ref: str, options: KeyOptions, *, known_models: Iterable[str],
-                     now: datetime | None = None, actor: str = "cli") -> NewKey:
-    """Create a key and return its secret, which is never available again."""
-    now = now or datetime.now(UTC)
+class Keep:
+    """A setting ``KeyChanges`` leaves as it is."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
+# What a key setting is changed to take it away: the CLI's words (the admin API's JSON says null or []).
+NO_BUDGET, NEVER, DEFAULT_LIMIT, ALL_MODELS, ANY_ADDRESS = "none", "never", "default", "all", "any"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChanges:
+    """What `keys update` changes on a key; every setting left at KEEP stays as it is. None (or the
+    word) takes one away: no budget, never expires, the config's default limit."""
+
+    name: str | Keep = KEEP
+    models: tuple[str, ...] | Keep = KEEP  # () or ("all",): every model
+    budget: str | Keep | None = KEEP
+    expires: str | Keep | None = KEEP
+    rpm: int | str | Keep | None = KEEP
+    tpm: int | str | Keep | None = KEEP
+    concurrency: int | str | Keep | None = KEEP
+    allow_ips: tuple[str, ...] | Keep = KEEP  # () or ("any",): any address
+
+
+def _models(models: tuple[str, ...], known_models: Iterable[str]) -> tuple[str, ...]:
     known = set(known_models)
-    unknown = [m for m in options.models if m not in known]
+    unknown = [m for m in models if m not in known]
     if unknown:
         raise InvalidRequest(f"unknown model {unknown[0]!r} (configured: {', '.join(sorted(known)) or 'none'})",
                              param="models")
+    return models
+
+
+def _budget(text: str) -> int:
     try:
-        budget = parse_usd(options.budget) if options.budget is not None else None
-        expires = parse_expiry(options.expires, now) if options.expires else None
-    except (MoneyError, TimeParseError) as exc:
-        raise InvalidRequest(str(exc)) from None
-    for field in ("rpm", "tpm", "concurrency"):
-        value = getattr(options, field)
-        if value is not None and not 1 <= value <= MAX_ID:
-            raise InvalidRequest(f"{field} must be at least 1 (and at most {MAX_ID}), got {value}", param=field)
-    for cidr in options.allow_ips:
+        return parse_usd(text)
+    except MoneyError as exc:
+        raise InvalidRequest(str(exc), param="budget") from None
+
+
+def _expiry(text: str, now: datetime) -> datetime:
+    try:
+        return parse_expiry(text, now)
+    except TimeParseError as exc:
+        raise InvalidRequest(str(exc), param="expires") from None
+
+
+def _limit(field: str, value: int | str | None) -> int | None:
+    """A requests, tokens or concurrency limit: None (the word "default" too) for the config's default."""
+    if value is None or value == DEFAULT_LIMIT:
+        return None
+    number = _as_id(value) if isinstance(value, str) else value
+    if number is None or not 1 <= number <= MAX_ID:
+        raise InvalidRequest(f"{field} must be at least 1 (and at most {MAX_ID}) or {DEFAULT_LIMIT!r}, got {value}",
+                             param=field)
+    return number
+
+
+def _addresses(cidrs: tuple[str, ...]) -> tuple[str, ...]:
+    for cidr in cidrs:
         try:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise InvalidRequest(f"{cidr!r} is not an IP address or CIDR range", param="allow_ip") from None
+    return cidrs
+
+
+async def create_key(store: Store, ref: str, options: KeyOptions, *, known_models: Iterable[str],
+                     now: datetime | None = None, actor: str = "cli") -> NewKey:
+    """Create a key and return its secret, which is never available again."""
+    now = now or datetime.now(UTC)
+    models = _models(options.models, known_models)
+    budget = _budget(options.budget) if options.budget is not None else None
+    expires = _expiry(options.expires, now) if options.expires else None
+    limits = {field: _limit(field, getattr(options, field)) for field in ("rpm", "tpm", "concurrency")}
+    allow_ips = _addresses(options.allow_ips)
     user = await resolve_user(store, ref)
     if user.state == UserState.CLOSED:
         raise InvalidRequest(f"user {user.email} is closed; it cannot get new keys")
     secret = generate_key()
     key = await store.create_key(KeySpec(
         user_id=user.id, key_hash=hash_key(secret), prefix=display_prefix(secret),
-        name=_text(options.name, "name") or "", models=options.models, budget=budget, expires_at=expires,
-        rpm=options.rpm, tpm=options.tpm, concurrency=options.concurrency, allow_ips=options.allow_ips))
+        name=_text(options.name, "name") or "", models=models, budget=budget, expires_at=expires,
+        allow_ips=allow_ips, **limits))
     await _log(store, actor, "key.create", f"key:{key.id}", None, key_json(key))  # the secret is never logged
     return NewKey(key=key, secret=secret)
+
+
+def _key_settings(changes: KeyChanges, known_models: Iterable[str], now: datetime) -> dict[str, Any]:
+    """The store's settings (``KEY_SETTINGS``) that ``changes`` sets, each checked."""
+    settings: dict[str, Any] = {}
+    if not isinstance(changes.name, Keep):
+        settings["name"] = _text(changes.name, "name") or ""
+    if not isinstance(changes.models, Keep):
+        every = changes.models in ((), (ALL_MODELS,))
+        settings["models"] = () if every else _models(changes.models, known_models)
+    if not isinstance(changes.budget, Keep):
+        no_budget = changes.budget in (None, NO_BUDGET)
+        settings["budget"] = None if no_budget else _budget(changes.budget)  # type: ignore[arg-type]
+    if not isinstance(changes.expires, Keep):
+        never = changes.expires in (None, NEVER)
+        settings["expires_at"] = None if never else _expiry(changes.expires, now)  # type: ignore[arg-type]
+    for field in ("rpm", "tpm", "concurrency"):
+        value = getattr(changes, field)
+        if not isinstance(value, Keep):
+            settings[field] = _limit(field, value)
+    if not isinstance(changes.allow_ips, Keep):
+        anywhere = changes.allow_ips in ((), (ANY_ADDRESS,))
+        settings["allow_ips"] = () if anywhere else _addresses(changes.allow_ips)
+    return settings
+
+
+async def update_key(store: Store, ref: str, changes: KeyChanges, *, known_models: Iterable[str],
+                     now: datetime | None = None, actor: str = "cli", notify: Notifier = NO_NOTIFIER) -> ApiKey:
+    """Change a key's settings in place (its secret stays): a running gateway applies them within
+    a second. Its spend so far stays; a budget under it stops the key."""
+    settings = _key_settings(changes, known_models, now or datetime.now(UTC))
+    if not settings:
+        raise InvalidRequest("nothing to change: give at least one setting")
+    key = await show_key(store, ref)
+    if key.revoked_at is not None:
+        raise InvalidRequest(f"key {key.id} is revoked; a revoked key cannot be changed")
+    changed = await store.update_key(key.id, settings)
+    await _log(store, actor, "key.update", f"key:{key.id}", key_json(key), key_json(changed))
+    await notify.changed(Change(key_id=key.id))
+    return changed
 
 
 async def list_keys(store: Store, user_ref: str | None = None, page: Page = EVERY) -> list[ApiKey]:

@@ -38,8 +38,9 @@ SQL_SHAPED = ["1 OR 1=1", "1; DROP TABLE users", "' OR '1'='1", "x'); DELETE FRO
 ROUTES = [("GET", "/admin/users"), ("POST", "/admin/users"), ("GET", "/admin/users/1"),
           ("PATCH", "/admin/users/1"), ("POST", "/admin/users/1/state"), ("GET", "/admin/users/1/balance"),
           ("GET", "/admin/users/1/ledger"), ("GET", "/admin/keys"), ("POST", "/admin/keys"),
-          ("GET", "/admin/keys/1"), ("POST", "/admin/keys/1/revoke"), ("POST", "/admin/topups"),
-          ("POST", "/admin/adjustments"), ("GET", "/admin/usage"), ("GET", "/admin/log"), ("POST", "/admin/reload")]
+          ("GET", "/admin/keys/1"), ("PATCH", "/admin/keys/1"), ("POST", "/admin/keys/1/revoke"),
+          ("POST", "/admin/topups"), ("POST", "/admin/adjustments"), ("GET", "/admin/usage"), ("GET", "/admin/log"),
+          ("POST", "/admin/reload")]
 
 
 @pytest.fixture
@@ -416,6 +417,40 @@ async def test_balance_ledger_and_usage_report_after_a_request(admin: Live) -> N
     by_key = await api(admin, "GET", f"/admin/usage?by=key&key={new['id']}&model=gpt-fake&user=ann@example.com")
     assert [r["requests"] for r in by_key["rows"]] == [1]
     assert (await api(admin, "GET", "/admin/usage?model=demo"))["rows"] == []
+
+
+async def test_a_keys_settings_change_in_place_and_a_running_gateway_applies_them(admin: Live) -> None:
+    ann = await api(admin, "POST", "/admin/users", {"email": "ann@example.com"}, expect=201)
+    await api(admin, "POST", "/admin/topups", {"user": ann["id"], "amount": "1"}, expect=201)
+    new = await api(admin, "POST", "/admin/keys", {"user": ann["id"], "name": "ci", "rpm": 5, "budget": "0.5",
+                                                   "expires": "30d", "allow_ips": ["127.0.0.1/32"]}, expect=201)
+    path, secret = f"/admin/keys/{new['id']}", new["key"]
+    assert (await request(admin, "POST", "/v1/chat/completions", key=secret, json_body=CHAT))[0] == 200
+
+    narrowed = await api(admin, "PATCH", path, {"models": ["demo"], "budget": 2, "name": "ci-2"})
+    assert (narrowed["models"], narrowed["budget_usd"], narrowed["name"]) == (["demo"], "2.000000", "ci-2")
+    assert (narrowed["rpm"], narrowed["allow_ips"], narrowed["expires_at"]) == (5, ["127.0.0.1/32"], new["expires_at"])
+    assert narrowed["spent_usd"] == (await api(admin, "GET", path))["spent_usd"] != "0.000000"  # spend stays
+    status, _, raw = await request(admin, "POST", "/v1/chat/completions", key=secret, json_body=CHAT)
+    assert status == 403 and openai_error(raw)["code"] == "model_not_allowed"  # at once, same secret
+
+    opened = await api(admin, "PATCH", path, {"models": None, "budget": None, "rpm": None, "expires": None,
+                                              "allow_ips": []})
+    assert (opened["models"], opened["budget_usd"], opened["rpm"], opened["expires_at"], opened["allow_ips"]) == (
+        [], None, None, None, [])
+    assert (await request(admin, "POST", "/v1/chat/completions", key=secret, json_body=CHAT))[0] == 200
+    [logged] = [a for a in admin_log(admin) if a["action"] == "key.update"][:1]
+    assert logged["target"] == f"key:{new['id']}" and secret not in json.dumps(logged)
+
+    for body, param in (({"rpm": 0}, "rpm"), ({"rpm": "5"}, "rpm"), ({"budget": "-1"}, "budget"),
+                        ({"expires": "yesterday"}, "expires"), ({"models": ["nope"]}, "models"),
+                        ({"models": [1]}, "models"), ({"allow_ips": ["not-an-ip"]}, "allow_ip"),
+                        ({"name": "two\nlines"}, "name"), ({}, None), ({"user": 2}, None)):
+        error = await refused(admin, "PATCH", path, body)
+        assert error["param"] == param, (body, error)
+    await refused(admin, "PATCH", "/admin/keys/999", {"rpm": 3}, status=404)
+    await api(admin, "POST", f"{path}/revoke")
+    assert "revoked" in (await refused(admin, "PATCH", path, {"rpm": 3}))["message"]
 
 
 def threads_running(monkeypatch: pytest.MonkeyPatch, module: Any, name: str) -> list[int]:

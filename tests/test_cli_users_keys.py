@@ -355,6 +355,27 @@ def test_keys_list_filters_by_user(cli: Any) -> None:
     assert a["prefix"] in table and b["prefix"] not in table
 
 
+def test_keys_update_changes_what_is_given_and_words_take_settings_away(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com", "--rpm", "5", "--budget", "3", "--allow-ip", "10.0.0.0/8")
+    changed = ok_json(cli("keys", "update", str(key["id"]), "--models", "demo", "--tpm", "900", "--json"))
+    assert (changed["models"], changed["tpm"], changed["rpm"], changed["budget_usd"], changed["allow_ips"]) == (
+        ["demo"], 900, 5, "3.000000", ["10.0.0.0/8"])
+    cleared = ok_json(cli("keys", "update", str(key["id"]), "--rpm", "default", "--budget", "none", "--models",
+                          "all", "--allow-ip", "any", "--expires", "never", "--name", "renamed", "--json"))
+    assert (cleared["rpm"], cleared["budget_usd"], cleared["models"], cleared["allow_ips"], cleared["name"]) == (
+        None, None, [], [], "renamed")
+    assert cleared["prefix"] == key["prefix"]  # the same key, the same secret
+    table = cli("keys", "update", str(key["id"]), "--expires", "30d").stdout
+    assert "renamed" in table and "expires" in table
+    assert_one_line_error(cli("keys", "update", str(key["id"])), "nothing to change")
+    assert_one_line_error(cli("keys", "update", str(key["id"]), "--rpm", "lots"), "rpm")
+    assert_one_line_error(cli("keys", "update", str(key["id"]), "--models", "nope"), "unknown model")
+    assert_one_line_error(cli("keys", "update", "999", "--rpm", "3"), "no key")
+    assert cli("keys", "revoke", str(key["id"])).exit_code == 0
+    assert_one_line_error(cli("keys", "update", str(key["id"]), "--rpm", "3"), "revoked")
+
+
 def test_keys_create_models_scope(cli: Any) -> None:
     user_id(cli, "ann@example.com")
     assert new_key(cli, "ann@example.com", "--models", "demo,gpt-fake")["models"] == ["demo", "gpt-fake"]

@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -170,6 +171,22 @@ async def test_list_and_revoke_keys(store: Store) -> None:
     assert (await store.get_key(k3.id)).revoked_at is None  # type: ignore[union-attr]
     with pytest.raises(NotFound):
         await store.revoke_key(k3.id + 100)
+
+
+async def test_a_keys_settings_change_and_nothing_else_does(store: Store) -> None:
+    ann = await new_user(store)
+    key = await new_key(store, ann, name="a", models=("m1",), budget=5, rpm=3, allow_ips=("10.0.0.0/8",))
+    other = await new_key(store, ann)
+    later = key.created_at + timedelta(days=3)
+    changed = await store.update_key(key.id, {"models": ("m2", "m3"), "budget": None, "expires_at": later,
+                                              "concurrency": 2, "allow_ips": ()})
+    assert changed == replace(key, models=("m2", "m3"), budget=None, expires_at=later, concurrency=2, allow_ips=())
+    assert await store.get_key(other.id) == other
+    assert await store.update_key(key.id, {"name": "b"}) == replace(changed, name="b")
+    with pytest.raises(ValueError):
+        await store.update_key(key.id, {"key_hash": "x"})  # not a setting: never written
+    with pytest.raises(NotFound):
+        await store.update_key(other.id + 100, {"rpm": 1})
 
 
 async def test_listings_in_pages_are_the_whole_listing_in_order(store: Store) -> None:

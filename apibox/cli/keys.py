@@ -1,4 +1,4 @@
-"""`apibox keys ...`: create (the secret is printed once), list, show, revoke."""
+"""`apibox keys ...`: create (the secret is printed once), update, list, show, revoke."""
 
 from __future__ import annotations
 
@@ -61,6 +61,41 @@ def create(
     console.print(f"Created key {new.key.id} for user {new.key.user_id}.")
     console.print("Secret (shown only now; store it safely):")
     console.print(new.secret, soft_wrap=True)
+
+
+@app.command("update")
+@handles_errors
+def update(
+    key: KeyArg,
+    name: Annotated[str | None, typer.Option("--name", help="A new label.", show_default=False)] = None,
+    models: Annotated[list[str] | None, typer.Option(
+        "--models", help="Allowed models, comma-separated; 'all' for every model.", show_default=False)] = None,
+    budget: Annotated[str | None, typer.Option(
+        "--budget", help="Most this key may spend over its life, USD; 'none' for no limit. What it has spent "
+        "stays.", show_default=False)] = None,
+    expires: Annotated[str | None, typer.Option(
+        "--expires", help="A duration like 30d or a date; 'never'.", show_default=False)] = None,
+    rpm: Annotated[str | None, typer.Option(
+        "--rpm", help="Requests per minute; 'default' for the config's.", show_default=False)] = None,
+    tpm: Annotated[str | None, typer.Option(
+        "--tpm", help="Tokens per minute; 'default' for the config's.", show_default=False)] = None,
+    concurrency: Annotated[str | None, typer.Option(
+        "--concurrency", help="Requests at once; 'default' for the config's.", show_default=False)] = None,
+    allow_ip: Annotated[list[str] | None, typer.Option(
+        "--allow-ip", help="Allowed client IP or CIDR (repeatable; replaces the list); 'any'.",
+        show_default=False)] = None,
+    config: ConfigOption = None, as_json: JsonOption = False,
+) -> None:
+    """Change a key's settings; those not given stay, and so does its secret.
+
+    A running gateway applies the change within a second."""
+    given = {"name": name, "budget": budget, "expires": expires, "rpm": rpm, "tpm": tpm, "concurrency": concurrency,
+             "models": None if models is None else _split(models),
+             "allow_ips": None if allow_ip is None else _split(allow_ip)}
+    changes = accounts.KeyChanges(**{field: value for field, value in given.items() if value is not None})
+    updated = with_store(config, lambda store, settings: accounts.update_key(
+        store, key, changes, known_models=settings.model_index(), notify=bus.publisher(settings)))
+    _print_key(updated, as_json)
 
 
 @app.command("list")

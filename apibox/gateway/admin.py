@@ -78,10 +78,14 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, re
     return value
 
 
+def _usd(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    """Money arrives as a string ("10.50") or a number; parsed exactly by the core."""
+    value = _field(body, name, (str, int, float), required=required)
+    return value if value is None or isinstance(value, str) else repr(value)
+
+
 def _amount(body: dict[str, Any]) -> str:
-    """Amounts arrive as strings ("10.50") or numbers; parsed exactly by the core."""
-    value = _field(body, "amount", (str, int, float), required=True)
-    return value if isinstance(value, str) else repr(value)
+    return _usd(body, "amount", required=True) or ""  # (required: never None)
 
 
 async def list_users(request: web.Request) -> web.Response:
@@ -153,19 +157,40 @@ async def list_keys(request: web.Request) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
-    models = _field(body, "models", list) or []
-    allow_ips = _field(body, "allow_ips", list) or []
-    if not all(isinstance(m, str) for m in [*models, *allow_ips]):
-        raise InvalidRequest("'models' and 'allow_ips' must be lists of strings.")
-    budget = _field(body, "budget", (str, int, float))
     options = accounts.KeyOptions(
-        name=_field(body, "name", str) or "", models=tuple(models),
-        budget=None if budget is None else budget if isinstance(budget, str) else repr(budget),
+        name=_field(body, "name", str) or "", models=_strings(body, "models") or (), budget=_usd(body, "budget"),
         expires=_field(body, "expires", str), rpm=_field(body, "rpm", int), tpm=_field(body, "tpm", int),
-        concurrency=_field(body, "concurrency", int), allow_ips=tuple(allow_ips))
+        concurrency=_field(body, "concurrency", int), allow_ips=_strings(body, "allow_ips") or ())
     new = await accounts.create_key(store, str(_field(body, "user", (str, int), required=True)), options,
                                     known_models=request.app[GATEWAY].settings.model_index(), actor=_actor(request))
     return web.json_response({**key_json(new.key), "key": new.secret}, status=201)
+
+
+def _strings(body: dict[str, Any], name: str) -> tuple[str, ...] | None:
+    """A list of strings (``models``, ``allow_ips``), or None when the field is left out."""
+    values = _field(body, name, list)
+    if values is not None and not all(isinstance(v, str) for v in values):
+        raise InvalidRequest(f"'{name}' must be a list of strings.", param=name)
+    return None if values is None else tuple(values)
+
+
+async def update_key(request: web.Request) -> web.Response:
+    """A field left out stays as it is; null takes a setting away (no budget, never expires, the
+    config's default limit, every model, any address)."""
+    store, body = _store(request), await read_json(request)
+    changes: dict[str, Any] = {}
+    for name, kind in (("name", str), ("expires", str), ("rpm", int), ("tpm", int), ("concurrency", int)):
+        if name in body:
+            changes[name] = _field(body, name, kind)
+    if "budget" in body:
+        changes["budget"] = _usd(body, "budget")
+    for name in ("models", "allow_ips"):
+        if name in body:
+            changes[name] = _strings(body, name) or ()
+    key = await accounts.update_key(store, request.match_info["key"], accounts.KeyChanges(**changes),
+                                    known_models=request.app[GATEWAY].settings.model_index(), actor=_actor(request),
+                                    notify=request.app[GATEWAY].notifier)
+    return web.json_response(key_json(key))
 
 
 async def show_key(request: web.Request) -> web.Response:
@@ -248,6 +273,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/keys", list_keys)
     app.router.add_post("/admin/keys", create_key)
     app.router.add_get("/admin/keys/{key}", show_key)
+    app.router.add_patch("/admin/keys/{key}", update_key)
     app.router.add_post("/admin/keys/{key}/revoke", revoke_key)
     app.router.add_post("/admin/topups", topup)
     app.router.add_post("/admin/adjustments", adjust)

@@ -8,7 +8,7 @@ method is atomic on its own: callers never compose a balance change out of sever
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -32,6 +32,10 @@ from apibox.models import (
 REPORT_DIMENSIONS = ("day", "hour", "model", "user", "key", "provider")
 # Told how long work is getting on: (what, done, total), from the start (0 done) to the end (total done).
 ProgressFn = Callable[[str, int, int], None]
+
+
+# What `keys update` may change on a key: KeySpec's fields, but its owner and its secret.
+KEY_SETTINGS = ("name", "models", "budget", "expires_at", "rpm", "tpm", "concurrency", "allow_ips")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +114,9 @@ class Store(Protocol):
     async def create_key(self, spec: KeySpec) -> ApiKey: ...
     async def get_key(self, key_id: int) -> ApiKey | None: ...
     async def list_keys(self, user_id: int | None = None, page: Page = EVERY) -> list[ApiKey]: ...
+    async def update_key(self, key_id: int, settings: Mapping[str, Any]) -> ApiKey:
+        """Set some of a key's ``KEY_SETTINGS`` (by name, with ``KeySpec``'s types)."""
+        ...
     async def revoke_key(self, key_id: int) -> ApiKey: ...
     async def revoke_user_keys(self, user_id: int) -> int: ...
     async def find_key_by_hash(self, key_hash: str) -> tuple[ApiKey, User] | None: ...

@@ -12,7 +12,7 @@ each: see ``postgres``.)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
 from typing import Any, TypeVar
@@ -34,7 +34,7 @@ from apibox.models import (
 )
 from apibox.money import format_usd
 from apibox.offloop import off_the_loop
-from apibox.store.base import Credit, CreditResult, KeySpec
+from apibox.store.base import KEY_SETTINGS, Credit, CreditResult, KeySpec
 from apibox.store.script import IntegrityViolation, Row, Script, Want, single
 from apibox.store.sql_reports import SqlReports
 from apibox.store.sqltime import from_ms, now_ms, to_ms
@@ -219,6 +219,19 @@ class SqlStore(SqlReports):
         params = (page.after,) if user_id is None else (page.after, user_id)
         return await self._read_each(
             _key, f"SELECT {KEY_COLUMNS} FROM api_keys k WHERE k.id > ?{mine} ORDER BY k.id" + _limit(page), params)
+
+    async def update_key(self, key_id: int, settings: Mapping[str, Any]) -> ApiKey:
+        unknown = set(settings) - set(KEY_SETTINGS)
+        if unknown or not settings:
+            raise ValueError(f"not key settings: {sorted(unknown) or 'none given'}")
+        encode = {"models": ",".join, "allow_ips": ",".join, "expires_at": to_ms}
+        columns = ", ".join(f"{name} = ?" for name in settings)  # names from KEY_SETTINGS only
+        values = [encode[name](value) if name in encode else value for name, value in settings.items()]
+        await self._write(f"UPDATE api_keys SET {columns} WHERE id = ?", (*values, key_id))
+        key = await self.get_key(key_id)
+        if key is None:
+            raise NotFound(f"no key with id {key_id}")
+        return key
 
     async def revoke_key(self, key_id: int) -> ApiKey:
         await self._write("UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ?", (now_ms(), key_id))
