@@ -13,8 +13,9 @@ keep-alive due before that sends the head with it; from then on, a failure befor
 is an error event in the stream (another route may still answer it first).
 
 The comment is written by a task of its own, started from the gateway's shared timer, while the
-request's own task waits on the upstream. The request's task writes only after it has waited for
-a comment being written (``Heartbeat.beat``), so the two never write at once.
+request's own task waits on the upstream. That task waits for a comment under way
+(``Heartbeat.beat``) before it writes what the upstream sent, and stops the heartbeat before
+its last write, which drops a comment not yet written: the two never write at once.
 """
 
 from __future__ import annotations
