@@ -142,6 +142,19 @@ async def test_the_openai_sdk_raises_the_failure_after_the_head(beating: Live) -
     assert "upstream" in caught.value.message
 
 
+async def test_the_anthropic_sdk_raises_the_failure_after_the_head_in_anthropics_shape(beating: Live) -> None:
+    beating.fake.delay, beating.fake.mode, beating.fake.status = 0.8, "status", 503
+    async with store_of(beating) as store:
+        who = await account(store, beating, "ann@example.com", "1")
+    async with anthropic.AsyncAnthropic(base_url=beating.url, api_key=who.key, max_retries=0) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            async with sdk.messages.stream(model="gpt-fake", max_tokens=100, messages=MESSAGES) as events:
+                await events.get_final_message()
+    assert caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    [row] = await wait_for_usage(beating, who.user_id, 1)
+    assert (row["status"], row["charged"]) == ("error", 0)
+
+
 async def test_a_failure_before_the_keepalive_is_still_an_http_status(beating: Live) -> None:
     beating.fake.mode, beating.fake.status = "status", 503
     async with store_of(beating) as store:
