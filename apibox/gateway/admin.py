@@ -84,6 +84,14 @@ def _usd(body: dict[str, Any], name: str, *, required: bool = False) -> str | No
     return value if value is None or isinstance(value, str) else repr(value)
 
 
+def _strings(body: dict[str, Any], name: str) -> tuple[str, ...] | None:
+    """A list of strings (``models``, ``allow_ips``), or None when the field is left out."""
+    values = _field(body, name, list)
+    if values is not None and not all(isinstance(v, str) for v in values):
+        raise InvalidRequest(f"'{name}' must be a list of strings.", param=name)
+    return None if values is None else tuple(values)
+
+
 def _amount(body: dict[str, Any]) -> str:
     return _usd(body, "amount", required=True) or ""  # (required: never None)
 
@@ -164,14 +172,6 @@ async def create_key(request: web.Request) -> web.Response:
     new = await accounts.create_key(store, str(_field(body, "user", (str, int), required=True)), options,
                                     known_models=request.app[GATEWAY].settings.model_index(), actor=_actor(request))
     return web.json_response({**key_json(new.key), "key": new.secret}, status=201)
-
-
-def _strings(body: dict[str, Any], name: str) -> tuple[str, ...] | None:
-    """A list of strings (``models``, ``allow_ips``), or None when the field is left out."""
-    values = _field(body, name, list)
-    if values is not None and not all(isinstance(v, str) for v in values):
-        raise InvalidRequest(f"'{name}' must be a list of strings.", param=name)
-    return None if values is None else tuple(values)
 
 
 async def update_key(request: web.Request) -> web.Response:
