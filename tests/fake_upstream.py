@@ -63,6 +63,7 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self.handle)
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/v1/responses", self.responses)
         return app
 
     def usage(self, completion_tokens: int) -> dict[str, Any]:
@@ -197,6 +198,64 @@ class FakeUpstream:
             if piece:
                 await response.write(piece)
                 await asyncio.sleep(0)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """OpenAI's Responses API: a whole response, or its stream of events as OpenAI sends them."""
+        body = await self._record(request)
+        if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
+            return web.json_response({"error": {"message": "bad upstream key", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}}, status=401)
+        if self.mode == "status":
+            return web.json_response({"error": {"message": self.error_message, "type": "server_error", "param": None,
+                                                "code": None}}, status=self.status)
+        limit = body.get("max_output_tokens") or len(self.words)
+        words = self.words[:limit]
+        complete = len(words) == len(self.words)
+        text = "".join(words)
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"id": "msg_fake", "type": "message", "status": "completed" if complete else "incomplete",
+                "role": "assistant", "content": [part]}
+        usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                 "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                 "total_tokens": self.prompt_tokens + len(words)}
+        whole = {"id": "resp_fake", "object": "response", "created_at": int(time.time()),
+                 "status": "completed" if complete else "incomplete", "error": None,
+                 "incomplete_details": None if complete else {"reason": "max_output_tokens"},
+                 "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+                 "model": body["model"], "output": [item], "parallel_tool_calls": True, "previous_response_id": None,
+                 "reasoning": {"effort": None, "summary": None}, "store": True, "temperature": 1.0,
+                 "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
+                 "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
+        if not body.get("stream"):
+            return web.json_response(whole)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        opening = {**whole, "status": "in_progress", "output": [], "usage": None, "incomplete_details": None}
+        at = {"item_id": "msg_fake", "output_index": 0, "content_index": 0}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": opening},
+            {"type": "response.in_progress", "response": opening},
+            {"type": "response.output_item.added", "output_index": 0,
+             "item": {**item, "status": "in_progress", "content": []}},
+            {"type": "response.content_part.added", **at, "part": {**part, "text": ""}},
+            *({"type": "response.output_text.delta", **at, "delta": word, "logprobs": []} for word in words),
+            {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+            {"type": "response.content_part.done", **at, "part": part},
+            {"type": "response.output_item.done", "output_index": 0, "item": item},
+            {"type": "response.completed" if complete else "response.incomplete", "response": whole}]
+        try:
+            for sequence, event in enumerate(events):
+                if self.mode == "cut" and sequence == len(events) // 2:
+                    request.transport.close()
+                    return response
+                data = json.dumps({**event, "sequence_number": sequence}, ensure_ascii=False)
+                await self._write(response, f"event: {event['type']}\ndata: {data}\n\n".encode())
+            await response.write_eof()
+        except ConnectionResetError:
+            self.hung_up += 1
+            raise
+        self.bodies_ended += 1
+        return response
 
     async def embeddings(self, request: web.Request) -> web.Response:
         body = await self._record(request)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
-from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops
+from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops, responses
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import IN_FLIGHT, InFlight, add_response_headers
@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, store: Store | None = None, session: aioht
     openai.add_routes(app)
     billing_api.add_routes(app)
     anthropic.add_routes(app)
+    responses.add_routes(app)
     ops.add_routes(app)
     metrics.add_routes(app)
     admin.add_routes(app)

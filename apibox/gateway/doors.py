@@ -12,7 +12,15 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from apibox.formats.anthropic import openai_to_anthropic_reply, usage_from_anthropic
-from apibox.gateway.render import AnthropicPassthrough, AnthropicRenderer, OpenAIRenderer, StreamRenderer
+from apibox.formats.responses import reply_text as responses_reply_text
+from apibox.formats.responses import usage_from_responses
+from apibox.gateway.render import (
+    AnthropicPassthrough,
+    AnthropicRenderer,
+    OpenAIRenderer,
+    ResponsesPassthrough,
+    StreamRenderer,
+)
 from apibox.money import usd_number
 from apibox.openai_wire import reply_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
@@ -23,6 +31,9 @@ from apibox.tokens import PromptSize
 class Door(Protocol):
     """One client-facing wire format."""
 
+    def serves(self, provider: Provider) -> bool:
+        """Whether a route to ``provider`` can answer this door at all (else it is not tried)."""
+        ...
     def is_native(self, provider: Provider) -> bool: ...
     async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]: ...
     async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream: ...
@@ -34,6 +45,9 @@ class Door(Protocol):
 
 
 class OpenAIDoor:
+    def serves(self, provider: Provider) -> bool:
+        return True  # every provider offers the OpenAI shape
+
     def is_native(self, provider: Provider) -> bool:
         return False  # every provider offers the OpenAI shape
 
@@ -65,6 +79,9 @@ class AnthropicDoor:
         self.original = original
         # Header names are case-insensitive; the providers look them up in lower case.
         self.client_headers = {name.lower(): value for name, value in client_headers.items()}
+
+    def serves(self, provider: Provider) -> bool:
+        return True  # Anthropic's natively, the others translated
 
     def is_native(self, provider: Provider) -> bool:
         return provider.native_format == "anthropic"
@@ -104,3 +121,46 @@ class AnthropicDoor:
 
     def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer:
         return AnthropicPassthrough(model) if native else AnthropicRenderer(model, prompt.estimate)
+
+
+class ResponsesDoor:
+    """``/v1/responses``, OpenAI's Responses API: ``original`` is the client's body, passed through to
+    routes whose upstream speaks the API itself (OpenAI's, and servers that copy it); other routes
+    are not tried. The billing flow gets an OpenAI chat-shaped copy (``formats.responses.billing_copy``)."""
+
+    def __init__(self, original: dict[str, Any]) -> None:
+        self.original = original
+
+    def serves(self, provider: Provider) -> bool:
+        return self.is_native(provider)  # the Responses API is passed through, never translated
+
+    def is_native(self, provider: Provider) -> bool:
+        return provider.native_format == "openai"
+
+    def _native_body(self, request: ProviderRequest) -> dict[str, Any]:
+        body = {**self.original, "model": request.body.get("model")}
+        if request.body.get("max_tokens") is not None:  # the client's, or lower: what the balance pays for
+            body["max_output_tokens"] = request.body["max_tokens"]
+        return body
+
+    async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]:
+        return await provider.complete_responses(  # type: ignore[attr-defined, no-any-return]
+            self._native_body(request), request.request_id)
+
+    async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream:
+        return await provider.open_responses_stream(  # type: ignore[attr-defined, no-any-return]
+            self._native_body(request), request.request_id)
+
+    def usage(self, reply: dict[str, Any], native: bool) -> Usage | None:
+        return usage_from_responses(reply.get("usage"))
+
+    def reply_text(self, reply: dict[str, Any], native: bool) -> str:
+        return responses_reply_text(reply)
+
+    def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
+                     cost: int) -> dict[str, Any]:
+        raw = reply.get("usage")
+        return {**reply, "model": model, "usage": {**raw, "cost": usd_number(cost)} if isinstance(raw, dict) else raw}
+
+    def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer:
+        return ResponsesPassthrough(model)

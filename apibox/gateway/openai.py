@@ -63,7 +63,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _require(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: str) -> None:
+def require(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: str) -> None:
     if field not in body:
         raise InvalidRequest(f"Missing required parameter: '{field}'.", param=field)
     value = body[field]
@@ -71,7 +71,7 @@ def _require(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: st
         raise InvalidRequest(f"'{field}' must be {what}.", param=field)
 
 
-def _check_stream(body: dict[str, Any]) -> None:
+def check_stream(body: dict[str, Any]) -> None:
     if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
         raise InvalidRequest("'stream' must be true or false.", param="stream")
     options = body.get("stream_options")
@@ -82,26 +82,26 @@ def _check_stream(body: dict[str, Any]) -> None:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
-    _require(body, "messages", (list,), "a non-empty array of messages")
+    require(body, "messages", (list,), "a non-empty array of messages")
     for index, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"messages[{index}] must be an object with a 'role'.", param=f"messages[{index}]")
-    _check_stream(body)
+    check_stream(body)
     return await forward(request, caller, "chat/completions", body)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
-    _require(body, "prompt", (str, list), "a string or an array of strings or token ids")
-    _check_stream(body)
+    require(body, "prompt", (str, list), "a string or an array of strings or token ids")
+    check_stream(body)
     return await forward(request, caller, "completions", body)
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
-    _require(body, "input", (str, list), "a string or an array of strings or token ids")
+    require(body, "input", (str, list), "a string or an array of strings or token ids")
     if body.get("stream"):
         raise InvalidRequest("Embeddings cannot be streamed.", param="stream")
     return await forward(request, caller, "embeddings", body)

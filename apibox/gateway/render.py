@@ -17,6 +17,7 @@ from apibox import jsoncodec
 from apibox.errors import ApiboxError
 from apibox.formats.anthropic import anthropic_error_type, usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
+from apibox.formats.responses import TERMINAL_EVENTS, TEXT_DELTA_EVENTS, usage_from_responses
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
@@ -325,3 +326,43 @@ class AnthropicPassthrough:
 
     def error(self, failure: ApiboxError) -> bytes:
         return anthropic_error(failure)
+
+
+class ResponsesPassthrough:
+    """Responses API events to Responses clients as they came, but for the model's name: the events
+    that carry the whole response (created, in progress, the last) are written again with the
+    client's. The upstream was asked for no more output than the hold pays for
+    (``max_output_tokens``), so a cut has nothing to add."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.sequence = 0  # the last event's sequence_number: an error event written after it follows on
+
+    def feed(self, event: dict[str, Any], raw: bytes | None) -> Piece:
+        kind = event.get("type", "")
+        sequence = event.get("sequence_number")
+        if type(sequence) is int:
+            self.sequence = sequence
+        response = event.get("response")
+        if isinstance(response, dict):
+            response["model"] = self.model
+            usage = usage_from_responses(response.get("usage")) if kind in TERMINAL_EVENTS else None
+            return Piece(encode(jsoncodec.dumps(event), kind), "", usage)
+        delta = event.get("delta") if kind in TEXT_DELTA_EVENTS else None
+        data = encode(raw, kind) if raw is not None else encode(jsoncodec.dumps(event), kind)
+        return Piece(data, delta if isinstance(delta, str) else "")
+
+    def plain(self, run: PlainRun) -> bytes:
+        raise AssertionError("a Responses stream's events are each parsed: it has no plain runs")
+
+    def cut(self) -> bytes:
+        return b""
+
+    def end(self, usage: Usage, cost: int) -> bytes:
+        return b""  # the upstream's last event, with its usage, has gone out as it came
+
+    def error(self, failure: ApiboxError) -> bytes:
+        self.sequence += 1
+        event = {"type": "error", "code": failure.code or failure.type, "message": failure.message,
+                 "param": failure.param, "sequence_number": self.sequence}
+        return encode(jsoncodec.dumps(event), "error")

@@ -9,6 +9,7 @@ import aiohttp
 
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
+from apibox.formats.responses import TERMINAL_EVENTS
 from apibox.openai_wire import learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
 from apibox.providers.http import HttpUpstream, UpstreamStream
@@ -39,6 +40,17 @@ class OpenAIProvider:
 
     async def open_stream(self, request: ProviderRequest) -> _OpenAIStream:
         return _OpenAIStream(await self._post(request), self._http)
+
+    async def complete_responses(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """A whole answer of the upstream's own Responses API (``POST /responses``)."""
+        response = await self._http.post(f"{self._base}/responses", {**body, "stream": False},
+                                         {"X-Request-Id": request_id})
+        return await self._http.read_json(response)
+
+    async def open_responses_stream(self, body: dict[str, Any], request_id: str) -> ResponsesStream:
+        response = await self._http.post(f"{self._base}/responses", {**body, "stream": True},
+                                         {"X-Request-Id": request_id})
+        return ResponsesStream(response, self._http)
 
 
 class _OpenAIStream(UpstreamStream):
@@ -103,3 +115,30 @@ def _finishes(chunk: dict[str, Any]) -> bool:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 return True
     return False
+
+
+class ResponsesStream(UpstreamStream):
+    """A Responses API stream's events as dicts (``type`` is the event's name), in batches that keep
+    each event's data as it came (``WireBatch``); ends at the response's last event (completed,
+    incomplete or failed, each with the whole response and its usage)."""
+
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
+        async for frames in self._http.named_payloads(self._response):
+            batch = WireBatch()
+            for name, payload in frames:
+                event = self._http.parse_data(payload)
+                kind = event.setdefault("type", name)
+                if kind == "error":
+                    if batch:
+                        yield batch  # what came before the error still reaches the client
+                    raise self._http.broken(event)
+                batch.append(event)
+                batch.raw.append(payload)
+                if kind in TERMINAL_EVENTS:
+                    self.ended()  # before the last batch goes: its reader may stop at it
+                    batch.last = True
+                    yield batch
+                    return
+            if batch:
+                yield batch
+        raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")

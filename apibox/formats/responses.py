@@ -1,0 +1,68 @@
+"""OpenAI's Responses API (``POST /v1/responses``) as billing reads it (pure).
+
+Responses go to upstreams that speak the API themselves, as they came; what apibox needs of
+them is the prompt's size for the hold (an OpenAI chat-shaped copy of the request), the usage
+an answer reports, and its text (for an estimate when a stream breaks before its usage).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from apibox.openai_wire import usage_from_openai
+from apibox.pricing import Usage
+
+# A streamed answer's last event: each carries the whole response, its usage with it.
+TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# The events that carry the answer's text (or a tool call's arguments) bit by bit, in ``delta``.
+TEXT_DELTA_EVENTS = frozenset({"response.output_text.delta", "response.refusal.delta",
+                               "response.function_call_arguments.delta", "response.reasoning_text.delta",
+                               "response.reasoning_summary_text.delta"})
+
+
+def billing_copy(body: dict[str, Any]) -> dict[str, Any]:
+    """The request in chat completions' shape, for what every door shares: the prompt's measure,
+    the hold's output (``max_output_tokens``), the limits. Input items that are not messages
+    (function calls and their outputs, reasoning) count as their JSON: a bound, never short."""
+    messages: list[dict[str, Any]] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    items = body.get("input")
+    for item in [{"role": "user", "content": items}] if isinstance(items, str) else items or ():
+        if isinstance(item, dict) and isinstance(item.get("role"), str) and "content" in item:
+            messages.append({"role": item["role"], "content": item["content"]})
+        else:
+            messages.append({"role": "user", "content": json.dumps(item, ensure_ascii=False)})
+    copy: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": body.get("stream") is True}
+    if body.get("max_output_tokens") is not None:
+        copy["max_tokens"] = body["max_output_tokens"]
+    if body.get("tools"):
+        copy["tools"] = body["tools"]
+    return copy
+
+
+def usage_from_responses(raw: Any) -> Usage | None:
+    """A response's ``usage`` (input and output tokens, with cached and reasoning details)."""
+    if not isinstance(raw, dict):
+        return None
+    details_in, details_out = raw.get("input_tokens_details"), raw.get("output_tokens_details")
+    return usage_from_openai({
+        "prompt_tokens": raw.get("input_tokens"), "completion_tokens": raw.get("output_tokens"),
+        "prompt_tokens_details": details_in if isinstance(details_in, dict) else None,
+        "completion_tokens_details": details_out if isinstance(details_out, dict) else None})
+
+
+def reply_text(reply: dict[str, Any]) -> str:
+    """Everything a whole response said: its messages' text and its tool calls' arguments."""
+    parts: list[str] = []
+    for item in reply.get("output") or ():
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("arguments"), str):
+            parts.append(item["arguments"])
+        for content in item.get("content") or ():
+            if isinstance(content, dict) and isinstance(content.get("text"), str):
+                parts.append(content["text"])
+    return "".join(parts)

@@ -1,0 +1,43 @@
+"""OpenAI's Responses API: ``POST /v1/responses``.
+
+Clients built on it (the openai SDK's ``client.responses``, the Agents SDK, Codex) reach models
+with a route whose upstream speaks the API itself; the request and its answer (events, for a
+stream) pass through as they are, but for the model's name. Billing is the same flow as the
+chat door's: a hold for the prompt and ``max_output_tokens`` (lowered when the balance is
+short), then the usage the answer reports.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from apibox.errors import InvalidRequest
+from apibox.formats.responses import billing_copy
+from apibox.gateway.appkeys import GATEWAY
+from apibox.gateway.doors import ResponsesDoor
+from apibox.gateway.openai import authenticate, check_stream, read_json, require
+from apibox.gateway.proxy import authorized_model, forward
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    caller = await authenticate(request)
+    body = await read_json(request)
+    require(body, "model", (str,), "a model's name")
+    require(body, "input", (str, list), "a string or a non-empty array of input items")
+    if body.get("instructions") is not None and not isinstance(body["instructions"], str):
+        raise InvalidRequest("'instructions' must be a string.", param="instructions")
+    limit = body.get("max_output_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidRequest("'max_output_tokens' must be a positive whole number.", param="max_output_tokens")
+    check_stream(body)
+    door = ResponsesDoor(body)
+    gateway = request.app[GATEWAY]
+    model = authorized_model(gateway, caller, body["model"])
+    if not any(door.serves(gateway.providers[route.provider]) for route in model.routes):
+        raise InvalidRequest(f"The model `{model.name}` has no route whose upstream speaks OpenAI's Responses API; "
+                             "call it at /v1/chat/completions.", param="model", code="responses_not_supported")
+    return await forward(request, caller, "responses", billing_copy(body), door)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/responses", responses)

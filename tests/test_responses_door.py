@@ -1,0 +1,138 @@
+"""OpenAI's Responses API (``/v1/responses``) through the official openai SDK: a whole response and a
+stream pass through as the upstream sent them, but for the model's name, each billed by the usage
+it reports; a short balance lowers ``max_output_tokens``; a model without a route that speaks the
+API, a malformed request and an upstream's refusal cost nothing."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import openai
+import pytest
+
+from apibox import tokens
+from apibox.formats.responses import billing_copy
+from apibox.pricing import Price, worst_case_micro
+from tests.conftest import Live
+from tests.fake_upstream import WORDS
+from tests.gateway_helpers import PRICES, account, auth, balance, charges, expected_cost, sse_json, wait_for_usage
+from tests.live_variants import request
+
+TEXT = "".join(WORDS)
+STREAM_EVENTS = ["response.created", "response.in_progress", "response.output_item.added",
+                 "response.content_part.added", *["response.output_text.delta"] * len(WORDS),
+                 "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                 "response.completed"]
+
+
+def client(live: Live, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=live.v1, api_key=key, max_retries=0)
+
+
+async def test_a_whole_response_passes_through_and_is_billed_by_its_usage(live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    async with client(live, who.key) as sdk:
+        answer = await sdk.responses.create(model="gpt-fake", input="Tell me a story", instructions="Be brief.")
+    assert (answer.output_text, answer.model, answer.status) == (TEXT, "gpt-fake", "completed")
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (21, len(WORDS))
+    sent = live.fake.requests[-1]
+    assert (sent.path, sent.body["model"], sent.body["input"]) == ("/v1/responses", "fake-model-1", "Tell me a story")
+    assert sent.body["instructions"] == "Be brief." and "max_output_tokens" not in sent.body
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    cost = expected_cost("gpt-fake", 21, len(WORDS))
+    assert (row["endpoint"], row["status"], row["estimated"], row["charged"]) == ("responses", "ok", 0, cost)
+    assert answer.usage.model_extra["cost"] == pytest.approx(cost / 1e6)  # type: ignore[index]
+
+
+async def test_a_stream_passes_through_event_for_event(live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Tell me a story"}]}]
+    async with client(live, who.key) as sdk, sdk.responses.stream(model="gpt-fake", input=items) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    assert [e.type for e in events if e.type in STREAM_EVENTS] == STREAM_EVENTS
+    assert [e.sequence_number for e in events if e.type in STREAM_EVENTS] == list(range(len(STREAM_EVENTS)))
+    assert (final.output_text, final.model, final.usage.output_tokens) == (TEXT, "gpt-fake", len(WORDS))
+    assert live.fake.requests[-1].body["input"] == items
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["estimated"], row["charged"]) == ("ok", 0, expected_cost("gpt-fake", 21, len(WORDS)))
+    assert live.fake.bodies_ended == 1 and live.fake.hung_up == 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_short_balance_lowers_max_output_tokens(live: Live, live_store: Any, stream: bool) -> None:
+    who = await account(live_store, live, "ann@example.com", "0.001")
+    body = {"model": "gpt-fake", "input": "Tell me a story", "max_output_tokens": 500, "stream": stream}
+    status, headers, raw = await request(live, "POST", "/v1/responses", key=who.key, json_body=body)
+    assert status == 200, raw
+    lowered = live.fake.requests[-1].body["max_output_tokens"]
+    assert headers["x-apibox-max-tokens"] == str(lowered) and 16 <= lowered < 500
+    bound = tokens.prompt_bound(billing_copy(body))
+    assert worst_case_micro(Price(*PRICES["gpt-fake"]), bound, lowered) <= 1000 < worst_case_micro(
+        Price(*PRICES["gpt-fake"]), bound, lowered + 1)
+    final = sse_json(raw)[-1]["response"] if stream else json.loads(raw)
+    assert (final["status"], final["model"]) == ("completed", "gpt-fake")
+    assert final["output"][0]["content"][0]["text"] == TEXT
+    assert charges(live, who.user_id) == [expected_cost("gpt-fake", 21, len(WORDS))]
+    assert balance(live, who.user_id)[1] == 0  # the hold released
+
+
+async def test_a_model_without_a_route_that_speaks_the_api_is_refused_and_costs_nothing(
+        live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    async with client(live, who.key) as sdk:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.responses.create(model="demo", input="Hi")
+    assert refused.value.code == "responses_not_supported" and "/v1/chat/completions" in refused.value.message
+    assert charges(live, who.user_id) == [] and balance(live, who.user_id) == (1_000_000, 0)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"model": "gpt-fake"}, "input"), ({"model": "gpt-fake", "input": []}, "input"),
+    ({"model": "gpt-fake", "input": 7}, "input"), ({"input": "Hi"}, "model"),
+    ({"model": "gpt-fake", "input": "Hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"model": "gpt-fake", "input": "Hi", "max_output_tokens": "9"}, "max_output_tokens"),
+    ({"model": "gpt-fake", "input": "Hi", "instructions": ["x"]}, "instructions"),
+    ({"model": "gpt-fake", "input": "Hi", "stream": "yes"}, "stream")])
+async def test_malformed_requests_are_refused_with_the_parameter_named(live: Live, live_store: Any,
+                                                                       body: dict[str, Any], param: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, _, raw = await request(live, "POST", "/v1/responses", key=who.key, json_body=body)
+    assert status == 400 and json.loads(raw)["error"]["param"] == param
+    assert live.fake.requests == [] and charges(live, who.user_id) == []
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_an_upstream_failure_is_the_clients_error_and_costs_nothing(live: Live, live_store: Any,
+                                                                          stream: bool) -> None:
+    live.fake.mode, live.fake.status = "status", 503
+    who = await account(live_store, live, "ann@example.com", "1")
+    async with client(live, who.key) as sdk:
+        with pytest.raises(openai.APIStatusError) as failed:
+            if stream:
+                async with sdk.responses.stream(model="gpt-fake", input="Hi") as events:
+                    await events.get_final_response()
+            else:
+                await sdk.responses.create(model="gpt-fake", input="Hi")
+    assert failed.value.status_code == 503
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["charged"]) == ("error", 0)
+
+
+async def test_a_stream_cut_midway_is_an_error_event_and_charged_for_what_was_delivered(
+        live: Live, live_store: Any) -> None:
+    live.fake.mode = "cut"
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, _, raw = await request(live, "POST", "/v1/responses", key=who.key,
+                                   json_body={"model": "gpt-fake", "input": "Hi", "stream": True},
+                                   headers=auth(who.key))
+    assert status == 200
+    events = sse_json(raw)
+    assert events[-1]["type"] == "error" and "incomplete" in events[-1]["message"]
+    assert events[-1]["sequence_number"] == events[-2]["sequence_number"] + 1
+    delivered = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert 0 < len(delivered) < len(TEXT)
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["estimated"]) == ("cut", 1)
+    assert row["completion_tokens"] == tokens.count_tokens(delivered)
