@@ -1,7 +1,9 @@
-"""OpenAI's Responses API (``/v1/responses``) through the official openai SDK: a whole response and a
-stream pass through as the upstream sent them, but for the model's name, each billed by the usage
-it reports; a short balance lowers ``max_output_tokens``; a model without a route that speaks the
-API, a malformed request and an upstream's refusal cost nothing."""
+"""OpenAI's Responses API (``/v1/responses``) through the official openai SDK: on a route whose
+upstream speaks it, a whole response and a stream pass through as they came, but for the model's
+name; on the others (the demo, Anthropic, Gemini) they are translated from chat completions, tool
+calls included; each is billed by the usage it reports; a short balance lowers
+``max_output_tokens``; what chat cannot carry, a malformed request and an upstream's refusal
+cost nothing."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from apibox import tokens
 from apibox.formats.responses import billing_copy
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
+from tests.fake_anthropic import WORDS as CLAUDE_WORDS
+from tests.fake_gemini import WORDS as GEMINI_WORDS
 from tests.fake_upstream import WORDS
 from tests.gateway_helpers import PRICES, account, auth, balance, charges, expected_cost, sse_json, wait_for_usage
 from tests.live_variants import request
@@ -78,13 +82,61 @@ async def test_a_short_balance_lowers_max_output_tokens(live: Live, live_store: 
     assert balance(live, who.user_id)[1] == 0  # the hold released
 
 
-async def test_a_model_without_a_route_that_speaks_the_api_is_refused_and_costs_nothing(
-        live: Live, live_store: Any) -> None:
+TRANSLATED_TEXT = {"demo": "Echo: Tell me a story", "claude-fake": "".join(CLAUDE_WORDS),
+                   "gemini-fake": "".join(GEMINI_WORDS)}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("model", list(TRANSLATED_TEXT))
+async def test_other_routes_answer_translated_and_billed_by_their_usage(live: Live, live_store: Any, model: str,
+                                                                       stream: bool) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     async with client(live, who.key) as sdk:
-        with pytest.raises(openai.BadRequestError) as refused:
-            await sdk.responses.create(model="demo", input="Hi")
-    assert refused.value.code == "responses_not_supported" and "/v1/chat/completions" in refused.value.message
+        if stream:
+            async with sdk.responses.stream(model=model, input="Tell me a story") as events:
+                kinds = [event.type async for event in events]
+                answer = await events.get_final_response()
+            assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                                 "response.content_part.added"]
+            assert kinds[-4:] == ["response.output_text.done", "response.content_part.done",
+                                  "response.output_item.done", "response.completed"]
+        else:
+            answer = await sdk.responses.create(model=model, input="Tell me a story")
+    assert (answer.output_text, answer.model, answer.status) == (TRANSLATED_TEXT[model], model, "completed")
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["endpoint"], row["status"], row["estimated"]) == ("responses", "ok", 0)
+    assert (answer.usage.input_tokens, answer.usage.output_tokens) == (row["prompt_tokens"], row["completion_tokens"])
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_translated_tool_call_is_a_function_call_item(live: Live, live_store: Any, stream: bool) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.gemini.call_name = "get_weather"
+    tool = {"type": "function", "name": "get_weather", "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    async with client(live, who.key) as sdk:
+        if stream:
+            async with sdk.responses.stream(model="gemini-fake", input="Weather?", tools=[tool]) as events:
+                answer = await events.get_final_response()
+        else:
+            answer = await sdk.responses.create(model="gemini-fake", input="Weather?", tools=[tool])
+    calls = [item for item in answer.output if item.type == "function_call"]
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Madrid"})]
+    assert calls[0].call_id and answer.output_text == "".join(GEMINI_WORDS)
+    assert live.gemini.requests[-1].body["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"tools": [{"type": "web_search"}]}, "tools[0]"),
+                                              ({"previous_response_id": "resp_abc"}, "previous_response_id"),
+                                              ({"input": [{"type": "file_search_call", "id": "x"}]}, "input[0]")])
+async def test_what_chat_cannot_carry_is_refused_on_translated_routes_and_costs_nothing(
+        live: Live, live_store: Any, extra: dict[str, Any], param: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    body = {"model": "demo", "input": "Hi", **extra}
+    status, _, raw = await request(live, "POST", "/v1/responses", key=who.key, json_body=body)
+    error = json.loads(raw)["error"]
+    assert (status, error["param"]) == (400, param) and "use a model routed to OpenAI" in error["message"]
     assert charges(live, who.user_id) == [] and balance(live, who.user_id) == (1_000_000, 0)
 
 

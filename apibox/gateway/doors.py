@@ -14,11 +14,13 @@ from typing import Any, Protocol
 from apibox.formats.anthropic import openai_to_anthropic_reply, usage_from_anthropic
 from apibox.formats.responses import reply_text as responses_reply_text
 from apibox.formats.responses import usage_from_responses
+from apibox.formats.responses_chat import chat_request, response_of
 from apibox.gateway.render import (
     AnthropicPassthrough,
     AnthropicRenderer,
     OpenAIRenderer,
     ResponsesPassthrough,
+    ResponsesRenderer,
     StreamRenderer,
 )
 from apibox.money import usd_number
@@ -31,9 +33,6 @@ from apibox.tokens import PromptSize
 class Door(Protocol):
     """One client-facing wire format."""
 
-    def serves(self, provider: Provider) -> bool:
-        """Whether a route to ``provider`` can answer this door at all (else it is not tried)."""
-        ...
     def is_native(self, provider: Provider) -> bool: ...
     async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]: ...
     async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream: ...
@@ -45,9 +44,6 @@ class Door(Protocol):
 
 
 class OpenAIDoor:
-    def serves(self, provider: Provider) -> bool:
-        return True  # every provider offers the OpenAI shape
-
     def is_native(self, provider: Provider) -> bool:
         return False  # every provider offers the OpenAI shape
 
@@ -79,9 +75,6 @@ class AnthropicDoor:
         self.original = original
         # Header names are case-insensitive; the providers look them up in lower case.
         self.client_headers = {name.lower(): value for name, value in client_headers.items()}
-
-    def serves(self, provider: Provider) -> bool:
-        return True  # Anthropic's natively, the others translated
 
     def is_native(self, provider: Provider) -> bool:
         return provider.native_format == "anthropic"
@@ -124,15 +117,14 @@ class AnthropicDoor:
 
 
 class ResponsesDoor:
-    """``/v1/responses``, OpenAI's Responses API: ``original`` is the client's body, passed through to
-    routes whose upstream speaks the API itself (OpenAI's, and servers that copy it); other routes
-    are not tried. The billing flow gets an OpenAI chat-shaped copy (``formats.responses.billing_copy``)."""
+    """``/v1/responses``, OpenAI's Responses API: ``original`` is the client's body. Routes whose
+    upstream speaks the API itself (OpenAI's, and servers that copy it) get it as it came and
+    their answers go back as they came; the others get it as a chat request
+    (``formats.responses_chat``), their answers translated back. The billing flow gets an OpenAI
+    chat-shaped copy (``formats.responses.billing_copy``)."""
 
     def __init__(self, original: dict[str, Any]) -> None:
         self.original = original
-
-    def serves(self, provider: Provider) -> bool:
-        return self.is_native(provider)  # the Responses API is passed through, never translated
 
     def is_native(self, provider: Provider) -> bool:
         return provider.native_format == "openai"
@@ -143,24 +135,39 @@ class ResponsesDoor:
             body["max_output_tokens"] = request.body["max_tokens"]
         return body
 
+    def _chat(self, request: ProviderRequest) -> ProviderRequest:
+        """The request for a route that speaks only chat: translated, with the flow's model, limit and
+        streaming (``request.body``, made from the billing copy)."""
+        chat = chat_request(self.original)
+        for field in ("model", "max_tokens", "stream", "stream_options"):
+            if field in request.body:
+                chat[field] = request.body[field]
+        return ProviderRequest("chat/completions", chat, request.request_id, output_limit=request.output_limit)
+
     async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]:
+        if not native:
+            return await provider.complete(self._chat(request))
         return await provider.complete_responses(  # type: ignore[attr-defined, no-any-return]
             self._native_body(request), request.request_id)
 
     async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream:
+        if not native:
+            return await provider.open_stream(self._chat(request))
         return await provider.open_responses_stream(  # type: ignore[attr-defined, no-any-return]
             self._native_body(request), request.request_id)
 
     def usage(self, reply: dict[str, Any], native: bool) -> Usage | None:
-        return usage_from_responses(reply.get("usage"))
+        return usage_from_responses(reply.get("usage")) if native else usage_from_openai(reply.get("usage"))
 
     def reply_text(self, reply: dict[str, Any], native: bool) -> str:
-        return responses_reply_text(reply)
+        return responses_reply_text(reply) if native else reply_text(reply)
 
     def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
                      cost: int) -> dict[str, Any]:
-        raw = reply.get("usage")
-        return {**reply, "model": model, "usage": {**raw, "cost": usd_number(cost)} if isinstance(raw, dict) else raw}
+        answer = {**reply, "model": model} if native else response_of(reply, model, usage)
+        if isinstance(answer.get("usage"), dict):
+            answer["usage"] = {**answer["usage"], "cost": usd_number(cost)}
+        return answer
 
     def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer:
-        return ResponsesPassthrough(model)
+        return ResponsesPassthrough(model) if native else ResponsesRenderer(model)

@@ -283,8 +283,6 @@ async def _attempt(call: Call, stream: bool) -> Any:
     last: UpstreamFailure | None = None
     for route in call.gateway.router.plan(call.model):
         provider = call.gateway.providers[route.provider]
-        if not call.door.serves(provider):
-            continue
         call.route, call.native = route, call.door.is_native(provider)
         upstream = ProviderRequest(call.endpoint, _upstream_body(call, route, provider), call.request_id,
                                    output_limit=call.reservation.output_tokens)
@@ -310,8 +308,7 @@ async def _attempt(call: Call, stream: bool) -> Any:
         if not stream:  # a stream has succeeded only once it has ended well (_stream says so)
             call.gateway.router.succeeded(route)
         return answer
-    if last is None:  # (the Responses door's handler refuses a model none of whose routes serve it)
-        raise UpstreamFailure(f"no route of the model `{call.model.name}` can answer this request", status=503)
+    assert last is not None
     try:
         raise last
     finally:  # the failure's traceback holds this frame: kept in ``last`` too, a reference cycle a request

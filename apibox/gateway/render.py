@@ -18,6 +18,7 @@ from apibox.errors import ApiboxError
 from apibox.formats.anthropic import anthropic_error_type, usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
 from apibox.formats.responses import TERMINAL_EVENTS, TEXT_DELTA_EVENTS, usage_from_responses
+from apibox.formats.responses_chat import ChatToResponsesStream
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
@@ -328,6 +329,18 @@ class AnthropicPassthrough:
         return anthropic_error(failure)
 
 
+class Sequenced(Protocol):
+    sequence: int  # the last event's sequence_number
+
+
+def responses_error(failure: ApiboxError, stream: Sequenced) -> bytes:
+    """The Responses API's error event, numbered after the stream's last."""
+    stream.sequence += 1
+    event = {"type": "error", "code": failure.code or failure.type, "message": failure.message,
+             "param": failure.param, "sequence_number": stream.sequence}
+    return encode(jsoncodec.dumps(event), "error")
+
+
 class ResponsesPassthrough:
     """Responses API events to Responses clients as they came, but for the model's name: the events
     that carry the whole response (created, in progress, the last) are written again with the
@@ -362,7 +375,33 @@ class ResponsesPassthrough:
         return b""  # the upstream's last event, with its usage, has gone out as it came
 
     def error(self, failure: ApiboxError) -> bytes:
-        self.sequence += 1
-        event = {"type": "error", "code": failure.code or failure.type, "message": failure.message,
-                 "param": failure.param, "sequence_number": self.sequence}
-        return encode(jsoncodec.dumps(event), "error")
+        return responses_error(failure, self)
+
+
+class ResponsesRenderer:
+    """Chat chunks (from routes that speak only chat) to Responses clients, translated chunk by
+    chunk (``ChatToResponsesStream``): the items opened, filled and closed, and at the end the
+    response with the usage charged."""
+
+    def __init__(self, model: str) -> None:
+        self.translate = ChatToResponsesStream(model)
+
+    def _frames(self, events: list[dict[str, Any]]) -> bytes:
+        return b"".join(encode(jsoncodec.dumps(event), event["type"]) for event in events)
+
+    def feed(self, chunk: dict[str, Any], raw: bytes | None) -> Piece:
+        usage = usage_from_openai(chunk["usage"]) if chunk.get("usage") else None
+        return Piece(self._frames(self.translate.feed(chunk)), delta_text(chunk), usage)
+
+    def plain(self, run: PlainRun) -> bytes:
+        return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
+
+    def cut(self) -> bytes:
+        self.translate.incomplete = True
+        return b""
+
+    def end(self, usage: Usage, cost: int) -> bytes:
+        return self._frames(self.translate.finish(usage))
+
+    def error(self, failure: ApiboxError) -> bytes:
+        return responses_error(failure, self.translate)

@@ -1,8 +1,9 @@
 """OpenAI's Responses API: ``POST /v1/responses``.
 
-Clients built on it (the openai SDK's ``client.responses``, the Agents SDK, Codex) reach models
-with a route whose upstream speaks the API itself; the request and its answer (events, for a
-stream) pass through as they are, but for the model's name. Billing is the same flow as the
+Clients built on it (the openai SDK's ``client.responses``, the Agents SDK, Codex) reach every
+model: on a route whose upstream speaks the API itself the request and its answer (events, for
+a stream) pass through as they are, but for the model's name; other routes get it translated
+to chat completions and back (``gateway.doors.ResponsesDoor``). Billing is the same flow as the
 chat door's: a hold for the prompt and ``max_output_tokens`` (lowered when the balance is
 short), then the usage the answer reports.
 """
@@ -13,10 +14,9 @@ from aiohttp import web
 
 from apibox.errors import InvalidRequest
 from apibox.formats.responses import billing_copy
-from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.doors import ResponsesDoor
 from apibox.gateway.openai import authenticate, check_stream, read_json, require
-from apibox.gateway.proxy import authorized_model, forward
+from apibox.gateway.proxy import forward
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -30,13 +30,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidRequest("'max_output_tokens' must be a positive whole number.", param="max_output_tokens")
     check_stream(body)
-    door = ResponsesDoor(body)
-    gateway = request.app[GATEWAY]
-    model = authorized_model(gateway, caller, body["model"])
-    if not any(door.serves(gateway.providers[route.provider]) for route in model.routes):
-        raise InvalidRequest(f"The model `{model.name}` has no route whose upstream speaks OpenAI's Responses API; "
-                             "call it at /v1/chat/completions.", param="model", code="responses_not_supported")
-    return await forward(request, caller, "responses", billing_copy(body), door)
+    return await forward(request, caller, "responses", billing_copy(body), ResponsesDoor(body))
 
 
 def add_routes(app: web.Application) -> None:
