@@ -18,7 +18,7 @@ import pytest
 from apibox.gateway.keepalive import KEEP_ALIVE
 from tests.conftest import Live, serving
 from tests.fake_upstream import WORDS, FakeUpstream
-from tests.gateway_helpers import account, auth, balance, delta_texts, sse_json, wait_for_usage
+from tests.gateway_helpers import Account, account, auth, balance, delta_texts, sse_json, wait_for_usage
 from tests.live_variants import MESSAGES, Variant, server, store_of
 from tests.waiting import eventually
 
@@ -56,6 +56,14 @@ async def timed_stream(live: Live, key: str) -> tuple[int, float, list[tuple[flo
 
 def longest_gap(pieces: list[tuple[float, bytes]]) -> float:
     return max(later - earlier for (earlier, _), (later, _) in pairwise(pieces))
+
+
+async def failing_after_the_head(live: Live) -> Account:
+    """An account, on a gateway whose upstream fails (overloaded) after the first keep-alive."""
+    live.fake.delay, live.fake.mode, live.fake.status = 0.8, "status", 503
+    live.fake.error_message = "The engine is currently overloaded"
+    async with store_of(live) as store:
+        return await account(store, live, "ann@example.com", "1")
 
 
 def comments_in(pieces: list[tuple[float, bytes]]) -> int:
@@ -113,10 +121,7 @@ async def test_a_long_wait_for_the_first_event_sends_the_head_early(beating: Liv
 
 
 async def test_a_failure_after_the_head_is_one_error_event_and_costs_nothing(beating: Live) -> None:
-    beating.fake.delay, beating.fake.mode, beating.fake.status = 0.8, "status", 503
-    beating.fake.error_message = "The engine is currently overloaded"
-    async with store_of(beating) as store:
-        who = await account(store, beating, "ann@example.com", "1")
+    who = await failing_after_the_head(beating)
     async with aiohttp.ClientSession() as session, session.post(
             f"{beating.v1}/chat/completions", json=CHAT, headers=auth(who.key)) as response:
         raw = await response.read()
@@ -131,9 +136,7 @@ async def test_a_failure_after_the_head_is_one_error_event_and_costs_nothing(bea
 
 
 async def test_the_openai_sdk_raises_the_failure_after_the_head(beating: Live) -> None:
-    beating.fake.delay, beating.fake.mode, beating.fake.status = 0.8, "status", 503
-    async with store_of(beating) as store:
-        who = await account(store, beating, "ann@example.com", "1")
+    who = await failing_after_the_head(beating)
     async with openai.AsyncOpenAI(base_url=beating.v1, api_key=who.key, max_retries=0) as client:
         with pytest.raises(openai.APIError) as caught:
             async with await client.chat.completions.create(model="gpt-fake", messages=MESSAGES,
@@ -143,9 +146,7 @@ async def test_the_openai_sdk_raises_the_failure_after_the_head(beating: Live) -
 
 
 async def test_the_anthropic_sdk_raises_the_failure_after_the_head_in_anthropics_shape(beating: Live) -> None:
-    beating.fake.delay, beating.fake.mode, beating.fake.status = 0.8, "status", 503
-    async with store_of(beating) as store:
-        who = await account(store, beating, "ann@example.com", "1")
+    who = await failing_after_the_head(beating)
     async with anthropic.AsyncAnthropic(base_url=beating.url, api_key=who.key, max_retries=0) as sdk:
         with pytest.raises(anthropic.APIStatusError) as caught:
             async with sdk.messages.stream(model="gpt-fake", max_tokens=100, messages=MESSAGES) as events:

@@ -17,9 +17,9 @@ from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
 from apibox.openai_wire import learn_shape
-from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure, WireBatch
-from apibox.providers.http import HttpUpstream, UpstreamStream
-from apibox.shapes import ChunkShape, LatestShapes, PlainRun
+from apibox.providers.base import ProviderRequest, UpstreamFailure
+from apibox.providers.http import HttpUpstream, NamedEventStream
+from apibox.shapes import ChunkShape, PlainRun
 
 ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
@@ -96,41 +96,15 @@ class AnthropicProvider:
         return headers
 
 
-class NativeStream(UpstreamStream):
-    """Anthropic stream events as dicts (``type`` is the event name), in batches that keep each
-    event's data as it came (``WireBatch``); ends at ``message_stop``. Text and thinking deltas
-    are recognized by their shape and not parsed: consecutive ones go together as one
-    ``PlainRun`` of the bytes that came."""
+class NativeStream(NamedEventStream):
+    """Anthropic stream events (``NamedEventStream``), ending at ``message_stop``; pings are left
+    out. Text and thinking deltas are recognized by their shape and not parsed."""
 
-    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any] | PlainRun]]:
-        shapes = LatestShapes()  # a thinking block's deltas, then a text block's
-        async for frames in self._http.named_payloads(self._response):
-            batch = WireBatch()
-            for item in shapes.split([payload for _, payload in frames]):
-                if isinstance(item, PlainRun):
-                    batch.append(item)
-                    batch.raw.append(None)
-                    continue
-                name, payload = frames[item]
-                data = self._http.parse_data(payload)
-                kind = data.setdefault("type", name)
-                if kind == "error":
-                    if batch:
-                        yield batch
-                    raise self._http.broken(data.get("error"))
-                if kind == "content_block_delta":
-                    shapes.learn(_delta_shape(data, payload))
-                if kind != "ping":
-                    batch.append(data)
-                    batch.raw.append(payload)
-                if kind == "message_stop":
-                    self.ended()  # before the last batch goes: its reader may stop at it
-                    batch.last = True
-                    yield batch
-                    return
-            if batch:
-                yield batch
-        raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
+    LAST = frozenset({"message_stop"})
+    SKIPPED = frozenset({"ping"})
+
+    def learn(self, event: dict[str, Any], payload: bytes) -> ChunkShape | None:
+        return _delta_shape(event, payload) if event["type"] == "content_block_delta" else None
 
 
 # The delta types that add text to a content block, and the field that holds it.

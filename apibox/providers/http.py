@@ -16,7 +16,8 @@ import aiohttp
 from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.deadlines import Deadlines
-from apibox.providers.base import StreamBroken, UpstreamFailure, redact
+from apibox.providers.base import StreamBroken, UpstreamFailure, WireBatch, redact
+from apibox.shapes import ChunkShape, LatestShapes, PlainRun
 from apibox.sse import Event, SSEDecoder
 
 T = TypeVar("T")
@@ -249,6 +250,55 @@ class UpstreamStream:
             self._http.release_at_end(self._response)
         else:
             self._response.close()
+
+
+class NamedEventStream(UpstreamStream):
+    """Named SSE events (Anthropic's, the Responses API's) as dicts whose ``type`` is the event's
+    name, in batches that keep each event's data as it came (``WireBatch``); ends at an event of
+    ``LAST``, fails at an ``error`` event, and leaves out those of ``SKIPPED``. Events ``learn``
+    takes a shape from are recognized by it from then on and not parsed: consecutive ones go
+    together as one ``PlainRun`` of the bytes that came."""
+
+    LAST: frozenset[str] = frozenset()
+    SKIPPED: frozenset[str] = frozenset()
+
+    def learn(self, event: dict[str, Any], payload: bytes) -> ChunkShape | None:
+        """The shape of ``event`` if events like it only add text; None (the default) when not."""
+        return None
+
+    @staticmethod
+    def error_of(event: dict[str, Any]) -> Any:
+        """What an ``error`` event says went wrong."""
+        return event.get("error")
+
+    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any] | PlainRun]]:
+        shapes = LatestShapes()
+        async for frames in self._http.named_payloads(self._response):
+            batch = WireBatch()
+            for item in shapes.split([payload for _, payload in frames]):
+                if isinstance(item, PlainRun):
+                    batch.append(item)
+                    batch.raw.append(None)
+                    continue
+                name, payload = frames[item]
+                event = self._http.parse_data(payload)
+                kind = event.setdefault("type", name)
+                if kind == "error":
+                    if batch:
+                        yield batch  # what came before the error still reaches the client
+                    raise self._http.broken(self.error_of(event))
+                shapes.learn(self.learn(event, payload))
+                if kind not in self.SKIPPED:
+                    batch.append(event)
+                    batch.raw.append(payload)
+                if kind in self.LAST:
+                    self.ended()  # before the last batch goes: its reader may stop at it
+                    batch.last = True
+                    yield batch
+                    return
+            if batch:
+                yield batch
+        raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
 
 
 class BodyEnd:

@@ -12,7 +12,7 @@ from apibox.config import ProviderSettings
 from apibox.formats.responses import TERMINAL_EVENTS
 from apibox.openai_wire import learn_shape
 from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
-from apibox.providers.http import HttpUpstream, UpstreamStream
+from apibox.providers.http import HttpUpstream, NamedEventStream, UpstreamStream
 from apibox.shapes import LatestShapes, PlainRun
 
 
@@ -117,28 +117,13 @@ def _finishes(chunk: dict[str, Any]) -> bool:
     return False
 
 
-class ResponsesStream(UpstreamStream):
-    """A Responses API stream's events as dicts (``type`` is the event's name), in batches that keep
-    each event's data as it came (``WireBatch``); ends at the response's last event (completed,
-    incomplete or failed, each with the whole response and its usage)."""
+class ResponsesStream(NamedEventStream):
+    """A Responses API stream's events (``NamedEventStream``), ending at the response's last
+    (completed, incomplete or failed, each with the whole response and its usage); an ``error``
+    event is itself what went wrong."""
 
-    async def __aiter__(self) -> AsyncIterator[list[dict[str, Any]]]:
-        async for frames in self._http.named_payloads(self._response):
-            batch = WireBatch()
-            for name, payload in frames:
-                event = self._http.parse_data(payload)
-                kind = event.setdefault("type", name)
-                if kind == "error":
-                    if batch:
-                        yield batch  # what came before the error still reaches the client
-                    raise self._http.broken(event)
-                batch.append(event)
-                batch.raw.append(payload)
-                if kind in TERMINAL_EVENTS:
-                    self.ended()  # before the last batch goes: its reader may stop at it
-                    batch.last = True
-                    yield batch
-                    return
-            if batch:
-                yield batch
-        raise StreamBroken(f"upstream {self._http.name} closed the stream before it finished")
+    LAST = TERMINAL_EVENTS
+
+    @staticmethod
+    def error_of(event: dict[str, Any]) -> Any:
+        return event
