@@ -144,21 +144,31 @@ embedding_body = st.fixed_dictionaries({"model": models}, optional={
 anthropic_body = st.fixed_dictionaries({"model": models, "messages": messages}, optional={
     "max_tokens": junk_int, "system": st.text(max_size=20) | values, "stream": st.booleans() | scalars,
     "tools": values, "tool_choice": values, "thinking": values, "stop_sequences": values, "metadata": values})
+input_item = st.fixed_dictionaries({}, optional={
+    "type": st.sampled_from(["message", "function_call", "function_call_output", "reasoning", "web_search_call"])
+    | scalars, "role": st.sampled_from(["user", "assistant", "system", "developer"]) | scalars, "content": content,
+    "call_id": scalars, "name": scalars, "arguments": scalars, "output": values})
+responses_body = st.fixed_dictionaries({"model": models}, optional={
+    "input": st.text(max_size=30) | st.lists(input_item, max_size=3) | values, "instructions": scalars,
+    "max_output_tokens": junk_int, "stream": st.booleans() | scalars, "tools": values, "tool_choice": values,
+    "text": values, "reasoning": values, "previous_response_id": scalars, "temperature": scalars})
 BODIES = {"/v1/chat/completions": chat_body, "/v1/completions": completion_body, "/v1/embeddings": embedding_body,
-          "/v1/messages": anthropic_body, "/v1/messages/count_tokens": anthropic_body}
+          "/v1/messages": anthropic_body, "/v1/messages/count_tokens": anthropic_body, "/v1/responses": responses_body}
 
 VALID = {"/v1/chat/completions": {"model": "gpt-fake", "messages": [{"role": "user", "content": "hi"}],
                                   "max_tokens": 5},
          "/v1/completions": {"model": "gpt-fake", "prompt": "hi", "max_tokens": 5},
          "/v1/embeddings": {"model": "embed-fake", "input": "hi"},
          "/v1/messages": {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
-         "/v1/messages/count_tokens": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}}
+         "/v1/messages/count_tokens": {"model": "demo", "messages": [{"role": "user", "content": "hi"}]},
+         "/v1/responses": {"model": "demo", "input": "hi", "max_output_tokens": 5}}
 
 
 def near_valid(path: str) -> st.SearchStrategy[dict[str, Any]]:
     """A valid body with a field or two replaced, added or removed: most get past the first checks."""
     base = VALID[path]
-    fields = st.sampled_from(sorted({*base, *common, "messages", "prompt", "input", "system", "tools"}))
+    fields = st.sampled_from(sorted({*base, *common, "messages", "prompt", "input", "system", "tools",
+                                     "instructions", "max_output_tokens"}))
     changes = st.dictionaries(fields, st.one_of(BODIES[path].map(lambda b: next(iter(b.values()))), junk_int,
                                                 values, messages, content), max_size=2)
     return st.tuples(changes, st.lists(st.sampled_from(sorted(base)), max_size=1)).map(
