@@ -146,7 +146,8 @@ async def test_what_chat_cannot_carry_is_refused_on_translated_routes_and_costs_
     ({"model": "gpt-fake", "input": "Hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"model": "gpt-fake", "input": "Hi", "max_output_tokens": "9"}, "max_output_tokens"),
     ({"model": "gpt-fake", "input": "Hi", "instructions": ["x"]}, "instructions"),
-    ({"model": "gpt-fake", "input": "Hi", "stream": "yes"}, "stream")])
+    ({"model": "gpt-fake", "input": "Hi", "stream": "yes"}, "stream"),
+    ({"model": "gpt-fake", "input": "Hi", "background": True}, "background")])
 async def test_malformed_requests_are_refused_with_the_parameter_named(live: Live, live_store: Any,
                                                                        body: dict[str, Any], param: str) -> None:
     who = await account(live_store, live, "ann@example.com", "1")

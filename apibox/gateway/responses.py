@@ -30,6 +30,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidRequest("'max_output_tokens' must be a positive whole number.", param="max_output_tokens")
     check_stream(body)
+    if body.get("background"):  # answered later, by polling: the answer apibox would bill never passes through it
+        raise InvalidRequest("Background responses are not supported: apibox charges a response as it answers, "
+                             "so ask without 'background' (stream it, if it takes long).", param="background")
     return await forward(request, caller, "responses", billing_copy(body), ResponsesDoor(body))
 
 
