@@ -127,7 +127,7 @@ async def test_a_translated_tool_call_is_a_function_call_item(live: Live, live_s
     assert live.gemini.requests[-1].body["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
 
 
-@pytest.mark.parametrize(("extra", "param"), [({"tools": [{"type": "web_search"}]}, "tools[0]"),
+@pytest.mark.parametrize(("extra", "param"), [({"tools": [{"type": "local_shell"}]}, "tools[0]"),
                                               ({"previous_response_id": "resp_abc"}, "previous_response_id"),
                                               ({"input": [{"type": "file_search_call", "id": "x"}]}, "input[0]")])
 async def test_what_chat_cannot_carry_is_refused_on_translated_routes_and_costs_nothing(
@@ -147,7 +147,9 @@ async def test_what_chat_cannot_carry_is_refused_on_translated_routes_and_costs_
     ({"model": "gpt-fake", "input": "Hi", "max_output_tokens": "9"}, "max_output_tokens"),
     ({"model": "gpt-fake", "input": "Hi", "instructions": ["x"]}, "instructions"),
     ({"model": "gpt-fake", "input": "Hi", "stream": "yes"}, "stream"),
-    ({"model": "gpt-fake", "input": "Hi", "background": True}, "background")])
+    ({"model": "gpt-fake", "input": "Hi", "background": True}, "background"),
+    ({"model": "gpt-fake", "input": "Hi", "tools": [{"type": "function", "name": "f"}, {"type": "web_search"}]},
+     "tools[1]")])
 async def test_malformed_requests_are_refused_with_the_parameter_named(live: Live, live_store: Any,
                                                                        body: dict[str, Any], param: str) -> None:
     who = await account(live_store, live, "ann@example.com", "1")

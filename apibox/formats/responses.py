@@ -21,6 +21,20 @@ TEXT_DELTA_EVENTS = frozenset({"response.output_text.delta", "response.refusal.d
                                "response.reasoning_summary_text.delta"})
 
 
+# Built-in tools the upstream bills by the call (a search, a container, an image), on top of the
+# tokens: apibox, charging by tokens, would pass that cost to the operator, so it refuses them.
+PAID_TOOLS = frozenset({"web_search", "web_search_preview", "web_search_preview_2025_03_11", "file_search",
+                        "code_interpreter", "image_generation", "computer_use_preview"})
+
+
+def paid_tool(tools: Any) -> int | None:
+    """The index of the first tool the upstream bills by the call, if any."""
+    for index, tool in enumerate(tools if isinstance(tools, list) else ()):
+        if isinstance(tool, dict) and tool.get("type") in PAID_TOOLS:
+            return index
+    return None
+
+
 def billing_copy(body: dict[str, Any]) -> dict[str, Any]:
     """The request in chat completions' shape, for what every door shares: the prompt's measure,
     the hold's output (``max_output_tokens``), the limits. Input items that are not messages

@@ -13,7 +13,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from apibox.errors import InvalidRequest
-from apibox.formats.responses import billing_copy
+from apibox.formats.responses import billing_copy, paid_tool
 from apibox.gateway.doors import ResponsesDoor
 from apibox.gateway.openai import authenticate, check_stream, read_json, require
 from apibox.gateway.proxy import forward
@@ -33,6 +33,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if body.get("background"):  # answered later, by polling: the answer apibox would bill never passes through it
         raise InvalidRequest("Background responses are not supported: apibox charges a response as it answers, "
                              "so ask without 'background' (stream it, if it takes long).", param="background")
+    paid = paid_tool(body.get("tools"))
+    if paid is not None:
+        raise InvalidRequest(f"The tool {body['tools'][paid]['type']!r} is billed by the upstream per call, which "
+                             "apibox does not charge for; it is not available here.", param=f"tools[{paid}]")
     return await forward(request, caller, "responses", billing_copy(body), ResponsesDoor(body))
 
 
