@@ -20,7 +20,17 @@ from tests.conftest import Live
 from tests.fake_anthropic import WORDS as CLAUDE_WORDS
 from tests.fake_gemini import WORDS as GEMINI_WORDS
 from tests.fake_upstream import WORDS
-from tests.gateway_helpers import PRICES, account, auth, balance, charges, expected_cost, sse_json, wait_for_usage
+from tests.gateway_helpers import (
+    PRICES,
+    account,
+    auth,
+    balance,
+    charges,
+    expected_cost,
+    sse_json,
+    usage_rows,
+    wait_for_usage,
+)
 from tests.live_variants import request
 
 TEXT = "".join(WORDS)
@@ -138,6 +148,7 @@ async def test_what_chat_cannot_carry_is_refused_on_translated_routes_and_costs_
     error = json.loads(raw)["error"]
     assert (status, error["param"]) == (400, param) and "use a model routed to OpenAI" in error["message"]
     assert charges(live, who.user_id) == [] and balance(live, who.user_id) == (1_000_000, 0)
+    assert usage_rows(live, who.user_id) == []  # refused before the hold: no trace but the 400
 
 
 @pytest.mark.parametrize(("body", "param"), [

@@ -52,7 +52,9 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     for index, item in enumerate([{"role": "user", "content": items}] if isinstance(items, str) else items):
         param = f"input[{index}]"
         kind = item.get("type", "message") if isinstance(item, dict) else None
-        if kind == "message" and isinstance(item.get("role"), str):
+        if kind == "message" and not isinstance(item.get("role"), str):
+            raise InvalidRequest(f"'{param}' is a message without a 'role'.", param=f"{param}.role")
+        if kind == "message":
             role = "system" if item["role"] == "developer" else item["role"]
             messages.append({"role": role, "content": _content(item.get("content"), f"{param}.content")})
         elif kind == "function_call":

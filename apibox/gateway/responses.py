@@ -14,9 +14,11 @@ from aiohttp import web
 
 from apibox.errors import InvalidRequest
 from apibox.formats.responses import billing_copy, paid_tool
+from apibox.formats.responses_chat import chat_request
+from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.doors import ResponsesDoor
 from apibox.gateway.openai import authenticate, check_stream, read_json, require
-from apibox.gateway.proxy import forward
+from apibox.gateway.proxy import authorized_model, forward
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
@@ -37,7 +39,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if paid is not None:
         raise InvalidRequest(f"The tool {body['tools'][paid]['type']!r} is billed by the upstream per call, which "
                              "apibox does not charge for; it is not available here.", param=f"tools[{paid}]")
-    return await forward(request, caller, "responses", billing_copy(body), ResponsesDoor(body))
+    door = ResponsesDoor(body)
+    gateway = request.app[GATEWAY]
+    model = authorized_model(gateway, caller, body["model"])
+    if not all(door.is_native(gateway.providers[route.provider]) for route in model.routes):
+        chat_request(body)  # what a route that speaks only chat cannot carry is refused before the hold
+    return await forward(request, caller, "responses", billing_copy(body), door)
 
 
 def add_routes(app: web.Application) -> None:
