@@ -209,7 +209,7 @@ class FakeUpstream:
             return web.json_response({"error": {"message": self.error_message, "type": "server_error", "param": None,
                                                 "code": None}}, status=self.status)
         limit = body.get("max_output_tokens") or len(self.words)
-        words = self.words[:limit]
+        words = self.words if self.mode == "overrun" else self.words[:limit]
         complete = len(words) == len(self.words)
         text = "".join(words)
         part = {"type": "output_text", "text": text, "annotations": []}

@@ -15,6 +15,7 @@ import pytest
 
 from apibox import tokens
 from apibox.formats.responses import billing_copy
+from apibox.gateway.proxy import OVERRUN_SLACK_TOKENS
 from apibox.pricing import Price, worst_case_micro
 from tests.conftest import Live
 from tests.fake_anthropic import WORDS as CLAUDE_WORDS
@@ -90,6 +91,47 @@ async def test_a_short_balance_lowers_max_output_tokens(live: Live, live_store: 
     assert final["output"][0]["content"][0]["text"] == TEXT
     assert charges(live, who.user_id) == [expected_cost("gpt-fake", 21, len(WORDS))]
     assert balance(live, who.user_id)[1] == 0  # the hold released
+
+
+async def test_a_stream_past_its_paid_for_length_is_cut_and_ends_incomplete(live: Live, live_store: Any) -> None:
+    live.fake.mode, live.fake.words = "overrun", [" word"] * 300  # an upstream that ignores max_output_tokens
+    who = await account(live_store, live, "ann@example.com", "0.001")
+    body = {"model": "gpt-fake", "input": "Tell me a long story", "stream": True}
+    status, headers, raw = await request(live, "POST", "/v1/responses", key=who.key, json_body=body)
+    assert status == 200
+    paid_for = int(headers["x-apibox-max-tokens"])
+    events = sse_json(raw)
+    last = events[-1]
+    assert last["type"] == "response.incomplete" and last["response"]["id"] == events[0]["response"]["id"]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert (last["response"]["model"], last["response"]["incomplete_details"]) == (
+        "gpt-fake", {"reason": "max_output_tokens"})
+    delivered = sum(1 for e in events if e["type"] == "response.output_text.delta")
+    assert paid_for < delivered <= paid_for + OVERRUN_SLACK_TOKENS + 1
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["estimated"]) == ("cut", 1)
+    assert last["response"]["usage"]["output_tokens"] == row["completion_tokens"] == paid_for
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] <= 1000
+
+
+async def test_a_translated_stream_past_its_paid_for_length_ends_incomplete_in_sequence(
+        live: Live, live_store: Any) -> None:
+    live.anthropic.mode, live.anthropic.words = "overrun", [" word"] * 300
+    who = await account(live_store, live, "ann@example.com", "0.002")
+    body = {"model": "claude-fake", "input": "Tell me a long story", "stream": True}
+    status, headers, raw = await request(live, "POST", "/v1/responses", key=who.key, json_body=body)
+    assert status == 200
+    events = sse_json(raw)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    kinds = [e["type"] for e in events]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert events[-4]["text"] == deltas  # the text done is every delta sent, none held back
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["estimated"]) == ("cut", 1)
+    paid_for = int(headers["x-apibox-max-tokens"])
+    assert paid_for < tokens.count_tokens(deltas) <= paid_for + OVERRUN_SLACK_TOKENS + 1
 
 
 TRANSLATED_TEXT = {"demo": "Echo: Tell me a story", "claude-fake": "".join(CLAUDE_WORDS),

@@ -15,6 +15,7 @@ from apibox.pricing import Usage
 
 # A streamed answer's last event: each carries the whole response, its usage with it.
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+INCOMPLETE = {"reason": "max_output_tokens"}  # why a response that ran out of output tokens stopped
 # The events that carry the answer's text (or a tool call's arguments) bit by bit, in ``delta``.
 TEXT_DELTA_EVENTS = frozenset({"response.output_text.delta", "response.refusal.delta",
                                "response.function_call_arguments.delta", "response.reasoning_text.delta",
@@ -66,6 +67,14 @@ def usage_from_responses(raw: Any) -> Usage | None:
         "prompt_tokens": raw.get("input_tokens"), "completion_tokens": raw.get("output_tokens"),
         "prompt_tokens_details": details_in if isinstance(details_in, dict) else None,
         "completion_tokens_details": details_out if isinstance(details_out, dict) else None})
+
+
+def usage_json(usage: Usage) -> dict[str, Any]:
+    """Usage as a response's ``usage`` object (``usage_from_responses`` read backwards)."""
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
 
 
 def reply_text(reply: dict[str, Any]) -> str:

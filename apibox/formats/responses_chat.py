@@ -14,6 +14,7 @@ from typing import Any
 
 from apibox.errors import InvalidRequest
 from apibox.formats.anthropic import new_id
+from apibox.formats.responses import INCOMPLETE, usage_json
 from apibox.pricing import Usage
 
 # Request fields that mean the same in chat completions, passed on as they are.
@@ -125,14 +126,6 @@ def chat_request(body: dict[str, Any]) -> dict[str, Any]:
     return chat
 
 
-def usage_json(usage: Usage) -> dict[str, Any]:
-    """Usage as a response's ``usage`` object."""
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
-
-
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "status": status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": []}]}
@@ -146,7 +139,7 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
 def _response(response_id: str, created: int, model: str, status: str, output: list[dict[str, Any]],
               usage: dict[str, Any] | None) -> dict[str, Any]:
     return {"id": response_id, "object": "response", "created_at": created, "status": status,
-            "error": None, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "error": None, "incomplete_details": INCOMPLETE if status == "incomplete" else None,
             "model": model, "output": output, "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
             "usage": usage}
 

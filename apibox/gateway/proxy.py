@@ -403,14 +403,16 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                         continue
                     if passed:  # the run's chunks before the one that went past the paid-for length
                         out.append(renderer.plain(item.head(passed)))
+                    dropped = None
                 else:
                     piece = renderer.feed(item, raws[index] if raws is not None else None)
                     usage = piece.usage or usage
                     if not piece.text or delivered.add_all((piece.text,), limit) is None:
                         out.append(piece.data)
                         continue
+                    dropped = piece
                 status = "cut"
-                out.append(renderer.cut())
+                out.append(renderer.cut(dropped))
                 break
             if status == "cut" or (wire and batch.last):
                 last = b"".join(out)

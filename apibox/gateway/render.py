@@ -17,7 +17,7 @@ from apibox import jsoncodec
 from apibox.errors import ApiboxError
 from apibox.formats.anthropic import anthropic_error_type, usage_from_anthropic, usage_to_anthropic
 from apibox.formats.anthropic_stream import OpenAIToAnthropicStream
-from apibox.formats.responses import TERMINAL_EVENTS, TEXT_DELTA_EVENTS, usage_from_responses
+from apibox.formats.responses import INCOMPLETE, TERMINAL_EVENTS, TEXT_DELTA_EVENTS, usage_from_responses, usage_json
 from apibox.formats.responses_chat import ChatToResponsesStream
 from apibox.money import usd_number
 from apibox.openai_wire import delta_text, usage_from_openai, usage_to_openai
@@ -41,8 +41,9 @@ class StreamRenderer(Protocol):
         """A run of chunks or events that only add text (OpenAI chunks, or Anthropic deltas on a
         pass-through); the caller counts its texts (and may cut inside it)."""
         ...
-    def cut(self) -> bytes:
-        """End the answer where the hold's paid-for length ran out."""
+    def cut(self, dropped: Piece | None) -> bytes:
+        """End the answer where the hold's paid-for length ran out; ``dropped``: the piece that went
+        past it, which the stream's loop has not sent (None when the cut came inside a plain run)."""
         ...
     def end(self, usage: Usage, cost: int) -> bytes:
         """The stream's last frames, once the answer is complete."""
@@ -142,7 +143,7 @@ class OpenAIRenderer:
     def _head(self) -> dict[str, Any]:
         return {k: self.last[k] for k in ("id", "object", "created") if k in self.last}
 
-    def cut(self) -> bytes:
+    def cut(self, dropped: Piece | None) -> bytes:
         chunk = {**self._head(), "model": self.model,
                  "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
         return encode(jsoncodec.dumps(chunk))
@@ -259,7 +260,7 @@ class AnthropicRenderer:
         after = b'"}}\n\n'
         return out + before + (after + before).join(rest.middles) + after  # not ``framed``: no padding
 
-    def cut(self) -> bytes:
+    def cut(self, dropped: Piece | None) -> bytes:
         self.translate.stop_reason = "max_tokens"
         return b""
 
@@ -309,7 +310,7 @@ class AnthropicPassthrough:
         """Text or thinking deltas, as the bytes that came."""
         return run.framed(*self.frames.of(run.shape, _delta_frame))
 
-    def cut(self) -> bytes:
+    def cut(self, dropped: Piece | None) -> bytes:
         return b""  # end() closes the message, with the usage that is charged
 
     def end(self, usage: Usage, cost: int) -> bytes:
@@ -344,12 +345,14 @@ def responses_error(failure: ApiboxError, stream: Sequenced) -> bytes:
 class ResponsesPassthrough:
     """Responses API events to Responses clients as they came, but for the model's name: the events
     that carry the whole response (created, in progress, the last) are written again with the
-    client's. The upstream was asked for no more output than the hold pays for
-    (``max_output_tokens``), so a cut has nothing to add."""
+    client's. An answer cut at the paid-for length ends as the upstream would have ended it had
+    it been asked for no more: ``response.incomplete``, with the usage charged."""
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self.sequence = 0  # the last event's sequence_number: an error event written after it follows on
+        self.sequence = 0  # the last event's sequence_number: an event written after it follows on
+        self.opening: dict[str, Any] = {}  # the response as ``response.created`` showed it
+        self.closed = False  # the upstream's last event has gone out
 
     def feed(self, event: dict[str, Any], raw: bytes | None) -> Piece:
         kind = event.get("type", "")
@@ -359,20 +362,30 @@ class ResponsesPassthrough:
         response = event.get("response")
         if isinstance(response, dict):
             response["model"] = self.model
-            usage = usage_from_responses(response.get("usage")) if kind in TERMINAL_EVENTS else None
+            self.opening = self.opening or response
+            self.closed = kind in TERMINAL_EVENTS
+            usage = usage_from_responses(response.get("usage")) if self.closed else None
             return Piece(encode(jsoncodec.dumps(event), kind), "", usage)
         delta = event.get("delta") if kind in TEXT_DELTA_EVENTS else None
         data = encode(raw, kind) if raw is not None else encode(jsoncodec.dumps(event), kind)
         return Piece(data, delta if isinstance(delta, str) else "")
 
     def plain(self, run: PlainRun) -> bytes:
-        raise AssertionError("a Responses stream's events are each parsed: it has no plain runs")
+        return b"".join(self.feed(event, None).data for event in run.parsed())
 
-    def cut(self) -> bytes:
-        return b""
+    def cut(self, dropped: Piece | None) -> bytes:
+        # the delta that went past the paid-for length is charged, so it is sent: the events stay in sequence
+        return dropped.data if dropped is not None else b""
 
     def end(self, usage: Usage, cost: int) -> bytes:
-        return b""  # the upstream's last event, with its usage, has gone out as it came
+        if self.closed:
+            return b""  # the upstream's last event, with its usage, has gone out as it came
+        # its output left out: clients (the openai SDK's stream) gather it from the events they had
+        response = {**{k: v for k, v in self.opening.items() if k != "output"}, "status": "incomplete",
+                    "incomplete_details": INCOMPLETE, "usage": usage_json(usage)}
+        self.sequence += 1
+        event = {"type": "response.incomplete", "response": response, "sequence_number": self.sequence}
+        return encode(jsoncodec.dumps(event), "response.incomplete")
 
     def error(self, failure: ApiboxError) -> bytes:
         return responses_error(failure, self)
@@ -396,9 +409,10 @@ class ResponsesRenderer:
     def plain(self, run: PlainRun) -> bytes:
         return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
 
-    def cut(self) -> bytes:
+    def cut(self, dropped: Piece | None) -> bytes:
         self.translate.incomplete = True
-        return b""
+        # the chunk that went past the paid-for length is charged, so it is sent: the events stay in sequence
+        return dropped.data if dropped is not None else b""
 
     def end(self, usage: Usage, cost: int) -> bytes:
         return self._frames(self.translate.finish(usage))
