@@ -18,6 +18,7 @@ from apibox.bus import NO_NOTIFIER, Change, Notifier
 from apibox.errors import InvalidRequest, NotFound
 from apibox.keys import display_prefix, generate_key, hash_key
 from apibox.models import (
+    ALL_USERS,
     EVERY,
     ApiKey,
     Balance,
@@ -26,6 +27,7 @@ from apibox.models import (
     NewKey,
     Page,
     User,
+    UserFilter,
     UserOverview,
     UserState,
 )
@@ -123,8 +125,21 @@ async def create_user(store: Store, email: str, name: str = "", group: str = "de
     return user
 
 
-async def list_users(store: Store, page: Page = EVERY) -> list[UserOverview]:
-    return await store.list_users(page)
+def user_filter(state: str | None = None, group: str | None = None, below: str | None = None) -> UserFilter:
+    """The users a listing asks for, as the CLI's options or the admin API's query give them:
+    in a state, in a group, with less than ``below`` USD to spend."""
+    states = {s.value: s for s in UserState}
+    if state is not None and state not in states:
+        raise InvalidRequest(f"state must be one of {', '.join(states)}, got {state!r}", param="state")
+    try:
+        limit = parse_usd(below, allow_zero=True) if below is not None else None
+    except MoneyError as exc:
+        raise InvalidRequest(f"below: {exc}", param="below") from None
+    return UserFilter(state=states.get(state or ""), group=_group(group), below=limit)
+
+
+async def list_users(store: Store, page: Page = EVERY, only: UserFilter = ALL_USERS) -> list[UserOverview]:
+    return await store.list_users(page, only)
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,6 +176,18 @@ EVERY = Page()
 
 
 @dataclass(frozen=True, slots=True)
+class UserFilter:
+    """Which users a listing shows; each condition given narrows it."""
+
+    state: UserState | None = None
+    group: str | None = None
+    below: int | None = None  # micro-USD: only users who have less than this to spend (balance less holds)
+
+
+ALL_USERS = UserFilter()
+
+
+@dataclass(frozen=True, slots=True)
 class UserOverview:
     """A user with the figures lists show beside them."""
 

@@ -173,6 +173,24 @@ async def test_listings_come_in_pages_that_link_to_the_next(admin: Live) -> None
     assert "Link" not in everyone[1]  # no limit: every user, as before pages
 
 
+async def test_users_are_listed_by_state_group_and_balance_with_pages_that_keep_the_filter(admin: Live) -> None:
+    emails = [f"u{i}@example.com" for i in range(5)]
+    for index, email in enumerate(emails):
+        user = await api(admin, "POST", "/admin/users", {"email": email, "group": "vip" if index % 2 else "default"},
+                         expect=201)
+        if index:
+            await api(admin, "POST", "/admin/topups", {"user": user["id"], "amount": str(index)}, expect=201)
+    await api(admin, "POST", "/admin/users/u3@example.com/state", {"state": "banned"})
+    listed = await api(admin, "GET", "/admin/users?below=2.5")
+    assert [u["email"] for u in listed] == emails[:3]
+    assert [u["email"] for u in await api(admin, "GET", "/admin/users?group=vip&state=active")] == ["u1@example.com"]
+    pages = await follow_pages(admin, "/admin/users?group=vip&limit=1")
+    assert [[u["email"] for u in page] for page in pages] == [["u1@example.com"], ["u3@example.com"], []]
+    for asked, param in (("state=gone", "state"), ("below=lots", "below"), ("below=-1", "below"),
+                         ("group=a%20b", "group")):
+        assert (await refused(admin, "GET", f"/admin/users?{asked}"))["param"] == param
+
+
 @pytest.mark.parametrize(("query", "param"), [("limit=0", "limit"), ("limit=many", "limit"), ("after=-1", "after"),
                                               ("limit=99999999999999999999", "limit"), ("after=²", "after")])
 async def test_a_bad_page_is_refused_and_a_wrong_key_still_comes_first(admin: Live, query: str, param: str) -> None:

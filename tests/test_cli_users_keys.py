@@ -199,6 +199,23 @@ def test_users_and_keys_list_in_pages_and_say_how_to_get_the_next(cli: Any) -> N
     assert_one_line_error(cli("keys", "list", "--after", "-3"), "after", "from 0 to")
 
 
+def test_users_list_by_state_group_and_balance(cli: Any) -> None:
+    for email, group in (("ann@example.com", "default"), ("bob@example.com", "vip"), ("cat@example.com", "vip")):
+        user_id(cli, email, "--group", group)
+    assert cli("topup", "ann@example.com", "5").exit_code == 0
+    assert cli("users", "suspend", "cat@example.com", "--reason", "late").exit_code == 0
+    assert [u["email"] for u in ok_json(cli("users", "list", "--below", "1", "--json"))] == [
+        "bob@example.com", "cat@example.com"]
+    assert [u["email"] for u in ok_json(cli("users", "list", "--state", "suspended", "--json"))] == ["cat@example.com"]
+    assert [u["email"] for u in ok_json(cli("users", "list", "--group", "vip", "--state", "active", "--json"))] == [
+        "bob@example.com"]
+    page = cli("users", "list", "--group", "vip", "--limit", "1")
+    assert "apibox users list --group vip --after 2 --limit 1" in page.stderr
+    assert "No such users" in cli("users", "list", "--below", "0").stdout
+    assert_one_line_error(cli("users", "list", "--state", "gone"), "state")
+    assert_one_line_error(cli("users", "list", "--below", "lots"), "below")
+
+
 def test_users_show_by_email_any_case_or_by_id(cli: Any) -> None:
     ann = user_id(cli, "ann@example.com", "--name", "Ann")
     key = new_key(cli, "ann@example.com")

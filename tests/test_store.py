@@ -21,7 +21,7 @@ import pytest
 from apibox import accounts
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.keys import generate_key, hash_key
-from apibox.models import EVERY, ApiKey, Hold, LedgerKind, Page, UsageRecord, User, UserState
+from apibox.models import EVERY, ApiKey, Hold, LedgerKind, Page, UsageRecord, User, UserFilter, UserState
 from apibox.store import open_store, sql_reports
 from apibox.store.base import Credit, KeySpec, Store, UsageFilter
 from apibox.store.migrations import MIGRATIONS
@@ -187,6 +187,28 @@ async def test_a_keys_settings_change_and_nothing_else_does(store: Store) -> Non
         await store.update_key(key.id, {"key_hash": "x"})  # not a setting: never written
     with pytest.raises(NotFound):
         await store.update_key(other.id + 100, {"rpm": 1})
+
+
+async def test_users_are_listed_by_state_group_and_what_they_have_to_spend(store: Store) -> None:
+    ann, bob, cat = [await new_user(store, f"{name}@example.com") for name in ("ann", "bob", "cat")]
+    for user, amount in ((ann, 5_000_000), (bob, 800_000), (cat, 2_000_000)):
+        await store.credit(Credit(user.id, amount, LedgerKind.TOPUP))
+    hold = await store.hold(cat.id, (await new_key(store, cat)).id, 1_500_000, "req-1", "m")  # 0.5 left to spend
+    assert hold is not None
+    await store.set_user_state(bob.id, UserState.SUSPENDED, "late")
+    await store.update_user(ann.id, name=None, group="vip")
+
+    async def listed(**only: Any) -> list[str]:
+        return [o.user.email for o in await store.list_users(EVERY, UserFilter(**only))]
+    assert await listed() == ["ann@example.com", "bob@example.com", "cat@example.com"]
+    assert await listed(below=1_000_000) == ["bob@example.com", "cat@example.com"]  # cat's hold counts
+    assert await listed(below=500_000) == []  # less than, not as much as
+    assert await listed(state=UserState.SUSPENDED) == ["bob@example.com"]
+    assert await listed(group="vip") == ["ann@example.com"]
+    assert await listed(state=UserState.ACTIVE, below=1_000_000) == ["cat@example.com"]
+    assert [o.user.email for o in await store.list_users(Page(after=bob.id, limit=5), UserFilter(below=10**7))] == [
+        "cat@example.com"]
+    await store.settle(hold, record(hold, 0))
 
 
 async def test_listings_in_pages_are_the_whole_listing_in_order(store: Store) -> None:

@@ -20,7 +20,7 @@ from apibox.cli.common import (
     with_store,
 )
 from apibox.cli.render import keys_table, table, users_table, when
-from apibox.models import User, UserState
+from apibox.models import ALL_USERS, User, UserState
 from apibox.money import format_usd
 from apibox.views import balance_json, key_json, user_json
 
@@ -53,20 +53,28 @@ def create(email: Annotated[str, typer.Argument(help="Email address; one account
 
 @app.command("list")
 @handles_errors
-def list_(after: AfterOption = None, limit: LimitOption = None, config: ConfigOption = None,
+def list_(state: Annotated[str | None, typer.Option("--state", help="Only users in this state: active, "
+                                                      "suspended, banned or closed.", show_default=False)] = None,
+          group: Annotated[str | None, typer.Option("--group", help="Only users in this pricing group.",
+                                                    show_default=False)] = None,
+          below: Annotated[str | None, typer.Option("--below", help="Only users with less than this to spend, "
+                                                    "USD (balance less holds).", show_default=False)] = None,
+          after: AfterOption = None, limit: LimitOption = None, config: ConfigOption = None,
           as_json: JsonOption = False) -> None:
     """List users, in the order they were created, with balance, state and number of active keys."""
-    page = accounts.page_of(after, limit)
-    overviews = with_store(config, lambda store, _: accounts.list_users(store, page))
+    page, only = accounts.page_of(after, limit), accounts.user_filter(state, group, below)
+    overviews = with_store(config, lambda store, _: accounts.list_users(store, page, only))
     if as_json:
         print_json([{**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count}
                     for o in overviews])
     elif not overviews:
-        console.print("No users after that id." if page.after
+        console.print("No such users." if only != ALL_USERS else "No users after that id." if page.after
                       else "No users yet. Create one with: apibox users create EMAIL")
     else:
         print_table(users_table(overviews))
-    next_page_hint(page, [o.user.id for o in overviews], "apibox users list")
+    asked = "".join(f" --{name} {value}" for name, value in (("state", state), ("group", group), ("below", below))
+                    if value is not None)
+    next_page_hint(page, [o.user.id for o in overviews], "apibox users list" + asked)
 
 
 @app.command("show")

@@ -97,9 +97,10 @@ def _amount(body: dict[str, Any]) -> str:
 
 
 async def list_users(request: web.Request) -> web.Response:
-    store = _store(request)
+    store, query = _store(request), request.query
     page = _page(request)
-    overviews = await accounts.list_users(store, page)
+    only = accounts.user_filter(query.get("state"), query.get("group"), query.get("below"))
+    overviews = await accounts.list_users(store, page, only)
     return await _page_json(request, page, [o.user.id for o in overviews], lambda: [
         {**user_json(o.user), **balance_json(o.user, o.balance), "keys": o.key_count} for o in overviews])
 

@@ -14,6 +14,7 @@ from datetime import date, datetime
 from typing import Any, Protocol
 
 from apibox.models import (
+    ALL_USERS,
     EVERY,
     AdminAction,
     ApiKey,
@@ -25,6 +26,7 @@ from apibox.models import (
     ReportRow,
     UsageRecord,
     User,
+    UserFilter,
     UserOverview,
     UserState,
 )
@@ -107,7 +109,7 @@ class Store(Protocol):
     async def create_user(self, email: str, name: str, group: str) -> User: ...
     async def get_user(self, user_id: int) -> User | None: ...
     async def find_user_by_email(self, email: str) -> User | None: ...
-    async def list_users(self, page: Page = EVERY) -> list[UserOverview]: ...
+    async def list_users(self, page: Page = EVERY, only: UserFilter = ALL_USERS) -> list[UserOverview]: ...
     async def update_user(self, user_id: int, *, name: str | None, group: str | None) -> User: ...
     async def set_user_state(self, user_id: int, state: UserState, reason: str) -> User: ...
 

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.models import (
+    ALL_USERS,
     EVERY,
     AdminAction,
     ApiKey,
@@ -29,6 +30,7 @@ from apibox.models import (
     Page,
     UsageRecord,
     User,
+    UserFilter,
     UserOverview,
     UserState,
 )
@@ -169,13 +171,19 @@ class SqlStore(SqlReports):
         rows = await self._read(f"SELECT {USER_COLUMNS} FROM users u WHERE u.email = ?", (email,))
         return _user(rows[0]) if rows else None
 
-    async def list_users(self, page: Page = EVERY) -> list[UserOverview]:
+    async def list_users(self, page: Page = EVERY, only: UserFilter = ALL_USERS) -> list[UserOverview]:
+        conditions, params = ["u.id > ?"], [page.after]
+        for condition, value in (("u.state = ?", only.state and only.state.value), ("u.grp = ?", only.group),
+                                 ("b.balance - b.held < ?", only.below)):
+            if value is not None:
+                conditions.append(condition)
+                params.append(value)
         return await self._read_each(
             _overview,
             f"SELECT {USER_COLUMNS}, b.balance, b.held, "
             "(SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL) "
-            "FROM users u JOIN balances b ON b.user_id = u.id WHERE u.id > ? ORDER BY u.id" + _limit(page),
-            (page.after,))
+            f"FROM users u JOIN balances b ON b.user_id = u.id WHERE {' AND '.join(conditions)} ORDER BY u.id"
+            + _limit(page), params)
 
     async def _read_each(self, convert: Callable[[Row], T], sql: str, params: Sequence[Any] = ()) -> list[T]:
         """The rows of a statement that may return many (a listing), each made an object: off the
