@@ -153,7 +153,9 @@ def response_of(reply: dict[str, Any], model: str, usage: Usage) -> dict[str, An
     if message.get("content"):
         output.append(_message_item(new_id("msg_"), str(message["content"]), "completed"))
     for call in message.get("tool_calls") or ():
-        function = call.get("function") or {} if isinstance(call, dict) else {}
+        if not isinstance(call, dict):
+            continue
+        function = call["function"] if isinstance(call.get("function"), dict) else {}
         output.append(_call_item(new_id("fc_"), str(call.get("id") or new_id("call_")), str(function.get("name")),
                                  str(function.get("arguments") or ""), "completed"))
     status = "incomplete" if choice.get("finish_reason") == "length" else "completed"
