@@ -53,6 +53,7 @@ class FakeUpstream:
     end_pause: float = 0.0  # between a stream's [DONE] and its body's end
     pause: float = 0.0  # a silence in a stream, as a reasoning model thinks: before event ``pause_before``
     pause_before: int = 0
+    responses_api: bool = True  # False: /v1/responses is a 404, as on servers that copy only chat completions
     hung_up: int = 0  # streams whose connection the gateway closed before their body's end
     bodies_ended: int = 0  # streams whose body's end was written
     requests: list[Recorded] = field(default_factory=list)
@@ -202,6 +203,8 @@ class FakeUpstream:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API: a whole response, or its stream of events as OpenAI sends them."""
         body = await self._record(request)
+        if not self.responses_api:
+            raise web.HTTPNotFound()
         if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
             return web.json_response({"error": {"message": "bad upstream key", "type": "invalid_request_error",
                                                 "code": "invalid_api_key"}}, status=401)

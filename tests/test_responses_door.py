@@ -134,6 +134,25 @@ async def test_a_translated_stream_past_its_paid_for_length_ends_incomplete_in_s
     assert paid_for < tokens.count_tokens(deltas) <= paid_for + OVERRUN_SLACK_TOKENS + 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_an_openai_compatible_upstream_without_the_api_is_asked_in_chat_from_then_on(
+        live: Live, live_store: Any, stream: bool) -> None:
+    live.fake.responses_api = False  # a vLLM or an Ollama that answers /v1/responses with 404
+    who = await account(live_store, live, "ann@example.com", "1")
+    for _ in range(2):
+        async with client(live, who.key) as sdk:
+            if stream:
+                async with sdk.responses.stream(model="gpt-fake", input="Tell me a story") as events:
+                    answer = await events.get_final_response()
+            else:
+                answer = await sdk.responses.create(model="gpt-fake", input="Tell me a story")
+        assert (answer.output_text, answer.model, answer.usage.output_tokens) == (TEXT, "gpt-fake", len(WORDS))
+    # the first request found the API missing and was answered in chat; the second went to chat at once
+    assert [r.path for r in live.fake.requests] == ["/v1/responses", "/v1/chat/completions", "/v1/chat/completions"]
+    rows = await wait_for_usage(live, who.user_id, 2)
+    assert [(r["status"], r["charged"]) for r in rows] == [("ok", expected_cost("gpt-fake", 21, len(WORDS)))] * 2
+
+
 TRANSLATED_TEXT = {"demo": "Echo: Tell me a story", "claude-fake": "".join(CLAUDE_WORDS),
                    "gemini-fake": "".join(GEMINI_WORDS)}
 

@@ -26,7 +26,7 @@ from apibox.gateway.render import (
 from apibox.money import usd_number
 from apibox.openai_wire import reply_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
-from apibox.providers.base import ChunkStream, Provider, ProviderRequest
+from apibox.providers.base import ChunkStream, Provider, ProviderRequest, UpstreamFailure
 from apibox.tokens import PromptSize
 
 
@@ -125,9 +125,32 @@ class ResponsesDoor:
 
     def __init__(self, original: dict[str, Any]) -> None:
         self.original = original
+        self.translated = False  # a route meant to pass it through turned out to lack the API
 
     def is_native(self, provider: Provider) -> bool:
-        return provider.native_format == "openai"
+        return provider.native_format == "openai" and getattr(provider, "responses_api", False)
+
+    def _passed_through(self, native: bool) -> bool:
+        """Whether the answer came as the Responses API's (``native`` is the route's, before it answered)."""
+        return native and not self.translated
+
+    async def _native_or_chat(self, provider: Provider, request: ProviderRequest, stream: bool) -> Any:
+        """The upstream's own Responses API; should it not have one (404, 405: many OpenAI-compatible
+        servers do not), chat completions, translated, for this request and this provider's next."""
+        self.translated = False  # (a route tried before may have been)
+        try:
+            if stream:
+                return await provider.open_responses_stream(  # type: ignore[attr-defined]
+                    self._native_body(request), request.request_id)
+            return await provider.complete_responses(  # type: ignore[attr-defined]
+                self._native_body(request), request.request_id)
+        except UpstreamFailure as exc:
+            if exc.upstream_status not in (404, 405):
+                raise
+        provider.responses_api = False  # type: ignore[attr-defined]
+        self.translated = True
+        chat = self._chat(request)
+        return await (provider.open_stream(chat) if stream else provider.complete(chat))
 
     def _native_body(self, request: ProviderRequest) -> dict[str, Any]:
         body = {**self.original, "model": request.body.get("model")}
@@ -147,27 +170,28 @@ class ResponsesDoor:
     async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]:
         if not native:
             return await provider.complete(self._chat(request))
-        return await provider.complete_responses(  # type: ignore[attr-defined, no-any-return]
-            self._native_body(request), request.request_id)
+        return await self._native_or_chat(provider, request, stream=False)  # type: ignore[no-any-return]
 
     async def open_stream(self, provider: Provider, request: ProviderRequest, native: bool) -> ChunkStream:
         if not native:
             return await provider.open_stream(self._chat(request))
-        return await provider.open_responses_stream(  # type: ignore[attr-defined, no-any-return]
-            self._native_body(request), request.request_id)
+        return await self._native_or_chat(provider, request, stream=True)  # type: ignore[no-any-return]
 
     def usage(self, reply: dict[str, Any], native: bool) -> Usage | None:
-        return usage_from_responses(reply.get("usage")) if native else usage_from_openai(reply.get("usage"))
+        if self._passed_through(native):
+            return usage_from_responses(reply.get("usage"))
+        return usage_from_openai(reply.get("usage"))
 
     def reply_text(self, reply: dict[str, Any], native: bool) -> str:
-        return responses_reply_text(reply) if native else reply_text(reply)
+        return responses_reply_text(reply) if self._passed_through(native) else reply_text(reply)
 
     def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
                      cost: int) -> dict[str, Any]:
-        answer = {**reply, "model": model} if native else response_of(reply, model, usage)
+        passed = self._passed_through(native)
+        answer = {**reply, "model": model} if passed else response_of(reply, model, usage)
         if isinstance(answer.get("usage"), dict):
             answer["usage"] = {**answer["usage"], "cost": usd_number(cost)}
         return answer
 
     def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer:
-        return ResponsesPassthrough(model) if native else ResponsesRenderer(model)
+        return ResponsesPassthrough(model) if self._passed_through(native) else ResponsesRenderer(model)

@@ -27,6 +27,9 @@ class OpenAIProvider:
         auth = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self._http = HttpUpstream(settings, session, auth)
         self._base = settings.base_url
+        # OpenAI-compatible servers may lack the Responses API: False once this one has answered /responses
+        # with 404 or 405 (requests for it are then translated to chat completions)
+        self.responses_api = True
 
     async def close(self) -> None:
         """The session is shared and closed by its owner."""
