@@ -120,8 +120,9 @@ class ResponsesDoor:
     """``/v1/responses``, OpenAI's Responses API: ``original`` is the client's body. Routes whose
     upstream speaks the API itself (OpenAI's, and servers that copy it) get it as it came and
     their answers go back as they came; the others get it as a chat request
-    (``formats.responses_chat``), their answers translated back. The billing flow gets an OpenAI
-    chat-shaped copy (``formats.responses.billing_copy``)."""
+    (``formats.responses_chat``), their answers translated back, and so does an OpenAI-compatible
+    upstream found to lack the API. The billing flow gets an OpenAI chat-shaped copy
+    (``formats.responses.billing_copy``)."""
 
     def __init__(self, original: dict[str, Any]) -> None:
         self.original = original
