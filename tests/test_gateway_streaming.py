@@ -156,7 +156,11 @@ STREAM = {"model": "gpt-fake", "messages": MESSAGES, "stream": True}
     ("/chat/completions", STREAM, "status", 502),
     ("/nothing/here", {}, "ok", 404),
     ("/chat/completions", STREAM, "ok", 402),
-], ids=["whole", "stream", "stream-n2", "anthropic-stream", "upstream-failed", "unknown-url", "no-money"])
+    ("/responses", {"model": "gpt-fake", "input": "hi"}, "ok", 200),
+    ("/responses", {"model": "gpt-fake", "input": "hi", "stream": True}, "ok", 200),
+    ("/responses", {"model": "demo", "input": "hi", "stream": True}, "ok", 200),
+], ids=["whole", "stream", "stream-n2", "anthropic-stream", "upstream-failed", "unknown-url", "no-money",
+        "responses-whole", "responses-stream", "responses-translated"])
 async def test_a_request_leaves_none_of_apiboxs_objects_to_the_cyclic_garbage_collector(
         live: Live, live_store, path: str, body: dict[str, Any], upstream: str, status: int) -> None:
     """What a request makes is freed as its last reference goes: an object in a reference cycle
