@@ -129,6 +129,10 @@ class Metrics:
         self.rejected = PlainCounter(
             "apibox_rejected", "Requests refused with 400, 401, 402 or 403, by status and error code.",
             ("status", "code"))
+        self.keepalives = PlainCounter(
+            "apibox_stream_keepalives", "Keep-alive comments written on streams their upstream left silent for "
+            "server.stream_keepalive_seconds, by what came of them: sent, or client_gone (the client had left; "
+            "its upstream was closed at once).", ("outcome",))
         # the process's CPU, memory and open files, its Python and its garbage collector's passes (as
         # prometheus-client's default registry has them): a pass a few requests is a reference cycle
         # made per request, and costs throughput
@@ -137,7 +141,7 @@ class Metrics:
         registry.register(GC_COLLECTOR)
         registry.register(PlainInstruments([self.requests, self.duration, self.ttft, self.upstream,
                                             self.upstream_failures, self.tokens, self.cost, self.charged,
-                                            self.rate_limited, self.rejected]))
+                                            self.rate_limited, self.rejected, self.keepalives]))
         self.open_holds = Gauge(
             "apibox_open_holds", "Requests in flight holding money (a hold taken, not yet settled).",
             registry=registry)

@@ -14,12 +14,13 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from apibox.gateway.keepalive import KEEP_ALIVE
 from tests.conftest import Live, serving
 from tests.fake_upstream import WORDS, FakeUpstream
 from tests.gateway_helpers import Account, account, auth, balance, delta_texts, sse_json, wait_for_usage
-from tests.live_variants import MESSAGES, Variant, server, store_of
+from tests.live_variants import MESSAGES, Variant, request, server, store_of
 from tests.waiting import eventually
 
 KEEPALIVE_SECONDS = 0.3
@@ -66,6 +67,16 @@ async def failing_after_the_head(live: Live) -> Account:
         return await account(store, live, "ann@example.com", "1")
 
 
+async def keepalives(live: Live, outcome: str) -> float:
+    """apibox_stream_keepalives_total{outcome=...} on the gateway's /metrics page (0 when absent)."""
+    _, _, raw = await request(live, "GET", "/metrics")
+    for family in text_string_to_metric_families(raw.decode()):
+        for sample in family.samples:
+            if sample.name == "apibox_stream_keepalives_total" and sample.labels == {"outcome": outcome}:
+                return sample.value
+    return 0
+
+
 def comments_in(pieces: list[tuple[float, bytes]]) -> int:
     return b"".join(piece for _, piece in pieces).count(KEEP_ALIVE)
 
@@ -83,6 +94,7 @@ async def test_a_silence_mid_stream_is_filled_with_comments_and_the_answer_is_wh
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in sse_json(raw)) == "".join(WORDS)
     [row] = await wait_for_usage(beating, who.user_id, 1)
     assert (row["status"], row["estimated"]) == ("ok", 0)
+    assert await keepalives(beating, "sent") == comments_in(pieces)
 
 
 async def test_the_openai_sdk_reads_past_the_comments(beating: Live) -> None:
@@ -176,6 +188,7 @@ async def test_a_client_gone_in_a_silence_stops_the_upstream_at_the_next_comment
     await eventually(lambda: beating.fake.hung_up == 1, timeout=1.0)
     assert time.monotonic() - began < 2.0  # not at the end of the upstream's 5 s silence
     assert (row["status"], row["http_status"]) == ("client_gone", 499)
+    assert await keepalives(beating, "client_gone") == 1
 
 
 async def test_with_keepalives_off_a_silence_stays_silent(silent: Live) -> None:
@@ -185,4 +198,5 @@ async def test_with_keepalives_off_a_silence_stays_silent(silent: Live) -> None:
     status, _, pieces = await timed_stream(silent, who.key)
     assert status == 200 and comments_in(pieces) == 0
     assert longest_gap(pieces) >= 0.7
+    assert await keepalives(silent, "sent") == 0
 

@@ -25,8 +25,10 @@ import asyncio
 from aiohttp import web
 
 from apibox.deadlines import Deadlines
+from apibox.metrics import PlainCounter
 
 KEEP_ALIVE = b": keep-alive\n\n"
+SENT, CLIENT_GONE = ("sent",), ("client_gone",)  # the outcomes apibox_stream_keepalives counts
 
 
 class Heartbeat:
@@ -35,14 +37,15 @@ class Heartbeat:
     So the client never waits longer than ``seconds`` for a byte, and a stream that flows costs a
     counter (``sent``) and a look every few seconds."""
 
-    __slots__ = ("_deadlines", "_period", "_request", "_response", "_seen", "_task", "beat", "sent")
+    __slots__ = ("_counted", "_deadlines", "_period", "_request", "_response", "_seen", "_task", "beat", "sent")
 
     def __init__(self, deadlines: Deadlines, seconds: float, request: web.Request,
-                 response: web.StreamResponse) -> None:
+                 response: web.StreamResponse, counted: PlainCounter) -> None:
         self.sent = 0  # the writes on the stream so far: its own task counts its own
         self._seen = 0
         self.beat: asyncio.Task[None] | None = None  # a comment being written
         self._deadlines, self._request, self._response = deadlines, request, response
+        self._counted = counted  # apibox_stream_keepalives
         self._period = seconds / 2
         self._task = asyncio.current_task(deadlines.loop())
         if seconds > 0:
@@ -63,7 +66,9 @@ class Heartbeat:
                 await self._response.prepare(self._request)
             await self._response.write(KEEP_ALIVE)
             self.sent += 1
+            self._counted.inc(SENT)
         except ConnectionResetError:
+            self._counted.inc(CLIENT_GONE)
             if self._task is not None:  # the client has gone: stop the upstream's answer now, not at its next event
                 self._task.cancel()
         finally:

@@ -365,7 +365,8 @@ async def _complete(call: Call) -> web.Response:
 async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
     response = EventStream(headers={**SSE_HEADERS, **_headers(call)})
     gateway = call.gateway
-    heart = Heartbeat(gateway.deadlines, gateway.settings.server.stream_keepalive_seconds, request, response)
+    heart = Heartbeat(gateway.deadlines, gateway.settings.server.stream_keepalive_seconds, request, response,
+                      gateway.metrics.keepalives)
     try:
         started: Started = await _attempt(call, stream=True)
     except BaseException as exc:
