@@ -50,7 +50,7 @@ def _as_id(text: str) -> int | None:
     return int(text)
 
 
-def _whole(value: int | str, name: str, least: int) -> int:
+def whole_number(value: int | str, name: str, least: int) -> int:
     """A whole number from ``least`` to what the database holds, given as a number (the CLI's
     options, JSON) or as text (a query)."""
     number = _as_id(value) if isinstance(value, str) else value
@@ -62,8 +62,8 @@ def _whole(value: int | str, name: str, least: int) -> int:
 def page_of(after: int | str | None, limit: int | str | None) -> Page:
     """A listing's page as the CLI's options or the admin API's query give it: ``after`` an item's
     id (0, or left out, for the first page), ``limit`` how many (every one when left out)."""
-    return Page(after=0 if after is None else _whole(after, "after", 0),
-                limit=None if limit is None else _whole(limit, "limit", 1))
+    return Page(after=0 if after is None else whole_number(after, "after", 0),
+                limit=None if limit is None else whole_number(limit, "limit", 1))
 
 
 def normalize_email(email: str) -> str:
@@ -247,7 +247,7 @@ def _limit(field: str, value: int | str | None) -> int | None:
     """A requests, tokens or concurrency limit: None (the word "default" too) for the config's default."""
     if value is None or value == DEFAULT_LIMIT:
         return None
-    return _whole(value, field, 1)
+    return whole_number(value, field, 1)
 
 
 def _addresses(cidrs: tuple[str, ...]) -> tuple[str, ...]:

@@ -545,7 +545,14 @@ async def test_every_change_is_in_the_admin_log_with_its_actor(admin: Live) -> N
     # the API shows the same log, newest first or oldest first, with every field
     listed = await api(admin, "GET", "/admin/log?limit=3")
     assert len(listed) == 3
-    assert {e["actor"] for e in await api(admin, "GET", "/admin/log")} == {"admin-api:127.0.0.1", "cli"}
+    newest_first = await api(admin, "GET", "/admin/log")
+    assert {e["actor"] for e in newest_first} == {"admin-api:127.0.0.1", "cli"}
+    assert [e["id"] for e in newest_first] == sorted((e["id"] for e in newest_first), reverse=True)
+    pages = await follow_pages(admin, "/admin/log?limit=3")  # older and older, by the links
+    assert [e["id"] for page in pages for e in page] == [e["id"] for e in newest_first]
+    assert all(len(page) == 3 for page in pages[:-1]) and len(pages[-1]) < 3
+    for asked in ("limit=0", "before=0", "before=x"):
+        await refused(admin, "GET", f"/admin/log?{asked}")
     # and money moved by the API is attributed in the ledger too
     actors = {r["actor"] for r in query(admin, "SELECT actor FROM ledger")}
     assert actors == {"admin-api:127.0.0.1"}

@@ -26,6 +26,7 @@ from apibox.store.base import Store
 from apibox.timeparse import TimeParseError, parse_since
 from apibox.views import balance_json, entry_json, iso, key_json, user_json
 
+LOG_PAGE_MAX = 1000  # admin log entries in one answer, at most
 STATES = {"active": UserState.ACTIVE, "suspended": UserState.SUSPENDED, "banned": UserState.BANNED,
           "closed": UserState.CLOSED}
 
@@ -253,14 +254,17 @@ async def reload(request: web.Request) -> web.Response:
 
 
 async def admin_log(request: web.Request) -> web.Response:
-    store = _store(request)
-    try:
-        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
-    except ValueError:
-        raise InvalidRequest("'limit' must be a whole number.", param="limit") from None
-    return web.json_response([{"id": a.id, "created_at": iso(a.created_at), "actor": a.actor, "action": a.action,
-                               "target": a.target, "before": a.before, "after": a.after}
-                              for a in await store.admin_actions(limit)])
+    """Newest first; a full page links to the one older (``before`` its last entry)."""
+    store, query = _store(request), request.query
+    limit = min(LOG_PAGE_MAX, accounts.whole_number(query.get("limit", "100"), "limit", 1))
+    before = accounts.whole_number(query["before"], "before", 1) if "before" in query else None
+    actions = await store.admin_actions(limit, before)
+    response = web.json_response([{"id": a.id, "created_at": iso(a.created_at), "actor": a.actor,
+                                   "action": a.action, "target": a.target, "before": a.before, "after": a.after}
+                                  for a in actions])
+    if len(actions) == limit:
+        response.headers["Link"] = f'<{request.rel_url.update_query(before=actions[-1].id, limit=limit)}>; rel="next"'
+    return response
 
 
 def add_routes(app: web.Application) -> None:

@@ -166,7 +166,9 @@ class Store(Protocol):
 
     async def log_admin_action(self, actor: str, action: str, target: str, before: dict[str, Any] | None,
                                after: dict[str, Any] | None) -> None: ...
-    async def admin_actions(self, limit: int = 100) -> list[AdminAction]: ...
+    async def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
+        """The admin log, newest first: ``limit`` entries, those older than entry ``before`` when given."""
+        ...
 
     async def usage_report(self, by: Sequence[str], where: UsageFilter, *,
                            percentiles: bool = False) -> list[ReportRow]:

@@ -427,9 +427,10 @@ class SqlStore(SqlReports):
             "INSERT INTO admin_log (created_at, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)",
             (now_ms(), actor, action, target, _json_or_none(before), _json_or_none(after)))
 
-    async def admin_actions(self, limit: int = 100) -> list[AdminAction]:
-        rows = await self._read("SELECT id, created_at, actor, action, target, before, after FROM admin_log "
-                                "ORDER BY id DESC LIMIT ?", (limit,))
+    async def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
+        older = "" if before is None else " WHERE id < ?"
+        rows = await self._read("SELECT id, created_at, actor, action, target, before, after FROM admin_log"
+                                f"{older} ORDER BY id DESC LIMIT ?", (limit,) if before is None else (before, limit))
         return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
                             json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
 
