@@ -125,17 +125,23 @@ async def create_user(store: Store, email: str, name: str = "", group: str = "de
     return user
 
 
+def user_state(text: object) -> UserState:
+    """An account state by its name, as the admin API's body or a listing's filter gives it."""
+    try:
+        return UserState(text)
+    except ValueError:
+        names = ", ".join(state.value for state in UserState)
+        raise InvalidRequest(f"state must be one of {names}, got {text!r}", param="state") from None
+
+
 def user_filter(state: str | None = None, group: str | None = None, below: str | None = None) -> UserFilter:
     """The users a listing asks for, as the CLI's options or the admin API's query give them:
     in a state, in a group, with less than ``below`` USD to spend."""
-    states = {s.value: s for s in UserState}
-    if state is not None and state not in states:
-        raise InvalidRequest(f"state must be one of {', '.join(states)}, got {state!r}", param="state")
     try:
         limit = parse_usd(below, allow_zero=True) if below is not None else None
     except MoneyError as exc:
         raise InvalidRequest(f"below: {exc}", param="below") from None
-    return UserFilter(state=states.get(state or ""), group=_group(group), below=limit)
+    return UserFilter(state=user_state(state) if state is not None else None, group=_group(group), below=limit)
 
 
 async def list_users(store: Store, page: Page = EVERY, only: UserFilter = ALL_USERS) -> list[UserOverview]:

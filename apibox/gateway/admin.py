@@ -19,7 +19,7 @@ from apibox.errors import ConfigError, InvalidApiKey, InvalidRequest, NotFound
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.openai import bearer_secret, read_json, request_address
 from apibox.gateway.reload import reload_config
-from apibox.models import Page, UserState
+from apibox.models import Page
 from apibox.money import format_usd
 from apibox.offloop import off_the_loop
 from apibox.store.base import Store
@@ -27,8 +27,6 @@ from apibox.timeparse import TimeParseError, parse_since
 from apibox.views import balance_json, entry_json, iso, key_json, user_json
 
 LOG_PAGE_MAX = 1000  # admin log entries in one answer, at most
-STATES = {"active": UserState.ACTIVE, "suspended": UserState.SUSPENDED, "banned": UserState.BANNED,
-          "closed": UserState.CLOSED}
 
 
 def _store(request: web.Request) -> Store:
@@ -63,8 +61,13 @@ async def _page_json(request: web.Request, page: Page, ids: list[int], make: Cal
     API does: ``Link: <...?after=LAST&limit=N>; rel="next"``."""
     response = await _json_of_many(make, len(ids))
     if page.is_full(len(ids)):
-        response.headers["Link"] = f'<{request.rel_url.update_query(after=ids[-1])}>; rel="next"'
+        _link_next(request, response, after=ids[-1])
     return response
+
+
+def _link_next(request: web.Request, response: web.StreamResponse, **query: int) -> None:
+    """Link a full page to the next: this request's URL with ``query`` changed, as GitHub's API does."""
+    response.headers["Link"] = f'<{request.rel_url.update_query(**query)}>; rel="next"'
 
 
 def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, required: bool = False) -> Any:
@@ -131,9 +134,7 @@ async def update_user(request: web.Request) -> web.Response:
 
 async def set_state(request: web.Request) -> web.Response:
     store, body = _store(request), await read_json(request)
-    state = STATES.get(_field(body, "state", str, required=True))
-    if state is None:
-        raise InvalidRequest(f"'state' must be one of {', '.join(STATES)}.", param="state")
+    state = accounts.user_state(_field(body, "state", str, required=True))
     user = await accounts.set_user_state(store, request.match_info["user"], state, _field(body, "reason", str) or "",
                                          actor=_actor(request), notify=request.app[GATEWAY].notifier)
     return web.json_response(user_json(user))
@@ -263,7 +264,7 @@ async def admin_log(request: web.Request) -> web.Response:
                                    "action": a.action, "target": a.target, "before": a.before, "after": a.after}
                                   for a in actions])
     if len(actions) == limit:
-        response.headers["Link"] = f'<{request.rel_url.update_query(before=actions[-1].id, limit=limit)}>; rel="next"'
+        _link_next(request, response, before=actions[-1].id, limit=limit)
     return response
 
 
