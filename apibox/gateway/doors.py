@@ -116,6 +116,10 @@ class AnthropicDoor:
         return AnthropicPassthrough(model) if native else AnthropicRenderer(model, prompt.estimate)
 
 
+# What the billing flow sets on the request it sends (the route's model, a lowered limit, streaming)
+FLOW_FIELDS = ("model", "max_tokens", "stream", "stream_options")
+
+
 class ResponsesDoor:
     """``/v1/responses``, OpenAI's Responses API: ``original`` is the client's body. Routes whose
     upstream speaks the API itself (OpenAI's, and servers that copy it) get it as it came and
@@ -127,6 +131,13 @@ class ResponsesDoor:
     def __init__(self, original: dict[str, Any]) -> None:
         self.original = original
         self.translated = False  # a route meant to pass it through turned out to lack the API
+        self._chat_body: dict[str, Any] | None = None
+
+    def chat_body(self) -> dict[str, Any]:
+        """The request as chat completions take it (made once; InvalidRequest when chat cannot carry it)."""
+        if self._chat_body is None:
+            self._chat_body = chat_request(self.original)
+        return self._chat_body
 
     def is_native(self, provider: Provider) -> bool:
         return provider.native_format == "openai" and getattr(provider, "responses_api", False)
@@ -162,10 +173,8 @@ class ResponsesDoor:
     def _chat(self, request: ProviderRequest) -> ProviderRequest:
         """The request for a route that speaks only chat: translated, with the flow's model, limit and
         streaming (``request.body``, made from the billing copy)."""
-        chat = chat_request(self.original)
-        for field in ("model", "max_tokens", "stream", "stream_options"):
-            if field in request.body:
-                chat[field] = request.body[field]
+        flow = {field: request.body[field] for field in FLOW_FIELDS if field in request.body}
+        chat = {**self.chat_body(), **flow}
         return ProviderRequest("chat/completions", chat, request.request_id, output_limit=request.output_limit)
 
     async def complete(self, provider: Provider, request: ProviderRequest, native: bool) -> dict[str, Any]:

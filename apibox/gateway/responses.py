@@ -14,7 +14,6 @@ from aiohttp import web
 
 from apibox.errors import InvalidRequest
 from apibox.formats.responses import billing_copy, paid_tool
-from apibox.formats.responses_chat import chat_request
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.doors import ResponsesDoor
 from apibox.gateway.openai import authenticate, check_stream, read_json, require
@@ -43,7 +42,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     model = authorized_model(gateway, caller, body["model"])
     if not all(door.is_native(gateway.providers[route.provider]) for route in model.routes):
-        chat_request(body)  # what a route that speaks only chat cannot carry is refused before the hold
+        door.chat_body()  # what a route that speaks only chat cannot carry is refused before the hold
     return await forward(request, caller, "responses", billing_copy(body), door)
 
 
