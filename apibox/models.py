@@ -132,6 +132,19 @@ class UsageRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """A response the upstream keeps (OpenAI's Responses API stores them unless asked not to):
+    whose it is and which upstream account has it. All users share the operator's account, so
+    apibox alone knows the owner: only they may continue, read or delete it, and only there."""
+
+    response_id: str
+    user_id: int
+    provider: str
+    model: str  # apibox's name for the model that answered
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ReportRow:
     """One group of a usage report. ``cost`` is what was charged (the ledger's charges).
 

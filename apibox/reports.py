@@ -202,7 +202,7 @@ async def prune(store: Store, before: str, now: datetime | None = None, actor: s
     audit read both), and record it in the admin log."""
     day = prune_boundary(before, now or datetime.now(UTC))
     result = await store.prune_usage(_midnight(day), progress=progress)
-    if result.rows:
+    if result.rows or result.responses:
         await store.log_admin_action(actor, "usage.prune", f"before:{day.isoformat()}", None, prune_json(result))
     return result
 
@@ -212,4 +212,5 @@ def prune_json(result: PruneResult) -> dict[str, Any]:
             "cost_usd": format_usd(result.cost), "charged_usd": format_usd(result.charged),
             "first_day": result.first_day.isoformat() if result.first_day else None,
             "last_day": result.last_day.isoformat() if result.last_day else None,
-            "transactions": result.batches, "daily_rows": result.daily_rows}
+            "transactions": result.batches, "daily_rows": result.daily_rows,
+            "stored_responses_forgotten": result.responses}

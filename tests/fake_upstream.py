@@ -58,6 +58,8 @@ class FakeUpstream:
     bodies_ended: int = 0  # streams whose body's end was written
     requests: list[Recorded] = field(default_factory=list)
     pads_sent: list[str] = field(default_factory=list)
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored responses (Responses API), by id
+    reported_usage: Any = None  # when set, the chat usage object sent as it is (a malformed one, say)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -65,9 +67,14 @@ class FakeUpstream:
         app.router.add_post("/v1/completions", self.handle)
         app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_get("/v1/responses/{id}", self.stored_response)
+        app.router.add_delete("/v1/responses/{id}", self.stored_response)
+        app.router.add_get("/v1/responses/{id}/input_items", self.stored_response)
         return app
 
     def usage(self, completion_tokens: int) -> dict[str, Any]:
+        if self.reported_usage is not None:
+            return self.reported_usage  # type: ignore[no-any-return]
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
@@ -200,6 +207,30 @@ class FakeUpstream:
                 await response.write(piece)
                 await asyncio.sleep(0)
 
+    async def stored_response(self, request: web.Request) -> web.Response:
+        """A stored response read whole, its input listed, or deleted, as OpenAI answers them."""
+        self.requests.append(Recorded.of(request, dict(request.query), f"{request.method} {request.path}"))
+        if request.headers.get("Authorization") != f"Bearer {UPSTREAM_KEY}":
+            return web.json_response({"error": {"message": "bad upstream key", "type": "invalid_request_error",
+                                                "code": "invalid_api_key"}}, status=401)
+        response_id = request.match_info["id"]
+        kept = self.kept.get(response_id)
+        if kept is None:
+            return web.json_response({"error": {"message": f"Response with id '{response_id}' not found.",
+                                                "type": "invalid_request_error", "param": None, "code": None}},
+                                     status=404)
+        if request.method == "DELETE":
+            del self.kept[response_id]
+            return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+        if request.path.endswith("/input_items"):
+            given = kept["input"]
+            items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": given}]}] \
+                if isinstance(given, str) else given
+            items = [{"id": f"msg_in{i}", **item} for i, item in enumerate(items)]
+            return web.json_response({"object": "list", "data": items, "first_id": items[0]["id"],
+                                      "last_id": items[-1]["id"], "has_more": False})
+        return web.json_response(kept["response"])
+
     async def responses(self, request: web.Request) -> web.StreamResponse:
         """OpenAI's Responses API: a whole response, or its stream of events as OpenAI sends them."""
         body = await self._record(request)
@@ -211,6 +242,11 @@ class FakeUpstream:
         if self.mode == "status":
             return web.json_response({"error": {"message": self.error_message, "type": "server_error", "param": None,
                                                 "code": None}}, status=self.status)
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in self.kept:
+            return web.json_response({"error": {"message": f"Previous response with id '{previous}' not found.",
+                                                "type": "invalid_request_error", "param": "previous_response_id",
+                                                "code": "previous_response_not_found"}}, status=400)
         limit = body.get("max_output_tokens") or len(self.words)
         words = self.words if self.mode == "overrun" else self.words[:limit]
         complete = len(words) == len(self.words)
@@ -221,14 +257,17 @@ class FakeUpstream:
         usage = {"input_tokens": self.prompt_tokens, "input_tokens_details": {"cached_tokens": self.cached_tokens},
                  "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                  "total_tokens": self.prompt_tokens + len(words)}
-        whole = {"id": "resp_fake", "object": "response", "created_at": int(time.time()),
+        whole = {"id": f"resp_fake{len(self.requests)}", "object": "response", "created_at": int(time.time()),
                  "status": "completed" if complete else "incomplete", "error": None,
                  "incomplete_details": None if complete else {"reason": "max_output_tokens"},
                  "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-                 "model": body["model"], "output": [item], "parallel_tool_calls": True, "previous_response_id": None,
-                 "reasoning": {"effort": None, "summary": None}, "store": True, "temperature": 1.0,
+                 "model": body["model"], "output": [item], "parallel_tool_calls": True,
+                 "previous_response_id": previous, "reasoning": {"effort": None, "summary": None},
+                 "store": body.get("store") is not False, "temperature": 1.0,
                  "text": {"format": {"type": "text"}}, "tool_choice": "auto", "tools": [], "top_p": 1.0,
                  "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
+        if whole["store"]:
+            self.kept[whole["id"]] = {"response": whole, "input": body["input"]}
         if not body.get("stream"):
             return web.json_response(whole)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

@@ -21,7 +21,7 @@ from tests.conftest import ServerThread, databases_for, serving
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_helpers import account
 
-TABLES = ("users", "balances", "api_keys", "usage", "ledger", "usage_daily", "admin_log")
+TABLES = ("users", "balances", "api_keys", "usage", "ledger", "usage_daily", "admin_log", "stored_responses")
 
 
 def copy(source: str, target: str, *extra: str) -> Any:
@@ -30,7 +30,8 @@ def copy(source: str, target: str, *extra: str) -> Any:
 
 def snapshot(url: str) -> dict[str, list[tuple[Any, ...]]]:
     """Every copied table's rows, in key order: what the copy must reproduce exactly."""
-    order = {"balances": "user_id", "usage_daily": "day, user_id, key_id, model, provider, status"}
+    order = {"balances": "user_id", "usage_daily": "day, user_id, key_id, model, provider, status",
+             "stored_responses": "response_id"}
     return {table: [tuple(r) for r in dbquery.query(url, f"SELECT * FROM {table} ORDER BY {order.get(table, 'id')}")]
             for table in TABLES}
 
@@ -57,8 +58,9 @@ async def _people(url: str, live: Any) -> dict[str, str]:
 
 
 def populate(directory: Path, sqlite_url: str) -> tuple[dict[str, int], dict[str, str]]:
-    """Real traffic on SQLite: two users with keys, top-ups, chats (one of them streamed), a revoked
-    key, a suspension in the admin log. Returns each user's balance afterwards, and their keys."""
+    """Real traffic on SQLite: two users with keys, top-ups, chats and responses (one of each
+    streamed; the responses kept upstream), a revoked key, a suspension in the admin log.
+    Returns each user's balance afterwards, and their keys."""
     directory.mkdir()
     with serving(ServerThread(directory, sqlite_url, FakeUpstream())) as live:
         keys = asyncio.run(_people(sqlite_url, live))
@@ -68,6 +70,7 @@ def populate(directory: Path, sqlite_url: str) -> tuple[dict[str, int], dict[str
                                                    messages=[{"role": "user", "content": f"hello {who}"}])
             if stream:
                 assert "".join(c.choices[0].delta.content or "" for c in reply if c.choices)
+            client.responses.create(model="gpt-fake", input=f"hello {who}", stream=stream)  # kept upstream
     suspended = CliRunner().invoke(cli_app, ["users", "suspend", "bob@example.com", "--reason", "audit",
                                              "--config", str(live.config_path)])
     assert suspended.exit_code == 0, suspended.output
@@ -82,7 +85,8 @@ def test_sqlite_moves_to_postgresql_and_the_gateway_carries_on(tmp_path: Path, p
     target = pg()
     report = ok_json(copy(source, target, "--json"))
     assert report["ok"] is True
-    assert (report["rows"]["usage"], report["rows"]["users"], report["rows"]["api_keys"]) == (3, 2, 3)
+    rows = report["rows"]
+    assert (rows["usage"], rows["users"], rows["api_keys"], rows["stored_responses"]) == (6, 2, 3, 3)
     assert report["totals"]["balance"] == sum(balances.values())
     assert snapshot(target) == snapshot(source)  # row for row, id for id
 
@@ -94,8 +98,8 @@ def test_sqlite_moves_to_postgresql_and_the_gateway_carries_on(tmp_path: Path, p
         (balance, used, last_id), = dbquery.query(
             target, "SELECT b.balance, (SELECT count(*) FROM usage WHERE user_id = u.id), (SELECT max(id) FROM usage) "
             "FROM balances b JOIN users u ON u.id = b.user_id WHERE u.email = ?", ("ann@example.com",))
-        assert balance < balances["ann@example.com"] and used == 3
-        assert last_id == 4  # new rows continue after the copied ids
+        assert balance < balances["ann@example.com"] and used == 5
+        assert last_id == 7  # new rows continue after the copied ids
         with pytest.raises(openai.PermissionDeniedError):  # bob's suspension came over too
             openai.OpenAI(base_url=live.v1, api_key=keys["bob"], max_retries=0).chat.completions.create(
                 model="gpt-fake", messages=[{"role": "user", "content": "x"}])
@@ -107,7 +111,8 @@ def test_a_copy_draws_each_table_then_the_audit(tmp_path: Path, pg: Any, monkeyp
     terminal = Terminal(monkeypatch)
     assert copy(source, pg()).exit_code == 0
     drawn = terminal.text()
-    assert [bar_went(drawn, table) for table in ("users", "api_keys", "usage")] == ["2", "3", "3"]
+    assert [bar_went(drawn, table) for table in ("users", "api_keys", "usage", "stored_responses")] == [
+        "2", "3", "6", "3"]
     assert drawn.index("audit") > drawn.index("usage ")  # the copy's audit comes after its rows
     assert int(bar_went(drawn, "audit")) > 1
 

@@ -88,7 +88,7 @@ async def test_prune_keeps_every_total_and_the_books(cli: Any, book: Book, store
         "cost_usd": summary(folded)["cost_usd"], "charged_usd": summary(folded)["cost_usd"],
         "first_day": min(r.created_at for r in folded).date().isoformat(),  # type: ignore[type-var,union-attr]
         "last_day": max(r.created_at for r in folded).date().isoformat(),  # type: ignore[type-var,union-attr]
-        "transactions": 1, "daily_rows": result["daily_rows"]}
+        "transactions": 1, "daily_rows": result["daily_rows"], "stored_responses_forgotten": 0}
     assert counts(config_path)["usage"] == len(book.records) - len(folded)
     assert 0 < result["daily_rows"] <= len(folded)
     after_prune = await snapshot(cli)

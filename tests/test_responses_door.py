@@ -199,7 +199,6 @@ async def test_a_translated_tool_call_is_a_function_call_item(live: Live, live_s
 
 
 @pytest.mark.parametrize(("extra", "param"), [({"tools": [{"type": "local_shell"}]}, "tools[0]"),
-                                              ({"previous_response_id": "resp_abc"}, "previous_response_id"),
                                               ({"input": [{"type": "file_search_call", "id": "x"}]}, "input[0]")])
 async def test_what_chat_cannot_carry_is_refused_on_translated_routes_and_costs_nothing(
         live: Live, live_store: Any, extra: dict[str, Any], param: str) -> None:

@@ -45,7 +45,8 @@ PRUNE_HELP = (
     "Fold old usage rows into daily totals, then delete them (retention).\n\n"
     "The totals are kept per day, user, key, model, provider and outcome. Reports and `db check` read them, so "
     "no report's sums change; the percentiles and per-request detail of those days are gone. Running it again "
-    "folds nothing new.")
+    "folds nothing new. Responses the upstream stored before the cut (Responses API) are forgotten too: their "
+    "users can no longer continue, read or delete them through apibox.")
 
 
 def _cell(field: str, value: Any) -> Any:
@@ -137,10 +138,14 @@ def prune(
         result = with_store(config, lambda store, _: reports.prune(store, before, progress=progress))
     if as_json:
         print_json(reports.prune_json(result))
-    elif not result.rows:
-        console.print(f"Nothing to fold: no usage rows before {result.before.date().isoformat()}.")
     else:
-        console.print(f"Folded {result.rows} usage rows from {result.first_day} to {result.last_day} "
-                      f"({result.requests} requests, {format_usd(result.charged)} USD charged) into the daily "
-                      f"totals, in {result.batches} transaction{'s' if result.batches > 1 else ''}; "
-                      f"{result.daily_rows} daily rows in all.")
+        if not result.rows:
+            console.print(f"Nothing to fold: no usage rows before {result.before.date().isoformat()}.")
+        else:
+            console.print(f"Folded {result.rows} usage rows from {result.first_day} to {result.last_day} "
+                          f"({result.requests} requests, {format_usd(result.charged)} USD charged) into the daily "
+                          f"totals, in {result.batches} transaction{'s' if result.batches > 1 else ''}; "
+                          f"{result.daily_rows} daily rows in all.")
+        if result.responses:
+            console.print(f"Forgot {result.responses} stored response{'s' if result.responses > 1 else ''} "
+                          "made before then: their users can no longer continue, read or delete them here.")

@@ -8,6 +8,7 @@ an answer reports, and its text (for an estimate when a stream breaks before its
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from apibox.openai_wire import usage_from_openai
@@ -33,6 +34,17 @@ def paid_tool(tools: Any) -> int | None:
     for index, tool in enumerate(tools if isinstance(tools, list) else ()):
         if isinstance(tool, dict) and tool.get("type") in PAID_TOOLS:
             return index
+    return None
+
+
+def response_id(answer: Iterable[Any]) -> str | None:
+    """The id of the response among ``answer``: a whole response, or a stream's events (those that
+    carry the response: created, in progress, the last)."""
+    for item in answer:
+        if type(item) is dict:
+            response = item if item.get("object") == "response" else item.get("response")
+            if type(response) is dict and type(response.get("id")) is str and response["id"]:
+                return response["id"]  # type: ignore[no-any-return]
     return None
 
 

@@ -8,12 +8,14 @@ passes the original through untouched to routes whose upstream speaks Anthropic 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import logging
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from apibox.errors import StoreError
 from apibox.formats.anthropic import openai_to_anthropic_reply, usage_from_anthropic
 from apibox.formats.responses import reply_text as responses_reply_text
-from apibox.formats.responses import usage_from_responses
+from apibox.formats.responses import response_id, usage_from_responses
 from apibox.formats.responses_chat import chat_request, response_of
 from apibox.gateway.render import (
     AnthropicPassthrough,
@@ -23,11 +25,15 @@ from apibox.gateway.render import (
     ResponsesRenderer,
     StreamRenderer,
 )
+from apibox.models import StoredResponse
 from apibox.money import usd_number
 from apibox.openai_wire import reply_text, usage_from_openai, usage_to_openai
 from apibox.pricing import Usage
 from apibox.providers.base import ChunkStream, Provider, ProviderRequest, UpstreamFailure
+from apibox.store.base import Store
 from apibox.tokens import PromptSize
+
+log = logging.getLogger("apibox.gateway")
 
 
 class Door(Protocol):
@@ -42,8 +48,22 @@ class Door(Protocol):
                      cost: int) -> dict[str, Any]: ...
     def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer: ...
 
+    # The upstream may keep this door's answers (OpenAI stores Responses): ``keep`` records whose an
+    # answer is, from a whole answer or a stream's first events, before any of it goes out.
+    keeps_answers: bool
+    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any]) -> None: ...
 
-class OpenAIDoor:
+
+class KeepsNothing:
+    """A door whose answers no upstream keeps for later."""
+
+    keeps_answers = False
+
+    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any]) -> None:
+        """Nothing to record."""
+
+
+class OpenAIDoor(KeepsNothing):
     def is_native(self, provider: Provider) -> bool:
         return False  # every provider offers the OpenAI shape
 
@@ -68,7 +88,7 @@ class OpenAIDoor:
         return OpenAIRenderer(model, wants_usage)
 
 
-class AnthropicDoor:
+class AnthropicDoor(KeepsNothing):
     """``/v1/messages``: ``original`` is the client's Anthropic body."""
 
     def __init__(self, original: dict[str, Any], client_headers: Mapping[str, str]) -> None:
@@ -128,10 +148,27 @@ class ResponsesDoor:
     upstream found to lack the API. The billing flow gets an OpenAI chat-shaped copy
     (``formats.responses.billing_copy``)."""
 
-    def __init__(self, original: dict[str, Any]) -> None:
+    keeps_answers = True
+
+    def __init__(self, original: dict[str, Any], store: Store | None = None, user_id: int = 0) -> None:
         self.original = original
         self.translated = False  # a route meant to pass it through turned out to lack the API
         self._chat_body: dict[str, Any] | None = None
+        self._store, self._user_id = store, user_id  # where a response the upstream keeps is recorded as whose
+
+    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any]) -> None:
+        """Record a response passed through (and not asked not to be stored) as the caller's: only
+        they may then continue, read or delete it. Should the record fail, the answer still goes
+        out and is billed; only referring to it later is refused."""
+        if self._store is None or not self._passed_through(native) or self.original.get("store") is False:
+            return
+        kept = response_id(answer)
+        if kept is None:
+            return
+        try:
+            await self._store.remember_response(StoredResponse(kept, self._user_id, provider, model))
+        except StoreError as exc:
+            log.warning("could not record response %s as user %s's: %s", kept, self._user_id, exc)
 
     def chat_body(self) -> dict[str, Any]:
         """The request as chat completions take it (made once; InvalidRequest when chat cannot carry it)."""

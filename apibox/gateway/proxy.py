@@ -72,6 +72,7 @@ class Call:
     native: bool = False  # the route's upstream speaks the door's format: passed through untranslated
     first_byte: float | None = None
     settlement: asyncio.Future[UsageRecord] | None = None
+    only_provider: str | None = None  # the one upstream to ask (it keeps what the request refers to)
 
     async def settle(self, usage: Usage, status: str, http_status: int) -> UsageRecord:
         """Charge once: later calls await the first settlement. The store finishes a settlement
@@ -227,8 +228,9 @@ def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) 
 
 
 async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any],
-                  door: Door = OPENAI_DOOR) -> web.StreamResponse:
-    """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer."""
+                  door: Door = OPENAI_DOOR, only_provider: str | None = None) -> web.StreamResponse:
+    """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer.
+    ``only_provider``: the routes to that upstream alone are tried."""
     gateway = request.app[GATEWAY]
     exchange = request[EXCHANGE]
     model = authorized_model(gateway, caller, body.get("model"))
@@ -249,7 +251,8 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
             gateway.store, caller.key, model=model.name, price=price_for(gateway, caller, model),
             request_id=exchange.request_id,
             prompt_tokens=prompt.bound, output_tokens=output)
-        call = Call(gateway, caller, model, endpoint, body, exchange.request_id, reservation, door, prompt)
+        call = Call(gateway, caller, model, endpoint, body, exchange.request_id, reservation, door, prompt,
+                    only_provider=only_provider)
         exchange.holding(call)  # counted as an open hold until its settlement is written
         failed_with = 500
         try:
@@ -281,7 +284,10 @@ def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, An
 async def _attempt(call: Call, stream: bool) -> Any:
     """Try each route in turn until one answers; only failures before any output are retried."""
     last: UpstreamFailure | None = None
-    for route in call.gateway.router.plan(call.model):
+    plan = call.gateway.router.plan(call.model)
+    if call.only_provider is not None:
+        plan = [route for route in plan if route.provider == call.only_provider]
+    for route in plan:
         provider = call.gateway.providers[route.provider]
         call.route, call.native = route, call.door.is_native(provider)
         upstream = ProviderRequest(call.endpoint, _upstream_body(call, route, provider), call.request_id,
@@ -354,6 +360,8 @@ def _headers(call: Call) -> dict[str, str]:
 async def _complete(call: Call) -> web.Response:
     reply: dict[str, Any] = await _attempt(call, stream=False)
     call.first_byte = time.monotonic()
+    if call.door.keeps_answers:
+        await call.door.keep(call.route.provider, call.model.name, call.native, (reply,))  # type: ignore[union-attr]
     usage = call.door.usage(reply, call.native)
     if usage is None:
         usage = call.estimate(tokens.count_tokens(call.door.reply_text(reply, call.native)))
@@ -386,6 +394,9 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         return usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
 
     try:
+        if call.door.keeps_answers:
+            await call.door.keep(call.route.provider, call.model.name, call.native,  # type: ignore[union-attr]
+                                 started.first)
         if heart.beat is not None:
             await heart.beat  # a keep-alive being written (with the head, when the wait was long)
         await response.prepare(request)

@@ -68,7 +68,7 @@ class AnthropicProvider:
     async def complete_native(
         self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
     ) -> dict[str, Any]:
-        response = await self._http.post(
+        response = await self._http.send(
             self._url, {**body, "stream": False}, self._headers(request_id, client_headers)
         )
         return await self._http.read_json(response)
@@ -76,11 +76,11 @@ class AnthropicProvider:
     async def open_native_stream(
         self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]
     ) -> NativeStream:
-        response = await self._http.post(self._url, {**body, "stream": True}, self._headers(request_id, client_headers))
+        response = await self._http.send(self._url, {**body, "stream": True}, self._headers(request_id, client_headers))
         return NativeStream(response, self._http)
 
     async def count_tokens(self, body: dict[str, Any], request_id: str, client_headers: Mapping[str, str]) -> int:
-        response = await self._http.post(f"{self._url}/count_tokens", body, self._headers(request_id, client_headers))
+        response = await self._http.send(f"{self._url}/count_tokens", body, self._headers(request_id, client_headers))
         reply = await self._http.read_json(response)
         tokens = reply.get("input_tokens")
         if not isinstance(tokens, int):

@@ -54,7 +54,7 @@ class GeminiProvider:
         if request.output_limit and "maxOutputTokens" not in body.get("generationConfig", {}):
             body.setdefault("generationConfig", {})["maxOutputTokens"] = request.output_limit
         model = quote(str(request.body.get("model", "")), safe="")
-        return await self._http.post(f"{self._base}/models/{model}:{method}", body,
+        return await self._http.send(f"{self._base}/models/{model}:{method}", body,
                                      {"X-Request-Id": request.request_id})
 
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:

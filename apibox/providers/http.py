@@ -44,23 +44,25 @@ class HttpUpstream:
     def clean(self, text: str) -> str:
         return redact(text, self._secrets)
 
-    async def post(self, url: str, body: dict[str, Any], headers: Mapping[str, str]) -> aiohttp.ClientResponse:
-        """POST and wait for the response head; an error status raises UpstreamFailure.
+    async def send(self, url: str, body: dict[str, Any] | None, headers: Mapping[str, str],
+                   method: str = "POST") -> aiohttp.ClientResponse:
+        """Send (a POST of ``body``, unless told otherwise) and wait for the response head; an
+        error status raises UpstreamFailure.
 
         A connection from the pool that the upstream closed as the request went out (its keep-alive
         ran out: five seconds on uvicorn and Node, so on vLLM) fails before any answer; the request
         is then sent once more, on another connection. Sent every 0.1 s to a server that keeps a
         connection 0.1 s, 63 requests in 300 failed so, each a 503 for its client, before this."""
         wait = self.settings.timeouts.first_byte
-        data, all_headers = jsoncodec.dumps(body), {**self._headers, **headers}
+        data, all_headers = jsoncodec.dumps(body) if body is not None else None, {**self._headers, **headers}
         try:
             with self._deadlines.timeout(wait):
                 try:
-                    response = await self._send(url, data, all_headers)
+                    response = await self._send(method, url, data, all_headers)
                 except CLOSED_UNDER_US as exc:
                     if isinstance(exc, aiohttp.ClientConnectorError):
                         raise  # no connection was made: the upstream is not there
-                    response = await self._send(url, data, all_headers)
+                    response = await self._send(method, url, data, all_headers)
         except TimeoutError:
             raise UpstreamFailure(f"upstream {self.name} did not answer within {wait:g}s", status=504,
                                   code="upstream_timeout") from None
@@ -74,9 +76,10 @@ class HttpUpstream:
                 response.release()
         return response
 
-    def _send(self, url: str, data: bytes, headers: dict[str, str]) -> Any:
-        """The POST itself (through the provider's proxy, if it has one), to be awaited."""
-        return self._session.post(url, data=data, headers=headers, timeout=self._timeout, proxy=self._proxy)
+    def _send(self, method: str, url: str, data: bytes | None, headers: dict[str, str]) -> Any:
+        """The request itself (through the provider's proxy, if it has one), to be awaited."""
+        return self._session.request(method, url, data=data, headers=headers, timeout=self._timeout,
+                                     proxy=self._proxy)
 
     async def read_json(self, response: aiohttp.ClientResponse) -> dict[str, Any]:
         """A whole JSON object reply."""

@@ -35,7 +35,7 @@ class OpenAIProvider:
         """The session is shared and closed by its owner."""
 
     async def _post(self, request: ProviderRequest) -> aiohttp.ClientResponse:
-        return await self._http.post(f"{self._base}/{request.endpoint}", request.body,
+        return await self._http.send(f"{self._base}/{request.endpoint}", request.body,
                                      {"X-Request-Id": request.request_id, **request.headers})
 
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:
@@ -46,14 +46,20 @@ class OpenAIProvider:
 
     async def complete_responses(self, body: dict[str, Any], request_id: str) -> dict[str, Any]:
         """A whole answer of the upstream's own Responses API (``POST /responses``)."""
-        response = await self._http.post(f"{self._base}/responses", {**body, "stream": False},
+        response = await self._http.send(f"{self._base}/responses", {**body, "stream": False},
                                          {"X-Request-Id": request_id})
         return await self._http.read_json(response)
 
     async def open_responses_stream(self, body: dict[str, Any], request_id: str) -> ResponsesStream:
-        response = await self._http.post(f"{self._base}/responses", {**body, "stream": True},
+        response = await self._http.send(f"{self._base}/responses", {**body, "stream": True},
                                          {"X-Request-Id": request_id})
         return ResponsesStream(response, self._http)
+
+
+    async def stored_response(self, method: str, path: str) -> dict[str, Any]:
+        """A call on a response the upstream keeps: ``path`` is ``{id}``, or what lies under it
+        (``{id}/input_items``), with its query; reading one, or deleting it."""
+        return await self._http.read_json(await self._http.send(f"{self._base}/responses/{path}", None, {}, method))
 
 
 class _OpenAIStream(UpstreamStream):

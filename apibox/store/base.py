@@ -24,6 +24,7 @@ from apibox.models import (
     LedgerKind,
     Page,
     ReportRow,
+    StoredResponse,
     UsageRecord,
     User,
     UserFilter,
@@ -98,6 +99,7 @@ class PruneResult:
     last_day: date | None = None
     batches: int = 0  # transactions it took
     daily_rows: int = 0  # rows in the aggregate table afterwards
+    responses: int = 0  # stored responses made before the cut, forgotten with the rows
 
 
 class Store(Protocol):
@@ -160,6 +162,18 @@ class Store(Protocol):
         registered) and log each as an interrupted request; live gateways' holds stay."""
         ...
 
+    async def remember_response(self, stored: StoredResponse) -> None:
+        """Record that the upstream keeps a response for this user (its first record stands)."""
+        ...
+
+    async def stored_response(self, response_id: str) -> StoredResponse | None:
+        """Whose a stored response is, and where; None when apibox never saw it (or forgot it)."""
+        ...
+
+    async def forget_response(self, response_id: str) -> None:
+        """A stored response deleted upstream: nobody may refer to it any more."""
+        ...
+
     async def key_headroom(self, key_id: int) -> int | None:
         """What the key's budget still allows after its spend and open holds (None: no budget)."""
         ...
@@ -186,7 +200,8 @@ class Store(Protocol):
         """Fold the usage rows made before ``before`` into the daily aggregates and delete them,
         a batch at a time, each batch in one transaction (so no report ever sees a row twice or not
         at all). Refuses rows whose ledger charge does not match them. ``progress``: told the rows
-        folded so far, of those there were to fold, after each batch."""
+        folded so far, of those there were to fold, after each batch. The stored responses made
+        before ``before`` are forgotten too (their users may no longer continue them)."""
         ...
 
     async def audit(self, progress: ProgressFn | None = None) -> list[str]:

@@ -255,4 +255,14 @@ BEGIN
     RETURN v_hold;
 END $$;
 """,
+    "0009_stored_responses": """
+CREATE TABLE stored_responses (
+    response_id  TEXT PRIMARY KEY,
+    user_id      BIGINT NOT NULL REFERENCES users(id),
+    provider     TEXT NOT NULL,
+    model        TEXT NOT NULL,
+    created_at   BIGINT NOT NULL
+);
+CREATE INDEX stored_responses_created ON stored_responses(created_at);
+""",
 }

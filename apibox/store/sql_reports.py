@@ -17,7 +17,7 @@ from apibox.errors import InvalidRequest, StoreError
 from apibox.models import ReportRow
 from apibox.offloop import off_the_loop
 from apibox.store.base import REPORT_DIMENSIONS, ProgressFn, PruneResult, UsageFilter
-from apibox.store.script import Row, Script
+from apibox.store.script import Row, Script, Want
 from apibox.store.sqltime import to_ms
 
 DAY_MS = 86_400_000
@@ -141,10 +141,12 @@ class SqlReports:
                 progress(PRUNE_PROGRESS, rows, max(rows, to_fold))  # rows made meanwhile may add to the count
             if finished:
                 break
+        forgotten = await self._run_statement("DELETE FROM stored_responses WHERE created_at < ?", (before_ms,),
+                                              want=Want.COUNT)
         daily_rows = (await self._read("SELECT count(*) FROM usage_daily"))[0][0]
         return PruneResult(before=before, rows=rows, requests=requests, cost=cost, charged=charged,
                            first_day=_utc_date(first), last_day=_utc_date(last), batches=batches,
-                           daily_rows=daily_rows)
+                           daily_rows=daily_rows, responses=forgotten[0][0])
 
     async def audit(self, progress: ProgressFn | None = None) -> list[str]:
         # The ledger is read whole, in one scan and one sort: the unary + keeps SQLite from walking

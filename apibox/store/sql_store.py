@@ -28,6 +28,7 @@ from apibox.models import (
     LedgerEntry,
     LedgerKind,
     Page,
+    StoredResponse,
     UsageRecord,
     User,
     UserFilter,
@@ -374,6 +375,23 @@ class SqlStore(SqlReports):
                 yield KEY_SPEND_SQL, (0, created, hold.key_id)  # nothing spent, but the key was used
             return usage
         return await self._run_to_the_end(apply)
+
+    # -- responses the upstream stores -------------------------------------------------------
+
+    async def remember_response(self, stored: StoredResponse) -> None:
+        """Record whose a stored response is (the first record of an id stands)."""
+        await self._write("INSERT INTO stored_responses (response_id, user_id, provider, model, created_at) "
+                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
+                          (stored.response_id, stored.user_id, stored.provider, stored.model,
+                           to_ms(stored.created_at) or now_ms()))
+
+    async def stored_response(self, response_id: str) -> StoredResponse | None:
+        rows = await self._read("SELECT response_id, user_id, provider, model, created_at FROM stored_responses "
+                                "WHERE response_id = ?", (response_id,))
+        return StoredResponse(rows[0][0], rows[0][1], rows[0][2], rows[0][3], from_ms(rows[0][4])) if rows else None
+
+    async def forget_response(self, response_id: str) -> None:
+        await self._write("DELETE FROM stored_responses WHERE response_id = ?", (response_id,))
 
     async def key_headroom(self, key_id: int) -> int | None:
         rows = await self._read(
