@@ -4,31 +4,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from apibox.pricing import Usage
+from apibox.pricing import Usage, count_at, token_count
 from apibox.shapes import ChunkShape
 
 
-def _int(value: Any) -> int:
-    """A positive count as JSON gave it, else 0 (``type(...) is int`` leaves out JSON's true and false)."""
-    return value if type(value) is int and value > 0 else 0
+def _details(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    details = raw.get(name)
+    return details if isinstance(details, dict) else {}
 
 
 def usage_from_openai(raw: Any) -> Usage | None:
-    """OpenAI's ``usage`` object (with DeepSeek's cache fields) -> Usage; None when absent."""
+    """OpenAI's ``usage`` object (with DeepSeek's cache fields) -> Usage. None when it is absent,
+    and when it holds no usable prompt count (``{}``, counts as strings) or a completion count
+    that is not a number: that is no report, and the caller estimates rather than charge nothing."""
     if not isinstance(raw, dict):
         return None
-    prompt_details = raw.get("prompt_tokens_details") or {}
-    completion_details = raw.get("completion_tokens_details") or {}
-    cached = _int(prompt_details.get("cached_tokens")) or _int(raw.get("prompt_cache_hit_tokens"))
-    prompt = _int(raw.get("prompt_tokens"))
-    if not prompt and raw.get("input_tokens"):  # some servers use Responses-style names
-        prompt = _int(raw.get("input_tokens"))
+    prompt = token_count(raw.get("prompt_tokens"))
+    if not prompt:  # some servers use Responses-style names
+        prompt = token_count(raw.get("input_tokens")) or prompt
+    given = raw.get("completion_tokens", raw.get("output_tokens"))
+    completion = token_count(given)
+    if prompt is None or (completion is None and given is not None):
+        return None
+    prompt_details = _details(raw, "prompt_tokens_details")
+    completion_details = _details(raw, "completion_tokens_details")
     return Usage(
         prompt_tokens=prompt,
-        completion_tokens=_int(raw.get("completion_tokens")) or _int(raw.get("output_tokens")),
-        cached_tokens=cached,
-        cache_write_tokens=_int(prompt_details.get("cache_write_tokens")),
-        reasoning_tokens=_int(completion_details.get("reasoning_tokens")),
+        completion_tokens=completion or 0,  # (embeddings report none)
+        cached_tokens=count_at(prompt_details, "cached_tokens") or count_at(raw, "prompt_cache_hit_tokens"),
+        cache_write_tokens=count_at(prompt_details, "cache_write_tokens"),
+        reasoning_tokens=count_at(completion_details, "reasoning_tokens"),
     )
 
 

@@ -9,8 +9,10 @@ no fee and multiplier 1 that is ``ceil(sum(tokens_k * price_k) / 1e6)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from operator import attrgetter
+from typing import Any
 
 from apibox.money import ceil_div
 
@@ -95,6 +97,23 @@ class Usage:
         if max(counts) <= most:
             return self
         return replace(self, **{name: min(count, most) for name, count in zip(TOKEN_COUNTS, counts, strict=True)})
+
+
+def token_count(value: Any) -> int | None:
+    """A token count as an upstream's JSON gave it: a whole number (0 for one below 1), or None
+    when it is not a number (true and false are not). JSON readers give numbers past 2**64 as
+    floats: those round up, so an absurd count is clamped by billing, never read as nothing."""
+    kind = type(value)
+    if kind is int:
+        return value if value > 0 else 0  # type: ignore[no-any-return]
+    if kind is float and value == value:  # (not NaN)
+        return math.ceil(min(value, 1e18)) if value > 0 else 0
+    return None
+
+
+def count_at(raw: dict[str, Any], name: str) -> int:
+    """``raw[name]`` as a token count; 0 when it is absent or not a number."""
+    return token_count(raw.get(name)) or 0
 
 
 def cost_micro(price: Price, usage: Usage) -> int:

@@ -14,7 +14,7 @@ from typing import Any
 
 from apibox.errors import InvalidRequest
 from apibox.openai_wire import usage_to_openai
-from apibox.pricing import Usage
+from apibox.pricing import Usage, count_at
 
 ANTHROPIC_STOP_TO_OPENAI = {
     "end_turn": "stop",
@@ -47,19 +47,15 @@ def usage_from_anthropic(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
 
-    def n(name: str) -> int:
-        value = raw.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    details = raw.get("output_tokens_details") or {}
-    thinking = details.get("thinking_tokens") if isinstance(details, dict) else 0
-    cache_read, cache_write = n("cache_read_input_tokens"), n("cache_creation_input_tokens")
+    details = raw.get("output_tokens_details")
+    thinking = count_at(details, "thinking_tokens") if isinstance(details, dict) else 0
+    cache_read, cache_write = count_at(raw, "cache_read_input_tokens"), count_at(raw, "cache_creation_input_tokens")
     return Usage(
-        prompt_tokens=n("input_tokens") + cache_read + cache_write,
-        completion_tokens=n("output_tokens"),
+        prompt_tokens=count_at(raw, "input_tokens") + cache_read + cache_write,
+        completion_tokens=count_at(raw, "output_tokens"),
         cached_tokens=cache_read,
         cache_write_tokens=cache_write,
-        reasoning_tokens=thinking if isinstance(thinking, int) and thinking > 0 else 0,
+        reasoning_tokens=thinking,
     )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from apibox.errors import InvalidRequest
 from apibox.openai_wire import usage_to_openai
-from apibox.pricing import Usage
+from apibox.pricing import Usage, count_at
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 FILTERED = {
@@ -34,16 +34,11 @@ FILTERED = {
 def usage_from_gemini(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
-
-    def n(name: str) -> int:
-        value = raw.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-    thoughts = n("thoughtsTokenCount")
+    thoughts = count_at(raw, "thoughtsTokenCount")
     return Usage(
-        prompt_tokens=n("promptTokenCount") + n("toolUsePromptTokenCount"),
-        completion_tokens=n("candidatesTokenCount") + thoughts,
-        cached_tokens=n("cachedContentTokenCount"),
+        prompt_tokens=count_at(raw, "promptTokenCount") + count_at(raw, "toolUsePromptTokenCount"),
+        completion_tokens=count_at(raw, "candidatesTokenCount") + thoughts,
+        cached_tokens=count_at(raw, "cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
 

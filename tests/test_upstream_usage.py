@@ -1,0 +1,100 @@
+"""What an upstream reports as usage, read so that nothing real is charged as nothing.
+
+A count is a JSON number: a whole one as it is, a float (JSON readers give numbers past 2**64
+as floats) rounded up, so an absurd count is clamped by billing at 10**12 tokens rather than
+read as zero. A usage object with no usable prompt count, or with a completion count that is
+not a number, is no report: the gateway estimates, as it does when usage is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from apibox import tokens
+from apibox.billing import MOST_TOKENS_A_REQUEST
+from apibox.formats.anthropic import usage_from_anthropic
+from apibox.formats.gemini import usage_from_gemini
+from apibox.formats.responses import usage_from_responses
+from apibox.openai_wire import usage_from_openai
+from apibox.pricing import Usage, token_count
+from tests.conftest import Live
+from tests.fake_upstream import WORDS
+from tests.gateway_helpers import account, balance, charges, wait_for_usage
+from tests.live_variants import request
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                       max_size=3), max_leaves=8)
+USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "prompt_tokens_details",
+              "completion_tokens_details", "prompt_cache_hit_tokens")
+
+
+def test_a_count_is_a_json_number_and_nothing_else() -> None:
+    assert [token_count(v) for v in (7, 0, -3, 2.0, 2.5, 1e20, float("nan"), True, "5", None, [1])] == [
+        7, 0, 0, 2, 3, 10**18, None, None, None, None, None]
+    assert token_count(orjson.loads(b"100000000000000000000")) == 10**18  # past 2**64: orjson gives a float
+
+
+@pytest.mark.parametrize("raw", [{}, {"prompt_tokens": "5", "completion_tokens": 3},
+                                 {"prompt_tokens": 5, "completion_tokens": "3"}, {"completion_tokens": 3},
+                                 {"total_tokens": 8}, {"prompt_tokens": True, "completion_tokens": 1}])
+def test_a_usage_object_without_usable_counts_is_no_report(raw: dict[str, Any]) -> None:
+    assert usage_from_openai(raw) is None
+    assert usage_from_responses({"input_tokens": raw.get("prompt_tokens"),
+                                 "output_tokens": raw.get("completion_tokens")}) is None
+
+
+def test_usable_counts_are_read_whatever_else_comes_with_them() -> None:
+    assert usage_from_openai({"prompt_tokens": 8, "total_tokens": 8}) == Usage(8, 0)  # embeddings: no completion
+    assert usage_from_openai({"prompt_tokens": 1e20, "completion_tokens": 3.0, "prompt_tokens_details": "x",
+                              "completion_tokens_details": [1]}) == Usage(10**18, 3)
+    assert usage_from_openai({"prompt_tokens": 0, "input_tokens": 9, "output_tokens": 2}) == Usage(9, 2)
+    assert usage_from_anthropic({"input_tokens": 2.0e30, "output_tokens": "x"}) == Usage(10**18, 0)
+    assert usage_from_gemini({"promptTokenCount": 4.0, "candidatesTokenCount": 1e19}) == Usage(4, 10**18)
+
+
+@given(st.dictionaries(st.sampled_from(USAGE_KEYS), JSON_VALUES, max_size=6))
+def test_any_usage_object_reads_as_no_report_or_as_whole_non_negative_counts(raw: dict[str, Any]) -> None:
+    for read in (usage_from_openai, usage_from_responses, usage_from_anthropic, usage_from_gemini):
+        usage = read(raw)
+        if usage is not None:
+            counts = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens,
+                      usage.reasoning_tokens)
+            assert all(type(c) is int and c >= 0 for c in counts)
+
+
+@given(st.integers(min_value=0, max_value=10**30), st.integers(min_value=0, max_value=10**30))
+def test_whole_counts_are_read_as_they_came(prompt: int, completion: int) -> None:
+    assert usage_from_openai({"prompt_tokens": prompt, "completion_tokens": completion}) == Usage(prompt, completion)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize("reported", [{}, {"prompt_tokens": "21", "completion_tokens": "9"}], ids=["empty", "strings"])
+async def test_an_answer_with_unusable_usage_is_charged_an_estimate(live: Live, live_store: Any, stream: bool,
+                                                                    reported: dict[str, Any]) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.reported_usage = reported
+    body = {"model": "gpt-fake", "messages": [{"role": "user", "content": "Tell me a story"}], "stream": stream}
+    status, _, _ = await request(live, "POST", "/v1/chat/completions", key=who.key, json_body=body)
+    assert status == 200
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["estimated"]) == ("ok", 1)
+    assert row["completion_tokens"] == sum(tokens.count_tokens(word) for word in WORDS) and row["prompt_tokens"] > 0
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] > 0
+
+
+async def test_an_absurd_count_is_clamped_and_charged_no_more_than_the_balance(live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "0.5")
+    live.fake.reported_usage = json.loads('{"prompt_tokens": 100000000000000000000, "completion_tokens": 3}')
+    status, _, _ = await request(live, "POST", "/v1/chat/completions", key=who.key,
+                                 json_body={"model": "gpt-fake", "messages": [{"role": "user", "content": "Hi"}]})
+    assert status == 200
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["prompt_tokens"], row["estimated"]) == (MOST_TOKENS_A_REQUEST, 0)
+    assert row["charged"] == 500_000 < row["cost"] and balance(live, who.user_id) == (0, 0)
