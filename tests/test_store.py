@@ -11,12 +11,14 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from apibox import accounts
 from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
@@ -35,6 +37,7 @@ from apibox.store.sql_store import (
     RELEASE_SQL,
 )
 from apibox.store.sqlite import HOLD_VALUES_SQL
+from apibox.store.sqltime import from_ms, to_ms
 from tests import dbquery
 from tests.conftest import Databases, PostgresDatabase
 from tests.dbquery import INTEGRITY_ERRORS, Connection, connect, tables
@@ -989,3 +992,10 @@ async def test_postgresql_keeps_a_users_balance_row_locked_only_briefly(
         assert seen == ["holds INSERT", "holds DELETE", "usage INSERT", "ledger INSERT"]
         used = await db.get_key(key.id)
         assert used is not None and used.spent == 40 and used.last_used_at is not None
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 31, 23, 59, 59, 999999),
+                    timezones=st.just(UTC)))
+def test_a_moment_is_stored_to_the_millisecond_below_and_read_back_exactly(moment: datetime) -> None:
+    stored = to_ms(moment)
+    assert from_ms(stored) == moment.replace(microsecond=moment.microsecond // 1000 * 1000)
