@@ -62,7 +62,7 @@ async def test_a_request_on_a_connection_the_upstream_closed_is_sent_again_on_an
     url = await serve(aiohttp_server, upstream)
     http = http_upstream(session)
     for _ in range(3):
-        assert await http.read_json(await http.post(url, {"model": "m"}, {})) == {"id": "x"}
+        assert await http.read_json(await http.send(url, {"model": "m"}, {})) == {"id": "x"}
     # each connection answered one request and was closed under the next, which a new one answered
     assert sorted(upstream.requests.values()) == [1, 2, 2]
 
@@ -73,7 +73,7 @@ async def test_an_upstream_that_closes_every_connection_unanswered_is_a_503_afte
     url = await serve(aiohttp_server, upstream)
     http = http_upstream(session)
     with pytest.raises(UpstreamFailure) as failure:
-        await http.post(url, {"model": "m"}, {})
+        await http.send(url, {"model": "m"}, {})
     assert (failure.value.status, failure.value.code) == (503, "upstream_unavailable")
     assert sorted(upstream.requests.values()) == [1, 1]
     assert len(http._deadlines) == 0
@@ -108,7 +108,7 @@ async def test_a_configured_proxy_carries_the_request_with_its_credentials(
     http = await proxied_upstream(aiohttp_server, session, proxy)
     # a host no resolver knows: only the proxy can have answered
     url = "http://upstream.invalid:9/v1/chat/completions"
-    assert await http.read_json(await http.post(url, {"model": "m"}, {})) == {"id": "through the proxy"}
+    assert await http.read_json(await http.send(url, {"model": "m"}, {})) == {"id": "through the proxy"}
     assert proxy.asked == [(url, "Basic " + base64.b64encode(f"egress:{PROXY_PASSWORD}".encode()).decode())]
 
 
@@ -116,6 +116,6 @@ async def test_a_proxy_refusing_apiboxs_credentials_is_a_503_without_them(
         aiohttp_server: Any, session: aiohttp.ClientSession) -> None:
     http = await proxied_upstream(aiohttp_server, session, FakeProxy(status=407))
     with pytest.raises(UpstreamFailure) as failure:
-        await http.post("http://upstream.invalid:9/v1/chat/completions", {"model": "m"}, {})
+        await http.send("http://upstream.invalid:9/v1/chat/completions", {"model": "m"}, {})
     assert failure.value.status == 503
     assert "HTTP 407" in failure.value.message and PROXY_PASSWORD not in failure.value.message

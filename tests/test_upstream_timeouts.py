@@ -50,7 +50,7 @@ async def test_an_upstream_slower_than_first_byte_is_a_504_on_time(aiohttp_serve
     loop = asyncio.get_running_loop()
     began = loop.time()
     with pytest.raises(UpstreamFailure) as failure:
-        await http.post(url, {"model": "m"}, {})
+        await http.send(url, {"model": "m"}, {})
     assert 0.2 <= loop.time() - began < 1.0
     assert (failure.value.status, failure.value.code) == (504, "upstream_timeout")
     assert "did not answer within 0.2s" in failure.value.message
@@ -63,7 +63,7 @@ async def test_an_upstream_in_time_answers_and_is_not_cancelled_later(aiohttp_se
         return web.json_response({"id": "x"})
     url = await serve(aiohttp_server, quick)
     http = upstream(session, first_byte=0.2)
-    assert await http.read_json(await http.post(url, {"model": "m"}, {})) == {"id": "x"}
+    assert await http.read_json(await http.send(url, {"model": "m"}, {})) == {"id": "x"}
     await asyncio.sleep(0.3)  # past first_byte: nothing fires at this task after the fact
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
@@ -81,7 +81,7 @@ async def test_a_reply_whose_body_stalls_past_idle_is_a_502(aiohttp_server: Any,
         return response
     url = await serve(aiohttp_server, stalls)
     http = upstream(session, idle=0.2)
-    response = await http.post(url, {"model": "m"}, {})
+    response = await http.send(url, {"model": "m"}, {})
     loop = asyncio.get_running_loop()
     began = loop.time()
     with pytest.raises(UpstreamFailure, match="broke off its reply") as failure:
@@ -95,7 +95,7 @@ async def test_a_caller_cancelled_while_waiting_is_cancelled_not_timed_out(aioht
                                                                           session: aiohttp.ClientSession) -> None:
     url = await serve(aiohttp_server, slow)
     http = upstream(session, first_byte=0.3)
-    waiting = asyncio.create_task(http.post(url, {"model": "m"}, {}))
+    waiting = asyncio.create_task(http.send(url, {"model": "m"}, {}))
     await asyncio.sleep(0.1)
     waiting.cancel()  # the client left before the upstream answered
     with pytest.raises(asyncio.CancelledError):

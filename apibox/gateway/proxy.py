@@ -394,9 +394,10 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         return usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
 
     try:
-        if call.door.keeps_answers:
-            await call.door.keep(call.route.provider, call.model.name, call.native,  # type: ignore[union-attr]
-                                 started.first)
+        keeping = None  # recorded while the stream goes on (a pause in reading could lose what a cut
+        if call.door.keeps_answers:  # upstream had sent), done before the stream's end goes out
+            keeping = asyncio.ensure_future(call.door.keep(call.route.provider,  # type: ignore[union-attr]
+                                                           call.model.name, call.native, started.first))
         if heart.beat is not None:
             await heart.beat  # a keep-alive being written (with the head, when the wait was long)
         await response.prepare(request)
@@ -444,6 +445,8 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         final = owed()
         # settled before the stream's end goes out, as an answer is: a client that has read the
         # end reads the books with this request in them
+        if keeping is not None:
+            await keeping
         record = await call.settle(final, status, http_status)
         heart.stop()
         await response.write_eof(last + renderer.end(final, record.cost))
