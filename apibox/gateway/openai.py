@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from apibox import jsoncodec
 from apibox.auth import Caller, client_address
@@ -43,14 +44,17 @@ async def authenticate(request: web.Request) -> Caller:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    if request.content.is_eof():  # the whole body came with the head (the usual case): nothing to wait for
-        raw = await request.read()
-    else:
-        try:
+    try:
+        if request.content.is_eof():  # the whole body came with the head (the usual case): nothing to wait for
+            raw = await request.read()
+        else:
             async with asyncio.timeout(BODY_READ_SECONDS):  # a client trickling its body does not hold a slot forever
                 raw = await request.read()
-        except TimeoutError:
-            raise InvalidRequest(f"The request body did not arrive within {BODY_READ_SECONDS}s.") from None
+    except TimeoutError:
+        raise InvalidRequest(f"The request body did not arrive within {BODY_READ_SECONDS}s.") from None
+    except RequestPayloadError:
+        raise InvalidRequest(f"The request body could not be decoded as its Content-Encoding "
+                             f"({request.headers.get('Content-Encoding', '')!r}) says.") from None
     if not raw.strip():
         raise InvalidRequest("The request body is empty; send a JSON object.")
     try:
