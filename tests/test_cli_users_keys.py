@@ -89,11 +89,26 @@ def test_every_command_has_help_text(path: tuple[str, ...]) -> None:
         assert (getattr(param, "help", None) or "").strip(), f"`apibox {' '.join(path)}` {param.name} has no help"
 
 
+@pytest.mark.parametrize("command", [["db", "check"], ["users", "list"], ["balance", "ann@example.com"],
+                                     ["keys", "list"], ["usage", "report"], ["topup", "ann@example.com", "5"]])
+def test_a_database_file_that_is_not_there_is_refused_not_made(tmp_path: Path, command: list[str]) -> None:
+    """A mistyped path (a restore being checked, a command run in the wrong directory) must not
+    become a new, empty database that `db check` finds sound."""
+    config = tmp_path / "apibox.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path / 'restore-tset.db'}'}}\n")
+    result = CliRunner().invoke(cli_app, [*command, "--config", str(config)])
+    assert_one_line_error(result, f"there is no SQLite database at {tmp_path / 'restore-tset.db'}")
+    assert not (tmp_path / "restore-tset.db").exists()
+    made = CliRunner().invoke(cli_app, ["users", "create", "ann@example.com", "--config", str(config)])
+    assert made.exit_code == 0 and (tmp_path / "restore-tset.db").is_file()  # the first user may start one
+
+
 def test_the_cli_starts_without_the_server_stack(tmp_path: Path) -> None:
     """Only `serve` imports aiohttp and the gateway (a third of a second of every command's start)."""
     probe = ("import sys\n"
              "from apibox.cli.main import app\n"
-             "for command in (['config', 'check'], ['users', 'list'], ['usage', 'report'], ['db', 'check']):\n"
+             "for command in (['config', 'check'], ['db', 'migrate'], ['users', 'list'], ['usage', 'report'],\n"
+             "                ['db', 'check']):\n"
              "    try:\n"
              "        app(command)\n"
              "    except SystemExit as done:\n"

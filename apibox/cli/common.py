@@ -14,10 +14,10 @@ import typer
 from rich.console import Console
 
 from apibox.config import Settings, load_settings
-from apibox.errors import ApiboxError
+from apibox.errors import ApiboxError, InvalidRequest
 from apibox.jsoncodec import dumps_pretty
 from apibox.models import Page
-from apibox.store import open_store
+from apibox.store import missing_sqlite_file, open_store
 from apibox.store.base import ProgressFn, Store
 
 if TYPE_CHECKING:
@@ -59,9 +59,15 @@ def handles_errors(command: Callable[..., T]) -> Callable[..., T]:
 
 
 def with_store(config: str | None, action: Callable[[Store, Settings], Awaitable[T]], *,
-               migrate: bool = True) -> T:
-    """Load the settings, open (and migrate) the store, run ``action``, close the store."""
+               migrate: bool = True, create: bool = False) -> T:
+    """Load the settings, open (and migrate) the store, run ``action``, close the store. A SQLite
+    file that is not there is refused, unless ``create`` (the commands that start a database):
+    a mistyped path would otherwise become a new, empty database that every check finds sound."""
     settings = load_settings(config)
+    missing = None if create else missing_sqlite_file(settings.database.url)
+    if missing is not None:
+        raise InvalidRequest(f"there is no SQLite database at {missing} (database.url); check the path, or make "
+                             "one with `apibox db migrate`")
     # The result is kept off the main task: on its way out, Python 3.11's asyncio.run formats the
     # repr of its SIGINT handler, the task in it and the task's result, a whole report with it.
     result: list[T] = []

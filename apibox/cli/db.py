@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,7 +19,7 @@ from apibox.cli.common import (
     with_store,
 )
 from apibox.errors import InvalidRequest
-from apibox.store import open_store, sqlite_path
+from apibox.store import missing_sqlite_file, open_store
 from apibox.store.base import ProgressFn
 from apibox.urls import masked_url
 
@@ -34,7 +33,7 @@ app = typer.Typer(help="Database schema and audit.", no_args_is_help=True)
 @handles_errors
 def migrate(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Apply any pending schema migrations (serve does this too)."""
-    applied = with_store(config, lambda store, _: store.migrate(), migrate=False)
+    applied = with_store(config, lambda store, _: store.migrate(), migrate=False, create=True)
     if as_json:
         print_json({"applied": applied})
     else:
@@ -88,8 +87,8 @@ async def _copy(source_url: str, target_url: str, progress: ProgressFn) -> CopyR
     for url in (source_url, target_url):
         if not url.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise InvalidRequest(f"{masked_url(url)!r} is not a database URL (sqlite:///PATH or postgresql://...)")
-    if source_url.startswith("sqlite://") and not Path(sqlite_path(source_url)).is_file():
-        raise InvalidRequest(f"there is no SQLite database at {sqlite_path(source_url)}")
+    if missing_sqlite_file(source_url) is not None:
+        raise InvalidRequest(f"there is no SQLite database at {missing_sqlite_file(source_url)}")
     from apibox.store.copying import copy_database
 
     source = await open_store(source_url)

@@ -47,7 +47,7 @@ def create(email: Annotated[str, typer.Argument(help="Email address; one account
            config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create a user account with a zero balance."""
     user = with_store(config, lambda store, settings: accounts.create_user(
-        store, email, name, group, known_groups=settings.groups))
+        store, email, name, group, known_groups=settings.groups), create=True)  # (the first user may start it)
     _print_user(user, as_json, "Created")
 
 

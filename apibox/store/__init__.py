@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from apibox.errors import ConfigError
 from apibox.store.base import Store
 
@@ -24,6 +26,15 @@ async def open_store(url: str, *, migrate: bool = True, pool_size: int = 10) -> 
     if migrate:
         await store.migrate()
     return store
+
+
+def missing_sqlite_file(url: str) -> str | None:
+    """The path of the SQLite file ``url`` names when there is no such file (None for PostgreSQL,
+    or when it is there): opening it would make a new, empty database."""
+    if not url.startswith("sqlite://"):
+        return None
+    path = sqlite_path(url)
+    return None if Path(path).is_file() else path
 
 
 def sqlite_path(url: str) -> str:
