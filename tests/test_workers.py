@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -252,6 +253,24 @@ def test_workers_refuse_a_port_already_in_use() -> None:
         port = taken.getsockname()[1]
         assert_one_line_error(serve_command("--workers", "2", "--port", str(port)), f"port {port} is already in use")
     assert_one_line_error(serve_command("--workers", "2", "--port", "0"), "--workers needs a fixed port")
+
+
+def test_one_process_refuses_a_port_it_cannot_listen_on_in_one_line(tmp_path: Path) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "apibox", "serve", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = serve("--host", "127.0.0.1", "--port", str(port))
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}: " in done.stderr and "in use" in done.stderr
+    done = serve("--host", "999.1.1.1", "--port", "0")
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "cannot listen on 999.1.1.1:0" in done.stderr
+    done = serve("--port", "99999")
+    assert done.returncode == 2 and "99999 is not in the range 0<=x<=65535" in done.stderr
 
 
 # -- the supervisor's rules, on stand-in workers ---------------------------------------------

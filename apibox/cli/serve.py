@@ -23,7 +23,8 @@ log = logging.getLogger("apibox.workers")
 
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="Address to listen on (default: from config).")] = None,
-    port: Annotated[int | None, typer.Option("--port", help="Port to listen on (default: from config, 8080).")] = None,
+    port: Annotated[int | None, typer.Option("--port", min=0, max=65535,
+                                             help="Port to listen on (default: from config, 8080).")] = None,
     workers: Annotated[int, typer.Option(
         "--workers", help="Processes sharing the port (SO_REUSEPORT, Linux); 1 serves in this process.")] = 1,
     config: ConfigOption = None,

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
+from apibox.errors import ConfigError
 from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops, responses
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
@@ -142,7 +143,11 @@ async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[st
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=True if reuse_port else None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:  # the port taken, an address that is not this host's or not an address
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     settle_garbage_collector()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
