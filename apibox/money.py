@@ -5,6 +5,7 @@ Parsing is exact (Decimal); formatting is for the edges (CLI, JSON, HTTP) only.
 
 from __future__ import annotations
 
+import re
 from decimal import Context, Decimal, Inexact, InvalidOperation
 
 MICRO = 1_000_000
@@ -13,6 +14,10 @@ MICRO = 1_000_000
 MAX_AMOUNT_MICRO = 1_000_000_000 * MICRO
 # The most a 64-bit integer column holds: no balance can be larger, nor any amount stored.
 MAX_STORED_MICRO = 2**63 - 1
+
+
+# An amount whose whole part is grouped by thousands with underscores (Decimal takes them anywhere).
+_GROUPED = re.compile(r"[+-]?\d{1,3}(?:_\d{3})+(?:\.\d*)?")
 
 
 class MoneyError(ValueError):
@@ -29,7 +34,11 @@ def parse_usd(text: str | int | float | Decimal, *, allow_negative: bool = False
     raw = str(text).strip()
     if isinstance(text, float):
         raw = repr(text)  # shortest repr keeps 0.075 exact
-    raw = raw.removeprefix("$").replace("_", "")
+    raw = raw.removeprefix("$")
+    if "_" in raw:  # a thousands separator, where it belongs: "1_0" is a typo, not ten dollars
+        if not _GROUPED.fullmatch(raw):
+            raise MoneyError(f"{text!r} is not an amount of USD (separate thousands as in 1_000, or not at all)")
+        raw = raw.replace("_", "")
     try:  # ASCII only: Decimal reads any script's digits, and "١٠" would be 10 USD
         value: Decimal | None = Decimal(raw) if raw.isascii() else None
     except (InvalidOperation, ValueError):

@@ -25,6 +25,7 @@ positive_amounts = st.integers(min_value=1, max_value=MAX_AMOUNT_MICRO)
     ("10.50", 10_500_000),
     ("0.000001", 1),
     ("$1_000", 1_000_000_000),
+    ("1_000_000.5", 1_000_000_500_000),
     ("$10.25", 10_250_000),
     ("  7 ", 7_000_000),
     ("1000000000", MAX_AMOUNT_MICRO),
@@ -50,6 +51,7 @@ def test_parse_usd_accepts_numbers_exactly(value: object, micro: int) -> None:
 @pytest.mark.parametrize("text", [
     "-5", "abc", "1e999", "0.0000001", "nan", "NaN", "sNaN", "inf", "-inf", "Infinity", "-0.0000001", "",
     "   ", "$", "1.2.3", "10 USD", "1000000000.000001", "1000000001", "0x10", "--5", "-$5",
+    "1_0", "1_00", "10_000_0", "1__000", "_1000", "1000_", "1_000.000_5", "1e1_0",
     # More than 6 decimals must be refused however many digits the amount has: the 7th-and-later
     # digits must not vanish in Decimal's 28-digit arithmetic.
     "1.0000000000000000000000000001",
