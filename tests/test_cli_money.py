@@ -210,6 +210,15 @@ def test_ledger_formats(cli: Any, ann: int) -> None:
     assert "10.000000" in table.stdout and "-0.500000" in table.stdout and "9.500000" in table.stdout
 
 
+@pytest.mark.parametrize("note", ["=cmd|'/c calc'!A1", "+1+1", "-2+3", "@SUM(A1)"])
+def test_ledger_csv_cells_never_open_as_formulas(cli: Any, ann: int, note: str) -> None:
+    cli("topup", "ann@example.com", "10", "--note", note, "--reference", note)
+    cli("adjust", "ann@example.com", "-0.5", "--note", "fine")
+    rows = list(csv.DictReader(io.StringIO(cli("ledger", "ann@example.com", "--format", "csv").stdout)))
+    assert [(r["note"], r["reference"]) for r in rows] == [("'" + note, "'" + note), ("fine", "")]
+    assert [r["amount_usd"] for r in rows] == ["10.000000", "-0.500000"]  # numbers stay numbers
+
+
 def test_ledger_since(cli: Any, ann: int) -> None:
     cli("topup", "ann@example.com", "1")
     assert len(ok_json(cli("ledger", "ann@example.com", "--since", "1h", "--json"))) == 1

@@ -4,8 +4,10 @@ progress bars and the spinner of long work."""
 from __future__ import annotations
 
 import asyncio
+import csv
+import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -23,6 +25,8 @@ from apibox.store.base import ProgressFn, Store
 if TYPE_CHECKING:
     from apibox.cli.render import PlainTable
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # how a spreadsheet cell becomes a formula
+_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 T = TypeVar("T")
 
 ConfigOption = Annotated[str | None, typer.Option(
@@ -87,6 +91,20 @@ def next_page_hint(page: Page, ids: list[int], command: str) -> None:
     keeps only the listing)."""
     if page.is_full(len(ids)):
         err_console.print(f"More may follow: {command} --after {ids[-1]} --limit {page.limit}", soft_wrap=True)
+
+
+def write_csv(rows: Iterable[Sequence[object]]) -> None:
+    """Rows as CSV on stdout, each text cell safe to open in a spreadsheet (``spreadsheet_safe``)."""
+    csv.writer(sys.stdout).writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
+
+
+def spreadsheet_safe(cell: object) -> object:
+    """A cell no spreadsheet runs as a formula: text that starts as one does (= + - @, a tab, a
+    carriage return) gets a leading apostrophe (OWASP's advice for CSV). Notes and names are
+    anyone's text; numbers, negative amounts among them, are left as they are."""
+    if isinstance(cell, str) and cell.startswith(FORMULA_STARTS) and not _NUMBER.fullmatch(cell):
+        return "'" + cell
+    return cell
 
 
 def print_table(table: PlainTable) -> None:

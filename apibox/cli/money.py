@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import sys
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -19,6 +17,7 @@ from apibox.cli.common import (
     print_json,
     print_table,
     with_store,
+    write_csv,
 )
 from apibox.cli.render import ledger_table
 from apibox.models import Balance, User
@@ -98,15 +97,12 @@ def ledger(user: UserArg,
     if as_json or output == "json":
         print_json([entry_json(e) for e in entries])
     elif output == "csv":
-        writer = csv.writer(sys.stdout)
         rows = [entry_json(e) for e in entries]
         columns = list(rows[0]) if rows else LEDGER_CSV_COLUMNS
-        writer.writerow(columns)
-        if found.is_period:
-            writer.writerow(_balance_line(columns, "opening", found.since, found.opening))
-        writer.writerows([r[c] for c in columns] for r in rows)
-        if found.is_period:
-            writer.writerow(_balance_line(columns, "closing", found.until or datetime.now(UTC), found.closing))
+        opening = [_balance_line(columns, "opening", found.since, found.opening)] if found.is_period else []
+        closing = [_balance_line(columns, "closing", found.until or datetime.now(UTC), found.closing)
+                   ] if found.is_period else []
+        write_csv([columns, *opening, *([r[c] for c in columns] for r in rows), *closing])
     else:
         if found.is_period:
             console.print(f"{found.user.email}: opening balance {format_usd(found.opening or 0)} USD "

@@ -3,8 +3,6 @@ spend chart; folding old usage rows into daily totals."""
 
 from __future__ import annotations
 
-import csv
-import sys
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +22,7 @@ from apibox.cli.common import (
     progress_bars,
     spinner,
     with_store,
+    write_csv,
 )
 from apibox.cli.render import table
 from apibox.money import format_usd
@@ -88,9 +87,7 @@ def report(
         data = [total]  # grouped by nothing, the one row is the total
     if output == "csv":
         columns = [*query.by, *reports.ROW_FIELDS]
-        writer = csv.writer(sys.stdout)
-        writer.writerow(columns)
-        writer.writerows([row.get(c, "") for c in columns] for row in data)
+        write_csv([columns, *([row.get(c, "") for c in columns] for row in data)])
         return
     lines = [[row[c] for c in query.by] + [_cell(f, row[f]) for f in TABLE_FIELDS] for row in data]
     print_table(table(None, [*query.by, *TABLE_FIELDS.values()], lines, right=TABLE_FIELDS.values()))
