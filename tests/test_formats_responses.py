@@ -109,3 +109,21 @@ def test_any_input_is_measured_for_the_hold_and_translated_or_refused(items: lis
     else:
         assert all(isinstance(message["role"], str) and "content" in message for message in chat["messages"])
         assert len(chat["messages"]) <= len(items) + 1  # an item a message at most, and the instructions
+
+
+def test_a_malformed_item_part_or_tool_is_named_for_what_is_wrong_with_it() -> None:
+    cases = [({"input": [{"type": "message", "role": "user", "content": [{"type": "input_text"}]}]},
+              "input[0].content[0].text", "must be a string"),
+             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": 5}]}]},
+              "input[0].content[0].image_url", "must be a string"),
+             ({"input": [{"role": "user", "content": ["hi"]}]}, "input[0].content[0]", "must be an object"),
+             ({"input": [5]}, "input[0]", "must be an object"),
+             ({"input": "hi", "tools": [5]}, "tools[0]", "must be an object"),
+             ({"input": [{"type": "computer_call"}]}, "input[0]", "is not supported")]
+    for extra, param, says in cases:
+        try:
+            chat_request({"model": "m", **extra})
+        except InvalidRequest as refused:
+            assert (refused.param, says in refused.message) == (param, True), refused.message
+        else:
+            raise AssertionError(f"{extra} was not refused")

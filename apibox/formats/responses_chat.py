@@ -33,16 +33,28 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
     if not isinstance(content, list):
         raise InvalidRequest(f"'{param}' must be a string or a list of content parts.", param=param)
     parts: list[dict[str, Any]] = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "input_image" and isinstance(part.get("image_url"), str):
-            parts.append({"type": "image_url", "image_url": {"url": part["image_url"],
+    for index, part in enumerate(content):
+        kind = _object(part, f"{param}[{index}]").get("type")
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": _string(part, "text", f"{param}[{index}]")})
+        elif kind == "input_image":
+            parts.append({"type": "image_url", "image_url": {"url": _string(part, "image_url", f"{param}[{index}]"),
                                                              "detail": part.get("detail") or "auto"}})
         else:
             raise _unsupported(f"a content part of type {kind!r}", param)
     return parts
+
+
+def _object(value: Any, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{param}' must be an object.", param=param)
+    return value
+
+
+def _string(part: dict[str, Any], field: str, param: str) -> str:
+    if not isinstance(part.get(field), str):
+        raise InvalidRequest(f"'{param}.{field}' must be a string.", param=f"{param}.{field}")
+    return part[field]  # type: ignore[no-any-return]
 
 
 def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -52,7 +64,7 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     items = body.get("input")
     for index, item in enumerate([{"role": "user", "content": items}] if isinstance(items, str) else items):
         param = f"input[{index}]"
-        kind = item.get("type", "message") if isinstance(item, dict) else None
+        kind = _object(item, param).get("type", "message")
         if kind == "message" and not isinstance(item.get("role"), str):
             raise InvalidRequest(f"'{param}' is a message without a 'role'.", param=f"{param}.role")
         if kind == "message":
@@ -80,8 +92,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _tools(tools: Any) -> list[dict[str, Any]]:
     converted = []
     for index, tool in enumerate(tools if isinstance(tools, list) else ()):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            kind = tool.get("type") if isinstance(tool, dict) else None
+        kind = _object(tool, f"tools[{index}]").get("type")
+        if kind != "function":
             raise _unsupported(f"the built-in tool {kind!r}", f"tools[{index}]")
         function = {"name": tool.get("name"), "parameters": tool.get("parameters") or {"type": "object"}}
         for field in ("description", "strict"):
