@@ -50,12 +50,12 @@ def _as_id(text: str) -> int | None:
     return int(text)
 
 
-def whole_number(value: int | str, name: str, least: int) -> int:
-    """A whole number from ``least`` to what the database holds, given as a number (the CLI's
-    options, JSON) or as text (a query)."""
+def whole_number(value: int | str, name: str, least: int, most: int = MAX_ID) -> int:
+    """A whole number from ``least`` to ``most`` (by default what the database holds), given as a
+    number (the CLI's options, JSON) or as text (a query)."""
     number = _as_id(value) if isinstance(value, str) else value
-    if number is None or not least <= number <= MAX_ID:
-        raise InvalidRequest(f"{name} must be a whole number from {least} to {MAX_ID}, got {value!r}", param=name)
+    if number is None or not least <= number <= most:
+        raise InvalidRequest(f"{name} must be a whole number from {least} to {most}, got {value!r}", param=name)
     return number
 
 

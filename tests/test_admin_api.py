@@ -553,6 +553,8 @@ async def test_every_change_is_in_the_admin_log_with_its_actor(admin: Live) -> N
     assert all(len(page) == 3 for page in pages[:-1]) and len(pages[-1]) < 3
     for asked in ("limit=0", "before=0", "before=x"):
         await refused(admin, "GET", f"/admin/log?{asked}")
+    assert "from 1 to 1000" in (await refused(admin, "GET", "/admin/log?limit=1001"))["message"]
+    assert len(await api(admin, "GET", "/admin/log?limit=1000")) == len(newest_first)
     # and money moved by the API is attributed in the ledger too
     actors = {r["actor"] for r in query(admin, "SELECT actor FROM ledger")}
     assert actors == {"admin-api:127.0.0.1"}

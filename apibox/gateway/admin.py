@@ -257,7 +257,7 @@ async def reload(request: web.Request) -> web.Response:
 async def admin_log(request: web.Request) -> web.Response:
     """Newest first; a full page links to the one older (``before`` its last entry)."""
     store, query = _store(request), request.query
-    limit = min(LOG_PAGE_MAX, accounts.whole_number(query.get("limit", "100"), "limit", 1))
+    limit = accounts.whole_number(query.get("limit", "100"), "limit", 1, LOG_PAGE_MAX)
     before = accounts.whole_number(query["before"], "before", 1) if "before" in query else None
     actions = await store.admin_actions(limit, before)
     response = web.json_response([{"id": a.id, "created_at": iso(a.created_at), "actor": a.actor,
