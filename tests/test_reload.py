@@ -95,6 +95,18 @@ async def test_server_and_database_changes_wait_for_a_restart(admin: Live, tmp_p
     assert json.loads(raw)["needs_restart"] == ["server", "database"]
     assert (await chat(admin.url, key, "gpt-fake"))[0] == 200  # same database: the key is still known
     assert not (tmp_path / "elsewhere.db").exists()
+    admin.config_path.write_text(text)  # for the books check after the test (of this database, not a new one)
+
+
+async def test_a_changed_listen_port_is_reported_to_wait_for_a_restart(admin: Live) -> None:
+    text = admin.config_path.read_text()
+    status, _, raw = await request(admin, "POST", "/admin/reload", key=ADMIN_KEY)
+    assert (status, json.loads(raw)["needs_restart"]) == (200, [])  # listening elsewhere than the file: no change
+    admin.config_path.write_text(text.replace(f"server: {{admin_key: {ADMIN_KEY}}}",
+                                              f"server: {{admin_key: {ADMIN_KEY}, port: 9999}}"))
+    status, _, raw = await request(admin, "POST", "/admin/reload", key=ADMIN_KEY)
+    assert (status, json.loads(raw)["needs_restart"]) == (200, ["server"])
+    admin.config_path.write_text(text)
 
 
 def test_config_reload_without_redis_says_to_send_sighup(tmp_path: Path, database_url: str) -> None:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from apibox.cli.common import ConfigOption, err_console, fail, handles_errors
-from apibox.config import Settings, load_settings, masked_url
+from apibox.config import ServerSettings, Settings, load_settings, masked_url
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 WORKER_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
@@ -43,10 +43,9 @@ def serve(
 
     if workers < 1:
         raise fail(f"--workers must be 1 or more, got {workers}")
-    settings = load_settings(config)
+    settings = load_settings(config)  # kept as the file says: a reload tells a changed host or port from it
     server = replace(settings.server, host=host or settings.server.host,
                      port=port if port is not None else settings.server.port)
-    settings = replace(settings, server=server)
     logging.basicConfig(level=logging.INFO, format=WORKER_LOG_FORMAT if worker_fd is not None else LOG_FORMAT)
     configure_access_log(settings.server.access_log == "json")
 
@@ -56,7 +55,7 @@ def serve(
                                      reuse_port=True))
         return
     if workers > 1:
-        raise typer.Exit(_supervise(settings, workers, config))
+        raise typer.Exit(_supervise(settings, server, workers, config))
 
     def ready(url: str) -> None:
         err_console.print(f"apibox serving on {url}/v1 ({_describe(settings)})")
@@ -65,11 +64,10 @@ def serve(
         runner.run(serve_gateway(settings, server.host, server.port, ready=ready))
 
 
-def _supervise(settings: Settings, workers: int, config: str | None) -> int:
-    """Start ``workers`` copies of this command on one port and watch them; the exit code."""
+def _supervise(settings: Settings, server: ServerSettings, workers: int, config: str | None) -> int:
+    """Start ``workers`` copies of this command on ``server``'s address and watch them; the exit code."""
     from apibox.gateway.workers import check_port_free, supervise
 
-    server = settings.server
     if not hasattr(socket, "SO_REUSEPORT"):
         raise fail("--workers needs SO_REUSEPORT, which this platform lacks; run with --workers 1")
     if server.port == 0:

@@ -40,9 +40,8 @@ def reload_config(gateway: Gateway) -> Reloaded:
     if not Path(old.source).is_file():
         raise ConfigError(f"this gateway runs on {old.source}, not a config file: there is nothing to reload")
     new = load_settings(old.source)
-    # host and port may come from the command line (serve --port): only the file's other server settings count
-    as_started = replace(new, server=replace(new.server, host=old.server.host, port=old.server.port))
-    needs_restart = tuple(name for name in FIXED_AT_START if getattr(as_started, name) != getattr(old, name))
+    # (the settings hold the file's host and port, whatever `serve --host/--port` listens on)
+    needs_restart = tuple(name for name in FIXED_AT_START if getattr(new, name) != getattr(old, name))
     new = replace(new, **{name: getattr(old, name) for name in FIXED_AT_START})
     providers = build_providers(new, gateway.session)
     # One assignment each, no await between them: a request reads either the old set or the new one.
