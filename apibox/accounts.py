@@ -113,8 +113,10 @@ async def resolve_user(store: Store, ref: str | int) -> User:
 
 async def _log(store: Store, actor: str, action: str, target: str, before: dict[str, Any] | None,
                after: dict[str, Any] | None) -> None:
-    """Every change an operator makes, from the CLI or the admin API, goes to the admin log."""
-    await store.log_admin_action(actor, action, target, before, after)
+    """Every change an operator makes, from the CLI or the admin API, goes to the admin log; an
+    action that found things already as asked (a revoked key revoked again) changed nothing."""
+    if before != after:
+        await store.log_admin_action(actor, action, target, before, after)
 
 
 async def create_user(store: Store, email: str, name: str = "", group: str = "default", *,
@@ -164,6 +166,8 @@ async def update_user(store: Store, ref: str, *, name: str | None = None, group:
                       actor: str = "cli", known_groups: Iterable[str] | None = None,
                       notify: Notifier = NO_NOTIFIER) -> User:
     name, group = _text(name, "name"), _group(group, known_groups)
+    if name is None and group is None:
+        raise InvalidRequest("nothing to change: give a name or a group")
     user = await resolve_user(store, ref)
     updated = await store.update_user(user.id, name=name, group=group)
     await _log(store, actor, "user.update", f"user:{user.id}", user_json(user), user_json(updated))

@@ -555,3 +555,17 @@ def test_a_long_error_stays_on_one_line(cli: Any) -> None:
     email = "a" * 150 + "@" + "b" * 150 + ".example.com"
     line = assert_one_line_error(cli("users", "show", email), "no user")
     assert email in line
+
+
+def test_what_changes_nothing_is_refused_or_left_out_of_the_admin_log(cli: Any, config_path: Path) -> None:
+    def logged() -> list[str]:
+        return [r[0] for r in dbquery.query(database(config_path), "SELECT action FROM admin_log ORDER BY id")]
+
+    user_id(cli, "ann@example.com")
+    assert_one_line_error(cli("users", "update", "ann@example.com"), "nothing to change")
+    key = new_key(cli, "ann@example.com")
+    for _ in range(2):
+        assert cli("keys", "revoke", str(key["id"])).exit_code == 0
+        assert cli("users", "suspend", "ann@example.com", "--reason", "audit").exit_code == 0
+    assert cli("users", "suspend", "ann@example.com", "--reason", "unpaid").exit_code == 0  # a new reason is a change
+    assert logged() == ["user.create", "key.create", "key.revoke", "user.suspended", "user.suspended"]
