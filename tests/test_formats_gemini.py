@@ -384,7 +384,7 @@ def test_usage_from_gemini_without_metadata_is_none(raw: Any) -> None:
 def test_usage_from_gemini_ignores_junk_values() -> None:
     raw = {"promptTokenCount": True, "candidatesTokenCount": -3, "thoughtsTokenCount": "9",
            "cachedContentTokenCount": 2.5}
-    assert usage_from_gemini(raw) == Usage()
+    assert usage_from_gemini(raw) == Usage(cached_tokens=3)  # a float is a number: rounded up, never dropped
     assert usage_from_gemini({"promptTokenCount": 12}) == Usage(prompt_tokens=12)
 
 
