@@ -101,7 +101,8 @@ class Authenticator:
 
     async def _identify(self, secret: str | None) -> Caller:
         if not secret:
-            raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
+            raise InvalidApiKey("You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' "
+                                "(Anthropic clients: 'x-api-key: YOUR_KEY').")
         if not looks_like_key(secret):
             raise InvalidApiKey("Incorrect API key provided. You can get a key from your apibox operator.")
         found = await self._lookup(hash_key(secret))

@@ -576,7 +576,8 @@ async def test_a_stream_broken_mid_answer_ends_with_an_error_event_and_charges_w
     name, error = frames[-1]
     assert name == "error"
     assert error["type"] == "error" and error["error"]["type"] == "api_error"
-    assert "incomplete" in error["error"]["message"]
+    assert error["error"]["message"].endswith(". The answer is incomplete.")
+    assert ".." not in error["error"]["message"] and " The" in error["error"]["message"]
     names = [n for n, _ in frames[:-1]]
     assert "message_stop" not in names and "message_delta" not in names  # never told it finished
     delivered = "".join(d["delta"].get("text", "") for n, d in frames if n == "content_block_delta")
@@ -670,3 +671,23 @@ async def test_a_suspended_user_gets_a_permission_error(live: Live, live_store) 
     assert status == 403
     assert "unpaid invoice" in anthropic_error(raw, "permission_error", headers)
     assert books(live) == before
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"max_tokens": -1}, "max_tokens: must be a positive whole number, not -1"),
+    ({"max_tokens": "5"}, "max_tokens: must be a positive whole number, not '5'"),
+    ({"max_tokens": None}, "max_tokens: Field required"),
+    ({"model": "embed-fake"}, "does not support /v1/messages")])
+async def test_a_refused_message_says_what_is_wrong_with_it(live: Live, live_store: Any, change: dict[str, Any],
+                                                           says: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    body = {"model": "claude-fake", "max_tokens": 100, "messages": MESSAGES, **change}
+    status, _, raw = await post(live, "/v1/messages", {k: v for k, v in body.items() if v is not None},
+                                {"x-api-key": who.key})
+    assert status == 400 and says in json.loads(raw)["error"]["message"]
+
+
+async def test_a_missing_key_is_explained_for_anthropic_clients_too(live: Live) -> None:
+    status, _, raw = await post(live, "/v1/messages", {"model": "claude-fake", "max_tokens": 5, "messages": MESSAGES},
+                                {})
+    assert status == 401 and "x-api-key" in json.loads(raw)["error"]["message"]

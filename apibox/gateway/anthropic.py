@@ -40,8 +40,10 @@ def _check(body: dict[str, Any], *, needs_max_tokens: bool) -> None:
         raise InvalidRequest("system: must be a string or a list of text blocks", param="system")
     if needs_max_tokens:
         limit = body.get("max_tokens")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        if limit is None:
             raise InvalidRequest("max_tokens: Field required (a positive whole number)", param="max_tokens")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequest(f"max_tokens: must be a positive whole number, not {limit!r}", param="max_tokens")
     if "stream" in body and not isinstance(body["stream"], bool):
         raise InvalidRequest("stream: must be true or false", param="stream")
     for name, kind, what in (("tools", list, "a list of tools"), ("stop_sequences", list, "a list of strings"),

@@ -237,7 +237,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     exchange.model = model.name
     kind_ok = (model.kind == "embedding") == (endpoint == "embeddings")
     if not kind_ok:
-        raise InvalidRequest(f"The model `{model.name}` does not support /v1/{endpoint}.", param="model")
+        raise InvalidRequest(f"The model `{model.name}` does not support {request.path}.", param="model")
     output = requested_output(endpoint, body, model)
     prompt = tokens.measure_prompt(body)  # once: the limits, the hold and any estimate share it
     subjects = limit_subjects(gateway, caller)
@@ -456,8 +456,8 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
             call.gateway.router.failed(call.route)
         log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
         heart.stop()
-        await _write_quietly(response, renderer.error(UpstreamError(f"{exc} The answer is incomplete.",
-                                                                    code="upstream_stream_broken")))
+        broken = UpstreamError(f"{str(exc).rstrip('.')}. The answer is incomplete.", code="upstream_stream_broken")
+        await _write_quietly(response, renderer.error(broken))
     except ConnectionResetError:
         status, http_status = "client_gone", 499
     except asyncio.CancelledError:
