@@ -691,3 +691,20 @@ async def test_a_missing_key_is_explained_for_anthropic_clients_too(live: Live) 
     status, _, raw = await post(live, "/v1/messages", {"model": "claude-fake", "max_tokens": 5, "messages": MESSAGES},
                                 {})
     assert status == 401 and "x-api-key" in json.loads(raw)["error"]["message"]
+
+
+async def test_anthropic_clients_list_and_read_models_in_anthropics_shape(live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "1", models=["demo", "claude-fake", "gpt-fake"])
+    async with client(live, who.key) as sdk:
+        listed = [m async for m in sdk.models.list(limit=2)]  # two pages, followed by the SDK
+        one = await sdk.models.retrieve("claude-fake")
+        page = await sdk.models.list(limit=1, after_id="demo")
+        before = await sdk.models.list(limit=5, before_id="gpt-fake")
+    assert [m.id for m in listed] == ["demo", "gpt-fake", "claude-fake"]  # the config's order, the key's models
+    assert all(m.type == "model" and m.display_name == m.id and m.created_at.year == 2023 for m in listed)
+    assert (one.id, one.max_tokens) == ("claude-fake", 1000)
+    assert ([m.id for m in page.data], page.has_more) == (["gpt-fake"], True)
+    assert ([m.id for m in before.data], before.has_more) == (["demo"], False)
+    async with aiohttp.ClientSession() as session, session.get(  # OpenAI clients: OpenAI's shape
+            f"{live.url}/v1/models", headers={"Authorization": f"Bearer {who.key}"}) as response:
+        assert response.status == 200 and (await response.json())["object"] == "list"

@@ -9,6 +9,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from apibox import jsoncodec
+from apibox.accounts import whole_number
 from apibox.auth import Caller, client_address
 from apibox.config import ModelSettings
 from apibox.errors import InvalidRequest, ModelNotFound
@@ -18,6 +19,7 @@ from apibox.gateway.proxy import forward
 from apibox.views import model_pricing_json
 
 MODEL_CREATED = 1_700_000_000  # a fixed `created` for configured models
+MODEL_CREATED_AT = "2023-11-14T22:13:20Z"  # the same moment, as Anthropic's models give it
 BODY_READ_SECONDS = 30
 
 
@@ -125,9 +127,41 @@ def _visible(request: web.Request, caller: Caller, models: list[ModelSettings]) 
             and (not group.models or m.name in group.models)]
 
 
+def _anthropic_client(request: web.Request) -> bool:
+    """Anthropic's SDKs send ``anthropic-version`` with every request: they read models in their shape."""
+    return "anthropic-version" in request.headers
+
+
+def anthropic_model_object(model: ModelSettings) -> dict[str, Any]:
+    return {"type": "model", "id": model.name, "display_name": model.name, "created_at": MODEL_CREATED_AT,
+            "max_tokens": model.max_output_tokens}
+
+
+def _anthropic_page(request: web.Request, models: list[ModelSettings]) -> dict[str, Any]:
+    """Anthropic's page of models: at most ``limit`` (1-1000, 20 by default), those just after
+    ``after_id`` or just before ``before_id``."""
+    names = [m.name for m in models]
+
+    def position(cursor: str) -> int:
+        name = request.query[cursor]
+        if name not in names:
+            raise InvalidRequest(f"{cursor}: no model `{name}` in the list", param=cursor)
+        return names.index(name)
+
+    limit = whole_number(request.query.get("limit", "20"), "limit", 1, 1000)
+    after, before = "after_id" in request.query, "before_id" in request.query
+    window = models[position("after_id") + 1 if after else 0:position("before_id") if before else len(models)]
+    chosen = window[-limit:] if before and not after else window[:limit]
+    data = [anthropic_model_object(m) for m in chosen]
+    return {"data": data, "has_more": len(chosen) < len(window), "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None}
+
+
 async def list_models(request: web.Request) -> web.Response:
     caller = await authenticate(request)
     models = _visible(request, caller, request.app[GATEWAY].router.models)
+    if _anthropic_client(request):
+        return web.json_response(_anthropic_page(request, models))
     return web.json_response({"object": "list", "data": [model_object(request, caller, m) for m in models]})
 
 
@@ -137,6 +171,8 @@ async def get_model(request: web.Request) -> web.Response:
     if model not in _visible(request, caller, [model]):
         raise ModelNotFound(f"The model `{request.match_info['model']}` does not exist or you do not have "
                             "access to it.", param="model")
+    if _anthropic_client(request):
+        return web.json_response(anthropic_model_object(model))
     return web.json_response(model_object(request, caller, model))
 
 
