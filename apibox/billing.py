@@ -53,11 +53,12 @@ async def reserve(store: Store, key: ApiKey, *, model: str, price: Price, reques
         wanted = min(output_tokens, affordable_output_tokens(price, available, prompt_tokens))
         if wanted < min_output:
             need = worst_case_micro(price, prompt_tokens, min_output)
-            what = "this key's budget" if budget_left is not None and budget_left < need else "your balance"
+            budget_short = budget_left is not None and budget_left < need
+            what, remedy = (("this key's budget", "Ask the operator to raise the key's budget, or use another key.")
+                            if budget_short else ("your balance", "Top up your balance and try again."))
             raise InsufficientQuota(
                 f"Insufficient balance: {what} (${format_usd(max(available, 0))} available) cannot pay for this "
-                f"request (at least ${format_usd(need)} for the prompt and a minimal answer). "
-                "Top up your balance and try again.")
+                f"request (at least ${format_usd(need)} for the prompt and a minimal answer). {remedy}")
     raise InsufficientQuota("Insufficient balance: other requests in flight are using your balance; "
                             "try again when they finish or top up.")
 

@@ -389,6 +389,7 @@ async def test_a_key_budget_stops_requests_with_402_once_spent(live: Live, live_
     assert statuses[-1] == 402 and set(statuses[:-1]) == {200}
     error, _ = await refused(live, who.key, 402)
     assert error["code"] == "insufficient_quota" and "budget" in error["message"]
+    assert "raise the key's budget" in error["message"] and "Top up" not in error["message"]
     assert sum(charges(live, who.user_id)) == key_spent(live, who.user_id) <= 1000
     assert balance(live, who.user_id) == (5_000_000 - key_spent(live, who.user_id), 0)
 
