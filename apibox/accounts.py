@@ -265,7 +265,7 @@ def _addresses(cidrs: tuple[str, ...]) -> tuple[str, ...]:
         try:
             ipaddress.ip_network(cidr, strict=False)
         except ValueError:
-            raise InvalidRequest(f"{cidr!r} is not an IP address or CIDR range", param="allow_ip") from None
+            raise InvalidRequest(f"{cidr!r} is not an IP address or CIDR range", param="allow_ips") from None
     return cidrs
 
 

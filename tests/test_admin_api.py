@@ -462,7 +462,7 @@ async def test_a_keys_settings_change_in_place_and_a_running_gateway_applies_the
 
     for body, param in (({"rpm": 0}, "rpm"), ({"rpm": "5"}, "rpm"), ({"budget": "-1"}, "budget"),
                         ({"expires": "yesterday"}, "expires"), ({"models": ["nope"]}, "models"),
-                        ({"models": [1]}, "models"), ({"allow_ips": ["not-an-ip"]}, "allow_ip"),
+                        ({"models": [1]}, "models"), ({"allow_ips": ["not-an-ip"]}, "allow_ips"),
                         ({"name": "two\nlines"}, "name"), ({}, None), ({"user": 2}, None)):
         error = await refused(admin, "PATCH", path, body)
         assert error["param"] == param, (body, error)

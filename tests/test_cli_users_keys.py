@@ -569,3 +569,13 @@ def test_what_changes_nothing_is_refused_or_left_out_of_the_admin_log(cli: Any, 
         assert cli("users", "suspend", "ann@example.com", "--reason", "audit").exit_code == 0
     assert cli("users", "suspend", "ann@example.com", "--reason", "unpaid").exit_code == 0  # a new reason is a change
     assert logged() == ["user.create", "key.create", "key.revoke", "user.suspended", "user.suspended"]
+
+
+def test_list_options_take_each_item_once_and_refuse_naming_nothing(cli: Any) -> None:
+    user_id(cli, "ann@example.com")
+    key = new_key(cli, "ann@example.com", "--models", "demo,,demo", "--allow-ip", "10.0.0.1", "--allow-ip", "10.0.0.1")
+    assert (key["models"], key["allow_ips"]) == (["demo"], ["10.0.0.1"])
+    for option in ("--models", "--allow-ip"):
+        assert_one_line_error(cli("keys", "create", "ann@example.com", option, ""), f"{option} names nothing")
+        assert_one_line_error(cli("keys", "update", str(key["id"]), option, " , "), f"{option} names nothing")
+    assert ok_json(cli("keys", "show", str(key["id"]), "--json"))["models"] == ["demo"]  # left as it was

@@ -13,6 +13,7 @@ from apibox.cli.common import (
     JsonOption,
     LimitOption,
     console,
+    fail,
     handles_errors,
     next_page_hint,
     print_json,
@@ -30,8 +31,13 @@ app = typer.Typer(help="Create and manage API keys. A key's secret is shown once
 KeyArg = Annotated[str, typer.Argument(help="The key's id (see `apibox keys list`).", show_default=False)]
 
 
-def _split(values: list[str] | None) -> tuple[str, ...]:
-    return tuple(part.strip() for value in values or () for part in value.split(",") if part.strip())
+def _split(values: list[str] | None, option: str) -> tuple[str, ...]:
+    """A list option's items, comma-separated or repeated, each once. Given but naming nothing
+    (``--models ''``) is refused: it would read as no limit at all."""
+    items = tuple(dict.fromkeys(part.strip() for value in values or () for part in value.split(",") if part.strip()))
+    if values and not items:
+        raise fail(f"{option} names nothing; leave it out for no limit")
+    return items
 
 
 @app.command("create")
@@ -51,8 +57,8 @@ def create(
     config: ConfigOption = None, as_json: JsonOption = False,
 ) -> None:
     """Create an API key for a user and print its secret (the only time it is shown)."""
-    options = accounts.KeyOptions(name=name, models=_split(models), budget=budget, expires=expires, rpm=rpm,
-                                  tpm=tpm, concurrency=concurrency, allow_ips=_split(allow_ip))
+    options = accounts.KeyOptions(name=name, models=_split(models, '--models'), budget=budget, expires=expires, rpm=rpm,
+                                  tpm=tpm, concurrency=concurrency, allow_ips=_split(allow_ip, '--allow-ip'))
     new = with_store(config, lambda store, settings: accounts.create_key(
         store, user, options, known_models=settings.model_index()))
     if as_json:
@@ -90,8 +96,8 @@ def update(
 
     A running gateway applies the change within a second."""
     given = {"name": name, "budget": budget, "expires": expires, "rpm": rpm, "tpm": tpm, "concurrency": concurrency,
-             "models": None if models is None else _split(models),
-             "allow_ips": None if allow_ip is None else _split(allow_ip)}
+             "models": None if models is None else _split(models, "--models"),
+             "allow_ips": None if allow_ip is None else _split(allow_ip, "--allow-ip")}
     changes = accounts.KeyChanges(**{field: value for field, value in given.items() if value is not None})
     updated = with_store(config, lambda store, settings: accounts.update_key(
         store, key, changes, known_models=settings.model_index(), notify=bus.publisher(settings)))
