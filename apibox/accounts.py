@@ -396,7 +396,7 @@ async def balance(store: Store, ref: str) -> tuple[User, Balance]:
     return user, await store.get_balance(user.id)
 
 
-async def ledger(store: Store, ref: str, since: datetime | None = None,
+async def ledger(store: Store, ref: str, since: datetime | None = None, until: datetime | None = None,
                  page: Page = EVERY) -> tuple[User, list[LedgerEntry]]:
     user = await resolve_user(store, ref)
-    return user, await store.ledger(user.id, since, page=page)
+    return user, await store.ledger(user.id, since, until, page=page)

@@ -55,9 +55,16 @@ def _moment(text: str | None, now: datetime, field: str) -> datetime | None:
         raise InvalidRequest(str(exc), param=field) from None
 
 
+def time_window(since: str | None, until: str | None, now: datetime) -> tuple[datetime | None, datetime | None]:
+    """[since, until) as an operator typed them (a moment or a duration ago); ``until`` must come after."""
+    start, end = _moment(since, now, "since"), _moment(until, now, "until")
+    if start is not None and end is not None and end <= start:
+        raise InvalidRequest("until must be after since", param="until")
+    return start, end
+
+
 async def usage_filter(store: Store, query: ReportQuery, now: datetime | None = None) -> UsageFilter:
-    now = now or datetime.now(UTC)
-    since, until = _moment(query.since, now, "since"), _moment(query.until, now, "until")
+    since, until = time_window(query.since, query.until, now or datetime.now(UTC))
     user_id = (await accounts.resolve_user(store, query.user)).id if query.user else None
     key_id = (await accounts.show_key(store, query.key)).id if query.key else None
     return UsageFilter(since=since, until=until, user_id=user_id, key_id=key_id, model=query.model)
@@ -154,10 +161,7 @@ async def statement(store: Store, ref: str, since: str | None = None, until: str
     """A user's ledger entries made in [since, until); for a period, the opening balance (the sum of
     every entry made before it) and the closing one (opening plus the period's entries), so the
     statement always adds up, whatever order entries were written in."""
-    now = now or datetime.now(UTC)
-    start, end = _moment(since, now, "since"), _moment(until, now, "until")
-    if start is not None and end is not None and end <= start:
-        raise InvalidRequest("--until must be after --since", param="until")
+    start, end = time_window(since, until, now or datetime.now(UTC))
     user = await accounts.resolve_user(store, ref)
     entries = await store.ledger(user.id, start, end)
     if start is None and end is None:

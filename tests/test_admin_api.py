@@ -419,6 +419,8 @@ async def test_balance_ledger_and_usage_report_after_a_request(admin: Live) -> N
     statement = await api(admin, "GET", f"/admin/users/{ann['id']}/ledger?since=1d")
     assert [e["kind"] for e in statement["entries"]] == ["topup", "charge"]
     assert statement["entries"][1]["amount_usd"] == f"-0.{row['cost']:06d}"
+    assert (await api(admin, "GET", f"/admin/users/{ann['id']}/ledger?since=1d&until=1h"))["entries"] == []
+    assert (await refused(admin, "GET", f"/admin/users/{ann['id']}/ledger?since=1h&until=1d"))["param"] == "until"
     report = await api(admin, "GET", "/admin/usage?by=model,user")
     timing = {k: report["rows"][0][k] for k in ("avg_latency_ms", "p50_latency_ms", "p95_latency_ms", "p50_ttft_ms")}
     assert report["rows"] == [{"model": "gpt-fake", "user": "ann@example.com", "requests": 1, "errors": 0,

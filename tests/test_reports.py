@@ -317,7 +317,9 @@ async def test_ledger_statement_opens_and_closes_the_period(cli: Any, store: Sto
     plain = await run(cli, "ledger", "ann@example.com", "--format", "csv")
     assert "opening" not in plain.stdout and "closing" not in plain.stdout
     assert_one_line_error(await run(cli, "ledger", "ann@example.com", "--since", "2d", "--until", "3d"),
-                          "--until must be after --since")
+                          "until must be after since")
+    assert_one_line_error(await run(cli, "usage", "report", "--since", "2030-01-01", "--until", "2020-01-01"),
+                          "until must be after since")
 
 
 # -- help ----------------------------------------------------------------------------------------

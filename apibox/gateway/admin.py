@@ -23,7 +23,6 @@ from apibox.models import Page
 from apibox.money import format_usd
 from apibox.offloop import off_the_loop
 from apibox.store.base import Store
-from apibox.timeparse import TimeParseError, parse_since
 from apibox.views import balance_json, entry_json, iso, key_json, user_json
 
 LOG_PAGE_MAX = 1000  # admin log entries in one answer, at most
@@ -147,13 +146,9 @@ async def balance(request: web.Request) -> web.Response:
 
 async def ledger(request: web.Request) -> web.Response:
     store = _store(request)
-    since = request.query.get("since")
-    try:
-        start = parse_since(since, datetime.now(UTC)) if since else None
-    except TimeParseError as exc:
-        raise InvalidRequest(str(exc), param="since") from None
+    start, end = reports.time_window(request.query.get("since"), request.query.get("until"), datetime.now(UTC))
     page = _page(request)
-    user, entries = await accounts.ledger(store, request.match_info["user"], start, page)
+    user, entries = await accounts.ledger(store, request.match_info["user"], start, end, page)
     balance = balance_json(user, await store.get_balance(user.id))
     return await _page_json(request, page, [e.id for e in entries],
                             lambda: {**balance, "entries": [entry_json(e) for e in entries]})
