@@ -21,7 +21,7 @@ import pytest
 from apibox.models import StoredResponse
 from tests.conftest import Live
 from tests.fake_upstream import WORDS
-from tests.gateway_helpers import account, balance, charges, expected_cost, query, usage_rows, wait_for_usage
+from tests.gateway_helpers import Account, account, balance, charges, expected_cost, query, usage_rows, wait_for_usage
 from tests.live_variants import request
 
 TEXT = "".join(WORDS)
@@ -59,13 +59,18 @@ async def test_a_user_continues_their_own_response(live: Live, live_store: Any, 
     assert [r["charged"] for r in await wait_for_usage(live, ann.user_id, 2)] == [cost, cost]
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-async def test_another_users_response_is_not_found_and_costs_nothing(live: Live, live_store: Any,
-                                                                     stream: bool) -> None:
+async def ann_and_bob(live: Live, live_store: Any) -> tuple[Account, Account, Any]:
+    """Two users, and a response the upstream keeps for the first."""
     ann = await account(live_store, live, "ann@example.com", "1")
     bob = await account(live_store, live, "bob@example.com", "1")
     async with client(live, ann.key) as sdk:
-        anns = await sdk.responses.create(model="gpt-fake", input="My secret plan")
+        return ann, bob, await sdk.responses.create(model="gpt-fake", input="My secret plan")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_another_users_response_is_not_found_and_costs_nothing(live: Live, live_store: Any,
+                                                                     stream: bool) -> None:
+    _, bob, anns = await ann_and_bob(live, live_store)
     asked = len(live.fake.requests)
     for foreign in (anns.id, "resp_made_up"):
         async with client(live, bob.key) as sdk:
@@ -81,10 +86,7 @@ async def test_another_users_response_is_not_found_and_costs_nothing(live: Live,
 
 async def test_another_users_response_cannot_be_read_listed_deleted_or_cancelled(live: Live,
                                                                                  live_store: Any) -> None:
-    ann = await account(live_store, live, "ann@example.com", "1")
-    bob = await account(live_store, live, "bob@example.com", "1")
-    async with client(live, ann.key) as sdk:
-        anns = await sdk.responses.create(model="gpt-fake", input="My secret plan")
+    ann, bob, anns = await ann_and_bob(live, live_store)
     asked = len(live.fake.requests)
     async with client(live, bob.key) as sdk:
         for call in (sdk.responses.retrieve(anns.id), sdk.responses.input_items.list(anns.id),
