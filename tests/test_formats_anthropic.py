@@ -453,7 +453,8 @@ def test_a_system_string_and_a_text_only_user_turn() -> None:
     out = anthropic_to_openai_request({"model": "m", "max_tokens": 5, "system": "S",
                                        "messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                                                  {"type": "text", "text": "b"}]}]})
-    assert out["messages"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "ab"}]
+    # each block on its own line: glued together, Claude Code's reminder ran into the question
+    assert out["messages"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "a\nb"}]
     assert "stream" not in out and "tools" not in out and "tool_choice" not in out
 
 

@@ -334,8 +334,10 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
             if out["content"] is not None or calls:
                 messages.append(out)
         elif parts:
+            # text alone goes as one string, as every OpenAI-compatible server takes it: its blocks on
+            # lines of their own (Claude Code sends a reminder and the question as two blocks)
             only_text = all(p["type"] == "text" for p in parts)
-            messages.append({"role": role, "content": "".join(p["text"] for p in parts) if only_text else parts})
+            messages.append({"role": role, "content": _text_of(parts) if only_text else parts})
     request: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body.get("max_tokens")}
     for source, target in (("temperature", "temperature"), ("top_p", "top_p"), ("stream", "stream")):
         if body.get(source) is not None:
