@@ -99,6 +99,12 @@ def parse_settings(text: str, *, source: str = "<config>", env: Mapping[str, str
 ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
 
 
+def _hour_writes(price: Price) -> Price:
+    """A price for a model Anthropic serves: cache writes kept an hour at twice the input rate,
+    Anthropic's, unless the config sets ``cache_write_1h`` (holds then count them too)."""
+    return price if price.cache_write_1h is not None else replace(price, cache_write_1h=2 * price.input)
+
+
 class _Parser:
     def __init__(self, root: Node) -> None:
         self.root = root
@@ -111,7 +117,8 @@ class _Parser:
         for i, name in enumerate(names):
             if name in names[:i]:
                 raise top["providers"].items()[i].fail(f"provider name {name!r} is used twice")
-        models = tuple(self.model(n, set(names)) for n in top["models"].items()) if "models" in top else ()
+        kinds = {p.name: p.type for p in providers}
+        models = tuple(self.model(n, kinds) for n in top["models"].items()) if "models" in top else ()
         self.check_model_names(models, top.get("models"))
         return Settings(
             server=self.server(top["server"]) if "server" in top else ServerSettings(),
@@ -262,7 +269,8 @@ class _Parser:
         return Timeouts(**{name: fields[name].number() if name in fields else getattr(defaults, name)
                            for name in ("connect", "first_byte", "idle")})
 
-    def model(self, node: Node, providers: set[str]) -> ModelSettings:
+    def model(self, node: Node, providers: Mapping[str, str]) -> ModelSettings:
+        """A model; ``providers`` maps each provider's name to its type."""
         fields = node.mapping(("name", "routes", "price", "max_output_tokens", "aliases", "kind", "price_schedule"))
         for required in ("name", "routes", "price"):
             if required not in fields:
@@ -276,18 +284,21 @@ class _Parser:
             raise fields["kind"].fail(f"must be 'chat' or 'embedding', got {kind!r}")
         aliases = tuple(a.text() for a in fields["aliases"].items()) if "aliases" in fields else ()
         price = self.price(fields["price"])
+        schedule = self.schedule(fields["price_schedule"], price) if "price_schedule" in fields else ()
+        if any(providers[route.provider] == "anthropic" for route in routes):
+            price, schedule = _hour_writes(price), tuple((starts, _hour_writes(p)) for starts, p in schedule)
         return ModelSettings(
             name=name,
             routes=routes,
             price=price,
-            schedule=self.schedule(fields["price_schedule"], price) if "price_schedule" in fields else (),
+            schedule=schedule,
             max_output_tokens=fields["max_output_tokens"].integer(minimum=1)
             if "max_output_tokens" in fields else 4096,
             aliases=aliases,
             kind=kind,
         )
 
-    def route(self, node: Node, providers: set[str], model_name: str) -> Route:
+    def route(self, node: Node, providers: Mapping[str, str], model_name: str) -> Route:
         fields = node.mapping(("provider", "model", "weight", "priority"))
         if "provider" not in fields:
             raise node.fail("missing key 'provider'")
@@ -302,7 +313,7 @@ class _Parser:
             priority=fields["priority"].integer(minimum=0) if "priority" in fields else 1,
         )
 
-    PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "reasoning", "per_request")
+    PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "cache_write_1h", "reasoning", "per_request")
 
     def price(self, node: Node, previous: Price | None = None) -> Price:
         """A price; in a schedule entry, keys it leaves out keep the previous price's values."""

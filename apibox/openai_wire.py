@@ -33,6 +33,7 @@ def usage_from_openai(raw: Any) -> Usage | None:
         completion_tokens=completion or 0,  # (embeddings report none)
         cached_tokens=count_at(prompt_details, "cached_tokens") or count_at(raw, "prompt_cache_hit_tokens"),
         cache_write_tokens=count_at(prompt_details, "cache_write_tokens"),
+        cache_write_1h_tokens=count_at(prompt_details, "cache_write_1h_tokens"),
         reasoning_tokens=count_at(completion_details, "reasoning_tokens"),
     )
 
@@ -48,6 +49,8 @@ def usage_to_openai(usage: Usage, cost_usd: float | None = None) -> dict[str, An
     }
     if usage.cache_write_tokens:
         body["prompt_tokens_details"]["cache_write_tokens"] = usage.cache_write_tokens
+    if usage.cache_write_1h_tokens:  # (of those, kept an hour: Anthropic's, dearer)
+        body["prompt_tokens_details"]["cache_write_1h_tokens"] = usage.cache_write_1h_tokens
     if cost_usd is not None:
         body["cost"] = cost_usd
     return body

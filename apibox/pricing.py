@@ -28,6 +28,7 @@ class Price:
     output: int
     cached_input: int | None = None  # default: input
     cache_write: int | None = None  # default: input
+    cache_write_1h: int | None = None  # a write kept an hour (Anthropic's); default: cache_write's rate
     reasoning: int | None = None  # default: output
     per_request: int = 0  # a fixed fee per request, micro-USD
     multiplier: int = MULTIPLIER_ONE  # the user's group multiplier, in millionths (applies to everything)
@@ -47,20 +48,25 @@ class Price:
         return self.input if self.cache_write is None else self.cache_write
 
     @property
+    def cache_write_1h_rate(self) -> int:
+        return self.cache_write_rate if self.cache_write_1h is None else self.cache_write_1h
+
+    @property
     def reasoning_rate(self) -> int:
         return self.output if self.reasoning is None else self.reasoning
 
     @property
     def max_input_rate(self) -> int:
         """The dearest rate an input token can be billed at, for worst-case holds."""
-        return max(self.input, self.cached_input_rate, self.cache_write_rate)
+        return max(self.input, self.cached_input_rate, self.cache_write_rate, self.cache_write_1h_rate)
 
     @property
     def max_output_rate(self) -> int:
         return max(self.output, self.reasoning_rate)
 
 
-TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens")
+TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+                "reasoning_tokens")
 _token_counts = attrgetter(*TOKEN_COUNTS)  # a Usage's counts as a tuple, read in C: clamped() runs on every settlement
 
 
@@ -68,8 +74,9 @@ _token_counts = attrgetter(*TOKEN_COUNTS)  # a Usage's counts as a tuple, read i
 class Usage:
     """Token counts of one request, in OpenAI's convention.
 
-    ``prompt_tokens`` includes ``cached_tokens`` and ``cache_write_tokens``;
-    ``completion_tokens`` includes ``reasoning_tokens``.
+    ``prompt_tokens`` includes ``cached_tokens`` and ``cache_write_tokens``, which includes
+    ``cache_write_1h_tokens`` (written to be kept an hour, dearer); ``completion_tokens``
+    includes ``reasoning_tokens``.
     """
 
     prompt_tokens: int = 0
@@ -77,6 +84,7 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
     estimated: bool = False  # counted by apibox because the upstream reported nothing
 
     @property
@@ -122,10 +130,12 @@ def cost_micro(price: Price, usage: Usage) -> int:
     # writes than its prompt had.
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     cache_write = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+    write_1h = min(usage.cache_write_1h_tokens, cache_write)
     scaled = (
         usage.uncached_prompt_tokens * price.input
         + cached * price.cached_input_rate
-        + cache_write * price.cache_write_rate
+        + (cache_write - write_1h) * price.cache_write_rate
+        + write_1h * price.cache_write_1h_rate
         + usage.plain_output_tokens * price.output
         + min(usage.reasoning_tokens, usage.completion_tokens) * price.reasoning_rate
     )

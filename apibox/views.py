@@ -47,7 +47,7 @@ def price_json(price: Price) -> dict[str, Any]:
     out: dict[str, Any] = {"unit": "USD per 1M tokens", "input": format_usd(price.input),
                            "output": format_usd(price.output)}
     for name, value in (("cached_input", price.cached_input), ("cache_write", price.cache_write),
-                        ("reasoning", price.reasoning)):
+                        ("cache_write_1h", price.cache_write_1h), ("reasoning", price.reasoning)):
         if value is not None:
             out[name] = format_usd(value)
     if price.per_request:

@@ -31,6 +31,7 @@ class FakeAnthropic:
     input_tokens: int = 30
     cache_read: int = 0
     cache_write: int = 0
+    cache_write_1h: int = 0  # of cache_write, those written to be kept an hour (reported in cache_creation)
     tool_name: str | None = None
     tool_input: dict[str, Any] = field(default_factory=lambda: {"city": "Paris"})
     count: int = 42
@@ -46,7 +47,9 @@ class FakeAnthropic:
 
     def usage(self, output: int) -> dict[str, Any]:
         return {"input_tokens": self.input_tokens, "cache_creation_input_tokens": self.cache_write,
-                "cache_read_input_tokens": self.cache_read, "output_tokens": output}
+                "cache_read_input_tokens": self.cache_read, "output_tokens": output,
+                "cache_creation": {"ephemeral_5m_input_tokens": self.cache_write - self.cache_write_1h,
+                                   "ephemeral_1h_input_tokens": self.cache_write_1h}}
 
     def _refusal(self, request: web.Request) -> web.Response | None:
         if request.headers.get("x-api-key") != ANTHROPIC_KEY:

@@ -43,7 +43,9 @@ PROMPT = "Say hello in French"
 MESSAGES = [{"role": "user", "content": PROMPT}]
 # claude-fake's prices in micro-USD per 1M tokens.
 INPUT, OUTPUT, CACHE_READ, CACHE_WRITE = 3_000_000, 15_000_000, 300_000, 3_750_000
-CLAUDE_PRICE = Price(input=INPUT, output=OUTPUT, cached_input=CACHE_READ, cache_write=CACHE_WRITE)
+# (an hour's cache write at twice input, Anthropic's rate, which a model routed to Anthropic gets by default)
+CLAUDE_PRICE = Price(input=INPUT, output=OUTPUT, cached_input=CACHE_READ, cache_write=CACHE_WRITE,
+                     cache_write_1h=2 * INPUT)
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city", "strict": True,
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
@@ -377,6 +379,20 @@ async def test_cache_reads_and_writes_are_reported_and_priced_at_their_own_rates
     assert cost != claude_cost(1230, len(WORDS))  # not the whole prompt at the input rate (3795)
     assert Decimal(str(usage.model_dump()["cost"])) == usd(cost)
     await assert_charged(live, who, cost, prompt=1230, completion=len(WORDS), cached=1000, cache_write=200)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_cache_writes_kept_an_hour_are_priced_at_twice_input(live: Live, live_store, stream: bool) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.anthropic.cache_write, live.anthropic.cache_write_1h = 1000, 600
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        if stream:
+            await stream_chunks(client, model="claude-fake", messages=MESSAGES, stream_options={"include_usage": True})
+        else:
+            await client.chat.completions.create(model="claude-fake", messages=MESSAGES)
+    cost = -(-(30 * INPUT + 400 * CACHE_WRITE + 600 * 2 * INPUT + len(WORDS) * OUTPUT) // 1_000_000)
+    assert cost == 30 * 3 + 400 * 3.75 + 600 * 6 + 7 * 15 == 5_295  # micro-USD: the hour's 600 at $6 per 1M
+    await assert_charged(live, who, cost, prompt=1030, completion=len(WORDS), cache_write=1000)
 
 
 # -- failures -----------------------------------------------------------------------------

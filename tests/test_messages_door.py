@@ -46,7 +46,7 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 CLAUDE_TEXT = "".join(CLAUDE_WORDS)
 # Micro-USD per 1M tokens: input, output, cached input, cache write.
 PRICES = {
-    "claude-fake": (3_000_000, 15_000_000, 300_000, 3_750_000),
+    "claude-fake": (3_000_000, 15_000_000, 300_000, 3_750_000, 6_000_000),  # and an hour's write: twice input
     "gpt-fake": (2_500_000, 10_000_000, 1_250_000, 2_500_000),
     "demo": (5_000_000, 15_000_000, 5_000_000, 5_000_000),
     "gemini-fake": (300_000, 2_500_000, 75_000, 300_000),
@@ -60,7 +60,7 @@ WEATHER_TOOL = {"name": "get_weather", "description": "Weather in a city",
 
 def cost_of(model: str, input_tokens: int, output: int, cache_read: int = 0, cache_write: int = 0) -> int:
     """Anthropic-convention usage (input excludes the cache) at ``model``'s prices, rounded up once."""
-    rate_in, rate_out, rate_read, rate_write = PRICES[model]
+    rate_in, rate_out, rate_read, rate_write = PRICES[model][:4]
     scaled = input_tokens * rate_in + output * rate_out + cache_read * rate_read + cache_write * rate_write
     return -(-scaled // 1_000_000)
 
@@ -150,7 +150,8 @@ async def test_a_whole_message_passes_through_faithfully(live: Live, live_store)
         "id": "msg_fake1", "type": "message", "role": "assistant", "model": "claude-fake",
         "content": [{"type": "text", "text": CLAUDE_TEXT}], "stop_reason": "end_turn", "stop_sequence": None,
         "usage": {"input_tokens": 30, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
-                  "output_tokens": 7}}
+                  "output_tokens": 7,
+                  "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0}}}
     assert raw.headers["x-request-id"] == usage_rows(live, who.user_id)[0]["request_id"]
     assert await assert_charged(live, who, "claude-fake", message.usage) == 195  # 30 x $3 + 7 x $15 per 1M
 

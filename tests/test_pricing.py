@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +23,8 @@ counts = st.integers(min_value=0, max_value=2_000_000)
 @st.composite
 def prices(draw: st.DrawFn) -> Price:
     return Price(input=draw(rates), output=draw(rates), cached_input=draw(st.none() | rates),
-                 cache_write=draw(st.none() | rates), reasoning=draw(st.none() | rates))
+                 cache_write=draw(st.none() | rates), cache_write_1h=draw(st.none() | rates),
+                 reasoning=draw(st.none() | rates))
 
 
 @st.composite
@@ -32,21 +34,25 @@ def usages(draw: st.DrawFn, max_prompt: int = 2_000_000, max_completion: int = 2
     prompt = draw(st.integers(min_value=0, max_value=max_prompt))
     cached = draw(st.integers(min_value=0, max_value=prompt))
     cache_write = draw(st.integers(min_value=0, max_value=prompt - cached))
+    write_1h = draw(st.integers(min_value=0, max_value=cache_write))
     completion = draw(st.integers(min_value=0, max_value=max_completion))
     reasoning = draw(st.integers(min_value=0, max_value=completion))
     return Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
-                 cache_write_tokens=cache_write, reasoning_tokens=reasoning)
+                 cache_write_tokens=cache_write, cache_write_1h_tokens=write_1h, reasoning_tokens=reasoning)
 
 
 def exact_cost(price: Price, usage: Usage) -> Fraction:
     """The oracle: each token class at its own rate (defaults as DESIGN.md says), in exact fractions of a micro."""
     cached_rate = price.input if price.cached_input is None else price.cached_input
     write_rate = price.input if price.cache_write is None else price.cache_write
+    write_1h_rate = write_rate if price.cache_write_1h is None else price.cache_write_1h
     reasoning_rate = price.output if price.reasoning is None else price.reasoning
     plain_in = usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens
     plain_out = usage.completion_tokens - usage.reasoning_tokens
-    total = (plain_in * price.input + usage.cached_tokens * cached_rate + usage.cache_write_tokens * write_rate
-             + plain_out * price.output + usage.reasoning_tokens * reasoning_rate)
+    write_5m = usage.cache_write_tokens - usage.cache_write_1h_tokens
+    total = (plain_in * price.input + usage.cached_tokens * cached_rate + write_5m * write_rate
+             + usage.cache_write_1h_tokens * write_1h_rate + plain_out * price.output
+             + usage.reasoning_tokens * reasoning_rate)
     return Fraction(total, PER_MILLION)
 
 
@@ -81,6 +87,11 @@ def test_each_token_class_has_its_own_rate() -> None:
     assert cost_micro(price, Usage(prompt_tokens=million)) == 3_000_000
     assert cost_micro(price, Usage(prompt_tokens=million, cached_tokens=million)) == 300_000
     assert cost_micro(price, Usage(prompt_tokens=million, cache_write_tokens=million)) == 3_750_000
+    assert cost_micro(price, Usage(prompt_tokens=million, cache_write_tokens=million,
+                                   cache_write_1h_tokens=million)) == 3_750_000  # unset: cache_write's rate
+    assert cost_micro(replace(price, cache_write_1h=5_000_000),
+                      Usage(prompt_tokens=million, cache_write_tokens=million, cache_write_1h_tokens=400_000)
+                      ) == 600_000 * 3_750_000 // million + 400_000 * 5_000_000 // million
     assert cost_micro(price, Usage(completion_tokens=million)) == 15_000_000
     assert cost_micro(price, Usage(completion_tokens=million, reasoning_tokens=million)) == 20_000_000
     mixed = Usage(prompt_tokens=4 * million, cached_tokens=million, cache_write_tokens=million,
@@ -134,7 +145,7 @@ def test_worst_case_covers_every_usage_within_the_bound(price: Price, data: st.D
 
 @given(prices(), counts, counts)
 def test_worst_case_is_the_dearest_rates_rounded_up(price: Price, prompt: int, output: int) -> None:
-    dearest_in = max(price.input, price.cached_input_rate, price.cache_write_rate)
+    dearest_in = max(price.input, price.cached_input_rate, price.cache_write_rate, price.cache_write_1h_rate)
     dearest_out = max(price.output, price.reasoning_rate)
     exact = Fraction(prompt * dearest_in + output * dearest_out, PER_MILLION)
     assert worst_case_micro(price, prompt, output) == math.ceil(exact)
@@ -144,6 +155,7 @@ def test_worst_case_uses_a_dearer_cache_write_rate() -> None:
     price = Price(input=3_000_000, output=15_000_000, cached_input=300_000, cache_write=3_750_000)
     assert worst_case_micro(price, 1_000_000, 0) == 3_750_000
     assert worst_case_micro(Price(input=1, output=2_000_000, reasoning=5_000_000), 0, 1_000_000) == 5_000_000
+    assert worst_case_micro(replace(price, cache_write_1h=6_000_000), 1_000_000, 0) == 6_000_000
 
 
 # -- what a balance pays for ----------------------------------------------------------------
@@ -199,3 +211,29 @@ def test_config_prices_are_exact_micro_per_million(config_path: Path) -> None:
     assert models["gpt-fake"].price == Price(input=2_500_000, output=10_000_000, cached_input=1_250_000)
     assert models["embed-fake"].price == Price(input=20_000, output=0)
     assert models["demo"].price == Price(input=5_000_000, output=15_000_000)
+
+
+def test_a_model_anthropic_serves_prices_an_hours_cache_write_at_twice_input(tmp_path: Path) -> None:
+    config = tmp_path / "apibox.yaml"
+    config.write_text("""
+providers:
+  - {name: claude, type: anthropic, api_key: k}
+  - {name: openai, type: openai, base_url: "http://127.0.0.1:9/v1", api_key: k}
+models:
+  - name: sonnet
+    routes: [{provider: claude}]
+    price: {input: 3, output: 15, cache_write: 3.75}
+    price_schedule: [{effective_from: "2030-01-01T00:00:00Z", input: 2}]
+  - name: sonnet-set
+    routes: [{provider: claude}]
+    price: {input: 3, output: 15, cache_write_1h: 5}
+  - name: gpt
+    routes: [{provider: openai}]
+    price: {input: 3, output: 15}
+""")
+    models = {m.name: m for m in load_settings(str(config)).models}
+    sonnet = models["sonnet"]
+    assert (sonnet.price.cache_write_1h, sonnet.schedule[0][1].cache_write_1h) == (6_000_000, 4_000_000)
+    assert worst_case_micro(sonnet.price, 1_000_000, 0) == 6_000_000  # the hold covers an hour's write
+    assert models["sonnet-set"].price.cache_write_1h == 5_000_000  # the config's own rate stands
+    assert models["gpt"].price.cache_write_1h is None and models["gpt"].price.max_input_rate == 3_000_000

@@ -20,7 +20,8 @@ def describe(settings: Settings) -> dict[str, Any]:
     """The resolved settings as plain data, with every secret masked."""
     def price(p: Any) -> dict[str, str]:
         return {k: format_usd(v) for k, v in (("input", p.input), ("output", p.output),
-                ("cached_input", p.cached_input), ("cache_write", p.cache_write), ("reasoning", p.reasoning))
+                ("cached_input", p.cached_input), ("cache_write", p.cache_write),
+                ("cache_write_1h", p.cache_write_1h), ("reasoning", p.reasoning))
                 if v is not None}
     return {
         "source": settings.source,

@@ -29,11 +29,13 @@ def prices(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print_json({"prices": rows, "groups": groups})
         return
-    columns = ["model", "from", "input", "output", "cached input", "cache write", "reasoning", "per request"]
+    columns = ["model", "from", "input", "output", "cached input", "cache write", "cache write 1h", "reasoning",
+               "per request"]
     print_table(table(None, columns, [
         [r["model"], "now" if r["current"] else when(datetime.fromisoformat(r["effective_from"])), r["input"],
-         r["output"], r.get("cached_input", "=input"), r.get("cache_write", "=input"), r.get("reasoning", "=output"),
-         r.get("per_request_usd", "-")] for r in rows], right=columns[2:]))
+         r["output"], r.get("cached_input", "=input"), r.get("cache_write", "=input"),
+         r.get("cache_write_1h", "=2x input"), r.get("reasoning", "=output"), r.get("per_request_usd", "-")]
+        for r in rows], right=columns[2:]))
     if groups:
         print_table(table("groups", ["group", "multiplier", "models"],
                             [[name, g["multiplier"], ", ".join(g["models"] or ["all"])] for name, g in groups.items()],

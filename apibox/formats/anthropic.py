@@ -50,12 +50,14 @@ def usage_from_anthropic(raw: Any) -> Usage | None:
     details = raw.get("output_tokens_details")
     thinking = count_at(details, "thinking_tokens") if isinstance(details, dict) else 0
     cache_read, cache_write = count_at(raw, "cache_read_input_tokens"), count_at(raw, "cache_creation_input_tokens")
+    creation = raw.get("cache_creation")  # the writes by lifetime: those kept an hour cost more
     return Usage(
         prompt_tokens=count_at(raw, "input_tokens") + cache_read + cache_write,
         completion_tokens=count_at(raw, "output_tokens"),
         cached_tokens=cache_read,
         cache_write_tokens=cache_write,
         reasoning_tokens=thinking,
+        cache_write_1h_tokens=count_at(creation, "ephemeral_1h_input_tokens") if isinstance(creation, dict) else 0,
     )
 
 
