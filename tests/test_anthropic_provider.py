@@ -395,6 +395,21 @@ async def test_cache_writes_kept_an_hour_are_priced_at_twice_input(live: Live, l
     await assert_charged(live, who, cost, prompt=1030, completion=len(WORDS), cache_write=1000)
 
 
+async def test_a_json_schema_reaches_anthropic_as_its_output_format(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        await client.chat.completions.create(model="claude-fake", messages=MESSAGES, response_format={
+            "type": "json_schema", "json_schema": {"name": "A", "schema": schema, "strict": True}})
+        assert live.anthropic.requests[-1].body["output_config"] == {"format": {"type": "json_schema",
+                                                                                "schema": schema}}
+        await client.responses.create(model="claude-fake", input=PROMPT, text={"format": {
+            "type": "json_schema", "name": "A", "schema": schema, "strict": True}})
+        assert live.anthropic.requests[-1].body["output_config"]["format"]["schema"] == schema
+    await wait_for_usage(live, who.user_id, 2)
+
+
 # -- failures -----------------------------------------------------------------------------
 
 

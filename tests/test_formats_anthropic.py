@@ -582,3 +582,38 @@ def test_openai_stream_stop_reason(finish: str | None, stop: str) -> None:
 def test_an_openai_stream_with_no_chunks_still_frames_a_whole_message() -> None:
     events = OpenAIToAnthropicStream("m", input_tokens=5).finish(Usage(prompt_tokens=5, completion_tokens=0))
     assert [n for n, _ in events] == ["message_start", "message_delta", "message_stop"]
+
+
+# -- JSON output, both ways ---------------------------------------------------------------------
+
+ANSWER_SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+                 "additionalProperties": False}
+
+
+def test_a_json_schema_response_format_becomes_anthropics_output_format_and_back() -> None:
+    asked = [{"role": "user", "content": "2+2?"}]
+    out = to_anthropic(messages=asked, response_format={"type": "json_schema", "json_schema": {
+        "name": "A", "schema": ANSWER_SCHEMA, "strict": True}})
+    assert out["output_config"] == {"format": {"type": "json_schema", "schema": ANSWER_SCHEMA}}
+    assert "system" not in out
+    back = anthropic_to_openai_request({"model": "m", "max_tokens": 5, "messages": asked, "output_config": {
+        "format": {"type": "json_schema", "schema": ANSWER_SCHEMA}, "effort": "low"}})
+    assert back["response_format"] == {"type": "json_schema", "json_schema": {"name": "output",
+                                                                               "schema": ANSWER_SCHEMA}}
+    assert "reasoning_effort" not in back  # many OpenAI models refuse it: the effort is left out
+
+
+def test_a_json_object_response_format_is_asked_for_in_the_system_prompt() -> None:
+    out = to_anthropic(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                       response_format={"type": "json_object"})
+    assert out["system"].startswith("Be brief.\n\n") and "one JSON object" in out["system"]
+    assert "output_config" not in out
+    assert "output_config" not in to_anthropic(messages=[{"role": "user", "content": "Hi"}],
+                                               response_format={"type": "text"})
+
+
+@pytest.mark.parametrize("form", [{"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 5}}])
+def test_a_json_schema_without_a_schema_is_refused(form: dict[str, Any]) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        to_anthropic(messages=[{"role": "user", "content": "Hi"}], response_format=form)
+    assert refused.value.param == "response_format"

@@ -709,3 +709,15 @@ async def test_anthropic_clients_list_and_read_models_in_anthropics_shape(live: 
     async with aiohttp.ClientSession() as session, session.get(  # OpenAI clients: OpenAI's shape
             f"{live.url}/v1/models", headers={"Authorization": f"Bearer {who.key}"}) as response:
         assert response.status == 200 and (await response.json())["object"] == "list"
+
+
+async def test_an_output_format_reaches_an_openai_route_as_its_response_format(live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
+              "additionalProperties": False}
+    async with client(live, who.key) as sdk:
+        await sdk.messages.create(model="gpt-fake", max_tokens=50, messages=MESSAGES,
+                                  extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}})
+    assert live.fake.requests[-1].body["response_format"] == {
+        "type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+    await wait_for_usage(live, who.user_id, 1)

@@ -42,6 +42,10 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 # -- usage ---------------------------------------------------------------------------------
 
 
+# What a request for any JSON object (OpenAI's json_object) tells an Anthropic model, which has no such mode.
+JSON_OBJECT_ONLY = "Answer with one JSON object and nothing else: no prose, no code fences."
+
+
 def usage_from_anthropic(raw: Any) -> Usage | None:
     """Anthropic usage -> Usage in OpenAI's convention (prompt includes cache reads and writes)."""
     if not isinstance(raw, dict):
@@ -189,6 +193,12 @@ def openai_to_anthropic_request(body: dict[str, Any], default_max_tokens: int) -
         "messages": messages,
         "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or default_max_tokens,
     }
+    response_format = body.get("response_format")
+    form = _json_format(response_format)
+    if form is not None:
+        out["output_config"] = {"format": form}
+    elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        system.append(JSON_OBJECT_ONLY)  # Anthropic takes a schema, not "any JSON": it is asked for in words
     if system:
         out["system"] = "\n\n".join(system)
     if body.get("stop"):
@@ -220,6 +230,19 @@ def openai_to_anthropic_request(body: dict[str, Any], default_max_tokens: int) -
     if choice is not None and tools:
         out["tool_choice"] = choice
     return out
+
+
+def _json_format(response_format: Any) -> dict[str, Any] | None:
+    """OpenAI's ``response_format: json_schema`` as Anthropic's ``output_config.format`` (None for
+    any other format)."""
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequest("response_format.json_schema.schema must be a JSON schema object",
+                             param="response_format")
+    return {"type": "json_schema", "schema": schema}
 
 
 def _tool_choice_to_anthropic(choice: Any) -> dict[str, Any] | None:
@@ -372,6 +395,11 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
     user = (body.get("metadata") or {}).get("user_id")
     if isinstance(user, str):
         request["user"] = user
+    config = body.get("output_config")
+    form = config.get("format") if isinstance(config, dict) else None
+    if isinstance(form, dict) and form.get("type") == "json_schema" and isinstance(form.get("schema"), dict):
+        request["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "output", "schema": form["schema"]}}
     return request
 
 
