@@ -69,11 +69,13 @@ def test_images_become_inline_data_and_urls_file_data() -> None:
     body = {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "Compare"},
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,/9j/4AAQ", "detail": "high"}},
-        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png?size=2"}},
+        {"type": "image_url", "image_url": {"url": "https://generativelanguage.googleapis.com/v1beta/files/abc"}},
     ]}]}
     parts = openai_to_gemini_request(body, {})["contents"][0]["parts"]
     assert parts == [{"text": "Compare"}, {"inlineData": {"mimeType": "image/jpeg", "data": "/9j/4AAQ"}},
-                     {"fileData": {"fileUri": "https://example.com/cat.png"}}]
+                     {"fileData": {"fileUri": "https://example.com/cat.png?size=2", "mimeType": "image/png"}},
+                     {"fileData": {"fileUri": "https://generativelanguage.googleapis.com/v1beta/files/abc"}}]
 
 
 def test_tool_calls_carry_their_signature_and_consecutive_tool_results_merge() -> None:

@@ -8,6 +8,7 @@ thought signatures back with each function call, so callers pass a ``signatures`
 from __future__ import annotations
 
 import json
+import mimetypes
 import time
 import uuid
 from collections.abc import MutableMapping
@@ -68,8 +69,9 @@ def _parts(content: Any) -> list[dict[str, Any]]:
             if isinstance(url, str) and url.startswith("data:"):
                 header, _, data = url.partition(",")
                 parts.append({"inlineData": {"mimeType": header[5:].split(";")[0], "data": data}})
-            elif isinstance(url, str):
-                parts.append({"fileData": {"fileUri": url}})
+            elif isinstance(url, str):  # a Files API URI, or a public URL: typed by its name when it has one
+                kind = mimetypes.guess_type(url.split("?", 1)[0])[0]
+                parts.append({"fileData": {"fileUri": url, **({"mimeType": kind} if kind else {})}})
     return parts
 
 
