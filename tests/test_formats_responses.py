@@ -87,6 +87,28 @@ def test_a_stream_of_chunks_becomes_numbered_events_that_close_each_item() -> No
     assert final["usage"]["output_tokens"] == 4
 
 
+def test_parallel_calls_whose_arguments_come_in_turns_each_get_their_own() -> None:
+    stream = ChatToResponsesStream("m")
+
+    def call(index: int, **function: str) -> dict[str, Any]:
+        head = {"id": f"call_{index}"} if "name" in function else {}
+        return {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": index, **head, "function": function}]}}]}
+
+    events = stream.feed(call(0, name="weather", arguments=""))
+    events += stream.feed(call(1, name="search", arguments=""))
+    for index, piece in ((0, '{"city"'), (1, '{"q"'), (0, ':"Paris"}'), (1, ':"news"}')):
+        events += stream.feed(call(index, arguments=piece))
+    events += stream.finish(Usage(prompt_tokens=3, completion_tokens=4))
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]["response"]
+    assert [(item["name"], item["arguments"]) for item in final["output"]] == [
+        ("weather", '{"city":"Paris"}'), ("search", '{"q":"news"}')]
+    deltas = [(e["output_index"], e["delta"]) for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert deltas == [(0, '{"city"'), (1, '{"q"'), (0, ':"Paris"}'), (1, ':"news"}')]
+    done = [(e["output_index"], e["arguments"]) for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert done == [(0, '{"city":"Paris"}'), (1, '{"q":"news"}')]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(

@@ -177,16 +177,21 @@ def response_of(reply: dict[str, Any], model: str, usage: Usage) -> dict[str, An
 class ChatToResponsesStream:
     """Chat completion chunks in, the Responses API's events out (with their sequence numbers): the
     response created, then each output item opened, filled delta by delta and closed (the
-    message's text, each tool call's arguments), then the response completed with its usage."""
+    message's text, each tool call's arguments), then the response completed with its usage.
+
+    Tool calls stay open together until text follows them or the answer ends: a server may send
+    the arguments of parallel calls in turns, each fragment under its call's index, and each
+    goes to its own item (``output_index``), as clients gather them."""
 
     def __init__(self, model: str) -> None:
         self.model = model
         self.id, self.created = new_id("resp_"), int(time.time())
         self.sequence = -1
         self.started = False
-        self.output: list[dict[str, Any]] = []  # the items closed so far
-        self.open: dict[str, Any] | None = None  # the item being filled
+        self.output: list[dict[str, Any]] = []  # every item opened so far, in output order
+        self.message: dict[str, Any] | None = None  # the message being written
         self.calls: dict[int, dict[str, Any]] = {}  # a chunk's tool call index -> its item
+        self.open_calls: list[dict[str, Any]] = []  # the calls whose arguments may still come
         self.incomplete = False
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -199,12 +204,8 @@ class ChatToResponsesStream:
         return [self._event("response.created", response=response),
                 self._event("response.in_progress", response=response)]
 
-    def _close(self) -> list[dict[str, Any]]:
-        item, self.open = self.open, None
-        if item is None:
-            return []
-        index = len(self.output)
-        self.output.append(item)
+    def _close(self, item: dict[str, Any]) -> list[dict[str, Any]]:
+        index = self.output.index(item)
         item["status"] = "completed"
         if item["type"] == "function_call":
             return [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
@@ -216,17 +217,27 @@ class ChatToResponsesStream:
                 self._event("response.content_part.done", **at, part=part),
                 self._event("response.output_item.done", output_index=index, item=item)]
 
+    def _close_message(self) -> list[dict[str, Any]]:
+        message, self.message = self.message, None
+        return self._close(message) if message is not None else []
+
+    def _close_all(self) -> list[dict[str, Any]]:
+        events = self._close_message()
+        for call in self.open_calls:
+            events += self._close(call)
+        self.open_calls = []
+        return events
+
     def _open(self, item: dict[str, Any]) -> list[dict[str, Any]]:
-        events = self._close()
-        self.open = item
+        index = len(self.output)
+        self.output.append(item)
         shown = {**item, "status": "in_progress"}
         if item["type"] == "message":
             shown["content"] = []
-        events.append(self._event("response.output_item.added", output_index=len(self.output), item=shown))
+        events = [self._event("response.output_item.added", output_index=index, item=shown)]
         if item["type"] == "message":
-            events.append(self._event("response.content_part.added", item_id=item["id"],
-                                      output_index=len(self.output), content_index=0,
-                                      part={"type": "output_text", "text": "", "annotations": []}))
+            events.append(self._event("response.content_part.added", item_id=item["id"], output_index=index,
+                                      content_index=0, part={"type": "output_text", "text": "", "annotations": []}))
         return events
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
@@ -237,11 +248,14 @@ class ChatToResponsesStream:
             delta = choice.get("delta") or {}
             text = delta.get("content")
             if text:
-                if self.open is None or self.open["type"] != "message":
-                    events += self._open(_message_item(new_id("msg_"), "", "in_progress"))
-                self.open["content"][0]["text"] += text  # type: ignore[index]
-                events.append(self._event("response.output_text.delta", item_id=self.open["id"],  # type: ignore[index]
-                                          output_index=len(self.output), content_index=0, delta=text, logprobs=[]))
+                if self.message is None:
+                    events += self._close_all()
+                    self.message = _message_item(new_id("msg_"), "", "in_progress")
+                    events += self._open(self.message)
+                self.message["content"][0]["text"] += text
+                events.append(self._event("response.output_text.delta", item_id=self.message["id"],
+                                          output_index=self.output.index(self.message), content_index=0,
+                                          delta=text, logprobs=[]))
             for call in delta.get("tool_calls") or ():
                 position = call.get("index", 0)
                 function = call.get("function") or {}
@@ -249,19 +263,21 @@ class ChatToResponsesStream:
                     item = _call_item(new_id("fc_"), call.get("id") or new_id("call_"), function.get("name") or "", "",
                                       "in_progress")
                     self.calls[position] = item
-                    events += self._open(item)
+                    events += self._close_message() + self._open(item)
+                    self.open_calls.append(item)
+                item = self.calls[position]
                 arguments = function.get("arguments")
-                if arguments and self.open is self.calls[position]:
-                    self.open["arguments"] += arguments
-                    events.append(self._event("response.function_call_arguments.delta", item_id=self.open["id"],
-                                              output_index=len(self.output), delta=arguments))
+                if arguments and item["status"] == "in_progress":
+                    item["arguments"] += arguments
+                    events.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                              output_index=self.output.index(item), delta=arguments))
             if choice.get("finish_reason") == "length":
                 self.incomplete = True
         return events
 
     def finish(self, usage: Usage) -> list[dict[str, Any]]:
         """The events that end the answer: its open item closed, the response with its usage."""
-        events = ([] if self.started else self._start()) + self._close()
+        events = ([] if self.started else self._start()) + self._close_all()
         status = "incomplete" if self.incomplete else "completed"
         response = _response(self.id, self.created, self.model, status, self.output, usage_json(usage))
         events.append(self._event(f"response.{status}", response=response))
