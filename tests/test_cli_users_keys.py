@@ -579,3 +579,10 @@ def test_list_options_take_each_item_once_and_refuse_naming_nothing(cli: Any) ->
         assert_one_line_error(cli("keys", "create", "ann@example.com", option, ""), f"{option} names nothing")
         assert_one_line_error(cli("keys", "update", str(key["id"]), option, " , "), f"{option} names nothing")
     assert ok_json(cli("keys", "show", str(key["id"]), "--json"))["models"] == ["demo"]  # left as it was
+
+
+def test_a_database_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    config = tmp_path / "apibox.yaml"
+    config.write_text(f"database: {{url: 'sqlite:///{tmp_path / 'gone' / 'apibox.db'}'}}\n")
+    result = CliRunner().invoke(cli_app, ["db", "migrate", "--config", str(config)])
+    assert_one_line_error(result, f"unable to open database file (there is no directory {tmp_path / 'gone'})")

@@ -47,6 +47,18 @@ def run_script(cursor: sqlite3.Cursor, script: Script[T]) -> T:
     return drive(script, execute, (sqlite3.IntegrityError,))
 
 
+def _why_not_writable(path: str) -> str:
+    """What SQLite's "unable to open database file" leaves unsaid, when it can be told."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f" (there is no directory {folder})"
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f" ({path} is read-only)"
+    if not os.access(folder, os.W_OK):
+        return f" ({folder} is read-only, and SQLite writes its journal beside the file)"
+    return ""
+
+
 class SqliteStore(SqlStore):
     """The Store protocol on one SQLite file."""
 
@@ -71,7 +83,7 @@ class SqliteStore(SqlStore):
             await writer.open()
         except sqlite3.Error as exc:
             await writer.close()
-            raise StoreError(f"cannot open the SQLite database {path}: {exc}") from None
+            raise StoreError(f"cannot open the SQLite database {path}: {exc}{_why_not_writable(path)}") from None
         return cls(writer, await _connect(path))
 
     async def close(self) -> None:
