@@ -141,6 +141,7 @@ class StoredResponse:
     user_id: int
     provider: str
     model: str  # apibox's name for the model that answered
+    context_tokens: int = 0  # its input and output: what the upstream reads again when it is continued
     created_at: datetime | None = None
 
 

@@ -114,6 +114,14 @@ class PromptSize:
         text_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8", "surrogatepass")) for t in texts)
         self.bound = text_bytes + PER_MESSAGE_TOKENS + self.allowance  # for the hold
 
+    def add(self, tokens: int) -> None:
+        """Tokens the upstream adds to the prompt from what it keeps (a continued response's
+        conversation): in the bound and the estimate alike."""
+        self.allowance += tokens
+        self.bound += tokens
+        if self._estimate is not None:
+            self._estimate += tokens
+
     @property
     def estimate(self) -> int:
         """For charging when the upstream reported none, and for token limits."""

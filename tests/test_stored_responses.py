@@ -154,6 +154,25 @@ async def test_a_continued_response_goes_to_the_upstream_that_keeps_it(live: Liv
     assert len(usage_rows(live, ann.user_id)) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_continuations_hold_counts_the_conversation_the_upstream_reads_again(live: Live, live_store: Any,
+                                                                                    stream: bool) -> None:
+    ann = await account(live_store, live, "ann@example.com", "1")
+    live.fake.prompt_tokens = 300_000  # a long conversation: $0.75 of input at gpt-fake's $2.5 per 1M
+    async with client(live, ann.key) as sdk:
+        first = await ask(sdk, stream, model="gpt-fake", input="Summarize the attached book")
+        [row] = query(live, "SELECT context_tokens FROM stored_responses")
+        assert row[0] == 300_000 + len(WORDS)  # its input and its output
+        assert balance(live, ann.user_id)[0] == 1_000_000 - expected_cost("gpt-fake", 300_000, len(WORDS))
+        asked = len(live.fake.requests)
+        with pytest.raises(openai.APIStatusError) as refused:  # $0.25 left cannot pay for reading it again
+            await ask(sdk, stream, model="gpt-fake", input="And then?", previous_response_id=first.id)
+        assert refused.value.status_code == 402 and len(live.fake.requests) == asked
+        live.fake.prompt_tokens = 21
+        fresh = await ask(sdk, stream, model="gpt-fake", input="And then?")  # a new conversation fits
+    assert fresh.output_text == TEXT
+
+
 @pytest.mark.parametrize(("extra", "param"), [
     ({"conversation": "conv_123"}, "conversation"),
     ({"input": ["x", {"type": "item_reference", "id": "msg_123"}]}, "input[1]"),
@@ -184,7 +203,7 @@ async def test_reading_as_a_stream_and_cancelling_are_refused_for_ones_own(live:
 async def test_usage_prune_forgets_the_stored_responses_made_before_its_cut(live: Live, live_store: Any) -> None:
     ann = await account(live_store, live, "ann@example.com", "1")
     old = datetime.now(UTC) - timedelta(days=40)
-    await live_store.remember_response(StoredResponse("resp_old", ann.user_id, "fake", "gpt-fake", old))
+    await live_store.remember_response(StoredResponse("resp_old", ann.user_id, "fake", "gpt-fake", created_at=old))
     await live_store.remember_response(StoredResponse("resp_new", ann.user_id, "fake", "gpt-fake"))
     pruned = await live_store.prune_usage(datetime.now(UTC) - timedelta(days=30))
     assert pruned.responses == 1 and [r["response_id"] for r in kept_rows(live)] == ["resp_new"]

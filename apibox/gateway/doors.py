@@ -49,9 +49,9 @@ class Door(Protocol):
     def renderer(self, native: bool, model: str, wants_usage: bool, prompt: PromptSize) -> StreamRenderer: ...
 
     # The upstream may keep this door's answers (OpenAI stores Responses): ``keep`` records whose an
-    # answer is, from a whole answer or a stream's first events, before any of it goes out.
+    # answer is (from a whole answer, or a stream's first events) and its usage, before its end goes out.
     keeps_answers: bool
-    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any]) -> None: ...
+    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any], usage: Usage) -> None: ...
 
 
 class KeepsNothing:
@@ -59,7 +59,7 @@ class KeepsNothing:
 
     keeps_answers = False
 
-    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any]) -> None:
+    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any], usage: Usage) -> None:
         """Nothing to record."""
 
 
@@ -156,17 +156,19 @@ class ResponsesDoor:
         self._chat_body: dict[str, Any] | None = None
         self._store, self._user_id = store, user_id  # where a response the upstream keeps is recorded as whose
 
-    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any]) -> None:
+    async def keep(self, provider: str, model: str, native: bool, answer: Sequence[Any], usage: Usage) -> None:
         """Record a response passed through (and not asked not to be stored) as the caller's: only
-        they may then continue, read or delete it. Should the record fail, the answer still goes
-        out and is billed; only referring to it later is refused."""
+        they may then continue, read or delete it, and a continuation's hold counts its tokens.
+        Should the record fail, the answer still goes out and is billed; only referring to it later
+        is refused."""
         if self._store is None or not self._passed_through(native) or self.original.get("store") is False:
             return
         kept = response_id(answer)
         if kept is None:
             return
+        context = usage.prompt_tokens + usage.completion_tokens
         try:
-            await self._store.remember_response(StoredResponse(kept, self._user_id, provider, model))
+            await self._store.remember_response(StoredResponse(kept, self._user_id, provider, model, context))
         except StoreError as exc:
             log.warning("could not record response %s as user %s's: %s", kept, self._user_id, exc)
 

@@ -228,9 +228,11 @@ def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) 
 
 
 async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any],
-                  door: Door = OPENAI_DOOR, only_provider: str | None = None) -> web.StreamResponse:
+                  door: Door = OPENAI_DOOR, only_provider: str | None = None,
+                  kept_tokens: int = 0) -> web.StreamResponse:
     """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer.
-    ``only_provider``: the routes to that upstream alone are tried."""
+    ``only_provider``: the routes to that upstream alone are tried. ``kept_tokens``: prompt the
+    upstream adds from what it keeps (a continued response's conversation), held for too."""
     gateway = request.app[GATEWAY]
     exchange = request[EXCHANGE]
     model = authorized_model(gateway, caller, body.get("model"))
@@ -240,6 +242,8 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
         raise InvalidRequest(f"The model `{model.name}` does not support {request.path}.", param="model")
     output = requested_output(endpoint, body, model)
     prompt = tokens.measure_prompt(body)  # once: the limits, the hold and any estimate share it
+    if kept_tokens:
+        prompt.add(kept_tokens)
     subjects = limit_subjects(gateway, caller)
     admission = None  # no limits apply: the limiter would count nothing, so it is not asked
     if subjects:
@@ -360,11 +364,12 @@ def _headers(call: Call) -> dict[str, str]:
 async def _complete(call: Call) -> web.Response:
     reply: dict[str, Any] = await _attempt(call, stream=False)
     call.first_byte = time.monotonic()
-    if call.door.keeps_answers:
-        await call.door.keep(call.route.provider, call.model.name, call.native, (reply,))  # type: ignore[union-attr]
     usage = call.door.usage(reply, call.native)
     if usage is None:
         usage = call.estimate(tokens.count_tokens(call.door.reply_text(reply, call.native)))
+    if call.door.keeps_answers:
+        await call.door.keep(call.route.provider, call.model.name, call.native,  # type: ignore[union-attr]
+                             (reply,), usage)
     record = await call.settle(usage, "ok", 200)
     body = call.door.render_reply(reply, call.native, call.model.name, usage, record.cost)
     return web.Response(body=jsoncodec.dumps(body), content_type="application/json", headers=_headers(call))
@@ -394,10 +399,6 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         return usage if status == "ok" and usage is not None else call.estimate(delivered.tokens(), usage)
 
     try:
-        keeping = None  # recorded while the stream goes on (a pause in reading could lose what a cut
-        if call.door.keeps_answers:  # upstream had sent), done before the stream's end goes out
-            keeping = asyncio.ensure_future(call.door.keep(call.route.provider,  # type: ignore[union-attr]
-                                                           call.model.name, call.native, started.first))
         if heart.beat is not None:
             await heart.beat  # a keep-alive being written (with the head, when the wait was long)
         await response.prepare(request)
@@ -445,8 +446,9 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         final = owed()
         # settled before the stream's end goes out, as an answer is: a client that has read the
         # end reads the books with this request in them
-        if keeping is not None:
-            await keeping
+        if call.door.keeps_answers:  # (the stream's first events name the response; its last goes out after)
+            await call.door.keep(call.route.provider, call.model.name, call.native,  # type: ignore[union-attr]
+                                 started.first, final)
         record = await call.settle(final, status, http_status)
         heart.stop()
         await response.write_eof(last + renderer.end(final, record.cost))

@@ -10,8 +10,9 @@ short), then the usage the answer reports.
 OpenAI keeps a response (unless asked with ``store: false``) for the account that asked, and
 every apibox user shares the operator's account: apibox records whose each response is
 (``stored_responses``), so that a user may continue (``previous_response_id``), read, list the
-input of, or delete only their own, and only on the upstream that keeps it. What would reach
-stored items around that record (``conversation``, ``item_reference`` input items) is refused.
+input of, or delete only their own, and only on the upstream that keeps it; a continuation's
+hold counts the conversation the upstream reads again. What would reach stored items around
+that record (``conversation``, ``item_reference`` input items) is refused.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     gateway = request.app[GATEWAY]
     door = ResponsesDoor(body, gateway.store, caller.user.id)
     model = authorized_model(gateway, caller, body["model"])
-    keeper = await _previous_keeper(gateway, caller, body)
+    previous = await _previous(gateway, caller, body)
+    keeper = previous.provider if previous is not None else None
     routes = [route for route in model.routes if keeper is None or route.provider == keeper]
     if keeper is not None and not routes:
         raise InvalidRequest(f"The response '{body['previous_response_id']}' is kept by an upstream that the model "
@@ -63,7 +65,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
                              param="previous_response_id")
     if not all(door.is_native(gateway.providers[route.provider]) for route in routes):
         door.chat_body()  # what a route that speaks only chat cannot carry is refused before the hold
-    return await forward(request, caller, "responses", billing_copy(body), door, only_provider=keeper)
+    return await forward(request, caller, "responses", billing_copy(body), door, only_provider=keeper,
+                         kept_tokens=previous.context_tokens if previous is not None else 0)
 
 
 def _refuse_stored_items(body: dict[str, Any]) -> None:
@@ -79,9 +82,10 @@ def _refuse_stored_items(body: dict[str, Any]) -> None:
                                  param=f"input[{index}]")
 
 
-async def _previous_keeper(gateway: Gateway, caller: Caller, body: dict[str, Any]) -> str | None:
-    """The provider that keeps the response ``previous_response_id`` continues (None without one);
-    a response that is not the caller's is as unknown as one that never was."""
+async def _previous(gateway: Gateway, caller: Caller, body: dict[str, Any]) -> StoredResponse | None:
+    """The response ``previous_response_id`` continues (None without one): where it is kept, and
+    its conversation's tokens, which the upstream reads again. A response that is not the
+    caller's is as unknown as one that never was."""
     previous = body.get("previous_response_id")
     if previous is None:
         return None
@@ -91,7 +95,7 @@ async def _previous_keeper(gateway: Gateway, caller: Caller, body: dict[str, Any
     if stored is None or stored.user_id != caller.user.id:
         raise InvalidRequest(f"Previous response with id '{previous}' not found.", param="previous_response_id",
                              code="previous_response_not_found")
-    return stored.provider
+    return stored
 
 
 async def _owned(request: web.Request) -> tuple[StoredResponse, Any]:

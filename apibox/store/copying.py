@@ -48,7 +48,8 @@ TABLES = (
                           "reasoning_tokens", "cost", "charged", "charges", "latency_ms_sum", "latency_count",
                           "ttft_ms_sum", "ttft_count"), "day, user_id, key_id, model, provider, status"),
     Table("admin_log", ("id", "created_at", "actor", "action", "target", "before", "after"), "id"),
-    Table("stored_responses", ("response_id", "user_id", "provider", "model", "created_at"), "response_id"),
+    Table("stored_responses", ("response_id", "user_id", "provider", "model", "context_tokens", "created_at"),
+          "response_id"),
 )
 # What must be equal on both sides besides the row counts.
 TOTALS = {

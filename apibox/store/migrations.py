@@ -277,15 +277,17 @@ DROP INDEX usage_user_created;
     "0008_hold_and_settle_functions": """
 -- nothing on SQLite
 """,
-    # Responses the upstream stores (Responses API, store on), by the upstream's id: whose each is
-    # and which provider has it. A user may continue, read or delete only their own; rows older
-    # than `usage prune`'s cut are forgotten with the usage rows.
+    # Responses the upstream stores (Responses API, store on), by the upstream's id: whose each is,
+    # which provider has it, and the tokens of its conversation so far (the input it was asked with
+    # and its output), which the upstream reads again when a user continues it. A user may continue,
+    # read or delete only their own; rows older than `usage prune`'s cut are forgotten with the usage rows.
     "0009_stored_responses": """
 CREATE TABLE stored_responses (
     response_id  TEXT PRIMARY KEY,
     user_id      INTEGER NOT NULL REFERENCES users(id),
     provider     TEXT NOT NULL,
     model        TEXT NOT NULL,
+    context_tokens INTEGER NOT NULL DEFAULT 0,
     created_at   INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX stored_responses_created ON stored_responses(created_at);

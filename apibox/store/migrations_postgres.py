@@ -261,6 +261,7 @@ CREATE TABLE stored_responses (
     user_id      BIGINT NOT NULL REFERENCES users(id),
     provider     TEXT NOT NULL,
     model        TEXT NOT NULL,
+    context_tokens BIGINT NOT NULL DEFAULT 0,
     created_at   BIGINT NOT NULL
 );
 CREATE INDEX stored_responses_created ON stored_responses(created_at);

@@ -380,15 +380,15 @@ class SqlStore(SqlReports):
 
     async def remember_response(self, stored: StoredResponse) -> None:
         """Record whose a stored response is (the first record of an id stands)."""
-        await self._write("INSERT INTO stored_responses (response_id, user_id, provider, model, created_at) "
-                          "VALUES (?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
-                          (stored.response_id, stored.user_id, stored.provider, stored.model,
+        await self._write("INSERT INTO stored_responses (response_id, user_id, provider, model, context_tokens, "
+                          "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
+                          (stored.response_id, stored.user_id, stored.provider, stored.model, stored.context_tokens,
                            to_ms(stored.created_at) or now_ms()))
 
     async def stored_response(self, response_id: str) -> StoredResponse | None:
-        rows = await self._read("SELECT response_id, user_id, provider, model, created_at FROM stored_responses "
-                                "WHERE response_id = ?", (response_id,))
-        return StoredResponse(rows[0][0], rows[0][1], rows[0][2], rows[0][3], from_ms(rows[0][4])) if rows else None
+        rows = await self._read("SELECT response_id, user_id, provider, model, context_tokens, created_at "
+                                "FROM stored_responses WHERE response_id = ?", (response_id,))
+        return StoredResponse(*rows[0][:5], from_ms(rows[0][5])) if rows else None
 
     async def forget_response(self, response_id: str) -> None:
         await self._write("DELETE FROM stored_responses WHERE response_id = ?", (response_id,))
