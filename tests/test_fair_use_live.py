@@ -394,6 +394,20 @@ async def test_a_key_budget_stops_requests_with_402_once_spent(live: Live, live_
     assert balance(live, who.user_id) == (5_000_000 - key_spent(live, who.user_id), 0)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_usage_past_its_hold_is_charged_no_more_than_the_budget_has_left(live: Live, live_store,
+                                                                              stream: bool) -> None:
+    who = await account(live_store, live, "ann@example.com", "5", budget="0.01")
+    live.fake.prompt_tokens = 1_000_000  # $2.50 of input at gpt-fake's price: an upstream billing far past the hold
+    status, _, raw = await chat(live, who.key, {**CHAT, "stream": stream})
+    assert status == 200, raw
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert row["cost"] > 10_000 and row["charged"] == 10_000  # the budget's whole rest, not the $2.50
+    assert key_spent(live, who.user_id) == 10_000 == sum(charges(live, who.user_id))
+    assert balance(live, who.user_id) == (5_000_000 - 10_000, 0)
+    await refused(live, who.key, 402)  # and the key is spent
+
+
 async def test_a_key_budget_holds_under_20_concurrent_requests(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "5", budget="0.001")
     live.fake.delay = 0.1  # keep them in flight together

@@ -35,7 +35,7 @@ from apibox.models import (
     UserOverview,
     UserState,
 )
-from apibox.money import format_usd
+from apibox.money import MAX_STORED_MICRO, format_usd
 from apibox.offloop import off_the_loop
 from apibox.store.base import KEY_SETTINGS, Credit, CreditResult, KeySpec
 from apibox.store.script import IntegrityViolation, Row, Script, Want, single
@@ -61,6 +61,8 @@ HOLD_SQL = (
     "WHERE b.user_id = ? AND b.balance - b.held >= ? AND (k.budget IS NULL OR "
     "k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) >= ?)")
 KEY_SPEND_SQL = "UPDATE api_keys SET spent = spent + ?, last_used_at = ? WHERE id = ?"
+KEY_HEADROOM_SQL = ("SELECT k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h "
+                    "WHERE h.key_id = k.id) FROM api_keys k WHERE k.id = ? AND k.budget IS NOT NULL")
 CHARGE_BALANCE_SQL = "UPDATE balances SET balance = balance - ? WHERE user_id = ?"
 CHARGE_LEDGER_SQL = ("INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id) "
                      "SELECT user_id, ?, 'charge', ?, balance, ?, 'gateway', ? FROM balances WHERE user_id = ?")
@@ -366,8 +368,9 @@ class SqlStore(SqlReports):
                 released = _changed((yield RELEASE_SQL, (hold.id,), Want.COUNT))
             if not released:
                 raise already_settled(hold)
-            if not within_hold:
-                usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available)
+            if not within_hold:  # capped at what the user has, and at what the key's budget has left
+                usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available,
+                                    (yield from self._budget_left(hold.key_id)))
                 yield from _insert_usage(usage, created)
             if usage.charged > 0:
                 yield from self._charge(hold, usage.charged, created, charge_note(usage), usage.id)
@@ -394,10 +397,14 @@ class SqlStore(SqlReports):
         await self._write("DELETE FROM stored_responses WHERE response_id = ?", (response_id,))
 
     async def key_headroom(self, key_id: int) -> int | None:
-        rows = await self._read(
-            "SELECT k.budget - k.spent - (SELECT coalesce(sum(h.amount), 0) FROM holds h WHERE h.key_id = k.id) "
-            "FROM api_keys k WHERE k.id = ? AND k.budget IS NOT NULL", (key_id,))
+        rows = await self._read(KEY_HEADROOM_SQL, (key_id,))
         return max(0, int(rows[0][0])) if rows else None
+
+    def _budget_left(self, key_id: int) -> Script[int]:
+        """What the key's budget has left after its spend and its other open holds (no limit
+        without a budget), inside a settlement's transaction."""
+        rows = yield KEY_HEADROOM_SQL, (key_id,)
+        return max(0, int(rows[0][0])) if rows else MAX_STORED_MICRO
 
     # -- gateway instances and their holds --------------------------------------------------
 
