@@ -61,8 +61,9 @@ def prompt_parts(body: dict[str, Any]) -> tuple[list[str], int, int]:
             for call in calls if isinstance(calls, list) else ():  # anything else is the upstream's to refuse
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
                     texts.extend(str(v) for v in call["function"].values())
-        if body.get("tools"):
-            texts.append(str(body["tools"]))
+        for field in ("tools", "response_format"):  # a JSON schema is prompt the upstream reads too
+            if body.get(field):
+                texts.append(str(body[field]))
         return texts, len(messages), images
     for field in ("prompt", "input"):
         if field in body:
@@ -83,6 +84,8 @@ def _collect(content: Any, texts: list[str]) -> int:
                 texts.append(part["text"])
             elif part.get("type") in ("image_url", "input_image", "image"):
                 images += 1
+            else:  # a file, audio, a document: bounded by its JSON (its data, base64, a byte a token at most)
+                texts.append(str(part))
     return images
 
 

@@ -216,6 +216,35 @@ def test_random_histories_keep_every_invariant(databases: Databases, price: Pric
     run_in_fresh_store(databases, body)
 
 
+@DB_PROPERTY
+@given(paid_prices, st.integers(min_value=1, max_value=2_000_000), st.data())
+def test_a_key_never_spends_past_its_budget_whatever_the_upstream_bills(databases: Databases, price: Price,
+                                                                         budget: int, data: st.DataObject) -> None:
+    """Upstreams bill past the hold (a prompt the bound missed, an answer past max_tokens): the
+    settlement caps the charge at the balance and at what the key's budget has left."""
+    async def body(store: Store) -> None:
+        user, key = await add_user(store, "ann@example.com", budget=budget)
+        await credit(store, user, 10_000_000)
+        for step in range(data.draw(st.integers(min_value=1, max_value=8), label="requests")):
+            prompt = data.draw(st.integers(min_value=0, max_value=2_000), label="prompt_bound")
+            try:
+                reservation = await billing.reserve(store, key, model="m", price=price, request_id=f"r{step}",
+                                                    prompt_tokens=prompt, output_tokens=100)
+            except InsufficientQuota:
+                continue
+            left = await store.key_headroom(key.id)
+            available = (await store.get_balance(user.id)).available
+            usage = Usage(prompt_tokens=data.draw(st.integers(min_value=0, max_value=50 * prompt + 5_000),
+                                                  label="billed prompt"), completion_tokens=100)
+            written = await billing.settle(store, reservation, usage_record(key, f"r{step}"), usage)
+            assert written.charged == min(written.cost, available + reservation.hold.amount,
+                                          (left or 0) + reservation.hold.amount)
+            spent = (await store.get_key(key.id)).spent  # type: ignore[union-attr]
+            assert spent <= budget
+        await check_invariants(store, user)
+    run_in_fresh_store(databases, body)
+
+
 async def finish(store: Store, key: ApiKey, price: Price, model: Model, index: int, data: st.DataObject) -> None:
     """Settle one open request the way the gateway would for the drawn outcome."""
     item = model.open.pop(index)

@@ -721,3 +721,22 @@ async def test_an_output_format_reaches_an_openai_route_as_its_response_format(l
     assert live.fake.requests[-1].body["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
     await wait_for_usage(live, who.user_id, 1)
+
+
+async def test_a_documents_bytes_are_held_for_before_an_anthropic_route_reads_it(live: Live, live_store: Any) -> None:
+    who = await account(live_store, live, "ann@example.com", "0.5")  # $0.50 pays ~160k prompt tokens at $3
+    pdf = "JVBERi0xLjQK" * 25_000  # 300 KB of base64: the copy for translated routes leaves documents out
+    messages = [{"role": "user", "content": [
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": pdf}},
+        {"type": "text", "text": "Summarize it"}]}]
+    asked = len(live.anthropic.requests)
+    status, _, raw = await post(live, "/v1/messages", {"model": "claude-fake", "max_tokens": 100,
+                                                       "messages": messages}, {"x-api-key": who.key})
+    assert status == 402 and json.loads(raw)["error"]["type"] == "billing_error"  # refused before the upstream
+    assert len(live.anthropic.requests) == asked and usage_rows(live, who.user_id) == []
+    messages[0]["content"][0]["source"]["data"] = "JVBERi0xLjQK"  # a small one goes through
+    status, _, raw = await post(live, "/v1/messages", {"model": "claude-fake", "max_tokens": 100,
+                                                       "messages": messages}, {"x-api-key": who.key})
+    assert status == 200, raw
+    assert live.anthropic.requests[-1].body["messages"][0]["content"][0]["type"] == "document"
+    await wait_for_usage(live, who.user_id, 1)

@@ -98,3 +98,16 @@ async def test_an_absurd_count_is_clamped_and_charged_no_more_than_the_balance(l
     [row] = await wait_for_usage(live, who.user_id, 1)
     assert (row["prompt_tokens"], row["estimated"]) == (MOST_TOKENS_A_REQUEST, 0)
     assert row["charged"] == 500_000 < row["cost"] and balance(live, who.user_id) == (0, 0)
+
+
+def test_the_prompts_bound_counts_what_else_the_upstream_reads() -> None:
+    from apibox.tokens import prompt_bound
+    plain = {"messages": [{"role": "user", "content": "Hi"}]}
+    schema = {"type": "json_schema", "json_schema": {"name": "A", "schema": {"type": "object", "properties": {
+        f"field{n}": {"type": "string", "description": "x" * 100} for n in range(50)}}}}
+    assert prompt_bound({**plain, "response_format": schema}) >= prompt_bound(plain) + len(str(schema))
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGR" * 10_000, "format": "wav"}}
+    file = {"type": "file", "file": {"file_data": "data:application/pdf;base64," + "JVBER" * 10_000}}
+    for part in (audio, file):
+        body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, part]}]}
+        assert prompt_bound(body) >= prompt_bound(plain) + 50_000

@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from apibox import tokens
+from apibox import jsoncodec, tokens
 from apibox.errors import InvalidRequest
 from apibox.formats.anthropic import anthropic_to_openai_request
 from apibox.gateway.appkeys import GATEWAY
@@ -61,6 +61,17 @@ def _translated(body: dict[str, Any]) -> dict[str, Any]:
                              "a string, image sources objects)", param="messages") from None
 
 
+# The blocks the OpenAI-shaped copy of a request carries (the billing flow measures that copy).
+CARRIED_BLOCKS = frozenset({"text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+
+
+def _uncarried_bytes(body: dict[str, Any]) -> int:
+    """The size of the blocks the OpenAI-shaped copy leaves out (documents, search results): an
+    Anthropic route still reads them, so the hold counts them, a byte a token at most."""
+    return sum(len(jsoncodec.dumps(block)) for message in body["messages"] if isinstance(message["content"], list)
+               for block in message["content"] if block.get("type") not in CARRIED_BLOCKS)
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
@@ -68,7 +79,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     internal = _translated(body)
     if body.get("stream"):
         internal["stream_options"] = {"include_usage": True}
-    return await forward(request, caller, "chat/completions", internal, AnthropicDoor(body, request.headers))
+    return await forward(request, caller, "chat/completions", internal, AnthropicDoor(body, request.headers),
+                         unseen_tokens=_uncarried_bytes(body))
 
 
 async def count_tokens(request: web.Request) -> web.Response:

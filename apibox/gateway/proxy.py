@@ -229,10 +229,11 @@ def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) 
 
 async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any],
                   door: Door = OPENAI_DOOR, only_provider: str | None = None,
-                  kept_tokens: int = 0) -> web.StreamResponse:
+                  unseen_tokens: int = 0) -> web.StreamResponse:
     """Bill and forward one request; ``body`` is OpenAI-shaped, ``door`` renders the answer.
-    ``only_provider``: the routes to that upstream alone are tried. ``kept_tokens``: prompt the
-    upstream adds from what it keeps (a continued response's conversation), held for too."""
+    ``only_provider``: the routes to that upstream alone are tried. ``unseen_tokens``: prompt the
+    upstream reads that ``body`` does not show (a continued response's conversation, which the
+    upstream keeps; the documents of an Anthropic client), held for too."""
     gateway = request.app[GATEWAY]
     exchange = request[EXCHANGE]
     model = authorized_model(gateway, caller, body.get("model"))
@@ -242,8 +243,8 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
         raise InvalidRequest(f"The model `{model.name}` does not support {request.path}.", param="model")
     output = requested_output(endpoint, body, model)
     prompt = tokens.measure_prompt(body)  # once: the limits, the hold and any estimate share it
-    if kept_tokens:
-        prompt.add(kept_tokens)
+    if unseen_tokens:
+        prompt.add(unseen_tokens)
     subjects = limit_subjects(gateway, caller)
     admission = None  # no limits apply: the limiter would count nothing, so it is not asked
     if subjects:

@@ -66,7 +66,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if not all(door.is_native(gateway.providers[route.provider]) for route in routes):
         door.chat_body()  # what a route that speaks only chat cannot carry is refused before the hold
     return await forward(request, caller, "responses", billing_copy(body), door, only_provider=keeper,
-                         kept_tokens=previous.context_tokens if previous is not None else 0)
+                         unseen_tokens=previous.context_tokens if previous is not None else 0)
 
 
 def _refuse_stored_items(body: dict[str, Any]) -> None:
