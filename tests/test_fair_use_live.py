@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+from multidict import CIMultiDict
 from typer.testing import CliRunner
 
 from apibox import accounts, tokens
@@ -297,6 +298,12 @@ async def test_x_forwarded_for_is_honoured_from_a_trusted_proxy(start) -> None:
     error, _ = await refused(live, who.key, 403, forwarded_for="10.1.2.3, 192.0.2.7")
     assert "192.0.2.7" in error["message"]
     await refused(live, who.key, 403)  # the proxy's own address is not in the allowlist
+    # a proxy that adds a header line of its own leaves the client's forged line first: both count
+    lines = CIMultiDict([("Authorization", f"Bearer {who.key}"), ("X-Forwarded-For", "10.1.2.3"),
+                         ("X-Forwarded-For", "192.0.2.7")])
+    async with aiohttp.ClientSession() as session, session.post(f"{live.v1}/chat/completions", json=CHAT,
+                                                                headers=lines) as response:
+        assert response.status == 403 and "192.0.2.7" in (await response.json())["error"]["message"]
 
 
 async def test_an_expired_key_is_a_401(live: Live, live_store) -> None:

@@ -33,9 +33,13 @@ def bearer_secret(request: web.Request) -> str | None:
 
 
 def request_address(request: web.Request) -> str:
-    """The caller's address, believing X-Forwarded-For only from the configured proxies."""
+    """The caller's address, believing X-Forwarded-For only from the configured proxies. Every
+    line of the header counts, in order, as one list (RFC 9110): a proxy that adds a line of its
+    own (HAProxy's ``option forwardfor``) leaves the client's forged line first, not last."""
     proxies = request.app[GATEWAY].settings.server.trusted_proxies
-    return client_address(request.remote, request.headers.get("X-Forwarded-For"), proxies)
+    if not proxies:
+        return request.remote or ""
+    return client_address(request.remote, ", ".join(request.headers.getall("X-Forwarded-For", ())), proxies)
 
 
 async def authenticate(request: web.Request) -> Caller:
