@@ -740,3 +740,24 @@ async def test_a_documents_bytes_are_held_for_before_an_anthropic_route_reads_it
     assert status == 200, raw
     assert live.anthropic.requests[-1].body["messages"][0]["content"][0]["type"] == "document"
     await wait_for_usage(live, who.user_id, 1)
+
+
+@pytest.mark.parametrize(("tools", "beta", "named"), [
+    ([{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}], None, "tools.0"),
+    ([{"name": "f", "input_schema": {"type": "object"}},
+      {"type": "code_execution_20250522", "name": "code_execution"}], None, "tools.1"),
+    (None, "prompt-caching-2024-07-31, context-1m-2025-08-07", "context-1m-2025-08-07")])
+async def test_what_anthropic_bills_beyond_tokens_is_refused_before_the_hold(
+        live: Live, live_store: Any, tools: Any, beta: str | None, named: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    body = {"model": "claude-fake", "max_tokens": 100, "messages": MESSAGES, **({"tools": tools} if tools else {})}
+    asked = len(live.anthropic.requests)
+    status, _, raw = await post(live, "/v1/messages", body,
+                                {"x-api-key": who.key, **({"anthropic-beta": beta} if beta else {})})
+    message = json.loads(raw)["error"]["message"]
+    assert status == 400 and named in message and "not available here" in message, raw
+    assert len(live.anthropic.requests) == asked and usage_rows(live, who.user_id) == []
+    status, _, _ = await post(live, "/v1/messages", {**body, "tools": [{"name": "f", "input_schema": {}}]},
+                              {"x-api-key": who.key, "anthropic-beta": "prompt-caching-2024-07-31"})
+    assert status == 200  # a tool of the client's own and a beta that costs nothing more go through
+    await wait_for_usage(live, who.user_id, 1)

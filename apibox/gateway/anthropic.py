@@ -72,10 +72,30 @@ def _uncarried_bytes(body: dict[str, Any]) -> int:
                for block in message["content"] if block.get("type") not in CARRIED_BLOCKS)
 
 
+# Anthropic's server tools billed by the use (searches, a container's time) on top of the tokens,
+# and betas that raise the token price: apibox charges the model's price for tokens, so the
+# operator would pay the difference. Refused, as the Responses door refuses OpenAI's paid tools.
+PAID_SERVER_TOOLS = ("web_search_", "code_execution_")
+PREMIUM_BETAS = ("context-1m",)
+
+
+def _refuse_unbilled(body: dict[str, Any], headers: Any) -> None:
+    for index, tool in enumerate(body.get("tools") or ()):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if isinstance(kind, str) and kind.startswith(PAID_SERVER_TOOLS):
+            raise InvalidRequest(f"tools.{index}: the server tool {kind!r} is billed by the use, which apibox does "
+                                 "not charge for; it is not available here", param=f"tools.{index}")
+    for beta in headers.get("anthropic-beta", "").split(","):
+        if beta.strip().startswith(PREMIUM_BETAS):
+            raise InvalidRequest(f"anthropic-beta: {beta.strip()!r} bills tokens above the model's price, which "
+                                 "apibox does not charge; it is not available here", param="anthropic-beta")
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
     _check(body, needs_max_tokens=True)
+    _refuse_unbilled(body, request.headers)
     internal = _translated(body)
     if body.get("stream"):
         internal["stream_options"] = {"include_usage": True}
