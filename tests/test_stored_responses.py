@@ -176,6 +176,8 @@ async def test_a_continuations_hold_counts_the_conversation_the_upstream_reads_a
 @pytest.mark.parametrize(("extra", "param"), [
     ({"conversation": "conv_123"}, "conversation"),
     ({"input": ["x", {"type": "item_reference", "id": "msg_123"}]}, "input[1]"),
+    ({"input": [{"id": "msg_123"}]}, "input[0]"),  # a reference need not name its type
+    ({"input": [{"role": "user", "content": "Hi"}, {"id": "msg_123", "type": None}]}, "input[1]"),
     ({"previous_response_id": 7}, "previous_response_id"),
     ({"previous_response_id": ""}, "previous_response_id")])
 async def test_what_would_reach_stored_items_around_the_record_is_refused(

@@ -76,7 +76,9 @@ def _refuse_stored_items(body: dict[str, Any]) -> None:
                              "'previous_response_id', or send the whole input.", param="conversation")
     items = body["input"] if isinstance(body["input"], list) else ()
     for index, item in enumerate(items):
-        if isinstance(item, dict) and item.get("type") == "item_reference":
+        # a reference need not say so: an item without a type is one, unless it is a message (a role)
+        if isinstance(item, dict) and (item.get("type") == "item_reference" or
+                                       (item.get("type") is None and "role" not in item)):
             raise InvalidRequest("Input items by reference are not available through apibox: send the item "
                                  "itself, or continue the response it came from with 'previous_response_id'.",
                                  param=f"input[{index}]")
