@@ -586,3 +586,15 @@ def test_a_database_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
     config.write_text(f"database: {{url: 'sqlite:///{tmp_path / 'gone' / 'apibox.db'}'}}\n")
     result = CliRunner().invoke(cli_app, ["db", "migrate", "--config", str(config)])
     assert_one_line_error(result, f"unable to open database file (there is no directory {tmp_path / 'gone'})")
+
+
+def test_a_new_database_file_is_readable_by_its_owner_alone(tmp_path: Path) -> None:
+    for name, mode in (("new.db", None), ("kept.db", 0o640)):
+        path = tmp_path / name
+        if mode is not None:  # an operator's own choice for a file that is there stays
+            path.touch()
+            path.chmod(mode)
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(f"database: {{url: 'sqlite:///{path}'}}\n")
+        assert CliRunner().invoke(cli_app, ["db", "migrate", "--config", str(config)]).exit_code == 0
+        assert path.stat().st_mode & 0o777 == (mode or 0o600)

@@ -9,6 +9,7 @@ transactions, and the writer retries a refused lock on a timer until it is its t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -47,6 +48,13 @@ def run_script(cursor: sqlite3.Cursor, script: Script[T]) -> T:
     return drive(script, execute, (sqlite3.IntegrityError,))
 
 
+def _create_private(path: str) -> None:
+    """A new database file readable by its owner alone: it holds emails, balances and key hashes.
+    SQLite gives its journal files the database file's permissions; an existing file keeps its own."""
+    with contextlib.suppress(OSError):  # there already; or no such directory, not writable: SQLite's open says so
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _why_not_writable(path: str) -> str:
     """What SQLite's "unable to open database file" leaves unsaid, when it can be told."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -78,6 +86,7 @@ class SqliteStore(SqlStore):
         if path == ":memory:":
             raise StoreError("an in-memory SQLite database cannot be shared by the reader and the writer; "
                              "use a file (sqlite:///./apibox.db)")
+        _create_private(path)
         writer = SqliteWriter(path, PRAGMAS)
         try:
             await writer.open()
