@@ -246,6 +246,27 @@ async def test_an_upstream_400_is_a_400_and_the_sdk_does_not_retry_it(live: Live
     assert [r["status"] for r in usage_rows(live, who.user_id)] == ["error"]
 
 
+async def test_an_upstream_message_is_one_line_in_the_log_and_the_answer(live: Live, live_store, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status = "status", 400
+    live.fake.error_message = "bad value\n2026-11-28 00:00:00 ERROR apibox.gateway: forged line"  # quoting a client
+    status, _, raw = await post(live, "/chat/completions", key=who.key, json_body=CHAT)
+    assert status == 400 and "bad value 2026-11-28" in json.loads(raw)["error"]["message"]
+    assert not [r for r in caplog.records if "\n" in r.getMessage()]  # no record spans a line of its own
+    assert any("forged line" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_priority_service_tier_is_refused_before_the_hold(live: Live, live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    for path, body in (("/chat/completions", CHAT), ("/responses", {"model": "gpt-fake", "input": "Hi"})):
+        status, _, raw = await post(live, path, key=who.key, json_body={**body, "service_tier": "priority"})
+        assert (status, json.loads(raw)["error"]["param"]) == (400, "service_tier")
+    assert live.fake.requests == [] and usage_rows(live, who.user_id) == []
+    status, _, _ = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "service_tier": "flex"})
+    assert status == 200  # a cheaper tier is the caller's to ask for
+
+
 @pytest.mark.parametrize("upstream_status", [401, 400])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_upstream_key_never_reaches_the_client_or_the_log(live: Live, live_store, caplog,

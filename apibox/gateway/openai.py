@@ -81,12 +81,17 @@ def require(body: dict[str, Any], field: str, kinds: tuple[type, ...], what: str
         raise InvalidRequest(f"'{field}' must be {what}.", param=field)
 
 
-def check_stream(body: dict[str, Any]) -> None:
+def check_shared_fields(body: dict[str, Any]) -> None:
+    """The fields chat, completions and the Responses API share: ``stream``, ``stream_options``, and
+    ``service_tier``, whose ``priority`` OpenAI bills above the model's price (apibox does not)."""
     if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
         raise InvalidRequest("'stream' must be true or false.", param="stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("'stream_options' must be an object.", param="stream_options")
+    if body.get("service_tier") == "priority":
+        raise InvalidRequest("service_tier 'priority' is billed above the model's price, which apibox does not "
+                             "charge; leave it out.", param="service_tier")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -96,7 +101,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     for index, message in enumerate(body["messages"]):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise InvalidRequest(f"messages[{index}] must be an object with a 'role'.", param=f"messages[{index}]")
-    check_stream(body)
+    check_shared_fields(body)
     return await forward(request, caller, "chat/completions", body)
 
 
@@ -104,7 +109,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     caller = await authenticate(request)
     body = await read_json(request)
     require(body, "prompt", (str, list), "a string or an array of strings or token ids")
-    check_stream(body)
+    check_shared_fields(body)
     return await forward(request, caller, "completions", body)
 
 

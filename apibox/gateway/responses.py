@@ -28,7 +28,7 @@ from apibox.formats.responses import billing_copy, paid_tool
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import ResponsesDoor
-from apibox.gateway.openai import authenticate, check_stream, read_json, require
+from apibox.gateway.openai import authenticate, check_shared_fields, read_json, require
 from apibox.gateway.proxy import authorized_model, forward
 from apibox.models import StoredResponse
 from apibox.providers.base import UpstreamFailure
@@ -44,7 +44,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     limit = body.get("max_output_tokens")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise InvalidRequest("'max_output_tokens' must be a positive whole number.", param="max_output_tokens")
-    check_stream(body)
+    check_shared_fields(body)
     if body.get("background"):  # answered later, by polling: the answer apibox would bill never passes through it
         raise InvalidRequest("Background responses are not supported: apibox charges a response as it answers, "
                              "so ask without 'background' (stream it, if it takes long).", param="background")

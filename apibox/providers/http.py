@@ -178,7 +178,7 @@ class HttpUpstream:
             code = detail.get("code") or detail.get("type") if isinstance(detail, dict) else None
         except (ValueError, TimeoutError, aiohttp.ClientError):
             message, code = response.reason or "", None
-        message = self.clean(message)[:500]
+        message = " ".join(self.clean(message).split())[:500]  # one line: it is logged, and may quote the client
         retry_after = _retry_after(response.headers)
         if status == 429 and code != "insufficient_quota":
             return UpstreamFailure(f"upstream {self.name} is rate limited: {message}", status=429,
