@@ -37,7 +37,7 @@ def migrate(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print_json({"applied": applied})
     else:
-        console.print(f"Applied {', '.join(applied)}." if applied else "The schema is up to date.")
+        console.print(f"Applied {', '.join(applied)}." if applied else "The schema is up to date.", soft_wrap=True)
 
 
 @app.command("check")
