@@ -58,7 +58,9 @@ class Price:
     @property
     def max_input_rate(self) -> int:
         """The dearest rate an input token can be billed at, for worst-case holds."""
-        return max(self.input, self.cached_input_rate, self.cache_write_rate, self.cache_write_1h_rate)
+        write = self.cache_write_rate
+        hour = write if self.cache_write_1h is None else self.cache_write_1h
+        return max(self.input, self.cached_input_rate, write, hour)
 
     @property
     def max_output_rate(self) -> int:
@@ -130,12 +132,14 @@ def cost_micro(price: Price, usage: Usage) -> int:
     # writes than its prompt had.
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     cache_write = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
-    write_1h = min(usage.cache_write_1h_tokens, cache_write)
+    writes = cache_write * price.cache_write_rate
+    if usage.cache_write_1h_tokens:  # (Anthropic's alone, and only when asked for)
+        write_1h = min(usage.cache_write_1h_tokens, cache_write)
+        writes += write_1h * (price.cache_write_1h_rate - price.cache_write_rate)
     scaled = (
         usage.uncached_prompt_tokens * price.input
         + cached * price.cached_input_rate
-        + (cache_write - write_1h) * price.cache_write_rate
-        + write_1h * price.cache_write_1h_rate
+        + writes
         + usage.plain_output_tokens * price.output
         + min(usage.reasoning_tokens, usage.completion_tokens) * price.reasoning_rate
     )
