@@ -118,8 +118,9 @@ class PromptSize:
         self.bound = text_bytes + PER_MESSAGE_TOKENS + self.allowance  # for the hold
 
     def add(self, tokens: int) -> None:
-        """Tokens the upstream adds to the prompt from what it keeps (a continued response's
-        conversation): in the bound and the estimate alike."""
+        """Tokens the upstream reads that the measured body does not show (a continued response's
+        conversation, which the upstream keeps; an Anthropic client's documents): in the bound and
+        the estimate alike."""
         self.allowance += tokens
         self.bound += tokens
         if self._estimate is not None:
