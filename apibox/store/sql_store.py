@@ -11,7 +11,6 @@ each: see ``postgres``.)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from operator import attrgetter
@@ -21,14 +20,12 @@ from apibox.errors import Conflict, InvalidRequest, NotFound, StoreError
 from apibox.models import (
     ALL_USERS,
     EVERY,
-    AdminAction,
     ApiKey,
     Balance,
     Hold,
     LedgerEntry,
     LedgerKind,
     Page,
-    StoredResponse,
     UsageRecord,
     User,
     UserFilter,
@@ -39,6 +36,7 @@ from apibox.money import MAX_STORED_MICRO, format_usd
 from apibox.offloop import off_the_loop
 from apibox.store.base import KEY_SETTINGS, Credit, CreditResult, KeySpec
 from apibox.store.script import IntegrityViolation, Row, Script, Want, single
+from apibox.store.sql_records import SqlRecords
 from apibox.store.sql_reports import SqlReports
 from apibox.store.sqltime import from_ms, now_ms, to_ms
 
@@ -75,10 +73,6 @@ INSTANCE_STALE_MS = 120_000
 T = TypeVar("T")
 
 
-def _json_or_none(value: dict[str, Any] | None) -> str | None:
-    return None if value is None else json.dumps(value, default=str, sort_keys=True)
-
-
 def _split(text: str) -> tuple[str, ...]:
     return tuple(part for part in text.split(",") if part)
 
@@ -111,7 +105,7 @@ def _entry(row: Row) -> LedgerEntry:
                        created_at=from_ms(row[9]))  # type: ignore[arg-type]
 
 
-class SqlStore(SqlReports):
+class SqlStore(SqlRecords, SqlReports):
     """Everything but connections: an engine subclass supplies ``_read``, ``_run`` and ``row_locks``."""
 
     row_locks = False  # True where write transactions run concurrently (PostgreSQL)
@@ -379,23 +373,6 @@ class SqlStore(SqlReports):
             return usage
         return await self._run_to_the_end(apply)
 
-    # -- responses the upstream stores -------------------------------------------------------
-
-    async def remember_response(self, stored: StoredResponse) -> None:
-        """Record whose a stored response is (the first record of an id stands)."""
-        await self._write("INSERT INTO stored_responses (response_id, user_id, provider, model, context_tokens, "
-                          "created_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (response_id) DO NOTHING",
-                          (stored.response_id, stored.user_id, stored.provider, stored.model, stored.context_tokens,
-                           to_ms(stored.created_at) or now_ms()))
-
-    async def stored_response(self, response_id: str) -> StoredResponse | None:
-        rows = await self._read("SELECT response_id, user_id, provider, model, context_tokens, created_at "
-                                "FROM stored_responses WHERE response_id = ?", (response_id,))
-        return StoredResponse(*rows[0][:5], from_ms(rows[0][5])) if rows else None
-
-    async def forget_response(self, response_id: str) -> None:
-        await self._write("DELETE FROM stored_responses WHERE response_id = ?", (response_id,))
-
     async def key_headroom(self, key_id: int) -> int | None:
         rows = await self._read(KEY_HEADROOM_SQL, (key_id,))
         return max(0, int(rows[0][0])) if rows else None
@@ -443,22 +420,6 @@ class SqlStore(SqlReports):
                     status="interrupted", http_status=0, created_at=now), to_ms(now))
             return [Hold(r[0], r[1], r[2], r[3], r[4]) for r in rows]
         return await self._run(apply)
-
-    # -- admin log -------------------------------------------------------------------------
-
-    async def log_admin_action(self, actor: str, action: str, target: str, before: dict[str, Any] | None,
-                               after: dict[str, Any] | None) -> None:
-        await self._write(
-            "INSERT INTO admin_log (created_at, actor, action, target, before, after) VALUES (?, ?, ?, ?, ?, ?)",
-            (now_ms(), actor, action, target, _json_or_none(before), _json_or_none(after)))
-
-    async def admin_actions(self, limit: int = 100, before: int | None = None) -> list[AdminAction]:
-        older = "" if before is None else " WHERE id < ?"
-        rows = await self._read("SELECT id, created_at, actor, action, target, before, after FROM admin_log"
-                                f"{older} ORDER BY id DESC LIMIT ?", (limit,) if before is None else (before, limit))
-        return [AdminAction(r[0], from_ms(r[1]), r[2], r[3], r[4],  # type: ignore[arg-type]
-                            json.loads(r[5]) if r[5] else None, json.loads(r[6]) if r[6] else None) for r in rows]
-
 
 def settled_at(usage: UsageRecord) -> int:
     """The settlement's time in ms, also set on ``usage`` when its caller left it empty (now)."""
