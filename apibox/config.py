@@ -220,7 +220,7 @@ class _Parser:
 
     def provider(self, node: Node) -> ProviderSettings:
         fields = node.mapping(("name", "type", "base_url", "api_key", "headers", "timeouts", "stream_usage",
-                               "proxy"))
+                               "proxy", "max_tokens_field"))
         for required in ("name", "type"):
             if required not in fields:
                 raise node.fail(f"missing key {required!r}")
@@ -250,7 +250,24 @@ class _Parser:
             timeouts=self.timeouts(fields["timeouts"]) if "timeouts" in fields else Timeouts(),
             stream_usage=fields["stream_usage"].boolean() if "stream_usage" in fields else True,
             proxy=self.proxy(fields["proxy"]) if "proxy" in fields else None,
+            max_tokens_field=self.max_tokens_field(kind, fields.get("max_tokens_field"), base_url),
         )
+
+    MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+    # Hosts whose chat API refuses max_tokens for reasoning models (o-series, gpt-5): OpenAI's and Azure's.
+    COMPLETION_TOKENS_HOSTS = re.compile(r"^https?://(api\.openai\.com|[^/]+\.openai\.azure\.com)(:\d+)?(/|$)")
+
+    @classmethod
+    def max_tokens_field(cls, kind: str, node: Node | None, base_url: str) -> str:
+        """The chat length-limit field to send: as configured, else by the upstream's host."""
+        if node is not None:
+            if kind != "openai":
+                raise node.fail(f"applies to type openai only (a {kind} upstream's field is fixed)")
+            chosen = node.text()
+            if chosen not in cls.MAX_TOKENS_FIELDS:
+                raise node.fail(f"must be max_tokens or max_completion_tokens, got {chosen!r}")
+            return chosen
+        return "max_completion_tokens" if cls.COMPLETION_TOKENS_HOSTS.match(base_url) else "max_tokens"
 
     @staticmethod
     def proxy(node: Node) -> str | None:

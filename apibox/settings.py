@@ -66,6 +66,9 @@ class ProviderSettings:
     stream_usage: bool = True
     # An HTTP(S) proxy every request to this upstream goes through: http://[user:password@]host:port.
     proxy: str | None = None
+    # The field an OpenAI-compatible upstream takes a chat answer's length limit in: OpenAI's
+    # reasoning models refuse max_tokens, and many other servers know only max_tokens.
+    max_tokens_field: str = "max_tokens"
 
 
 @dataclass(frozen=True, slots=True)

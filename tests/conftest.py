@@ -73,6 +73,11 @@ providers:
     type: openai
     base_url: {upstream}/v1
     api_key: ${{FAKE_UPSTREAM_KEY}}
+  - name: fake-openai
+    type: openai
+    base_url: {upstream}/v1
+    api_key: ${{FAKE_UPSTREAM_KEY}}
+    max_tokens_field: max_completion_tokens
   - name: claude
     type: anthropic
     base_url: {upstream}
@@ -95,6 +100,10 @@ models:
       - {{provider: fake, model: fake-primary, priority: 1}}
       - {{provider: fake-backup, model: fake-secondary, priority: 2}}
     price: {{input: 2.5, output: 10}}
+    max_output_tokens: 1000
+  - name: o-fake
+    routes: [{{provider: fake-openai, model: o-reasoner-1}}]
+    price: {{input: 2, output: 8}}
     max_output_tokens: 1000
   - name: claude-fake
     routes: [{{provider: claude, model: claude-upstream-1}}]

@@ -21,6 +21,8 @@ from aiohttp import web
 
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789abcdef"
 WORDS = ["Héllo", " wörld", ",", " 你好", " from", " the", " fake", " upstream", "."]
+# Models the fake answers as OpenAI answers its reasoning models: a request with max_tokens is refused.
+REASONING_PREFIX = "o-reasoner"
 
 
 @dataclass
@@ -99,6 +101,11 @@ class FakeUpstream:
             headers = {"retry-after": self.retry_after} if self.retry_after else {}
             return web.json_response({"error": {"message": message, "type": "server_error", "param": None,
                                                 "code": None}}, status=self.status, headers=headers)
+        if body.get("model", "").startswith(REASONING_PREFIX) and "max_tokens" in body:  # as OpenAI's o-series
+            return web.json_response({"error": {
+                "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                           "Use 'max_completion_tokens' instead.",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}, status=400)
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.words)
         words = self.words if self.mode == "overrun" else self.words[:limit]
         finish = "length" if len(words) < len(self.words) else "stop"

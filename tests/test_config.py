@@ -106,6 +106,23 @@ def test_the_example_config_loads_and_its_server_section_shows_the_defaults(tmp_
     assert settings.database == DatabaseSettings()
 
 
+@pytest.mark.parametrize(("base_url", "field"), [
+    ("https://api.openai.com/v1", "max_completion_tokens"),
+    ("https://my-org.openai.azure.com/openai/v1", "max_completion_tokens"),
+    ("https://api.deepseek.com/v1", "max_tokens"),
+    ("http://127.0.0.1:8000/v1", "max_tokens"),
+    ("https://api.openai.com.example.net/v1", "max_tokens"),
+])
+def test_the_length_limit_field_follows_the_upstreams_host_unless_set(base_url: str, field: str) -> None:
+    """OpenAI's own API refuses max_tokens for reasoning models; other servers may know only it."""
+    auto = parse_settings(f"providers: [{{name: o, type: openai, base_url: '{base_url}'}}]", env={})
+    assert auto.provider("o").max_tokens_field == field
+    other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+    chosen = parse_settings(f"providers: [{{name: o, type: openai, base_url: '{base_url}', "
+                            f"max_tokens_field: {other}}}]", env={})
+    assert chosen.provider("o").max_tokens_field == other
+
+
 def test_keepalives_may_be_turned_off(tmp_path: Path) -> None:
     settings = load_settings(str(write(tmp_path, "server: {stream_keepalive_seconds: 0}")), env={})
     assert settings.server.stream_keepalive_seconds == 0
@@ -189,6 +206,11 @@ BAD_CASES = [
      "missing key 'base_url'"),
     ("  - {name: echo, type: echo}", "  - {name: o, type: openai, base_url: ftp://x}\n  - {name: echo, type: echo}",
      "providers[0].base_url", "http:// or https://"),
+    ("type: echo}", "type: echo, max_tokens_field: max_tokens}", "providers[0].max_tokens_field",
+     "applies to type openai only"),
+    ("  - {name: echo, type: echo}", "  - {name: o, type: openai, base_url: 'http://x', max_tokens_field: limit}\n"
+     "  - {name: echo, type: echo}", "providers[0].max_tokens_field",
+     "max_tokens or max_completion_tokens, got 'limit'"),
     ("type: echo}", "type: echo, proxy: 'socks5://p.internal:1080'}", "providers[0].proxy",
      "SOCKS proxies are not supported"),
     ("type: echo}", "type: echo, proxy: 'http://:3128'}", "providers[0].proxy", "needs a host"),

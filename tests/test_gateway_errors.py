@@ -83,18 +83,43 @@ async def test_a_balance_short_of_the_full_answer_lowers_max_tokens(live: Live, 
     assert balance(live, who.user_id) == (1000 - cost, 0)
 
 
-async def test_a_stream_with_a_lowered_max_tokens_says_so(live: Live, live_store) -> None:
+# Each upstream's field for a chat answer's length: o-fake's refuses max_tokens, as OpenAI's reasoning models do.
+LIMIT_FIELDS = {"gpt-fake": ("max_tokens", "max_completion_tokens"), "o-fake": ("max_completion_tokens", "max_tokens")}
+
+
+@pytest.mark.parametrize("model", ["gpt-fake", "o-fake"])
+@pytest.mark.parametrize("client_field", ["max_tokens", "max_completion_tokens"])
+async def test_a_stream_with_a_lowered_max_tokens_says_so(live: Live, live_store, client_field: str,
+                                                          model: str) -> None:
+    """The lowered limit goes in the field the upstream takes, whichever one the client used."""
     who = await account(live_store, live, "ann@example.com", "0.0005")
     status, headers, raw = await post(live, "/chat/completions", key=who.key,
-                                      json_body={**CHAT, "stream": True, "max_completion_tokens": 500})
+                                      json_body={**CHAT, "model": model, "stream": True, client_field: 500})
     assert status == 200
     sent = live.fake.requests[-1].body
-    assert "max_tokens" not in sent  # the field the client used is the one lowered
-    assert 16 <= sent["max_completion_tokens"] < 500
-    assert headers["x-apibox-max-tokens"] == str(sent["max_completion_tokens"])
+    own, other = LIMIT_FIELDS[model]
+    assert other not in sent
+    assert 16 <= sent[own] < 500
+    assert headers["x-apibox-max-tokens"] == str(sent[own])
     assert sse_json(raw)[-1]["choices"][0]["finish_reason"] == "stop"
     await wait_for_usage(live, who.user_id, 1)
-    assert charges(live, who.user_id) == [expected_cost("gpt-fake", 21, len(WORDS))]
+    assert len(charges(live, who.user_id)) == 1
+
+
+@pytest.mark.parametrize("model", ["gpt-fake", "o-fake"])
+async def test_an_unlowered_limit_moves_to_the_upstreams_field_and_both_give_the_lower(live: Live, live_store,
+                                                                                       model: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    own, other = LIMIT_FIELDS[model]
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        alone = await client.chat.completions.create(**{**CHAT, "model": model, other: 3})
+        both = await client.chat.completions.create(**{**CHAT, "model": model, "max_tokens": 2,
+                                                       "max_completion_tokens": 4})
+    first, second = (request.body for request in live.fake.requests[-2:])
+    assert (first[own], other in first) == (3, False)
+    assert (second[own], other in second) == (2, False)  # the lower: the hold was for 4
+    assert alone.choices[0].message.content == "".join(WORDS[:3])
+    assert both.choices[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -310,6 +310,23 @@ async def test_text_from_other_routes_is_translated_and_billed_exactly(live: Liv
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_reasoning_model_that_refuses_max_tokens_gets_the_limit_as_max_completion_tokens(
+        live: Live, live_store, stream: bool) -> None:
+    """Claude Code on a route to OpenAI's o-series or gpt-5: their API refuses ``max_tokens``
+    (400), so the required limit of an Anthropic request goes in ``max_completion_tokens``."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    async with client(live, who.key) as sdk:
+        message, _ = await ask(sdk, stream, model="o-fake", max_tokens=200, messages=MESSAGES)
+    assert message.content[0].text == "".join(GPT_WORDS)
+    sent = live.fake.requests[-1].body
+    assert sent["model"].startswith("o-reasoner") and "max_tokens" not in sent
+    assert sent["max_completion_tokens"] == 200
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (21, len(GPT_WORDS))
+    cost = -(-(21 * 2_000_000 + len(GPT_WORDS) * 8_000_000) // 1_000_000)  # o-fake: $2 in, $8 out
+    assert charges(live, who.user_id) == [cost]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("model", ["gpt-fake", "demo", "gemini-fake"])
 async def test_a_length_cut_is_max_tokens_on_other_routes(live: Live, live_store, model: str, stream: bool) -> None:
     who = await account(live_store, live, "ann@example.com", "1")

@@ -34,7 +34,8 @@ def describe(settings: Settings) -> dict[str, Any]:
                        "headers": {k: masked(v) for k, v in p.headers.items()},
                        "timeouts": {"connect": p.timeouts.connect, "first_byte": p.timeouts.first_byte,
                                     "idle": p.timeouts.idle}, "stream_usage": p.stream_usage,
-                       "proxy": masked_url(p.proxy) if p.proxy else None}
+                       "proxy": masked_url(p.proxy) if p.proxy else None,
+                       **({"max_tokens_field": p.max_tokens_field} if p.type == "openai" else {})}
                       for p in settings.providers],
         "models": [{"name": m.name, "kind": m.kind, "aliases": list(m.aliases),
                     "max_output_tokens": m.max_output_tokens, "price_usd_per_1m": price(m.price),

@@ -27,6 +27,10 @@ class OpenAIProvider:
         auth = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self._http = HttpUpstream(settings, session, auth)
         self._base = settings.base_url
+        # a chat request's length limit in the other field is moved to this one
+        self._limit_field = settings.max_tokens_field
+        self._other_limit_field = ("max_tokens" if self._limit_field == "max_completion_tokens"
+                                   else "max_completion_tokens")
         # OpenAI-compatible servers may lack the Responses API: False once this one has answered /responses
         # with 404 or 405 (requests for it are then translated to chat completions)
         self.responses_api = True
@@ -35,8 +39,22 @@ class OpenAIProvider:
         """The session is shared and closed by its owner."""
 
     async def _post(self, request: ProviderRequest) -> aiohttp.ClientResponse:
-        return await self._http.send(f"{self._base}/{request.endpoint}", request.body,
+        body = request.body
+        if self._other_limit_field in body and request.endpoint == "chat/completions":
+            body = self._limit_in_own_field(body)
+        return await self._http.send(f"{self._base}/{request.endpoint}", body,
                                      {"X-Request-Id": request.request_id, **request.headers})
+
+    def _limit_in_own_field(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with its length limit under the field this upstream takes (PROTOCOLS.md 1.1:
+        OpenAI's reasoning models refuse ``max_tokens``, many compatible servers ignore
+        ``max_completion_tokens``). Both given: the lower one, as the hold assumed."""
+        body = dict(body)
+        limit = body.pop(self._other_limit_field)
+        own = body.get(self._limit_field)
+        if limit is not None and (own is None or (isinstance(own, int) and isinstance(limit, int) and limit < own)):
+            body[self._limit_field] = limit
+        return body
 
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:
         return await self._http.read_json(await self._post(request))
