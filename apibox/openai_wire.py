@@ -14,23 +14,28 @@ def _details(raw: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def usage_from_openai(raw: Any) -> Usage | None:
-    """OpenAI's ``usage`` object (with DeepSeek's cache fields) -> Usage. None when it is absent,
-    and when it holds no usable prompt count (``{}``, counts as strings) or a completion count
-    that is not a number: that is no report, and the caller estimates rather than charge nothing."""
+    """OpenAI's ``usage`` object (with DeepSeek's cache fields) -> Usage. None when it is absent
+    or is no report (``pricing.token_count``: ``{}``, counts as strings or below 0). An answer's count that
+    is missing is the total less the prompt (embeddings report no answer, and a total the same
+    as the prompt); without a total either, that is no report."""
     if not isinstance(raw, dict):
         return None
     prompt = token_count(raw.get("prompt_tokens"))
     if not prompt:  # some servers use Responses-style names
         prompt = token_count(raw.get("input_tokens")) or prompt
     given = raw.get("completion_tokens", raw.get("output_tokens"))
-    completion = token_count(given)
-    if prompt is None or (completion is None and given is not None):
+    if given is not None:
+        completion = token_count(given)
+    else:
+        total = token_count(raw.get("total_tokens"))
+        completion = total - prompt if total is not None and prompt is not None and total >= prompt else None
+    if prompt is None or completion is None or prompt < 1:  # no report (pricing.token_count)
         return None
     prompt_details = _details(raw, "prompt_tokens_details")
     completion_details = _details(raw, "completion_tokens_details")
     return Usage(
         prompt_tokens=prompt,
-        completion_tokens=completion or 0,  # (embeddings report none)
+        completion_tokens=completion,
         cached_tokens=count_at(prompt_details, "cached_tokens") or count_at(raw, "prompt_cache_hit_tokens"),
         cache_write_tokens=count_at(prompt_details, "cache_write_tokens"),
         cache_write_1h_tokens=count_at(prompt_details, "cache_write_1h_tokens"),

@@ -110,19 +110,23 @@ class Usage:
 
 
 def token_count(value: Any) -> int | None:
-    """A token count as an upstream's JSON gave it: a whole number (0 for one below 1), or None
-    when it is not a number (true and false are not). JSON readers give numbers past 2**64 as
-    floats: those round up, so an absurd count is clamped by billing, never read as nothing."""
+    """A token count as an upstream's JSON gave it: a whole number, or None when it is not a
+    number (true and false are not) or is below 0. JSON readers give numbers past 2**64 as
+    floats: those round up, so an absurd count is clamped by billing, never read as nothing.
+
+    A usage report is billed as it stands only with a prompt of at least one token (no request
+    reaches a model with none) and an answer count that is a number; anything less is no report,
+    and the gateway estimates rather than charge nothing (PROTOCOLS.md 5.1)."""
     kind = type(value)
     if kind is int:
-        return value if value > 0 else 0  # type: ignore[no-any-return]
-    if kind is float and value == value:  # (not NaN)
-        return math.ceil(min(value, 1e18)) if value > 0 else 0
+        return value if value >= 0 else None  # type: ignore[no-any-return]
+    if kind is float and value >= 0:  # (NaN is not)
+        return math.ceil(min(value, 1e18))
     return None
 
 
 def count_at(raw: dict[str, Any], name: str) -> int:
-    """``raw[name]`` as a token count; 0 when it is absent or not a number."""
+    """``raw[name]`` as a token count; 0 when it is absent, not a number or below 0."""
     return token_count(raw.get(name)) or 0
 
 

@@ -40,12 +40,15 @@ class FakeAnthropic:
     sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     end_pause: float = 0.0  # between a stream's message_stop and its body's end
     bodies_ended: int = 0  # streams whose body's end was written
+    reported_usage: Any = None  # when set, the usage object sent as it is (a stream's message_start's)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
 
     def usage(self, output: int) -> dict[str, Any]:
+        if self.reported_usage is not None:
+            return self.reported_usage  # type: ignore[no-any-return]
         return {"input_tokens": self.input_tokens, "cache_creation_input_tokens": self.cache_write,
                 "cache_read_input_tokens": self.cache_read, "output_tokens": output,
                 "cache_creation": {"ephemeral_5m_input_tokens": self.cache_write - self.cache_write_1h,

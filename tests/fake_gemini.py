@@ -48,11 +48,14 @@ class FakeGemini:
     rpc_status: str = "INTERNAL"
     error_message: str = "Internal error"
     requests: list[Recorded] = field(default_factory=list)
+    reported_usage: Any = None  # when set, the usageMetadata sent as it is (a stream's last)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1beta/models/{target}", self.generate)
 
     def usage(self, output: int) -> dict[str, Any]:
+        if self.reported_usage is not None:
+            return self.reported_usage  # type: ignore[no-any-return]
         return {"promptTokenCount": self.prompt_tokens, "candidatesTokenCount": output,
                 "thoughtsTokenCount": self.thoughts_tokens, "cachedContentTokenCount": self.cached_tokens,
                 "totalTokenCount": self.prompt_tokens + output + self.thoughts_tokens}

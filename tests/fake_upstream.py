@@ -40,7 +40,7 @@ class Recorded:
 
 @dataclass
 class FakeUpstream:
-    mode: str = "ok"  # ok | status | cut | malformed | no_usage | overrun | slow | echo_key
+    mode: str = "ok"  # ok | status | cut | malformed | no_usage | overrun | slow | echo_key | echo_key_split
     status: int = 500
     error_message: str = "The server had an error"
     words: list[str] = field(default_factory=lambda: list(WORDS))
@@ -94,10 +94,12 @@ class FakeUpstream:
                                                 "code": "invalid_api_key"}}, status=401)
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.mode in ("status", "echo_key"):
+        if self.mode in ("status", "echo_key", "echo_key_split"):
             message = self.error_message
             if self.mode == "echo_key":
                 message = f"Incorrect API key provided: {UPSTREAM_KEY}"
+            elif self.mode == "echo_key_split":  # the key broken across two lines
+                message = f"Incorrect API key provided: {UPSTREAM_KEY[:14]}\n{UPSTREAM_KEY[14:]}"
             headers = {"retry-after": self.retry_after} if self.retry_after else {}
             return web.json_response({"error": {"message": message, "type": "server_error", "param": None,
                                                 "code": None}}, status=self.status, headers=headers)

@@ -231,7 +231,7 @@ def test_a_function_call_reply_keeps_its_signature_under_the_tool_call_id() -> N
     assert second["id"] == "fc-given"  # Gemini's own id when it sends one
     assert json.loads(second["function"]["arguments"]) == {}
     assert signatures == {first["id"]: "sig-a"}  # no signature, nothing remembered
-    assert reply["usage"]["prompt_tokens"] == 0  # no usageMetadata: zeros, never invented numbers
+    assert "usage" not in reply  # no usageMetadata: none, never invented numbers (the gateway estimates)
 
 
 def test_synthesized_tool_call_ids_are_unique() -> None:
@@ -272,8 +272,7 @@ def test_chunks_role_first_then_text_then_finish_and_usage_last_wins() -> None:
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "gemini-fake" for c in first)
     assert all(c["choices"][0]["finish_reason"] is None for c in first)
     assert not translate.finished
-    early = translate.usage_chunk()
-    assert early is not None and early["usage"]["completion_tokens"] == 0  # early chunks lack candidates
+    assert translate.usage_chunk() is None  # early chunks count the prompt alone: no report yet
 
     thinking = translate.chunks(stream_chunk([{"text": "hmm", "thought": True}]))
     assert thinking == []  # a thought summary alone says nothing to the client
@@ -386,8 +385,10 @@ def test_usage_from_gemini_without_metadata_is_none(raw: Any) -> None:
 def test_usage_from_gemini_ignores_junk_values() -> None:
     raw = {"promptTokenCount": True, "candidatesTokenCount": -3, "thoughtsTokenCount": "9",
            "cachedContentTokenCount": 2.5}
-    assert usage_from_gemini(raw) == Usage(cached_tokens=3)  # a float is a number: rounded up, never dropped
-    assert usage_from_gemini({"promptTokenCount": 12}) == Usage(prompt_tokens=12)
+    assert usage_from_gemini(raw) is None  # no prompt count, and an answer's below 0: no report
+    raw = {"promptTokenCount": 12, "candidatesTokenCount": 3, "thoughtsTokenCount": "9", "cachedContentTokenCount": 2.5}
+    assert usage_from_gemini(raw) == Usage(12, 3, cached_tokens=3)  # a float is a number: rounded up, never dropped
+    assert usage_from_gemini({"promptTokenCount": 12, "totalTokenCount": 12}) == Usage(prompt_tokens=12)
 
 
 def test_gemini_usage_prices_cached_at_the_cached_rate_and_thoughts_as_output() -> None:

@@ -196,9 +196,12 @@ class TestFallback:
     def fake(self) -> FailingModels:
         return FailingModels(failing={"fake-primary"})
 
+    @pytest.mark.parametrize("failing_status", [500, 200], ids=["500", "error-in-200"])
     @pytest.mark.parametrize("stream", [False, True])
     async def test_a_failing_first_route_falls_back_and_charges_once(self, live: Live, live_store,
-                                                                     stream: bool) -> None:
+                                                                     stream: bool, failing_status: int) -> None:
+        """An error body with status 200 (some proxies answer so) is a failure too, not an answer."""
+        live.fake.status = failing_status
         who = await account(live_store, live, "ann@example.com", "1")
         async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
             if stream:
@@ -292,20 +295,22 @@ async def test_a_priority_service_tier_is_refused_before_the_hold(live: Live, li
     assert status == 200  # a cheaper tier is the caller's to ask for
 
 
-@pytest.mark.parametrize("upstream_status", [401, 400])
+@pytest.mark.parametrize(("mode", "upstream_status"), [("echo_key", 401), ("echo_key", 400), ("echo_key", 200),
+                                                      ("echo_key_split", 400)])
 @pytest.mark.parametrize("stream", [False, True])
-async def test_the_upstream_key_never_reaches_the_client_or_the_log(live: Live, live_store, caplog,
+async def test_the_upstream_key_never_reaches_the_client_or_the_log(live: Live, live_store, caplog, mode: str,
                                                                     upstream_status: int, stream: bool) -> None:
+    """Nor when the upstream's error comes with status 200, or breaks its key across lines."""
     caplog.set_level(logging.DEBUG)
     who = await account(live_store, live, "ann@example.com", "1")
-    live.fake.mode, live.fake.status = "echo_key", upstream_status
+    live.fake.mode, live.fake.status = mode, upstream_status
     status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "stream": stream})
     assert status >= 400
     openai_error(raw)
     assert live.fake.requests, "the upstream was called"
     assert UPSTREAM_KEY not in raw.decode()
     assert UPSTREAM_KEY not in json.dumps(list(headers.items()))
-    assert UPSTREAM_KEY[:20] not in raw.decode()
+    assert UPSTREAM_KEY[:20] not in raw.decode() and UPSTREAM_KEY[-12:] not in raw.decode()
     async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
         with pytest.raises(openai.APIStatusError) as caught:
             await client.chat.completions.create(**CHAT)

@@ -24,6 +24,8 @@ from apibox.formats.responses import usage_from_responses
 from apibox.openai_wire import usage_from_openai
 from apibox.pricing import Usage, token_count
 from tests.conftest import Live
+from tests.fake_anthropic import WORDS as CLAUDE_WORDS
+from tests.fake_gemini import WORDS as GEMINI_WORDS
 from tests.fake_upstream import WORDS
 from tests.gateway_helpers import account, balance, charges, wait_for_usage
 from tests.live_variants import request
@@ -36,14 +38,19 @@ USAGE_KEYS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_toke
 
 
 def test_a_count_is_a_json_number_and_nothing_else() -> None:
-    assert [token_count(v) for v in (7, 0, -3, 2.0, 2.5, 1e20, float("nan"), True, "5", None, [1])] == [
-        7, 0, 0, 2, 3, 10**18, None, None, None, None, None]
+    assert [token_count(v) for v in (7, 0, -3, 2.0, 2.5, -0.5, 1e20, float("nan"), True, "5", None, [1])] == [
+        7, 0, None, 2, 3, None, 10**18, None, None, None, None, None]
     assert token_count(orjson.loads(b"100000000000000000000")) == 10**18  # past 2**64: orjson gives a float
 
 
 @pytest.mark.parametrize("raw", [{}, {"prompt_tokens": "5", "completion_tokens": 3},
                                  {"prompt_tokens": 5, "completion_tokens": "3"}, {"completion_tokens": 3},
-                                 {"total_tokens": 8}, {"prompt_tokens": True, "completion_tokens": 1}])
+                                 {"total_tokens": 8}, {"prompt_tokens": True, "completion_tokens": 1},
+                                 {"prompt_tokens": -100, "completion_tokens": -50},
+                                 {"prompt_tokens": 20, "completion_tokens": -1},
+                                 {"prompt_tokens": 0, "completion_tokens": 0},
+                                 {"prompt_tokens": 20}, {"prompt_tokens": 20, "completion_tokens": None},
+                                 {"prompt_tokens": 20, "total_tokens": 19}])
 def test_a_usage_object_without_usable_counts_is_no_report(raw: dict[str, Any]) -> None:
     assert usage_from_openai(raw) is None
     assert usage_from_responses({"input_tokens": raw.get("prompt_tokens"),
@@ -55,8 +62,29 @@ def test_usable_counts_are_read_whatever_else_comes_with_them() -> None:
     assert usage_from_openai({"prompt_tokens": 1e20, "completion_tokens": 3.0, "prompt_tokens_details": "x",
                               "completion_tokens_details": [1]}) == Usage(10**18, 3)
     assert usage_from_openai({"prompt_tokens": 0, "input_tokens": 9, "output_tokens": 2}) == Usage(9, 2)
-    assert usage_from_anthropic({"input_tokens": 2.0e30, "output_tokens": "x"}) == Usage(10**18, 0)
+    assert usage_from_openai({"prompt_tokens": 8, "total_tokens": 11}) == Usage(8, 3)  # the answer: the rest
+    assert usage_from_anthropic({"input_tokens": 2.0e30, "output_tokens": 0}) == Usage(10**18, 0)
+    assert usage_from_anthropic({"input_tokens": 0, "cache_read_input_tokens": 5, "output_tokens": 2}) == Usage(
+        5, 2, cached_tokens=5)  # all of the prompt read from the cache
     assert usage_from_gemini({"promptTokenCount": 4.0, "candidatesTokenCount": 1e19}) == Usage(4, 10**18)
+    assert usage_from_gemini({"promptTokenCount": 4, "totalTokenCount": 4}) == Usage(4, 0)  # an empty answer
+
+
+@pytest.mark.parametrize("raw", [{}, {"input_tokens": 5}, {"output_tokens": 5},
+                                 {"input_tokens": "5", "output_tokens": 1},
+                                 {"input_tokens": 5, "output_tokens": "x"}, {"input_tokens": -5, "output_tokens": 1},
+                                 {"input_tokens": 0, "output_tokens": 3}])
+def test_an_anthropic_usage_without_both_counts_is_no_report(raw: dict[str, Any]) -> None:
+    assert usage_from_anthropic(raw) is None
+
+
+@pytest.mark.parametrize("raw", [{}, {"candidatesTokenCount": 3}, {"promptTokenCount": 4},
+                                 {"promptTokenCount": -4, "candidatesTokenCount": 3},
+                                 {"promptTokenCount": 4, "candidatesTokenCount": -3},
+                                 {"promptTokenCount": 0, "candidatesTokenCount": 3, "totalTokenCount": 3}])
+def test_a_gemini_usage_without_both_counts_is_no_report(raw: dict[str, Any]) -> None:
+    """A prompt alone (a stream's early chunks) counts no answer: no report until one does."""
+    assert usage_from_gemini(raw) is None
 
 
 @given(st.dictionaries(st.sampled_from(USAGE_KEYS), JSON_VALUES, max_size=6))
@@ -69,13 +97,16 @@ def test_any_usage_object_reads_as_no_report_or_as_whole_non_negative_counts(raw
             assert all(type(c) is int and c >= 0 for c in counts)
 
 
-@given(st.integers(min_value=0, max_value=10**30), st.integers(min_value=0, max_value=10**30))
+@given(st.integers(min_value=1, max_value=10**30), st.integers(min_value=0, max_value=10**30))
 def test_whole_counts_are_read_as_they_came(prompt: int, completion: int) -> None:
     assert usage_from_openai({"prompt_tokens": prompt, "completion_tokens": completion}) == Usage(prompt, completion)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-@pytest.mark.parametrize("reported", [{}, {"prompt_tokens": "21", "completion_tokens": "9"}], ids=["empty", "strings"])
+@pytest.mark.parametrize("reported", [{}, {"prompt_tokens": "21", "completion_tokens": "9"},
+                                      {"prompt_tokens": -100, "completion_tokens": -50},
+                                      {"prompt_tokens": 0, "completion_tokens": 0}, {"prompt_tokens": 21}],
+                         ids=["empty", "strings", "negative", "zero", "no-answer"])
 async def test_an_answer_with_unusable_usage_is_charged_an_estimate(live: Live, live_store: Any, stream: bool,
                                                                     reported: dict[str, Any]) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
@@ -86,6 +117,27 @@ async def test_an_answer_with_unusable_usage_is_charged_an_estimate(live: Live, 
     [row] = await wait_for_usage(live, who.user_id, 1)
     assert (row["status"], row["estimated"]) == ("ok", 1)
     assert row["completion_tokens"] == sum(tokens.count_tokens(word) for word in WORDS) and row["prompt_tokens"] > 0
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] > 0
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+@pytest.mark.parametrize(("model", "reported"), [
+    ("claude-fake", {}), ("claude-fake", {"input_tokens": -30, "output_tokens": -9}),
+    ("gemini-fake", {}), ("gemini-fake", {"promptTokenCount": -40, "candidatesTokenCount": 4})],
+    ids=["claude-none", "claude-negative", "gemini-none", "gemini-negative"])
+async def test_anthropic_and_gemini_answers_without_usable_usage_are_charged_an_estimate(
+        live: Live, live_store: Any, model: str, reported: dict[str, Any], stream: bool) -> None:
+    """Translated for an OpenAI client, as an OpenAI upstream's are: never charged as nothing."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    fake = live.anthropic if model == "claude-fake" else live.gemini
+    fake.reported_usage = reported
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a story"}], "stream": stream}
+    status, _, _ = await request(live, "POST", "/v1/chat/completions", key=who.key, json_body=body)
+    assert status == 200
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    words = CLAUDE_WORDS if model == "claude-fake" else GEMINI_WORDS
+    assert (row["status"], row["estimated"]) == ("ok", 1)
+    assert row["completion_tokens"] == sum(tokens.count_tokens(word) for word in words) and row["prompt_tokens"] > 0
     assert charges(live, who.user_id) == [row["charged"]] and row["charged"] > 0
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from apibox.errors import InvalidRequest
 from apibox.openai_wire import usage_to_openai
-from apibox.pricing import Usage, count_at
+from apibox.pricing import Usage, count_at, token_count
 
 ANTHROPIC_STOP_TO_OPENAI = {
     "end_turn": "stop",
@@ -47,17 +47,20 @@ JSON_OBJECT_ONLY = "Answer with one JSON object and nothing else: no prose, no c
 
 
 def usage_from_anthropic(raw: Any) -> Usage | None:
-    """Anthropic usage -> Usage in OpenAI's convention (prompt includes cache reads and writes)."""
+    """Anthropic usage -> Usage in OpenAI's convention (prompt includes cache reads and writes);
+    None when it is absent or is no report (``pricing.token_count``)."""
     if not isinstance(raw, dict):
         return None
-
+    uncached, output = token_count(raw.get("input_tokens")), token_count(raw.get("output_tokens"))
+    cache_read, cache_write = count_at(raw, "cache_read_input_tokens"), count_at(raw, "cache_creation_input_tokens")
+    if uncached is None or output is None or uncached + cache_read + cache_write < 1:  # no report
+        return None
     details = raw.get("output_tokens_details")
     thinking = count_at(details, "thinking_tokens") if isinstance(details, dict) else 0
-    cache_read, cache_write = count_at(raw, "cache_read_input_tokens"), count_at(raw, "cache_creation_input_tokens")
     creation = raw.get("cache_creation")  # the writes by lifetime: those kept an hour cost more
     return Usage(
-        prompt_tokens=count_at(raw, "input_tokens") + cache_read + cache_write,
-        completion_tokens=count_at(raw, "output_tokens"),
+        prompt_tokens=uncached + cache_read + cache_write,
+        completion_tokens=output,
         cached_tokens=cache_read,
         cache_write_tokens=cache_write,
         reasoning_tokens=thinking,
@@ -283,8 +286,8 @@ def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, An
     }
     if calls:
         message["tool_calls"] = calls
-    usage = usage_from_anthropic(reply.get("usage")) or Usage()
-    return {
+    usage = usage_from_anthropic(reply.get("usage"))
+    translated = {
         "id": reply.get("id") or new_id("chatcmpl-"),
         "object": "chat.completion",
         "created": int(time.time()),
@@ -297,8 +300,10 @@ def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, An
                 "finish_reason": ANTHROPIC_STOP_TO_OPENAI.get(reply.get("stop_reason"), "stop"),
             }
         ],
-        "usage": usage_to_openai(usage),
     }
+    if usage is not None:  # none reported: the gateway estimates
+        translated["usage"] = usage_to_openai(usage)
+    return translated
 
 
 # -- Anthropic request -> OpenAI request (the /v1/messages door to other routes) -----------

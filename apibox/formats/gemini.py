@@ -17,7 +17,7 @@ from typing import Any
 
 from apibox.errors import InvalidRequest
 from apibox.openai_wire import usage_to_openai
-from apibox.pricing import Usage, count_at
+from apibox.pricing import Usage, count_at, token_count
 
 SKIP_SIGNATURE = "skip_thought_signature_validator"
 FILTERED = {
@@ -33,12 +33,23 @@ FILTERED = {
 
 
 def usage_from_gemini(raw: Any) -> Usage | None:
+    """Gemini's ``usageMetadata`` -> Usage (thoughts are output); None when it is absent or is no
+    report (``pricing.token_count``). Gemini leaves out ``candidatesTokenCount`` when the answer is
+    empty: then it is the total less the rest, and without a total, no report (a stream's early
+    chunks may count the prompt alone)."""
     if not isinstance(raw, dict):
         return None
-    thoughts = count_at(raw, "thoughtsTokenCount")
+    prompt, thoughts = token_count(raw.get("promptTokenCount")), count_at(raw, "thoughtsTokenCount")
+    tools = count_at(raw, "toolUsePromptTokenCount")
+    answer = token_count(raw["candidatesTokenCount"]) if "candidatesTokenCount" in raw else None
+    if answer is None and "candidatesTokenCount" not in raw and prompt is not None:
+        total = token_count(raw.get("totalTokenCount"))
+        answer = total - prompt - tools - thoughts if total is not None and total >= prompt + tools + thoughts else None
+    if prompt is None or answer is None or prompt < 1:  # no report (pricing.token_count)
+        return None
     return Usage(
-        prompt_tokens=count_at(raw, "promptTokenCount") + count_at(raw, "toolUsePromptTokenCount"),
-        completion_tokens=count_at(raw, "candidatesTokenCount") + thoughts,
+        prompt_tokens=prompt + tools,
+        completion_tokens=answer + thoughts,
         cached_tokens=count_at(raw, "cachedContentTokenCount"),
         reasoning_tokens=thoughts,
     )
@@ -265,7 +276,7 @@ class GeminiToOpenAI:
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": usage_to_openai(self.usage or Usage()),
+            **({"usage": usage_to_openai(self.usage)} if self.usage is not None else {}),  # none: estimated
         }
 
     def _chunk(self, index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from apibox.errors import ApiboxError
 
 ENDPOINTS = ("chat/completions", "completions", "embeddings")
 REDACTED = "[redacted]"
+WITHHELD = "[the upstream's message, withheld: it quoted a secret]"
 
 
 @dataclass(slots=True)
@@ -98,8 +99,13 @@ class StreamBroken(Exception):
 
 
 def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Remove every secret from ``text`` (upstreams sometimes echo keys in their messages)."""
+    """Remove every secret from ``text`` (upstreams sometimes echo keys in their messages). A
+    secret that is still there once whitespace is ignored (broken across lines, say) cannot be cut
+    out cleanly: then none of the text is kept."""
+    secrets = [secret for secret in secrets if secret and len(secret) >= 4]
     for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, REDACTED)
+        text = text.replace(secret, REDACTED)
+    squeezed = "".join(text.split())
+    if any("".join(secret.split()) in squeezed for secret in secrets):
+        return WITHHELD
     return text

@@ -26,6 +26,11 @@ CLOSED_UNDER_US = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
 BODY_END_GRACE_SECONDS = 1.0  # how long after a stream's last event its body's end may take to come
 
 
+# Keys of an answer (OpenAI's chat, completions, embeddings and Responses objects, Anthropic's
+# message, Gemini's reply): a body with none of them and an ``error`` is an error, whatever its status.
+ANSWER_KEYS = frozenset({"id", "choices", "data", "candidates", "content", "output"})
+
+
 class HttpUpstream:
     """One upstream account reached over HTTP through the shared session."""
 
@@ -99,6 +104,10 @@ class HttpUpstream:
             raise UpstreamFailure(f"upstream {self.name} sent a reply that is not JSON", status=502) from None
         if not isinstance(body, dict):
             raise UpstreamFailure(f"upstream {self.name} sent a reply that is not a JSON object", status=502)
+        if body.get("error") and not ANSWER_KEYS.intersection(body):
+            # an error in a 200 (some OpenAI-compatible servers and proxies do this): a failure, not an answer
+            message, _ = self._error_detail(body)
+            raise UpstreamFailure(f"upstream {self.name} answered with an error: {message}", status=502)
         return body
 
     def events(self, response: aiohttp.ClientResponse) -> AsyncIterator[list[Event]]:
@@ -165,20 +174,24 @@ class HttpUpstream:
         message = error.get("message") if isinstance(error, dict) else error
         return StreamBroken(self.clean(f"upstream {self.name}: {message}"))
 
+    def _error_detail(self, payload: Any) -> tuple[str, Any]:
+        """An upstream error body's message (one line, cleaned of secrets: it is logged, and may
+        quote the client) and its code."""
+        detail = payload.get("error", payload) if isinstance(payload, dict) else {}
+        if isinstance(payload, list) and payload and isinstance(payload[0], dict):
+            detail = payload[0].get("error", {})  # Gemini sometimes wraps errors in a list
+        message = str(detail.get("message") or detail) if isinstance(detail, dict) else str(detail)
+        code = detail.get("code") or detail.get("type") if isinstance(detail, dict) else None
+        return " ".join(self.clean(message).split())[:500], code
+
     async def _failure(self, response: aiohttp.ClientResponse) -> UpstreamFailure:
         """An upstream error status -> the failure the client sees (never the upstream's secrets)."""
         status = response.status
         try:
             with self._deadlines.timeout(5):
-                payload = jsoncodec.loads(await response.read())
-            detail = payload.get("error", payload) if isinstance(payload, dict) else {}
-            if isinstance(payload, list) and payload and isinstance(payload[0], dict):
-                detail = payload[0].get("error", {})  # Gemini sometimes wraps errors in a list
-            message = str(detail.get("message") or detail) if isinstance(detail, dict) else str(detail)
-            code = detail.get("code") or detail.get("type") if isinstance(detail, dict) else None
+                message, code = self._error_detail(jsoncodec.loads(await response.read()))
         except (ValueError, TimeoutError, aiohttp.ClientError):
-            message, code = response.reason or "", None
-        message = " ".join(self.clean(message).split())[:500]  # one line: it is logged, and may quote the client
+            message, code = " ".join(self.clean(response.reason or "").split()), None
         retry_after = _retry_after(response.headers)
         if status == 429 and code != "insufficient_quota":
             return UpstreamFailure(f"upstream {self.name} is rate limited: {message}", status=429,
