@@ -30,3 +30,16 @@ def dumps_pretty(value: Any) -> bytes:
 
 def loads(data: bytes | str) -> Any:
     return orjson.loads(data)
+
+
+def objects(value: Any) -> list[dict[str, Any]]:
+    """The JSON objects in ``value`` when it is a list (an upstream's blocks, choices or parts),
+    skipping anything else in it; none when it is not a list, whatever an upstream sent."""
+    if type(value) is not list:
+        return []
+    return [item for item in value if type(item) is dict]
+
+
+def obj(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one."""
+    return value if type(value) is dict else {}

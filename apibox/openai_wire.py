@@ -78,8 +78,11 @@ def reply_text(reply: dict[str, Any]) -> str:
 def _choices_text(body: dict[str, Any], part: str) -> str:
     """The text of each choice's ``part`` (its delta or message), and of its legacy ``text``."""
     pieces: list[str] = []
-    for choice in body.get("choices") or ():
-        if not isinstance(choice, dict):
+    choices = body.get("choices")
+    if type(choices) is not list:
+        return ""
+    for choice in choices:
+        if type(choice) is not dict:
             continue
         if isinstance(choice.get("text"), str):
             pieces.append(choice["text"])

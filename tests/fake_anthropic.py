@@ -41,6 +41,7 @@ class FakeAnthropic:
     end_pause: float = 0.0  # between a stream's message_stop and its body's end
     bodies_ended: int = 0  # streams whose body's end was written
     reported_usage: Any = None  # when set, the usage object sent as it is (a stream's message_start's)
+    replaced: dict[str, Any] = field(default_factory=dict)  # event name -> the data sent for it instead
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self.messages)
@@ -91,6 +92,7 @@ class FakeAnthropic:
         self.sent = []
 
         async def send(name: str, data: dict[str, Any]) -> None:
+            data = self.replaced.get(name, data)
             self.sent.append((name, data))
             await response.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
             await asyncio.sleep(0)

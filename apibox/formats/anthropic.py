@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from apibox.errors import InvalidRequest
+from apibox.jsoncodec import obj, objects
 from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage, count_at, token_count
 
@@ -268,9 +269,9 @@ def _tool_choice_to_anthropic(choice: Any) -> dict[str, Any] | None:
 def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, Any]:
     text: list[str] = []
     calls: list[dict[str, Any]] = []
-    for block in reply.get("content") or ():
+    for block in objects(reply.get("content")):
         if block.get("type") == "text":
-            text.append(block.get("text", ""))
+            text.append(str(block.get("text") or ""))
         elif block.get("type") == "tool_use":
             calls.append(
                 {
@@ -297,7 +298,7 @@ def anthropic_to_openai_reply(reply: dict[str, Any], model: str) -> dict[str, An
                 "index": 0,
                 "message": message,
                 "logprobs": None,
-                "finish_reason": ANTHROPIC_STOP_TO_OPENAI.get(reply.get("stop_reason"), "stop"),
+                "finish_reason": ANTHROPIC_STOP_TO_OPENAI.get(str(reply.get("stop_reason")), "stop"),
             }
         ],
     }
@@ -412,16 +413,16 @@ def anthropic_to_openai_request(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def openai_to_anthropic_reply(reply: dict[str, Any], model: str, usage: Usage) -> dict[str, Any]:
-    choice = (reply.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+    choice = next(iter(objects(reply.get("choices"))), {})
+    message = obj(choice.get("message"))
     content: list[dict[str, Any]] = []
     if message.get("content"):
-        content.append({"type": "text", "text": message["content"]})
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
+        content.append({"type": "text", "text": str(message["content"])})
+    for call in objects(message.get("tool_calls")):
+        function = obj(call.get("function"))
         try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
+            arguments = obj(json.loads(function.get("arguments") or "{}"))
+        except (ValueError, TypeError):
             arguments = {}
         content.append(
             {
@@ -437,7 +438,7 @@ def openai_to_anthropic_reply(reply: dict[str, Any], model: str, usage: Usage) -
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": OPENAI_FINISH_TO_ANTHROPIC.get(choice.get("finish_reason"), "end_turn"),
+        "stop_reason": OPENAI_FINISH_TO_ANTHROPIC.get(str(choice.get("finish_reason")), "end_turn"),
         "stop_sequence": None,
         "usage": usage_to_anthropic(usage),
     }

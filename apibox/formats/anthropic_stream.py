@@ -17,6 +17,7 @@ from apibox.formats.anthropic import (
     usage_from_anthropic,
     usage_to_anthropic,
 )
+from apibox.jsoncodec import obj, objects
 from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage
 
@@ -90,9 +91,9 @@ class AnthropicToOpenAIStream:
                 ]
             return []
         if kind == "message_delta":
-            stop = (event.get("delta") or {}).get("stop_reason")
+            stop = obj(event.get("delta")).get("stop_reason")
             if stop:
-                self.finish_reason = ANTHROPIC_STOP_TO_OPENAI.get(stop, "stop")
+                self.finish_reason = ANTHROPIC_STOP_TO_OPENAI.get(str(stop), "stop")
             self.raw_usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
             return []
         if kind == "message_stop":
@@ -164,10 +165,10 @@ class OpenAIToAnthropicStream:
 
     def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         events = [] if self.started else self._start()
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
+        for choice in objects(chunk.get("choices")):
+            delta = obj(choice.get("delta"))
             text = delta.get("content")
-            if text:
+            if text and type(text) is str:
                 if self.block_kind != "text":
                     events += self._open_block("text", {"type": "text", "text": ""})
                 events.append(
@@ -180,9 +181,9 @@ class OpenAIToAnthropicStream:
                         },
                     )
                 )
-            for call in delta.get("tool_calls") or ():
+            for call in objects(delta.get("tool_calls")):
                 position = call.get("index", 0)
-                function = call.get("function") or {}
+                function = obj(call.get("function"))
                 if position not in self.tool_blocks:
                     events += self._open_block(
                         "tool_use",
@@ -194,7 +195,7 @@ class OpenAIToAnthropicStream:
                         },
                     )
                     self.tool_blocks[position] = self.block_index
-                if function.get("arguments"):
+                if function.get("arguments") and type(function["arguments"]) is str:
                     events.append(
                         (
                             "content_block_delta",
@@ -206,7 +207,7 @@ class OpenAIToAnthropicStream:
                         )
                     )
             if choice.get("finish_reason"):
-                self.stop_reason = OPENAI_FINISH_TO_ANTHROPIC.get(choice["finish_reason"], "end_turn")
+                self.stop_reason = OPENAI_FINISH_TO_ANTHROPIC.get(str(choice["finish_reason"]), "end_turn")
         return events
 
     def finish(self, usage: Usage | None) -> list[tuple[str, dict[str, Any]]]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from apibox.errors import InvalidRequest
+from apibox.jsoncodec import obj, objects
 from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage, count_at, token_count
 
@@ -228,11 +229,10 @@ class GeminiToOpenAI:
 
     def _read(self, response: dict[str, Any]) -> list[_Answer]:
         self.usage = usage_from_gemini(response.get("usageMetadata")) or self.usage
-        candidates = response.get("candidates") or []
+        candidates = objects(response.get("candidates"))
         if not candidates:
-            blocked = (response.get("promptFeedback") or {}).get("blockReason")
+            blocked = obj(response.get("promptFeedback")).get("blockReason")
             return [_Answer(0, "", [], "content_filter" if blocked else None)]
-        candidates = [candidate for candidate in candidates if isinstance(candidate, dict)]
         indexes = [_index(candidate) for candidate in candidates]
         if len(set(indexes)) < len(indexes):  # numbered alike (a server that numbers none): by their order
             indexes = list(range(len(candidates)))
@@ -242,11 +242,11 @@ class GeminiToOpenAI:
         text: list[str] = []
         calls: list[dict[str, Any]] = []
         made = self.tool_counts.get(index, 0)
-        for part in (candidate.get("content") or {}).get("parts") or ():
+        for part in objects(obj(candidate.get("content")).get("parts")):
             if "text" in part and not part.get("thought"):
-                text.append(part["text"])
+                text.append(str(part["text"]))
             elif "functionCall" in part:
-                call = part["functionCall"]
+                call = obj(part["functionCall"])
                 call_id = call.get("id") or "call_" + uuid.uuid4().hex[:24]
                 if part.get("thoughtSignature"):
                     self.signatures[call_id] = part["thoughtSignature"]

@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+from apibox.jsoncodec import objects
 from apibox.openai_wire import usage_from_openai
 from apibox.pricing import Usage
 
@@ -92,12 +93,10 @@ def usage_json(usage: Usage) -> dict[str, Any]:
 def reply_text(reply: dict[str, Any]) -> str:
     """Everything a whole response said: its messages' text and its tool calls' arguments."""
     parts: list[str] = []
-    for item in reply.get("output") or ():
-        if not isinstance(item, dict):
-            continue
+    for item in objects(reply.get("output")):
         if isinstance(item.get("arguments"), str):
             parts.append(item["arguments"])
-        for content in item.get("content") or ():
-            if isinstance(content, dict) and isinstance(content.get("text"), str):
+        for content in objects(item.get("content")):
+            if isinstance(content.get("text"), str):
                 parts.append(content["text"])
     return "".join(parts)

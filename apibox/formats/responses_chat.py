@@ -15,6 +15,7 @@ from typing import Any
 from apibox.errors import InvalidRequest
 from apibox.formats.anthropic import new_id
 from apibox.formats.responses import INCOMPLETE, usage_json
+from apibox.jsoncodec import obj, objects
 from apibox.pricing import Usage
 
 # Request fields that mean the same in chat completions, passed on as they are.
@@ -158,9 +159,8 @@ def _response(response_id: str, created: int, model: str, status: str, output: l
 
 def response_of(reply: dict[str, Any], model: str, usage: Usage) -> dict[str, Any]:
     """A whole chat completion as a response: its message, then its tool calls, each an output item."""
-    choices = reply.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], dict) else {}
-    message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+    choice = next(iter(objects(reply.get("choices"))), {})
+    message = obj(choice.get("message"))
     output: list[dict[str, Any]] = []
     if message.get("content"):
         output.append(_message_item(new_id("msg_"), str(message["content"]), "completed"))
@@ -242,12 +242,12 @@ class ChatToResponsesStream:
 
     def feed(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         events = [] if self.started else self._start()
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        for choice in objects(chunk.get("choices")):
+            if choice.get("index", 0) != 0:
                 continue  # a Responses answer has one choice
-            delta = choice.get("delta") or {}
+            delta = obj(choice.get("delta"))
             text = delta.get("content")
-            if text:
+            if text and type(text) is str:
                 if self.message is None:
                     events += self._close_all()
                     self.message = _message_item(new_id("msg_"), "", "in_progress")
@@ -256,9 +256,9 @@ class ChatToResponsesStream:
                 events.append(self._event("response.output_text.delta", item_id=self.message["id"],
                                           output_index=self.output.index(self.message), content_index=0,
                                           delta=text, logprobs=[]))
-            for call in delta.get("tool_calls") or ():
+            for call in objects(delta.get("tool_calls")):
                 position = call.get("index", 0)
-                function = call.get("function") or {}
+                function = obj(call.get("function"))
                 if position not in self.calls:
                     item = _call_item(new_id("fc_"), call.get("id") or new_id("call_"), function.get("name") or "", "",
                                       "in_progress")
@@ -267,7 +267,7 @@ class ChatToResponsesStream:
                     self.open_calls.append(item)
                 item = self.calls[position]
                 arguments = function.get("arguments")
-                if arguments and item["status"] == "in_progress":
+                if arguments and type(arguments) is str and item["status"] == "in_progress":
                     item["arguments"] += arguments
                     events.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
                                               output_index=self.output.index(item), delta=arguments))

@@ -25,6 +25,7 @@ from apibox.gateway.render import (
     ResponsesRenderer,
     StreamRenderer,
 )
+from apibox.jsoncodec import objects
 from apibox.models import StoredResponse
 from apibox.money import usd_number
 from apibox.openai_wire import reply_text, usage_from_openai, usage_to_openai
@@ -124,7 +125,7 @@ class AnthropicDoor(KeepsNothing):
         if not native:
             return reply_text(reply)
         return "".join(str(b.get("text") or b.get("thinking") or json.dumps(b.get("input") or ""))
-                       for b in reply.get("content") or () if isinstance(b, dict))
+                       for b in objects(reply.get("content")))
 
     def render_reply(self, reply: dict[str, Any], native: bool, model: str, usage: Usage,
                      cost: int) -> dict[str, Any]:

@@ -299,13 +299,16 @@ async def _attempt(call: Call, stream: bool) -> Any:
                                    output_limit=call.reservation.output_tokens)
         asked = time.monotonic()  # until the upstream's response head: apibox_upstream_response_seconds
         try:
-            if stream:
-                opened = await call.door.open_stream(provider, upstream, call.native)
-                call.gateway.metrics.upstream_answered(route.provider, time.monotonic() - asked)
-                answer = await _started(opened)
-            else:
-                answer = await call.door.complete(provider, upstream, call.native)
-                call.gateway.metrics.upstream_answered(route.provider, time.monotonic() - asked)
+            try:
+                if stream:
+                    opened = await call.door.open_stream(provider, upstream, call.native)
+                    call.gateway.metrics.upstream_answered(route.provider, time.monotonic() - asked)
+                    answer = await _started(opened, route.provider)
+                else:
+                    answer = await call.door.complete(provider, upstream, call.native)
+                    call.gateway.metrics.upstream_answered(route.provider, time.monotonic() - asked)
+            except UNREADABLE as exc:
+                raise UpstreamFailure(_unreadable(route.provider, exc), status=502) from None
         except UpstreamFailure as exc:
             call.gateway.metrics.upstream_failed(route.provider, exc.code,
                                                  time.monotonic() - asked if exc.upstream_status else None)
@@ -343,16 +346,29 @@ class Started:
         await self.stream.aclose()
 
 
-async def _started(stream: ChunkStream) -> Started:
+# What reading an upstream's answer of a shape it should not have raises (a list where an object
+# belongs, a number where a list does): the translations read what the upstream sent as it should
+# be, and this is the net under them, so such an answer is the upstream's failure, never a 500.
+UNREADABLE = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+
+
+def _unreadable(provider: str, exc: BaseException) -> str:
+    """What to tell of an answer apibox could not read; the log has where reading it failed."""
+    log.warning("upstream %s sent an answer apibox cannot read", provider, exc_info=exc)
+    return f"upstream {provider} sent an answer in a shape apibox cannot read"
+
+
+async def _started(stream: ChunkStream, provider: str) -> Started:
     """Read a stream's first item before anything goes to the client, so that a stream failing
     at once (an upstream's first event an error) is a failure another route may still answer."""
     items = aiter(stream)
     try:
         first = await anext(items)
-    except (StreamBroken, StopAsyncIteration) as exc:
+    except (StreamBroken, StopAsyncIteration, *UNREADABLE) as exc:
         await items.aclose()  # type: ignore[attr-defined]
         await stream.aclose()
-        raise UpstreamFailure(str(exc) or "the upstream's stream ended before any output", status=502) from None
+        message = _unreadable(provider, exc) if isinstance(exc, UNREADABLE) else str(exc)
+        raise UpstreamFailure(message or "the upstream's stream ended before any output", status=502) from None
     return Started(stream, items, first)
 
 
@@ -453,13 +469,15 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         record = await call.settle(final, status, http_status)
         heart.stop()
         await response.write_eof(last + renderer.end(final, record.cost))
-    except StreamBroken as exc:
+    except (StreamBroken, *UNREADABLE) as exc:
         status, http_status = "cut", 502
+        provider = call.route.provider if call.route is not None else "?"
         if call.route is not None:
             call.gateway.router.failed(call.route)
-        log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
+        why = _unreadable(provider, exc) if isinstance(exc, UNREADABLE) else str(exc)
+        log.warning("stream for %s broke: %s (request %s)", call.model.name, why, call.request_id)
         heart.stop()
-        broken = UpstreamError(f"{str(exc).rstrip('.')}. The answer is incomplete.", code="upstream_stream_broken")
+        broken = UpstreamError(f"{why.rstrip('.')}. The answer is incomplete.", code="upstream_stream_broken")
         await _write_quietly(response, renderer.error(broken))
     except ConnectionResetError:
         status, http_status = "client_gone", 499
