@@ -90,3 +90,9 @@ class ConfigError(ApiboxError):
 
 class StoreError(ApiboxError):
     """The database is in a state apibox cannot work with (e.g. a migration failed)."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached (down, restarting, or the connection to it lost)."""
+
+    status, code = 503, "database_unavailable"

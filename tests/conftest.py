@@ -7,7 +7,8 @@ SQLite database is a fresh file in the test's ``tmp_path``, a copy of one migrat
 session; a PostgreSQL one a fresh database (or schema: see ``PostgresDatabase``) on the session's
 server, migrated, dropped after the test. Tests marked ``empty_database``, and
 ``databases.new(migrated=False)``, start from an empty one.
-Tests marked ``sqlite_only`` (they are about SQLite's files or its upgrade path) run on SQLite alone.
+Tests marked ``sqlite_only`` (they are about SQLite's files or its upgrade path) run on SQLite alone, and
+those marked ``postgresql_only`` (a database server that goes away) on PostgreSQL alone.
 Pure unit tests ask for no database and run once. The PostgreSQL and Redis servers come from tests/services.py.
 
 The live gateway runs in its own thread and event loop (beside the fake upstream), so the
@@ -137,6 +138,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     Session-scoped, so pytest runs all the SQLite cases, then all the PostgreSQL ones."""
     if "engine" in metafunc.fixturenames:
         engines = ["sqlite"] if metafunc.definition.get_closest_marker("sqlite_only") else list(ENGINES)
+        if metafunc.definition.get_closest_marker("postgresql_only"):
+            engines = ["postgresql"]
         metafunc.parametrize("engine", engines, indirect=True, scope="session")
 
 

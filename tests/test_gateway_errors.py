@@ -247,18 +247,32 @@ class TestFallback:
         assert balance(live, who.user_id) == (1_000_000, 0)
 
 
-async def test_an_upstream_429_is_passed_on_with_retry_after(live: Live, live_store) -> None:
+@pytest.mark.parametrize(("given", "passed_on"), [
+    ("7", "7"), ("0.4", "1"), ("99999", "60"),  # at most 60 s: the SDKs give up at once beyond it
+    ((datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT"), "30"),
+])
+async def test_an_upstream_429_is_passed_on_with_retry_after(live: Live, live_store, given: str,
+                                                             passed_on: str) -> None:
+    """In seconds, or as an HTTP date (RFC 9110), as upstreams send it."""
     who = await account(live_store, live, "ann@example.com", "1")
-    live.fake.mode, live.fake.status, live.fake.retry_after = "status", 429, "7"
+    live.fake.mode, live.fake.status, live.fake.retry_after = "status", 429, given
     status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body=CHAT)
     assert status == 429
-    assert headers["Retry-After"] == "7"
+    assert abs(int(headers["Retry-After"]) - int(passed_on)) <= 2  # (a date's seconds run on meanwhile)
     assert headers.get("x-should-retry") != "false"
     assert openai_error(raw)["type"] == "rate_limit_exceeded"
     assert balance(live, who.user_id) == (1_000_000, 0)
     async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
         with pytest.raises(openai.RateLimitError):
             await client.chat.completions.create(**CHAT)
+
+
+async def test_a_503_after_every_route_failed_says_when_to_try_again(live: Live, live_store) -> None:
+    """The upstream said nothing of when: the client is still given a wait for its backoff."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.status = "status", 503
+    status, headers, _ = await post(live, "/chat/completions", key=who.key, json_body=CHAT)
+    assert (status, headers["Retry-After"]) == (503, "1")
 
 
 async def test_an_upstream_400_is_a_400_and_the_sdk_does_not_retry_it(live: Live, live_store) -> None:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from apibox.auth import Authenticator
 from apibox.config import Settings
-from apibox.errors import ConfigError
+from apibox.errors import ConfigError, StoreUnavailable
 from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops, responses
 from apibox.gateway.appkeys import GATEWAY, SETTINGS
 from apibox.gateway.context import Gateway
@@ -86,7 +86,10 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
         finally:
             await sharing.close()
             beating.cancel()
-            await db.retire_instance()
+            try:
+                await db.retire_instance()
+            except StoreUnavailable as exc:  # its holds, if any, are released when an instance next starts
+                log.warning("could not retire this instance: %s", exc.message)
             if session is None:
                 await upstream.close()
             if own_store:
@@ -112,6 +115,8 @@ async def _heartbeat(db: Store) -> None:
             await db.heartbeat()
             if beats % REAP_EVERY_BEATS == 0:
                 await _release_orphaned_holds(db)
+        except StoreUnavailable as exc:  # an outage: one line a beat, not a traceback
+            log.warning("heartbeat failed (%s); retrying in %s s", exc.message, HEARTBEAT_SECONDS)
         except Exception:  # a database blip must not end the heartbeat for good
             log.exception("heartbeat failed; retrying in %s s", HEARTBEAT_SECONDS)
 

@@ -48,6 +48,8 @@ def error_response(request: web.Request, status: int, message: str, type_: str, 
 
 def render_error(request: web.Request, exc: ApiboxError) -> web.Response:
     retry_after = exc.retry_after if isinstance(exc, RateLimited | UpstreamFailure) else None
+    if retry_after is None and exc.status in (429, 503):  # so that the SDKs' backoff has a wait to keep
+        retry_after = 1.0
     response = error_response(request, exc.status, exc.message, exc.type, exc.code, exc.param,
                               retryable=exc.retryable, retry_after=retry_after)
     if isinstance(exc, RateLimited):

@@ -8,6 +8,8 @@ echo keys back in their errors.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -28,6 +30,9 @@ BODY_END_GRACE_SECONDS = 1.0  # how long after a stream's last event its body's 
 
 # Keys of an answer (OpenAI's chat, completions, embeddings and Responses objects, Anthropic's
 # message, Gemini's reply): a body with none of them and an ``error`` is an error, whatever its status.
+# The longest wait passed on to clients: the official SDKs honour a retry-after up to 60 s, and
+# give up at once beyond it.
+RETRY_AFTER_MOST = 60.0
 ANSWER_KEYS = frozenset({"id", "choices", "data", "candidates", "content", "output"})
 
 
@@ -348,11 +353,19 @@ class BodyEnd:
 
 
 def _retry_after(headers: Any) -> float | None:
+    """An upstream's wait before trying again, in seconds (``retry-after-ms``, else ``retry-after``
+    in seconds or as an HTTP date), at most RETRY_AFTER_MOST."""
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
-        if value:
+        if not value:
+            continue
+        try:
+            seconds = float(value) * scale
+        except ValueError:
             try:
-                return max(0.0, float(value) * scale)
-            except ValueError:
+                seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+            except (TypeError, ValueError):
                 continue
+        if seconds == seconds:  # (not NaN)
+            return min(max(0.0, seconds), RETRY_AFTER_MOST)
     return None

@@ -10,6 +10,7 @@ run under an advisory lock, so hosts starting together apply each one once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from apibox.errors import StoreError
+from apibox.errors import StoreError, StoreUnavailable
 from apibox.models import Hold, UsageRecord
 from apibox.store.copying import Table
 from apibox.store.migrations import MIGRATIONS
@@ -34,10 +35,17 @@ from apibox.store.sql_store import (
 )
 from apibox.store.sqltime import now_ms
 
+log = logging.getLogger("apibox.store")
 T = TypeVar("T")
 RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
 MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# How a database that cannot be reached shows: no connection (OSError, a timeout), one lost
+# (asyncpg's InterfaceError), or the server refusing work while it shuts down or starts (SQLSTATE
+# classes 08, connection exceptions, and 57, operator intervention).
+LOST = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError)
+SETTLE_RETRY_SECONDS = 1.0  # how often a settlement the database could not take is tried again
+CLOSE_WAIT_SECONDS = 10.0  # how long closing waits for settlements still being written (or retried)
 # The settlement (SqlStore.settle's steps) as one call of a function of migration 0008: one round
 # trip where BEGIN, two statements and COMMIT took four. ``p_charged``: the cost when the hold
 # covers it, else NULL (the function caps it at the balance left).
@@ -82,9 +90,11 @@ class PostgresStore(SqlStore):
         try:
             # Holds and settlements, the hot path, commit without waiting for the WAL flush (see
             # _transaction); asking for that per connection costs no round trip per request.
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=pool_size, command_timeout=60,
+            pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_size, command_timeout=60,
                                              server_settings={"synchronous_commit": "off"},
                                              reset=_nothing_to_reset)
+            async with pool.acquire():  # reached now, or refused now (the pool keeps no connection floor:
+                pass                    # asyncpg logs a traceback each time it fails to restore one)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"cannot connect to PostgreSQL: {type(exc).__name__}: {exc}") from None
         return cls(pool)
@@ -98,11 +108,23 @@ class PostgresStore(SqlStore):
         await super().retire_instance()
 
     async def _finished(self) -> None:
-        if self._finishing:
-            await asyncio.gather(*self._finishing, return_exceptions=True)
+        """Wait for the settlements still being written; those the database has not taken within
+        CLOSE_WAIT_SECONDS (it is down) are given up: their holds stay, for the next start to release."""
+        if not self._finishing:
+            return
+        _, waiting = await asyncio.wait(set(self._finishing), timeout=CLOSE_WAIT_SECONDS)
+        for task in waiting:
+            task.cancel()
+        if waiting:
+            log.warning("%d settlements were not written (the database cannot be reached); their holds "
+                        "are released when an instance next starts", len(waiting))
+            await asyncio.wait(waiting)
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        return _plain(await self._pool.fetch(numbered(sql), *params))
+        try:
+            return _plain(await self._pool.fetch(numbered(sql), *params))
+        except LOST as exc:
+            raise _unavailable(exc) from None
 
     async def _run(self, script: Callable[[], Script[T]], *, durable: bool = True) -> T:
         async def attempt() -> T:
@@ -151,7 +173,7 @@ class PostgresStore(SqlStore):
         charged = usage.cost if usage.cost <= hold.amount else None  # None: the function caps it
         params = (hold.id, charged, charge_note(usage), *values)
         try:
-            rows = await self._to_the_end(self._run_statement(SETTLE_SQL, params, durable=False))
+            rows = await self._to_the_end(self._settled(params))
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == ALREADY_SETTLED:
                 raise already_settled(hold) from None
@@ -160,6 +182,21 @@ class PostgresStore(SqlStore):
             raise
         usage.id, usage.charged = rows[0]
         return usage
+
+    async def _settled(self, params: Sequence[Any]) -> list[Row]:
+        """The settlement's statement, tried again every second while the database cannot be
+        reached: the hold stays until it is written (answered meanwhile, it would be released
+        only once this instance stopped, and the answer never charged). Its caller waits; a
+        shutdown gives up on it after its drain, and the next start releases the hold."""
+        told = False
+        while True:
+            try:
+                return await self._run_statement(SETTLE_SQL, params, durable=False)
+            except StoreUnavailable as exc:
+                if not told:
+                    log.warning("a settlement waits for the database: %s", exc.message)
+                    told = True
+                await asyncio.sleep(SETTLE_RETRY_SECONDS)
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
         try:
@@ -223,7 +260,16 @@ async def _retried(attempt: Callable[[], Awaitable[T]]) -> T:
             if number == RETRIES - 1:
                 raise
             await asyncio.sleep(0.005 * (number + 1))
+        except LOST as exc:
+            raise _unavailable(exc) from None
     raise AssertionError("unreachable")
+
+
+def _unavailable(exc: BaseException) -> BaseException:
+    """``exc`` as StoreUnavailable when it says the database cannot be reached; else as it is."""
+    if isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] not in ("08", "57"):
+        return exc
+    return StoreUnavailable(f"the database cannot be reached ({type(exc).__name__}); try again shortly")
 
 
 @asynccontextmanager

@@ -1,0 +1,157 @@
+"""PostgreSQL going away under a live gateway, and coming back.
+
+The gateway reaches its database through a TCP proxy the test can cut (every connection dropped,
+new ones closed as they come) and restore, as a server restart or a lost network does. While the
+database cannot be reached, new requests are refused with 503 ``database_unavailable`` and a
+``Retry-After`` (one line in the log, never a traceback a request); a request whose upstream has
+answered waits for its settlement, tried again every second, and is answered and charged once
+the database is back, its hold released: the books balance after each test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests.conftest import Live, ServerThread, serving
+from tests.fake_upstream import WORDS, FakeUpstream
+from tests.gateway_helpers import account, balance, charges, usage_rows, wait_for_usage
+from tests.live_variants import request
+
+pytestmark = pytest.mark.postgresql_only
+CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+class CuttableProxy:
+    """A TCP proxy to ``target`` in a thread of its own; ``cut`` drops every connection and
+    closes new ones at once until ``restore``."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self.up = True
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._client, "127.0.0.1", 0), self.loop).result(timeout=10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.up:
+            writer.transport.abort()
+            return
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self.writers |= {writer, upstream_writer}
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.transport.abort()
+        self.writers.discard(writer)
+
+    def _set(self, up: bool) -> None:
+        self.up = up
+        if not up:
+            for writer in list(self.writers):
+                writer.transport.abort()
+
+    def cut(self) -> None:
+        self.loop.call_soon_threadsafe(self._set, False)
+
+    def restore(self) -> None:
+        self.loop.call_soon_threadsafe(self._set, True)
+
+    def close(self) -> None:
+        async def shut() -> None:
+            self.server.close()
+            self._set(False)
+            pipes = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in pipes:
+                task.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[CuttableProxy]:
+    parts = urlsplit(database_url)
+    running = CuttableProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    yield running
+    running.restore()
+    running.close()
+
+
+@pytest.fixture
+def live(tmp_path: Path, database_url: str, fake: FakeUpstream, proxy: CuttableProxy) -> Iterator[Live]:
+    """The live gateway on the test's database, reached through the proxy."""
+    parts = urlsplit(database_url)
+    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    proxied = urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}"))
+    with serving(ServerThread(tmp_path, proxied, fake)) as running:
+        yield running
+
+
+async def test_while_the_database_is_away_requests_get_503_and_one_line_each(
+        live: Live, live_store: Any, proxy: CuttableProxy, caplog: pytest.LogCaptureFixture) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, _, _ = await request(live, "POST", "/v1/chat/completions", key=who.key, json_body=CHAT)
+    assert status == 200
+    caplog.set_level(logging.WARNING)
+    proxy.cut()
+    await asyncio.sleep(1.1)  # past the key cache's second: the key is read from the database again
+    for _ in range(3):
+        status, headers, raw = await request(live, "POST", "/v1/chat/completions", key=who.key, json_body=CHAT)
+        assert status == 503, raw
+        assert b"database_unavailable" in raw and headers["Retry-After"] == "1"
+    assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
+    proxy.restore()
+    for _ in range(50):  # the pool's connections come back as they are asked for
+        status, _, _ = await request(live, "POST", "/v1/chat/completions", key=who.key, json_body=CHAT)
+        if status == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 200
+    assert len(await wait_for_usage(live, who.user_id, 2)) == 2
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_settlement_waits_for_the_database_and_the_answer_goes_out_charged(
+        live: Live, live_store: Any, proxy: CuttableProxy, stream: bool) -> None:
+    """The upstream answers while the database is away: the answer waits for the settlement,
+    which is written once the database is back; the hold does not outlive it."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.delay = 0.6
+    asking = asyncio.create_task(request(live, "POST", "/v1/chat/completions", key=who.key,
+                                         json_body={**CHAT, "stream": stream}))
+    await asyncio.sleep(0.3)  # held, and waiting for the upstream
+    proxy.cut()
+    await asyncio.sleep(1.5)  # the upstream has answered; its settlement cannot be written
+    assert not asking.done()
+    proxy.restore()
+    status, _, raw = await asyncio.wait_for(asking, timeout=10)
+    assert status == 200
+    assert all(word.encode() in raw for word in WORDS)  # the whole answer
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert row["status"] == "ok" and row["charged"] > 0
+    assert charges(live, who.user_id) == [row["charged"]]
+    assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)  # nothing left held
+    assert usage_rows(live, who.user_id) == [row]
