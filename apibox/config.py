@@ -135,7 +135,7 @@ class _Parser:
     def server(self, node: Node) -> ServerSettings:
         fields = node.mapping(("host", "port", "admin_key", "max_body_mb", "trusted_proxies",
                                "failed_auth_per_minute", "max_in_flight", "access_log", "cors_origins",
-                               "stream_keepalive_seconds"))
+                               "stream_keepalive_seconds", "shutdown_seconds"))
         port = fields["port"].integer(minimum=0) if "port" in fields else 8080
         if port > 65535:
             raise fields["port"].fail(f"must be a TCP port (0-65535), got {port}")
@@ -155,6 +155,7 @@ class _Parser:
             if "cors_origins" in fields else ("*",),
             stream_keepalive_seconds=fields["stream_keepalive_seconds"].number(zero=True)
             if "stream_keepalive_seconds" in fields else 15.0,
+            shutdown_seconds=fields["shutdown_seconds"].number() if "shutdown_seconds" in fields else 30.0,
         )
 
     @staticmethod

@@ -34,6 +34,9 @@ class ServerSettings:
     # A stream its upstream leaves silent this long gets a ": keep-alive" comment (0: never), so
     # proxies that cut idle connections (nginx after 60 s, Cloudflare after 100 s) keep it open.
     stream_keepalive_seconds: float = 15.0
+    # On SIGTERM or SIGINT, how long the requests in flight are given to finish; those still
+    # running then are cut, and charged what they delivered.
+    shutdown_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from tests.dbquery import query
 from tests.serve_helpers import (
     MidStreams,
     Outcome,
+    SlowWords,
     db_check,
     refused_connection,
     serve_process,
@@ -99,3 +100,39 @@ def test_sigterm_during_50_streams_settles_every_one(tmp_path: Path, database_ur
     assert "Traceback" not in text and "interrupted" not in text, text
     for key in keys:
         assert key not in text
+
+
+DRAIN_SECONDS = 2
+
+
+async def _cut_at_the_drain(url: str, keys: list[str], process: subprocess.Popen[bytes]) -> tuple[list[Outcome], float]:
+    started = MidStreams(3)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        tasks = [asyncio.ensure_future(stream_chat(session, url, keys[n % 2], started)) for n in range(3)]
+        await asyncio.wait_for(started.all.wait(), timeout=20)
+        signalled = asyncio.get_running_loop().time()
+        process.send_signal(signal.SIGTERM)
+        outcomes = await asyncio.gather(*tasks)
+        return outcomes, asyncio.get_running_loop().time() - signalled
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_streams_longer_than_the_drain_are_cut_at_it_and_charged_what_they_delivered(
+        tmp_path: Path, database_url: str, workers: str) -> None:
+    """``server.shutdown_seconds`` bounds the drain, with one worker or several: streams still running
+    then are cut and settled (the supervisor does not kill workers that keep to it), exit 0."""
+    with slow_upstream(SlowWords(word_delay=1.0)) as url:  # a stream of ~10 s
+        config = write_config(tmp_path, database_url, url)
+        config.write_text(config.read_text() + f"server: {{shutdown_seconds: {DRAIN_SECONDS}}}\n")
+        keys = asyncio.run(_setup(config))
+        with serve_process(config, tmp_path, "--workers", workers,
+                           ready_text="with 2 workers" if workers == "2" else None) as running:
+            outcomes, cut_after = asyncio.run(_cut_at_the_drain(running.url, keys, running.process))
+            assert running.process.wait(timeout=30) == 0, running.log.read_text()
+    assert DRAIN_SECONDS - 0.5 < cut_after < DRAIN_SECONDS + 3
+    assert not any(o.done for o in outcomes)
+    rows = query(database_url, "SELECT status, charged FROM usage")
+    assert len(rows) == 3 and all(charged > 0 for _, charged in rows)
+    assert {status for status, _ in rows} <= {"cut", "client_gone"}
+    assert query(database_url, "SELECT count(*) FROM holds") == [(0,)]
+    db_check(config, tmp_path)

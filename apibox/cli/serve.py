@@ -86,7 +86,8 @@ def _supervise(settings: Settings, server: ServerSettings, workers: int, config:
                           f"({_describe(settings)})", soft_wrap=True)
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(supervise(command, workers, database_url=settings.database.url, ready=ready))
+        return runner.run(supervise(command, workers, database_url=settings.database.url, ready=ready,
+                                    drain_seconds=settings.server.shutdown_seconds))
 
 
 def _describe(settings: Settings) -> str:

@@ -145,7 +145,11 @@ async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[st
     ``reuse_port`` binds with SO_REUSEPORT, so several worker processes can share the port.
     """
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=30)
+    # aiohttp waits for the requests in flight twice over: up to shutdown_timeout for them to end,
+    # then as long again after telling them their request is gone (which a handler busy with its
+    # upstream does not hear) before it cancels them. Half each: cut at server.shutdown_seconds.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=settings.server.shutdown_seconds / 2)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=True if reuse_port else None)
     try:

@@ -42,7 +42,9 @@ INSTANT_SECONDS = 5.0  # a worker that dies sooner than this after its start cra
 MAX_INSTANT_CRASHES = 5  # ... this many times in a row, and the supervisor gives up
 RESTART_DELAY = 0.5  # seconds before the first restart; doubles per instant crash, up to MAX_RESTART_DELAY
 MAX_RESTART_DELAY = 8.0
-STOP_GRACE = 60.0  # the longest wait for the workers after a stop signal (each drains in up to 30 s)
+# The longest wait for the workers after a stop signal, beyond server.shutdown_seconds (their drain):
+# for the settlements of the requests cut then, and the store's closing.
+STOP_GRACE = 30.0
 READY = b"ready\n"
 
 
@@ -90,10 +92,11 @@ async def apply_migrations(database_url: str) -> None:
 
 async def supervise(command: Callable[[int], Sequence[str]], workers: int, *, database_url: str,
                     ready: Callable[[], None] | None = None, restart_delay: float = RESTART_DELAY,
-                    stop_grace: float = STOP_GRACE) -> int:
+                    drain_seconds: float = 30.0) -> int:
     """Run ``workers`` worker processes until SIGINT or SIGTERM; return the exit code (0: a clean stop)."""
     await apply_migrations(database_url)
-    return await Supervisor(command, workers, restart_delay=restart_delay, stop_grace=stop_grace).run(ready)
+    return await Supervisor(command, workers, restart_delay=restart_delay,
+                            stop_grace=drain_seconds + STOP_GRACE).run(ready)
 
 
 class Supervisor:
