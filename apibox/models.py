@@ -103,6 +103,9 @@ class Hold:
     key_id: int
     amount: int
     request_id: str
+    # Its key has a budget: the settlement then caps the charge at what the budget has left even
+    # within the hold, since the budget may have been lowered while the request was in flight.
+    budgeted: bool = True
 
 
 @dataclass(slots=True)

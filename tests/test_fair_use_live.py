@@ -415,6 +415,23 @@ async def test_usage_past_its_hold_is_charged_no_more_than_the_budget_has_left(l
     await refused(live, who.key, 402)  # and the key is spent
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_budget_lowered_while_requests_are_in_flight_caps_their_charges(live: Live, live_store,
+                                                                               stream: bool) -> None:
+    """Held under a budget of $1, settled after it became $0.0001: their charges fit the new one."""
+    who = await account(live_store, live, "ann@example.com", "5", budget="1")
+    live.fake.delay = 0.5
+    asked = [asyncio.ensure_future(chat(live, who.key, {**CHAT, "stream": stream})) for _ in range(3)]
+    await eventually(lambda: len(live.fake.requests) == 3)  # all three held and at the upstream
+    [(key_id,)] = query(live, "SELECT id FROM api_keys WHERE user_id = ?", (who.user_id,))
+    await accounts.update_key(live_store, str(key_id), accounts.KeyChanges(budget="0.0001"),
+                              known_models=live.settings.model_index())
+    assert [status for status, _, _ in await asyncio.gather(*asked)] == [200] * 3
+    rows = await wait_for_usage(live, who.user_id, 3)
+    assert key_spent(live, who.user_id) == sum(r["charged"] for r in rows) == sum(charges(live, who.user_id)) <= 100
+    assert sum(r["cost"] for r in rows) > 100  # without the cap, they would have spent past it
+
+
 async def test_a_key_budget_holds_under_20_concurrent_requests(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "5", budget="0.001")
     live.fake.delay = 0.1  # keep them in flight together

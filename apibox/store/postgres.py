@@ -170,7 +170,8 @@ class PostgresStore(SqlStore):
         """SqlStore.settle in one statement (``SETTLE_SQL``), finished even if its caller is cancelled."""
         values = usage_values(usage, settled_at(usage))
         del values[CHARGED]
-        charged = usage.cost if usage.cost <= hold.amount else None  # None: the function caps it
+        # None: the function caps it (at the balance, and at the budget's rest: it may have been lowered)
+        charged = usage.cost if usage.cost <= hold.amount and not hold.budgeted else None
         params = (hold.id, charged, charge_note(usage), *values)
         try:
             rows = await self._to_the_end(self._settled(params))

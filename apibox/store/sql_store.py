@@ -344,7 +344,7 @@ class SqlStore(SqlRecords, SqlReports):
             # PostgreSQL, concurrent holds: this one read the balance before another's hold committed,
             # and the holds_take trigger found held > balance (the CHECK). The money is not there.
             return None
-        return Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
+        return Hold(rows[0][0], user_id, key_id, amount, request_id, budgeted) if rows else None
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
         created = settled_at(usage)  # once: three statements use it
@@ -354,7 +354,7 @@ class SqlStore(SqlRecords, SqlReports):
             # it is paid in full without reading the balance: the usual case. Its usage row then goes
             # first, before the DELETE's trigger (lowering balances.held) locks the user's balance
             # row. (PostgreSQL overrides this with one call of a function taking the same steps.)
-            within_hold = usage.cost <= hold.amount
+            within_hold = usage.cost <= hold.amount and not hold.budgeted
             if within_hold:
                 usage.charged = usage.cost
                 released = yield from self._record_and_release(usage, created, hold)
@@ -362,7 +362,7 @@ class SqlStore(SqlRecords, SqlReports):
                 released = _changed((yield RELEASE_SQL, (hold.id,), Want.COUNT))
             if not released:
                 raise already_settled(hold)
-            if not within_hold:  # capped at what the user has, and at what the key's budget has left
+            if not within_hold:  # capped at what the user has, and at what the key's budget has left now
                 usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available,
                                     (yield from self._budget_left(hold.key_id)))
                 yield from _insert_usage(usage, created)

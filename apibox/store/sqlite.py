@@ -123,7 +123,7 @@ class SqliteStore(SqlStore):
                 # a temporary b-tree when the table has a trigger: 48k instructions against 21k (callgrind).
                 params = (user_id, key_id, amount, request_id, model, now_ms(), self._instance)
                 rows = await self._run(lambda: unless_refused(HOLD_VALUES_SQL, params, Want.NEW_ID), durable=False)
-                hold = Hold(rows[0][0], user_id, key_id, amount, request_id) if rows else None
+                hold = Hold(rows[0][0], user_id, key_id, amount, request_id, budgeted=False) if rows else None
         finally:
             self._taking -= 1
         if hold is not None:
