@@ -363,8 +363,11 @@ class SqlStore(SqlRecords, SqlReports):
             if not released:
                 raise already_settled(hold)
             if not within_hold:  # capped at what the user has, and at what the key's budget has left now
-                usage.charged = min(usage.cost, (yield from self._balance(hold.user_id)).available,
-                                    (yield from self._budget_left(hold.key_id)))
+                try:
+                    available = (yield from self._balance(hold.user_id)).available
+                except NotFound:
+                    raise no_balance(hold.user_id) from None
+                usage.charged = min(usage.cost, available, (yield from self._budget_left(hold.key_id)))
                 yield from _insert_usage(usage, created)
             if usage.charged > 0:
                 yield from self._charge(hold, usage.charged, created, charge_note(usage), usage.id)
