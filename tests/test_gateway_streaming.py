@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anthropic
 import openai
 import pytest
 from aiohttp import web
@@ -216,7 +217,7 @@ async def test_a_padded_stream_that_ignores_max_tokens_is_cut_at_length(live: Li
     assert response.status == 200 and sse_events(raw)[-1] == "[DONE]"
     chunks = sse_json(raw)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert "".join(delta_texts_of(chunks)) == " word" * (5 + OVERRUN_SLACK_TOKENS)
+    assert "".join(delta_texts_of(chunks)) == " word" * (5 + OVERRUN_SLACK_TOKENS + 1)  # and the one past them
     assert [c.get("obfuscation") for c in chunks[:-1]] == live.fake.pads_sent[:len(chunks) - 1]
     row = (await wait_for_usage(live, who.user_id, 1))[0]
     assert (row["status"], row["estimated"]) == ("cut", 1)
@@ -370,9 +371,9 @@ async def test_an_upstream_that_ignores_max_tokens_is_cut_at_length(live: Live, 
     assert sse_events(raw)[-1] == "[DONE]"
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-    # Every word is one token: exactly the paid-for 5 and the slack go out, cut at the chunk that
-    # would go past them, wherever the reads split the stream (one run of plain chunks or several).
-    assert delivered == " word" * (5 + OVERRUN_SLACK_TOKENS)
+    # Every word is one token: exactly the paid-for 5, the slack and the chunk that went past them
+    # go out (it is counted, so sent), wherever the reads split the stream (one run of plain chunks or several).
+    assert delivered == " word" * (5 + OVERRUN_SLACK_TOKENS + 1)
 
     row = (await wait_for_usage(live, who.user_id, 1))[0]
     assert (row["status"], row["estimated"]) == ("cut", 1)  # the upstream's usage never came
@@ -380,6 +381,31 @@ async def test_an_upstream_that_ignores_max_tokens_is_cut_at_length(live: Live, 
     assert 0 < row["charged"] <= held
     assert charges(live, who.user_id) == [row["charged"]]
     assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)
+
+
+@pytest.mark.parametrize("door", ["openai", "anthropic"])
+async def test_a_chunk_that_goes_far_past_the_paid_for_length_is_sent_and_the_hold_charged(
+        live: Live, live_store, door: str) -> None:
+    """One chunk of 300 tokens where 5 were paid for: the client gets it (the loop counted it),
+    its door's stream stays well formed, and the charge is the hold's 5, not 300 nor 0."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words = "overrun", ["Hi", " word" * 300]
+    if door == "openai":
+        response, raw = await raw_stream(live, who.key, {"max_tokens": 5})
+        assert response.status == 200
+        chunks = sse_json(raw)
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "Hi" + " word" * 300
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    else:
+        async with anthropic.AsyncAnthropic(base_url=live.url, api_key=who.key, max_retries=0) as sdk, \
+                sdk.messages.stream(model="gpt-fake", max_tokens=5, messages=MESSAGES) as stream:
+            types = [event.type async for event in stream]
+            final = await stream.get_final_message()
+        assert types[0] == "message_start" and types[-1] == "message_stop"
+        assert (final.content[0].text, final.stop_reason) == ("Hi" + " word" * 300, "max_tokens")
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert (row["status"], row["completion_tokens"]) == ("cut", 5)
+    assert charges(live, who.user_id) == [row["charged"]] and row["charged"] > 0
 
 
 async def test_a_finished_stream_gives_its_upstream_connection_to_the_next(live: Live, live_store) -> None:

@@ -432,18 +432,18 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                     if passed is None:
                         out.append(renderer.plain(item))
                         continue
-                    if passed:  # the run's chunks before the one that went past the paid-for length
-                        out.append(renderer.plain(item.head(passed)))
-                    dropped = None
+                    # the run's chunks up to the one that went past the paid-for length: counted, so sent
+                    out.append(renderer.plain(item.head(passed + 1)))
+                    past = None
                 else:
                     piece = renderer.feed(item, raws[index] if raws is not None else None)
                     usage = piece.usage or usage
+                    out.append(piece.data)  # (past the paid-for length or not: counted, so sent)
                     if not piece.text or delivered.add_all((piece.text,), limit) is None:
-                        out.append(piece.data)
                         continue
-                    dropped = piece
+                    past = piece
                 status = "cut"
-                out.append(renderer.cut(dropped))
+                out.append(renderer.cut(past))
                 break
             if status == "cut" or (wire and batch.last):
                 last = b"".join(out)

@@ -41,9 +41,10 @@ class StreamRenderer(Protocol):
         """A run of chunks or events that only add text (OpenAI chunks, or Anthropic deltas on a
         pass-through); the caller counts its texts (and may cut inside it)."""
         ...
-    def cut(self, dropped: Piece | None) -> bytes:
-        """End the answer where the hold's paid-for length ran out; ``dropped``: the piece that went
-        past it, which the stream's loop has not sent (None when the cut came inside a plain run)."""
+    def cut(self, past: Piece | None) -> bytes:
+        """End the answer where the hold's paid-for length ran out. ``past``: the piece that went
+        past it (None when that came inside a plain run), which the stream's loop has sent, as it
+        has counted it: the client gets what it is charged for (up to the hold's length)."""
         ...
     def end(self, usage: Usage, cost: int) -> bytes:
         """The stream's last frames, once the answer is complete."""
@@ -143,7 +144,7 @@ class OpenAIRenderer:
     def _head(self) -> dict[str, Any]:
         return {k: self.last[k] for k in ("id", "object", "created") if k in self.last}
 
-    def cut(self, dropped: Piece | None) -> bytes:
+    def cut(self, past: Piece | None) -> bytes:
         chunk = {**self._head(), "model": self.model,
                  "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
         return encode(jsoncodec.dumps(chunk))
@@ -260,7 +261,7 @@ class AnthropicRenderer:
         after = b'"}}\n\n'
         return out + before + (after + before).join(rest.middles) + after  # not ``framed``: no padding
 
-    def cut(self, dropped: Piece | None) -> bytes:
+    def cut(self, past: Piece | None) -> bytes:
         self.translate.stop_reason = "max_tokens"
         return b""
 
@@ -310,7 +311,7 @@ class AnthropicPassthrough:
         """Text or thinking deltas, as the bytes that came."""
         return run.framed(*self.frames.of(run.shape, _delta_frame))
 
-    def cut(self, dropped: Piece | None) -> bytes:
+    def cut(self, past: Piece | None) -> bytes:
         return b""  # end() closes the message, with the usage that is charged
 
     def end(self, usage: Usage, cost: int) -> bytes:
@@ -373,9 +374,8 @@ class ResponsesPassthrough:
     def plain(self, run: PlainRun) -> bytes:
         return b"".join(self.feed(event, None).data for event in run.parsed())
 
-    def cut(self, dropped: Piece | None) -> bytes:
-        # the delta that went past the paid-for length is charged, so it is sent: the events stay in sequence
-        return dropped.data if dropped is not None else b""
+    def cut(self, past: Piece | None) -> bytes:
+        return b""  # response.incomplete follows, numbered after the last event sent
 
     def end(self, usage: Usage, cost: int) -> bytes:
         if self.closed:
@@ -409,10 +409,9 @@ class ResponsesRenderer:
     def plain(self, run: PlainRun) -> bytes:
         return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
 
-    def cut(self, dropped: Piece | None) -> bytes:
+    def cut(self, past: Piece | None) -> bytes:
         self.translate.incomplete = True
-        # the chunk that went past the paid-for length is charged, so it is sent: the events stay in sequence
-        return dropped.data if dropped is not None else b""
+        return b""
 
     def end(self, usage: Usage, cost: int) -> bytes:
         return self._frames(self.translate.finish(usage))
