@@ -106,6 +106,23 @@ async def test_a_stream_with_a_lowered_max_tokens_says_so(live: Live, live_store
     assert len(charges(live, who.user_id)) == 1
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_a_request_without_a_limit_asks_the_upstream_for_no_more_than_is_held(live: Live, live_store,
+                                                                                   stream: bool) -> None:
+    """The hold assumed the model's max_output_tokens (1000): each upstream is asked for that much
+    at most, in the field it takes, so a whole answer cannot run past what was held for it."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    for model in ("gpt-fake", "o-fake", "gemini-fake", "claude-fake"):
+        status, _, _ = await post(live, "/chat/completions", key=who.key,
+                                  json_body={**CHAT, "model": model, "stream": stream})
+        assert status == 200
+    gpt, reasoner = (request.body for request in live.fake.requests[-2:])
+    assert (gpt["max_tokens"], "max_completion_tokens" in gpt) == (1000, False)
+    assert (reasoner["max_completion_tokens"], "max_tokens" in reasoner) == (1000, False)
+    assert live.gemini.requests[-1].body["generationConfig"]["maxOutputTokens"] == 1000
+    assert live.anthropic.requests[-1].body["max_tokens"] == 1000
+
+
 @pytest.mark.parametrize("model", ["gpt-fake", "o-fake"])
 async def test_an_unlowered_limit_moves_to_the_upstreams_field_and_both_give_the_lower(live: Live, live_store,
                                                                                        model: str) -> None:
@@ -249,12 +266,14 @@ class TestFallback:
 
 @pytest.mark.parametrize(("given", "passed_on"), [
     ("7", "7"), ("0.4", "1"), ("99999", "60"),  # at most 60 s: the SDKs give up at once beyond it
-    ((datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT"), "30"),
+    ("in 30 s", "30"),
 ])
 async def test_an_upstream_429_is_passed_on_with_retry_after(live: Live, live_store, given: str,
                                                              passed_on: str) -> None:
     """In seconds, or as an HTTP date (RFC 9110), as upstreams send it."""
     who = await account(live_store, live, "ann@example.com", "1")
+    if given == "in 30 s":
+        given = (datetime.now(UTC) + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     live.fake.mode, live.fake.status, live.fake.retry_after = "status", 429, given
     status, headers, raw = await post(live, "/chat/completions", key=who.key, json_body=CHAT)
     assert status == 429

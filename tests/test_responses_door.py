@@ -53,7 +53,8 @@ async def test_a_whole_response_passes_through_and_is_billed_by_its_usage(live: 
     assert (answer.usage.input_tokens, answer.usage.output_tokens) == (21, len(WORDS))
     sent = live.fake.requests[-1]
     assert (sent.path, sent.body["model"], sent.body["input"]) == ("/v1/responses", "fake-model-1", "Tell me a story")
-    assert sent.body["instructions"] == "Be brief." and "max_output_tokens" not in sent.body
+    assert sent.body["instructions"] == "Be brief."
+    assert sent.body["max_output_tokens"] == 1000  # none asked for: the model's max_output_tokens, as held
     [row] = await wait_for_usage(live, who.user_id, 1)
     cost = expected_cost("gpt-fake", 21, len(WORDS))
     assert (row["endpoint"], row["status"], row["estimated"], row["charged"]) == ("responses", "ok", 0, cost)

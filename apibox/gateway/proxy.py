@@ -276,9 +276,13 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
 
 
 def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, Any]:
+    """The body for ``route``: its model's name, and the answer's length as the hold took it when
+    the hold lowered it or the client set none (the model's ``max_output_tokens``): an upstream
+    is never asked for more than is held for (the provider puts it in the field it takes)."""
     body = dict(call.body)
     body["model"] = route.model
-    if call.reservation.lowered:
+    if call.reservation.lowered or (body.get("max_completion_tokens") is None and body.get("max_tokens") is None
+                                    and call.reservation.output_tokens):
         field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         body[field_name] = call.reservation.output_tokens // max(1, body.get("n") or 1)
     if body.get("stream") is True and provider.reports_stream_usage:
