@@ -25,7 +25,9 @@ requests admitted that way are finished there.
 from __future__ import annotations
 
 import itertools
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -159,6 +161,7 @@ return 1
 """
 
 RENEW_BATCH = 500  # leases renewed per script call
+UNFINISHED_MOST = 10_000  # finishes kept while Redis is away (beyond them, the oldest leases just end)
 
 
 @dataclass(slots=True)
@@ -192,7 +195,11 @@ class RedisLimiter:
         self._finish = link.client.register_script(FINISH)
         self._renew = link.client.register_script(RENEW)
         self._in_flight: dict[str, tuple[str, ...]] = {}  # member -> busy sets, for the heartbeat
+        # The finishes Redis was away for (when, keys, args): made once it is back, while their leases
+        # last, so that a blip does not keep their slots taken until then.
+        self._unfinished: deque[tuple[float, list[str], list[str | float | int]]] = deque(maxlen=UNFINISHED_MOST)
         link.on_heartbeat(self.renew_leases)
+        link.on_recovery(self.finish_the_unfinished)
 
     def _now(self) -> str | float:
         return "" if self._clock is None else self._clock()
@@ -246,13 +253,26 @@ class RedisLimiter:
         delta = actual_tokens - admission.tokens
         counted = [self._link.key("rate", s.name) for s in admission.subjects if s.limits.tpm is not None] \
             if delta else []
-        if not (admission.busy or counted) or not self._link.up:
+        if not (admission.busy or counted):
+            return
+        keys = [*admission.busy, *counted]
+        args: list[str | float | int] = [self._now(), admission.second, delta, admission.member, len(admission.busy)]
+        if not self._link.up:
+            self._unfinished.append((time.monotonic(), keys, args))
             return
         try:
-            await self._link.call(self._finish(keys=[*admission.busy, *counted], args=[
-                self._now(), admission.second, delta, admission.member, len(admission.busy)]))
+            await self._link.call(self._finish(keys=keys, args=args))
         except REDIS_ERRORS as exc:
             self._link.failed(exc)
+            self._unfinished.append((time.monotonic(), keys, args))
+
+    async def finish_the_unfinished(self) -> None:
+        """Make the finishes that Redis was away for, those whose leases have not ended yet."""
+        while self._unfinished:
+            when, keys, args = self._unfinished[0]
+            if time.monotonic() - when < self._lease:
+                await self._link.call(self._finish(keys=keys, args=args))
+            self._unfinished.popleft()
 
     async def renew_leases(self) -> None:
         """Renew the leases of this process's requests in flight (the link's heartbeat)."""

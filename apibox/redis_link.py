@@ -76,6 +76,7 @@ class RedisLink:
         self.up = True
         self._instruments = instruments
         self._heartbeats: list[Callable[[], Awaitable[None]]] = []
+        self._on_recovery: list[Callable[[], Awaitable[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._away = asyncio.Event()  # set while Redis is away: wakes the watch to start probing at once
         self._deadlines = Deadlines()  # every call's timeout on one timer (a limited request makes two calls)
@@ -116,6 +117,10 @@ class RedisLink:
         """Run ``beat`` every ``heartbeat_seconds`` while Redis is up (a failure marks it away)."""
         self._heartbeats.append(beat)
 
+    def on_recovery(self, catch_up: Callable[[], Awaitable[None]]) -> None:
+        """Run ``catch_up`` each time Redis answers again (what could not be done while it was away)."""
+        self._on_recovery.append(catch_up)
+
     async def start(self) -> None:
         """Check that Redis answers (serving goes on either way) and start the background task."""
         try:
@@ -142,19 +147,26 @@ class RedisLink:
                 await self._probe()
 
     async def _beat(self) -> None:
-        for beat in self._heartbeats:
+        await self._run(self._heartbeats, "redis heartbeat failed")
+
+    async def _run(self, tasks: list[Callable[[], Awaitable[None]]], what: str) -> None:
+        for task in tasks:
             try:
-                await beat()
+                await task()
             except REDIS_ERRORS as exc:
                 self.failed(exc)
                 return
-            except Exception:  # a bug in one heartbeat must not end the watch (and with it the recovery)
-                log.exception("redis heartbeat failed")
+            except Exception:  # a bug in one task must not end the watch (and with it the recovery)
+                log.exception(what)
 
     async def _probe(self) -> None:
         try:
             await self.call(self.client.ping())
         except REDIS_ERRORS:
             return
+        # The pool's other connections were opened to the Redis that went away: after a restart each
+        # would fail once, and each failure mark Redis away again. They are opened afresh instead.
+        await self.client.connection_pool.disconnect()
         self.recovered()
+        await self._run(self._on_recovery, "catching up with redis failed")
 

@@ -308,6 +308,51 @@ async def test_redis_killed_mid_run_falls_back_to_local_limits_and_comes_back(
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
+async def test_after_a_restart_the_pools_old_connections_do_not_send_it_away_again(
+        private_redis: PrivateRedis, links: Callable[..., Any], caplog: pytest.LogCaptureFixture) -> None:
+    """Requests at once open several connections; after Redis restarts, each would fail once and
+    mark Redis away again, while requests admitted meanwhile kept their slots past their end."""
+    link = await links(url=private_redis.url, retry=0.05)
+    limiter = RedisLimiter(link)
+    own = subject("key:1", concurrency=8)
+    for admission in await asyncio.gather(*(limiter.admit([own], 1) for _ in range(8))):  # 8 connections
+        await limiter.finish(admission, 1)
+    caplog.set_level(logging.INFO, logger="apibox.redis")
+    private_redis.kill()
+    private_redis.start()
+    await limiter.admit([own], 1)  # notices it is away
+    await eventually(lambda: link.up, timeout=5)
+    for _ in range(3):
+        admitted = await asyncio.gather(*(limiter.admit([own], 1) for _ in range(8)))
+        assert all(isinstance(a, SharedAdmission) for a in admitted)
+        for admission in admitted:
+            await limiter.finish(admission, 1)
+    assert link.up and await link.client.zcard(link.key("busy", "key:1")) == 0  # every slot given back
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # one outage, one warning
+
+
+async def test_slots_finished_while_redis_was_away_are_given_back_when_it_answers(
+        private_redis: PrivateRedis, links: Callable[..., Any]) -> None:
+    """A blip (Redis keeps its data): the request that ended during it frees its slot once Redis is
+    back, not when its 30 s lease ends."""
+    link = await links(url=private_redis.url, retry=0.05, timeout=0.2)
+    limiter = RedisLimiter(link)
+    own = subject("key:1", concurrency=1)
+    first = await limiter.admit([own], 1)
+    assert isinstance(first, SharedAdmission)
+    private_redis.pause()
+    try:
+        await limiter.finish(first, 1)  # Redis does not answer: the slot cannot be given back now
+        assert not link.up
+    finally:
+        private_redis.resume()
+    await eventually(lambda: link.up, timeout=5)
+    await eventually(lambda: not limiter._unfinished, timeout=5)
+    second = await limiter.admit([own], 1)  # the one slot is free again
+    assert isinstance(second, SharedAdmission)
+    await limiter.finish(second, 1)
+
+
 async def test_a_hung_redis_costs_a_request_a_fraction_of_a_second(
         private_redis: PrivateRedis, links: Callable[..., Any]) -> None:
     link = await links(url=private_redis.url, retry=0.1, timeout=RedisSettings(url="").timeout)  # the gateway's
