@@ -89,6 +89,10 @@ def load_settings(explicit: str | None = None, env: Mapping[str, str] | None = N
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+                          "save the file as UTF-8") from None
     return parse_settings(text, source=str(path), env=env)
 
 

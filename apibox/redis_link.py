@@ -166,7 +166,7 @@ class RedisLink:
             return
         # The pool's other connections were opened to the Redis that went away: after a restart each
         # would fail once, and each failure mark Redis away again. They are opened afresh instead.
-        await self.client.connection_pool.disconnect()
+        await self.client.connection_pool.disconnect(inuse_connections=False)  # (not the subscriber's, say)
         self.recovered()
         await self._run(self._on_recovery, "catching up with redis failed")
 

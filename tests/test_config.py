@@ -123,6 +123,14 @@ def test_the_length_limit_field_follows_the_upstreams_host_unless_set(base_url: 
     assert chosen.provider("o").max_tokens_field == other
 
 
+def test_a_config_that_is_not_utf8_is_refused_in_one_line_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "apibox.yaml"
+    path.write_bytes(b"server:\n  port: 8080\n# caf\xe9\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(path), env={})
+    assert caught.value.message == f"{path}: line 3: not UTF-8 text (byte 0xe9); save the file as UTF-8"
+
+
 def test_keepalives_may_be_turned_off(tmp_path: Path) -> None:
     settings = load_settings(str(write(tmp_path, "server: {stream_keepalive_seconds: 0}")), env={})
     assert settings.server.stream_keepalive_seconds == 0

@@ -34,7 +34,7 @@ def prices(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     print_table(table(None, columns, [
         [r["model"], "now" if r["current"] else when(datetime.fromisoformat(r["effective_from"])), r["input"],
          r["output"], r.get("cached_input", "=input"), r.get("cache_write", "=input"),
-         r.get("cache_write_1h", "=2x input"), r.get("reasoning", "=output"), r.get("per_request_usd", "-")]
+         r.get("cache_write_1h", "=cache write"), r.get("reasoning", "=output"), r.get("per_request_usd", "-")]
         for r in rows], right=columns[2:]))
     if groups:
         print_table(table("groups", ["group", "multiplier", "models"],

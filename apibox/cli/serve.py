@@ -58,7 +58,7 @@ def serve(
         raise typer.Exit(_supervise(settings, server, workers, config))
 
     def ready(url: str) -> None:
-        err_console.print(f"apibox serving on {url}/v1 ({_describe(settings)})")
+        err_console.print(f"apibox serving on {url}/v1 ({_describe(settings)})", soft_wrap=True)  # one line in a log
 
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve_gateway(settings, server.host, server.port, ready=ready))

@@ -392,7 +392,7 @@ async def _complete(call: Call) -> web.Response:
         await call.door.keep(call.route.provider, call.model.name, call.native,  # type: ignore[union-attr]
                              (reply,), usage)
     record = await call.settle(usage, "ok", 200)
-    body = call.door.render_reply(reply, call.native, call.model.name, usage, record.cost)
+    body = call.door.render_reply(reply, call.native, call.model.name, usage, record.charged)
     return web.Response(body=jsoncodec.dumps(body), content_type="application/json", headers=_headers(call))
 
 
@@ -472,7 +472,7 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
                                  started.first, final)
         record = await call.settle(final, status, http_status)
         heart.stop()
-        await response.write_eof(last + renderer.end(final, record.cost))
+        await response.write_eof(last + renderer.end(final, record.charged))  # usage.cost: what was charged
     except (StreamBroken, *UNREADABLE) as exc:
         status, http_status = "cut", 502
         provider = call.route.provider if call.route is not None else "?"
