@@ -144,12 +144,13 @@ async def test_anthropic_and_gemini_answers_without_usable_usage_are_charged_an_
 async def test_an_absurd_count_is_clamped_and_charged_no_more_than_the_balance(live: Live, live_store: Any) -> None:
     who = await account(live_store, live, "ann@example.com", "0.5")
     live.fake.reported_usage = json.loads('{"prompt_tokens": 100000000000000000000, "completion_tokens": 3}')
-    status, _, _ = await request(live, "POST", "/v1/chat/completions", key=who.key,
-                                 json_body={"model": "gpt-fake", "messages": [{"role": "user", "content": "Hi"}]})
+    status, _, raw = await request(live, "POST", "/v1/chat/completions", key=who.key,
+                                   json_body={"model": "gpt-fake", "messages": [{"role": "user", "content": "Hi"}]})
     assert status == 200
     [row] = await wait_for_usage(live, who.user_id, 1)
     assert (row["prompt_tokens"], row["estimated"]) == (MOST_TOKENS_A_REQUEST, 0)
     assert row["charged"] == 500_000 < row["cost"] and balance(live, who.user_id) == (0, 0)
+    assert json.loads(raw)["usage"]["cost"] == 0.5  # what the client was charged, not the price of the count
 
 
 def test_the_prompts_bound_counts_what_else_the_upstream_reads() -> None:
