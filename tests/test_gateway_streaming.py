@@ -303,6 +303,20 @@ async def test_a_broken_stream_ends_with_an_error_event(live: Live, live_store, 
     assert charges(live, who.user_id) == [row["charged"]]
 
 
+async def test_the_words_before_a_malformed_event_reach_the_client_though_they_came_in_its_read(
+        live: Live, live_store) -> None:
+    """The whole stream in one write: the chunks the malformed event came with are still sent."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.mode, live.fake.words, live.fake.whole = "malformed", list(ASCII_WORDS), True
+    _, raw = await raw_stream(live, who.key, {})
+    events = sse_json(raw)
+    assert "error" in events[-1]
+    delivered = "".join(c["choices"][0]["delta"].get("content") or "" for c in events[:-1])
+    assert delivered == "".join(ASCII_WORDS[:len(ASCII_WORDS) // 2 - 1])  # (the role chunk is the first event)
+    row = (await wait_for_usage(live, who.user_id, 1))[0]
+    assert row["completion_tokens"] == tokens.count_tokens(delivered) > 0
+
+
 async def test_a_stream_without_usage_is_charged_by_estimate(live: Live, live_store) -> None:
     who = await account(live_store, live, "ann@example.com", "1")
     live.fake.mode, live.fake.words = "no_usage", list(ASCII_WORDS)

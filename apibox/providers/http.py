@@ -302,7 +302,12 @@ class NamedEventStream(UpstreamStream):
                     batch.raw.append(None)
                     continue
                 name, payload = frames[item]
-                event = self._http.parse_data(payload)
+                try:
+                    event = self._http.parse_data(payload)
+                except StreamBroken:
+                    if batch:
+                        yield batch  # what came before the malformed event still reaches the client
+                    raise
                 kind = event.setdefault("type", name)
                 if kind == "error":
                     if batch:

@@ -107,7 +107,12 @@ class _OpenAIStream(UpstreamStream):
                             batch.last = True
                             yield batch
                         return
-                    chunk, raw = self._parse(payload)
+                    try:
+                        chunk, raw = self._parse(payload)
+                    except StreamBroken:
+                        if batch:
+                            yield batch  # what came before the malformed event still reaches the client
+                        raise
                     if chunk.get("error"):
                         if batch:
                             yield batch  # what came before the error still reaches the client
