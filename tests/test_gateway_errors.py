@@ -547,3 +547,16 @@ async def test_every_answer_carries_a_request_id_and_a_limited_keys_headers() ->
     await add_response_headers(unseen, bare)
     assert bare.headers["x-request-id"].startswith("req_") and len(bare.headers["x-request-id"]) == 36
     assert "x-ratelimit-limit-requests" not in bare.headers
+
+
+async def test_a_client_that_leaves_a_whole_answer_is_charged_for_it_and_its_row_says_so(live: Live,
+                                                                                        live_store) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.delay = 0.8
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.3)) as session:
+        with pytest.raises(TimeoutError):
+            await session.post(f"{live.v1}/chat/completions", json=CHAT, headers=auth(who.key))
+    [row] = await wait_for_usage(live, who.user_id, 1, timeout=5)
+    assert (row["status"], row["http_status"]) == ("client_gone", 499)
+    assert row["charged"] == expected_cost("gpt-fake", 21, len(WORDS))  # the answer the upstream made, whole
+    assert charges(live, who.user_id) == [row["charged"]]

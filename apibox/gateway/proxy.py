@@ -263,7 +263,7 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
         try:
             if body.get("stream") is True:
                 return await _stream(request, call)
-            return await _complete(call)
+            return await _complete(request, call)
         except ApiboxError as exc:
             failed_with = exc.status
             raise
@@ -382,7 +382,9 @@ def _headers(call: Call) -> dict[str, str]:
     return {}
 
 
-async def _complete(call: Call) -> web.Response:
+async def _complete(request: web.Request, call: Call) -> web.Response:
+    """A whole answer. A client that left while it was being made is charged for it all the same
+    (the upstream made it, and bills it whole), and its usage row says it left."""
     reply: dict[str, Any] = await _attempt(call, stream=False)
     call.first_byte = time.monotonic()
     usage = call.door.usage(reply, call.native)
@@ -391,7 +393,11 @@ async def _complete(call: Call) -> web.Response:
     if call.door.keeps_answers:
         await call.door.keep(call.route.provider, call.model.name, call.native,  # type: ignore[union-attr]
                              (reply,), usage)
-    record = await call.settle(usage, "ok", 200)
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        record = await call.settle(usage, "client_gone", 499)
+    else:
+        record = await call.settle(usage, "ok", 200)
     body = call.door.render_reply(reply, call.native, call.model.name, usage, record.charged)
     return web.Response(body=jsoncodec.dumps(body), content_type="application/json", headers=_headers(call))
 
