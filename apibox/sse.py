@@ -16,6 +16,21 @@ _LINE = re.compile(r"\r\n|\n|\r")
 # The usual frame: ``data: ...`` on one line and a blank line, LF endings; and a run of them.
 _DATA_FRAME = re.compile(rb"data: ([^\n]*)\n\n")
 _DATA_FRAMES = re.compile(rb"(?:data: [^\n]*\n\n)+")
+# The most one event may hold: an answer's whole output (a Responses stream's last event), images
+# included, is a few MB. An upstream sending more without an event's end is broken (or hostile),
+# and each read would copy the growing buffer again.
+MOST_EVENT_BYTES = 64 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """An upstream sent more than MOST_EVENT_BYTES without ending an event."""
+
+
+def _kept(buffer: bytes) -> bytes:
+    """``buffer``, the start of an event still to come, if it is not already too large."""
+    if len(buffer) > MOST_EVENT_BYTES:
+        raise EventTooLarge(f"an event of more than {MOST_EVENT_BYTES // (1024 * 1024)} MB")
+    return buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +54,7 @@ class SSEDecoder:
             if event is not None:
                 events.append(event)
             start = match.end()
-        self._buffer = self._buffer[start:]
+        self._buffer = _kept(self._buffer[start:])
         return events
 
     def feed_data(self, chunk: bytes) -> list[bytes]:
@@ -61,7 +76,7 @@ class SSEDecoder:
             return [_one_line(event) for event in self.feed(buffer)]
         end = buffer.rfind(b"\n\n")
         if end < 0:
-            self._buffer = buffer
+            self._buffer = _kept(buffer)
             return []
         if buffer.startswith(b"data: "):  # a read of usual frames only, as a fast upstream sends: split in C
             payloads = buffer[6:end].split(b"\n\ndata: ")
@@ -95,7 +110,7 @@ class SSEDecoder:
             return [(event.event, _one_line(event)) for event in self.feed(buffer)]
         end = buffer.rfind(b"\n\n")
         if end < 0:
-            self._buffer = buffer
+            self._buffer = _kept(buffer)
             return []
         self._buffer = buffer[end + 2:]
         named = []

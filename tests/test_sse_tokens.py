@@ -10,7 +10,7 @@ from apibox import tokens
 from apibox.gateway.doors import AnthropicDoor
 from apibox.gateway.proxy import Delivered
 from apibox.openai_wire import delta_text, reply_text
-from apibox.sse import Event, SSEDecoder, encode
+from apibox.sse import MOST_EVENT_BYTES, Event, EventTooLarge, SSEDecoder, encode
 
 ENDINGS = {"lf": "\n", "crlf": "\r\n", "cr": "\r"}
 
@@ -426,3 +426,15 @@ def test_a_whole_anthropic_reply_counts_its_thinking_as_its_stream_would() -> No
                          {"type": "text", "text": "Yes."},
                          {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"a": 1}}]}
     assert AnthropicDoor({}, {}).reply_text(reply, native=True) == 'Hmm.Yes.{"a": 1}'
+
+
+@pytest.mark.parametrize("feed", ["feed", "feed_data", "feed_named"])
+def test_an_event_past_the_most_an_event_may_hold_is_refused_not_buffered_on(feed: str) -> None:
+    """An upstream that never ends its event (200 MB were sent in an audit) is a broken stream at 64 MB."""
+    decoder = SSEDecoder()
+    big = b"data: " + b"x" * (10 * 1024 * 1024)
+    getattr(decoder, feed)(big)  # 10 MB pending: an answer's images may come to that
+    with pytest.raises(EventTooLarge):
+        getattr(decoder, feed)(b"x" * MOST_EVENT_BYTES)
+    decoder = SSEDecoder()
+    assert len(getattr(decoder, feed)(big + b"\n\n")) == 1  # and one that ends is read whole

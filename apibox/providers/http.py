@@ -20,7 +20,7 @@ from apibox.config import ProviderSettings
 from apibox.deadlines import Deadlines
 from apibox.providers.base import StreamBroken, UpstreamFailure, WireBatch, redact
 from apibox.shapes import ChunkShape, LatestShapes, PlainRun
-from apibox.sse import Event, SSEDecoder
+from apibox.sse import Event, EventTooLarge, SSEDecoder
 
 T = TypeVar("T")
 # How a connection the upstream had already closed fails a request sent on it (reset or not answered).
@@ -147,7 +147,10 @@ class HttpUpstream:
                 except aiohttp.ClientError:
                     raise StreamBroken(f"upstream {self.name} broke off the stream") from None
                 watchdog.waiting_since = None
-                events = feed(data) if data else flush()
+                try:
+                    events = feed(data) if data else flush()
+                except EventTooLarge as exc:
+                    raise StreamBroken(f"upstream {self.name} sent {exc}") from None
                 if events:
                     yield events
                 if not data:
