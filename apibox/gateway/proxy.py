@@ -432,42 +432,43 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         last = b""  # the last batch's frames: they go out with the ending, in one write
         batch, next_batch = started.first, started.items.__anext__
         call.first_byte = time.monotonic()
-        while True:
-            out: list[bytes] = []
-            wire = type(batch) is WireBatch
-            raws = batch.raw if wire else None
-            for index, item in enumerate(batch):
-                if type(item) is PlainRun:
-                    passed = delivered.add_all(item.texts, limit)
-                    if passed is None:
-                        out.append(renderer.plain(item))
-                        continue
-                    # the run's chunks up to the one that went past the paid-for length: counted, so sent
-                    out.append(renderer.plain(item.head(passed + 1)))
-                    past = None
-                else:
-                    piece = renderer.feed(item, raws[index] if raws is not None else None)
-                    usage = piece.usage or usage
-                    out.append(piece.data)  # (past the paid-for length or not: counted, so sent)
-                    if not piece.text or delivered.add_all((piece.text,), limit) is None:
-                        continue
-                    past = piece
-                status = "cut"
-                out.append(renderer.cut(past))
-                break
-            if status == "cut" or (wire and batch.last):
-                last = b"".join(out)
-                break
-            data = b"".join(out)
-            if data:  # (events that carry nothing for the client, such as Anthropic's pings, are not sent)
-                await response.write(data)  # one write per upstream read
-                heart.sent += 1
-            try:
-                batch = await next_batch()
-            except StopAsyncIteration:
-                break
-            if heart.beat is not None:
-                await heart.beat
+        try:  # reading the upstream's stream and rendering it for the client
+            while True:
+                out: list[bytes] = []
+                wire = type(batch) is WireBatch
+                raws = batch.raw if wire else None
+                for index, item in enumerate(batch):
+                    if type(item) is PlainRun:
+                        passed = delivered.add_all(item.texts, limit)
+                        if passed is None:
+                            out.append(renderer.plain(item))
+                            continue
+                        # the run's chunks up to the one that went past the paid-for length: counted, so sent
+                        out.append(renderer.plain(item.head(passed + 1)))
+                    else:
+                        piece = renderer.feed(item, raws[index] if raws is not None else None)
+                        usage = piece.usage or usage
+                        out.append(piece.data)  # (past the paid-for length or not: counted, so sent)
+                        if not piece.text or delivered.add_all((piece.text,), limit) is None:
+                            continue
+                    status = "cut"
+                    out.append(renderer.cut())
+                    break
+                if status == "cut" or (wire and batch.last):
+                    last = b"".join(out)
+                    break
+                data = b"".join(out)
+                if data:  # (events that carry nothing for the client, such as Anthropic's pings, are not sent)
+                    await response.write(data)  # one write per upstream read
+                    heart.sent += 1
+                try:
+                    batch = await next_batch()
+                except StopAsyncIteration:
+                    break
+                if heart.beat is not None:
+                    await heart.beat
+        except UNREADABLE as exc:  # an event of a shape it should not have: the stream is broken
+            raise StreamBroken(_unreadable(call.route.provider, exc)) from None  # type: ignore[union-attr]
         if call.route is not None:
             call.gateway.router.succeeded(call.route)
         final = owed()
@@ -479,15 +480,13 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         record = await call.settle(final, status, http_status)
         heart.stop()
         await response.write_eof(last + renderer.end(final, record.charged))  # usage.cost: what was charged
-    except (StreamBroken, *UNREADABLE) as exc:
+    except StreamBroken as exc:
         status, http_status = "cut", 502
-        provider = call.route.provider if call.route is not None else "?"
         if call.route is not None:
             call.gateway.router.failed(call.route)
-        why = _unreadable(provider, exc) if isinstance(exc, UNREADABLE) else str(exc)
-        log.warning("stream for %s broke: %s (request %s)", call.model.name, why, call.request_id)
+        log.warning("stream for %s broke: %s (request %s)", call.model.name, exc, call.request_id)
         heart.stop()
-        broken = UpstreamError(f"{why.rstrip('.')}. The answer is incomplete.", code="upstream_stream_broken")
+        broken = UpstreamError(f"{str(exc).rstrip('.')}. The answer is incomplete.", code="upstream_stream_broken")
         await _write_quietly(response, renderer.error(broken))
     except ConnectionResetError:
         status, http_status = "client_gone", 499

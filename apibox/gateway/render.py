@@ -41,10 +41,10 @@ class StreamRenderer(Protocol):
         """A run of chunks or events that only add text (OpenAI chunks, or Anthropic deltas on a
         pass-through); the caller counts its texts (and may cut inside it)."""
         ...
-    def cut(self, past: Piece | None) -> bytes:
-        """End the answer where the hold's paid-for length ran out. ``past``: the piece that went
-        past it (None when that came inside a plain run), which the stream's loop has sent, as it
-        has counted it: the client gets what it is charged for (up to the hold's length)."""
+    def cut(self) -> bytes:
+        """End the answer where the hold's paid-for length ran out. The stream's loop has sent the
+        piece that went past it, as it has counted it: the client gets what it is charged for (up
+        to the hold's length)."""
         ...
     def end(self, usage: Usage, cost: int) -> bytes:
         """The stream's last frames, once the answer is complete."""
@@ -144,7 +144,7 @@ class OpenAIRenderer:
     def _head(self) -> dict[str, Any]:
         return {k: self.last[k] for k in ("id", "object", "created") if k in self.last}
 
-    def cut(self, past: Piece | None) -> bytes:
+    def cut(self) -> bytes:
         chunk = {**self._head(), "model": self.model,
                  "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}]}
         return encode(jsoncodec.dumps(chunk))
@@ -261,7 +261,7 @@ class AnthropicRenderer:
         after = b'"}}\n\n'
         return out + before + (after + before).join(rest.middles) + after  # not ``framed``: no padding
 
-    def cut(self, past: Piece | None) -> bytes:
+    def cut(self) -> bytes:
         self.translate.stop_reason = "max_tokens"
         return b""
 
@@ -311,7 +311,7 @@ class AnthropicPassthrough:
         """Text or thinking deltas, as the bytes that came."""
         return run.framed(*self.frames.of(run.shape, _delta_frame))
 
-    def cut(self, past: Piece | None) -> bytes:
+    def cut(self) -> bytes:
         return b""  # end() closes the message, with the usage that is charged
 
     def end(self, usage: Usage, cost: int) -> bytes:
@@ -374,7 +374,7 @@ class ResponsesPassthrough:
     def plain(self, run: PlainRun) -> bytes:
         return b"".join(self.feed(event, None).data for event in run.parsed())
 
-    def cut(self, past: Piece | None) -> bytes:
+    def cut(self) -> bytes:
         return b""  # response.incomplete follows, numbered after the last event sent
 
     def end(self, usage: Usage, cost: int) -> bytes:
@@ -409,7 +409,7 @@ class ResponsesRenderer:
     def plain(self, run: PlainRun) -> bytes:
         return b"".join(self.feed(chunk, None).data for chunk in run.parsed())
 
-    def cut(self, past: Piece | None) -> bytes:
+    def cut(self) -> bytes:
         self.translate.incomplete = True
         return b""
 
