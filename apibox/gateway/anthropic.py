@@ -14,11 +14,12 @@ from aiohttp import web
 from apibox import jsoncodec, tokens
 from apibox.errors import InvalidRequest
 from apibox.formats.anthropic import anthropic_to_openai_request
+from apibox.gateway.admission import authorized_model
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.doors import AnthropicDoor
 from apibox.gateway.exchange import EXCHANGE
 from apibox.gateway.openai import authenticate, read_json
-from apibox.gateway.proxy import authorized_model, forward
+from apibox.gateway.proxy import forward
 
 
 def _check(body: dict[str, Any], *, needs_max_tokens: bool) -> None:

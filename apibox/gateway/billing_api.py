@@ -31,9 +31,9 @@ from aiohttp import web
 from apibox.auth import Caller
 from apibox.config import LimitSet
 from apibox.errors import InvalidRequest
+from apibox.gateway.admission import limit_subjects
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.openai import authenticate
-from apibox.gateway.proxy import limit_subjects
 from apibox.models import ApiKey, ReportRow
 from apibox.money import format_usd, usd_number
 from apibox.store.base import Store, UsageFilter

@@ -18,16 +18,17 @@ from aiohttp import web
 
 from apibox import billing, jsoncodec, tokens
 from apibox.auth import Caller
-from apibox.config import LimitSet, ModelSettings, Route
-from apibox.errors import ApiboxError, InvalidRequest, PermissionDenied, UpstreamError
+from apibox.config import ModelSettings, Route
+from apibox.errors import ApiboxError, InvalidRequest, UpstreamError
+from apibox.gateway.admission import authorized_model, limit_subjects, price_for, requested_output
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import Door, OpenAIDoor
 from apibox.gateway.exchange import EXCHANGE
 from apibox.gateway.keepalive import Heartbeat
-from apibox.limits import Admission, Subject
+from apibox.limits import Admission
 from apibox.models import UsageRecord
-from apibox.pricing import Price, Usage
+from apibox.pricing import Usage
 from apibox.providers.base import (
     ChunkStream,
     Provider,
@@ -42,7 +43,6 @@ log = logging.getLogger("apibox.gateway")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 OVERRUN_SLACK_TOKENS = 16  # tolerance before a stream running past its paid-for length is cut
-NO_LIMITS = LimitSet()
 OPENAI_DOOR = OpenAIDoor()
 
 
@@ -165,39 +165,6 @@ class Delivered:
         return self.counted
 
 
-def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSettings:
-    """The model ``name`` refers to, if this caller's key may use it."""
-    model = gateway.router.resolve(name)
-    if caller.key.models and model.name not in caller.key.models:
-        raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
-                               code="model_not_allowed")
-    group = gateway.settings.group(caller.user.group)
-    if group.models and model.name not in group.models:
-        raise PermissionDenied(f"Your plan ({caller.user.group}) does not include the model `{model.name}`.",
-                               param="model", code="model_not_in_plan")
-    return model
-
-
-def price_for(gateway: Gateway, caller: Caller, model: ModelSettings) -> Price:
-    """The price in force as the request arrives, as the caller's group pays it."""
-    return model.price_at(gateway.clock()).for_group(gateway.settings.group(caller.user.group).multiplier)
-
-
-def limit_subjects(gateway: Gateway, caller: Caller) -> list[Subject]:
-    """What a request counts against: its key (the key's own limits, else the config's key
-    defaults) and its user (the config's user defaults); subjects without limits are left out."""
-    key, defaults = caller.key, gateway.settings.limits
-    rpm = key.rpm if key.rpm is not None else defaults.key.rpm
-    tpm = key.tpm if key.tpm is not None else defaults.key.tpm
-    concurrency = key.concurrency if key.concurrency is not None else defaults.key.concurrency
-    subjects = []
-    if rpm is not None or tpm is not None or concurrency is not None:
-        subjects.append(Subject(f"key:{key.id}", LimitSet(rpm=rpm, tpm=tpm, concurrency=concurrency)))
-    if defaults.user != NO_LIMITS:
-        subjects.append(Subject(f"user:{caller.user.id}", defaults.user))
-    return subjects
-
-
 def _used_tokens(call: Call | None, admission: Admission) -> int:
     """The tokens a finished request really used, to correct the limiter's estimate."""
     if call is None:
@@ -207,24 +174,6 @@ def _used_tokens(call: Call | None, admission: Admission) -> int:
         return admission.tokens  # not known (yet): keep the estimate
     record = settled.result()
     return record.prompt_tokens + record.completion_tokens
-
-
-def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:
-    """The most output tokens the request may produce, as the hold must assume."""
-    if endpoint == "embeddings":
-        return 0
-    n = body.get("n")
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
-        raise InvalidRequest("n must be a whole number from 1 to 128", param="n")
-    field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    asked = body.get(field_name)
-    if asked is None:
-        asked = 16 if endpoint == "completions" else model.max_output_tokens
-    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
-        raise InvalidRequest(f"{field_name} must be a positive whole number", param=field_name)
-    return asked * n
 
 
 async def forward(request: web.Request, caller: Caller, endpoint: str, body: dict[str, Any],

@@ -25,11 +25,12 @@ from apibox import jsoncodec
 from apibox.auth import Caller
 from apibox.errors import InvalidRequest, NotFound
 from apibox.formats.responses import billing_copy, paid_tool
+from apibox.gateway.admission import authorized_model
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import ResponsesDoor
 from apibox.gateway.openai import authenticate, check_shared_fields, read_json, require
-from apibox.gateway.proxy import authorized_model, forward
+from apibox.gateway.proxy import forward
 from apibox.models import StoredResponse
 from apibox.providers.base import UpstreamFailure
 

@@ -1,0 +1,67 @@
+"""What a caller may ask for, and what its request counts against, before anything is held:
+the model its key and plan allow, the price it pays, the limits it is under, and the most
+output the hold must assume."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from apibox.auth import Caller
+from apibox.config import LimitSet, ModelSettings
+from apibox.errors import InvalidRequest, PermissionDenied
+from apibox.gateway.context import Gateway
+from apibox.limits import Subject
+from apibox.pricing import Price
+
+NO_LIMITS = LimitSet()
+
+
+def authorized_model(gateway: Gateway, caller: Caller, name: object) -> ModelSettings:
+    """The model ``name`` refers to, if this caller's key may use it."""
+    model = gateway.router.resolve(name)
+    if caller.key.models and model.name not in caller.key.models:
+        raise PermissionDenied(f"This API key may not use the model `{model.name}`.", param="model",
+                               code="model_not_allowed")
+    group = gateway.settings.group(caller.user.group)
+    if group.models and model.name not in group.models:
+        raise PermissionDenied(f"Your plan ({caller.user.group}) does not include the model `{model.name}`.",
+                               param="model", code="model_not_in_plan")
+    return model
+
+
+def price_for(gateway: Gateway, caller: Caller, model: ModelSettings) -> Price:
+    """The price in force as the request arrives, as the caller's group pays it."""
+    return model.price_at(gateway.clock()).for_group(gateway.settings.group(caller.user.group).multiplier)
+
+
+def limit_subjects(gateway: Gateway, caller: Caller) -> list[Subject]:
+    """What a request counts against: its key (the key's own limits, else the config's key
+    defaults) and its user (the config's user defaults); subjects without limits are left out."""
+    key, defaults = caller.key, gateway.settings.limits
+    rpm = key.rpm if key.rpm is not None else defaults.key.rpm
+    tpm = key.tpm if key.tpm is not None else defaults.key.tpm
+    concurrency = key.concurrency if key.concurrency is not None else defaults.key.concurrency
+    subjects = []
+    if rpm is not None or tpm is not None or concurrency is not None:
+        subjects.append(Subject(f"key:{key.id}", LimitSet(rpm=rpm, tpm=tpm, concurrency=concurrency)))
+    if defaults.user != NO_LIMITS:
+        subjects.append(Subject(f"user:{caller.user.id}", defaults.user))
+    return subjects
+
+
+def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:
+    """The most output tokens the request may produce, as the hold must assume."""
+    if endpoint == "embeddings":
+        return 0
+    n = body.get("n")
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
+        raise InvalidRequest("n must be a whole number from 1 to 128", param="n")
+    field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = body.get(field_name)
+    if asked is None:
+        asked = 16 if endpoint == "completions" else model.max_output_tokens
+    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+        raise InvalidRequest(f"{field_name} must be a positive whole number", param=field_name)
+    return asked * n
