@@ -132,9 +132,15 @@ class SSEDecoder:
         return [(event.event, _one_line(event)) for event in self.flush()]
 
     def flush(self) -> list[Event]:
-        """The last event, when the stream ended without a blank line after it."""
+        """The last event, when the stream ended without a blank line after it. A stream may also
+        end in a JSON body with no ``data:`` (Gemini's error mid-stream, several lines of it):
+        that is read as the last event's data, so its reader can say what went wrong."""
         rest, self._buffer = self._buffer, b""
-        event = _parse(rest) if rest.strip() else None
+        if not rest.strip():
+            return []
+        event = _parse(rest)
+        if event is None and rest.lstrip().startswith(b"{"):
+            event = Event(data=rest.decode("utf-8", "replace").strip())
         return [event] if event is not None else []
 
 

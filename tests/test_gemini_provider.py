@@ -502,7 +502,8 @@ async def test_the_gemini_key_never_reaches_a_client_or_the_log(live: Live, live
     assert balance(live, who.user_id) == (1_000_000, 0)
 
 
-@pytest.mark.parametrize(("mode", "says"), [("stream_error", "Internal error"), ("raw_error", "incomplete")])
+@pytest.mark.parametrize(("mode", "says"), [("stream_error", "Internal error"),
+                                            ("raw_error", "The model is overloaded")])  # (raw JSON, no data:)
 async def test_a_gemini_error_mid_stream_is_cleaned_and_charged_by_estimate(live: Live, live_store, caplog,
                                                                             mode: str, says: str) -> None:
     caplog.set_level(logging.DEBUG)
