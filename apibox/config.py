@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, date, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from apibox.config_document import Node, join_path, kind_of, read_document
 from apibox.errors import ConfigError
@@ -259,8 +260,10 @@ class _Parser:
         )
 
     MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
-    # Hosts whose chat API refuses max_tokens for reasoning models (o-series, gpt-5): OpenAI's and Azure's.
-    COMPLETION_TOKENS_HOSTS = re.compile(r"^https?://(api\.openai\.com|[^/]+\.openai\.azure\.com)(:\d+)?(/|$)")
+    # Hosts whose chat API refuses max_tokens for reasoning models (o-series, gpt-5): OpenAI's (api.,
+    # eu., us.) and Azure's (*.openai., *.cognitiveservices., *.services.ai.azure.com). Elsewhere, a
+    # refusal naming the field teaches the provider the other one (providers/openai.py).
+    COMPLETION_TOKENS_HOSTS = re.compile(r"(^|\.)openai\.com$|\.azure\.com$")
 
     @classmethod
     def max_tokens_field(cls, kind: str, node: Node | None, base_url: str) -> str:
@@ -272,7 +275,8 @@ class _Parser:
             if chosen not in cls.MAX_TOKENS_FIELDS:
                 raise node.fail(f"must be max_tokens or max_completion_tokens, got {chosen!r}")
             return chosen
-        return "max_completion_tokens" if cls.COMPLETION_TOKENS_HOSTS.match(base_url) else "max_tokens"
+        host = (urlsplit(base_url).hostname or "").lower()
+        return "max_completion_tokens" if cls.COMPLETION_TOKENS_HOSTS.search(host) else "max_tokens"
 
     @staticmethod
     def proxy(node: Node) -> str | None:

@@ -106,6 +106,10 @@ models:
     routes: [{{provider: fake-openai, model: o-reasoner-1}}]
     price: {{input: 2, output: 8}}
     max_output_tokens: 1000
+  - name: o-behind-proxy
+    routes: [{{provider: fake, model: o-reasoner-2}}]
+    price: {{input: 2, output: 8}}
+    max_output_tokens: 1000
   - name: claude-fake
     routes: [{{provider: claude, model: claude-upstream-1}}]
     price: {{input: 3, output: 15, cached_input: 0.3, cache_write: 3.75}}

@@ -112,6 +112,11 @@ def test_the_example_config_loads_and_its_server_section_shows_the_defaults(tmp_
     ("https://api.deepseek.com/v1", "max_tokens"),
     ("http://127.0.0.1:8000/v1", "max_tokens"),
     ("https://api.openai.com.example.net/v1", "max_tokens"),
+    ("https://eu.api.openai.com/v1", "max_completion_tokens"),
+    ("https://API.OpenAI.com/v1", "max_completion_tokens"),
+    ("https://my-res.cognitiveservices.azure.com/openai/v1", "max_completion_tokens"),
+    ("https://my-res.services.ai.azure.com/models", "max_completion_tokens"),
+    ("https://notopenai.com/v1", "max_tokens"),
 ])
 def test_the_length_limit_field_follows_the_upstreams_host_unless_set(base_url: str, field: str) -> None:
     """OpenAI's own API refuses max_tokens for reasoning models; other servers may know only it."""

@@ -139,6 +139,42 @@ async def test_an_unlowered_limit_moves_to_the_upstreams_field_and_both_give_the
     assert both.choices[0].finish_reason == "length"
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_an_upstream_that_refuses_max_tokens_teaches_the_provider_the_other_field(
+        live: Live, live_store, stream: bool) -> None:
+    """o-behind-proxy's provider is configured for max_tokens, which its reasoning model refuses (400,
+    param max_tokens): the request is sent once more with max_completion_tokens, and so are the next."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    async with openai.AsyncOpenAI(base_url=live.v1, api_key=who.key, max_retries=0) as client:
+        for _ in range(2):
+            answer = await client.chat.completions.create(**{**CHAT, "model": "o-behind-proxy", "max_tokens": 3},
+                                                          stream=stream)
+            if stream:
+                text = "".join([chunk.choices[0].delta.content or "" async for chunk in answer if chunk.choices])
+            else:
+                text = answer.choices[0].message.content
+            assert text == "".join(WORDS[:3])
+    sent = [(request.body.get("max_tokens"), request.body.get("max_completion_tokens"))
+            for request in live.fake.requests]
+    assert sent == [(3, None), (None, 3), (None, 3)]
+    await wait_for_usage(live, who.user_id, 2)
+    assert len(charges(live, who.user_id)) == 2
+
+
+@pytest.mark.parametrize(("max_tokens", "max_completion_tokens"), [(2, 4), (4, 2)])
+async def test_both_limits_hold_and_send_the_lower_to_every_kind_of_upstream(
+        live: Live, live_store, max_tokens: int, max_completion_tokens: int) -> None:
+    """Anthropic's and Gemini's translations read one field: they get the lower, which is what was held."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    limits = {"max_tokens": max_tokens, "max_completion_tokens": max_completion_tokens}
+    for model in ("claude-fake", "gemini-fake"):
+        status, _, raw = await post(live, "/chat/completions", key=who.key,
+                                     json_body={**CHAT, "model": model, **limits})
+        assert status == 200, raw
+    assert live.anthropic.requests[-1].body["max_tokens"] == 2
+    assert live.gemini.requests[-1].body["generationConfig"]["maxOutputTokens"] == 2
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_balance_that_cannot_pay_the_prompt_gets_402(live: Live, live_store, stream: bool) -> None:
     who = await account(live_store, live, "ann@example.com", "0.00002")  # 20 micro-USD
@@ -372,6 +408,9 @@ BAD_BODIES = {
     "string max_tokens": (json.dumps({**CHAT, "max_tokens": "abc"}).encode(), 400, "max_tokens"),
     "bool max_completion_tokens": (json.dumps({**CHAT, "max_completion_tokens": True}).encode(), 400,
                                    "max_completion_tokens"),
+    # the hold took the valid field: the other, were it sent on, could ask the upstream for far more
+    "string max_tokens beside a valid max_completion_tokens": (
+        json.dumps({**CHAT, "max_completion_tokens": 16, "max_tokens": "100000"}).encode(), 400, "max_tokens"),
     "string stream": (json.dumps({**CHAT, "stream": "yes"}).encode(), 400, "stream"),
     "bad stream_options": (json.dumps({**CHAT, "stream": True, "stream_options": "all"}).encode(), 400,
                            "stream_options"),

@@ -58,10 +58,14 @@ def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) 
         n = 1
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
         raise InvalidRequest("n must be a whole number from 1 to 128", param="n")
-    field_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    asked = body.get(field_name)
-    if asked is None:
-        asked = 16 if endpoint == "completions" else model.max_output_tokens
-    if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
-        raise InvalidRequest(f"{field_name} must be a positive whole number", param=field_name)
-    return asked * n
+    limits = []
+    for field_name in ("max_tokens", "max_completion_tokens"):  # both given: the provider sends the lower
+        asked = body.get(field_name)
+        if asked is None:
+            continue
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 1:
+            raise InvalidRequest(f"{field_name} must be a positive whole number", param=field_name)
+        limits.append(asked)
+    if not limits:
+        limits.append(16 if endpoint == "completions" else model.max_output_tokens)
+    return min(limits) * n

@@ -225,15 +225,17 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
 
 
 def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, Any]:
-    """The body for ``route``: its model's name, and the answer's length as the hold took it when
-    the hold lowered it or the client set none (the model's ``max_output_tokens``): an upstream
-    is never asked for more than is held for (the provider puts it in the field it takes)."""
+    """The body for ``route``: its model's name, and the answer's length as the hold took it, in
+    one field (the client's, or the model's ``max_output_tokens`` when it set none), so that no
+    upstream is asked for more than is held for, whichever field it reads (the provider moves it
+    to the field it takes)."""
     body = dict(call.body)
     body["model"] = route.model
-    if call.reservation.lowered or (body.get("max_completion_tokens") is None and body.get("max_tokens") is None
-                                    and call.reservation.output_tokens):
-        field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        body[field_name] = call.reservation.output_tokens // max(1, body.get("n") or 1)
+    if call.reservation.output_tokens:
+        own = "max_completion_tokens" if body.pop("max_completion_tokens", None) is not None else "max_tokens"
+        body.pop("max_tokens", None)
+        body["max_tokens" if call.endpoint == "completions" else own] = (
+            call.reservation.output_tokens // max(1, body.get("n") or 1))
     if body.get("stream") is True and provider.reports_stream_usage:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return body

@@ -111,7 +111,7 @@ class HttpUpstream:
             raise UpstreamFailure(f"upstream {self.name} sent a reply that is not a JSON object", status=502)
         if body.get("error") and not ANSWER_KEYS.intersection(body):
             # an error in a 200 (some OpenAI-compatible servers and proxies do this): a failure, not an answer
-            message, _ = self._error_detail(body)
+            message, _, _ = self._error_detail(body)
             raise UpstreamFailure(f"upstream {self.name} answered with an error: {message}", status=502)
         return body
 
@@ -182,24 +182,25 @@ class HttpUpstream:
         message = error.get("message") if isinstance(error, dict) else error
         return StreamBroken(self.clean(f"upstream {self.name}: {message}"))
 
-    def _error_detail(self, payload: Any) -> tuple[str, Any]:
+    def _error_detail(self, payload: Any) -> tuple[str, Any, str | None]:
         """An upstream error body's message (one line, cleaned of secrets: it is logged, and may
-        quote the client) and its code."""
+        quote the client), its code and the request field it blames."""
         detail = payload.get("error", payload) if isinstance(payload, dict) else {}
         if isinstance(payload, list) and payload and isinstance(payload[0], dict):
             detail = payload[0].get("error", {})  # Gemini sometimes wraps errors in a list
         message = str(detail.get("message") or detail) if isinstance(detail, dict) else str(detail)
         code = detail.get("code") or detail.get("type") if isinstance(detail, dict) else None
-        return " ".join(self.clean(message).split())[:500], code
+        param = detail.get("param") if isinstance(detail, dict) else None
+        return " ".join(self.clean(message).split())[:500], code, param if isinstance(param, str) else None
 
     async def _failure(self, response: aiohttp.ClientResponse) -> UpstreamFailure:
         """An upstream error status -> the failure the client sees (never the upstream's secrets)."""
         status = response.status
         try:
             with self._deadlines.timeout(5):
-                message, code = self._error_detail(jsoncodec.loads(await response.read()))
+                message, code, param = self._error_detail(jsoncodec.loads(await response.read()))
         except (ValueError, TimeoutError, aiohttp.ClientError):
-            message, code = " ".join(self.clean(response.reason or "").split()), None
+            message, code, param = " ".join(self.clean(response.reason or "").split()), None, None
         retry_after = _retry_after(response.headers)
         if status == 429 and code != "insufficient_quota":
             return UpstreamFailure(f"upstream {self.name} is rate limited: {message}", status=429,
@@ -212,7 +213,7 @@ class HttpUpstream:
         if status < 500 and status not in (408, 409):
             return UpstreamFailure(f"upstream {self.name} rejected the request: {message}", status=400,
                                    upstream_status=status, retryable=False, type_="invalid_request_error",
-                                   code="upstream_rejected")
+                                   code="upstream_rejected", param=param)
         return UpstreamFailure(f"upstream {self.name} failed (HTTP {status}): {message}",
                                status=503 if status in (503, 529) else 502, upstream_status=status,
                                retry_after=retry_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +12,11 @@ from apibox import jsoncodec
 from apibox.config import ProviderSettings
 from apibox.formats.responses import TERMINAL_EVENTS
 from apibox.openai_wire import learn_shape
-from apibox.providers.base import ProviderRequest, StreamBroken, WireBatch
+from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure, WireBatch
 from apibox.providers.http import HttpUpstream, NamedEventStream, UpstreamStream
 from apibox.shapes import LatestShapes, PlainRun
+
+log = logging.getLogger("apibox.gateway")
 
 
 class OpenAIProvider:
@@ -29,8 +32,7 @@ class OpenAIProvider:
         self._base = settings.base_url
         # a chat request's length limit in the other field is moved to this one
         self._limit_field = settings.max_tokens_field
-        self._other_limit_field = ("max_tokens" if self._limit_field == "max_completion_tokens"
-                                   else "max_completion_tokens")
+        self._completion_tokens_models: set[Any] = set()  # models found to refuse max_tokens
         # OpenAI-compatible servers may lack the Responses API: False once this one has answered /responses
         # with 404 or 405 (requests for it are then translated to chat completions)
         self.responses_api = True
@@ -39,22 +41,25 @@ class OpenAIProvider:
         """The session is shared and closed by its owner."""
 
     async def _post(self, request: ProviderRequest) -> aiohttp.ClientResponse:
-        body = request.body
-        if self._other_limit_field in body and request.endpoint == "chat/completions":
-            body = self._limit_in_own_field(body)
-        return await self._http.send(f"{self._base}/{request.endpoint}", body,
-                                     {"X-Request-Id": request.request_id, **request.headers})
-
-    def _limit_in_own_field(self, body: dict[str, Any]) -> dict[str, Any]:
-        """``body`` with its length limit under the field this upstream takes (PROTOCOLS.md 1.1:
-        OpenAI's reasoning models refuse ``max_tokens``, many compatible servers ignore
-        ``max_completion_tokens``). Both given: the lower one, as the hold assumed."""
-        body = dict(body)
-        limit = body.pop(self._other_limit_field)
-        own = body.get(self._limit_field)
-        if limit is not None and (own is None or (isinstance(own, int) and isinstance(limit, int) and limit < own)):
-            body[self._limit_field] = limit
-        return body
+        """Send a request; a chat request's length limit goes under the field this upstream takes
+        for the model (PROTOCOLS.md 1.1: OpenAI's reasoning models refuse ``max_tokens``, many
+        compatible servers ignore ``max_completion_tokens``). Refused for naming ``max_tokens``
+        (a proxy in front of OpenAI, say), it is sent once more with the other field, which this
+        provider then sends for that model."""
+        url, headers = f"{self._base}/{request.endpoint}", {"X-Request-Id": request.request_id, **request.headers}
+        if request.endpoint != "chat/completions":
+            return await self._http.send(url, request.body, headers)
+        model = request.body.get("model")
+        field = "max_completion_tokens" if model in self._completion_tokens_models else self._limit_field
+        body = _limit_under(request.body, field)
+        try:
+            return await self._http.send(url, body, headers)
+        except UpstreamFailure as exc:
+            if not (exc.upstream_status == 400 and exc.param == "max_tokens" and "max_tokens" in body):
+                raise
+        log.info("upstream %s refused max_tokens for %s: it gets max_completion_tokens from now on", self.name, model)
+        self._completion_tokens_models.add(model)
+        return await self._http.send(url, _limit_under(body, "max_completion_tokens"), headers)
 
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:
         return await self._http.read_json(await self._post(request))
@@ -78,6 +83,16 @@ class OpenAIProvider:
         """A call on a response the upstream keeps: ``path`` is ``{id}``, or what lies under it
         (``{id}/input_items``), with its query; reading one, or deleting it."""
         return await self._http.read_json(await self._http.send(f"{self._base}/responses/{path}", None, {}, method))
+
+
+def _limit_under(body: dict[str, Any], field: str) -> dict[str, Any]:
+    """``body`` with its length limit (given in one field) under ``field``."""
+    other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+    if other not in body:
+        return body
+    body = dict(body)
+    body[field] = body.pop(other)
+    return body
 
 
 class _OpenAIStream(UpstreamStream):
