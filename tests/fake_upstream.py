@@ -40,7 +40,7 @@ class Recorded:
 
 @dataclass
 class FakeUpstream:
-    mode: str = "ok"  # ok | status | cut | malformed | no_usage | overrun | slow | echo_key | echo_key_split
+    mode: str = "ok"  # ok | status | cut | malformed | no_usage | overrun | slow | echo_key[_split|_with_id]
     status: int = 500
     error_message: str = "The server had an error"
     words: list[str] = field(default_factory=lambda: list(WORDS))
@@ -94,15 +94,17 @@ class FakeUpstream:
                                                 "code": "invalid_api_key"}}, status=401)
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.mode in ("status", "echo_key", "echo_key_split"):
+        if self.mode in ("status", "echo_key", "echo_key_split", "echo_key_with_id"):
             message = self.error_message
-            if self.mode == "echo_key":
+            if self.mode in ("echo_key", "echo_key_with_id"):
                 message = f"Incorrect API key provided: {UPSTREAM_KEY}"
             elif self.mode == "echo_key_split":  # the key broken across two lines
                 message = f"Incorrect API key provided: {UPSTREAM_KEY[:14]}\n{UPSTREAM_KEY[14:]}"
             headers = {"retry-after": self.retry_after} if self.retry_after else {}
-            return web.json_response({"error": {"message": message, "type": "server_error", "param": None,
-                                                "code": None}}, status=self.status, headers=headers)
+            error = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+            if self.mode == "echo_key_with_id":  # as some proxies give an error: with the request's id
+                error["id"] = "req-upstream-1"
+            return web.json_response(error, status=self.status, headers=headers)
         if body.get("model", "").startswith(REASONING_PREFIX) and "max_tokens" in body:  # as OpenAI's o-series
             return web.json_response({"error": {
                 "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "

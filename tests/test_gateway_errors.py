@@ -365,7 +365,7 @@ async def test_a_priority_service_tier_is_refused_before_the_hold(live: Live, li
 
 
 @pytest.mark.parametrize(("mode", "upstream_status"), [("echo_key", 401), ("echo_key", 400), ("echo_key", 200),
-                                                      ("echo_key_split", 400)])
+                                                      ("echo_key_with_id", 200), ("echo_key_split", 400)])
 @pytest.mark.parametrize("stream", [False, True])
 async def test_the_upstream_key_never_reaches_the_client_or_the_log(live: Live, live_store, caplog, mode: str,
                                                                     upstream_status: int, stream: bool) -> None:
@@ -451,6 +451,27 @@ async def test_bad_input_on_the_other_endpoints(live: Live, live_store, path: st
     assert openai_error(raw)["param"] == param
     assert headers["x-request-id"].startswith("req_")
     assert books(live) == before
+
+
+@pytest.mark.parametrize("model", ["claude-fake", "gemini-fake"])
+async def test_a_field_the_translation_cannot_take_is_the_clients_400_not_the_upstreams_502(
+        live: Live, live_store, model: str) -> None:
+    """``"stop": 5`` cannot become Anthropic's or Gemini's stop sequences: the request is refused
+    before anything is sent, as the client's fault and not a failure of the route, which answers next."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, headers, raw = await post(live, "/chat/completions", key=who.key,
+                                      json_body={**CHAT, "model": model, "stop": 5})
+    assert status == 400, raw
+    error = openai_error(raw)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_request")
+    assert "cannot be translated" in error["message"]
+    assert headers["x-should-retry"] == "false"
+    assert live.anthropic.requests == [] and live.gemini.requests == []
+    [row] = await wait_for_usage(live, who.user_id, 1)
+    assert (row["status"], row["http_status"], row["charged"]) == ("error", 400, 0)
+    assert balance(live, who.user_id) == (1_000_000, 0)
+    status, _, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "model": model})
+    assert status == 200, raw
 
 
 # -- keys and accounts --------------------------------------------------------------------

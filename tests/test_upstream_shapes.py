@@ -14,7 +14,7 @@ from typing import Any
 
 import anthropic
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_reply
@@ -55,6 +55,11 @@ def test_any_whole_reply_is_read_and_rendered_for_every_door(reply: dict[str, An
 
 @LENIENT
 @given(st.lists(OBJECTS, min_size=1, max_size=4))
+@example([{"type": "message_delta", "usage": "ab"}])  # shapes hypothesis once took a while to find
+@example([{"type": "message_start", "message": {"usage": [1]}}])
+@example([{"type": "content_block_start", "content_block": "a"}])
+@example([{"type": "content_block_start", "index": [1], "content_block": {"type": "tool_use"}},
+          {"type": "content_block_delta", "index": {}, "delta": {"type": "input_json_delta", "partial_json": "{"}}])
 def test_any_stream_of_events_is_translated_for_every_door(events: list[dict[str, Any]]) -> None:
     from_anthropic, to_anthropic = AnthropicToOpenAIStream("m"), OpenAIToAnthropicStream("m")
     from_gemini, to_responses = GeminiToOpenAI("m", {}), ChatToResponsesStream("m")
@@ -87,9 +92,12 @@ async def test_a_reply_of_the_wrong_shape_is_read_as_far_as_it_makes_sense(live:
     assert row["status"] == "ok" and row["charged"] > 0
 
 
-async def test_an_event_that_cannot_be_read_ends_the_stream_as_a_broken_one(live: Live, live_store: Any) -> None:
+async def test_an_event_that_cannot_be_read_ends_the_stream_as_a_broken_one(live: Live, live_store: Any,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
     """The pass-through reads a message_start whose message is a list: the net under the
-    translations turns that into the upstream's failure, an Anthropic error event, not a 500."""
+    translations turns that into the upstream's failure, an Anthropic error event, not a 500.
+    The log says where reading failed, without the exception's text or traceback, which may
+    quote what the upstream sent."""
     who = await account(live_store, live, "ann@example.com", "1")
     live.anthropic.replaced = {"message_start": {"type": "message_start", "message": ["x"]}}
     async with anthropic.AsyncAnthropic(base_url=live.url, api_key=who.key, max_retries=0) as sdk:
@@ -98,5 +106,7 @@ async def test_an_event_that_cannot_be_read_ends_the_stream_as_a_broken_one(live
                                            messages=[{"role": "user", "content": "Hi"}]) as events:
                 await events.get_final_message()
     assert "cannot read" in str(caught.value)
+    [logged] = [record for record in caplog.records if record.getMessage().startswith("upstream claude sent")]
+    assert logged.exc_info is None and "cannot read (TypeError in feed, " in logged.getMessage()
     [row] = await wait_for_usage(live, who.user_id, 1)
     assert (row["status"], row["http_status"]) == ("cut", 502)

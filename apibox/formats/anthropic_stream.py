@@ -22,6 +22,12 @@ from apibox.openai_wire import usage_to_openai
 from apibox.pricing import Usage
 
 
+def _block_index(event: dict[str, Any]) -> int:
+    """The content block an event is of (0 when the upstream gave none that is a number)."""
+    index = event.get("index")
+    return index if type(index) is int else 0
+
+
 class AnthropicToOpenAIStream:
     """Anthropic stream events in, OpenAI chunks out (PROTOCOLS.md 4.3)."""
 
@@ -54,15 +60,15 @@ class AnthropicToOpenAIStream:
     def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         kind = event.get("type")
         if kind == "message_start":
-            message = event.get("message") or {}
+            message = obj(event.get("message"))
             self.id = message.get("id") or self.id
-            self.raw_usage.update(message.get("usage") or {})
+            self.raw_usage.update(obj(message.get("usage")))
             return [self._chunk({"role": "assistant", "content": ""})]
         if kind == "content_block_start":
-            block = event.get("content_block") or {}
+            block = obj(event.get("content_block"))
             if block.get("type") == "tool_use":
                 index = len(self.tool_index)
-                self.tool_index[event.get("index", 0)] = index
+                self.tool_index[_block_index(event)] = index
                 return [
                     self._chunk(
                         {
@@ -81,11 +87,11 @@ class AnthropicToOpenAIStream:
                 return [self._chunk({"content": block["text"]})]
             return []
         if kind == "content_block_delta":
-            delta = event.get("delta") or {}
+            delta = obj(event.get("delta"))
             if delta.get("type") == "text_delta" and delta.get("text"):
                 return [self.text_chunk(delta["text"])]
             if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
-                index = self.tool_index.get(event.get("index", 0), 0)
+                index = self.tool_index.get(_block_index(event), 0)
                 return [
                     self._chunk({"tool_calls": [{"index": index, "function": {"arguments": delta["partial_json"]}}]})
                 ]
@@ -94,7 +100,7 @@ class AnthropicToOpenAIStream:
             stop = obj(event.get("delta")).get("stop_reason")
             if stop:
                 self.finish_reason = ANTHROPIC_STOP_TO_OPENAI.get(str(stop), "stop")
-            self.raw_usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            self.raw_usage.update({k: v for k, v in obj(event.get("usage")).items() if v is not None})
             return []
         if kind == "message_stop":
             self.finished = True

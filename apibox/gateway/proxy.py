@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import traceback
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from apibox.limits import Admission
 from apibox.models import UsageRecord
 from apibox.pricing import Usage
 from apibox.providers.base import (
+    SHAPE_ERRORS,
     ChunkStream,
     Provider,
     ProviderRequest,
@@ -304,12 +306,16 @@ class Started:
 # What reading an upstream's answer of a shape it should not have raises (a list where an object
 # belongs, a number where a list does): the translations read what the upstream sent as it should
 # be, and this is the net under them, so such an answer is the upstream's failure, never a 500.
-UNREADABLE = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+# (The translation of the client's request has a net of its own: translating_request.)
+UNREADABLE = SHAPE_ERRORS
 
 
 def _unreadable(provider: str, exc: BaseException) -> str:
-    """What to tell of an answer apibox could not read; the log has where reading it failed."""
-    log.warning("upstream %s sent an answer apibox cannot read", provider, exc_info=exc)
+    """What to tell of an answer apibox could not read. The log has where reading it failed, but
+    not the exception's text, which may quote what the upstream sent (and so an echoed secret)."""
+    where = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    place = f" ({type(exc).__name__} in {where[0].name}, {where[0].filename}:{where[0].lineno})" if where else ""
+    log.warning("upstream %s sent an answer apibox cannot read%s", provider, place)
     return f"upstream {provider} sent an answer in a shape apibox cannot read"
 
 

@@ -17,7 +17,7 @@ from apibox.config import ProviderSettings
 from apibox.formats.anthropic import anthropic_to_openai_reply, openai_to_anthropic_request
 from apibox.formats.anthropic_stream import AnthropicToOpenAIStream
 from apibox.openai_wire import learn_shape
-from apibox.providers.base import ProviderRequest, UpstreamFailure
+from apibox.providers.base import ProviderRequest, UpstreamFailure, translating_request
 from apibox.providers.http import HttpUpstream, NamedEventStream
 from apibox.shapes import ChunkShape, PlainRun
 
@@ -53,7 +53,8 @@ class AnthropicProvider:
             )
 
     def _body(self, request: ProviderRequest) -> dict[str, Any]:
-        return openai_to_anthropic_request(request.body, request.output_limit or DEFAULT_MAX_TOKENS)
+        with translating_request(self.name):
+            return openai_to_anthropic_request(request.body, request.output_limit or DEFAULT_MAX_TOKENS)
 
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:
         self._check(request)

@@ -7,7 +7,8 @@ Providers know nothing about billing; the gateway reads usage from what they ret
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,6 +93,23 @@ class UpstreamFailure(ApiboxError):
         self.retry_after = retry_after
         if type_:
             self.type = type_
+
+
+# What a translation raises on a field of a shape it cannot take (a number where a list belongs).
+SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+
+
+@contextmanager
+def translating_request(provider: str) -> Iterator[None]:
+    """Around the translation of a client's request for an upstream: a field the translation cannot
+    take (``"stop": 5``) is the request's fault, a 400 no other route is tried for, and never the
+    upstream's (a 502 that would have the route rested)."""
+    try:
+        yield
+    except SHAPE_ERRORS as exc:
+        raise UpstreamFailure(f"the request cannot be translated for upstream {provider}: a field has a shape "
+                              f"it cannot take ({type(exc).__name__}: {exc})", status=400, retryable=False,
+                              type_="invalid_request_error", code="invalid_request") from None
 
 
 class StreamBroken(Exception):

@@ -17,7 +17,7 @@ import aiohttp
 
 from apibox.config import ProviderSettings
 from apibox.formats.gemini import GeminiToOpenAI, openai_to_gemini_request
-from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure
+from apibox.providers.base import ProviderRequest, StreamBroken, UpstreamFailure, translating_request
 from apibox.providers.http import HttpUpstream, UpstreamStream
 
 SIGNATURES_KEPT = 50_000
@@ -50,7 +50,8 @@ class GeminiProvider:
         if request.endpoint != "chat/completions":
             raise UpstreamFailure(f"/v1/{request.endpoint} is not available on Gemini models", status=400,
                                   retryable=False, type_="invalid_request_error", code="unsupported_endpoint")
-        body = openai_to_gemini_request(request.body, self._signatures)
+        with translating_request(self.name):
+            body = openai_to_gemini_request(request.body, self._signatures)
         if request.output_limit and "maxOutputTokens" not in body.get("generationConfig", {}):
             body.setdefault("generationConfig", {})["maxOutputTokens"] = request.output_limit
         model = quote(str(request.body.get("model", "")), safe="")

@@ -30,10 +30,11 @@ BODY_END_GRACE_SECONDS = 1.0  # how long after a stream's last event its body's 
 
 # Keys of an answer (OpenAI's chat, completions, embeddings and Responses objects, Anthropic's
 # message, Gemini's reply): a body with none of them and an ``error`` is an error, whatever its status.
+# (Not ``id``: some proxies give their errors one.)
+ANSWER_KEYS = frozenset({"choices", "data", "candidates", "content", "output"})
 # The longest wait passed on to clients: the official SDKs honour a retry-after up to 60 s, and
 # give up at once beyond it.
 RETRY_AFTER_MOST = 60.0
-ANSWER_KEYS = frozenset({"id", "choices", "data", "candidates", "content", "output"})
 
 
 class HttpUpstream:
