@@ -17,20 +17,22 @@ _LINE = re.compile(r"\r\n|\n|\r")
 _DATA_FRAME = re.compile(rb"data: ([^\n]*)\n\n")
 _DATA_FRAMES = re.compile(rb"(?:data: [^\n]*\n\n)+")
 # The most one event may hold: an answer's whole output (a Responses stream's last event), images
-# included, is a few MB. An upstream sending more without an event's end is broken (or hostile),
-# and each read would copy the growing buffer again.
+# included, is a few MB. An upstream sending more without an event's end is broken (or hostile).
 MOST_EVENT_BYTES = 64 * 1024 * 1024
+# An unfinished event this long has the reads that follow kept apart (``SSEDecoder._joined``) until
+# one may end it: joined to it and searched whole on every read, a 64 MB event took half a minute
+# of CPU. Shorter ones, the usual case, are joined at once.
+GATHER_FROM_BYTES = 64 * 1024
 
 
 class EventTooLarge(ValueError):
     """An upstream sent more than MOST_EVENT_BYTES without ending an event."""
 
 
-def _kept(buffer: bytes) -> bytes:
-    """``buffer``, the start of an event still to come, if it is not already too large."""
-    if len(buffer) > MOST_EVENT_BYTES:
+def _kept(size: int) -> None:
+    """Refuse an event still to come that is already too large."""
+    if size > MOST_EVENT_BYTES:
         raise EventTooLarge(f"an event of more than {MOST_EVENT_BYTES // (1024 * 1024)} MB")
-    return buffer
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +44,44 @@ class Event:
 class SSEDecoder:
     """Feed bytes as they arrive; get back complete events (``feed``) or only their data (``feed_data``)."""
 
+    gather_from = GATHER_FROM_BYTES
+
     def __init__(self) -> None:
-        self._buffer = b""
+        self._buffer = b""  # the start of an unfinished event
+        self._more: list[bytes] = []  # reads after a long ``_buffer``, none of which may end its event
+        self._more_size = 0
+
+    def _joined(self, chunk: bytes) -> bytes | None:
+        """The unfinished event's bytes and ``chunk``, to be decoded; None while a long one is still
+        coming: ``chunk`` is kept apart unless an event may end in it (with the last bytes before
+        it: an ending is at most four bytes), so each byte is copied and searched a bounded number
+        of times, however long the event."""
+        buffer = self._buffer
+        if len(buffer) < self.gather_from:
+            return buffer + chunk
+        before = self._more[-1] if self._more else buffer
+        self._more.append(chunk)
+        self._more_size += len(chunk)
+        if _EVENT_END.search(before[-3:] + chunk) is None:
+            _kept(len(buffer) + self._more_size)
+            return None
+        joined = b"".join([buffer, *self._more])
+        self._buffer, self._more, self._more_size = b"", [], 0
+        return joined
 
     def feed(self, chunk: bytes) -> list[Event]:
-        self._buffer += chunk
+        buffer = self._joined(chunk)
+        if buffer is None:
+            return []
         events: list[Event] = []
         start = 0
-        for match in _EVENT_END.finditer(self._buffer):
-            event = _parse(self._buffer[start:match.start()])
+        for match in _EVENT_END.finditer(buffer):
+            event = _parse(buffer[start:match.start()])
             if event is not None:
                 events.append(event)
             start = match.end()
-        self._buffer = _kept(self._buffer[start:])
+        self._buffer = buffer[start:]
+        _kept(len(self._buffer))
         return events
 
     def feed_data(self, chunk: bytes) -> list[bytes]:
@@ -70,13 +97,16 @@ class SSEDecoder:
         if not self._buffer and chunk.find(b"\n") == len(chunk) - 2 and chunk.startswith(b"data: ") \
                 and chunk.endswith(b"\n\n") and chunk.find(b"\r") < 0:
             return [chunk[6:-2]]  # a read of one usual frame, as an upstream writing while it generates sends
-        buffer = self._buffer + chunk if self._buffer else chunk
+        buffer = self._joined(chunk) if self._buffer else chunk
+        if buffer is None:
+            return []
         if buffer.find(b"\r") >= 0:
             self._buffer = b""
             return [_one_line(event) for event in self.feed(buffer)]
         end = buffer.rfind(b"\n\n")
         if end < 0:
-            self._buffer = _kept(buffer)
+            _kept(len(buffer))
+            self._buffer = buffer
             return []
         if buffer.startswith(b"data: "):  # a read of usual frames only, as a fast upstream sends: split in C
             payloads = buffer[6:end].split(b"\n\ndata: ")
@@ -104,13 +134,16 @@ class SSEDecoder:
         """Each whole event's name and data (as ``feed_data`` gives it): the usual named frame,
         ``event: NAME``, ``data: ...`` and a blank line with LF endings, is sliced out as the bytes
         that came; any other block goes through ``feed``."""
-        buffer = self._buffer + chunk if self._buffer else chunk
+        buffer = self._joined(chunk) if self._buffer else chunk
+        if buffer is None:
+            return []
         if buffer.find(b"\r") >= 0:
             self._buffer = b""
             return [(event.event, _one_line(event)) for event in self.feed(buffer)]
         end = buffer.rfind(b"\n\n")
         if end < 0:
-            self._buffer = _kept(buffer)
+            _kept(len(buffer))
+            self._buffer = buffer
             return []
         self._buffer = buffer[end + 2:]
         named = []
@@ -135,7 +168,8 @@ class SSEDecoder:
         """The last event, when the stream ended without a blank line after it. A stream may also
         end in a JSON body with no ``data:`` (Gemini's error mid-stream, several lines of it):
         that is read as the last event's data, so its reader can say what went wrong."""
-        rest, self._buffer = self._buffer, b""
+        rest = b"".join([self._buffer, *self._more])
+        self._buffer, self._more, self._more_size = b"", [], 0
         if not rest.strip():
             return []
         event = _parse(rest)

@@ -123,6 +123,45 @@ def test_the_fast_decoders_give_each_events_data_on_one_line(named: bool, case: 
     assert got == ([(event.event, line) for event, line in zip(expected, lines, strict=True)] if named else lines)
 
 
+@settings(max_examples=200, deadline=None)
+@given(event_blocks(), st.lists(st.sampled_from(sorted(ENDINGS.values())), min_size=1, max_size=3),
+       st.booleans(), st.data())
+def test_reads_kept_apart_while_a_long_event_comes_decode_as_reads_joined_at_once(
+        case: tuple[list[list[str]], list[Event]], endings: list[str], final_blank: bool,
+        data: st.DataObject) -> None:
+    """With every unfinished event taken for a long one (``gather_from`` 1), the reads after it are
+    kept apart until one may end it: every decoder still gives what the stream holds, an ending split
+    between reads (CR | LF, LF | LF) included."""
+    blocks, expected = case
+    stream = render(blocks, endings, final_blank)
+    cuts = sorted(set(data.draw(st.lists(st.integers(min_value=0, max_value=len(stream)), max_size=12))))
+    lines = [event.data.replace("\n", " ").encode() for event in expected]
+    wanted = {"feed": expected, "feed_data": lines,
+              "feed_named": [(event.event, line) for event, line in zip(expected, lines, strict=True)]}
+    for feed, flush in (("feed", "flush"), ("feed_data", "flush_data"), ("feed_named", "flush_named")):
+        decoder, got = SSEDecoder(), list[object]()
+        decoder.gather_from = 1
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            got += getattr(decoder, feed)(stream[start:end])
+        got += getattr(decoder, flush)()
+        assert got == wanted[feed], feed
+
+
+@pytest.mark.parametrize("feed", ["feed", "feed_data", "feed_named"])
+def test_a_long_event_in_many_reads_is_kept_apart_and_read_whole_when_it_ends(feed: str) -> None:
+    """A 1 MB event in 4 KB reads: none is joined to it until the one that ends it."""
+    decoder = SSEDecoder()
+    body = b"x" * (1024 * 1024)
+    stream = b"event: big\ndata: " + body + b"\r\n\r\ndata: next\n\n"
+    got: list[object] = []
+    for start in range(0, len(stream), 4096):
+        got += getattr(decoder, feed)(stream[start:start + 4096])
+        if start + 4096 < len(body):
+            assert got == [] and len(decoder._buffer) < 2 * decoder.gather_from  # the rest is kept apart
+    assert len(got) == 2
+    assert got[0] in (Event(body.decode(), "big"), body, ("big", body))
+
+
 def test_feed_named_slices_the_usual_named_frame_as_it_came() -> None:
     decoder = SSEDecoder()
     assert decoder.feed_named(b'event: a\ndata: {"x": 1}\n\nevent: b\ndata: {"y"') == [("a", b'{"x": 1}')]
