@@ -166,7 +166,10 @@ class RedisLink:
             return
         # The pool's other connections were opened to the Redis that went away: after a restart each
         # would fail once, and each failure mark Redis away again. They are opened afresh instead.
-        await self.client.connection_pool.disconnect(inuse_connections=False)  # (not the subscriber's, say)
+        try:
+            await self.client.connection_pool.disconnect(inuse_connections=False)  # (not the subscriber's, say)
+        except Exception as exc:  # closing old sockets may fail: the watch, and the recovery, must go on
+            log.warning("could not close the connections to the redis that went away (%s)", type(exc).__name__)
         self.recovered()
         await self._run(self._on_recovery, "catching up with redis failed")
 

@@ -25,7 +25,7 @@ from apibox.errors import RateLimited
 from apibox.limits import Subject
 from apibox.metrics import RedisInstruments
 from apibox.redis_limits import RedisLimiter, SharedAdmission
-from apibox.redis_link import RedisLink
+from apibox.redis_link import REDIS_ERRORS, RedisLink
 from apibox.settings import RedisSettings
 from tests import test_limits
 from tests.redis_helpers import PrivateRedis, link_for, unique_prefix
@@ -329,6 +329,25 @@ async def test_after_a_restart_the_pools_old_connections_do_not_send_it_away_aga
             await limiter.finish(admission, 1)
     assert link.up and await link.client.zcard(link.key("busy", "key:1")) == 0  # every slot given back
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # one outage, one warning
+
+
+async def test_a_failure_to_close_the_old_connections_does_not_end_the_watch(
+        private_redis: PrivateRedis, links: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis comes back and closing the pool's old connections fails: it is still marked back, and the
+    next outage is still noticed and recovered from (the watch did not die with the failure)."""
+    link = await links(url=private_redis.url, retry=0.05)
+
+    async def fails(**_: Any) -> None:
+        raise RuntimeError("cannot close")
+    with monkeypatch.context() as patched:  # (closing the link at the end closes the pool for real)
+        patched.setattr(link.client.connection_pool, "disconnect", fails)
+        for _ in range(2):
+            private_redis.kill()
+            with pytest.raises(REDIS_ERRORS) as gone:
+                await link.call(link.client.ping())
+            link.failed(gone.value)
+            private_redis.start()
+            await eventually(lambda: link.up, timeout=5)
 
 
 async def test_slots_finished_while_redis_was_away_are_given_back_when_it_answers(

@@ -47,6 +47,7 @@ def create_app(settings: Settings, *, store: Store | None = None, session: aioht
     app[IN_FLIGHT] = InFlight()
     app.on_response_prepare.append(add_response_headers)
     app.cleanup_ctx.append(_lifecycle(settings, store, session, clock or _now))
+    app.on_shutdown.append(_stopping)
     openai.add_routes(app)
     billing_api.add_routes(app)
     anthropic.add_routes(app)
@@ -55,6 +56,13 @@ def create_app(settings: Settings, *, store: Store | None = None, session: aioht
     metrics.add_routes(app)
     admin.add_routes(app)
     return app
+
+
+async def _stopping(app: web.Application) -> None:
+    """The server has stopped taking requests, and drains those in flight (``server.shutdown_seconds``)."""
+    gateway = app.get(GATEWAY)
+    if gateway is not None:
+        gateway.stopping = True
 
 
 def _now() -> datetime:
@@ -88,7 +96,7 @@ def _lifecycle(settings: Settings, store: Store | None, session: aiohttp.ClientS
             beating.cancel()
             try:
                 await db.retire_instance()
-            except StoreUnavailable as exc:  # its holds, if any, are released when an instance next starts
+            except StoreUnavailable as exc:  # its holds, if any, are reaped once it has been silent 2 minutes
                 log.warning("could not retire this instance: %s", exc.message)
             if session is None:
                 await upstream.close()

@@ -35,3 +35,5 @@ class Gateway:
     # the server's, kept: asking asyncio for the running loop costs a getpid() system call each time
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     deadlines: Deadlines = field(default_factory=Deadlines)  # the streams' keep-alives, on one timer
+    # True once the server stops taking requests: one cut off after that is the shutdown's doing
+    stopping: bool = False

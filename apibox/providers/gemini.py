@@ -51,9 +51,7 @@ class GeminiProvider:
             raise UpstreamFailure(f"/v1/{request.endpoint} is not available on Gemini models", status=400,
                                   retryable=False, type_="invalid_request_error", code="unsupported_endpoint")
         with translating_request(self.name):
-            body = openai_to_gemini_request(request.body, self._signatures)
-        if request.output_limit and "maxOutputTokens" not in body.get("generationConfig", {}):
-            body.setdefault("generationConfig", {})["maxOutputTokens"] = request.output_limit
+            body = openai_to_gemini_request(request.body, self._signatures)  # its limit: the gateway's, as held
         model = quote(str(request.body.get("model", "")), safe="")
         return await self._http.send(f"{self._base}/models/{model}:{method}", body,
                                      {"X-Request-Id": request.request_id})
