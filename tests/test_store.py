@@ -8,6 +8,7 @@ constraints, one-transaction settlement, and the audit finding tampering.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -35,6 +36,7 @@ from apibox.store.sql_store import (
     INSERT_USAGE_SQL,
     KEY_SPEND_SQL,
     RELEASE_SQL,
+    no_balance,
 )
 from apibox.store.sqlite import HOLD_VALUES_SQL
 from apibox.store.sqltime import from_ms, to_ms
@@ -754,21 +756,25 @@ async def test_settlement_is_one_transaction(store: Store, raw: Connection, engi
     assert written.charged == 300
 
 
-async def test_a_charge_without_a_balance_row_fails_and_writes_nothing(store: Store, raw: Connection) -> None:
-    """A balance row is never missing; were it, the charge must not leave a usage row, a key spend or a
-    released hold behind (on PostgreSQL the charge is one statement that would insert no ledger row)."""
+@pytest.mark.parametrize(("budgeted", "cost"), [(True, 300), (False, 300), (False, 700)],
+                         ids=["capped, a budgeted hold", "within a budgetless hold", "capped, past a budgetless hold"])
+async def test_a_charge_without_a_balance_row_fails_and_writes_nothing(store: Store, raw: Connection,
+                                                                       budgeted: bool, cost: int) -> None:
+    """A balance row is never missing; were it, the charge must fail as no_balance and not leave a usage
+    row, a key spend or a released hold behind, whether it is the hold's (within a budgetless hold) or
+    capped at the balance (a budgeted hold, or a cost past the hold), on either engine."""
     user, key = await funded(store, 1_000)
-    hold = await store.hold(user.id, key.id, 500, "r", "m", budgeted=False)  # (as the gateway holds for this key)
+    hold = await store.hold(user.id, key.id, 500, "r", "m", budgeted=budgeted)
     assert hold is not None
     saved = raw.execute("SELECT balance, held FROM balances WHERE user_id = ?", (user.id,)).fetchone()
     raw.execute("DELETE FROM balances WHERE user_id = ?", (user.id,))
-    with pytest.raises(StoreError, match="no balance to charge"):
-        await store.settle(hold, record(hold, 300))
+    with pytest.raises(StoreError, match=f"^{re.escape(str(no_balance(user.id)))}$"):
+        await store.settle(hold, record(hold, cost))
     assert raw.execute("SELECT count(*) FROM holds").fetchone() == (1,)
     assert raw.execute("SELECT count(*) FROM usage").fetchone() == (0,)
     assert raw.execute("SELECT spent FROM api_keys").fetchone() == (0,)
     raw.execute("INSERT INTO balances (user_id, balance, held) VALUES (?, ?, ?)", (user.id, *saved))
-    assert (await store.settle(hold, record(hold, 300))).charged == 300
+    assert (await store.settle(hold, record(hold, cost))).charged == cost
 
 
 async def test_failed_usage_insert_keeps_the_hold(store: Store, raw: Connection) -> None:
