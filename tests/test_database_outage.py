@@ -5,7 +5,8 @@ new ones closed as they come) and restore, as a server restart or a lost network
 database cannot be reached, new requests are refused with 503 ``database_unavailable`` and a
 ``Retry-After`` (one line in the log, never a traceback a request); a request whose upstream has
 answered waits for its settlement, tried again every second, and is answered and charged once
-the database is back, its hold released: the books balance after each test.
+the database is back, its hold released: the books balance after each test. What is not the
+database going away (a closed store, a statement timing out) is not told as it.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
+from apibox.errors import StoreUnavailable
+from apibox.store import open_store, postgres
+from apibox.store.postgres import PostgresStore
 from tests.conftest import Live, ServerThread, serving
 from tests.fake_upstream import WORDS, FakeUpstream
 from tests.gateway_helpers import account, balance, charges, usage_rows, wait_for_usage
 from tests.live_variants import request
+from tests.test_store import funded, record
 
 pytestmark = pytest.mark.postgresql_only
 CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": "Hi"}]}
@@ -100,13 +106,17 @@ def proxy(database_url: str) -> Iterator[CuttableProxy]:
     running.close()
 
 
+def at_port(database_url: str, port: int) -> str:
+    """``database_url`` with the server at 127.0.0.1:``port`` (the proxy's, say)."""
+    parts = urlsplit(database_url)
+    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+    return urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{port}"))
+
+
 @pytest.fixture
 def live(tmp_path: Path, database_url: str, fake: FakeUpstream, proxy: CuttableProxy) -> Iterator[Live]:
     """The live gateway on the test's database, reached through the proxy."""
-    parts = urlsplit(database_url)
-    netloc = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
-    proxied = urlunsplit(parts._replace(netloc=f"{netloc}127.0.0.1:{proxy.port}"))
-    with serving(ServerThread(tmp_path, proxied, fake)) as running:
+    with serving(ServerThread(tmp_path, at_port(database_url, proxy.port), fake)) as running:
         yield running
 
 
@@ -155,3 +165,80 @@ async def test_a_settlement_waits_for_the_database_and_the_answer_goes_out_charg
     assert charges(live, who.user_id) == [row["charged"]]
     assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)  # nothing left held
     assert usage_rows(live, who.user_id) == [row]
+
+
+@pytest.mark.parametrize("while_reading", [False, True], ids=["idle", "while reading"])
+async def test_a_connection_cut_is_the_database_away(database_url: str, proxy: CuttableProxy,
+                                                     while_reading: bool) -> None:
+    """A connection lost while idle (the next one is refused: ConnectionError) or in the middle of
+    a statement (ConnectionDoesNotExistError, SQLSTATE 08003) is StoreUnavailable."""
+    store = await PostgresStore.open(at_port(database_url, proxy.port), pool_size=1)
+    try:
+        await store.ping()
+        if while_reading:
+            reading = asyncio.ensure_future(store._read("SELECT pg_sleep(0.5)"))
+            await asyncio.sleep(0.2)
+            proxy.cut()
+        else:
+            proxy.cut()
+            await asyncio.sleep(0.1)  # the pool has seen its connection go
+            reading = asyncio.ensure_future(store.ping())
+        with pytest.raises(StoreUnavailable):
+            await reading
+    finally:
+        await store.close()
+
+
+async def test_a_connection_that_cannot_be_made_in_time_is_the_database_away(database_url: str) -> None:
+    """Connecting timing out (a server that accepts and never answers) is StoreUnavailable, where a
+    statement's own timeout is not (below): the store's pool connects through ``_connect``."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    url = at_port(database_url, silent.sockets[0].getsockname()[1])
+    store = PostgresStore(await asyncpg.create_pool(url, min_size=0, timeout=0.2, connect=postgres._connect))
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+    finally:
+        await store.close()
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+@pytest.mark.parametrize(("timeout", "raised"), [({"command_timeout": 0.1}, TimeoutError),
+                                                 ({"server_settings": {"statement_timeout": "100"}},
+                                                  asyncpg.QueryCanceledError)],
+                         ids=["command_timeout", "statement_timeout"])
+async def test_a_statement_that_times_out_is_not_the_database_away(database_url: str, timeout: dict[str, Any],
+                                                                   raised: type[Exception]) -> None:
+    """A statement that takes too long (asyncpg's TimeoutError, or PostgreSQL's query_canceled,
+    57014) is the database answering: an error of its own, not StoreUnavailable (a 503 and, for a
+    settlement, a retry every second)."""
+    store = PostgresStore(await asyncpg.create_pool(database_url, min_size=0, max_size=1, **timeout))
+    try:
+        with pytest.raises(raised):  # itself, not StoreUnavailable
+            await store._read("SELECT pg_sleep(1)")
+        await store.ping()  # the database was there all along
+    finally:
+        await store.close()
+
+
+async def test_a_closed_store_fails_at_once_not_as_the_database_away(database_url: str) -> None:
+    """A closed store's pool refuses work (asyncpg's InterfaceError): that is not the database away.
+    A settlement after closing fails at once rather than being tried again every second for ever,
+    and a read is not told to come back shortly."""
+    store = await open_store(database_url)
+    user, key = await funded(store, 10_000)
+    hold = await store.hold(user.id, key.id, 1_000, "late", "m")
+    assert hold is not None
+    await store.close()
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await asyncio.wait_for(store.settle(hold, record(hold, 100)), timeout=5)
+    with pytest.raises(asyncpg.InterfaceError, match="pool is closed"):
+        await store.get_user(user.id)

@@ -40,10 +40,16 @@ T = TypeVar("T")
 RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization races
 MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-# How a database that cannot be reached shows: no connection (OSError, a timeout), one lost
-# (asyncpg's InterfaceError), or the server refusing work while it shuts down or starts (SQLSTATE
-# classes 08, connection exceptions, and 57, operator intervention).
-LOST = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError)
+# How a database that cannot be reached may show (``_unavailable`` decides): no connection to it
+# (an OSError: refused, reset, asyncpg's ConnectionError when one closes in its handshake, or
+# connecting timing out, see ``_connect``), one lost in the middle of a statement
+# (ConnectionDoesNotExistError, SQLSTATE 08003, as every class 08 connection exception), or the
+# server refusing work while it shuts down or starts (class 57, operator intervention). Not a
+# statement that timed out (command_timeout's TimeoutError) or was cancelled (57014): the database
+# answered. Not asyncpg's InterfaceError (a closed pool, a connection used twice at once): apibox's
+# own doing, which waiting for the database would never mend.
+LOST = (OSError, asyncpg.PostgresError)
+QUERY_CANCELED = "57014"
 SETTLE_RETRY_SECONDS = 1.0  # how often a settlement the database could not take is tried again
 CLOSE_WAIT_SECONDS = 10.0  # how long closing waits for settlements still being written (or retried)
 # The settlement (SqlStore.settle's steps) as one call of a function of migration 0008: one round
@@ -92,7 +98,7 @@ class PostgresStore(SqlStore):
             # _transaction); asking for that per connection costs no round trip per request.
             pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_size, command_timeout=60,
                                              server_settings={"synchronous_commit": "off"},
-                                             reset=_nothing_to_reset)
+                                             reset=_nothing_to_reset, connect=_connect)
             async with pool.acquire():  # reached now, or refused now (the pool keeps no connection floor:
                 pass                    # asyncpg logs a traceback each time it fails to restore one)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -266,9 +272,22 @@ async def _retried(attempt: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-def _unavailable(exc: BaseException) -> BaseException:
-    """``exc`` as StoreUnavailable when it says the database cannot be reached; else as it is."""
-    if isinstance(exc, asyncpg.PostgresError) and (exc.sqlstate or "")[:2] not in ("08", "57"):
+async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+    """asyncpg.connect for the pool, its timing out a ConnectionError (an OSError, as a connection
+    refused): the database out of reach, where a statement's timeout (a TimeoutError) is not."""
+    try:
+        return await asyncpg.connect(*args, **kwargs)
+    except TimeoutError:
+        raise ConnectionError("connecting to PostgreSQL timed out") from None
+
+
+def _unavailable(exc: OSError | asyncpg.PostgresError) -> BaseException:
+    """``exc`` as StoreUnavailable when it says the database cannot be reached (see LOST); else as it is."""
+    if isinstance(exc, asyncpg.PostgresError):
+        lost = (exc.sqlstate or "")[:2] in ("08", "57") and exc.sqlstate != QUERY_CANCELED
+    else:
+        lost = not isinstance(exc, TimeoutError)  # a statement's own timeout (connecting's: _connect)
+    if not lost:
         return exc
     return StoreUnavailable(f"the database cannot be reached ({type(exc).__name__}); try again shortly")
 
