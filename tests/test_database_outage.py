@@ -5,8 +5,9 @@ new ones closed as they come) and restore, as a server restart or a lost network
 database cannot be reached, new requests are refused with 503 ``database_unavailable`` and a
 ``Retry-After`` (one line in the log, never a traceback a request); a request whose upstream has
 answered waits for its settlement, tried again every second, and is answered and charged once
-the database is back, its hold released: the books balance after each test. What is not the
-database going away (a closed store, a statement timing out) is not told as it.
+the database is back, its hold released: the books balance after each test. A connection lost
+after the database committed a settlement, before its reply came, leaves that settlement's result;
+what is not the database going away (a closed store, a statement timing out) is not told as it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import pytest
 from apibox.errors import StoreUnavailable
 from apibox.store import open_store, postgres
 from apibox.store.postgres import PostgresStore
+from tests import dbquery
 from tests.conftest import Live, ServerThread, serving
 from tests.fake_upstream import WORDS, FakeUpstream
 from tests.gateway_helpers import account, balance, charges, usage_rows, wait_for_usage
@@ -38,11 +40,13 @@ CHAT = {"model": "gpt-fake", "messages": [{"role": "user", "content": "Hi"}]}
 
 class CuttableProxy:
     """A TCP proxy to ``target`` in a thread of its own; ``cut`` drops every connection and
-    closes new ones at once until ``restore``."""
+    closes new ones at once until ``restore``; ``lose_replies`` drops what the server sends (a reply
+    on its way when the connection is lost) until ``restore``."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.up = True
+        self.replying = True
         self.writers: set[asyncio.StreamWriter] = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -61,11 +65,13 @@ class CuttableProxy:
             writer.transport.abort()
             return
         self.writers |= {writer, upstream_writer}
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer))
+        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer, replies=True))
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, replies: bool = False) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if replies and not self.replying:
+                    continue
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()
@@ -82,6 +88,10 @@ class CuttableProxy:
 
     def restore(self) -> None:
         self.loop.call_soon_threadsafe(self._set, True)
+        self.replying = True
+
+    def lose_replies(self) -> None:
+        self.replying = False
 
     def close(self) -> None:
         async def shut() -> None:
@@ -165,6 +175,46 @@ async def test_a_settlement_waits_for_the_database_and_the_answer_goes_out_charg
     assert charges(live, who.user_id) == [row["charged"]]
     assert balance(live, who.user_id) == (1_000_000 - row["charged"], 0)  # nothing left held
     assert usage_rows(live, who.user_id) == [row]
+
+
+async def test_a_settlement_whose_reply_was_lost_answers_with_what_the_database_wrote(
+        database_url: str, proxy: CuttableProxy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database commits a settlement and the connection is lost before its reply arrives: tried
+    again, the settlement finds its hold gone, and answers with the usage row and the charge the
+    first attempt wrote (not "already settled", an error for a request that was charged)."""
+    monkeypatch.setattr(postgres, "SETTLE_RETRY_SECONDS", 0.05)
+    store = await PostgresStore.open(at_port(database_url, proxy.port), pool_size=1)
+    try:
+        user, key = await funded(store, 10_000)
+        first = await store.hold(user.id, key.id, 1_000, "first", "m")
+        hold = await store.hold(user.id, key.id, 1_000, "lost", "m")
+        assert first is not None and hold is not None
+        # the pool's one connection has the settlement prepared: the next one goes in one message,
+        # and the server's one reply is all there is to lose
+        await store.settle(first, record(first, 100))
+        proxy.lose_replies()
+        settling = asyncio.ensure_future(store.settle(hold, record(hold, 300)))
+        for _ in range(100):  # committed: the usage row is there, seen on a connection of its own
+            if dbquery.query(database_url, "SELECT count(*) FROM usage WHERE request_id = 'lost'")[0][0]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the settlement was never committed")
+        assert not settling.done()  # its reply never came
+        proxy.cut()
+        await asyncio.sleep(0.2)
+        proxy.restore()
+        written = await asyncio.wait_for(settling, timeout=10)
+        assert dbquery.query(database_url, "SELECT id, charged FROM usage WHERE request_id = 'lost'") == [
+            (written.id, 300)]
+        assert written.charged == 300
+        assert dbquery.query(database_url, "SELECT amount FROM ledger WHERE kind = 'charge' ORDER BY id") == [
+            (-100,), (-300,)]  # charged once
+        balance_row = await store.get_balance(user.id)
+        assert (balance_row.balance, balance_row.held) == (10_000 - 400, 0)
+        assert await store.audit() == []
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize("while_reading", [False, True], ids=["idle", "while reading"])

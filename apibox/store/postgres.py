@@ -60,6 +60,9 @@ CHARGED = USAGE_FIELDS.index("charged")  # worked out by the function, not passe
 # The hold of a key with a budget, its locks and HOLD_SQL's conditions in one call (migration 0008).
 HOLD_BUDGETED_SQL = "SELECT apibox_hold_budgeted(?, ?, ?, ?, ?, ?, ?)"
 ALREADY_SETTLED, NO_BALANCE = "AB001", "AB002"  # the function's own SQLSTATEs
+# The usage row apibox_settle wrote, by the values it wrote into it (the key and time lead the index
+# usage_key_created): a settlement whose reply was lost may have been committed.
+SETTLED_SQL = "SELECT id, charged FROM usage WHERE key_id = ? AND created_at = ? AND request_id = ? AND user_id = ?"
 # What a statement gives back, when its caller asked (``Want``) rather than for rows.
 _RETURNING = {Want.NEW_ID: " RETURNING id", Want.COUNT: " RETURNING 1"}
 
@@ -174,13 +177,15 @@ class PostgresStore(SqlStore):
 
     async def settle(self, hold: Hold, usage: UsageRecord) -> UsageRecord:
         """SqlStore.settle in one statement (``SETTLE_SQL``), finished even if its caller is cancelled."""
-        values = usage_values(usage, settled_at(usage))
+        created = settled_at(usage)
+        values = usage_values(usage, created)
         del values[CHARGED]
         # None: the function caps it (at the balance, and at the budget's rest: it may have been lowered)
         charged = usage.cost if usage.cost <= hold.amount and not hold.budgeted else None
         params = (hold.id, charged, charge_note(usage), *values)
+        written = (usage.key_id, created, usage.request_id, usage.user_id)
         try:
-            rows = await self._to_the_end(self._settled(params))
+            rows = await self._to_the_end(self._settled(params, written))
         except asyncpg.PostgresError as exc:
             if exc.sqlstate == ALREADY_SETTLED:
                 raise already_settled(hold) from None
@@ -190,20 +195,35 @@ class PostgresStore(SqlStore):
         usage.id, usage.charged = rows[0]
         return usage
 
-    async def _settled(self, params: Sequence[Any]) -> list[Row]:
+    async def _settled(self, params: Sequence[Any], written: Sequence[Any]) -> list[Row]:
         """The settlement's statement, tried again every second while the database cannot be
         reached: the hold stays until it is written (answered meanwhile, it would be released
         only once this instance stopped, and the answer never charged). Its caller waits; a
-        shutdown gives up on it after its drain, and the next start releases the hold."""
-        told = False
+        shutdown gives up on it after its drain, and the next start releases the hold.
+        ``written``: SETTLED_SQL's parameters, which find the usage row the statement writes."""
+        lost = False
         while True:
             try:
+                if lost:
+                    return await self._settled_again(params, written)
                 return await self._run_statement(SETTLE_SQL, params, durable=False)
             except StoreUnavailable as exc:
-                if not told:
+                if not lost:
                     log.warning("a settlement waits for the database: %s", exc.message)
-                    told = True
+                    lost = True
                 await asyncio.sleep(SETTLE_RETRY_SECONDS)
+
+    async def _settled_again(self, params: Sequence[Any], written: Sequence[Any]) -> list[Row]:
+        """The settlement's statement after an attempt whose connection was lost: that attempt may
+        have been committed with only its reply lost, and then its hold is gone (AB001) but its usage
+        row and charge are there; they are the settlement's result. Without them, it was settled before."""
+        try:
+            return await self._run_statement(SETTLE_SQL, params, durable=False)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate == ALREADY_SETTLED and (rows := await self._read(SETTLED_SQL, written)):
+                log.info("a settlement's reply was lost, but the database had written it (usage row %s)", rows[0][0])
+                return rows
+            raise
 
     async def _import_rows(self, batches: AsyncIterator[tuple[Table, list[Row]]]) -> None:
         try:
