@@ -41,13 +41,14 @@ RETRIES = 5  # attempts at a script that keeps losing deadlock or serialization 
 MIGRATION_LOCK = 0x61706962  # pg_advisory_lock key: "apib"
 RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 # How a database that cannot be reached may show (``_unavailable`` decides): no connection to it
-# (an OSError: refused, reset, asyncpg's ConnectionError when one closes in its handshake, or
-# connecting timing out, see ``_connect``), one lost in the middle of a statement
-# (ConnectionDoesNotExistError, SQLSTATE 08003, as every class 08 connection exception), or the
-# server refusing work while it shuts down or starts (class 57, operator intervention). Not a
-# statement that timed out (command_timeout's TimeoutError) or was cancelled (57014): the database
-# answered. Not asyncpg's InterfaceError (a closed pool, a connection used twice at once): apibox's
-# own doing, which waiting for the database would never mend.
+# (an OSError: refused, reset, asyncpg's ConnectionError when one closes in its handshake, or a
+# TimeoutError: connecting, or a statement without an answer for command_timeout's 60 s, which for
+# apibox's sub-millisecond statements is a network that drops what it carries), one lost in the
+# middle of a statement (ConnectionDoesNotExistError, SQLSTATE 08003, as every class 08 connection
+# exception), or the server refusing work while it shuts down or starts (class 57, operator
+# intervention). Not a statement the server cancelled (57014, statement_timeout): it answered. Not
+# asyncpg's InterfaceError (a closed pool, a connection used twice at once): apibox's own doing,
+# which waiting for the database would never mend.
 LOST = (OSError, asyncpg.PostgresError)
 QUERY_CANCELED = "57014"
 SETTLE_RETRY_SECONDS = 1.0  # how often a settlement the database could not take is tried again
@@ -101,7 +102,7 @@ class PostgresStore(SqlStore):
             # _transaction); asking for that per connection costs no round trip per request.
             pool = await asyncpg.create_pool(url, min_size=0, max_size=pool_size, command_timeout=60,
                                              server_settings={"synchronous_commit": "off"},
-                                             reset=_nothing_to_reset, connect=_connect)
+                                             reset=_nothing_to_reset)
             async with pool.acquire():  # reached now, or refused now (the pool keeps no connection floor:
                 pass                    # asyncpg logs a traceback each time it fails to restore one)
         except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -118,7 +119,8 @@ class PostgresStore(SqlStore):
 
     async def _finished(self) -> None:
         """Wait for the settlements still being written; those the database has not taken within
-        CLOSE_WAIT_SECONDS (it is down) are given up: their holds stay, for the next start to release."""
+        CLOSE_WAIT_SECONDS (it is down) are given up: their holds stay, for a gateway's look for
+        orphaned holds to release."""
         if not self._finishing:
             return
         _, waiting = await asyncio.wait(set(self._finishing), timeout=CLOSE_WAIT_SECONDS)
@@ -126,7 +128,8 @@ class PostgresStore(SqlStore):
             task.cancel()
         if waiting:
             log.warning("%d settlements were not written (the database cannot be reached); their holds "
-                        "are released when an instance next starts", len(waiting))
+                        "are released, uncharged, by the first gateway to look for orphaned holds once it is back",
+                        len(waiting))
             await asyncio.wait(waiting)
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
@@ -199,7 +202,7 @@ class PostgresStore(SqlStore):
         """The settlement's statement, tried again every second while the database cannot be
         reached: the hold stays until it is written (answered meanwhile, it would be released
         only once this instance stopped, and the answer never charged). Its caller waits; a
-        shutdown gives up on it after its drain, and the next start releases the hold.
+        shutdown gives up on it after its drain, and a look for orphaned holds releases the hold.
         ``written``: SETTLED_SQL's parameters, which find the usage row the statement writes."""
         lost = False
         while True:
@@ -292,22 +295,10 @@ async def _retried(attempt: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
-async def _connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
-    """asyncpg.connect for the pool, its timing out a ConnectionError (an OSError, as a connection
-    refused): the database out of reach, where a statement's timeout (a TimeoutError) is not."""
-    try:
-        return await asyncpg.connect(*args, **kwargs)
-    except TimeoutError:
-        raise ConnectionError("connecting to PostgreSQL timed out") from None
-
-
 def _unavailable(exc: OSError | asyncpg.PostgresError) -> BaseException:
     """``exc`` as StoreUnavailable when it says the database cannot be reached (see LOST); else as it is."""
-    if isinstance(exc, asyncpg.PostgresError):
-        lost = (exc.sqlstate or "")[:2] in ("08", "57") and exc.sqlstate != QUERY_CANCELED
-    else:
-        lost = not isinstance(exc, TimeoutError)  # a statement's own timeout (connecting's: _connect)
-    if not lost:
+    if isinstance(exc, asyncpg.PostgresError) and (
+            (exc.sqlstate or "")[:2] not in ("08", "57") or exc.sqlstate == QUERY_CANCELED):
         return exc
     return StoreUnavailable(f"the database cannot be reached ({type(exc).__name__}); try again shortly")
 
