@@ -315,56 +315,23 @@ BEGIN
     RETURN QUERY SELECT v_usage, v_charged;
 END $$;
 """,
-    "0011_settle_without_balance": """
+}
+
+
+def _settle_without_balance() -> str:
+    """Migration 0011: 0010's apibox_settle with one check more, made from 0010's text (which, being
+    applied, never changes) rather than written out a third time."""
+    capped = "        SELECT LEAST(p_cost, balance - held) INTO v_charged FROM balances WHERE user_id = v_user;\n"
+    check = ("        IF NOT FOUND THEN  -- (v_charged NULL: the usage row's NOT NULL would refuse it, less plainly)\n"
+             "            RAISE EXCEPTION 'user % has no balance', v_user USING ERRCODE = 'AB002';\n"
+             "        END IF;\n")
+    function = POSTGRESQL["0010_settle_within_budget"].split("CREATE OR REPLACE FUNCTION", 1)[1]
+    assert function.count(capped) == 1
+    return ("""
 -- A settlement capped at the balance (more than its hold, or a key with a budget) whose user has no
 -- balance row fails as one within its hold does, with AB002 ('user has no balance'), where the cap
 -- read no row and the usage row's NOT NULL refused the NULL. apibox_settle as in 0010 but for that.
-CREATE OR REPLACE FUNCTION apibox_settle(
-    p_hold BIGINT, p_charged BIGINT, p_note TEXT, p_request_id TEXT, p_created_at BIGINT, p_user_id BIGINT,
-    p_key_id BIGINT, p_model TEXT, p_provider TEXT, p_endpoint TEXT, p_status TEXT, p_http_status BIGINT,
-    p_prompt_tokens BIGINT, p_completion_tokens BIGINT, p_cached_tokens BIGINT, p_cache_write_tokens BIGINT,
-    p_reasoning_tokens BIGINT, p_estimated BIGINT, p_cost BIGINT, p_latency_ms BIGINT, p_ttft_ms BIGINT)
-RETURNS TABLE (usage_id BIGINT, charged BIGINT) LANGUAGE plpgsql AS $$
-DECLARE
-    v_charged BIGINT := p_charged;
-    v_usage BIGINT;
-    v_balance BIGINT;
-    v_user BIGINT;  -- the hold's user and key: what is charged (the usage row says whose it is)
-    v_key BIGINT;
-    v_left BIGINT;
-BEGIN
-    DELETE FROM holds WHERE id = p_hold RETURNING user_id, key_id INTO v_user, v_key;  -- its trigger lowers held
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'hold % is already settled or released', p_hold USING ERRCODE = 'AB001';
-    END IF;
-    IF v_charged IS NULL THEN  -- more than the hold: capped at what the user has, once the hold is released
-        SELECT LEAST(p_cost, balance - held) INTO v_charged FROM balances WHERE user_id = v_user;
-        IF NOT FOUND THEN  -- (v_charged NULL: the usage row's NOT NULL would refuse it, less plainly)
-            RAISE EXCEPTION 'user % has no balance', v_user USING ERRCODE = 'AB002';
-        END IF;
-        SELECT k.budget - k.spent - coalesce((SELECT sum(h.amount) FROM holds h WHERE h.key_id = k.id), 0)
-            INTO v_left FROM api_keys k WHERE k.id = v_key AND k.budget IS NOT NULL;
-        IF FOUND THEN  -- and at what the key's budget has left
-            v_charged := LEAST(v_charged, GREATEST(v_left, 0));
-        END IF;
-    END IF;
-    INSERT INTO usage (request_id, created_at, user_id, key_id, model, provider, endpoint, status, http_status,
-                       prompt_tokens, completion_tokens, cached_tokens, cache_write_tokens, reasoning_tokens,
-                       estimated, cost, charged, latency_ms, ttft_ms)
-    VALUES (p_request_id, p_created_at, p_user_id, p_key_id, p_model, p_provider, p_endpoint, p_status,
-            p_http_status, p_prompt_tokens, p_completion_tokens, p_cached_tokens, p_cache_write_tokens,
-            p_reasoning_tokens, p_estimated, p_cost, v_charged, p_latency_ms, p_ttft_ms)
-    RETURNING id INTO v_usage;
-    IF v_charged > 0 THEN
-        UPDATE balances SET balance = balance - v_charged WHERE user_id = v_user RETURNING balance INTO v_balance;
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'user % has no balance', v_user USING ERRCODE = 'AB002';
-        END IF;
-        INSERT INTO ledger (user_id, created_at, kind, amount, balance_after, note, actor, usage_id)
-        VALUES (v_user, p_created_at, 'charge', -v_charged, v_balance, p_note, 'gateway', v_usage);
-    END IF;
-    UPDATE api_keys SET spent = spent + v_charged, last_used_at = p_created_at WHERE id = v_key;
-    RETURN QUERY SELECT v_usage, v_charged;
-END $$;
-""",
-}
+CREATE OR REPLACE FUNCTION""" + function.replace(capped, capped + check))
+
+
+POSTGRESQL["0011_settle_without_balance"] = _settle_without_balance()
