@@ -106,13 +106,16 @@ DRAIN_SECONDS = 2
 
 
 async def _cut_at_the_drain(url: str, keys: list[str], process: subprocess.Popen[bytes]) -> tuple[list[Outcome], float]:
-    started = MidStreams(3)
+    """Four streams at SIGTERM; the client of the fourth leaves during the drain, on its own."""
+    started = MidStreams(4)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-        tasks = [asyncio.ensure_future(stream_chat(session, url, keys[n % 2], started)) for n in range(3)]
+        tasks = [asyncio.ensure_future(stream_chat(session, url, keys[n % 2], started)) for n in range(4)]
         await asyncio.wait_for(started.all.wait(), timeout=20)
         signalled = asyncio.get_running_loop().time()
         process.send_signal(signal.SIGTERM)
-        outcomes = await asyncio.gather(*tasks)
+        await asyncio.sleep(0.3)
+        tasks[3].cancel()  # its connection closes
+        outcomes = await asyncio.gather(*tasks[:3])
         return outcomes, asyncio.get_running_loop().time() - signalled
 
 
@@ -120,7 +123,8 @@ async def _cut_at_the_drain(url: str, keys: list[str], process: subprocess.Popen
 def test_streams_longer_than_the_drain_are_cut_at_it_and_charged_what_they_delivered(
         tmp_path: Path, database_url: str, workers: str) -> None:
     """``server.shutdown_seconds`` bounds the drain, with one worker or several: streams still running
-    then are cut and settled (the supervisor does not kill workers that keep to it), exit 0."""
+    then are cut and settled (the supervisor does not kill workers that keep to it), exit 0. Their
+    rows say cut (the shutdown's doing); a client that left during the drain is client_gone."""
     with slow_upstream(SlowWords(word_delay=1.0)) as url:  # a stream of ~10 s
         config = write_config(tmp_path, database_url, url)
         config.write_text(config.read_text() + f"server: {{shutdown_seconds: {DRAIN_SECONDS}}}\n")
@@ -132,7 +136,8 @@ def test_streams_longer_than_the_drain_are_cut_at_it_and_charged_what_they_deliv
     assert DRAIN_SECONDS - 0.5 < cut_after < DRAIN_SECONDS + 3
     assert not any(o.done for o in outcomes)
     rows = query(database_url, "SELECT status, http_status, charged FROM usage")
-    assert len(rows) == 3 and all(charged > 0 for _, _, charged in rows)
-    assert {(status, http_status) for status, http_status, _ in rows} == {("cut", 503)}  # the shutdown's doing
+    assert len(rows) == 4 and all(charged > 0 for _, _, charged in rows)
+    assert sorted((status, http_status) for status, http_status, _ in rows) == [
+        ("client_gone", 499), ("cut", 503), ("cut", 503), ("cut", 503)]
     assert query(database_url, "SELECT count(*) FROM holds") == [(0,)]
     db_check(config, tmp_path)

@@ -35,5 +35,6 @@ class Gateway:
     # the server's, kept: asking asyncio for the running loop costs a getpid() system call each time
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     deadlines: Deadlines = field(default_factory=Deadlines)  # the streams' keep-alives, on one timer
-    # True once the server stops taking requests: one cut off after that is the shutdown's doing
+    # True once the server stops taking requests and drains those in flight: a stream cancelled
+    # after that, but not by its keep-alive finding the client gone, was cut by the drain's end
     stopping: bool = False

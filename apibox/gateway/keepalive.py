@@ -37,13 +37,15 @@ class Heartbeat:
     So the client never waits longer than ``seconds`` for a byte, and a stream that flows costs a
     counter (``sent``) and a look every few seconds."""
 
-    __slots__ = ("_counted", "_deadlines", "_period", "_request", "_response", "_seen", "_task", "beat", "sent")
+    __slots__ = ("_counted", "_deadlines", "_period", "_request", "_response", "_seen", "_task", "beat",
+                 "client_gone", "sent")
 
     def __init__(self, deadlines: Deadlines, seconds: float, request: web.Request,
                  response: web.StreamResponse, counted: PlainCounter) -> None:
         self.sent = 0  # the writes on the stream so far: its own task counts its own
         self._seen = 0
         self.beat: asyncio.Task[None] | None = None  # a comment being written
+        self.client_gone = False  # True once a comment found the client gone (and cancelled the stream's task)
         self._deadlines, self._request, self._response = deadlines, request, response
         self._counted = counted  # apibox_stream_keepalives
         self._period = seconds / 2
@@ -69,6 +71,7 @@ class Heartbeat:
             self._counted.inc(SENT)
         except ConnectionResetError:
             self._counted.inc(CLIENT_GONE)
+            self.client_gone = True
             if self._task is not None:  # the client has gone: stop the upstream's answer now, not at its next event
                 self._task.cancel()
         finally:

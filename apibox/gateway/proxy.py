@@ -333,13 +333,6 @@ async def _started(stream: ChunkStream, provider: str) -> Started:
     return Started(stream, items, first)
 
 
-def _cut_off(call: Call) -> tuple[str, int]:
-    """The status of a request whose answer stopped reaching its client: the client left
-    (``client_gone``), unless a shutdown's drain ran out, which closes connections and cancels
-    what is still running (``cut``, as the gateway's doing)."""
-    return ("cut", 503) if call.gateway.stopping else ("client_gone", 499)
-
-
 def _headers(call: Call) -> dict[str, str]:
     if call.reservation.lowered:
         return {"x-apibox-max-tokens": str(call.reservation.output_tokens // max(1, call.body.get("n") or 1))}
@@ -359,7 +352,7 @@ async def _complete(request: web.Request, call: Call) -> web.Response:
                              (reply,), usage)
     transport = request.transport
     if transport is None or transport.is_closing():
-        record = await call.settle(usage, *_cut_off(call))
+        record = await call.settle(usage, "client_gone", 499)
     else:
         record = await call.settle(usage, "ok", 200)
     body = call.door.render_reply(reply, call.native, call.model.name, usage, record.charged)
@@ -453,9 +446,9 @@ async def _stream(request: web.Request, call: Call) -> web.StreamResponse:
         broken = UpstreamError(f"{str(exc).rstrip('.')}. The answer is incomplete.", code="upstream_stream_broken")
         await _write_quietly(response, renderer.error(broken))
     except ConnectionResetError:
-        status, http_status = _cut_off(call)
-    except asyncio.CancelledError:
-        status, http_status = _cut_off(call)
+        status, http_status = "client_gone", 499
+    except asyncio.CancelledError:  # the keep-alive found the client gone, or a shutdown's drain ran out
+        status, http_status = ("cut", 503) if gateway.stopping and not heart.client_gone else ("client_gone", 499)
         raise
     finally:
         heart.stop()
