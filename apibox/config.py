@@ -261,9 +261,11 @@ class _Parser:
 
     MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
     # Hosts whose chat API refuses max_tokens for reasoning models (o-series, gpt-5): OpenAI's (api.,
-    # eu., us.) and Azure's (*.openai., *.cognitiveservices., *.services.ai.azure.com). Elsewhere, a
-    # refusal naming the field teaches the provider the other one (providers/openai.py).
-    COMPLETION_TOKENS_HOSTS = re.compile(r"(^|\.)openai\.com$|\.azure\.com$")
+    # eu., us.) and Azure OpenAI's (*.openai.azure.com, *.cognitiveservices.azure.com); not Azure AI
+    # model inference (*.services.ai.azure.com, *.inference.ai.azure.com), whose Llama, Mistral and
+    # Phi take max_tokens. Elsewhere, a refusal of max_tokens that names the other field teaches the
+    # provider that one for the model (providers/openai.py).
+    COMPLETION_TOKENS_HOSTS = re.compile(r"(^|\.)openai\.com$|\.(openai|cognitiveservices)\.azure\.com$")
 
     @classmethod
     def max_tokens_field(cls, kind: str, node: Node | None, base_url: str) -> str:

@@ -58,6 +58,7 @@ class FakeUpstream:
     responses_api: bool = True  # False: /v1/responses is a 404, as on servers that copy only chat completions
     hung_up: int = 0  # streams whose connection the gateway closed before their body's end
     bodies_ended: int = 0  # streams whose body's end was written
+    most_output: int | None = None  # a larger max_tokens is refused as too large, as OpenAI does
     requests: list[Recorded] = field(default_factory=list)
     pads_sent: list[str] = field(default_factory=list)
     kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored responses (Responses API), by id
@@ -110,6 +111,11 @@ class FakeUpstream:
                 "message": "Unsupported parameter: 'max_tokens' is not supported with this model. "
                            "Use 'max_completion_tokens' instead.",
                 "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}}, status=400)
+        if self.most_output is not None and (body.get("max_tokens") or 0) > self.most_output:
+            return web.json_response({"error": {
+                "message": f"max_tokens is too large: {body['max_tokens']}. This model supports at most "
+                           f"{self.most_output} completion tokens, whereas you provided {body['max_tokens']}.",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}}, status=400)
         limit = body.get("max_completion_tokens") or body.get("max_tokens") or len(self.words)
         words = self.words if self.mode == "overrun" else self.words[:limit]
         finish = "length" if len(words) < len(self.words) else "stop"

@@ -115,7 +115,8 @@ def test_the_example_config_loads_and_its_server_section_shows_the_defaults(tmp_
     ("https://eu.api.openai.com/v1", "max_completion_tokens"),
     ("https://API.OpenAI.com/v1", "max_completion_tokens"),
     ("https://my-res.cognitiveservices.azure.com/openai/v1", "max_completion_tokens"),
-    ("https://my-res.services.ai.azure.com/models", "max_completion_tokens"),
+    ("https://my-res.services.ai.azure.com/models", "max_tokens"),  # Azure AI inference: Llama, Mistral...
+    ("https://models.inference.ai.azure.com", "max_tokens"),
     ("https://notopenai.com/v1", "max_tokens"),
 ])
 def test_the_length_limit_field_follows_the_upstreams_host_unless_set(base_url: str, field: str) -> None:

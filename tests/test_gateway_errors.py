@@ -161,6 +161,22 @@ async def test_an_upstream_that_refuses_max_tokens_teaches_the_provider_the_othe
     assert len(charges(live, who.user_id)) == 2
 
 
+async def test_a_max_tokens_refused_as_too_large_teaches_the_provider_nothing(live: Live, live_store) -> None:
+    """OpenAI's 400 for a max_tokens past the model's most also blames max_tokens: it is the client's
+    error, passed on, and the next request still goes with max_tokens (a server that knows only it
+    would otherwise get no limit at all, or refuse every request)."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    live.fake.most_output = 100
+    status, _, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "max_tokens": 500})
+    assert status == 400 and "max_tokens is too large" in openai_error(raw)["message"]
+    assert openai_error(raw)["param"] == "max_tokens"
+    status, _, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "max_tokens": 5})
+    assert status == 200, raw
+    sent = [(request.body.get("max_tokens"), request.body.get("max_completion_tokens"))
+            for request in live.fake.requests]
+    assert sent == [(500, None), (5, None)]
+
+
 @pytest.mark.parametrize(("max_tokens", "max_completion_tokens"), [(2, 4), (4, 2)])
 async def test_both_limits_hold_and_send_the_lower_to_every_kind_of_upstream(
         live: Live, live_store, max_tokens: int, max_completion_tokens: int) -> None:

@@ -43,9 +43,11 @@ class OpenAIProvider:
     async def _post(self, request: ProviderRequest) -> aiohttp.ClientResponse:
         """Send a request; a chat request's length limit goes under the field this upstream takes
         for the model (PROTOCOLS.md 1.1: OpenAI's reasoning models refuse ``max_tokens``, many
-        compatible servers ignore ``max_completion_tokens``). Refused for naming ``max_tokens``
-        (a proxy in front of OpenAI, say), it is sent once more with the other field, which this
-        provider then sends for that model."""
+        compatible servers ignore ``max_completion_tokens``). Refused because the model takes
+        ``max_completion_tokens`` instead (a 400 blaming ``max_tokens`` whose message names the
+        other field: a proxy in front of OpenAI, say), it is sent once more with that field, which
+        this provider sends for that model from then on if the upstream took it. A 400 about
+        ``max_tokens``'s value (too large) teaches nothing."""
         url, headers = f"{self._base}/{request.endpoint}", {"X-Request-Id": request.request_id, **request.headers}
         if request.endpoint != "chat/completions":
             return await self._http.send(url, request.body, headers)
@@ -55,11 +57,13 @@ class OpenAIProvider:
         try:
             return await self._http.send(url, body, headers)
         except UpstreamFailure as exc:
-            if not (exc.upstream_status == 400 and exc.param == "max_tokens" and "max_tokens" in body):
+            if not (exc.upstream_status == 400 and exc.param == "max_tokens" and "max_tokens" in body
+                    and "max_completion_tokens" in exc.message):
                 raise
+        response = await self._http.send(url, _limit_under(body, "max_completion_tokens"), headers)
         log.info("upstream %s refused max_tokens for %s: it gets max_completion_tokens from now on", self.name, model)
         self._completion_tokens_models.add(model)
-        return await self._http.send(url, _limit_under(body, "max_completion_tokens"), headers)
+        return response
 
     async def complete(self, request: ProviderRequest) -> dict[str, Any]:
         return await self._http.read_json(await self._post(request))
