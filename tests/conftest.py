@@ -124,6 +124,12 @@ models:
       - {{provider: claude, model: claude-upstream-2, priority: 2}}
     price: {{input: 3, output: 15}}
     max_output_tokens: 1000
+  - name: claude-then-gpt
+    routes:
+      - {{provider: claude, model: claude-upstream-1, priority: 1}}
+      - {{provider: fake, model: fake-model-1, priority: 2}}
+    price: {{input: 3, output: 15}}
+    max_output_tokens: 1000
   - name: embed-fake
     kind: embedding
     routes: [{{provider: fake, model: emb-1}}]

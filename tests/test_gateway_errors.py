@@ -490,6 +490,22 @@ async def test_a_field_the_translation_cannot_take_is_the_clients_400_not_the_up
     assert status == 200, raw
 
 
+async def test_a_request_one_routes_translation_cannot_take_goes_to_the_next_route(live: Live, live_store) -> None:
+    """claude-then-gpt's first route cannot carry ``"stop": 5``; its second, OpenAI-compatible, takes
+    it as it is. The first route is not rested for it: the next request goes there."""
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, _, raw = await post(live, "/chat/completions", key=who.key,
+                                json_body={**CHAT, "model": "claude-then-gpt", "stop": 5})
+    assert status == 200, raw
+    assert live.anthropic.requests == [] and live.fake.requests[-1].body["stop"] == 5
+    status, _, raw = await post(live, "/chat/completions", key=who.key,
+                                json_body={**CHAT, "model": "claude-then-gpt"})
+    assert status == 200, raw
+    assert len(live.anthropic.requests) == 1 and len(live.fake.requests) == 1
+    await wait_for_usage(live, who.user_id, 2)
+    assert len(charges(live, who.user_id)) == 2
+
+
 # -- keys and accounts --------------------------------------------------------------------
 
 

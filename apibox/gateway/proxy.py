@@ -36,6 +36,7 @@ from apibox.providers.base import (
     Provider,
     ProviderRequest,
     StreamBroken,
+    Untranslatable,
     UpstreamFailure,
     WireBatch,
 )
@@ -272,6 +273,8 @@ async def _attempt(call: Call, stream: bool) -> Any:
             log.warning("route %s for %s failed: %s (request %s)", route.provider, call.model.name, exc.message,
                         call.request_id)
             last = exc
+            if isinstance(exc, Untranslatable):
+                continue  # the request's fault, in this route's format only: the route is not rested
             if not exc.retryable:
                 break  # the request itself is at fault: another route would refuse it too
             call.gateway.router.failed(route, exc.retry_after)

@@ -99,17 +99,23 @@ class UpstreamFailure(ApiboxError):
 SHAPE_ERRORS = (AttributeError, TypeError, KeyError, IndexError, ValueError)
 
 
+class Untranslatable(UpstreamFailure):
+    """A request one route's translation cannot take: the request's fault (a 400 the client should
+    not repeat, should no route take it), not the upstream's, so the route is not rested; a route
+    of another format may still take it."""
+
+
 @contextmanager
 def translating_request(provider: str) -> Iterator[None]:
     """Around the translation of a client's request for an upstream: a field the translation cannot
-    take (``"stop": 5``) is the request's fault, a 400 no other route is tried for, and never the
-    upstream's (a 502 that would have the route rested)."""
+    take (``"stop": 5``) raises Untranslatable, never what reads as the upstream's failure (a 502
+    that would have the route rested)."""
     try:
         yield
     except SHAPE_ERRORS as exc:
-        raise UpstreamFailure(f"the request cannot be translated for upstream {provider}: a field has a shape "
-                              f"it cannot take ({type(exc).__name__}: {exc})", status=400, retryable=False,
-                              type_="invalid_request_error", code="invalid_request") from None
+        raise Untranslatable(f"the request cannot be translated for upstream {provider}: a field has a shape "
+                             f"it cannot take ({type(exc).__name__}: {exc})", status=400, retryable=False,
+                             type_="invalid_request_error", code="invalid_request") from None
 
 
 class StreamBroken(Exception):
