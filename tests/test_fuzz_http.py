@@ -136,8 +136,9 @@ common = {"max_tokens": junk_int, "max_completion_tokens": junk_int, "n": junk_i
           "temperature": scalars, "tools": values, "tool_choice": values, "user": scalars, "stop": values}
 chat_body = st.fixed_dictionaries({"model": models}, optional={"messages": messages, **common})
 completion_body = st.fixed_dictionaries({"model": models}, optional={
-    "prompt": st.text(max_size=30) | st.lists(st.integers(min_value=-5, max_value=10**6), max_size=4) | values,
-    **common})
+    "prompt": st.text(max_size=30) | st.lists(st.integers(min_value=-5, max_value=10**6), max_size=4)
+    | st.lists(st.text(max_size=5) | st.integers(min_value=0, max_value=9), max_size=4) | values,
+    "best_of": junk_int, **common})
 embedding_body = st.fixed_dictionaries({"model": models}, optional={
     "input": st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | values,
     "encoding_format": scalars, "dimensions": junk_int, "stream": scalars})

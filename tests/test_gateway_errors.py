@@ -191,6 +191,42 @@ async def test_both_limits_hold_and_send_the_lower_to_every_kind_of_upstream(
     assert live.gemini.requests[-1].body["generationConfig"]["maxOutputTokens"] == 2
 
 
+@pytest.mark.parametrize("extra", [{"prompt": ["one", "two", "three"]}, {"prompt": "one", "best_of": 3},
+                                   {"prompt": "one", "n": 3}], ids=["three prompts", "best_of 3", "n 3"])
+async def test_a_completion_that_makes_three_answers_holds_for_three(live: Live, live_store, extra: dict) -> None:
+    """Legacy completions make ``n`` answers for each prompt of a list, and ``best_of`` of them when
+    more: each up to max_tokens. $0.001 pays for about 95 tokens of gpt-fake's answer: the upstream
+    is asked for no more than a third of that in each of the three."""
+    who = await account(live_store, live, "ann@example.com", "0.001")
+    status, headers, raw = await post(live, "/completions", key=who.key,
+                                      json_body={"model": "gpt-fake", "max_tokens": 500, **extra})
+    assert status == 200, raw
+    sent = live.fake.requests[-1].body
+    assert 16 <= sent["max_tokens"] <= 1000 // 10 // 3
+    assert headers["x-apibox-max-tokens"] == str(sent["max_tokens"])
+    await wait_for_usage(live, who.user_id, 1)
+    assert len(charges(live, who.user_id)) == 1
+
+
+@pytest.mark.parametrize(("body", "param"), [({"prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+                                             ({"prompt": "x", "best_of": 21}, "best_of"),
+                                             ({"prompt": "x", "best_of": "3"}, "best_of")])
+async def test_a_best_of_that_cannot_be_is_refused(live: Live, live_store, body: dict, param: str) -> None:
+    who = await account(live_store, live, "ann@example.com", "1")
+    status, _, raw = await post(live, "/completions", key=who.key, json_body={"model": "gpt-fake", **body})
+    assert status == 400 and openai_error(raw)["param"] == param
+    assert live.fake.requests == []
+
+
+async def test_a_balance_that_cannot_pay_a_minimal_answer_for_each_of_n_gets_402(live: Live, live_store) -> None:
+    """$0.0005 pays for about 45 tokens of answer: not 16 for each of 100 choices. Lowered to what it
+    pays for, each choice's limit would be 0, which upstreams take as no limit or refuse."""
+    who = await account(live_store, live, "ann@example.com", "0.0005")
+    status, _, raw = await post(live, "/chat/completions", key=who.key, json_body={**CHAT, "n": 100})
+    assert status == 402, raw
+    assert live.fake.requests == []
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_balance_that_cannot_pay_the_prompt_gets_402(live: Live, live_store, stream: bool) -> None:
     who = await account(live_store, live, "ann@example.com", "0.00002")  # 20 micro-USD

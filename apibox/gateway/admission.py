@@ -49,15 +49,36 @@ def limit_subjects(gateway: Gateway, caller: Caller) -> list[Subject]:
     return subjects
 
 
+def answer_count(endpoint: str, body: dict[str, Any]) -> int:
+    """How many answers the upstream makes for the request, each up to the request's limit: ``n``;
+    for legacy completions, that many for each prompt of a list, and ``best_of`` of them when it
+    asks for more (the upstream makes them all, returns the best ``n`` and bills every one)."""
+    if endpoint == "embeddings":
+        return 1
+    n = _count(body, "n", 128)
+    if endpoint != "completions":
+        return n
+    best_of = _count(body, "best_of", 20)
+    if best_of < n and "best_of" in body:
+        raise InvalidRequest("best_of must be at least n", param="best_of")
+    prompt = body.get("prompt")
+    prompts = len(prompt) if type(prompt) is list and any(type(part) is not int for part in prompt) else 1
+    return max(n, best_of) * max(1, prompts)
+
+
+def _count(body: dict[str, Any], field_name: str, most: int) -> int:
+    value = body.get(field_name)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidRequest(f"{field_name} must be a whole number from 1 to {most}", param=field_name)
+    return value
+
+
 def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) -> int:
-    """The most output tokens the request may produce, as the hold must assume."""
+    """The most output tokens the request may produce in each answer, as the hold must assume."""
     if endpoint == "embeddings":
         return 0
-    n = body.get("n")
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 128:
-        raise InvalidRequest("n must be a whole number from 1 to 128", param="n")
     limits = []
     for field_name in ("max_tokens", "max_completion_tokens"):  # both given: the provider sends the lower
         asked = body.get(field_name)
@@ -68,4 +89,4 @@ def requested_output(endpoint: str, body: dict[str, Any], model: ModelSettings) 
         limits.append(asked)
     if not limits:
         limits.append(16 if endpoint == "completions" else model.max_output_tokens)
-    return min(limits) * n
+    return min(limits)

@@ -21,7 +21,7 @@ from apibox import billing, jsoncodec, tokens
 from apibox.auth import Caller
 from apibox.config import ModelSettings, Route
 from apibox.errors import ApiboxError, InvalidRequest, UpstreamError
-from apibox.gateway.admission import authorized_model, limit_subjects, price_for, requested_output
+from apibox.gateway.admission import answer_count, authorized_model, limit_subjects, price_for, requested_output
 from apibox.gateway.appkeys import GATEWAY
 from apibox.gateway.context import Gateway
 from apibox.gateway.doors import Door, OpenAIDoor
@@ -76,6 +76,7 @@ class Call:
     first_byte: float | None = None
     settlement: asyncio.Future[UsageRecord] | None = None
     only_provider: str | None = None  # the one upstream to ask (it keeps what the request refers to)
+    answers: int = 1  # answers the upstream makes (admission.answer_count): the hold's output is shared by them
 
     async def settle(self, usage: Usage, status: str, http_status: int) -> UsageRecord:
         """Charge once: later calls await the first settlement. The store finishes a settlement
@@ -193,7 +194,8 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
     kind_ok = (model.kind == "embedding") == (endpoint == "embeddings")
     if not kind_ok:
         raise InvalidRequest(f"The model `{model.name}` does not support {request.path}.", param="model")
-    output = requested_output(endpoint, body, model)
+    answers = answer_count(endpoint, body)
+    output = requested_output(endpoint, body, model) * answers
     prompt = tokens.measure_prompt(body)  # once: the limits, the hold and any estimate share it
     if unseen_tokens:
         prompt.add(unseen_tokens)
@@ -207,9 +209,9 @@ async def forward(request: web.Request, caller: Caller, endpoint: str, body: dic
         reservation = await billing.reserve(
             gateway.store, caller.key, model=model.name, price=price_for(gateway, caller, model),
             request_id=exchange.request_id,
-            prompt_tokens=prompt.bound, output_tokens=output)
+            prompt_tokens=prompt.bound, output_tokens=output, min_output=billing.MIN_ANSWER_TOKENS * answers)
         call = Call(gateway, caller, model, endpoint, body, exchange.request_id, reservation, door, prompt,
-                    only_provider=only_provider)
+                    only_provider=only_provider, answers=answers)
         exchange.holding(call)  # counted as an open hold until its settlement is written
         failed_with = 500
         try:
@@ -238,7 +240,7 @@ def _upstream_body(call: Call, route: Route, provider: Provider) -> dict[str, An
         own = "max_completion_tokens" if body.pop("max_completion_tokens", None) is not None else "max_tokens"
         body.pop("max_tokens", None)
         body["max_tokens" if call.endpoint == "completions" else own] = (
-            call.reservation.output_tokens // max(1, body.get("n") or 1))
+            call.reservation.output_tokens // call.answers)
     if body.get("stream") is True and provider.reports_stream_usage:
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
     return body
@@ -338,7 +340,7 @@ async def _started(stream: ChunkStream, provider: str) -> Started:
 
 def _headers(call: Call) -> dict[str, str]:
     if call.reservation.lowered:
-        return {"x-apibox-max-tokens": str(call.reservation.output_tokens // max(1, call.body.get("n") or 1))}
+        return {"x-apibox-max-tokens": str(call.reservation.output_tokens // call.answers)}
     return {}
 
 
