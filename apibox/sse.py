@@ -59,6 +59,8 @@ class SSEDecoder:
         buffer = self._buffer
         if len(buffer) < self.gather_from:
             return buffer + chunk
+        if not chunk:  # (nothing new can end the event)
+            return None
         before = self._more[-1] if self._more else buffer
         self._more.append(chunk)
         self._more_size += len(chunk)
