@@ -149,12 +149,17 @@ end
 return 1
 """
 
-# KEYS: busy sets; ARGV: now, lease, then the member in each set. Renews leases that still exist (XX: a
-# request finished meanwhile is not brought back).
+# KEYS: busy sets; ARGV: now, lease, "XX" or "", then the member in each set. With "XX", the heartbeat's:
+# renews leases that still exist (a request finished meanwhile is not brought back). With "", once Redis
+# answers again: adds them back too, since a Redis that restarted lost them while their requests run on.
 RENEW = _PRELUDE + """
 local lease = tonumber(ARGV[2])
 for i = 1, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', now + lease, ARGV[i + 2])
+  if ARGV[3] == 'XX' then
+    redis.call('ZADD', KEYS[i], 'XX', now + lease, ARGV[i + 3])
+  else
+    redis.call('ZADD', KEYS[i], now + lease, ARGV[i + 3])
+  end
   redis.call('EXPIRE', KEYS[i], math.ceil(lease) + WINDOW)
 end
 return 1
@@ -200,6 +205,7 @@ class RedisLimiter:
         self._unfinished: deque[tuple[float, list[str], list[str | float | int]]] = deque(maxlen=UNFINISHED_MOST)
         link.on_heartbeat(self.renew_leases)
         link.on_recovery(self.finish_the_unfinished)
+        link.on_recovery(self.count_the_running_again)
 
     def _now(self) -> str | float:
         return "" if self._clock is None else self._clock()
@@ -274,10 +280,17 @@ class RedisLimiter:
                 await self._link.call(self._finish(keys=keys, args=args))
             self._unfinished.popleft()
 
-    async def renew_leases(self) -> None:
+    async def renew_leases(self, mode: str = "XX") -> None:
         """Renew the leases of this process's requests in flight (the link's heartbeat)."""
         pairs = [(key, member) for member, busy in list(self._in_flight.items()) for key in busy]
         for start in range(0, len(pairs), RENEW_BATCH):
             batch = pairs[start:start + RENEW_BATCH]
             await self._link.call(self._renew(keys=[key for key, _ in batch],
-                                              args=[self._now(), self._lease, *(member for _, member in batch)]))
+                                              args=[self._now(), self._lease, mode, *(member for _, member in batch)]))
+
+    async def count_the_running_again(self) -> None:
+        """Put this process's requests in flight back in their busy sets once Redis answers again:
+        a Redis that restarted has lost them, and would let in as many more as their limits allow
+        while they still run. Only now, not at each heartbeat, whose renewal must not bring back a
+        request that finished while it was on its way."""
+        await self.renew_leases(mode="")

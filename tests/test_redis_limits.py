@@ -331,6 +331,33 @@ async def test_after_a_restart_the_pools_old_connections_do_not_send_it_away_aga
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1  # one outage, one warning
 
 
+async def test_requests_running_when_redis_restarted_count_again_once_it_answers(
+        private_redis: PrivateRedis, links: Callable[..., Any]) -> None:
+    """A restart loses the busy sets: once Redis answers, this process's running requests are put
+    back, so a key with one slot, whose request still runs, gets no second one."""
+    link = await links(url=private_redis.url, retry=0.05)
+    limiter = RedisLimiter(link)
+    own = subject("key:1", concurrency=1)
+    running = await limiter.admit([own], 1)
+    assert isinstance(running, SharedAdmission)
+    private_redis.kill()
+    private_redis.start()  # empty
+    with pytest.raises(REDIS_ERRORS) as gone:
+        await link.call(link.client.ping())
+    link.failed(gone.value)
+    await eventually(lambda: link.up, timeout=5)
+    for _ in range(500):  # the catching up runs just after Redis is marked back
+        if await link.client.zcard(link.key("busy", "key:1")):
+            break
+        await asyncio.sleep(0.01)
+    with pytest.raises(RateLimited):
+        await limiter.admit([own], 1)
+    await limiter.finish(running, 1)
+    again = await limiter.admit([own], 1)  # and the slot is free once it ends
+    assert isinstance(again, SharedAdmission)
+    await limiter.finish(again, 1)
+
+
 async def test_a_failure_to_close_the_old_connections_does_not_end_the_watch(
         private_redis: PrivateRedis, links: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """Redis comes back and closing the pool's old connections fails: it is still marked back, and the
