@@ -62,9 +62,11 @@ class PayloadTooLarge(ApiboxError):
 class RateLimited(ApiboxError):
     status, type, code = 429, "rate_limit_exceeded", "rate_limit_exceeded"
 
-    def __init__(self, message: str, *, retry_after: float = 1.0, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, retry_after: float = 1.0, headers: dict[str, str] | None = None,
+                 retryable: bool = True) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.retryable = retryable  # False: the request itself is over the limit, however long one waits
         self.headers = dict(headers or {})  # e.g. the x-ratelimit-* state of the limit that refused
 
 

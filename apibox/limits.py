@@ -166,10 +166,11 @@ def refusal(subject: Subject, kind: str, wait: int, tokens: int = 0,
     elif kind == "requests":
         message = f"Rate limit reached for {who} on requests per min: limit {limits.rpm}. Try again in {wait}s."
         retry_after = float(wait)
-    elif kind == "too_large":
-        message = (f"This request ({tokens} tokens with its max_tokens) is larger than the {limits.tpm} tokens "
-                   f"per min limit for {who}; lower max_tokens.")
-        retry_after = float(WINDOW_SECONDS)
+    elif kind == "too_large":  # no wait will let it in: the SDKs are told not to retry
+        message = (f"This request ({tokens} tokens: its prompt and the most it may answer, its max_tokens or, "
+                   f"when it sets none, the model's default) is larger than the {limits.tpm} tokens per min "
+                   f"limit for {who}; set a lower max_tokens.")
+        return RateLimited(message, retry_after=float(WINDOW_SECONDS), headers=headers, retryable=False)
     else:
         message = f"Rate limit reached for {who} on tokens per min: limit {limits.tpm}. Try again in {wait}s."
         retry_after = float(wait)

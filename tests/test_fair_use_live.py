@@ -166,7 +166,8 @@ async def test_tpm_refuses_a_request_larger_than_the_limit_and_corrects_at_settl
 
     error, headers = await refused(live, who.key, 429, {**CHAT, "max_tokens": tpm})
     rate_limited(error, headers)
-    assert "lower max_tokens" in error["message"]
+    assert "set a lower max_tokens" in error["message"]
+    assert headers["x-should-retry"] == "false"  # the SDKs would wait and send it again, to no end
 
     status, headers, _ = await chat(live, who.key, body)
     assert status == 200

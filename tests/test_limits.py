@@ -193,8 +193,8 @@ async def test_finishing_twice_releases_one_slot(limiter: LocalLimiter) -> None:
 async def test_a_request_larger_than_tpm_is_refused_outright(limiter: LocalLimiter) -> None:
     with pytest.raises(RateLimited) as refused:
         await limiter.admit([key(tpm=1000)], 1001)
-    assert "lower max_tokens" in refused.value.message
-    assert refused.value.retry_after == 60
+    assert "set a lower max_tokens" in refused.value.message and "the model's default" in refused.value.message
+    assert refused.value.retry_after == 60 and not refused.value.retryable  # no wait lets it in
     await limiter.admit([key(tpm=1000)], 1000)  # exactly the limit fits, and the refusal counted nothing
 
 
