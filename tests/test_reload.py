@@ -118,6 +118,31 @@ def test_config_reload_without_redis_says_to_send_sighup(tmp_path: Path, databas
     assert_one_line_error(result, "max_output_tokens")  # validated before anything is told
 
 
+def test_an_admin_reload_reloads_every_worker_without_redis(tmp_path: Path, database_url: str) -> None:
+    """Without Redis to tell the others, the worker that answers POST /admin/reload asks the
+    supervisor to pass SIGHUP to every worker: none keeps the old config."""
+    with slow_upstream(FakeUpstream()) as upstream:
+        config = write_config(tmp_path, database_url, upstream)
+        config.write_text(config.read_text() + f"server: {{admin_key: {ADMIN_KEY}}}\n")
+        (key,) = asyncio.run(make_keys(config, {"ann@example.com": "5"}))
+        with serve_process(config, tmp_path, "--workers", "2", ready_text="with 2 workers") as running:
+            add_model(config)
+
+            async def reload_then_ask() -> list[int]:
+                async with aiohttp.ClientSession() as session, session.post(
+                        f"{running.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as answer:
+                    assert answer.status == 200, await answer.text()
+                return [(await chat(running.url, key, "gpt-new"))[0] for _ in range(20)]  # fresh connections
+            statuses = asyncio.run(reload_then_ask())
+            deadline = time.monotonic() + 5
+            while set(statuses) != {200}:  # the other worker reloads a moment later
+                assert time.monotonic() < deadline, statuses
+                time.sleep(0.1)
+                statuses = [asyncio.run(chat(running.url, key, "gpt-new"))[0] for _ in range(20)]
+            assert running.process.poll() is None
+    assert_books_balance(config)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_every_worker(tmp_path: Path, database_url: str, workers: int) -> None:
     with slow_upstream(FakeUpstream()) as upstream:

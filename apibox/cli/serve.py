@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import sys
@@ -52,7 +53,7 @@ def serve(
     if worker_fd is not None:  # one of several workers, started by `serve --workers N`
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve_gateway(settings, server.host, server.port, ready=worker_ready(worker_fd),
-                                     reuse_port=True))
+                                     reuse_port=True, supervisor=os.getppid()))
         return
     if workers > 1:
         raise typer.Exit(_supervise(settings, server, workers, config))

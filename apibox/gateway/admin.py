@@ -7,6 +7,8 @@ same core functions the CLI calls.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -16,7 +18,7 @@ from aiohttp import web
 from apibox import accounts, jsoncodec, reports
 from apibox.bus import Change
 from apibox.errors import ConfigError, InvalidApiKey, InvalidRequest, NotFound
-from apibox.gateway.appkeys import GATEWAY, SETTINGS
+from apibox.gateway.appkeys import GATEWAY, SETTINGS, SUPERVISOR
 from apibox.gateway.openai import bearer_secret, read_json, request_address
 from apibox.gateway.reload import reload_config
 from apibox.models import Page
@@ -235,7 +237,8 @@ async def usage(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
-    """Reload this gateway's config file now, and with Redis every other gateway's too."""
+    """Reload this gateway's config file now, and with Redis every other gateway's too; without
+    it, a worker of `serve --workers N` asks its supervisor to pass SIGHUP to every worker."""
     store, gateway = _store(request), request.app[GATEWAY]
     try:
         done = reload_config(gateway)
@@ -243,6 +246,9 @@ async def reload(request: web.Request) -> web.Response:
         raise InvalidRequest(f"The config was not reloaded (the gateway keeps the previous one): {exc.message}") \
             from None
     await gateway.notifier.changed(Change(config=True))
+    supervisor = request.app.get(SUPERVISOR)
+    if supervisor is not None and gateway.settings.redis is None:
+        os.kill(supervisor, signal.SIGHUP)  # (this worker reloads again: the same file, nothing changes)
     summary = {"source": done.source, "models": done.models, "providers": done.providers,
                "needs_restart": list(done.needs_restart)}
     await store.log_admin_action(_actor(request), "config.reload", done.source, None, summary)

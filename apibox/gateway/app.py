@@ -19,7 +19,7 @@ from apibox.auth import Authenticator
 from apibox.config import Settings
 from apibox.errors import ConfigError, StoreUnavailable
 from apibox.gateway import admin, anthropic, billing_api, metrics, openai, ops, responses
-from apibox.gateway.appkeys import GATEWAY, SETTINGS
+from apibox.gateway.appkeys import GATEWAY, SETTINGS, SUPERVISOR
 from apibox.gateway.context import Gateway
 from apibox.gateway.middlewares import IN_FLIGHT, InFlight, add_response_headers
 from apibox.gateway.reload import reload_or_log
@@ -146,13 +146,16 @@ def settle_garbage_collector() -> None:
 
 
 async def serve(settings: Settings, host: str, port: int, *, ready: Callable[[str], None] | None = None,
-                reuse_port: bool = False) -> None:
+                reuse_port: bool = False, supervisor: int | None = None) -> None:
     """Run the gateway until SIGINT or SIGTERM, then finish in-flight requests and stop. SIGHUP
     reloads the config file (``gateway/reload.py``).
 
-    ``reuse_port`` binds with SO_REUSEPORT, so several worker processes can share the port.
+    ``reuse_port`` binds with SO_REUSEPORT, so several worker processes can share the port;
+    ``supervisor``: their supervisor's process id (an admin reload asks it to reload them all).
     """
     app = create_app(settings)
+    if supervisor is not None:
+        app[SUPERVISOR] = supervisor
     # aiohttp waits for the requests in flight twice over: up to shutdown_timeout for them to end,
     # then as long again after telling them their request is gone (which a handler busy with its
     # upstream does not hear) before it cancels them. Half each: cut at server.shutdown_seconds.

@@ -9,3 +9,5 @@ from apibox.gateway.context import Gateway
 
 SETTINGS = web.AppKey("settings", Settings)
 GATEWAY = web.AppKey("gateway", Gateway)
+# The process id of the supervisor of `serve --workers N`, in each of its workers (absent otherwise)
+SUPERVISOR = web.AppKey("supervisor", int)
